@@ -1,0 +1,150 @@
+"""The one adapter protocol every family implements, and the object a built adapter hands back.
+
+A family wraps target ``nn.Linear`` modules and declares its tensors as *groups*, each with a role
+(trained or frozen-but-shared), whether it travels, and the aggregation kind a strategy must use.
+Everything downstream (training, the wire, strategies, export) reads these groups and never looks
+for adapter tensors by substring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+class Aggregation(str, Enum):
+    """How the server merges one tensor group; strategies hold one rule per kind."""
+
+    MEAN = "mean"  # example-weighted mean of deltas
+    USAGE = "usage"  # experts: weighted by the tokens each client routed to them
+    MASKED = "masked"  # sparse: mean over the clients whose mask covers the entry
+    PRODUCT = "product"  # exact mean of B·A in product space, re-factorised
+    HETERO_RANK = "hetero-rank"  # clients with different ranks
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What to build: family, rank, scaling and which ``nn.Linear`` leaves to adapt."""
+
+    kind: str
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"adapter rank={self.rank} must be >= 1")
+        if not self.targets:
+            raise ValueError("adapter targets are empty; name at least one nn.Linear leaf (e.g. 'query')")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    """Named model parameters that share a role and an aggregation kind."""
+
+    name: str
+    params: tuple[str, ...]
+    trainable: bool
+    sent: bool
+    aggregation: Aggregation = Aggregation.MEAN
+
+
+class AdapterFamily(Protocol):
+    """A family: wraps the targets of ``model`` in place and declares its tensor groups."""
+
+    kind: str
+    peft_compatible: bool
+
+    def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
+        ...
+
+
+@dataclass
+class Adapter:
+    """A model with an adapter injected: the handle training, the wire and export work through."""
+
+    spec: AdapterSpec
+    model: nn.Module
+    groups: tuple[TensorGroup, ...]
+    peft_compatible: bool
+
+    def _named(self) -> dict[str, nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    def names(self, *, trainable: bool | None = None, sent: bool | None = None) -> list[str]:
+        """Parameter names of the groups matching the filters, in a stable order."""
+        return [
+            p
+            for g in self.groups
+            if (trainable is None or g.trainable == trainable) and (sent is None or g.sent == sent)
+            for p in g.params
+        ]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        named = self._named()
+        return [named[n] for n in self.names(trainable=True)]
+
+    def state(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Detached copies of the named tensors (safe to keep while training goes on)."""
+        named = self._named()
+        return {n: named[n].detach().clone() for n in names}
+
+    def sent_state(self) -> dict[str, torch.Tensor]:
+        return self.state(self.names(sent=True))
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Overwrite adapter tensors in place; names must belong to the adapter's groups."""
+        named = self._named()
+        known = set(self.names())
+        unknown = sorted(set(tensors) - known)
+        if unknown:
+            raise KeyError(f"not adapter tensors: {unknown[:5]}; known: {sorted(known)[:5]}...")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                named[name].copy_(value)
+
+    def aggregation_of(self) -> dict[str, Aggregation]:
+        """Aggregation kind of every sent tensor: what the strategy needs to know."""
+        return {p: g.aggregation for g in self.groups if g.sent for p in g.params}
+
+    def fingerprint(self) -> int:
+        """Hash of the frozen-but-shared tensors (FFA-LoRA's A); equal fingerprints mean equal factors.
+
+        60 bits, so it fits a Flower MetricRecord integer.
+        """
+        digest = hashlib.sha256()
+        named = self._named()
+        for name in sorted(self.names(trainable=False, sent=False)):
+            tensor = named[name].detach().to(torch.float32).contiguous()
+            digest.update(name.encode())
+            digest.update(tensor.numpy().tobytes())
+        return int(digest.hexdigest()[:15], 16)
+
+
+def replace_linears(model: nn.Module, targets: tuple[str, ...], wrap) -> list[str]:
+    """Swap every ``nn.Linear`` whose leaf name is in ``targets`` for ``wrap(path, linear)``.
+
+    Returns the wrapped paths. Raises if a target matches nothing, listing the Linear leaves that exist,
+    because a typo here would otherwise train only the head and look like a working run.
+    """
+    found = [(path, mod) for path, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    chosen = [(path, mod) for path, mod in found if path.rsplit(".", 1)[-1] in targets]
+    missing = sorted(set(targets) - {path.rsplit(".", 1)[-1] for path, _ in chosen})
+    if missing:
+        leaves = sorted({path.rsplit(".", 1)[-1] for path, _ in found})
+        raise ValueError(f"adapter targets {missing} match no nn.Linear in the model; Linear leaves: {leaves}")
+    for path, linear in chosen:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, leaf, wrap(path, linear))
+    return [path for path, _ in chosen]

@@ -1,0 +1,28 @@
+"""FFA-LoRA (Sun et al., ICLR 2024): A frozen at its seeded init, only B trained and sent.
+
+Because A is identical on every party (derived from the run seed, never sent), the mean of the B
+deltas times A *is* the mean of the clients' updates: aggregation is exact, and DP noise on B enters
+the weight update linearly. The fingerprint of A rides in the metrics so the server can refuse a
+client whose A differs.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fed.adapters.base import AdapterSpec, TensorGroup
+from fed.adapters.lora import inject_lora
+
+
+class FfaLora:
+    kind = "ffa-lora"
+    peft_compatible = True
+
+    def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
+        paths = inject_lora(model, spec, seed)
+        for path in paths:
+            model.get_submodule(path).lora_A.weight.requires_grad_(False)
+        return (
+            TensorGroup("lora_A", tuple(f"{p}.lora_A.weight" for p in paths), trainable=False, sent=False),
+            TensorGroup("lora_B", tuple(f"{p}.lora_B.weight" for p in paths), trainable=True, sent=True),
+        )

@@ -1,0 +1,62 @@
+"""LoRA: ``h = W0 x + (alpha/r) · B A x`` with A, B as plain ``nn.Linear`` layers.
+
+Keeping both factors as ``nn.Linear`` gives exact Opacus per-sample gradients from its built-in
+Linear sampler (no functorch fallback), and names them like PEFT does (``<module>.lora_A.weight``),
+so the exported adapter loads with ``peft.PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fed.adapters.base import Aggregation, AdapterSpec, TensorGroup, replace_linears
+from fed.seeding import generator
+
+
+class LoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a low-rank update; B starts at zero so the model starts unchanged."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, gen: torch.Generator) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / rank
+        with torch.no_grad():
+            # PEFT's default A init (Kaiming-uniform, a=sqrt(5)), drawn from a per-layer seeded stream.
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=gen)
+            self.lora_B.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``scaling · B A`` this layer adds to the base weight."""
+        return self.scaling * self.lora_B.weight @ self.lora_A.weight
+
+
+def inject_lora(model: nn.Module, spec: AdapterSpec, seed: int) -> list[str]:
+    """Wrap the targets in ``LoraLinear``; A is seeded per layer from the run seed. Returns wrapped paths."""
+
+    def wrap(path: str, linear: nn.Linear) -> LoraLinear:
+        return LoraLinear(linear, spec.rank, spec.alpha, spec.dropout, generator(seed, "lora_A", path))
+
+    return replace_linears(model, spec.targets, wrap)
+
+
+class Lora:
+    """Both factors trained and sent; the server averages each factor (``mean``)."""
+
+    kind = "lora"
+    peft_compatible = True
+
+    def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
+        paths = inject_lora(model, spec, seed)
+        return (
+            TensorGroup("lora_A", tuple(f"{p}.lora_A.weight" for p in paths), trainable=True, sent=True),
+            TensorGroup("lora_B", tuple(f"{p}.lora_B.weight" for p in paths), trainable=True, sent=True),
+        )

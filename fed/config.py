@@ -1,0 +1,337 @@
+"""One typed, validated run configuration: TOML preset -> ``--set key=value`` -> Flower run-config.
+
+Every knob of a run lives here, in nested frozen dataclasses. A run is described by a *flat* mapping
+of dotted keys (``adapter.rank = 8``) because that is what Flower's run-config and the command line
+carry; :meth:`RunConfig.from_flat` is the single door through which such a mapping becomes a typed
+object, and it reports every bad key or value at once, naming what is accepted, before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import tomli_w
+
+TASKS = ("classification", "causal-lm")
+ADAPTER_KINDS = ("lora", "ffa-lora")
+PARTITIONS = ("iid", "dirichlet", "pathological")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "default"
+    """HF id, local path, or an embedded alias; ``default`` is the shipped model for the task."""
+    max_length: int = 64
+    """Token budget per example; batches are padded to their longest text, not to this."""
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    kind: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+    """Leaf names of the ``nn.Linear`` modules to adapt; empty means the model family's default."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_clients: int = 4
+    rounds: int = 3
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    server_lr: float = 1.0
+    """Step size of the server update ``global += server_lr * weighted_mean(deltas)``."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "sentiment"
+    partition: str = "iid"
+    alpha: float = 0.5
+    """Dirichlet concentration over labels (smaller = more skewed)."""
+    classes_per_client: int = 2
+    """Labels each client holds under the pathological partition."""
+    test_fraction: float = 0.2
+    max_examples: int = 0
+    """Keep a seeded subset of this many examples (0 = all): for quick runs."""
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 10
+    batch_size: int = 32
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    eval_batch_size: int = 64
+    max_eval_examples: int = 256
+    """Cap on each client's held-out examples scored per round (0 = all)."""
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    enabled: bool = False
+    target_epsilon: float = 0.0
+    """Calibrate the noise so the whole planned schedule spends at most this (0 = use noise_multiplier)."""
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str = "classification"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Build from dotted keys (``{"adapter.rank": 8}``) on top of the defaults; validate all."""
+        problems: list[str] = []
+        sections: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        fields = _field_types()
+        for key, raw in flat.items():
+            if key not in fields:
+                problems.append(f"unknown key {key!r}; accepted keys: {', '.join(sorted(fields))}")
+                continue
+            try:
+                value = _coerce(raw, fields[key])
+            except (TypeError, ValueError) as err:
+                problems.append(f"{key}={raw!r}: {err}")
+                continue
+            section, _, name = key.rpartition(".")
+            (sections.setdefault(section, {}) if section else top)[name] = value
+        if problems:
+            raise ConfigError(_bullets(problems))
+        kwargs: dict[str, Any] = dict(top)
+        for section, values in sections.items():
+            kwargs[section] = _SECTIONS[section](**values)
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted keys -> plain values (lists for tuples): what Flower's records and TOML carry."""
+        flat: dict[str, Any] = {}
+        for key in _field_types():
+            value: Any = self
+            for part in key.split("."):
+                value = getattr(value, part)
+            flat[key] = list(value) if isinstance(value, tuple) else value
+        return flat
+
+    def to_toml(self) -> str:
+        """The resolved config as nested TOML, written next to every run."""
+        nested: dict[str, Any] = {}
+        for key, value in self.to_flat().items():
+            section, _, name = key.rpartition(".")
+            (nested.setdefault(section, {}) if section else nested)[name] = value
+        return tomli_w.dumps(nested)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
+        """A copy with some dotted keys replaced (validated like a fresh config)."""
+        return RunConfig.from_flat({**self.to_flat(), **overrides})
+
+    def validate(self) -> None:
+        """Check every value against what is accepted; raise one ConfigError listing all problems."""
+        problems = [p for check in _CHECKS for p in check(self)]
+        if problems:
+            raise ConfigError(_bullets(problems))
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "federation": FederationConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "dp": DPConfig,
+}
+
+
+def _field_types() -> dict[str, type]:
+    """Every accepted dotted key and the Python type of its default."""
+    types: dict[str, type] = {"task": str, "seed": int}
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            types[f"{section}.{f.name}"] = type(default)
+    return types
+
+
+def _coerce(raw: Any, kind: type) -> Any:
+    """Turn a TOML value or a command-line string into the field's type, or say why not."""
+    if kind is tuple:
+        if isinstance(raw, str):
+            return tuple(s.strip() for s in raw.split(",") if s.strip())
+        if isinstance(raw, (list, tuple)) and all(isinstance(s, str) for s in raw):
+            return tuple(raw)
+        raise TypeError("expected a list of names or a comma-separated string")
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return raw.lower() in ("true", "1", "yes")
+        raise TypeError("expected true or false")
+    if kind is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise TypeError("expected an integer")
+        return int(raw)
+    if kind is float:
+        if isinstance(raw, bool):
+            raise TypeError("expected a number")
+        return float(raw)
+    if not isinstance(raw, str):
+        raise TypeError("expected a string")
+    return raw
+
+
+def _choice(name: str, value: str, accepted: Sequence[str]) -> list[str]:
+    return [] if value in accepted else [f"{name}={value!r} is not one of: {', '.join(accepted)}"]
+
+
+def _at_least(name: str, value: float, low: float) -> list[str]:
+    return [] if value >= low else [f"{name}={value!r} must be >= {low}"]
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> list[str]:
+    return [] if low < value <= high else [f"{name}={value!r} must be in ({low}, {high}]"]
+
+
+def _check_choices(c: RunConfig) -> list[str]:
+    return (
+        _choice("task", c.task, TASKS)
+        + _choice("adapter.kind", c.adapter.kind, ADAPTER_KINDS)
+        + _choice("data.partition", c.data.partition, PARTITIONS)
+        + _choice("dp.accountant", c.dp.accountant, ACCOUNTANTS)
+        + _choice("dp.grad_sample_mode", c.dp.grad_sample_mode, GRAD_SAMPLE_MODES)
+    )
+
+
+def _check_ranges(c: RunConfig) -> list[str]:
+    return (
+        _at_least("adapter.rank", c.adapter.rank, 1)
+        + _at_least("adapter.alpha", c.adapter.alpha, 1e-12)
+        + _at_least("adapter.dropout", c.adapter.dropout, 0.0)
+        + _at_least("federation.num_clients", c.federation.num_clients, 1)
+        + _at_least("federation.rounds", c.federation.rounds, 1)
+        + _in_range("federation.fraction_train", c.federation.fraction_train, 0.0, 1.0)
+        + _at_least("federation.fraction_evaluate", c.federation.fraction_evaluate, 0.0)
+        + _at_least("federation.server_lr", c.federation.server_lr, 1e-12)
+        + _at_least("data.alpha", c.data.alpha, 1e-12)
+        + _at_least("data.classes_per_client", c.data.classes_per_client, 1)
+        + _in_range("data.test_fraction", c.data.test_fraction, 0.0, 0.9)
+        + _at_least("data.max_examples", c.data.max_examples, 0)
+        + _at_least("model.max_length", c.model.max_length, 4)
+        + _at_least("train.local_steps", c.train.local_steps, 1)
+        + _at_least("train.batch_size", c.train.batch_size, 1)
+        + _at_least("train.lr", c.train.lr, 1e-12)
+        + _at_least("train.eval_batch_size", c.train.eval_batch_size, 1)
+        + _at_least("train.max_eval_examples", c.train.max_eval_examples, 0)
+    )
+
+
+def _check_dp(c: RunConfig) -> list[str]:
+    dp = c.dp
+    problems = _in_range("dp.delta", dp.delta, 0.0, 0.1) + _at_least("dp.max_grad_norm", dp.max_grad_norm, 1e-12)
+    problems += _at_least("dp.target_epsilon", dp.target_epsilon, 0.0)
+    problems += _at_least("dp.noise_multiplier", dp.noise_multiplier, 0.0)
+    if dp.enabled and dp.target_epsilon > 0 and dp.noise_multiplier > 0:
+        problems.append(
+            f"dp.target_epsilon={dp.target_epsilon} and dp.noise_multiplier={dp.noise_multiplier} are both set; "
+            "give one (the other stays 0)"
+        )
+    if dp.enabled and dp.target_epsilon == 0 and dp.noise_multiplier == 0:
+        problems.append("dp.enabled=true needs dp.target_epsilon > 0 or dp.noise_multiplier > 0")
+    if c.federation.fraction_evaluate > 1.0:
+        problems.append(f"federation.fraction_evaluate={c.federation.fraction_evaluate} must be <= 1")
+    return problems
+
+
+_CHECKS = (_check_choices, _check_ranges, _check_dp)
+
+
+def _bullets(problems: list[str]) -> str:
+    return "invalid run configuration:\n  - " + "\n  - ".join(problems)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` from the command line; the value is read as TOML when it parses, else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. adapter.rank=16)")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables -> dotted keys, the shape Flower's run-config already has."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def preset_names() -> list[str]:
+    """Names of the presets that ship in ``simulations/presets``."""
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("simulations.presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """A preset's dotted keys, by shipped name or by path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.is_file():
+        text = path.read_text()
+    elif name_or_path in preset_names():
+        text = resources.files("simulations.presets").joinpath(f"{name_or_path}.toml").read_text()
+    else:
+        raise ConfigError(f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())} "
+                          "(or give a path to a .toml file)")
+    return flatten(tomllib.loads(text))
+
+
+def resolve(preset: str = "quickstart", overrides: Mapping[str, Any] | Sequence[str] = ()) -> RunConfig:
+    """Preset, then overrides (``key=value`` strings or a mapping): the one way every entry point builds a config."""
+    if isinstance(overrides, Mapping):
+        pairs = dict(overrides)
+    else:
+        pairs = dict(parse_override(text) for text in overrides)
+    return RunConfig.from_flat({**load_preset(preset), **pairs})
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Flower's run-config (``preset`` plus any dotted key) -> RunConfig; unrelated keys are refused by name."""
+    values = dict(run_config)
+    preset = str(values.pop("preset", "quickstart"))
+    values.pop("out", None)
+    return resolve(preset, values)

@@ -1,0 +1,73 @@
+"""Turn a RunConfig into the live objects a party works with: the adapted model, its task, its data.
+
+Server and clients build the adapter through the same function, so both derive identical frozen
+factors from the run seed. Builds are cached per process: a simulation worker serves many rounds
+(and several clients) with one base model instead of reloading it for every message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from fed.adapters import Adapter, AdapterSpec, build
+from fed.config import RunConfig
+from fed.data import ClientData, client_split, label_names, load_task_dataset
+from fed.models import default_targets, load_model, load_tokenizer, task_head_names
+from fed.tasks import Task, make_task
+
+
+def dataset(cfg: RunConfig):  # -> datasets.Dataset
+    """The whole labelled dataset of the run (partitioned later, per client)."""
+    d = cfg.data
+    return load_task_dataset(d.name, cfg.task, text_column=d.text_column, label_column=d.label_column,
+                             max_examples=d.max_examples, seed=cfg.seed)
+
+
+def num_labels(cfg: RunConfig) -> int | None:
+    """Classes of a classification run (sizes the head); None for causal LM."""
+    return len(label_names(dataset(cfg))) if cfg.task == "classification" else None
+
+
+@lru_cache(maxsize=2)
+def build_adapter(cfg_key: tuple[Any, ...]) -> tuple[Adapter, Any]:
+    """The base model with the adapter injected, and its tokenizer, for a ``model_key`` of a config."""
+    name, task, labels, kind, rank, alpha, dropout, targets, seed = cfg_key
+    model = load_model(name, task, num_labels=labels, seed=seed)
+    spec = AdapterSpec(kind=kind, rank=rank, alpha=alpha, dropout=dropout,
+                       targets=targets or tuple(default_targets(model)))
+    adapter = build(model, spec, seed, head=tuple(task_head_names(model)))
+    return adapter, load_tokenizer(name, task)
+
+
+def model_key(cfg: RunConfig) -> tuple[Any, ...]:
+    """Everything that determines the adapted model (and nothing that does not, so caching works)."""
+    a = cfg.adapter
+    return (cfg.model.name, cfg.task, num_labels(cfg), a.kind, a.rank, a.alpha, a.dropout, a.targets, cfg.seed)
+
+
+def adapted_model(cfg: RunConfig) -> tuple[Adapter, Task]:
+    adapter, tokenizer = build_adapter(model_key(cfg))
+    return adapter, make_task(cfg.task, tokenizer, cfg.model.max_length)
+
+
+@dataclass(frozen=True)
+class ClientSession:
+    adapter: Adapter
+    task: Task
+    data: ClientData
+
+
+def client_session(cfg: RunConfig, partition_id: int) -> ClientSession:
+    """What client ``partition_id`` of ``cfg.federation.num_clients`` trains with."""
+    adapter, task = adapted_model(cfg)
+    return ClientSession(adapter, task, client_data(cfg, partition_id))
+
+
+@lru_cache(maxsize=16)
+def client_data(cfg: RunConfig, partition_id: int) -> ClientData:
+    d = cfg.data
+    return client_split(dataset(cfg), num_clients=cfg.federation.num_clients, client_id=partition_id,
+                        partition=d.partition, alpha=d.alpha, classes_per_client=d.classes_per_client,
+                        test_fraction=d.test_fraction, seed=cfg.seed)

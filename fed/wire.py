@@ -1,0 +1,84 @@
+"""The only place the library meets Flower: adapter tensors <-> records, and payload validation.
+
+Arrays travel as Flower ``ArrayRecord``s (numpy ``.npy`` bytes, loaded with ``allow_pickle=False``);
+nothing is pickled. Every incoming payload is checked (keys, dtypes, shapes, size, finite values)
+*before* any tensor is materialised into global state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+
+from fed.config import RunConfig
+
+
+class PayloadError(ValueError):
+    """An incoming payload that must not be aggregated; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorMeta:
+        return cls(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
+
+
+def from_record(record: ArrayRecord, expected: Mapping[str, TensorMeta]) -> dict[str, torch.Tensor]:
+    """Validate ``record`` against ``expected`` and only then decode it to tensors.
+
+    Raises:
+        PayloadError: naming the first offending key and what was expected of it.
+    """
+    keys = set(record.keys())
+    missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+    if missing or extra:
+        raise PayloadError(f"wrong keys: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                           f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, meta in expected.items():
+        array = record[name]
+        if array.dtype != meta.dtype:
+            raise PayloadError(f"{name}: dtype {array.dtype}, expected {meta.dtype}")
+        if tuple(array.shape) != meta.shape:
+            raise PayloadError(f"{name}: shape {tuple(array.shape)}, expected {meta.shape}")
+        if len(array.data) > meta.nbytes + 1024:  # .npy header is ~128 bytes
+            raise PayloadError(f"{name}: {len(array.data)} bytes, more than a {meta.shape} array needs")
+        value = np.asarray(array.numpy())
+        if value.shape != meta.shape or str(value.dtype) != meta.dtype:
+            raise PayloadError(f"{name}: decoded {value.dtype}{value.shape} differs from its declared header")
+        if not np.isfinite(value).all():
+            raise PayloadError(f"{name}: contains NaN or Inf")
+        tensors[name] = torch.from_numpy(value.copy())
+    return tensors
+
+
+def metas(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorMeta]:
+    return {name: TensorMeta.of(t) for name, t in tensors.items()}
+
+
+def config_record(config: RunConfig, **extra: Any) -> ConfigRecord:
+    """The whole run config, flattened, plus per-message values (the round): what a client needs."""
+    return ConfigRecord({**config.to_flat(), **extra})
+
+
+def config_from_record(record: ConfigRecord) -> RunConfig:
+    """A client's view of the run config; unknown keys (e.g. Flower's ``server-round``) are set aside."""
+    known = set(RunConfig().to_flat())
+    return RunConfig.from_flat({k: v for k, v in record.items() if k in known})

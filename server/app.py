@@ -1,0 +1,88 @@
+"""Flower ServerApp: build the adapter-aware strategy from the config, run the rounds, record the run.
+
+Each round's line (losses, accuracy, bytes, wall time), the privacy ledger and a checkpoint of the
+global adapter are written as soon as the round ends, so a crash loses at most the round in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import save_file
+
+from fed.config import RunConfig, from_run_config
+from fed.export import export_adapter
+from fed.privacy.book import LedgerBook
+from fed.rundir import RunDir
+from fed.session import adapted_model
+from fed.wire import config_record, from_record, metas, to_record
+from strategies.fedavg import AdapterFedAvg
+
+app = ServerApp()
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point under ``flwr run``: the run-config names a preset plus any dotted overrides."""
+    cfg = from_run_config(context.run_config)
+    run_dir = RunDir.create(str(context.run_config.get("out", "runs")), cfg)
+    run_federation(grid, cfg, run_dir)
+
+
+class RoundRecorder:
+    """Called by the strategy after each round's evaluation: writes the round's line, ledger, checkpoint."""
+
+    def __init__(self, strategy: AdapterFedAvg, book: LedgerBook, run_dir: RunDir,
+                 on_round: RoundCallback | None) -> None:
+        self.strategy, self.book, self.run_dir, self.on_round = strategy, book, run_dir, on_round
+        self.started = time.perf_counter()
+
+    def __call__(self, round_: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if round_ == 0:
+            self.started = time.perf_counter()
+            return None
+        log = self.strategy.rounds.get(round_)
+        if log is None:
+            return None
+        for metrics in log.reported:
+            self.book.observe(round_, metrics)
+        now = time.perf_counter()
+        line = {"round": round_, "train_loss": log.train_loss, "eval_loss": log.evaluate.get("eval_loss"),
+                "eval_accuracy": log.evaluate.get("eval_accuracy"), "bytes_up": log.bytes_up,
+                "bytes_down": log.bytes_down, "clients": len(log.accepted), "dropped": log.dropped,
+                "epsilon_max": self.book.max_epsilon(), "wall_s": round(now - self.started, 3)}
+        self.started = now
+        self.run_dir.append_metrics(line)
+        self.run_dir.write_privacy(self.book.report())
+        checkpoint = self.run_dir.path / "checkpoints" / "latest.safetensors"
+        checkpoint.parent.mkdir(exist_ok=True)
+        save_file(dict(arrays.to_torch_state_dict()), str(checkpoint), metadata={"round": str(round_)})
+        if self.on_round is not None:
+            self.on_round(line)
+        return None
+
+
+def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundCallback | None = None) -> RunDir:
+    """All rounds of ``cfg`` on ``grid``; leaves metrics, privacy ledger and the final adapter in ``run_dir``."""
+    adapter, _ = adapted_model(cfg)
+    initial = adapter.sent_state()
+    fed = cfg.federation
+    strategy = AdapterFedAvg(
+        expected=metas(initial), kinds=adapter.aggregation_of(), fingerprint=adapter.fingerprint(),
+        server_lr=fed.server_lr, fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=1, min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
+        min_available_nodes=fed.num_clients,
+    )
+    book = LedgerBook(cfg.dp)
+    recorder = RoundRecorder(strategy, book, run_dir, on_round)
+    result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=fed.rounds,
+                            train_config=config_record(cfg), evaluate_config=config_record(cfg),
+                            evaluate_fn=recorder)
+    run_dir.write_privacy(book.report())
+    adapter.load(from_record(result.arrays, metas(initial)))
+    export_adapter(adapter, run_dir.adapter, task=cfg.task, base_model=cfg.model.name)
+    return run_dir

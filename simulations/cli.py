@@ -1,0 +1,55 @@
+"""The ``fed`` command: ``fed simulate --preset NAME [--set key=value ...] [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from fed.config import ConfigError, preset_names, resolve
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fed", description="Federated adapter fine-tuning under DP-SGD.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sim = commands.add_parser("simulate", help="run a local multi-client simulation")
+    sim.add_argument("--preset", default="quickstart",
+                     help=f"shipped preset ({', '.join(preset_names())}) or a path to a .toml file")
+    sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set adapter.kind=ffa-lora (repeatable)")
+    sim.add_argument("--out", default="runs", help="parent folder of the run directory (default: runs)")
+    sim.add_argument("--name", default="", help="run directory name (default: time and adapter)")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    return parser
+
+
+def _summary(lines: list[dict]) -> Table:
+    table = Table(title="rounds")
+    keys = ["round", "train_loss", "eval_loss", "eval_accuracy", "epsilon_max", "bytes_up", "bytes_down", "wall_s"]
+    for key in keys:
+        table.add_column(key, justify="right")
+    for line in lines:
+        table.add_row(*(f"{line[k]:.4g}" if isinstance(line.get(k), float) else str(line.get(k)) for k in keys))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        cfg = resolve(args.preset, args.overrides)
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    from simulations.run import simulate  # heavy imports (torch, flwr) only once the config is valid
+
+    run_dir = simulate(cfg, args.out, name=args.name, console=console, verbose=args.verbose)
+    console.print(_summary(run_dir.metrics()))
+    console.print(f"run directory: [bold]{run_dir.path}[/bold]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Tiny models built from configs (no downloads, milliseconds) shared by the tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+VOCAB = 50
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    model.requires_grad_(False)
+    return model.train()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+            intermediate_size=32, max_position_embeddings=32))
+    model.requires_grad_(False)
+    return model.train()
+
+
+@pytest.fixture
+def batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (5, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[3, 3:] = 0
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

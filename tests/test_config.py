@@ -1,0 +1,62 @@
+import pytest
+
+from fed.config import ConfigError, RunConfig, from_run_config, load_preset, parse_override, preset_names, resolve
+
+
+def test_presets_resolve_and_round_trip():
+    assert {"quickstart", "instruct"} <= set(preset_names())
+    for name in preset_names():
+        cfg = resolve(name)
+        assert RunConfig.from_flat(cfg.to_flat()) == cfg
+
+
+def test_overrides_are_typed():
+    cfg = resolve("quickstart", ["adapter.kind=ffa-lora", "dp.enabled=true", "dp.target_epsilon=8",
+                                 "adapter.targets=query,key", "federation.rounds=2"])
+    assert cfg.adapter.kind == "ffa-lora" and cfg.dp.enabled and cfg.dp.target_epsilon == 8.0
+    assert cfg.adapter.targets == ("query", "key") and cfg.federation.rounds == 2
+
+
+@pytest.mark.parametrize("override, named", [
+    ("adapter.kind=dora", "'dora' is not one of: lora, ffa-lora"),
+    ("data.partition=random", "'random' is not one of: iid, dirichlet, pathological"),
+    ("adapter.rnak=4", "unknown key 'adapter.rnak'"),
+    ("train.lr=fast", "train.lr='fast'"),
+    ("federation.fraction_train=0", "federation.fraction_train=0.0 must be in (0.0, 1.0]"),
+    ("adapter.rank=0", "adapter.rank=0 must be >= 1"),
+    ("task=translation", "'translation' is not one of: classification, causal-lm"),
+])
+def test_bad_values_are_named_with_what_is_accepted(override, named):
+    with pytest.raises(ConfigError) as err:
+        resolve("quickstart", [override])
+    assert named in str(err.value)
+
+
+def test_dp_needs_exactly_one_of_target_or_noise():
+    with pytest.raises(ConfigError, match="needs dp.target_epsilon"):
+        resolve("quickstart", ["dp.enabled=true"])
+    with pytest.raises(ConfigError, match="both set"):
+        resolve("quickstart", ["dp.enabled=true", "dp.target_epsilon=3", "dp.noise_multiplier=1.0"])
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        resolve("quickstart", ["adapter.kind=dora", "data.partition=random", "train.batch_size=0"])
+    assert str(err.value).count("\n  - ") == 3
+
+
+def test_flower_run_config_reaches_the_same_config():
+    cfg = from_run_config({"preset": "quickstart", "adapter.rank": 4, "dp.enabled": True, "dp.noise_multiplier": 1.1})
+    assert cfg == resolve("quickstart", ["adapter.rank=4", "dp.enabled=true", "dp.noise_multiplier=1.1"])
+
+
+def test_unknown_preset_lists_shipped_ones():
+    with pytest.raises(ConfigError, match="quickstart"):
+        load_preset("nope")
+
+
+def test_override_syntax():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("model.name=/tmp/x") == ("model.name", "/tmp/x")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("adapter.rank")

@@ -1,0 +1,117 @@
+"""DP-SGD correctness against independent per-example loops (no Opacus in the reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fed.adapters import AdapterSpec, build
+from fed.privacy.dpsgd import DpSettings, DpStepper
+from fed.tasks import CausalLM, Classification
+from opacus.grad_sample.utils import prepare_module
+from tests.conftest import tiny_bert, tiny_llama
+
+KINDS = ["lora", "ffa-lora"]
+
+
+class _NoTokenizer:
+    pad_token_id = 0
+
+
+def _bert_adapter(kind: str):
+    model = tiny_bert()
+    spec = AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("query", "value"))
+    adapter = build(model, spec, seed=3, head=("classifier.weight", "classifier.bias"))
+    with torch.no_grad():  # non-zero B, so A gets a gradient too
+        for name in adapter.names(trainable=True):
+            dict(model.named_parameters())[name].normal_(0, 0.3)
+    return adapter, Classification(_NoTokenizer(), 16)
+
+
+def _llama_adapter(kind: str):
+    model = tiny_llama()
+    adapter = build(model, AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("q_proj", "v_proj")), seed=3)
+    with torch.no_grad():
+        for name in adapter.names(trainable=True):
+            dict(model.named_parameters())[name].normal_(0, 0.3)
+    return adapter, CausalLM(_NoTokenizer(), 16)
+
+
+def _lm_batch(batch):
+    labels = batch["input_ids"].clone()
+    labels[:, :2] = -100  # prompt tokens are not scored
+    labels[batch["attention_mask"] == 0] = -100
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+def _naive_grads(adapter, task, batch):
+    """One forward/backward per example: the reference per-example gradients."""
+    names = adapter.names(trainable=True)
+    params = dict(adapter.model.named_parameters())
+    out = []
+    for i in range(len(batch["input_ids"])):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        grads = torch.autograd.grad(task.per_example_loss(adapter.model, one).sum(), [params[n] for n in names])
+        out.append(dict(zip(names, grads)))
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("build_fn, batch_fn", [(_bert_adapter, lambda b: b), (_llama_adapter, _lm_batch)],
+                         ids=["classification", "causal-lm"])
+def test_opacus_per_sample_gradients_equal_a_naive_loop(kind, build_fn, batch_fn, batch):
+    adapter, task = build_fn(kind)
+    batch = batch_fn(batch)
+    reference = _naive_grads(adapter, task, batch)
+    gsm = prepare_module(adapter.model, "hooks", batch_first=True, loss_reduction="sum")
+    task.per_example_loss(gsm, batch).sum().backward()
+    params = dict(adapter.model.named_parameters())
+    for name in adapter.names(trainable=True):
+        per_sample = params[name].grad_sample
+        expected = torch.stack([r[name] for r in reference])
+        torch.testing.assert_close(per_sample, expected, rtol=1e-4, atol=1e-6)
+    frozen = [n for n in adapter.names(trainable=False)]
+    assert all(getattr(params[n], "grad_sample", None) is None for n in frozen)
+    gsm._close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_dp_step_without_noise_is_the_mean_of_clipped_per_example_gradients(kind, mode, batch):
+    adapter, task = _bert_adapter(kind)
+    names = adapter.names(trainable=True)
+    reference = _naive_grads(adapter, task, batch)
+    clip = 0.05
+    clipped = []
+    for grads in reference:
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+        clipped.append({n: g * min(1.0, clip / (float(norm) + 1e-6)) for n, g in grads.items()})
+    expected_bs = 4  # deliberately not the actual batch size: DP-SGD divides by the *expected* size
+    before = adapter.state(names)
+    optimizer = torch.optim.SGD(adapter.trainable_parameters(), lr=1.0)
+    dp = DpSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=expected_bs / 100, num_examples=100,
+                    mode=mode)
+    stepper = DpStepper(adapter.model, optimizer, dp, torch.Generator().manual_seed(0))
+    stepper.step(task.per_example_loss(stepper.module, batch))
+    stepper.close()
+    after = adapter.state(names)
+    for n in names:
+        update = -(after[n] - before[n])
+        torch.testing.assert_close(update, sum(c[n] for c in clipped) / expected_bs, rtol=1e-4, atol=1e-7)
+
+
+def test_empty_poisson_batch_is_a_noise_only_step():
+    adapter, _ = _bert_adapter("ffa-lora")
+    names = adapter.names(trainable=True)
+    before = adapter.state(names)
+    optimizer = torch.optim.SGD(adapter.trainable_parameters(), lr=1.0)
+    dp = DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, num_examples=10)
+    stepper = DpStepper(adapter.model, optimizer, dp, torch.Generator().manual_seed(0))
+    stepper.empty_step()
+    stepper.close()
+    after = adapter.state(names)
+    # noise std per coordinate = sigma * C / expected batch size = 1.0 (SGD, lr 1)
+    for n in names:
+        if before[n].numel() >= 32:
+            assert 0.7 < float((after[n] - before[n]).std()) < 1.3, n
+        assert not torch.equal(after[n], before[n]), n

@@ -15,6 +15,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from rich.console import Console
+from transformers.utils import logging as transformers_logging
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clients.app import app as client_app
@@ -24,7 +25,28 @@ from server.app import run_federation
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE",
-               "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+               "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+               "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "TRANSFORMERS_VERBOSITY": "error",
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+class _DropRunSimulationDeprecation(logging.Filter):
+    """``fed simulate`` is our front door to Flower's in-process simulation; its deprecation notice
+    (addressed to people calling ``run_simulation`` themselves) would only confuse our users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
+def _quiet(verbose: bool) -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addFilter(_DropRunSimulationDeprecation())
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
 
 
 def _describe(line: dict[str, Any]) -> str:
@@ -42,12 +64,9 @@ def _describe(line: dict[str, Any]) -> str:
 def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", console: Console | None = None,
              verbose: bool = False) -> RunDir:
     """Run ``cfg`` with ``cfg.federation.num_clients`` simulated clients; returns the finished run dir."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    _quiet(verbose)
     console = console or Console(stderr=True)
     run_dir = RunDir.create(out, cfg, name)
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
     columns = (TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}"))
     with Progress(*columns, console=console, transient=False) as progress:

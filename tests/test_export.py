@@ -1,0 +1,50 @@
+"""The exported global adapter loads with PEFT and reproduces our adapted model's outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fed.adapters import AdapterSpec, build
+from fed.export import export_adapter
+from fed.models import load_model
+from tests.conftest import tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+def _randomise(adapter) -> None:
+    with torch.no_grad():
+        for name in adapter.names(sent=True):
+            dict(adapter.model.named_parameters())[name].normal_(0, 0.2)
+
+
+@pytest.mark.parametrize("kind", ["lora", "ffa-lora"])
+def test_peft_loads_classification_adapter_with_head(kind, batch, tmp_path):
+    model = load_model("tiny-bert", "classification", num_labels=2, seed=5)
+    adapter = build(model, AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("query", "value")), seed=1,
+                    head=("classifier.weight", "classifier.bias"))
+    _randomise(adapter)
+    export_adapter(adapter, tmp_path, task="classification", base_model="tiny-bert")
+    assert json.loads((tmp_path / "fedlora.json").read_text())["kind"] == kind
+    ids = batch["input_ids"]
+    args = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
+    model.eval()
+    base = load_model("tiny-bert", "classification", num_labels=2, seed=5).eval()
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**args).logits, model(**args).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_loads_causal_lm_adapter(batch, tmp_path):
+    model = tiny_llama(seed=2)
+    adapter = build(model, AdapterSpec(kind="lora", rank=4, alpha=8.0, targets=("q_proj", "v_proj")), seed=1)
+    _randomise(adapter)
+    export_adapter(adapter, tmp_path, task="causal-lm", base_model="tiny")
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(seed=2), str(tmp_path)).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=batch["input_ids"]).logits,
+                                   model(input_ids=batch["input_ids"]).logits, rtol=1e-5, atol=1e-5)

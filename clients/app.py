@@ -51,6 +51,11 @@ def _receive(msg: Message, context: Context):
     config = msg.content.config_records["config"]
     cfg = config_from_record(config)
     partition_id = int(context.node_config.get("partition-id", 0))
+    partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
+    if partitions != cfg.federation.num_clients:
+        raise ValueError(f"this node is one of num-partitions={partitions}, but the run config says "
+                         f"federation.num_clients={cfg.federation.num_clients}; make them equal "
+                         "(e.g. flwr run --federation-config num-supernodes=N with federation.num_clients=N)")
     session = client_session(cfg, partition_id)
     global_ = from_record(msg.content.array_records["arrays"], metas(session.adapter.sent_state()))
     session.adapter.load(global_)

@@ -330,8 +330,12 @@ def resolve(preset: str = "quickstart", overrides: Mapping[str, Any] | Sequence[
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
-    """Flower's run-config (``preset`` plus any dotted key) -> RunConfig; unrelated keys are refused by name."""
-    values = dict(run_config)
+    """Flower's run-config (``preset`` plus any dotted key) -> RunConfig; unrelated keys are refused by name.
+
+    Flower only accepts run-config keys declared in ``[tool.flwr.app.config]``, so pyproject.toml
+    declares every key with ``""``, meaning "keep the preset's value".
+    """
+    values = {k: v for k, v in run_config.items() if v != ""}
     preset = str(values.pop("preset", "quickstart"))
     values.pop("out", None)
     return resolve(preset, values)

@@ -60,3 +60,16 @@ def test_override_syntax():
     assert parse_override("model.name=/tmp/x") == ("model.name", "/tmp/x")
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("adapter.rank")
+
+
+def test_flower_app_declares_every_config_key():
+    """Flower refuses run-config keys the app does not declare; pyproject must list them all."""
+    import tomllib
+    from pathlib import Path
+
+    from fed.config import flatten
+
+    declared = flatten(tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+                       ["tool"]["flwr"]["app"]["config"])
+    assert set(declared) == set(RunConfig().to_flat()) | {"preset", "out"}
+    assert from_run_config(declared) == resolve("quickstart")

@@ -30,25 +30,37 @@ def num_labels(cfg: RunConfig) -> int | None:
     return len(label_names(dataset(cfg))) if cfg.task == "classification" else None
 
 
+@dataclass(frozen=True)
+class ModelKey:
+    """Everything that determines the adapted model, and nothing else, so the cache hits across
+    rounds and clients of one run."""
+
+    name: str
+    task: str
+    num_labels: int | None
+    spec: tuple[str, int, float, float, tuple[str, ...]]
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> ModelKey:
+        a = cfg.adapter
+        return cls(cfg.model.name, cfg.task, num_labels(cfg), (a.kind, a.rank, a.alpha, a.dropout, a.targets),
+                   cfg.seed)
+
+
 @lru_cache(maxsize=2)
-def build_adapter(cfg_key: tuple[Any, ...]) -> tuple[Adapter, Any]:
-    """The base model with the adapter injected, and its tokenizer, for a ``model_key`` of a config."""
-    name, task, labels, kind, rank, alpha, dropout, targets, seed = cfg_key
-    model = load_model(name, task, num_labels=labels, seed=seed)
+def _build(key: ModelKey) -> tuple[Adapter, Any]:
+    model = load_model(key.name, key.task, num_labels=key.num_labels, seed=key.seed)
+    kind, rank, alpha, dropout, targets = key.spec
     spec = AdapterSpec(kind=kind, rank=rank, alpha=alpha, dropout=dropout,
                        targets=targets or tuple(default_targets(model)))
-    adapter = build(model, spec, seed, head=tuple(task_head_names(model)))
-    return adapter, load_tokenizer(name, task)
-
-
-def model_key(cfg: RunConfig) -> tuple[Any, ...]:
-    """Everything that determines the adapted model (and nothing that does not, so caching works)."""
-    a = cfg.adapter
-    return (cfg.model.name, cfg.task, num_labels(cfg), a.kind, a.rank, a.alpha, a.dropout, a.targets, cfg.seed)
+    adapter = build(model, spec, key.seed, head=tuple(task_head_names(model)))
+    return adapter, load_tokenizer(key.name, key.task)
 
 
 def adapted_model(cfg: RunConfig) -> tuple[Adapter, Task]:
-    adapter, tokenizer = build_adapter(model_key(cfg))
+    """The base model with the adapter injected (cached per process) and the task that feeds it."""
+    adapter, tokenizer = _build(ModelKey.of(cfg))
     return adapter, make_task(cfg.task, tokenizer, cfg.model.max_length)
 
 

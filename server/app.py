@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from fed.config import RunConfig, from_run_config
 from fed.export import export_adapter
+from fed.reports.curves import plot_curves
 from fed.privacy.book import LedgerBook
 from fed.rundir import RunDir
 from fed.session import adapted_model
@@ -83,6 +84,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
                             train_config=config_record(cfg), evaluate_config=config_record(cfg),
                             evaluate_fn=recorder)
     run_dir.write_privacy(book.report())
-    adapter.load(from_record(result.arrays, metas(initial)))
+    if len(result.arrays):  # empty when no round aggregated anything: keep the initial adapter
+        adapter.load(from_record(result.arrays, metas(initial)))
     export_adapter(adapter, run_dir.adapter, task=cfg.task, base_model=cfg.model.name)
+    plot_curves(run_dir.metrics(), run_dir.path / "curves.png",
+                title=f"{cfg.adapter.kind} · {cfg.data.name} · {fed.num_clients} clients"
+                      + (f" · DP target eps {cfg.dp.target_epsilon:g}" if cfg.dp.target_epsilon else ""))
     return run_dir

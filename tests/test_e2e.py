@@ -52,3 +52,16 @@ def test_exported_adapter_has_b_trained_and_a_frozen(dp_run):
     b = [v for k, v in tensors.items() if k.endswith("lora_B.weight")]
     assert b and all(torch.count_nonzero(t) > 0 for t in b)  # B left zero: training reached the server
     assert json.loads((run.adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_causal_lm_run_learns_and_exports(tmp_path):
+    cfg = resolve("instruct", ["model.name=tiny-llama", "data.name=synthetic", "federation.num_clients=2",
+                               "federation.rounds=2", "train.local_steps=8", "train.lr=1e-2", "model.max_length=32"])
+    run = simulate(cfg, tmp_path, name="lm")
+    lines = run.metrics()
+    assert [line["round"] for line in lines] == [1, 2]
+    assert lines[-1]["eval_loss"] < lines[0]["eval_loss"]
+    assert all(line["eval_accuracy"] is None for line in lines)  # no accuracy for a causal LM
+    config = json.loads((run.adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["target_modules"] == ["q_proj", "v_proj"]
+    assert (run.path / "curves.png").is_file()

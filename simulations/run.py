@@ -16,8 +16,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from rich.console import Console
-from transformers.utils import logging as transformers_logging
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers.utils import logging as transformers_logging
 
 from clients.app import app as client_app
 from fed.config import RunConfig

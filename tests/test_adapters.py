@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fed.adapters import Aggregation, AdapterSpec, build
+from fed.adapters import AdapterSpec, Aggregation, build
 from fed.adapters.lora import LoraLinear
 from strategies.rules import aggregate
 from tests.conftest import tiny_bert

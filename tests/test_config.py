@@ -64,8 +64,9 @@ def test_override_syntax():
 
 def test_flower_app_declares_every_config_key():
     """Flower refuses run-config keys the app does not declare; pyproject must list them all."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from fed.config import flatten
 

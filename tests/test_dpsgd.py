@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from opacus.grad_sample.utils import prepare_module
 
 from fed.adapters import AdapterSpec, build
 from fed.privacy.dpsgd import DpSettings, DpStepper
 from fed.tasks import CausalLM, Classification
-from opacus.grad_sample.utils import prepare_module
 from tests.conftest import tiny_bert, tiny_llama
 
 KINDS = ["lora", "ffa-lora"]

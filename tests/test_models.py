@@ -15,8 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from safetensors import safe_open  # noqa: E402
 
 from fed import models  # noqa: E402
-from fed.models import (EMBEDDED, TASKS, default_targets, load_model, load_tokenizer,  # noqa: E402
-                        resolve_model_name, task_head_names)
+from fed.models import EMBEDDED, TASKS, default_targets, load_model, load_tokenizer, resolve_model_name, task_head_names  # noqa: E402
 
 
 def same_state(a: nn.Module, b: nn.Module) -> bool:

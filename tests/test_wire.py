@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.app import Array
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fed.adapters import Aggregation
 from fed.wire import PayloadError, TensorMeta, from_record, metas, to_record

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from fed.adapters.base import Aggregation, AdapterSpec, TensorGroup, replace_linears
+from fed.adapters.base import AdapterSpec, TensorGroup, replace_linears
 from fed.seeding import generator
 
 

@@ -12,6 +12,7 @@ import argparse
 import os
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -32,6 +33,7 @@ def _median_step_s(session, *, steps: int, batch_size: int, dp: DpSettings | Non
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore", message="Full backward hook")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quickstart")
     parser.add_argument("--steps", type=int, default=8)

@@ -25,13 +25,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+COLUMNS = {"round": "round", "train_loss": "train loss", "eval_loss": "eval loss", "eval_accuracy": "acc",
+           "epsilon_max": "eps", "bytes_up": "up MB", "bytes_down": "down MB", "wall_s": "s"}
+
+
+def _cell(key: str, value: object) -> str:
+    if value is None:
+        return "-"
+    if key.startswith("bytes"):
+        return f"{value / 1e6:.2f}"  # type: ignore[operator]
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def _summary(lines: list[dict]) -> Table:
     table = Table(title="rounds")
-    keys = ["round", "train_loss", "eval_loss", "eval_accuracy", "epsilon_max", "bytes_up", "bytes_down", "wall_s"]
-    for key in keys:
-        table.add_column(key, justify="right")
+    for label in COLUMNS.values():
+        table.add_column(label, justify="right", no_wrap=True)
     for line in lines:
-        table.add_row(*(f"{line[k]:.4g}" if isinstance(line.get(k), float) else str(line.get(k)) for k in keys))
+        table.add_row(*(_cell(key, line.get(key)) for key in COLUMNS))
     return table
 
 

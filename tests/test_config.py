@@ -74,3 +74,11 @@ def test_flower_app_declares_every_config_key():
                        ["tool"]["flwr"]["app"]["config"])
     assert set(declared) == set(RunConfig().to_flat()) | {"preset", "out"}
     assert from_run_config(declared) == resolve("quickstart")
+
+
+def test_cli_stops_on_a_bad_value_before_any_work(capsys):
+    from simulations.cli import main
+
+    assert main(["simulate", "--set", "adapter.kind=dora", "--out", "/nonexistent/never-created"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter.kind='dora' is not one of: lora, ffa-lora" in err

@@ -8,6 +8,7 @@ dropped with a logged reason and never touches the global adapter.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -43,6 +44,8 @@ def check_metrics(metrics: Mapping[str, Any], fingerprint: int) -> float:
     examples = metrics.get("num-examples")
     if not isinstance(examples, int) or examples <= 0:
         raise PayloadError(f"num-examples={examples!r} must be a positive integer")
+    if not isinstance(metrics.get("train_loss"), (int, float)):
+        raise PayloadError(f"train_loss={metrics.get('train_loss')!r} must be a number")
     if metrics.get("fingerprint") != fingerprint:
         raise PayloadError(f"frozen-factor fingerprint {metrics.get('fingerprint')!r} differs from the "
                            f"server's {fingerprint!r}: the client derived different frozen adapter tensors")
@@ -96,8 +99,10 @@ class AdapterFedAvg(FedAvg):
             return None, None
         merged = aggregate(deltas, weights, self.kinds)
         new_global = apply_update(self._global, merged, self.server_lr)
-        total = sum(weights)
-        record.train_loss = sum(w * float(m["train_loss"]) for w, m in zip(weights, record.accepted)) / total
+        losses = [(w, float(m["train_loss"])) for w, m in zip(weights, record.accepted)
+                  if math.isfinite(m["train_loss"])]  # NaN: a round of only empty Poisson batches
+        if losses:
+            record.train_loss = sum(w * loss for w, loss in losses) / sum(w for w, _ in losses)
         summary = MetricRecord({"train_loss": record.train_loss, "clients": len(deltas),
                                 "dropped": len(record.dropped), "bytes_up": record.bytes_up})
         return to_record(new_global), summary

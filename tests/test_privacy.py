@@ -66,3 +66,18 @@ def test_no_dp_plan_trains_all_steps():
     plan = plan_round(DPConfig(), new_ledger(DPConfig()), num_examples=10, batch_size=5, local_steps=7, rounds=1,
                       round_=1)
     assert plan.dp is None and plan.steps == 7
+
+
+def test_server_book_recomposes_events_and_ignores_malformed_ones():
+    from fed.privacy.book import LedgerBook
+
+    book = LedgerBook(DPConfig(enabled=True, noise_multiplier=1.0))
+    good = {"partition-id": 0, "dp-steps": 10, "dp-noise-multiplier": 1.0, "dp-sample-rate": 0.05, "epsilon": 1.0}
+    book.observe(1, good)
+    book.observe(2, good)
+    book.observe(2, {**good, "partition-id": 1, "dp-sample-rate": 7.0})  # impossible rate: never enters a ledger
+    book.observe(2, {**good, "partition-id": "x"})
+    report = book.report()
+    assert set(report["clients"]) == {"0"}
+    assert report["clients"]["0"]["steps"] == 20
+    assert report["max_epsilon"] == pytest.approx(epsilon([DpSgdEvent(1, 1.0, 0.05, 20)], DELTA, "rdp"))

@@ -50,11 +50,13 @@ def test_header_lying_about_its_shape_is_rejected():
 
 
 def test_metrics_checks_examples_and_fingerprint():
-    assert check_metrics({"num-examples": 5, "fingerprint": FP}, FP) == 5.0
+    assert check_metrics({"num-examples": 5, "fingerprint": FP, "train_loss": 0.5}, FP) == 5.0
     with pytest.raises(PayloadError, match="num-examples"):
         check_metrics({"num-examples": 0, "fingerprint": FP}, FP)
     with pytest.raises(PayloadError, match="fingerprint"):
-        check_metrics({"num-examples": 5, "fingerprint": FP + 1}, FP)
+        check_metrics({"num-examples": 5, "fingerprint": FP + 1, "train_loss": 0.5}, FP)
+    with pytest.raises(PayloadError, match="train_loss"):
+        check_metrics({"num-examples": 5, "fingerprint": FP}, FP)
 
 
 @pytest.fixture(autouse=True)

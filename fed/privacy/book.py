@@ -6,6 +6,8 @@ with its own accountant and cross-check each client's own epsilon. The result is
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -13,9 +15,22 @@ from fed.config import DPConfig
 from fed.privacy.ledger import DpSgdEvent, Ledger
 from fed.privacy.planner import new_ledger
 
+log = logging.getLogger(__name__)
+
 GUARANTEE = ("(epsilon, delta)-DP for each client's training examples: neighbouring datasets differ by "
              "adding or removing one example of that client (DP-SGD with Poisson sampling, per-example "
              "clipping of the trained adapter tensors, Gaussian noise)")
+
+
+def _event(round_: int, metrics: Mapping[str, Any]) -> tuple[int, DpSgdEvent, float]:
+    """Client id, DP event and self-reported epsilon of a reply, or ValueError naming the bad field."""
+    cid, steps = metrics["partition-id"], metrics["dp-steps"]
+    sigma, rate, eps = (float(metrics[k]) for k in ("dp-noise-multiplier", "dp-sample-rate", "epsilon"))
+    if not (isinstance(cid, int) and cid >= 0 and isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"partition-id={cid!r} and dp-steps={steps!r} must be non-negative integers")
+    if not (sigma > 0 and 0 < rate <= 1 and math.isfinite(sigma) and math.isfinite(eps)):
+        raise ValueError(f"dp-noise-multiplier={sigma} must be > 0, dp-sample-rate={rate} in (0, 1], epsilon finite")
+    return cid, DpSgdEvent(round_, sigma, rate, steps), eps
 
 
 @dataclass
@@ -25,15 +40,22 @@ class LedgerBook:
     reported_epsilon: dict[int, float] = field(default_factory=dict)
 
     def observe(self, round_: int, metrics: Mapping[str, Any]) -> None:
-        """Record the DP event in one client's reply (a reply without DP metrics spent nothing)."""
+        """Record the DP event in one client's reply (a reply without DP metrics spent nothing).
+
+        The values come from the network, so they are checked before they enter a ledger; a malformed
+        event is logged and left out rather than allowed to stop the run.
+        """
         if "dp-steps" not in metrics:
             return
-        cid = int(metrics["partition-id"])
+        try:
+            cid, event, reported = _event(round_, metrics)
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("round %d: ignoring a malformed DP event %s: %s", round_, dict(metrics), err)
+            return
         ledger = self.ledgers.setdefault(cid, new_ledger(self.dp))
-        ledger.noise_multiplier = float(metrics["dp-noise-multiplier"])
-        ledger.record(DpSgdEvent(round_, ledger.noise_multiplier, float(metrics["dp-sample-rate"]),
-                                 int(metrics["dp-steps"])))
-        self.reported_epsilon[cid] = float(metrics["epsilon"])
+        ledger.noise_multiplier = event.noise_multiplier
+        ledger.record(event)
+        self.reported_epsilon[cid] = reported
 
     def max_epsilon(self) -> float:
         return max((ledger.epsilon() for ledger in self.ledgers.values()), default=0.0)

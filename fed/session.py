@@ -12,7 +12,7 @@ from functools import lru_cache
 from typing import Any
 
 from fed.adapters import Adapter, AdapterSpec, build
-from fed.config import RunConfig
+from fed.config import ConfigError, RunConfig
 from fed.data import ClientData, client_split, label_names, load_task_dataset
 from fed.models import default_targets, load_model, load_tokenizer, task_head_names
 from fed.tasks import Task, make_task
@@ -83,3 +83,18 @@ def client_data(cfg: RunConfig, partition_id: int) -> ClientData:
     return client_split(dataset(cfg), num_clients=cfg.federation.num_clients, client_id=partition_id,
                         partition=d.partition, alpha=d.alpha, classes_per_client=d.classes_per_client,
                         test_fraction=d.test_fraction, seed=cfg.seed)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Build the model and every client's split once, in this process, before any worker starts.
+
+    In a local simulation all the data is here, so a data-dependent mistake (more classes per client
+    than the dataset has, a Dirichlet draw that leaves a client empty, a target that matches no layer)
+    stops the run at once with its own message instead of failing inside every simulated client.
+    """
+    try:
+        adapted_model(cfg)
+        for partition_id in range(cfg.federation.num_clients):
+            client_data(cfg, partition_id)
+    except (ValueError, ModuleNotFoundError, FileNotFoundError) as err:
+        raise ConfigError(f"this config cannot run: {err}") from err

@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from simulations.run import simulate  # heavy imports (torch, flwr) only once the config is valid
 
-    run_dir = simulate(cfg, args.out, name=args.name, console=console, verbose=args.verbose)
+    try:
+        run_dir = simulate(cfg, args.out, name=args.name, console=console, verbose=args.verbose)
+    except ConfigError as err:  # the data or model does not fit this config (found before any worker starts)
+        console.print(f"[red]error:[/red] {err}")
+        return 2
     console.print(_summary(run_dir.metrics()))
     console.print(f"run directory: [bold]{run_dir.path}[/bold]")
     return 0

@@ -74,8 +74,12 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
         record = self.rounds.setdefault(server_round, RoundLog())
+        for msg in failed:
+            reason = f"node {msg.metadata.src_node_id}: client error: {msg.error.reason}"
+            log.warning("round %d: %s", server_round, reason)
+            record.dropped.append(reason)
         deltas, weights = [], []
         for msg in valid:
             try:

@@ -65,3 +65,12 @@ def test_causal_lm_run_learns_and_exports(tmp_path):
     config = json.loads((run.adapter / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and config["target_modules"] == ["q_proj", "v_proj"]
     assert (run.path / "curves.png").is_file()
+
+
+def test_data_dependent_mistake_stops_before_any_worker(tmp_path):
+    from fed.config import ConfigError
+
+    cfg = resolve("quickstart", [*TINY, "data.partition=pathological", "data.classes_per_client=3"])
+    with pytest.raises(ConfigError, match="classes_per_client=3"):
+        simulate(cfg, tmp_path, name="bad")
+    assert not (tmp_path / "bad").exists()

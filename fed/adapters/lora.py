@@ -34,10 +34,6 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
-    def delta_weight(self) -> torch.Tensor:
-        """The dense update ``scaling · B A`` this layer adds to the base weight."""
-        return self.scaling * self.lora_B.weight @ self.lora_A.weight
-
 
 def inject_lora(model: nn.Module, spec: AdapterSpec, seed: int) -> list[str]:
     """Wrap the targets in ``LoraLinear``; A is seeded per layer from the run seed. Returns wrapped paths."""

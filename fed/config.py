@@ -216,8 +216,11 @@ def _at_least(name: str, value: float, low: float) -> list[str]:
     return [] if value >= low else [f"{name}={value!r} must be >= {low}"]
 
 
-def _in_range(name: str, value: float, low: float, high: float) -> list[str]:
-    return [] if low < value <= high else [f"{name}={value!r} must be in ({low}, {high}]"]
+def _in_range(name: str, value: float, low: float, high: float, *, closed: bool = False) -> list[str]:
+    """``low < value <= high`` (``low <= value`` when ``closed``), else a message naming both bounds."""
+    if (low <= value if closed else low < value) and value <= high:
+        return []
+    return [f"{name}={value!r} must be in {'[' if closed else '('}{low}, {high}]"]
 
 
 def _check_choices(c: RunConfig) -> list[str]:
@@ -238,7 +241,7 @@ def _check_ranges(c: RunConfig) -> list[str]:
         + _at_least("federation.num_clients", c.federation.num_clients, 1)
         + _at_least("federation.rounds", c.federation.rounds, 1)
         + _in_range("federation.fraction_train", c.federation.fraction_train, 0.0, 1.0)
-        + _at_least("federation.fraction_evaluate", c.federation.fraction_evaluate, 0.0)
+        + _in_range("federation.fraction_evaluate", c.federation.fraction_evaluate, 0.0, 1.0, closed=True)
         + _at_least("federation.server_lr", c.federation.server_lr, 1e-12)
         + _at_least("data.alpha", c.data.alpha, 1e-12)
         + _at_least("data.classes_per_client", c.data.classes_per_client, 1)
@@ -265,8 +268,6 @@ def _check_dp(c: RunConfig) -> list[str]:
         )
     if dp.enabled and dp.target_epsilon == 0 and dp.noise_multiplier == 0:
         problems.append("dp.enabled=true needs dp.target_epsilon > 0 or dp.noise_multiplier > 0")
-    if c.federation.fraction_evaluate > 1.0:
-        problems.append(f"federation.fraction_evaluate={c.federation.fraction_evaluate} must be <= 1")
     return problems
 
 

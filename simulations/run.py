@@ -40,6 +40,9 @@ class _DropRunSimulationDeprecation(logging.Filter):
         return "run_simulation" not in record.getMessage()
 
 
+_RUN_SIMULATION_NOTICE = _DropRunSimulationDeprecation()
+
+
 def _quiet(verbose: bool) -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
@@ -48,7 +51,7 @@ def _quiet(verbose: bool) -> None:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     flwr_logger = logging.getLogger("flwr")
-    flwr_logger.addFilter(_DropRunSimulationDeprecation())
+    flwr_logger.addFilter(_RUN_SIMULATION_NOTICE)  # adding the same filter object twice is a no-op
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
 

@@ -35,6 +35,16 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return model.train()
 
 
+def randomise(adapter, std: float, seed: int = 0) -> None:
+    """Fill the adapter's sent tensors with seeded noise: a non-zero B, so every factor gets a gradient
+    and an exported adapter differs from the base model."""
+    g = torch.Generator().manual_seed(seed)
+    params = dict(adapter.model.named_parameters())
+    with torch.no_grad():
+        for name in adapter.names(sent=True):
+            params[name].copy_(torch.randn(params[name].shape, generator=g) * std)
+
+
 @pytest.fixture
 def batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)

@@ -9,7 +9,7 @@ from opacus.grad_sample.utils import prepare_module
 from fed.adapters import AdapterSpec, build
 from fed.privacy.dpsgd import DpSettings, DpStepper
 from fed.tasks import CausalLM, Classification
-from tests.conftest import tiny_bert, tiny_llama
+from tests.conftest import randomise, tiny_bert, tiny_llama
 
 KINDS = ["lora", "ffa-lora"]
 
@@ -22,18 +22,14 @@ def _bert_adapter(kind: str):
     model = tiny_bert()
     spec = AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("query", "value"))
     adapter = build(model, spec, seed=3, head=("classifier.weight", "classifier.bias"))
-    with torch.no_grad():  # non-zero B, so A gets a gradient too
-        for name in adapter.names(trainable=True):
-            dict(model.named_parameters())[name].normal_(0, 0.3)
+    randomise(adapter, 0.3)
     return adapter, Classification(_NoTokenizer(), 16)
 
 
 def _llama_adapter(kind: str):
     model = tiny_llama()
     adapter = build(model, AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("q_proj", "v_proj")), seed=3)
-    with torch.no_grad():
-        for name in adapter.names(trainable=True):
-            dict(model.named_parameters())[name].normal_(0, 0.3)
+    randomise(adapter, 0.3)
     return adapter, CausalLM(_NoTokenizer(), 16)
 
 

@@ -10,15 +10,9 @@ import torch
 from fed.adapters import AdapterSpec, build
 from fed.export import export_adapter
 from fed.models import load_model
-from tests.conftest import tiny_llama
+from tests.conftest import randomise, tiny_llama
 
 peft = pytest.importorskip("peft")
-
-
-def _randomise(adapter) -> None:
-    with torch.no_grad():
-        for name in adapter.names(sent=True):
-            dict(adapter.model.named_parameters())[name].normal_(0, 0.2)
 
 
 @pytest.mark.parametrize("kind", ["lora", "ffa-lora"])
@@ -26,7 +20,7 @@ def test_peft_loads_classification_adapter_with_head(kind, batch, tmp_path):
     model = load_model("tiny-bert", "classification", num_labels=2, seed=5)
     adapter = build(model, AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("query", "value")), seed=1,
                     head=("classifier.weight", "classifier.bias"))
-    _randomise(adapter)
+    randomise(adapter, 0.2)
     export_adapter(adapter, tmp_path, task="classification", base_model="tiny-bert")
     assert json.loads((tmp_path / "fedlora.json").read_text())["kind"] == kind
     ids = batch["input_ids"]
@@ -41,7 +35,7 @@ def test_peft_loads_classification_adapter_with_head(kind, batch, tmp_path):
 def test_peft_loads_causal_lm_adapter(batch, tmp_path):
     model = tiny_llama(seed=2)
     adapter = build(model, AdapterSpec(kind="lora", rank=4, alpha=8.0, targets=("q_proj", "v_proj")), seed=1)
-    _randomise(adapter)
+    randomise(adapter, 0.2)
     export_adapter(adapter, tmp_path, task="causal-lm", base_model="tiny")
     loaded = peft.PeftModel.from_pretrained(tiny_llama(seed=2), str(tmp_path)).eval()
     model.eval()

@@ -18,6 +18,7 @@ from fed.config import RunConfig, from_run_config
 from fed.export import export_adapter
 from fed.privacy.book import LedgerBook
 from fed.reports.curves import plot_curves
+from fed.reports.privacy import write_report
 from fed.rundir import RunDir
 from fed.session import adapted_model
 from fed.wire import config_record, from_record, metas, to_record
@@ -84,6 +85,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
                             train_config=config_record(cfg), evaluate_config=config_record(cfg),
                             evaluate_fn=recorder)
     run_dir.write_privacy(book.report())
+    if cfg.dp.enabled:
+        write_report(run_dir.path)
     if len(result.arrays):  # empty when no round aggregated anything: keep the initial adapter
         adapter.load(from_record(result.arrays, metas(initial)))
     export_adapter(adapter, run_dir.adapter, task=cfg.task, base_model=cfg.model.name)

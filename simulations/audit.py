@@ -82,20 +82,25 @@ class Experiment:
                 **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
 
     def client_reply(self, data: Dataset) -> Reply:
-        """One fresh client answering a train message through the real ClientApp."""
-        self.adapter.load(self.global_)
-        session = ClientSession(self.adapter, self.task, ClientData(train=data, test=data))
-        content = RecordDict({"arrays": to_record(self.global_),
-                              "config": config_record(self.cfg, **{"server-round": 1})})
-        identity = {"_run_id": 1, "_node_id": 1, "_task_id": 1}  # what a Flower process would have set
-        with tempfile.TemporaryDirectory() as state, mock.patch.multiple(TaskIdentity, **identity), \
-                mock.patch.object(client_app, "client_session", lambda cfg, pid: session):
-            context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1,
-                                                                "state-dir": state},
-                              state=RecordDict(), run_config={})
-            reply = client_app.train(Message(content, dst_node_id=1, message_type="train"), context)
+        """One fresh client (a new state directory) answering a train message through the real ClientApp."""
+        with tempfile.TemporaryDirectory() as state:
+            reply = self.ask(data, {"state-dir": state})
         return dict(reply.content.metric_records["metrics"]), from_record(reply.content.array_records["arrays"],
                                                                           metas(self.global_))
+
+    def ask(self, data: Dataset, node_config: dict, cfg: RunConfig | None = None, round_: int = 1,
+            known_events: str = "") -> Message:
+        """The ClientApp's reply to a train message of ``cfg`` (default: the canary's) for ``round_``."""
+        self.adapter.load(self.global_)
+        session = ClientSession(self.adapter, self.task, ClientData(train=data, test=data))
+        extra = {"server-round": round_} | ({"known-events": known_events} if known_events else {})
+        content = RecordDict({"arrays": to_record(self.global_), "config": config_record(cfg or self.cfg, **extra)})
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1, **node_config},
+                          state=RecordDict(), run_config={})
+        identity = {"_run_id": 1, "_node_id": 1, "_task_id": 1}  # what a Flower process would have set
+        with mock.patch.multiple(TaskIdentity, **identity), \
+                mock.patch.object(client_app, "client_session", lambda cfg, pid: session):
+            return client_app.train(Message(content, dst_node_id=1, message_type="train"), context)
 
     def foundation_reply(self, data: Dataset) -> Reply:
         """What the foundation's client sent under DP: the same update plus the raw training loss."""

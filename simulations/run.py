@@ -20,9 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers.utils import logging as transformers_logging
 
 from clients.app import app as client_app
-from fed.config import RunConfig
+from fed.config import ConfigError, RunConfig
+from fed.privacy.planner import delta_problems
 from fed.rundir import RunDir
-from fed.session import preflight
+from fed.session import client_data, preflight
 from server.app import run_federation
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -68,6 +69,16 @@ def _describe(line: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def _check_delta(cfg: RunConfig) -> None:
+    """Stop before any worker when a client would refuse delta > 1/(10 n) (it would, every round)."""
+    if not cfg.dp.enabled:
+        return
+    for pid in range(cfg.federation.num_clients):
+        problems = delta_problems(cfg.dp.delta, len(client_data(cfg, pid).train))
+        if problems:
+            raise ConfigError(f"client {pid}: {problems[0]}")
+
+
 def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", console: Console | None = None,
              verbose: bool = False) -> RunDir:
     """Run ``cfg`` with ``cfg.federation.num_clients`` simulated clients; returns the finished run dir."""
@@ -75,6 +86,7 @@ def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", consol
     console = console or Console(stderr=True)
     with console.status("loading the model and partitioning the data…"):
         preflight(cfg)
+        _check_delta(cfg)
     run_dir = RunDir.create(out, cfg, name)
     # Simulated clients are partitions of one dataset, fresh for each experiment: their ledgers live in
     # the run directory (a real node keeps its own in its state dir, across runs; see clients/app.py).

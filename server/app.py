@@ -23,6 +23,7 @@ from fed.rundir import RunDir
 from fed.session import adapted_model
 from fed.wire import config_record, from_record, metas, to_record
 from strategies.fedavg import AdapterFedAvg
+from strategies.validation import ReplyRules
 
 app = ServerApp()
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -55,6 +56,7 @@ class RoundRecorder:
         line = {"round": round_, "train_loss": log.train_loss, "eval_loss": log.evaluate.get("eval_loss"),
                 "eval_accuracy": log.evaluate.get("eval_accuracy"), "bytes_up": log.bytes_up,
                 "bytes_down": log.bytes_down, "clients": len(log.accepted), "dropped": log.dropped,
+                "capped": log.capped, "clipped": log.clipped, "delta_norm_bound": log.norm_bound,
                 "epsilon_max": self.book.max_epsilon(), "wall_s": round(now - self.started, 3)}
         self.started = now
         self.run_dir.append_metrics(line)
@@ -74,8 +76,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
     fed = cfg.federation
     book = LedgerBook(cfg.dp)
     strategy = AdapterFedAvg(
-        expected=metas(initial), kinds=adapter.aggregation_of(), fingerprint=adapter.fingerprint(),
-        server_lr=fed.server_lr, book=book, on_privacy=lambda b: run_dir.write_privacy(b.report()),
+        expected=metas(initial), kinds=adapter.aggregation_of(), server_lr=fed.server_lr,
+        rules=ReplyRules(fingerprint=adapter.fingerprint(), local_steps=cfg.train.local_steps,
+                         batch_size=cfg.train.batch_size, rounds=fed.rounds, dp=cfg.dp),
+        influence=cfg.strategy, lr=cfg.train.lr, book=book, on_privacy=lambda b: run_dir.write_privacy(b.report()),
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=1, min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.num_clients,

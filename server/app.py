@@ -81,7 +81,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
                          batch_size=cfg.train.batch_size, rounds=fed.rounds, dp=cfg.dp),
         influence=cfg.strategy, lr=cfg.train.lr, book=book, on_privacy=lambda b: run_dir.write_privacy(b.report()),
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
-        min_train_nodes=1, min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
+        # Flower sizes a round's sample from the nodes connected *so far* (then waits for min_available_nodes):
+        # on a slow start round 1 would train one client. The expected sample size is known: ask for it.
+        min_train_nodes=max(1, int(fed.fraction_train * fed.num_clients)),
+        min_evaluate_nodes=max(1, int(fed.fraction_evaluate * fed.num_clients)) if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.num_clients,
     )
     recorder = RoundRecorder(strategy, book, run_dir, on_round)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from rich.console import Console
@@ -80,8 +81,11 @@ def _check_delta(cfg: RunConfig) -> None:
 
 
 def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", console: Console | None = None,
-             verbose: bool = False) -> RunDir:
-    """Run ``cfg`` with ``cfg.federation.num_clients`` simulated clients; returns the finished run dir."""
+             verbose: bool = False, client: ClientApp = client_app) -> RunDir:
+    """Run ``cfg`` with ``cfg.federation.num_clients`` simulated clients; returns the finished run dir.
+
+    ``client`` replaces the ClientApp (the attack test runs a red-team client through the same path).
+    """
     _quiet(verbose)
     console = console or Console(stderr=True)
     with console.status("loading the model and partitioning the data…"):
@@ -105,7 +109,7 @@ def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", consol
         def _main(grid: Grid, context: Context) -> None:
             run_federation(grid, cfg, run_dir, on_round)
 
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
+        run_simulation(server_app=server_app, client_app=client, num_supernodes=cfg.federation.num_clients,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                        "init_args": {"include_dashboard": False, "log_to_driver": verbose}},
                        verbose_logging=verbose)

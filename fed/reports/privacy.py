@@ -48,10 +48,11 @@ def _plots(privacy: dict[str, Any]) -> list[tuple[str, str]]:
     clients, delta, accountant = privacy["clients"], privacy["delta"], privacy["accountant"]
     target = privacy.get("target_epsilon") or 0
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for cid, entry in clients.items():
+    for i, (cid, entry) in enumerate(clients.items()):
         points = epsilon_by_round(entry, delta, accountant)
-        if points:
-            ax.plot([r for r, _ in points], [e for _, e in points], marker="o", label=f"client {cid}")
+        if points:  # markers and dashes differ so that clients with identical budgets stay visible
+            ax.plot([r for r, _ in points], [e for _, e in points], marker="osD^v<>"[i % 7],
+                    linestyle=["-", "--", ":", "-."][i % 4], markersize=9 - i % 4, alpha=0.8, label=f"client {cid}")
     if target:
         ax.axhline(target, color="crimson", linestyle="--", label=f"target {target:g}")
     ax.set(xlabel="round", ylabel=f"epsilon ({accountant.upper()}, delta={delta:g})", title="epsilon spent per client")
@@ -125,17 +126,21 @@ def write_report(run_dir: Path) -> Path:
 
 
 def summary(privacy: dict[str, Any], console: Console) -> None:
-    """The terminal view of the same numbers."""
+    """The terminal view of the same numbers (fewer columns than the page, to fit 80 characters)."""
     if not privacy["enabled"]:
         console.print("DP was off in this run: no privacy guarantee.")
         return
-    table = Table(title=f"privacy (delta {privacy['delta']:g}, {privacy['accountant'].upper()})")
-    for column in COLUMNS:
+    table = Table(title=f"privacy per client (delta {privacy['delta']:g})")
+    for column in ("client", "eps", "eps PRV", "left", "noise", "q", "steps", "n", "RNG", "flags"):
         table.add_column(column, justify="right", no_wrap=True)
-    for row in _rows(privacy):
-        table.add_row(*row)
+    for cid, e in privacy["clients"].items():
+        left = "-" if e["remaining"] is None else f"{e['remaining']:.3g}"
+        table.add_row(cid, f"{e['epsilon']:.4g}", f"{e['epsilon_prv']:.4g}", left, f"{e['noise_multiplier'] or 0:.3g}",
+                      f"{e['sample_rate'] or 0:.3g}", str(e["steps"]), str(e["num_examples"] or "-"),
+                      {True: "ok", False: "NO", None: "-"}[e["secure_rng"]], str(len(e["flags"])))
     console.print(table)
     flags = privacy["flags"] + [f"client {c}: {f}" for c, e in privacy["clients"].items() for f in e["flags"]]
     for flag in flags:
         console.print(f"[red]flag:[/red] {flag}")
-    console.print(f"largest epsilon: [bold]{privacy['max_epsilon']:.4g}[/bold] · randomness: {privacy.get('rng')}")
+    console.print(f"largest epsilon: [bold]{privacy['max_epsilon']:.4g}[/bold] ({privacy['accountant'].upper()}) · "
+                  f"randomness: {privacy.get('rng')}")

@@ -200,3 +200,21 @@ def test_fuzzed_configs_raise_only_config_errors(flat):
     except ConfigError:
         return
     assert RunConfig.from_flat(cfg.to_flat()) == cfg  # what parses, round-trips
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(body=st.lists(st.sampled_from(list('ab,"\n\t;{}[]:1.-') + ["text", "label", "\n"]), max_size=30).map("".join),
+       suffix=st.sampled_from([".csv", ".json", ".jsonl"]))
+def test_fuzzed_data_files_load_or_fail_with_a_value_error(tmp_path, body, suffix):
+    """Whatever a local data file holds, loading it yields a dataset or a ValueError naming the file."""
+    from fed.data import load_task_dataset
+
+    path = tmp_path / f"data{abs(hash((body, suffix)))}{suffix}"
+    path.write_text(body)
+    try:
+        ds = load_task_dataset(str(path), "classification")
+    except ValueError as err:
+        assert str(path.name) in str(err) or "column" in str(err) or "label" in str(err)
+        return
+    assert len(ds) > 0 and {"text", "label"} <= set(ds.column_names)

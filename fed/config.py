@@ -18,7 +18,7 @@ import tomli_w
 import tomllib
 
 TASKS = ("classification", "causal-lm")
-ADAPTER_KINDS = ("lora", "ffa-lora")
+ADAPTER_KINDS = ("lora", "ffa-lora", "moslora", "mole", "mor")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
@@ -44,6 +44,12 @@ class AdapterConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = ()
     """Leaf names of the ``nn.Linear`` modules to adapt; empty means the model family's default."""
+    freeze_a: bool = False
+    """moslora: A stays at its seeded init and never travels; aggregation is then exact."""
+    experts: int = 4
+    """mole: LoRA experts per layer (top-1 routed); mor: rank experts per layer (soft routed)."""
+    balance: float = 0.01
+    """mole: weight of the per-example load-balancing loss (0 = off)."""
 
 
 @dataclass(frozen=True)
@@ -236,6 +242,8 @@ def _check_choices(c: RunConfig) -> list[str]:
 def _check_ranges(c: RunConfig) -> list[str]:
     return (
         _at_least("adapter.rank", c.adapter.rank, 1)
+        + _at_least("adapter.experts", c.adapter.experts, 1)
+        + _at_least("adapter.balance", c.adapter.balance, 0.0)
         + _at_least("adapter.alpha", c.adapter.alpha, 1e-12)
         + _at_least("adapter.dropout", c.adapter.dropout, 0.0)
         + _at_least("federation.num_clients", c.federation.num_clients, 1)

@@ -54,7 +54,7 @@ class RoundRecorder:
         now = time.perf_counter()
         line = {"round": round_, "train_loss": log.train_loss, "eval_loss": log.evaluate.get("eval_loss"),
                 "eval_accuracy": log.evaluate.get("eval_accuracy"), "bytes_up": log.bytes_up,
-                "bytes_down": log.bytes_down, "clients": len(log.accepted), "dropped": log.dropped,
+                "bytes_down": log.bytes_down, "aggregation_error": log.aggregation_error, "clients": len(log.accepted), "dropped": log.dropped,
                 "epsilon_max": self.book.max_epsilon(), "wall_s": round(now - self.started, 3)}
         self.started = now
         self.run_dir.append_metrics(line)
@@ -73,8 +73,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
     initial = adapter.sent_state()
     fed = cfg.federation
     strategy = AdapterFedAvg(
-        expected=metas(initial), kinds=adapter.aggregation_of(), fingerprint=adapter.fingerprint(),
-        server_lr=fed.server_lr, fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+        expected=metas(initial), structure=adapter.structure(), products=adapter.products,
+        fingerprint=adapter.fingerprint(), seed=cfg.seed, server_lr=fed.server_lr, fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=1, min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.num_clients,
     )

@@ -17,9 +17,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fed.adapters import Aggregation
-from fed.wire import PayloadError, TensorMeta, from_record, to_record
-from strategies.rules import aggregate, apply_update
+from fed.adapters import Structure
+from fed.adapters.base import Products
+from fed.seeding import derive_seed
+from fed.wire import PayloadError, TensorMeta, from_record, read_usage, to_record
+from strategies.rules import Replies, aggregate, aggregation_error, apply_update, renormalise
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ class RoundLog:
     """Metrics of every reply that carried them, aggregated or not (a dropped client still spent budget)."""
     dropped: list[str] = field(default_factory=list)
     train_loss: float = float("nan")
+    aggregation_error: float = float("nan")
+    """How far the aggregated adapter's weight update is from the mean of the clients' (see rules.py)."""
     evaluate: dict[str, float] = field(default_factory=dict)
 
 
@@ -52,14 +56,26 @@ def check_metrics(metrics: Mapping[str, Any], fingerprint: int) -> float:
     return float(examples)
 
 
+def _all_or_none(usage: list[dict[str, float] | None], server_round: int) -> list[dict[str, float]] | None:
+    """Expert usage weights only when every aggregated client sent counts; DP clients do not (docs/privacy.md)."""
+    if all(u is not None for u in usage):
+        return usage  # type: ignore[return-value]
+    if any(u is not None for u in usage):
+        log.info("round %d: some clients sent no expert counts; experts fall back to example weights", server_round)
+    return None
+
+
 class AdapterFedAvg(FedAvg):
     """FedAvg over adapter deltas, with a server learning rate and per-kind aggregation rules."""
 
-    def __init__(self, *, expected: Mapping[str, TensorMeta], kinds: Mapping[str, Aggregation], fingerprint: int,
-                 server_lr: float = 1.0, **fedavg: Any) -> None:
+    def __init__(self, *, expected: Mapping[str, TensorMeta], structure: Structure, fingerprint: int,
+                 server_lr: float = 1.0, products: Products | None = None, seed: int = 0, **fedavg: Any) -> None:
         super().__init__(**fedavg)
         self.expected = dict(expected)
-        self.kinds = dict(kinds)
+        self.structure = structure
+        self.products = products
+        """Dense weight updates of the adapter given its tensors: what ``aggregation_error`` compares."""
+        self.seed = seed
         self.fingerprint = fingerprint
         self.server_lr = server_lr
         self.rounds: dict[int, RoundLog] = {}
@@ -80,7 +96,7 @@ class AdapterFedAvg(FedAvg):
             reason = f"node {msg.metadata.src_node_id}: client error: {msg.error.reason}"
             log.warning("round %d: %s", server_round, reason)
             record.dropped.append(reason)
-        deltas, weights = [], []
+        deltas, weights, usage = [], [], []
         for msg in valid:
             try:
                 metrics = dict(msg.content.metric_records["metrics"])
@@ -88,6 +104,7 @@ class AdapterFedAvg(FedAvg):
                 if metrics.get("declined"):
                     raise PayloadError("client declined to train (privacy budget exhausted)")
                 weight = check_metrics(metrics, self.fingerprint)
+                counts = read_usage(metrics, self.structure.slot_names)
                 arrays = msg.content.array_records["arrays"]
                 record.bytes_up += arrays.count_bytes()
                 deltas.append(from_record(arrays, self.expected))
@@ -97,12 +114,17 @@ class AdapterFedAvg(FedAvg):
                 record.dropped.append(reason)
                 continue
             weights.append(weight)
+            usage.append(counts)
             record.accepted.append(metrics)
         if not deltas:
             log.warning("round %d: no valid replies; the global adapter is unchanged", server_round)
             return None, None
-        merged = aggregate(deltas, weights, self.kinds)
-        new_global = apply_update(self._global, merged, self.server_lr)
+        replies = Replies(self._global, deltas, weights, usage=_all_or_none(usage, server_round),
+                          seed=derive_seed(self.seed, "server", server_round))
+        merged = aggregate(replies, self.structure)
+        if self.products is not None:
+            record.aggregation_error = aggregation_error(self.products, replies, merged)
+        new_global = renormalise(apply_update(self._global, merged, self.server_lr), self.structure)
         losses = [(w, float(m["train_loss"])) for w, m in zip(weights, record.accepted)
                   if math.isfinite(m["train_loss"])]  # NaN: a round of only empty Poisson batches
         if losses:

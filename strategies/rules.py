@@ -1,18 +1,37 @@
 """Aggregation rules: pure functions over named tensors and per-client weights, no Flower types.
 
 One rule per aggregation kind declared by the adapter protocol. Keeping them pure lets tests check
-them against dense references and lets benchmarks call them directly.
+them against dense references and lets benchmarks call them directly. Every rule returns the merged
+*delta* of its tensors (what the server adds, times its learning rate, to the global state).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from fed.adapters import Aggregation
+from fed.adapters import Aggregation, Structure
+from fed.adapters.base import Products
+from fed.seeding import generator
 
 Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Replies:
+    """One round's accepted replies, and the global state they are deltas against."""
+
+    global_: Mapping[str, torch.Tensor]
+    deltas: Sequence[Mapping[str, torch.Tensor]]
+    weights: Sequence[float]
+    """Examples per client: FedAvg's weight."""
+    usage: Sequence[Mapping[str, float]] | None = None
+    """Per client, tokens routed to each expert slot; None when not sent (under DP, see docs/privacy.md)."""
+    seed: int = 0
+    """Seeds the server's own randomness (re-factorisation), e.g. derived from run seed and round."""
 
 
 def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
@@ -25,25 +44,139 @@ def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
             for n in names}
 
 
-RULES: dict[Aggregation, Callable[[Sequence[Mapping[str, torch.Tensor]], Sequence[float], Sequence[str]], Tensors]] = {
-    Aggregation.MEAN: weighted_mean,
+def _mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
+    return weighted_mean(replies.deltas, replies.weights, names)
+
+
+def slot_weights(replies: Replies, slot: str | None) -> Sequence[float]:
+    """Each client's weight for an expert slot: its routed tokens if counts were sent, else its examples."""
+    if slot is None or replies.usage is None:
+        return replies.weights
+    return [float(u.get(slot, 0.0)) for u in replies.usage]
+
+
+def usage_mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
+    """Experts: each client's delta weighted by the tokens it routed to that expert.
+
+    An expert no client used keeps its value (zero delta) rather than averaging noise or drift from
+    clients that never exercised it. Without counts (DP) this is the example-weighted mean.
+    """
+    out: Tensors = {}
+    for name in names:
+        weights = slot_weights(replies, structure.slots[name])
+        if sum(weights) > 0:
+            out.update(weighted_mean(replies.deltas, weights, [name]))
+        else:
+            out[name] = torch.zeros_like(replies.global_[name])
+    return out
+
+
+def random_orthogonal(size: int, seed: int, purpose: str) -> torch.Tensor:
+    """A seeded Haar-random orthogonal matrix (QR of a Gaussian, signs fixed), float64."""
+    gaussian = torch.randn(size, size, generator=generator(seed, "orthogonal", purpose), dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return q * torch.sign(torch.diagonal(r))
+
+
+def product_mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
+    """Mixer chains ``outer·mixer[·inner]``: average the clients' products, re-factorise around a fresh mixer.
+
+    Two factors (inner frozen and shared): ``outer ← mean(outer_k·mixer_k)·Qᵀ``, ``mixer ← Q``, exact.
+    Three: the mean of ``outer_k·mixer_k·inner_k`` is truncated to rank r by SVD ``UΣVᵀ`` and split
+    ``outer ← U√Σ``, ``mixer ← Q``, ``inner ← Qᵀ√ΣVᵀ`` (lossy when the mean has rank > r). Q is a seeded
+    random orthogonal matrix: a mixer reset to the identity would restart it at plain LoRA.
+    """
+    wanted = set(names)
+    out: Tensors = {}
+    for chain in (c for c in structure.chains if set(c) <= wanted):
+        def value(k: int, name: str) -> torch.Tensor:
+            return (replies.global_[name] + replies.deltas[k][name]).to(torch.float64)
+
+        products = [torch.linalg.multi_dot([value(k, n) for n in chain]) for k in range(len(replies.deltas))]
+        total = float(sum(replies.weights))
+        mean = sum(w / total * p for w, p in zip(replies.weights, products))
+        outer, mixer = chain[0], chain[1]
+        rank = replies.global_[mixer].shape[0]
+        q = random_orthogonal(rank, replies.seed, mixer)
+        if len(chain) == 2:
+            new = {outer: mean @ q.T, mixer: q}
+        else:
+            u, s, vh = torch.linalg.svd(mean, full_matrices=False)
+            root = s[:rank].sqrt()
+            new = {outer: u[:, :rank] * root, mixer: q, chain[2]: q.T @ (root[:, None] * vh[:rank])}
+        out.update({n: (t - replies.global_[n].to(torch.float64)).to(replies.global_[n].dtype)
+                    for n, t in new.items()})
+    missing = sorted(wanted - set(out))
+    if missing:
+        raise ValueError(f"product-aggregated tensors outside any declared chain: {missing[:3]}")
+    return out
+
+
+Rule = Callable[[Replies, Structure, Sequence[str]], Tensors]
+RULES: dict[Aggregation, Rule] = {
+    Aggregation.MEAN: _mean,
+    Aggregation.USAGE: usage_mean,
+    Aggregation.PRODUCT: product_mean,
 }
 
 
-def aggregate(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
-              kinds: Mapping[str, Aggregation]) -> Tensors:
+def aggregate(replies: Replies, structure: Structure) -> Tensors:
     """Merge client deltas group by group, each with the rule of its aggregation kind."""
     by_kind: dict[Aggregation, list[str]] = {}
-    for name, kind in kinds.items():
+    for name, kind in structure.kinds.items():
         by_kind.setdefault(kind, []).append(name)
     merged: Tensors = {}
     for kind, names in by_kind.items():
         if kind not in RULES:
             raise ValueError(f"no aggregation rule for kind {kind.value!r}; rules: {[k.value for k in RULES]}")
-        merged.update(RULES[kind](deltas, weights, names))
+        merged.update(RULES[kind](replies, structure, names))
     return merged
 
 
 def apply_update(global_: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], server_lr: float) -> Tensors:
     """The server step ``global + server_lr * delta`` (server_lr = 1 is plain FedAvg)."""
     return {n: global_[n] + server_lr * delta[n] for n in global_}
+
+
+def renormalise(tensors: Mapping[str, torch.Tensor], structure: Structure) -> Tensors:
+    """Fix the scale gauge of scale tables (MoR's Ω): each column's mean over experts becomes 1.
+
+    ``Ω[:, j] / c_j`` with ``factor[j, :] · c_j`` leaves every expert's update unchanged, so clients
+    that drifted into different scales of the same function start the next round from one gauge.
+    Columns whose mean is (near) zero are left alone rather than divided by it.
+    """
+    out = dict(tensors)
+    for scale, factor in structure.gauges.items():
+        c = out[scale].mean(0)
+        c = torch.where(c.abs() > 1e-6, c, torch.ones_like(c))
+        out[scale] = out[scale] / c
+        out[factor] = out[factor] * c[:, None]
+    return out
+
+
+def aggregation_error(products: Products, replies: Replies, merged: Mapping[str, torch.Tensor]) -> float:
+    """``‖mean_k ΔW_k − ΔW(aggregated)‖_F / ‖mean_k ΔW_k‖_F`` over every adapted layer (and expert).
+
+    ``ΔW_k`` is the change client k made this round to a layer's dense weight update, and ``mean``
+    uses the weights the rules use (routed tokens for an expert when counts were sent, else examples);
+    ``ΔW(aggregated)`` is the change the merged deltas make at server learning rate 1. Zero up to
+    float error where aggregation is exact (FFA-LoRA; MoSLoRA with A frozen). An expert no client
+    used is skipped: it has no mean to match. 0 when no client changed anything.
+    """
+    before = products(replies.global_)
+    after = products({n: replies.global_[n] + merged[n] for n in merged})
+    clients = [products({n: replies.global_[n] + d[n] for n in d}) for d in replies.deltas]
+    err, ref = 0.0, 0.0
+    for name, (base, slot) in before.items():
+        weights = slot_weights(replies, slot)
+        total = float(sum(weights))
+        if total <= 0:
+            continue
+        base64 = base.to(torch.float64)
+        target = sum(w / total * (c[name][0].to(torch.float64) - base64) for w, c in zip(weights, clients))
+        got = after[name][0].to(torch.float64) - base64
+        err += float((target - got).pow(2).sum())
+        ref += float(target.pow(2).sum())
+    if err == 0.0:
+        return 0.0
+    return math.sqrt(err / ref) if ref > 0 else math.inf

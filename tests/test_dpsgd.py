@@ -6,12 +6,12 @@ import pytest
 import torch
 from opacus.grad_sample.utils import prepare_module
 
-from fed.adapters import AdapterSpec, build
+from fed.adapters import build
 from fed.privacy.dpsgd import DpSettings, DpStepper
 from fed.tasks import CausalLM, Classification
-from tests.conftest import randomise, tiny_bert, tiny_llama
+from tests.conftest import MATRIX, randomise, spec, tiny_bert, tiny_llama
 
-KINDS = ["lora", "ffa-lora"]
+KINDS = list(MATRIX)
 
 
 class _NoTokenizer:
@@ -19,16 +19,14 @@ class _NoTokenizer:
 
 
 def _bert_adapter(kind: str):
-    model = tiny_bert()
-    spec = AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("query", "value"))
-    adapter = build(model, spec, seed=3, head=("classifier.weight", "classifier.bias"))
+    adapter = build(tiny_bert(), spec(kind, ("query", "value")), seed=3, head=("classifier.weight", "classifier.bias"))
     randomise(adapter, 0.3)
     return adapter, Classification(_NoTokenizer(), 16)
 
 
 def _llama_adapter(kind: str):
     model = tiny_llama()
-    adapter = build(model, AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("q_proj", "v_proj")), seed=3)
+    adapter = build(model, spec(kind, ("q_proj", "v_proj")), seed=3)
     randomise(adapter, 0.3)
     return adapter, CausalLM(_NoTokenizer(), 16)
 

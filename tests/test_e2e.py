@@ -33,6 +33,7 @@ def test_run_directory_is_complete(dp_run):
             assert line[key] is not None, key
         assert line["clients"] == 3 and line["dropped"] == []
         assert line["bytes_up"] > 0 and line["bytes_down"] > 0
+        assert 0 <= line["aggregation_error"] < 1e-5  # FFA-LoRA aggregates exactly, DP noise or not
 
 
 def test_privacy_ledger_is_per_client_and_within_target(dp_run):

@@ -15,10 +15,13 @@ from tests.conftest import randomise, tiny_llama
 peft = pytest.importorskip("peft")
 
 
-@pytest.mark.parametrize("kind", ["lora", "ffa-lora"])
-def test_peft_loads_classification_adapter_with_head(kind, batch, tmp_path):
+@pytest.mark.parametrize("kind, extra", [("lora", {}), ("ffa-lora", {}), ("moslora", {}),
+                                         ("moslora", {"freeze_a": True})],
+                         ids=["lora", "ffa-lora", "moslora", "moslora-frozen-a"])
+def test_peft_loads_classification_adapter_with_head(kind, extra, batch, tmp_path):
+    """MoSLoRA exports as LoRA with its mixer folded into B (B·M): PEFT has no mixer, yet outputs match."""
     model = load_model("tiny-bert", "classification", num_labels=2, seed=5)
-    adapter = build(model, AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("query", "value")), seed=1,
+    adapter = build(model, AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("query", "value"), **extra), seed=1,
                     head=("classifier.weight", "classifier.bias"))
     randomise(adapter, 0.2)
     export_adapter(adapter, tmp_path, task="classification", base_model="tiny-bert")

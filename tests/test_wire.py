@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fed.adapters import Aggregation
+from fed.adapters import Aggregation, Structure
 from fed.wire import PayloadError, TensorMeta, from_record, metas, to_record
 from strategies.fedavg import AdapterFedAvg, check_metrics
 
@@ -76,7 +76,7 @@ def _reply(arrays: ArrayRecord, **metrics) -> Message:
 
 
 def test_strategy_drops_bad_replies_and_averages_the_rest():
-    strategy = AdapterFedAvg(expected=EXPECTED, kinds={k: Aggregation.MEAN for k in GLOBAL}, fingerprint=FP,
+    strategy = AdapterFedAvg(expected=EXPECTED, structure=Structure({k: Aggregation.MEAN for k in GLOBAL}), fingerprint=FP,
                              server_lr=0.5)
     strategy._global = {k: v.clone() for k, v in GLOBAL.items()}
     good_1 = _reply(_record(), **{"num-examples": 10})

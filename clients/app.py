@@ -18,7 +18,7 @@ from fed.privacy.planner import new_ledger, plan_round, private_generator
 from fed.seeding import generator
 from fed.session import client_session
 from fed.train import evaluate, train_round
-from fed.wire import config_from_record, from_record, metas, to_record
+from fed.wire import config_from_record, from_record, metas, to_record, usage_metrics
 
 app = ClientApp()
 LEDGER_KEY = "privacy-ledger"
@@ -86,6 +86,8 @@ def train(msg: Message, context: Context) -> Message:
     local = session.adapter.sent_state()
     delta = {name: local[name] - global_[name] for name in global_}
     metrics |= {"train_loss": result.loss, "steps": result.steps, "train_wall_s": result.wall_s}
+    if plan.dp is None:  # expert counts are private statistics outside DP-SGD: never sent under DP
+        metrics |= usage_metrics(result.usage)
     gc.collect()  # Opacus hooks leave reference cycles; collect them so a long run's memory stays flat
     return Message(RecordDict({"arrays": to_record(delta), "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -19,6 +19,8 @@ MATRIX: dict[str, dict] = {
     "ffa-lora": {},
     "moslora": {},
     "moslora-frozen-a": {"kind": "moslora", "freeze_a": True},
+    "mole": {"experts": 3, "balance": 0.5},
+    "mor": {"experts": 3},
 }
 
 

@@ -95,3 +95,15 @@ def test_strategy_drops_bad_replies_and_averages_the_rest():
 
 def test_meta_sizes():
     assert TensorMeta((3, 2)).nbytes == 24
+
+
+def test_expert_counts_are_read_only_when_complete_and_well_formed():
+    from fed.wire import read_usage, usage_metrics
+
+    slots = ("b.0/0", "b.0/1")
+    assert read_usage({"num-examples": 3}, slots) is None  # a DP client sends none
+    assert read_usage(usage_metrics({"b.0/0": 4, "b.0/1": 0}), slots) == {"b.0/0": 4.0, "b.0/1": 0.0}
+    with pytest.raises(PayloadError, match="expected exactly"):
+        read_usage(usage_metrics({"b.0/0": 4}), slots)
+    with pytest.raises(PayloadError, match="non-negative integers"):
+        read_usage({"usage:b.0/0": -1, "usage:b.0/1": 2}, slots)

@@ -7,9 +7,11 @@ from torch import nn
 from fed.adapters.base import Adapter, AdapterFamily, AdapterSpec, Aggregation, Structure, TensorGroup
 from fed.adapters.ffa_lora import FfaLora
 from fed.adapters.lora import Lora
+from fed.adapters.mole import Mole
+from fed.adapters.mor import Mor
 from fed.adapters.moslora import MosLora
 
-FAMILIES: dict[str, AdapterFamily] = {f.kind: f for f in (Lora(), FfaLora(), MosLora())}
+FAMILIES: dict[str, AdapterFamily] = {f.kind: f for f in (Lora(), FfaLora(), MosLora(), Mole(), Mor())}
 
 
 def family(kind: str) -> AdapterFamily:

@@ -104,6 +104,19 @@ class AdapterLayer(Protocol):
         ...
 
 
+@runtime_checkable
+class TokenRouter(Protocol):
+    """A hard router (MoLE): reports, for the batch it last routed, a per-example balance loss and counts."""
+
+    def balance_loss(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per-example load-balancing loss ``[batch]``; ``mask`` ``[batch, seq]`` marks real tokens."""
+        ...
+
+    def counts(self, mask: torch.Tensor) -> dict[str, int]:
+        """Real tokens routed to each of its expert slots."""
+        ...
+
+
 class AdapterFamily(Protocol):
     """A family: wraps the targets of ``model`` in place and declares its tensor groups."""
 
@@ -169,6 +182,23 @@ class Adapter:
                          slots={p: s for g in sent for p, s in zip(g.params, g.slots)},
                          chains=tuple(c for g in sent for c in g.chains),
                          gauges={p: f for g in sent for p, f in zip(g.params, g.gauges)})
+
+    def _routers(self) -> list[TokenRouter]:
+        return [m for m in self.model.modules() if isinstance(m, TokenRouter)]
+
+    def auxiliary_loss(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """``spec.balance`` × the routers' mean per-example balance loss for the last forward (None: no router).
+
+        Per example, so adding it to the per-example task loss keeps DP-SGD's per-sample bound.
+        """
+        routers = self._routers()
+        if not routers or self.spec.balance == 0:
+            return None
+        return self.spec.balance * sum(r.balance_loss(mask) for r in routers) / len(routers)
+
+    def usage(self, mask: torch.Tensor) -> dict[str, int]:
+        """Real tokens the last forward routed to each expert slot (empty without routers)."""
+        return {slot: n for r in self._routers() for slot, n in r.counts(mask).items()}
 
     def products(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, Product]:
         """The dense weight update of every adapted layer (or expert) given adapter tensors by name.

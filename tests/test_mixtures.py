@@ -9,12 +9,11 @@ from opacus.grad_sample.utils import prepare_module
 from fed.adapters import build
 from fed.adapters.mole import BlockRouter, MoleLinear
 from fed.privacy.dpsgd import DpSettings, DpStepper
-from strategies.rules import Replies, aggregate, aggregation_error
+from fed.tasks import Classification
+from strategies.rules import Replies, aggregate, aggregation_error, renormalise
 from tests.conftest import randomise, spec, tiny_bert
 from tests.test_adapters import HEAD, client_deltas, make
 from tests.test_dpsgd import _NoTokenizer, _loss, _naive_grads
-
-from fed.tasks import Classification
 
 
 def _mole(experts: int = 3):
@@ -49,7 +48,7 @@ def test_a_layer_called_before_its_blocks_router_is_refused():
     adapter = _mole()
     value = adapter.model.get_submodule("bert.encoder.layer.0.attention.self.value")
     with pytest.raises(RuntimeError, match="did not run before this layer"):
-        value(torch.randn(2, 3, 32))
+        value(torch.randn(2, 3, 16))
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
@@ -129,3 +128,42 @@ def test_mole_aggregation_error_uses_usage_weights_and_skips_unused_experts():
     assert aggregation_error(server.products, replies, aggregate(replies, server.structure())) < 1e-6
     plain = Replies(server.sent_state(), deltas, [1.0, 1.0, 1.0])
     assert aggregation_error(server.products, plain, aggregate(plain, server.structure())) > 1e-2
+
+
+def test_mor_gauge_renormalisation_keeps_the_function_and_centres_the_scales(batch):
+    """Scales drifted off 1 (as after a round): renormalising leaves the logits as they were, and every
+    column of each scale table then averages 1 over the experts."""
+    adapter = build(tiny_bert(), spec("mor", ("query", "value")), seed=3, head=HEAD)
+    randomise(adapter, 0.3)
+    params = dict(adapter.model.named_parameters())
+    with torch.no_grad():
+        for name in adapter.names(sent=True):
+            if ".scale_" in name:
+                params[name].add_(1.0)  # scales near 1 + noise, columns far from mean 1
+    args = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    adapter.model.eval()
+    with torch.no_grad():
+        before = adapter.model(**args).logits
+        products_before = adapter.products({})
+        fixed = renormalise(adapter.sent_state(), adapter.structure())
+        adapter.load(fixed)
+        after = adapter.model(**args).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    for name, (dense, _) in adapter.products({}).items():
+        torch.testing.assert_close(dense, products_before[name][0], rtol=1e-4, atol=1e-6)
+    for name in (n for n in fixed if ".scale_" in n):
+        torch.testing.assert_close(fixed[name].mean(0), torch.ones(fixed[name].shape[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_mor_products_are_the_per_expert_updates_of_the_forward(batch):
+    """Independent check of MoR's products against its forward: with a zero router the gates are uniform."""
+    adapter = build(tiny_bert(), spec("mor", ("query",)), seed=3)
+    randomise(adapter, 0.3)
+    path = "bert.encoder.layer.0.attention.self.query"
+    layer = adapter.model.get_submodule(path)
+    x = torch.randn(2, 3, 16)
+    dense = adapter.products({})
+    with torch.no_grad():
+        layer.router.weight.zero_()  # uniform gates: the update is the mean of the experts' D_k x
+        expected = sum(x @ dense[f"{path}.experts.{k}"][0].T for k in range(3)) / 3
+        torch.testing.assert_close(layer(x) - layer.base_layer(x), expected, rtol=1e-4, atol=1e-6)

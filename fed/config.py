@@ -19,7 +19,7 @@ import tomllib
 
 TASKS = ("classification", "causal-lm")
 ADAPTER_KINDS = ("lora", "ffa-lora", "moslora", "mole", "mor")
-PARTITIONS = ("iid", "dirichlet", "pathological")
+PARTITIONS = ("iid", "dirichlet", "pathological", "natural")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 
@@ -70,6 +70,8 @@ class DataConfig:
     """Dirichlet concentration over labels (smaller = more skewed)."""
     classes_per_client: int = 2
     """Labels each client holds under the pathological partition."""
+    partition_by: str = "domain"
+    """Column whose values name the clients under the natural partition (one client per value)."""
     test_fraction: float = 0.2
     max_examples: int = 0
     """Keep a seeded subset of this many examples (0 = all): for quick runs."""

@@ -85,7 +85,7 @@ def client_data(cfg: RunConfig, partition_id: int) -> ClientData:
     d = cfg.data
     return client_split(dataset(cfg), num_clients=cfg.federation.num_clients, client_id=partition_id,
                         partition=d.partition, alpha=d.alpha, classes_per_client=d.classes_per_client,
-                        test_fraction=d.test_fraction, seed=cfg.seed)
+                        test_fraction=d.test_fraction, seed=cfg.seed, partition_by=d.partition_by)
 
 
 def preflight(cfg: RunConfig) -> None:

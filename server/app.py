@@ -74,8 +74,12 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
     fed = cfg.federation
     strategy = AdapterFedAvg(
         expected=metas(initial), structure=adapter.structure(), products=adapter.products,
-        fingerprint=adapter.fingerprint(), seed=cfg.seed, server_lr=fed.server_lr, fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
-        min_train_nodes=1, min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
+        fingerprint=adapter.fingerprint(), seed=cfg.seed, server_lr=fed.server_lr,
+        fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+        # Flower sizes a round's sample from the nodes connected *before* it waits for min_available_nodes,
+        # so in round 1 of a simulation it sampled as few as 1 of N clients; these minimums make it N·fraction.
+        min_train_nodes=max(1, int(fed.num_clients * fed.fraction_train)),
+        min_evaluate_nodes=max(1, int(fed.num_clients * fed.fraction_evaluate)) if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.num_clients,
     )
     book = LedgerBook(cfg.dp)

@@ -45,7 +45,8 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str) -
     if not adapter.peft_compatible:
         return out
     lora = family(spec.kind).as_lora(tensors)  # type: ignore[attr-defined]  (every PEFT-compatible family has it)
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in lora.items()}, str(out / "adapter_model.safetensors"))
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in lora.items()},
+              str(out / "adapter_model.safetensors"))
     heads = sorted({name.rsplit(".", 1)[0] for name in _head_params(adapter)})
     (out / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": PEFT_TASK_TYPES[task], "r": spec.rank, "lora_alpha": spec.alpha,

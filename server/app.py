@@ -54,7 +54,8 @@ class RoundRecorder:
         now = time.perf_counter()
         line = {"round": round_, "train_loss": log.train_loss, "eval_loss": log.evaluate.get("eval_loss"),
                 "eval_accuracy": log.evaluate.get("eval_accuracy"), "bytes_up": log.bytes_up,
-                "bytes_down": log.bytes_down, "aggregation_error": log.aggregation_error, "clients": len(log.accepted), "dropped": log.dropped,
+                "bytes_down": log.bytes_down, "aggregation_error": log.aggregation_error,
+                "clients": len(log.accepted), "dropped": log.dropped,
                 "epsilon_max": self.book.max_epsilon(), "wall_s": round(now - self.started, 3)}
         self.started = now
         self.run_dir.append_metrics(line)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from strategies.rules import Replies, aggregate, aggregation_error
 from tests.test_adapters import _dense, _layers, client_deltas, make

@@ -42,10 +42,17 @@ def adapter_parameters(cfg: RunConfig) -> int:
 
 
 def matched_rank(cfg: RunConfig, budget: int, max_rank: int = 64) -> tuple[int, int]:
-    """The rank whose parameter count is closest to ``budget`` (counts are affine in the rank), and that count."""
+    """The rank whose parameter count is closest to ``budget``, and that count.
+
+    Counts are affine in the rank except MoSLoRA's r² mixer, so an affine guess from ranks 1 and 2
+    is refined by exact counts at the guess and its neighbours.
+    """
     one, two = (adapter_parameters(cfg.with_overrides({"adapter.rank": r})) for r in (1, 2))
-    rank = min(range(1, max_rank + 1), key=lambda r: abs(one + (two - one) * (r - 1) - budget))
-    return rank, one + (two - one) * (rank - 1)
+    guess = min(range(1, max_rank + 1), key=lambda r: abs(one + (two - one) * (r - 1) - budget))
+    exact = {r: adapter_parameters(cfg.with_overrides({"adapter.rank": r}))
+             for r in range(max(1, guess - 2), min(max_rank, guess + 2) + 1)}
+    rank = min(exact, key=lambda r: abs(exact[r] - budget))
+    return rank, exact[rank]
 
 
 def run_cell(cfg: RunConfig, runs: Path, name: str) -> dict[str, Any]:

@@ -75,3 +75,21 @@ def test_data_dependent_mistake_stops_before_any_worker(tmp_path):
     with pytest.raises(ConfigError, match="classes_per_client=3"):
         simulate(cfg, tmp_path, name="bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_mole_run_sends_expert_counts_and_exports_a_loadable_adapter(tmp_path):
+    """Without DP, MoLE clients send routed-token counts through Flower's MetricRecord; the server accepts
+    them, logs an aggregation error, and the non-PEFT export reloads into a fresh base model."""
+    from fed.export import load_adapter
+    from fed.models import load_model
+
+    cfg = resolve("mixed-domains", ["model.name=tiny-bert", "data.max_examples=400", "federation.rounds=2",
+                                    "train.local_steps=2", "train.batch_size=8", "train.max_eval_examples=32"])
+    run = simulate(cfg, tmp_path, name="mole")
+    lines = run.metrics()
+    assert [line["clients"] for line in lines] == [4, 4] and all(line["dropped"] == [] for line in lines)
+    assert all(0 < line["aggregation_error"] < 1 for line in lines)
+    assert not (run.adapter / "adapter_config.json").exists()  # MoLE has no PEFT form
+    model = load_model("tiny-bert", "classification", num_labels=2, seed=cfg.seed)
+    adapter = load_adapter(model, run.adapter)
+    assert adapter.spec.kind == "mole" and adapter.spec.experts == 4

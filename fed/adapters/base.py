@@ -118,7 +118,12 @@ class TokenRouter(Protocol):
 
 
 class AdapterFamily(Protocol):
-    """A family: wraps the targets of ``model`` in place and declares its tensor groups."""
+    """A family: wraps the targets of ``model`` in place and declares its tensor groups.
+
+    A family with ``peft_compatible = True`` also has ``as_lora(tensors) -> tensors``, its adapter in
+    PEFT's LoRA layout (used by ``fed.export``). Its wrapped layers implement ``AdapterLayer``; a
+    routed family's routers implement ``TokenRouter``.
+    """
 
     kind: str
     peft_compatible: bool

@@ -10,6 +10,9 @@ round) is written with the date and the exact settings to docs/benchmarks.md; ra
     python bench/adapters_accuracy.py                      # the full grid: 5 families x 2 splits x 2 x 3 seeds
     python bench/adapters_accuracy.py --seeds 0 --set federation.rounds=2 --set train.local_steps=3 \
         --set data.max_examples=800                        # a reduced grid
+
+Each finished cell is appended at once to ``<runs>/results.jsonl``; ``--render`` rewrites the table
+from that file (same arguments) without running anything, e.g. after an interrupted grid.
 """
 
 from __future__ import annotations
@@ -103,24 +106,29 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runs", default="runs/bench-adapters")
     parser.add_argument("--doc", default="docs/benchmarks.md")
+    parser.add_argument("--render", action="store_true", help="only write the table from <runs>/results.jsonl")
     args = parser.parse_args()
     base = resolve("mixed-domains", args.overrides)
     budget = adapter_parameters(base.with_overrides({"adapter.kind": "lora", "adapter.rank": args.budget_rank}))
     params = {f: matched_rank(base.with_overrides({"adapter.kind": f}), budget) for f in args.families}
     print(f"budget: {budget:,} trainable adapter parameters (LoRA rank {args.budget_rank}); ranks: {params}")
-    results = []
-    for family in args.families:
-        for split in args.splits:
-            for dp in args.dp:
-                for seed in args.seeds:
-                    cfg = resolve("mixed-domains", [*args.overrides, *SPLITS[split], *DP[dp], f"adapter.kind={family}",
-                                                    f"adapter.rank={params[family][0]}", f"seed={seed}"])
-                    name = f"{family}-{split}-{'dp' if cfg.dp.enabled else 'plain'}-s{seed}"
-                    results.append({"family": family, "split": split, "dp": dp, "seed": seed,
-                                    **run_cell(cfg, Path(args.runs), name)})
-                    print(json.dumps(results[-1]), flush=True)
-    Path(args.runs).mkdir(parents=True, exist_ok=True)
-    (Path(args.runs) / "results.json").write_text(json.dumps(results, indent=2))
+    log = Path(args.runs) / "results.jsonl"
+    if not args.render:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        for family in args.families:
+            for split in args.splits:
+                for dp in args.dp:
+                    for seed in args.seeds:
+                        cfg = resolve("mixed-domains", [*args.overrides, *SPLITS[split], *DP[dp],
+                                                        f"adapter.kind={family}", f"adapter.rank={params[family][0]}",
+                                                        f"seed={seed}"])
+                        name = f"{family}-{split}-{'dp' if cfg.dp.enabled else 'plain'}-s{seed}"
+                        cell = {"family": family, "split": split, "dp": dp, "seed": seed,
+                                **run_cell(cfg, Path(args.runs), name)}
+                        with open(log, "a") as handle:
+                            handle.write(json.dumps(cell) + "\n")
+                        print(json.dumps(cell), flush=True)
+    results = [json.loads(line) for line in log.read_text().splitlines()]
     settings = " ".join(f"`{o}`" for o in args.overrides) or "none"
     section = (f"\n## Adapter families at equal budget ({datetime.date.today().isoformat()})\n\n"
                f"`python bench/adapters_accuracy.py --seeds {' '.join(map(str, args.seeds))}` with overrides "

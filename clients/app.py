@@ -24,7 +24,7 @@ from fed.privacy.release import public_metrics
 from fed.seeding import generator
 from fed.session import client_session
 from fed.train import evaluate, train_round
-from fed.wire import config_from_record, from_record, metas, to_record
+from fed.wire import config_from_record, from_record, metas, to_record, usage_metrics
 
 app = ClientApp()
 KNOWN_EVENTS = "known-events"
@@ -107,8 +107,8 @@ def train(msg: Message, context: Context) -> Message:
     result = train_round(session.adapter, session.task, train_data, steps=plan.steps,
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                          dp=plan.dp, gen=generator(cfg.seed, "batches", pid, round_))
-    if plan.dp is None:
-        metrics |= {"train_loss": result.loss, "train_wall_s": result.wall_s}
+    if plan.dp is None:  # loss, timing and expert counts are private statistics outside DP-SGD
+        metrics |= {"train_loss": result.loss, "train_wall_s": result.wall_s} | usage_metrics(result.usage)
     else:
         ledger.record(DpSgdEvent(round_, plan.dp.noise_multiplier, plan.dp.sample_rate, plan.steps,
                                  msg.metadata.run_id))

@@ -18,8 +18,8 @@ import tomli_w
 import tomllib
 
 TASKS = ("classification", "causal-lm")
-ADAPTER_KINDS = ("lora", "ffa-lora")
-PARTITIONS = ("iid", "dirichlet", "pathological")
+ADAPTER_KINDS = ("lora", "ffa-lora", "moslora", "mole", "mor")
+PARTITIONS = ("iid", "dirichlet", "pathological", "natural")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 ROBUST_RULES = ("mean", "median", "trimmed-mean")
@@ -47,6 +47,12 @@ class AdapterConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = ()
     """Leaf names of the ``nn.Linear`` modules to adapt; empty means the model family's default."""
+    freeze_a: bool = False
+    """moslora: A stays at its seeded init and never travels; aggregation is then exact."""
+    experts: int = 4
+    """mole: LoRA experts per layer (top-1 routed); mor: rank experts per layer (soft routed)."""
+    balance: float = 0.01
+    """mole: weight of the per-example load-balancing loss (0 = off)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,8 @@ class DataConfig:
     """Dirichlet concentration over labels (smaller = more skewed)."""
     classes_per_client: int = 2
     """Labels each client holds under the pathological partition."""
+    partition_by: str = "domain"
+    """Column whose values name the clients under the natural partition (one client per value)."""
     test_fraction: float = 0.2
     max_examples: int = 0
     """Keep a seeded subset of this many examples (0 = all): for quick runs."""
@@ -264,6 +272,8 @@ def _check_choices(c: RunConfig) -> list[str]:
 def _check_ranges(c: RunConfig) -> list[str]:
     return (
         _at_least("adapter.rank", c.adapter.rank, 1)
+        + _at_least("adapter.experts", c.adapter.experts, 1)
+        + _at_least("adapter.balance", c.adapter.balance, 0.0)
         + _at_least("adapter.alpha", c.adapter.alpha, 1e-12)
         + _at_least("adapter.dropout", c.adapter.dropout, 0.0)
         + _at_least("federation.num_clients", c.federation.num_clients, 1)

@@ -23,7 +23,13 @@ from typing import Callable
 import datasets
 import yaml
 from datasets import ClassLabel, Dataset, Features, Value
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, PathologicalPartitioner
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
 
 from fed.assets import package_file
 from fed.config import PARTITIONS, TASKS
@@ -274,7 +280,7 @@ _PARTITIONERS_LOCK = threading.Lock()
 
 
 def _partitioner(dataset: Dataset, num_clients: int, partition: str, alpha: float, classes_per_client: int,
-                 seed: int) -> tuple[Partitioner, threading.Lock]:
+                 seed: int, partition_by: str = "") -> tuple[Partitioner, threading.Lock]:
     """One partitioner per configuration and process, so the whole split is computed once.
 
     The rows are shuffled with ``seed`` first: IidPartitioner cuts contiguous shards and the label
@@ -283,11 +289,13 @@ def _partitioner(dataset: Dataset, num_clients: int, partition: str, alpha: floa
     """
     if partition == "iid":
         alpha, classes_per_client = 0.0, 0
-    key = (dataset._fingerprint, len(dataset), num_clients, partition, alpha, classes_per_client, seed)
+    key = (dataset._fingerprint, len(dataset), num_clients, partition, alpha, classes_per_client, seed, partition_by)
     with _PARTITIONERS_LOCK:
         if key not in _PARTITIONERS:
             if partition == "iid":
                 p: Partitioner = IidPartitioner(num_partitions=num_clients)
+            elif partition == "natural":
+                p = NaturalIdPartitioner(partition_by=partition_by)
             elif partition == "dirichlet":
                 # min 2 = one train + one test row; a larger minimum makes small alphas fail to sample
                 # (flwr redraws 10 times, then gives up); self-balancing stops one client taking most rows.
@@ -305,8 +313,12 @@ def _partitioner(dataset: Dataset, num_clients: int, partition: str, alpha: floa
 
 
 def client_split(dataset: Dataset, *, num_clients: int, client_id: int, partition: str, alpha: float = 0.5,
-                 classes_per_client: int = 2, test_fraction: float = 0.2, seed: int = 0) -> ClientData:
+                 classes_per_client: int = 2, test_fraction: float = 0.2, seed: int = 0,
+                 partition_by: str = "domain") -> ClientData:
     """Client ``client_id``'s share of ``dataset``, split into its own train and held-out test rows.
+
+    ``natural``: one client per distinct value of the ``partition_by`` column (e.g. the sentiment set's
+    four domains), in sorted order of the values.
 
     Deterministic in ``seed``: clients that each build this independently get disjoint shares.
     """
@@ -319,13 +331,21 @@ def client_split(dataset: Dataset, *, num_clients: int, client_id: int, partitio
         raise ValueError(f"client_id={client_id} out of range: accepted 0..{num_clients - 1} for {num_clients} clients")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction} must lie strictly between 0 and 1")
-    if partition != "iid":
+    if partition == "natural":
+        if partition_by not in dataset.column_names:
+            raise ValueError(f"the natural partition needs a {partition_by!r} column; the dataset has "
+                             f"{dataset.column_names}")
+        values = sorted(dataset.unique(partition_by))
+        if len(values) != num_clients:
+            raise ValueError(f"the natural partition by {partition_by!r} makes one client per value, "
+                             f"{len(values)} clients ({values[:8]}), but num_clients={num_clients}")
+    elif partition != "iid":
         classes = len(label_names(dataset))
         if partition == "dirichlet" and not alpha > 0:
             raise ValueError(f"alpha={alpha} must be > 0 for the dirichlet partition")
         if partition == "pathological" and not 1 <= classes_per_client <= classes:
             raise ValueError(f"classes_per_client={classes_per_client} must be in [1, {classes}] for this dataset")
-    partitioner, lock = _partitioner(dataset, num_clients, partition, alpha, classes_per_client, seed)
+    partitioner, lock = _partitioner(dataset, num_clients, partition, alpha, classes_per_client, seed, partition_by)
     with lock:
         try:
             share = partitioner.load_partition(client_id)

@@ -1,39 +1,53 @@
-"""Write the final global adapter: safetensors, in PEFT's LoRA format where the family reduces to LoRA.
+"""Write the final global adapter, and load it back: safetensors + ``fedlora.json`` for every family,
+plus PEFT's LoRA format where the family reduces to LoRA.
 
-PEFT keys are ``base_model.model.<parameter name>`` and our LoRA layers name their factors exactly as
-PEFT does (``<module>.lora_A.weight``), so ``peft.PeftModel.from_pretrained(base, dir)`` loads the
-result; the task head travels as a ``modules_to_save`` entry.
+``adapter.safetensors`` holds every adapter tensor under its own name (sent and frozen-shared, so the
+file alone rebuilds the adapter) and ``fedlora.json`` the spec and tensor groups; ``load_adapter``
+reads these two for any family, including those with no PEFT equivalent (MoLE, MoR). Families that
+reduce to LoRA (LoRA, FFA-LoRA, MoSLoRA with its mixer folded into B) also get
+``adapter_model.safetensors`` + ``adapter_config.json``: PEFT keys are ``base_model.model.<name>`` and
+our LoRA layers name their factors as PEFT does, so ``peft.PeftModel.from_pretrained(base, dir)``
+loads it; the task head travels as a ``modules_to_save`` entry.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-from fed.adapters import Adapter
+from fed.adapters import Adapter, AdapterSpec, build, family
 
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+NATIVE = "adapter.safetensors"
+DESCRIPTION = "fedlora.json"
+
+
+def _head_params(adapter: Adapter) -> list[str]:
+    return [name for g in adapter.groups if g.name == "head" for name in g.params]
 
 
 def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str) -> Path:
     """Save every adapter tensor (sent or frozen-shared) and the config that describes it."""
     out.mkdir(parents=True, exist_ok=True)
-    tensors = adapter.state(adapter.names())
+    tensors = {k: v.contiguous() for k, v in adapter.state(adapter.names()).items()}
     spec = adapter.spec
-    heads = sorted({name.rsplit(".", 1)[0] for g in adapter.groups if g.name == "head" for name in g.params})
-    (out / "fedlora.json").write_text(json.dumps({
-        "kind": spec.kind, "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets),
-        "task": task, "base_model": base_model,
+    (out / DESCRIPTION).write_text(json.dumps({
+        "kind": spec.kind, "spec": dataclasses.asdict(spec), "head": _head_params(adapter),
+        "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "task": task, "base_model": base_model,
         "groups": [{"name": g.name, "trainable": g.trainable, "sent": g.sent, "aggregation": g.aggregation.value,
                     "params": list(g.params)} for g in adapter.groups],
     }, indent=2))
+    save_file(tensors, str(out / NATIVE))
     if not adapter.peft_compatible:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "adapter.safetensors"))
         return out
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()},
+    lora = family(spec.kind).as_lora(tensors)  # type: ignore[attr-defined]  (every PEFT-compatible family has it)
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in lora.items()},
               str(out / "adapter_model.safetensors"))
+    heads = sorted({name.rsplit(".", 1)[0] for name in _head_params(adapter)})
     (out / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": PEFT_TASK_TYPES[task], "r": spec.rank, "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout, "target_modules": list(spec.targets), "bias": "none",
@@ -41,3 +55,22 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str) -
         "base_model_name_or_path": base_model, "inference_mode": True,
     }, indent=2))
     return out
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> Adapter:
+    """Inject the adapter described in ``folder`` into ``model`` (in place) with its exported values.
+
+    ``model`` must be the base model the adapter was trained on (the same architecture and, for a
+    classifier, the same number of labels). Every tensor the family declares must be in the file.
+    """
+    folder = Path(folder)
+    description = json.loads((folder / DESCRIPTION).read_text())
+    fields = dict(description["spec"])
+    spec = AdapterSpec(**{**fields, "targets": tuple(fields["targets"])})
+    adapter = build(model, spec, seed=0, head=tuple(description["head"]))
+    tensors = load_file(str(folder / NATIVE))
+    missing = sorted(set(adapter.names()) - set(tensors))
+    if missing:
+        raise ValueError(f"{folder / NATIVE} lacks adapter tensors {missing[:3]}; it does not match {spec.kind!r}")
+    adapter.load(tensors)
+    return adapter

@@ -12,7 +12,7 @@ from functools import lru_cache
 from typing import Any
 
 from fed.adapters import Adapter, AdapterSpec, build
-from fed.config import ConfigError, RunConfig
+from fed.config import AdapterConfig, ConfigError, RunConfig
 from fed.data import ClientData, client_split, label_names, load_task_dataset
 from fed.models import default_targets, load_model, load_tokenizer, task_head_names
 from fed.tasks import Task, make_task
@@ -38,22 +38,25 @@ class ModelKey:
     name: str
     task: str
     num_labels: int | None
-    spec: tuple[str, int, float, float, tuple[str, ...]]
+    adapter: AdapterConfig
     seed: int
 
     @classmethod
     def of(cls, cfg: RunConfig) -> ModelKey:
-        a = cfg.adapter
-        return cls(cfg.model.name, cfg.task, num_labels(cfg), (a.kind, a.rank, a.alpha, a.dropout, a.targets),
-                   cfg.seed)
+        return cls(cfg.model.name, cfg.task, num_labels(cfg), cfg.adapter, cfg.seed)
+
+
+def adapter_spec(a: AdapterConfig, model: Any) -> AdapterSpec:
+    """The config's adapter section as a spec; empty targets become the model family's defaults."""
+    return AdapterSpec(kind=a.kind, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
+                       targets=a.targets or tuple(default_targets(model)), freeze_a=a.freeze_a,
+                       experts=a.experts, balance=a.balance)
 
 
 @lru_cache(maxsize=2)
 def _build(key: ModelKey) -> tuple[Adapter, Any]:
     model = load_model(key.name, key.task, num_labels=key.num_labels, seed=key.seed)
-    kind, rank, alpha, dropout, targets = key.spec
-    spec = AdapterSpec(kind=kind, rank=rank, alpha=alpha, dropout=dropout,
-                       targets=targets or tuple(default_targets(model)))
+    spec = adapter_spec(key.adapter, model)
     adapter = build(model, spec, key.seed, head=tuple(task_head_names(model)))
     return adapter, load_tokenizer(key.name, key.task)
 
@@ -82,7 +85,7 @@ def client_data(cfg: RunConfig, partition_id: int) -> ClientData:
     d = cfg.data
     return client_split(dataset(cfg), num_clients=cfg.federation.num_clients, client_id=partition_id,
                         partition=d.partition, alpha=d.alpha, classes_per_client=d.classes_per_client,
-                        test_fraction=d.test_fraction, seed=cfg.seed)
+                        test_fraction=d.test_fraction, seed=cfg.seed, partition_by=d.partition_by)
 
 
 def preflight(cfg: RunConfig) -> None:

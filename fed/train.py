@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -26,6 +27,8 @@ class RoundResult:
     loss: float
     """Mean per-example training loss over the round's non-empty batches."""
     wall_s: float
+    usage: dict[str, int] = field(default_factory=dict)
+    """Real tokens routed to each expert slot over the round (routed families only; sent only without DP)."""
 
 
 def _plain_batches(num_examples: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterator[list[int]]:
@@ -56,18 +59,23 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
         stepper = DpStepper(model, optimizer, dp)
         batches = poisson_batches(len(data), dp.sample_rate, steps)
     losses: list[float] = []
+    usage: Counter[str] = Counter()
     try:
         for indices in batches:
             if not indices:
                 stepper.empty_step()  # type: ignore[union-attr]  (only Poisson sampling yields empty batches)
                 continue
-            loss = task.per_example_loss(stepper.module, task.encode(data[indices]))
-            stepper.step(loss)
+            batch = task.encode(data[indices])
+            loss = task.per_example_loss(stepper.module, batch)
+            aux = adapter.auxiliary_loss(batch["attention_mask"])  # per example: keeps the DP bound
+            stepper.step(loss if aux is None else loss + aux)
             losses.append(float(loss.detach().mean()))
+            usage.update(adapter.usage(batch["attention_mask"]))
     finally:
         stepper.close()
     mean_loss = sum(losses) / len(losses) if losses else math.nan
-    return RoundResult(steps=steps, num_examples=len(data), loss=mean_loss, wall_s=time.perf_counter() - start)
+    return RoundResult(steps=steps, num_examples=len(data), loss=mean_loss, wall_s=time.perf_counter() - start,
+                       usage=dict(usage))
 
 
 @torch.no_grad()

@@ -19,14 +19,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fed.adapters import Aggregation
+from fed.adapters import Structure
+from fed.adapters.base import Products
 from fed.config import DPConfig, StrategyConfig
 from fed.privacy.book import LedgerBook
 from fed.privacy.ledger import events_to_json
 from fed.privacy.release import public_metrics
-from fed.wire import PayloadError, TensorMeta, from_record, to_record
-from strategies.rules import (adaptive_bound, aggregate, apply_update, bounded_weights, clip_deltas, delta_norm,
-                              honest_step_bound)
+from fed.seeding import derive_seed
+from fed.wire import PayloadError, TensorMeta, from_record, read_usage, to_record
+from strategies.rules import (Replies, adaptive_bound, aggregate, aggregation_error, apply_update, bounded_weights,
+                              clip_deltas, delta_norm, honest_step_bound, renormalise)
 from strategies.validation import ReplyRules, check_reply
 
 log = logging.getLogger(__name__)
@@ -51,19 +53,33 @@ class RoundLog:
     """Replies whose delta norm exceeded the round's bound and was scaled down to it."""
     norm_bound: float | None = None
     train_loss: float = float("nan")
+    aggregation_error: float = float("nan")
+    """How far the aggregated adapter's weight update is from the mean of the clients' (see rules.py)."""
     evaluate: dict[str, float] = field(default_factory=dict)
+
+
+def _all_or_none(usage: list[dict[str, float] | None], server_round: int) -> list[dict[str, float]] | None:
+    """Expert usage weights only when every aggregated client sent counts; DP clients do not (docs/privacy.md)."""
+    if all(u is not None for u in usage):
+        return usage  # type: ignore[return-value]
+    if any(u is not None for u in usage):
+        log.info("round %d: some clients sent no expert counts; experts fall back to example weights", server_round)
+    return None
 
 
 class AdapterFedAvg(FedAvg):
     """FedAvg over adapter deltas, with a server learning rate and per-kind aggregation rules."""
 
-    def __init__(self, *, expected: Mapping[str, TensorMeta], kinds: Mapping[str, Aggregation],
-                 rules: ReplyRules, server_lr: float = 1.0, influence: StrategyConfig = StrategyConfig(),
-                 lr: float = 0.0, book: LedgerBook | None = None,
+    def __init__(self, *, expected: Mapping[str, TensorMeta], structure: Structure, rules: ReplyRules,
+                 server_lr: float = 1.0, products: Products | None = None, seed: int = 0,
+                 influence: StrategyConfig = StrategyConfig(), lr: float = 0.0, book: LedgerBook | None = None,
                  on_privacy: Callable[[LedgerBook], None] | None = None, **fedavg: Any) -> None:
         super().__init__(**fedavg)
         self.expected = dict(expected)
-        self.kinds = dict(kinds)
+        self.structure = structure
+        self.products = products
+        """Dense weight updates of the adapter given its tensors: what ``aggregation_error`` compares."""
+        self.seed = seed
         self.rules = rules
         self.server_lr = server_lr
         self.influence = influence
@@ -120,7 +136,7 @@ class AdapterFedAvg(FedAvg):
             reason = f"node {msg.metadata.src_node_id}: client error: {msg.error.reason}"
             log.warning("round %d: %s", server_round, reason)
             record.dropped.append(reason)
-        deltas, examples, seen = [], [], set()
+        deltas, examples, usage, seen = [], [], [], set()
         for msg in valid:
             try:
                 node = msg.metadata.src_node_id
@@ -134,6 +150,7 @@ class AdapterFedAvg(FedAvg):
                 if metrics.get("declined"):
                     raise PayloadError("client declined to train (privacy budget exhausted)")
                 weight = check_reply(metrics, self.rules, server_round)
+                counts = read_usage(metrics, self.structure.slot_names)
                 arrays = msg.content.array_records["arrays"]
                 record.bytes_up += arrays.count_bytes()
                 deltas.append(from_record(arrays, self.expected))
@@ -143,6 +160,7 @@ class AdapterFedAvg(FedAvg):
                 record.dropped.append(reason)
                 continue
             examples.append(weight)
+            usage.append(counts)
             record.accepted.append(metrics)
         self._flag_silent(server_round, record, {m.metadata.src_node_id for m in replies})
         if self.on_privacy is not None:
@@ -150,19 +168,23 @@ class AdapterFedAvg(FedAvg):
         if not deltas:
             log.warning("round %d: no valid replies; the global adapter is unchanged", server_round)
             return None, None
-        merged = self._merge(deltas, examples, record)
-        new_global = apply_update(self._global, merged, self.server_lr)
+        replies = self._bounded(deltas, examples, _all_or_none(usage, server_round), server_round, record)
+        merged = aggregate(replies, self.structure, rule=self.influence.rule, trim=self.influence.trim_fraction)
+        if self.products is not None:
+            record.aggregation_error = aggregation_error(self.products, replies, merged)
+        new_global = renormalise(apply_update(self._global, merged, self.server_lr), self.structure)
         losses = [(w, float(m["train_loss"])) for w, m in zip(examples, record.accepted) if "train_loss" in m]
         if losses:  # non-DP rounds only: under DP a raw loss is private and never sent
             record.train_loss = sum(w * loss for w, loss in losses) / sum(w for w, _ in losses)
         summary = MetricRecord({"clients": len(deltas), "dropped": len(record.dropped), "bytes_up": record.bytes_up,
-                                "capped": record.capped, "clipped": record.clipped}
+                                "capped": record.capped, "clipped": record.clipped,
+                                "aggregation_error": record.aggregation_error}
                                | ({"train_loss": record.train_loss} if losses else {}))
         return to_record(new_global), summary
 
-    def _merge(self, deltas: list[dict[str, torch.Tensor]], examples: list[float],
-               record: RoundLog) -> dict[str, torch.Tensor]:
-        """Bounded influence, then the rules: cap the weights, clip each delta's norm, aggregate."""
+    def _bounded(self, deltas: list[dict[str, torch.Tensor]], examples: list[float],
+                 usage: list[dict[str, float]] | None, server_round: int, record: RoundLog) -> Replies:
+        """Bounded influence before any rule sees the replies: cap the weights, clip each delta's norm."""
         s = self.influence
         weights, record.capped = bounded_weights(examples, s.weighting, s.max_weight_ratio)
         bound = {"off": math.inf, "fixed": s.max_delta_norm, "auto": self.ceiling,
@@ -171,7 +193,7 @@ class AdapterFedAvg(FedAvg):
         if math.isfinite(bound):
             deltas, record.clipped = clip_deltas(deltas, bound)
             record.norm_bound = bound
-        return aggregate(deltas, weights, self.kinds, rule=s.rule, trim=s.trim_fraction)
+        return Replies(self._global, deltas, weights, usage=usage, seed=derive_seed(self.seed, "server", server_round))
 
     def _flag_silent(self, server_round: int, record: RoundLog, replied: set[int]) -> None:
         """A DP client asked to train that never replied may still have spent budget: say so."""

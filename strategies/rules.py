@@ -4,12 +4,14 @@ One rule per aggregation kind declared by the adapter protocol, plus what bounds
 before any rule sees it: weights capped (example counts are self-reported), delta norms clipped, and
 the robust alternatives to the mean (coordinate-wise median and trimmed mean, the statistics of
 Flower's FedMedian and FedTrimmedAvg, applied to deltas). Keeping them pure lets tests check them
-against dense references and lets benchmarks call them directly.
+against dense references and lets benchmarks call them directly. Every rule returns the merged
+*delta* of its tensors (what the server adds, times its learning rate, to the global state).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Mapping, Sequence
 
@@ -17,9 +19,25 @@ import numpy as np
 import torch
 from scipy.stats import trim_mean
 
-from fed.adapters import Aggregation
+from fed.adapters import Aggregation, Structure
+from fed.adapters.base import Products
+from fed.seeding import generator
 
 Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Replies:
+    """One round's accepted replies, and the global state they are deltas against."""
+
+    global_: Mapping[str, torch.Tensor]
+    deltas: Sequence[Mapping[str, torch.Tensor]]
+    weights: Sequence[float]
+    """Examples per client: FedAvg's weight."""
+    usage: Sequence[Mapping[str, float]] | None = None
+    """Per client, tokens routed to each expert slot; None when not sent (under DP, see docs/privacy.md)."""
+    seed: int = 0
+    """Seeds the server's own randomness (re-factorisation), e.g. derived from run seed and round."""
 
 
 def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
@@ -32,6 +50,10 @@ def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
             for n in names}
 
 
+def _mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
+    return weighted_mean(replies.deltas, replies.weights, names)
+
+
 def _coordinatewise(statistic: Callable[[np.ndarray], np.ndarray], deltas: Sequence[Mapping[str, torch.Tensor]],
                     names: Sequence[str]) -> Tensors:
     """``statistic`` over the client axis of every coordinate (weights ignored: a robust statistic must not
@@ -40,47 +62,115 @@ def _coordinatewise(statistic: Callable[[np.ndarray], np.ndarray], deltas: Seque
                                            dtype=np.float64)).to(deltas[0][n].dtype) for n in names}
 
 
-def coordinate_median(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
-                      names: Sequence[str]) -> Tensors:
+def coordinate_median(deltas: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]) -> Tensors:
     """Coordinate-wise median of the deltas (FedMedian's statistic; mean of the two middle values for an
     even count)."""
     return _coordinatewise(partial(np.median, axis=0), deltas, names)
 
 
-def trimmed_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], names: Sequence[str],
-                 fraction: float = 0.2) -> Tensors:
+def trimmed_mean(deltas: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str], fraction: float = 0.2) -> Tensors:
     """Coordinate-wise mean after cutting ``fraction`` of the replies at each end (FedTrimmedAvg's statistic)."""
     return _coordinatewise(partial(trim_mean, proportiontocut=fraction, axis=0), deltas, names)
 
 
-Rule = Callable[[Sequence[Mapping[str, torch.Tensor]], Sequence[float], Sequence[str]], Tensors]
+def robust_mean(rule: str, trim: float) -> Rule:
+    """The rule of ``mean``-kind groups under ``strategy.rule``: the weighted mean, or a robust statistic."""
+    if rule == "mean":
+        return _mean
+    if rule == "median":
+        return lambda replies, structure, names: coordinate_median(replies.deltas, names)
+    if rule == "trimmed-mean":
+        return lambda replies, structure, names: trimmed_mean(replies.deltas, names, trim)
+    raise ValueError(f"unknown strategy.rule {rule!r}; accepted: mean, median, trimmed-mean")
+
+
+def slot_weights(replies: Replies, slot: str | None) -> Sequence[float]:
+    """Each client's weight for an expert slot: its routed tokens if counts were sent, else its examples."""
+    if slot is None or replies.usage is None:
+        return replies.weights
+    return [float(u.get(slot, 0.0)) for u in replies.usage]
+
+
+def usage_mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
+    """Experts: each client's delta weighted by the tokens it routed to that expert.
+
+    An expert no client used keeps its value (zero delta) rather than averaging noise or drift from
+    clients that never exercised it. Without counts (DP) this is the example-weighted mean.
+    """
+    out: Tensors = {}
+    for name in names:
+        weights = slot_weights(replies, structure.slots[name])
+        if sum(weights) > 0:
+            out.update(weighted_mean(replies.deltas, weights, [name]))
+        else:
+            out[name] = torch.zeros_like(replies.global_[name])
+    return out
+
+
+def random_orthogonal(size: int, seed: int, purpose: str) -> torch.Tensor:
+    """A seeded Haar-random orthogonal matrix (QR of a Gaussian, signs fixed), float64."""
+    gaussian = torch.randn(size, size, generator=generator(seed, "orthogonal", purpose), dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return q * torch.sign(torch.diagonal(r))
+
+
+def product_mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
+    """Mixer chains ``outer·mixer[·inner]``: average the clients' products, re-factorise around a fresh mixer.
+
+    Two factors (inner frozen and shared): ``outer ← mean(outer_k·mixer_k)·Qᵀ``, ``mixer ← Q``, exact.
+    Three: the mean of ``outer_k·mixer_k·inner_k`` is truncated to rank r by SVD ``UΣVᵀ`` and split
+    ``outer ← U√Σ``, ``mixer ← Q``, ``inner ← Qᵀ√ΣVᵀ`` (lossy when the mean has rank > r). Q is a seeded
+    random orthogonal matrix: a mixer reset to the identity would restart it at plain LoRA.
+    """
+    wanted = set(names)
+    out: Tensors = {}
+    for chain in (c for c in structure.chains if set(c) <= wanted):
+        def value(k: int, name: str) -> torch.Tensor:
+            return (replies.global_[name] + replies.deltas[k][name]).to(torch.float64)
+
+        products = [torch.linalg.multi_dot([value(k, n) for n in chain]) for k in range(len(replies.deltas))]
+        total = float(sum(replies.weights))
+        mean = sum(w / total * p for w, p in zip(replies.weights, products))
+        outer, mixer = chain[0], chain[1]
+        rank = replies.global_[mixer].shape[0]
+        q = random_orthogonal(rank, replies.seed, mixer)
+        if len(chain) == 2:
+            new = {outer: mean @ q.T, mixer: q}
+        else:
+            u, s, vh = torch.linalg.svd(mean, full_matrices=False)
+            root = s[:rank].sqrt()
+            new = {outer: u[:, :rank] * root, mixer: q, chain[2]: q.T @ (root[:, None] * vh[:rank])}
+        out.update({n: (t - replies.global_[n].to(torch.float64)).to(replies.global_[n].dtype)
+                    for n, t in new.items()})
+    missing = sorted(wanted - set(out))
+    if missing:
+        raise ValueError(f"product-aggregated tensors outside any declared chain: {missing[:3]}")
+    return out
+
+
+Rule = Callable[[Replies, Structure, Sequence[str]], Tensors]
 RULES: dict[Aggregation, Rule] = {
-    Aggregation.MEAN: weighted_mean,
+    Aggregation.MEAN: _mean,
+    Aggregation.USAGE: usage_mean,
+    Aggregation.PRODUCT: product_mean,
 }
-ROBUST: dict[str, Callable[[float], Rule]] = {
-    "mean": lambda trim: weighted_mean,
-    "median": lambda trim: coordinate_median,
-    "trimmed-mean": lambda trim: partial(trimmed_mean, fraction=trim),
-}
-"""Statistics that may stand in for the example-weighted mean of ``mean``-kind groups (``strategy.rule``)."""
 
 
-def aggregate(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
-              kinds: Mapping[str, Aggregation], rule: str = "mean", trim: float = 0.2) -> Tensors:
+def aggregate(replies: Replies, structure: Structure, rule: str = "mean", trim: float = 0.2) -> Tensors:
     """Merge client deltas group by group, each with the rule of its aggregation kind.
 
-    ``rule`` replaces the weighted mean of ``mean``-kind groups with a robust statistic; groups of
-    other kinds (experts, masks, products) keep their structural rule.
+    ``rule`` replaces the weighted mean of ``mean``-kind groups with a robust statistic; groups of other
+    kinds (experts, mixer products) keep their structural rule.
     """
     by_kind: dict[Aggregation, list[str]] = {}
-    for name, kind in kinds.items():
+    for name, kind in structure.kinds.items():
         by_kind.setdefault(kind, []).append(name)
-    rules = {**RULES, Aggregation.MEAN: ROBUST[rule](trim)}
+    rules = {**RULES, Aggregation.MEAN: robust_mean(rule, trim)}
     merged: Tensors = {}
     for kind, names in by_kind.items():
         if kind not in rules:
             raise ValueError(f"no aggregation rule for kind {kind.value!r}; rules: {[k.value for k in rules]}")
-        merged.update(rules[kind](deltas, weights, names))
+        merged.update(rules[kind](replies, structure, names))
     return merged
 
 
@@ -134,3 +224,47 @@ def adaptive_bound(norms: Sequence[float], multiplier: float, ceiling: float) ->
 def apply_update(global_: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], server_lr: float) -> Tensors:
     """The server step ``global + server_lr * delta`` (server_lr = 1 is plain FedAvg)."""
     return {n: global_[n] + server_lr * delta[n] for n in global_}
+
+
+def renormalise(tensors: Mapping[str, torch.Tensor], structure: Structure) -> Tensors:
+    """Fix the scale gauge of scale tables (MoR's Ω): each column's mean over experts becomes 1.
+
+    ``Ω[:, j] / c_j`` with ``factor[j, :] · c_j`` leaves every expert's update unchanged, so clients
+    that drifted into different scales of the same function start the next round from one gauge.
+    Columns whose mean is (near) zero are left alone rather than divided by it.
+    """
+    out = dict(tensors)
+    for scale, factor in structure.gauges.items():
+        c = out[scale].mean(0)
+        c = torch.where(c.abs() > 1e-6, c, torch.ones_like(c))
+        out[scale] = out[scale] / c
+        out[factor] = out[factor] * c[:, None]
+    return out
+
+
+def aggregation_error(products: Products, replies: Replies, merged: Mapping[str, torch.Tensor]) -> float:
+    """``‖mean_k ΔW_k − ΔW(aggregated)‖_F / ‖mean_k ΔW_k‖_F`` over every adapted layer (and expert).
+
+    ``ΔW_k`` is the change client k made this round to a layer's dense weight update, and ``mean``
+    uses the weights the rules use (routed tokens for an expert when counts were sent, else examples);
+    ``ΔW(aggregated)`` is the change the merged deltas make at server learning rate 1. Zero up to
+    float error where aggregation is exact (FFA-LoRA; MoSLoRA with A frozen). An expert no client
+    used is skipped: it has no mean to match. 0 when no client changed anything.
+    """
+    before = products(replies.global_)
+    after = products({n: replies.global_[n] + merged[n] for n in merged})
+    clients = [products({n: replies.global_[n] + d[n] for n in d}) for d in replies.deltas]
+    err, ref = 0.0, 0.0
+    for name, (base, slot) in before.items():
+        weights = slot_weights(replies, slot)
+        total = float(sum(weights))
+        if total <= 0:
+            continue
+        base64 = base.to(torch.float64)
+        target = sum(w / total * (c[name][0].to(torch.float64) - base64) for w, c in zip(weights, clients))
+        got = after[name][0].to(torch.float64) - base64
+        err += float((target - got).pow(2).sum())
+        ref += float(target.pow(2).sum())
+    if err == 0.0:
+        return 0.0
+    return math.sqrt(err / ref) if ref > 0 else math.inf

@@ -13,6 +13,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 VOCAB = 50
+# The test matrix: one row per adapter family, and per mode that changes what trains or travels.
+MATRIX: dict[str, dict] = {
+    "lora": {},
+    "ffa-lora": {},
+    "moslora": {},
+    "moslora-frozen-a": {"kind": "moslora", "freeze_a": True},
+    "mole": {"experts": 3, "balance": 0.5},
+    "mor": {"experts": 3},
+}
+
+
+def spec(row: str, targets: tuple[str, ...], **extra):
+    """The AdapterSpec of a matrix row (rank 4, alpha 8) on ``targets``."""
+    from fed.adapters import AdapterSpec
+
+    return AdapterSpec(**{"kind": row, "rank": 4, "alpha": 8.0, "targets": targets, **MATRIX[row], **extra})
 
 
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:

@@ -7,96 +7,145 @@ import torch
 
 from fed.adapters import AdapterSpec, Aggregation, build
 from fed.adapters.lora import LoraLinear
-from strategies.rules import aggregate
-from tests.conftest import tiny_bert
+from strategies.rules import Replies, aggregate
+from tests.conftest import MATRIX, spec, tiny_bert
 
 HEAD = ("classifier.weight", "classifier.bias")
 
 
-def _build(kind: str, seed: int = 7, model_seed: int = 0):
-    return build(tiny_bert(model_seed), AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("query", "value")),
-                 seed, head=HEAD)
+def make(row: str, seed: int = 7, model_seed: int = 0, **extra):
+    return build(tiny_bert(model_seed), spec(row, ("query", "value"), **extra), seed, head=HEAD)
+
+
+def client_deltas(adapter, count: int, scale: float = 1.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [{n: scale * torch.randn(t.shape, generator=g) for n, t in adapter.sent_state().items()}
+            for _ in range(count)]
+
+
+def merge(adapter, deltas, weights):
+    return aggregate(Replies(adapter.sent_state(), deltas, weights), adapter.structure())
+
+
+@pytest.mark.parametrize("row", MATRIX)
+def test_every_trained_tensor_is_sent_and_nothing_frozen_is(row):
+    adapter = make(row)
+    trainable = {n for n, p in adapter.model.named_parameters() if p.requires_grad}
+    assert trainable == set(adapter.names(trainable=True)) == set(adapter.names(sent=True))
+    assert set(HEAD) <= trainable
+    assert set(adapter.aggregation_of()) == set(adapter.names(sent=True))
 
 
 def test_lora_trains_and_sends_both_factors_and_the_head():
-    adapter = _build("lora")
-    sent = adapter.names(sent=True)
+    sent = make("lora").names(sent=True)
     assert len([n for n in sent if n.endswith("lora_A.weight")]) == 4  # 2 layers x (query, value)
     assert len([n for n in sent if n.endswith("lora_B.weight")]) == 4
-    assert set(HEAD) <= set(sent)
-    trainable = {n for n, p in adapter.model.named_parameters() if p.requires_grad}
-    assert trainable == set(adapter.names(trainable=True)) == set(sent)
 
 
 def test_ffa_lora_freezes_a_and_never_sends_it():
-    adapter = _build("ffa-lora")
-    sent = adapter.names(sent=True)
+    sent = make("ffa-lora").names(sent=True)
     assert not any("lora_A" in n for n in sent)
     assert len([n for n in sent if n.endswith("lora_B.weight")]) == 4
-    params = dict(adapter.model.named_parameters())
-    assert all(not params[n].requires_grad for n in adapter.names(trainable=False))
-    assert {n for n, p in params.items() if p.requires_grad} == set(sent)
 
 
-def test_zero_b_leaves_the_model_unchanged(batch):
-    base, adapted = tiny_bert(), _build("lora").model
+def test_moslora_sends_mixers_and_with_frozen_a_only_mixer_and_b():
+    full, frozen = make("moslora").names(sent=True), make("moslora-frozen-a").names(sent=True)
+    assert len([n for n in full if n.endswith("lora_AB.weight")]) == 4
+    assert len([n for n in full if n.endswith("lora_A.weight")]) == 4
+    assert not any(n.endswith("lora_A.weight") for n in frozen)
+    assert {n.rsplit(".", 2)[-2] for n in frozen if "lora" in n} == {"lora_AB", "lora_B"}
+
+
+@pytest.mark.parametrize("row", MATRIX)
+def test_zero_b_leaves_the_model_unchanged(row, batch):
+    base, adapted = tiny_bert(), make(row).model
     with torch.no_grad():
         adapted.classifier.load_state_dict(base.classifier.state_dict())
         args = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         torch.testing.assert_close(base(**args).logits, adapted(**args).logits)
 
 
-def test_ffa_a_is_identical_on_independently_built_clients_and_seed_dependent():
-    one, two = _build("ffa-lora", seed=7, model_seed=0), _build("ffa-lora", seed=7, model_seed=1)
-    frozen = one.names(trainable=False)
-    for n in frozen:
-        torch.testing.assert_close(one.state([n])[n], two.state([n])[n], rtol=0, atol=0)
-    assert one.fingerprint() == two.fingerprint()
-    assert _build("ffa-lora", seed=8).fingerprint() != one.fingerprint()
+def test_moslora_mixer_is_seeded_kaiming_not_zero():
+    """A zero mixer never trains (B = 0 and M = 0 zero every gradient); the paper's init is Kaiming-uniform."""
+    one, two = make("moslora"), make("moslora", model_seed=1)
+    mixers = [n for n in one.names() if n.endswith("lora_AB.weight")]
+    for name in mixers:
+        m = one.state([name])[name]
+        assert torch.count_nonzero(m) == m.numel() and float(m.abs().max()) <= 0.5 + 1e-6  # bound 1/sqrt(r)
+        torch.testing.assert_close(m, two.state([name])[name], rtol=0, atol=0)
+    assert not torch.equal(one.state(mixers[:1])[mixers[0]], one.state(mixers[1:2])[mixers[1]])
+
+
+def test_frozen_factors_are_identical_on_independently_built_clients_and_seed_dependent():
+    for row in ("ffa-lora", "moslora-frozen-a"):
+        one, two = make(row, seed=7, model_seed=0), make(row, seed=7, model_seed=1)
+        for n in one.names(trainable=False):
+            torch.testing.assert_close(one.state([n])[n], two.state([n])[n], rtol=0, atol=0)
+        assert one.fingerprint() == two.fingerprint()
+        assert make(row, seed=8).fingerprint() != one.fingerprint()
 
 
 def test_unknown_targets_and_kinds_are_named():
     with pytest.raises(ValueError, match=r"\['qury'\].*Linear leaves: .*query"):
         build(tiny_bert(), AdapterSpec(kind="lora", rank=2, alpha=2, targets=("qury",)), 0)
-    with pytest.raises(ValueError, match="unknown adapter kind 'dora'; known: lora, ffa-lora"):
+    with pytest.raises(ValueError, match="unknown adapter kind 'dora'; known: lora, ffa-lora, moslora"):
         build(tiny_bert(), AdapterSpec(kind="dora", rank=2, alpha=2, targets=("query",)), 0)
 
 
-def test_ffa_aggregate_of_b_deltas_times_a_equals_mean_of_client_products():
-    """Exactness: s·mean_k(B_k)·A == mean_k(s·B_k·A), weighted by examples, for every adapted layer."""
-    server = _build("ffa-lora")
-    g = torch.Generator().manual_seed(0)
-    names = server.names(sent=True)
+def _layers(adapter):
+    return [(p, m) for p, m in adapter.model.named_modules() if isinstance(m, LoraLinear)]
+
+
+def _dense(layer, path, tensors):
+    """s·B·(M)·A from explicit tensors, the frozen A taken from the layer: an independent product."""
+    a = tensors.get(f"{path}.lora_A.weight", layer.lora_A.weight.detach())
+    mixer = tensors.get(f"{path}.lora_AB.weight")
+    b = tensors[f"{path}.lora_B.weight"]
+    return layer.scaling * (b @ mixer @ a if mixer is not None else b @ a)
+
+
+@pytest.mark.parametrize("row", ["ffa-lora", "moslora-frozen-a"])
+def test_aggregate_of_deltas_equals_mean_of_client_products(row):
+    """Exactness: the aggregated adapter's s·B·(M)·A is the example-weighted mean of the clients', per layer."""
+    server = make(row)
     global_ = server.sent_state()
-    deltas = [{n: torch.randn(global_[n].shape, generator=g) for n in names} for _ in range(3)]
-    weights = [10.0, 30.0, 60.0]
-    merged = aggregate(deltas, weights, server.aggregation_of())
-    layers = [m for m in server.model.modules() if isinstance(m, LoraLinear)]
-    paths = {id(m): p for p, m in server.model.named_modules() if isinstance(m, LoraLinear)}
-    for layer in layers:
-        key = f"{paths[id(layer)]}.lora_B.weight"
-        a = layer.lora_A.weight.detach()
-        per_client = [layer.scaling * (global_[key] + d[key]) @ a for d in deltas]
+    deltas, weights = client_deltas(server, 3), [10.0, 30.0, 60.0]
+    merged = merge(server, deltas, weights)
+    for path, layer in _layers(server):
+        per_client = [_dense(layer, path, {n: global_[n] + d[n] for n in d}) for d in deltas]
         expected = sum(w * p for w, p in zip(weights, per_client)) / sum(weights)
-        got = layer.scaling * (global_[key] + merged[key]) @ a
+        got = _dense(layer, path, {n: global_[n] + merged[n] for n in merged})
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_lora_factor_averaging_is_not_exact_which_the_ffa_test_would_catch():
-    """The same check fails for LoRA (both factors move): the exactness test above can fail."""
-    server = _build("lora")
-    g = torch.Generator().manual_seed(0)
+@pytest.mark.parametrize("row", ["lora", "moslora"])
+def test_the_exactness_check_fails_where_both_sides_of_a_product_move(row):
+    """The same check fails for LoRA (factor means) and full MoSLoRA (rank-r truncation of a rank-2r mean)."""
+    server = make(row)
     global_ = server.sent_state()
-    deltas = [{n: torch.randn(t.shape, generator=g) for n, t in global_.items()} for _ in range(2)]
-    merged = aggregate(deltas, [1.0, 1.0], server.aggregation_of())
-    path = next(p for p, m in server.model.named_modules() if isinstance(m, LoraLinear))
-    a, b = f"{path}.lora_A.weight", f"{path}.lora_B.weight"
-    products = [(global_[b] + d[b]) @ (global_[a] + d[a]) for d in deltas]
-    assert not torch.allclose((global_[b] + merged[b]) @ (global_[a] + merged[a]), sum(products) / 2, atol=1e-3)
+    deltas = client_deltas(server, 2)
+    merged = merge(server, deltas, [1.0, 1.0])
+    path, layer = _layers(server)[0]
+    expected = sum(_dense(layer, path, {n: global_[n] + d[n] for n in d}) for d in deltas) / 2
+    assert not torch.allclose(_dense(layer, path, {n: global_[n] + merged[n] for n in merged}), expected, atol=1e-3)
+
+
+def test_moslora_product_aggregation_is_the_best_rank_r_approximation_of_the_mean():
+    """Independent reference: the mean of the clients' dense updates, truncated by SVD (Eckart-Young)."""
+    server = make("moslora")
+    global_ = server.sent_state()
+    deltas, weights = client_deltas(server, 3, scale=0.5), [1.0, 2.0, 3.0]
+    merged = merge(server, deltas, weights)
+    for path, layer in _layers(server):
+        mean = sum(w * _dense(layer, path, {n: global_[n] + d[n] for n in d}) for w, d in zip(weights, deltas)) / 6
+        u, s, vh = torch.linalg.svd(mean.double())
+        best = (u[:, :4] * s[:4]) @ vh[:4]
+        got = _dense(layer, path, {n: global_[n] + merged[n] for n in merged})
+        torch.testing.assert_close(got.double(), best, rtol=1e-4, atol=1e-5)
+        mixer = (global_[f"{path}.lora_AB.weight"] + merged[f"{path}.lora_AB.weight"]).double()
+        torch.testing.assert_close(mixer @ mixer.T, torch.eye(4, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
 def test_every_sent_tensor_has_an_aggregation_kind():
-    for kind in ("lora", "ffa-lora"):
-        adapter = _build(kind)
-        assert set(adapter.aggregation_of()) == set(adapter.names(sent=True))
-        assert set(adapter.aggregation_of().values()) == {Aggregation.MEAN}
+    assert set(make("lora").aggregation_of().values()) == {Aggregation.MEAN}
+    assert set(make("moslora").aggregation_of().values()) == {Aggregation.MEAN, Aggregation.PRODUCT}

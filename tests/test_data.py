@@ -16,6 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fed import data  # noqa: E402
+from fed.config import resolve  # noqa: E402
 from fed.data import DATASETS, ClientData, client_split, label_names, load_task_dataset  # noqa: E402
 
 
@@ -252,3 +253,24 @@ def test_tiny_dataset_still_holds_out_one_row():
 def test_label_names_needs_a_classlabel():
     with pytest.raises(ValueError, match="ClassLabel"):
         label_names(load_task_dataset("synthetic", "classification").cast_column("label", data.Value("int64")))
+
+
+def test_natural_partition_gives_each_client_one_domain():
+    ds = load_task_dataset("sentiment", "classification", max_examples=2_000)
+    domains = []
+    for cid in range(4):
+        data = client_split(ds, num_clients=4, client_id=cid, partition="natural", partition_by="domain")
+        seen = set(data.train["domain"]) | set(data.test["domain"])
+        assert len(seen) == 1
+        domains += seen
+    assert sorted(domains) == sorted(set(ds["domain"]))
+    with pytest.raises(ValueError, match=r"one client per value, 4 clients .*num_clients=3"):
+        client_split(ds, num_clients=3, client_id=0, partition="natural", partition_by="domain")
+    with pytest.raises(ValueError, match="needs a 'site' column"):
+        client_split(ds, num_clients=4, client_id=0, partition="natural", partition_by="site")
+
+
+def test_mixed_domains_preset_runs_the_natural_domain_split():
+    cfg = resolve("mixed-domains")
+    assert (cfg.data.partition, cfg.data.partition_by, cfg.federation.num_clients) == ("natural", "domain", 4)
+    assert cfg.adapter.kind == "mole"

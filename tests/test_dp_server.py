@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fed.adapters import Aggregation
+from fed.adapters import Aggregation, Structure
 from fed.config import DPConfig
 from fed.privacy.book import LedgerBook
 from fed.privacy.ledger import DpSgdEvent, epsilon, events_from_json
@@ -45,7 +45,7 @@ def _dp_reply(node: int, cid: int, *, steps: int = 10, eps: float | None = None,
 
 
 def _strategy(book: LedgerBook, written: list) -> AdapterFedAvg:
-    s = AdapterFedAvg(expected=metas(GLOBAL), kinds={"l.lora_B.weight": Aggregation.MEAN},
+    s = AdapterFedAvg(expected=metas(GLOBAL), structure=Structure({"l.lora_B.weight": Aggregation.MEAN}),
                       rules=ReplyRules(fingerprint=FP, dp=DP), book=book, on_privacy=lambda b: written.append(b.report()))
     s._global = {k: v.clone() for k, v in GLOBAL.items()}
     return s

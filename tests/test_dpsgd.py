@@ -6,12 +6,12 @@ import pytest
 import torch
 from opacus.grad_sample.utils import prepare_module
 
-from fed.adapters import AdapterSpec, build
+from fed.adapters import build
 from fed.privacy.dpsgd import DpSettings, DpStepper
 from fed.tasks import CausalLM, Classification
-from tests.conftest import randomise, tiny_bert, tiny_llama
+from tests.conftest import MATRIX, randomise, spec, tiny_bert, tiny_llama
 
-KINDS = ["lora", "ffa-lora"]
+KINDS = list(MATRIX)
 
 
 class _NoTokenizer:
@@ -19,16 +19,14 @@ class _NoTokenizer:
 
 
 def _bert_adapter(kind: str):
-    model = tiny_bert()
-    spec = AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("query", "value"))
-    adapter = build(model, spec, seed=3, head=("classifier.weight", "classifier.bias"))
+    adapter = build(tiny_bert(), spec(kind, ("query", "value")), seed=3, head=("classifier.weight", "classifier.bias"))
     randomise(adapter, 0.3)
     return adapter, Classification(_NoTokenizer(), 16)
 
 
 def _llama_adapter(kind: str):
     model = tiny_llama()
-    adapter = build(model, AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("q_proj", "v_proj")), seed=3)
+    adapter = build(model, spec(kind, ("q_proj", "v_proj")), seed=3)
     randomise(adapter, 0.3)
     return adapter, CausalLM(_NoTokenizer(), 16)
 
@@ -40,6 +38,13 @@ def _lm_batch(batch):
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
 
 
+def _loss(adapter, task, model, batch):
+    """What training minimises per example: the task loss plus the adapter's auxiliary (balance) loss."""
+    loss = task.per_example_loss(model, batch)
+    aux = adapter.auxiliary_loss(batch["attention_mask"])
+    return loss if aux is None else loss + aux
+
+
 def _naive_grads(adapter, task, batch):
     """One forward/backward per example: the reference per-example gradients."""
     names = adapter.names(trainable=True)
@@ -47,7 +52,7 @@ def _naive_grads(adapter, task, batch):
     out = []
     for i in range(len(batch["input_ids"])):
         one = {k: v[i:i + 1] for k, v in batch.items()}
-        grads = torch.autograd.grad(task.per_example_loss(adapter.model, one).sum(), [params[n] for n in names])
+        grads = torch.autograd.grad(_loss(adapter, task, adapter.model, one).sum(), [params[n] for n in names])
         out.append(dict(zip(names, grads)))
     return out
 
@@ -60,7 +65,7 @@ def test_opacus_per_sample_gradients_equal_a_naive_loop(kind, build_fn, batch_fn
     batch = batch_fn(batch)
     reference = _naive_grads(adapter, task, batch)
     gsm = prepare_module(adapter.model, "hooks", batch_first=True, loss_reduction="sum")
-    task.per_example_loss(gsm, batch).sum().backward()
+    _loss(adapter, task, gsm, batch).sum().backward()
     params = dict(adapter.model.named_parameters())
     for name in adapter.names(trainable=True):
         per_sample = params[name].grad_sample
@@ -88,7 +93,7 @@ def test_dp_step_without_noise_is_the_mean_of_clipped_per_example_gradients(kind
     dp = DpSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=expected_bs / 100, num_examples=100,
                     mode=mode)
     stepper = DpStepper(adapter.model, optimizer, dp)
-    stepper.step(task.per_example_loss(stepper.module, batch))
+    stepper.step(_loss(adapter, task, stepper.module, batch))
     stepper.close()
     after = adapter.state(names)
     for n in names:

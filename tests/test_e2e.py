@@ -34,6 +34,7 @@ def test_run_directory_is_complete(dp_run):
         assert line["train_loss"] is None  # a raw training loss is private under DP: never sent
         assert line["clients"] == 3 and line["dropped"] == []
         assert line["bytes_up"] > 0 and line["bytes_down"] > 0
+        assert 0 <= line["aggregation_error"] < 1e-5  # FFA-LoRA aggregates exactly, DP noise or not
 
 
 def test_privacy_ledger_is_per_client_and_within_target(dp_run):
@@ -81,3 +82,21 @@ def test_data_dependent_mistake_stops_before_any_worker(tmp_path):
     with pytest.raises(ConfigError, match="classes_per_client=3"):
         simulate(cfg, tmp_path, name="bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_mole_run_sends_expert_counts_and_exports_a_loadable_adapter(tmp_path):
+    """Without DP, MoLE clients send routed-token counts through Flower's MetricRecord; the server accepts
+    them, logs an aggregation error, and the non-PEFT export reloads into a fresh base model."""
+    from fed.export import load_adapter
+    from fed.models import load_model
+
+    cfg = resolve("mixed-domains", ["model.name=tiny-bert", "data.max_examples=400", "federation.rounds=2",
+                                    "train.local_steps=2", "train.batch_size=8", "train.max_eval_examples=32"])
+    run = simulate(cfg, tmp_path, name="mole")
+    lines = run.metrics()
+    assert [line["clients"] for line in lines] == [4, 4] and all(line["dropped"] == [] for line in lines)
+    assert all(0 < line["aggregation_error"] < 1 for line in lines)
+    assert not (run.adapter / "adapter_config.json").exists()  # MoLE has no PEFT form
+    model = load_model("tiny-bert", "classification", num_labels=2, seed=cfg.seed)
+    adapter = load_adapter(model, run.adapter)
+    assert adapter.spec.kind == "mole" and adapter.spec.experts == 4

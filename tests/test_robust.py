@@ -12,11 +12,11 @@ from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_a
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fed.adapters import Aggregation
+from fed.adapters import Aggregation, Structure
 from fed.config import DPConfig, StrategyConfig
 from fed.wire import PayloadError, from_record, metas, to_record
 from strategies.fedavg import AdapterFedAvg
-from strategies.rules import (aggregate, bounded_weights, clip_deltas, coordinate_median, delta_norm,
+from strategies.rules import (Replies, aggregate, bounded_weights, clip_deltas, coordinate_median, delta_norm,
                               honest_step_bound, trimmed_mean)
 from strategies.validation import ReplyRules, check_reply
 
@@ -42,8 +42,8 @@ def test_median_and_trimmed_mean_equal_flowers_own_statistics():
     deltas = _deltas(7)
     names = list(GLOBAL)
     as_numpy = [([d[n].numpy() for n in names], 1) for d in deltas]
-    for ours, theirs in ((coordinate_median(deltas, [1.0] * 7, names), aggregate_median(as_numpy)),
-                         (trimmed_mean(deltas, [1.0] * 7, names, 0.2), aggregate_trimmed_avg(as_numpy, 0.2))):
+    for ours, theirs in ((coordinate_median(deltas, names), aggregate_median(as_numpy)),
+                         (trimmed_mean(deltas, names, 0.2), aggregate_trimmed_avg(as_numpy, 0.2))):
         for n, expected in zip(names, theirs):
             np.testing.assert_allclose(ours[n].numpy(), expected, rtol=1e-6)
 
@@ -66,7 +66,8 @@ def _reply(delta: dict[str, torch.Tensor], **metrics) -> Message:
 
 
 def _strategy(influence: StrategyConfig = StrategyConfig(), dp: DPConfig = DPConfig()) -> AdapterFedAvg:
-    s = AdapterFedAvg(expected=metas(GLOBAL), kinds={n: Aggregation.MEAN for n in GLOBAL}, influence=influence,
+    s = AdapterFedAvg(expected=metas(GLOBAL), structure=Structure({n: Aggregation.MEAN for n in GLOBAL}),
+                      influence=influence,
                       rules=ReplyRules(fingerprint=FP, local_steps=5, batch_size=10, rounds=3, dp=dp), lr=1e-2)
     s._global = {n: t.clone() for n, t in GLOBAL.items()}
     return s
@@ -183,7 +184,7 @@ def test_fuzzed_rounds_never_leave_the_bound(scales, counts):
 def test_rules_refuse_an_unknown_kind_and_keep_structural_kinds_apart():
     deltas = _deltas(3)
     with pytest.raises(ValueError, match="no aggregation rule"):
-        aggregate(deltas, [1, 1, 1], {"head.bias": Aggregation.USAGE}, rule="median")
+        aggregate(Replies(GLOBAL, deltas, [1, 1, 1]), Structure({"head.bias": Aggregation.HETERO_RANK}), rule="median")
 
 
 @settings(max_examples=300, deadline=None)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fed.adapters import Aggregation
+from fed.adapters import Aggregation, Structure
 from fed.wire import PayloadError, TensorMeta, from_record, metas, to_record
 from strategies.fedavg import AdapterFedAvg
 from strategies.validation import ReplyRules, check_reply
@@ -84,22 +84,58 @@ def _reply(arrays: ArrayRecord, **metrics) -> Message:
 
 
 def test_strategy_drops_bad_replies_and_averages_the_rest():
-    strategy = AdapterFedAvg(expected=EXPECTED, kinds={k: Aggregation.MEAN for k in GLOBAL},
+    strategy = AdapterFedAvg(expected=EXPECTED, structure=Structure({k: Aggregation.MEAN for k in GLOBAL}),
                              rules=ReplyRules(fingerprint=FP), server_lr=0.5)
     strategy._global = {k: v.clone() for k, v in GLOBAL.items()}
     good_1 = _reply(_record(), **{"num-examples": 10})
     good_3 = _reply(_record(**{"l.lora_B.weight": 3 * torch.ones(3, 2), "head.bias": 3 * torch.ones(2)}),
                     **{"num-examples": 30})
     replies = [good_1, good_3, _reply(_record(**{"head.bias": torch.tensor([np.nan, 1.0])})),
-               _reply(_record(), fingerprint=FP + 1), _reply(_record(**{"head.bias": torch.ones(5)}))]
+               _reply(_record(), fingerprint=FP + 1), _reply(_record(**{"head.bias": torch.ones(5)})),
+               _reply(_record(), **{"usage:nowhere/0": 3})]  # expert counts for an adapter without experts
     arrays, metrics = strategy.aggregate_train(1, replies)
     out = from_record(arrays, EXPECTED)
     # example-weighted mean delta = (10*1 + 30*3)/40 = 2.5, times server_lr 0.5
     torch.testing.assert_close(out["head.bias"], torch.full((2,), 1.25))
-    assert metrics["clients"] == 2 and metrics["dropped"] == 3
+    assert metrics["clients"] == 2 and metrics["dropped"] == 4
     reasons = " | ".join(strategy.rounds[1].dropped)
-    assert "NaN" in reasons and "fingerprint" in reasons and "shape" in reasons
+    assert "NaN" in reasons and "fingerprint" in reasons and "shape" in reasons and "expert counts" in reasons
 
 
 def test_meta_sizes():
     assert TensorMeta((3, 2)).nbytes == 24
+
+
+def test_expert_counts_are_read_only_when_complete_and_well_formed():
+    from fed.wire import read_usage, usage_metrics
+
+    slots = ("b.0/0", "b.0/1")
+    assert read_usage({"num-examples": 3}, slots) is None  # a DP client sends none
+    assert read_usage(usage_metrics({"b.0/0": 4, "b.0/1": 0}), slots) == {"b.0/0": 4.0, "b.0/1": 0.0}
+    with pytest.raises(PayloadError, match="expected exactly"):
+        read_usage(usage_metrics({"b.0/0": 4}), slots)
+    with pytest.raises(PayloadError, match="non-negative integers"):
+        read_usage({"usage:b.0/0": -1, "usage:b.0/1": 2}, slots)
+
+
+def test_strategy_weights_experts_by_the_counts_in_replies_and_logs_the_aggregation_error():
+    from fed.wire import usage_metrics
+    from tests.test_adapters import client_deltas, make
+
+    server = make("mole")
+    global_ = server.sent_state()
+    strategy = AdapterFedAvg(expected=metas(global_), structure=server.structure(), products=server.products,
+                             rules=ReplyRules(fingerprint=server.fingerprint()))
+    strategy._global = global_
+    deltas = client_deltas(server, 2)
+    slots = server.structure().slot_names
+    counts = [{s: 1 for s in slots}, {s: (3 if s.endswith("/1") else 0) for s in slots}]
+    replies = [_reply(to_record(d), fingerprint=server.fingerprint(), **usage_metrics(c))
+               for d, c in zip(deltas, counts)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    out = from_record(arrays, metas(global_))
+    name = "bert.encoder.layer.0.attention.self.value.experts.1.lora_A.weight"
+    torch.testing.assert_close(out[name], global_[name] + 0.25 * deltas[0][name] + 0.75 * deltas[1][name])
+    name0 = name.replace("experts.1", "experts.0")
+    torch.testing.assert_close(out[name0], global_[name0] + deltas[0][name0])  # client 1 never used expert 0
+    assert 0 < strategy.rounds[1].aggregation_error < float("inf")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from fed.adapters.base import Adapter, AdapterFamily, AdapterSpec, Aggregation, TensorGroup
+from fed.adapters.base import Adapter, AdapterFamily, AdapterSpec, Aggregation, Structure, TensorGroup
 from fed.adapters.ffa_lora import FfaLora
 from fed.adapters.lora import Lora
+from fed.adapters.mole import Mole
+from fed.adapters.mor import Mor
+from fed.adapters.moslora import MosLora
 
-FAMILIES: dict[str, AdapterFamily] = {f.kind: f for f in (Lora(), FfaLora())}
+FAMILIES: dict[str, AdapterFamily] = {f.kind: f for f in (Lora(), FfaLora(), MosLora(), Mole(), Mor())}
 
 
 def family(kind: str) -> AdapterFamily:
@@ -40,4 +43,4 @@ def build(model: nn.Module, spec: AdapterSpec, seed: int, head: tuple[str, ...] 
     return adapter
 
 
-__all__ = ["Adapter", "AdapterSpec", "Aggregation", "FAMILIES", "TensorGroup", "build", "family"]
+__all__ = ["Adapter", "AdapterSpec", "Aggregation", "FAMILIES", "Structure", "TensorGroup", "build", "family"]

@@ -9,9 +9,9 @@ for adapter tensors by substring.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -36,12 +36,22 @@ class AdapterSpec:
     alpha: float
     targets: tuple[str, ...]
     dropout: float = 0.0
+    freeze_a: bool = False
+    """MoSLoRA: keep A at its seeded init (never sent); only the mixer and B train."""
+    experts: int = 4
+    """MoLE: LoRA experts per layer; MoR: rank experts (scaling vectors) per layer."""
+    balance: float = 0.01
+    """MoLE: weight of the per-example load-balancing loss (0 turns it off)."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"adapter rank={self.rank} must be >= 1")
         if not self.targets:
             raise ValueError("adapter targets are empty; name at least one nn.Linear leaf (e.g. 'query')")
+        if self.experts < 1:
+            raise ValueError(f"adapter experts={self.experts} must be >= 1")
+        if self.balance < 0:
+            raise ValueError(f"adapter balance={self.balance} must be >= 0")
 
     @property
     def scaling(self) -> float:
@@ -57,10 +67,63 @@ class TensorGroup:
     trainable: bool
     sent: bool
     aggregation: Aggregation = Aggregation.MEAN
+    slots: tuple[str, ...] = ()
+    """``usage`` groups: the expert slot (router + expert index) of each param, aligned with ``params``."""
+    chains: tuple[tuple[str, ...], ...] = ()
+    """``product`` groups: per layer the factors ``(outer, mixer[, inner])`` whose product is aggregated."""
+    gauges: tuple[str, ...] = ()
+    """Scale groups: per param (an N×m scale table) the factor whose m rows absorb its mean after aggregation."""
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What a strategy needs to know of an adapter besides tensor shapes: pure data, read off the groups."""
+
+    kinds: dict[str, Aggregation]
+    slots: dict[str, str] = field(default_factory=dict)
+    chains: tuple[tuple[str, ...], ...] = ()
+    gauges: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        """Every expert slot, in a stable order: the usage counts a client may report."""
+        return tuple(sorted(set(self.slots.values())))
+
+
+Product = tuple[torch.Tensor, "str | None"]
+"""One dense weight update a layer computes from its tensors, and the expert slot weighting it (None: examples)."""
+Products = Callable[[Mapping[str, torch.Tensor]], dict[str, Product]]
+
+
+@runtime_checkable
+class AdapterLayer(Protocol):
+    """A wrapped ``nn.Linear`` that can say what weight update given values of its tensors amount to."""
+
+    def products(self, get: Callable[[str], torch.Tensor]) -> dict[str, Product]:
+        """``{suffix: (dense update, slot)}``; ``get(local_name)`` returns this layer's tensor by local name."""
+        ...
+
+
+@runtime_checkable
+class TokenRouter(Protocol):
+    """A hard router (MoLE): reports, for the batch it last routed, a per-example balance loss and counts."""
+
+    def balance_loss(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per-example load-balancing loss ``[batch]``; ``mask`` ``[batch, seq]`` marks real tokens."""
+        ...
+
+    def counts(self, mask: torch.Tensor) -> dict[str, int]:
+        """Real tokens routed to each of its expert slots."""
+        ...
 
 
 class AdapterFamily(Protocol):
-    """A family: wraps the targets of ``model`` in place and declares its tensor groups."""
+    """A family: wraps the targets of ``model`` in place and declares its tensor groups.
+
+    A family with ``peft_compatible = True`` also has ``as_lora(tensors) -> tensors``, its adapter in
+    PEFT's LoRA layout (used by ``fed.export``). Its wrapped layers implement ``AdapterLayer``; a
+    routed family's routers implement ``TokenRouter``.
+    """
 
     kind: str
     peft_compatible: bool
@@ -116,6 +179,47 @@ class Adapter:
     def aggregation_of(self) -> dict[str, Aggregation]:
         """Aggregation kind of every sent tensor: what the strategy needs to know."""
         return {p: g.aggregation for g in self.groups if g.sent for p in g.params}
+
+    def structure(self) -> Structure:
+        """Kinds, expert slots, product chains and scale gauges of the sent tensors, for the strategy."""
+        sent = [g for g in self.groups if g.sent]
+        return Structure(kinds=self.aggregation_of(),
+                         slots={p: s for g in sent for p, s in zip(g.params, g.slots)},
+                         chains=tuple(c for g in sent for c in g.chains),
+                         gauges={p: f for g in sent for p, f in zip(g.params, g.gauges)})
+
+    def _routers(self) -> list[TokenRouter]:
+        return [m for m in self.model.modules() if isinstance(m, TokenRouter)]
+
+    def auxiliary_loss(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """``spec.balance`` × the routers' mean per-example balance loss for the last forward (None: no router).
+
+        Per example, so adding it to the per-example task loss keeps DP-SGD's per-sample bound.
+        """
+        routers = self._routers()
+        if not routers or self.spec.balance == 0:
+            return None
+        return self.spec.balance * sum(r.balance_loss(mask) for r in routers) / len(routers)
+
+    def usage(self, mask: torch.Tensor) -> dict[str, int]:
+        """Real tokens the last forward routed to each expert slot (empty without routers)."""
+        return {slot: n for r in self._routers() for slot, n in r.counts(mask).items()}
+
+    def products(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, Product]:
+        """The dense weight update of every adapted layer (or expert) given adapter tensors by name.
+
+        Tensors missing from ``tensors`` (frozen-but-shared factors) are read from the model. This is
+        what ``aggregation_error`` compares, for every family, so each layer type defines it once.
+        """
+        named = self._named()
+        out: dict[str, Product] = {}
+        for path, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer):
+                def get(local: str, prefix: str = path) -> torch.Tensor:
+                    key = f"{prefix}.{local}"
+                    return tensors[key] if key in tensors else named[key].detach()
+                out.update({f"{path}{suffix}": p for suffix, p in module.products(get).items()})
+        return out
 
     def fingerprint(self) -> int:
         """Hash of the frozen-but-shared tensors (FFA-LoRA's A); equal fingerprints mean equal factors.

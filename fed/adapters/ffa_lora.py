@@ -11,12 +11,11 @@ from __future__ import annotations
 from torch import nn
 
 from fed.adapters.base import AdapterSpec, TensorGroup
-from fed.adapters.lora import inject_lora
+from fed.adapters.lora import Lora, inject_lora
 
 
-class FfaLora:
+class FfaLora(Lora):
     kind = "ffa-lora"
-    peft_compatible = True
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
         paths = inject_lora(model, spec, seed)

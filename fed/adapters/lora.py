@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from fed.adapters.base import AdapterSpec, TensorGroup, replace_linears
+from fed.adapters.base import AdapterSpec, Product, TensorGroup, replace_linears
 from fed.seeding import generator
 
 
@@ -34,6 +34,10 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
+    def products(self, get) -> dict[str, Product]:
+        """The layer's weight update ``s·B·A`` for given factor values (see ``Adapter.products``)."""
+        return {"": (self.scaling * get("lora_B.weight") @ get("lora_A.weight"), None)}
+
 
 def inject_lora(model: nn.Module, spec: AdapterSpec, seed: int) -> list[str]:
     """Wrap the targets in ``LoraLinear``; A is seeded per layer from the run seed. Returns wrapped paths."""
@@ -49,6 +53,10 @@ class Lora:
 
     kind = "lora"
     peft_compatible = True
+
+    def as_lora(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors in PEFT's LoRA layout: already are."""
+        return dict(tensors)
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
         paths = inject_lora(model, spec, seed)

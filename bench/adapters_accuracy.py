@@ -1,0 +1,145 @@
+"""LoRA vs FFA-LoRA vs MoSLoRA vs MoLE vs MoR at about equal trainable-parameter budget.
+
+Each family's rank is chosen so that its trainable adapter parameters (task head excluded) come
+closest to LoRA's at ``--budget-rank``; MoLE and MoR keep ``adapter.experts``. Every cell is a real
+``fed simulate`` run (the same code path as the command line), on the ``mixed-domains`` preset (one
+sentiment domain per client) and on the same data split IID, with and without DP-SGD, over several
+seeds. The table (final-round accuracy mean ± std over seeds, mean aggregation error, bytes up per
+round) is written with the date and the exact settings to docs/benchmarks.md; raw runs to --runs.
+
+    python bench/adapters_accuracy.py                      # the full grid: 5 families x 2 splits x 2 x 3 seeds
+    python bench/adapters_accuracy.py --seeds 0 --set federation.rounds=2 --set train.local_steps=3 \
+        --set data.max_examples=800                        # a reduced grid
+
+Each finished cell is appended at once to ``<runs>/results.jsonl``; ``--render`` rewrites the table
+from that file (same arguments) without running anything, e.g. after an interrupted grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import warnings
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from fed.adapters import build
+from fed.config import RunConfig, resolve
+from fed.models import load_model
+from fed.session import adapter_spec, num_labels
+
+FAMILIES = ("lora", "ffa-lora", "moslora", "mole", "mor")
+SPLITS = {"mixed-domains": [], "iid": ["data.partition=iid"]}
+DP = {"no DP": [], "DP eps 8": ["dp.enabled=true", "dp.target_epsilon=8"]}
+
+
+def adapter_parameters(cfg: RunConfig) -> int:
+    """Trainable adapter parameters of ``cfg`` on its model, task head excluded."""
+    model = load_model(cfg.model.name, cfg.task, num_labels=num_labels(cfg), seed=cfg.seed)
+    adapter = build(model, adapter_spec(cfg.adapter, model), cfg.seed)
+    return sum(p.numel() for p in adapter.trainable_parameters())
+
+
+def matched_rank(cfg: RunConfig, budget: int, max_rank: int = 64) -> tuple[int, int]:
+    """The rank whose parameter count is closest to ``budget``, and that count.
+
+    Counts are affine in the rank except MoSLoRA's r² mixer, so an affine guess from ranks 1 and 2
+    is refined by exact counts at the guess and its neighbours.
+    """
+    one, two = (adapter_parameters(cfg.with_overrides({"adapter.rank": r})) for r in (1, 2))
+    guess = min(range(1, max_rank + 1), key=lambda r: abs(one + (two - one) * (r - 1) - budget))
+    exact = {r: adapter_parameters(cfg.with_overrides({"adapter.rank": r}))
+             for r in range(max(1, guess - 2), min(max_rank, guess + 2) + 1)}
+    rank = min(exact, key=lambda r: abs(exact[r] - budget))
+    return rank, exact[rank]
+
+
+def run_cell(cfg: RunConfig, runs: Path, name: str) -> dict[str, Any]:
+    from simulations.run import simulate  # Flower and Ray only once the grid is set up
+
+    lines = simulate(cfg, runs, name=name, console=Console(stderr=True, quiet=True)).metrics()
+    last = lines[-1]
+    errors = [line["aggregation_error"] for line in lines if line.get("aggregation_error") is not None]
+    return {"accuracy": last["eval_accuracy"], "epsilon": last["epsilon_max"],
+            "aggregation_error": statistics.fmean(errors) if errors else None,
+            "bytes_up": statistics.fmean(line["bytes_up"] / max(line["clients"], 1) for line in lines)}
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
+
+
+def table(results: list[dict[str, Any]], params: dict[str, tuple[int, int]]) -> str:
+    cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        cells.setdefault((r["family"], r["split"], r["dp"]), []).append(r)
+    columns = [(s, d) for s in SPLITS for d in DP if any(k[1:] == (s, d) for k in cells)]
+    head = "| family | rank | trainable params | " + " | ".join(f"{s}, {d}" for s, d in columns)
+    head += " | mean aggregation error | bytes up / client / round |"
+    rows = [head, "|" + "---|" * (len(columns) + 5)]
+    for family, (rank, count) in params.items():
+        mine = [r for r in results if r["family"] == family]
+        if not mine:
+            continue
+        accs = [_mean_std([r["accuracy"] for r in cells.get((family, s, d), [])]) for s, d in columns]
+        errors = [r["aggregation_error"] for r in mine if r["aggregation_error"] is not None]
+        rows.append(f"| {family} | {rank} | {count:,} | " + " | ".join(accs)
+                    + f" | {statistics.fmean(errors):.2e} | {int(statistics.fmean(r['bytes_up'] for r in mine)):,} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", message="Full backward hook")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
+    parser.add_argument("--dp", nargs="+", default=list(DP), choices=list(DP))
+    parser.add_argument("--budget-rank", type=int, default=8, help="LoRA rank whose parameter count sets the budget")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--runs", default="runs/bench-adapters")
+    parser.add_argument("--doc", default="docs/benchmarks.md")
+    parser.add_argument("--render", action="store_true", help="only write the table from <runs>/results.jsonl")
+    args = parser.parse_args()
+    base = resolve("mixed-domains", args.overrides)
+    budget = adapter_parameters(base.with_overrides({"adapter.kind": "lora", "adapter.rank": args.budget_rank}))
+    params = {f: matched_rank(base.with_overrides({"adapter.kind": f}), budget) for f in args.families}
+    print(f"budget: {budget:,} trainable adapter parameters (LoRA rank {args.budget_rank}); ranks: {params}")
+    log = Path(args.runs) / "results.jsonl"
+    if not args.render:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        for family in args.families:
+            for split in args.splits:
+                for dp in args.dp:
+                    for seed in args.seeds:
+                        cfg = resolve("mixed-domains", [*args.overrides, *SPLITS[split], *DP[dp],
+                                                        f"adapter.kind={family}", f"adapter.rank={params[family][0]}",
+                                                        f"seed={seed}"])
+                        name = f"{family}-{split}-{'dp' if cfg.dp.enabled else 'plain'}-s{seed}"
+                        cell = {"family": family, "split": split, "dp": dp, "seed": seed,
+                                **run_cell(cfg, Path(args.runs), name)}
+                        with open(log, "a") as handle:
+                            handle.write(json.dumps(cell) + "\n")
+                        print(json.dumps(cell), flush=True)
+    results = [json.loads(line) for line in log.read_text().splitlines()]
+    settings = " ".join(f"`{o}`" for o in args.overrides) or "none"
+    section = (f"\n## Adapter families at equal budget ({datetime.date.today().isoformat()})\n\n"
+               f"`python bench/adapters_accuracy.py --seeds {' '.join(map(str, args.seeds))}` with overrides "
+               f"{settings}, on top of the `mixed-domains` preset (IID: the same data, `data.partition=iid`). "
+               f"Final-round accuracy, mean ± std over {len(args.seeds)} seed(s); the budget is LoRA rank "
+               f"{args.budget_rank} ({budget:,} parameters); DP targets epsilon 8 per client.\n\n"
+               f"{table(results, params)}\n")
+    doc = Path(args.doc)
+    doc.write_text((doc.read_text() if doc.exists() else "# Benchmarks\n") + section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()

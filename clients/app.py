@@ -116,6 +116,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics |= {"epsilon": ledger.epsilon(), "dp-noise-multiplier": plan.dp.noise_multiplier,
                     "dp-sample-rate": plan.dp.sample_rate, "dp-steps": plan.steps,
                     "secure-rng": 1}  # noise and sampling came from fed.privacy.secure_rng
+        if result.released_loss is not None:  # privatised and inside the accounted mechanism
+            metrics["dp-train-loss"] = result.released_loss
     local = session.adapter.sent_state()
     delta = {name: local[name] - global_[name] for name in global_}
     gc.collect()  # Opacus hooks leave reference cycles; collect them so a long run's memory stays flat

@@ -123,6 +123,11 @@ class DPConfig:
     noise_multiplier: float = 0.0
     accountant: str = "rdp"
     grad_sample_mode: str = "hooks"
+    loss_noise_multiplier: float = 0.0
+    """> 0: each DP step also releases its clipped loss sum with this noise, so a DP run has a training-loss
+    curve; accounted jointly with the gradient (the gradient's own noise rises to keep the total)."""
+    loss_clip: float = 4.0
+    """Per-example losses are clipped to [0, loss_clip] before the loss release."""
 
 
 @dataclass(frozen=True)
@@ -305,6 +310,11 @@ def _check_dp(c: RunConfig) -> list[str]:
     problems = _in_range("dp.delta", dp.delta, 0.0, 0.1) + _at_least("dp.max_grad_norm", dp.max_grad_norm, 1e-12)
     problems += _at_least("dp.target_epsilon", dp.target_epsilon, 0.0)
     problems += _at_least("dp.noise_multiplier", dp.noise_multiplier, 0.0)
+    problems += _at_least("dp.loss_noise_multiplier", dp.loss_noise_multiplier, 0.0)
+    problems += _at_least("dp.loss_clip", dp.loss_clip, 1e-12)
+    if dp.enabled and 0 < dp.loss_noise_multiplier <= dp.noise_multiplier:
+        problems.append(f"dp.loss_noise_multiplier={dp.loss_noise_multiplier} must exceed "
+                        f"dp.noise_multiplier={dp.noise_multiplier} (the loss release shares its budget)")
     if dp.enabled and dp.target_epsilon > 0 and dp.noise_multiplier > 0:
         problems.append(
             f"dp.target_epsilon={dp.target_epsilon} and dp.noise_multiplier={dp.noise_multiplier} are both set; "

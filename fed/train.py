@@ -29,6 +29,8 @@ class RoundResult:
     wall_s: float
     usage: dict[str, int] = field(default_factory=dict)
     """Real tokens routed to each expert slot over the round (routed families only; sent only without DP)."""
+    released_loss: float | None = None
+    """Under DP with a loss release: the noised mean loss, the only loss a DP client may send."""
 
 
 def _plain_batches(num_examples: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterator[list[int]]:
@@ -59,14 +61,20 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
         stepper = DpStepper(model, optimizer, dp)
         batches = poisson_batches(len(data), dp.sample_rate, steps)
     losses: list[float] = []
+    released: list[float] = []
+    release = dp is not None and dp.loss_noise_multiplier > 0
     usage: Counter[str] = Counter()
     try:
         for indices in batches:
             if not indices:
                 stepper.empty_step()  # type: ignore[union-attr]  (only Poisson sampling yields empty batches)
+                if release:
+                    released.append(dp.noised_loss_sum(None))  # type: ignore[union-attr]
                 continue
             batch = task.encode(data[indices])
             loss = task.per_example_loss(stepper.module, batch)
+            if release:
+                released.append(dp.noised_loss_sum(loss))  # type: ignore[union-attr]
             aux = adapter.auxiliary_loss(batch["attention_mask"])  # per example: keeps the DP bound
             stepper.step(loss if aux is None else loss + aux)
             losses.append(float(loss.detach().mean()))
@@ -74,8 +82,9 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
     finally:
         stepper.close()
     mean_loss = sum(losses) / len(losses) if losses else math.nan
+    noised = sum(released) / (len(released) * dp.expected_batch_size) if released else None  # type: ignore[union-attr]
     return RoundResult(steps=steps, num_examples=len(data), loss=mean_loss, wall_s=time.perf_counter() - start,
-                       usage=dict(usage))
+                       usage=dict(usage), released_loss=noised)
 
 
 @torch.no_grad()

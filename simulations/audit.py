@@ -42,13 +42,16 @@ class Canary:
     delta: float = 1e-3
     lr: float = 1e-3
     model: str = "tiny-bert"
+    loss_noise_multiplier: float = 0.0
+    """> 0: the client also releases its privatised training loss (inside the same accounted mechanism)."""
 
     def config(self) -> RunConfig:
         return resolve("quickstart", [
             f"model.name={self.model}", "data.name=synthetic", "adapter.kind=ffa-lora", "adapter.rank=4",
             "federation.num_clients=1", "federation.rounds=1", f"train.local_steps={self.steps}",
             f"train.batch_size={self.batch_size}", f"train.lr={self.lr}", "dp.enabled=true",
-            f"dp.noise_multiplier={self.noise_multiplier}", f"dp.delta={self.delta}"])
+            f"dp.noise_multiplier={self.noise_multiplier}", f"dp.delta={self.delta}",
+            f"dp.loss_noise_multiplier={self.loss_noise_multiplier}"])
 
     def claimed_epsilon(self) -> float:
         """What the client's ledger says this one round costs (the guarantee under audit)."""

@@ -173,8 +173,9 @@ class AdapterFedAvg(FedAvg):
         if self.products is not None:
             record.aggregation_error = aggregation_error(self.products, replies, merged)
         new_global = renormalise(apply_update(self._global, merged, self.server_lr), self.structure)
-        losses = [(w, float(m["train_loss"])) for w, m in zip(examples, record.accepted) if "train_loss" in m]
-        if losses:  # non-DP rounds only: under DP a raw loss is private and never sent
+        key = "dp-train-loss" if self.dp else "train_loss"  # under DP only the privatised release travels
+        losses = [(w, float(m[key])) for w, m in zip(examples, record.accepted) if key in m]
+        if losses:
             record.train_loss = sum(w * loss for w, loss in losses) / sum(w for w, _ in losses)
         summary = MetricRecord({"clients": len(deltas), "dropped": len(record.dropped), "bytes_up": record.bytes_up,
                                 "capped": record.capped, "clipped": record.clipped,

@@ -70,6 +70,10 @@ def check_dp_event(metrics: Mapping[str, Any], rules: ReplyRules, examples: int)
         raise PayloadError(f"dp-noise-multiplier={sigma} is below the run's {dp.noise_multiplier}")
     if eps < 0:
         raise PayloadError(f"epsilon={eps} must be >= 0")
+    released = metrics.get("dp-train-loss")
+    if released is not None and not (dp.loss_noise_multiplier > 0 and isinstance(released, (int, float))
+                                     and math.isfinite(released)):
+        raise PayloadError(f"dp-train-loss={released!r}: a finite number, and only when the run releases the loss")
 
 
 def check_reply(metrics: Mapping[str, Any], rules: ReplyRules, server_round: int) -> float:

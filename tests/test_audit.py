@@ -46,3 +46,17 @@ def test_canary_audit_catches_the_loss_leak_and_passes_what_a_dp_client_now_send
     assert leaky.attack == "train_loss" and leaky.violates(claimed), leaky
     fixed = experiment.run(experiment.client_reply, runs=60)
     assert not fixed.violates(claimed), fixed
+
+
+@pytest.mark.slow
+def test_a_privatised_training_loss_keeps_the_claim():
+    """The same canary, with the client releasing its clipped, noised loss (sigma_l = 4) inside the accounted
+    mechanism: the claim (still sigma = 2 overall) survives an audit that sees the released loss."""
+    from simulations.audit import Canary, Experiment
+
+    canary = Canary(loss_noise_multiplier=4.0)
+    experiment = Experiment(canary)
+    metrics, _ = experiment.client_reply(canary.data(True))
+    assert "dp-train-loss" in metrics and "train_loss" not in metrics
+    result = experiment.run(experiment.client_reply, runs=60)
+    assert not result.violates(canary.claimed_epsilon()), result

@@ -86,3 +86,16 @@ def test_batch_norm_is_refused_under_dp():
     with pytest.raises(ValueError, match="BatchNorm"):
         check_dp_compatible(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
     check_dp_compatible(tiny_bert())  # LayerNorm is per example: fine
+
+
+def test_loss_release_clips_each_example_and_the_gradient_keeps_the_rest_of_the_budget(monkeypatch):
+    dp = DpSettings(noise_multiplier=2.0, max_grad_norm=1.0, sample_rate=0.1, num_examples=100,
+                    loss_noise_multiplier=4.0, loss_clip=3.0)
+    monkeypatch.setattr(secure_rng, "normal", lambda shape, std, dtype=torch.float32: torch.zeros(shape, dtype=dtype))
+    assert dp.noised_loss_sum(torch.tensor([0.5, 7.0, -1.0])) == pytest.approx(0.5 + 3.0 + 0.0)
+    assert dp.noised_loss_sum(None) == 0.0  # an empty batch releases noise only
+    sigma_g = dp.gradient_noise_multiplier
+    assert 1 / 2.0 ** 2 == pytest.approx(1 / sigma_g ** 2 + 1 / 4.0 ** 2) and sigma_g > 2.0
+    with pytest.raises(ValueError, match="must exceed"):
+        DpSettings(noise_multiplier=2.0, max_grad_norm=1.0, sample_rate=0.1, num_examples=100,
+                   loss_noise_multiplier=1.5, loss_clip=3.0).gradient_noise_multiplier

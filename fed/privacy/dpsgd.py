@@ -27,17 +27,42 @@ from fed.privacy import secure_rng
 
 @dataclass(frozen=True)
 class DpSettings:
-    """The mechanism of one local round; ``sample_rate`` is the Poisson rate the accountant sees."""
+    """The mechanism of one local round; ``sample_rate`` is the Poisson rate the accountant sees.
+
+    Each step releases the noised sum of clipped gradients and, when ``loss_noise_multiplier`` > 0, the
+    noised sum of the batch's per-example losses clipped to [0, ``loss_clip``], from the same Poisson
+    batch. Together they are one Gaussian mechanism whose per-example sensitivity, in units of each
+    part's noise, is sqrt(1/sigma_g^2 + 1/sigma_l^2): exactly a single Gaussian of noise multiplier
+    ``noise_multiplier`` (what the accountant composes) when the gradient's own noise is
+    ``gradient_noise_multiplier``.
+    """
 
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
     num_examples: int
     mode: str = "hooks"
+    loss_noise_multiplier: float = 0.0
+    loss_clip: float = 0.0
 
     @property
     def expected_batch_size(self) -> int:
         return max(1, round(self.sample_rate * self.num_examples))
+
+    @property
+    def gradient_noise_multiplier(self) -> float:
+        """The gradient's share: ``1/sigma^2 = 1/sigma_g^2 + 1/sigma_l^2`` solved for sigma_g."""
+        if self.loss_noise_multiplier <= 0:
+            return self.noise_multiplier
+        if self.loss_noise_multiplier <= self.noise_multiplier:
+            raise ValueError(f"dp.loss_noise_multiplier={self.loss_noise_multiplier:g} must exceed the accounted "
+                             f"noise multiplier {self.noise_multiplier:.4g}: the loss release would use the whole budget")
+        return (self.noise_multiplier ** -2 - self.loss_noise_multiplier ** -2) ** -0.5
+
+    def noised_loss_sum(self, per_example_loss: torch.Tensor | None) -> float:
+        """One step's loss release: the clipped losses of the batch summed, plus Gaussian noise (CSPRNG)."""
+        clipped = 0.0 if per_example_loss is None else float(per_example_loss.detach().clamp(0, self.loss_clip).sum())
+        return clipped + float(secure_rng.normal((1,), self.loss_noise_multiplier * self.loss_clip, torch.float64))
 
 
 def poisson_batches(num_examples: int, sample_rate: float, steps: int) -> Iterator[list[int]]:
@@ -111,7 +136,7 @@ class DpStepper:
         self.module = prepare_module(model, dp.mode, batch_first=True, loss_reduction="mean", **extra)
         base = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=dp.mode)
         secure = type(f"Secure{base.__name__}", (SecureNoise, base), {})
-        self.optimizer = secure(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+        self.optimizer = secure(optimizer, noise_multiplier=dp.gradient_noise_multiplier, max_grad_norm=dp.max_grad_norm,
                                 expected_batch_size=dp.expected_batch_size, loss_reduction="mean")
         self.ghost = ghost
 

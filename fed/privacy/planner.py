@@ -85,7 +85,12 @@ def plan_round(dp: DPConfig, ledger: Ledger, *, num_examples: int, batch_size: i
         return RoundPlan(None, 0)
     steps = ledger.affordable_steps(DpSgdEvent(round_, ledger.noise_multiplier, q, local_steps, run))
     settings = DpSettings(noise_multiplier=ledger.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                          sample_rate=q, num_examples=num_examples, mode=dp.grad_sample_mode)
+                          sample_rate=q, num_examples=num_examples, mode=dp.grad_sample_mode,
+                          loss_noise_multiplier=dp.loss_noise_multiplier, loss_clip=dp.loss_clip)
+    try:
+        settings.gradient_noise_multiplier  # noqa: B018  (the loss release must leave the gradient some budget)
+    except ValueError as err:
+        return RoundPlan(None, 0, refused=str(err))
     return RoundPlan(settings, steps)
 
 

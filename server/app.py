@@ -18,7 +18,7 @@ from fed.export import export_adapter
 from fed.privacy.book import LedgerBook
 from fed.reports.curves import plot_curves
 from fed.rundir import RunDir
-from fed.session import adapted_model
+from fed.session import adapted_model, server_preflight
 from fed.wire import config_record, from_record, metas, to_record
 from strategies.fedavg import AdapterFedAvg
 
@@ -30,6 +30,7 @@ RoundCallback = Callable[[dict[str, Any]], None]
 def main(grid: Grid, context: Context) -> None:
     """Entry point under ``flwr run``: the run-config names a preset plus any dotted overrides."""
     cfg = from_run_config(context.run_config)
+    server_preflight(cfg)  # config and model only: a deployed server holds no client data
     run_dir = RunDir.create(str(context.run_config.get("out", "runs")), cfg)
     run_federation(grid, cfg, run_dir)
 

@@ -22,7 +22,7 @@ from transformers.utils import logging as transformers_logging
 from clients.app import app as client_app
 from fed.config import RunConfig
 from fed.rundir import RunDir
-from fed.session import preflight
+from fed.session import preflight, with_local_labels
 from server.app import run_federation
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -74,6 +74,7 @@ def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", consol
     _quiet(verbose)
     console = console or Console(stderr=True)
     with console.status("loading the model and partitioning the data…"):
+        cfg = with_local_labels(cfg)
         preflight(cfg)
     run_dir = RunDir.create(out, cfg, name)
     columns = (TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -25,6 +25,8 @@ LEDGER_KEY = "privacy-ledger"
 
 
 def _ledger_file(context: Context, partition_id: int) -> Path | None:
+    if context.node_config.get("state-dir"):  # the node's state directory (deployment)
+        return Path(str(context.node_config["state-dir"])) / f"ledger-{partition_id}.json"
     folder = context.node_config.get("ledger-dir")
     return Path(str(folder)) / f"client-{partition_id}.json" if folder else None
 

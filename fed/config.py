@@ -365,4 +365,5 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     values = {k: v for k, v in run_config.items() if v != ""}
     preset = str(values.pop("preset", "quickstart"))
     values.pop("out", None)
+    values.pop("name", None)
     return resolve(preset, values)

@@ -31,7 +31,7 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point under ``flwr run``: the run-config names a preset plus any dotted overrides."""
     cfg = from_run_config(context.run_config)
     server_preflight(cfg)  # config and model only: a deployed server holds no client data
-    run_dir = RunDir.create(str(context.run_config.get("out", "runs")), cfg)
+    run_dir = RunDir.create(str(context.run_config.get("out", "runs")), cfg, str(context.run_config.get("name", "")))
     run_federation(grid, cfg, run_dir)
 
 

@@ -13,19 +13,25 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from fed.adapters import Adapter
+from fed.models import loadable_name
 
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
 def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str) -> Path:
-    """Save every adapter tensor (sent or frozen-shared) and the config that describes it."""
+    """Save every adapter tensor (sent or frozen-shared) and the config that describes it.
+
+    ``adapter_config.json`` names the base model by an identifier PEFT can load (hub id or absolute path);
+    ``fedlora.json`` keeps the name the run was configured with as well.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    loadable = loadable_name(base_model, task)
     tensors = adapter.state(adapter.names())
     spec = adapter.spec
     heads = sorted({name.rsplit(".", 1)[0] for g in adapter.groups if g.name == "head" for name in g.params})
     (out / "fedlora.json").write_text(json.dumps({
         "kind": spec.kind, "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets),
-        "task": task, "base_model": base_model,
+        "task": task, "base_model": base_model, "base_model_name_or_path": loadable,
         "groups": [{"name": g.name, "trainable": g.trainable, "sent": g.sent, "aggregation": g.aggregation.value,
                     "params": list(g.params)} for g in adapter.groups],
     }, indent=2))
@@ -38,6 +44,6 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str) -
         "peft_type": "LORA", "task_type": PEFT_TASK_TYPES[task], "r": spec.rank, "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout, "target_modules": list(spec.targets), "bias": "none",
         "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": heads or None,
-        "base_model_name_or_path": base_model, "inference_mode": True,
+        "base_model_name_or_path": loadable, "inference_mode": True,
     }, indent=2))
     return out

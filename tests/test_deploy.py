@@ -74,13 +74,15 @@ def deployed(tmp_path_factory, tiny_model_dir):
     return layout, run_dir, refused_code
 
 
-def test_the_run_completes_on_both_nodes(deployed):
+def test_the_run_completes_on_both_nodes(deployed, tiny_model_dir):
     _, run_dir, _ = deployed
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [1, 2]
     assert all(line["clients"] == 2 and line["dropped"] == [] for line in lines)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "checkpoints" / "latest.safetensors").is_file()
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
 
 
 def test_every_client_keeps_its_ledger_and_the_server_agrees(deployed):

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fed.config import ConfigError, preset_names, resolve
+from simulations import deploy_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", default="runs", help="parent folder of the run directory (default: runs)")
     sim.add_argument("--name", default="", help="run directory name (default: time and adapter)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    deploy_cli.add_commands(commands)
     return parser
 
 
@@ -49,6 +51,8 @@ def _summary(lines: list[dict]) -> Table:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
+    if args.command == "deploy":
+        return deploy_cli.run_command(args, console)
     try:
         cfg = resolve(args.preset, args.overrides)
     except ConfigError as err:

@@ -77,13 +77,13 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
         expected=metas(initial), kinds=adapter.aggregation_of(), fingerprint=adapter.fingerprint(),
         server_lr=fed.server_lr, fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=1, min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
-        min_available_nodes=fed.num_clients,
+        min_available_nodes=fed.min_available or fed.num_clients, min_replies=fed.min_replies,
     )
     book = LedgerBook(cfg.dp)
     recorder = RoundRecorder(strategy, book, run_dir, on_round)
     result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=fed.rounds,
-                            train_config=config_record(cfg), evaluate_config=config_record(cfg),
-                            evaluate_fn=recorder)
+                            timeout=fed.round_timeout, train_config=config_record(cfg),
+                            evaluate_config=config_record(cfg), evaluate_fn=recorder)
     run_dir.write_privacy(book.report())
     if len(result.arrays):  # empty when no round aggregated anything: keep the initial adapter
         adapter.load(from_record(result.arrays, metas(initial)))

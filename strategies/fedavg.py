@@ -56,8 +56,11 @@ class AdapterFedAvg(FedAvg):
     """FedAvg over adapter deltas, with a server learning rate and per-kind aggregation rules."""
 
     def __init__(self, *, expected: Mapping[str, TensorMeta], kinds: Mapping[str, Aggregation], fingerprint: int,
-                 server_lr: float = 1.0, **fedavg: Any) -> None:
+                 server_lr: float = 1.0, min_replies: int = 1, **fedavg: Any) -> None:
         super().__init__(**fedavg)
+        self.min_replies = min_replies
+        """Fewest valid replies that may move the global adapter: a round left with fewer (crashed nodes,
+        stragglers past the timeout, dropped replies) keeps the previous global."""
         self.expected = dict(expected)
         self.kinds = dict(kinds)
         self.fingerprint = fingerprint
@@ -98,8 +101,9 @@ class AdapterFedAvg(FedAvg):
                 continue
             weights.append(weight)
             record.accepted.append(metrics)
-        if not deltas:
-            log.warning("round %d: no valid replies; the global adapter is unchanged", server_round)
+        if len(deltas) < self.min_replies:
+            log.warning("round %d: %d valid replies, fewer than min_replies=%d; the global adapter is unchanged",
+                        server_round, len(deltas), self.min_replies)
             return None, None
         merged = aggregate(deltas, weights, self.kinds)
         new_global = apply_update(self._global, merged, self.server_lr)

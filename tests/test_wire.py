@@ -95,3 +95,12 @@ def test_strategy_drops_bad_replies_and_averages_the_rest():
 
 def test_meta_sizes():
     assert TensorMeta((3, 2)).nbytes == 24
+
+
+def test_a_round_with_fewer_valid_replies_than_min_replies_keeps_the_global():
+    strategy = AdapterFedAvg(expected=EXPECTED, kinds={k: Aggregation.MEAN for k in GLOBAL}, fingerprint=FP,
+                             min_replies=2)
+    strategy._global = {k: v.clone() for k, v in GLOBAL.items()}
+    assert strategy.aggregate_train(1, [_reply(_record()), _reply(_record(), fingerprint=FP + 1)]) == (None, None)
+    arrays, metrics = strategy.aggregate_train(2, [_reply(_record()), _reply(_record())])
+    assert arrays is not None and metrics["clients"] == 2

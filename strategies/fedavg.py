@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -68,8 +69,15 @@ class AdapterFedAvg(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         self._global: dict[str, torch.Tensor] = {}
 
+    def _await_nodes(self, grid: Grid) -> None:
+        """Wait for ``min_available_nodes`` before sampling. FedAvg sizes its sample from the nodes connected
+        *before* it waits, so a round opened while a restarted node was reconnecting sampled too few."""
+        while len(list(grid.get_node_ids())) < self.min_available_nodes:
+            time.sleep(1.0)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self._await_nodes(grid)
         self._global = from_record(arrays, self.expected)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.rounds[server_round] = RoundLog(bytes_down=arrays.count_bytes() * len(messages))
@@ -114,6 +122,12 @@ class AdapterFedAvg(FedAvg):
         summary = MetricRecord({"train_loss": record.train_loss, "clients": len(deltas),
                                 "dropped": len(record.dropped), "bytes_up": record.bytes_up})
         return to_record(new_global), summary
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate > 0:
+            self._await_nodes(grid)
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = super().aggregate_evaluate(server_round, replies)

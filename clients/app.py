@@ -1,13 +1,15 @@
 """Flower ClientApp: decode the global adapter -> train locally (DP-SGD if enabled) -> send the delta.
 
 The base model stays loaded between rounds in the worker process (see ``fed.session``). The privacy
-ledger lives in the node's Flower context state, and also in ``<ledger-dir>/client-<id>.json`` when
-the node config names a ``ledger-dir``, so it survives a restarted SuperNode.
+ledger lives in the node's Flower context state, and also in ``<state-dir>/ledger-<id>.json`` when the
+node config names a ``state-dir`` (a simulation's clients: ``$FEDLORA_STATE_DIR``), so it survives a
+restarted SuperNode or a resumed run (older key: ``ledger-dir``, file ``client-<id>.json``).
 """
 
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -22,11 +24,14 @@ from fed.wire import config_from_record, from_record, metas, to_record
 
 app = ClientApp()
 LEDGER_KEY = "privacy-ledger"
+STATE_DIR_ENV = "FEDLORA_STATE_DIR"
+"""Where simulated clients keep their state (a simulation gives no per-node config): set by ``fed simulate``."""
 
 
 def _ledger_file(context: Context, partition_id: int) -> Path | None:
-    if context.node_config.get("state-dir"):  # the node's state directory (deployment)
-        return Path(str(context.node_config["state-dir"])) / f"ledger-{partition_id}.json"
+    state_dir = context.node_config.get("state-dir") or os.environ.get(STATE_DIR_ENV)  # node's, or simulation's
+    if state_dir:
+        return Path(str(state_dir)) / f"ledger-{partition_id}.json"
     folder = context.node_config.get("ledger-dir")
     return Path(str(folder)) / f"client-{partition_id}.json" if folder else None
 

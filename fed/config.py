@@ -366,4 +366,5 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     preset = str(values.pop("preset", "quickstart"))
     values.pop("out", None)
     values.pop("name", None)
+    values.pop("resume", None)
     return resolve(preset, values)

@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", default="runs", help="parent folder of the run directory (default: runs)")
     sim.add_argument("--name", default="", help="run directory name (default: time and adapter)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last completed round "
+                     "(with its own config; --preset and --set are ignored)")
     deploy_cli.add_commands(commands)
     return parser
 
@@ -58,11 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
-    from simulations.run import simulate  # heavy imports (torch, flwr) only once the config is valid
+    from simulations.run import resume, simulate  # heavy imports (torch, flwr) only once the config is valid
 
     try:
-        run_dir = simulate(cfg, args.out, name=args.name, console=console, verbose=args.verbose)
-    except ConfigError as err:  # the data or model does not fit this config (found before any worker starts)
+        if args.resume:
+            run_dir = resume(args.resume, console=console, verbose=args.verbose)
+        else:
+            run_dir = simulate(cfg, args.out, name=args.name, console=console, verbose=args.verbose)
+    except ConfigError as err:  # the data or model does not fit this config, or nothing to resume
         console.print(f"[red]error:[/red] {err}")
         return 2
     console.print(_summary(run_dir.metrics()))

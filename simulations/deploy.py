@@ -101,11 +101,13 @@ def supernode_command(layout: Layout, node: int, superlink: str, port: int, conf
             "--auth-supernode-private-key", str(key or layout.pki.node_key(node))]
 
 
-def run_config_file(cfg: RunConfig, out: Path, name: str, path: Path) -> Path:
+def run_config_file(cfg: RunConfig, out: Path, name: str, path: Path, resume: Path | None = None) -> Path:
     """The resolved config as a ``flwr run --run-config`` TOML file: every key explicit, lists as
-    comma-separated strings (Flower's run-config holds scalars only)."""
+    comma-separated strings (Flower's run-config holds scalars only). With ``resume`` the server continues
+    that run directory with the config it started with."""
     flat: dict[str, Any] = {k: ",".join(v) if isinstance(v, list) else v for k, v in cfg.to_flat().items()}
-    nested: dict[str, Any] = {"out": str(out.resolve()), "name": name}
+    nested: dict[str, Any] = {"out": str(out.resolve()), "name": name,
+                              "resume": str(resume.resolve()) if resume is not None else ""}
     for key, value in flat.items():
         section, _, leaf = key.rpartition(".")
         (nested.setdefault(section, {}) if section else nested)[leaf] = value
@@ -233,15 +235,18 @@ class Cluster:
         name = name or f"node-{node}"
         return self.procs.start(name, cmd, env(state / "flwr-home"), self.layout.log(name), cwd=state)
 
-    def launch(self, cfg: RunConfig, name: str) -> subprocess.Popen:
-        """``flwr run <app> fedlora --stream`` with the resolved config; the run directory is runs/<name>."""
-        config = run_config_file(cfg, self.layout.root / "runs", name, self.layout.root / f"{name}.run-config.toml")
+    def launch(self, cfg: RunConfig, name: str, resume: bool = False) -> subprocess.Popen:
+        """``flwr run <app> fedlora --stream`` with the resolved config; the run directory is runs/<name>
+        (continued from its last checkpoint with ``resume``)."""
+        runs = self.layout.root / "runs"
+        config = run_config_file(cfg, runs, name, self.layout.root / f"{name}.run-config.toml",
+                                 resume=runs / name if resume else None)
         return self.procs.start("flwr-run", ["flwr", "run", str(APP_DIR), CONNECTION, "--stream", "--run-config",
                                              str(config)], self.cli_env, self.layout.log(f"flwr-run-{name}"))
 
-    def run(self, cfg: RunConfig, name: str, timeout: float) -> Path:
+    def run(self, cfg: RunConfig, name: str, timeout: float, resume: bool = False) -> Path:
         """Launch and wait; the finished run directory, or RuntimeError pointing at the logs."""
-        proc = self.launch(cfg, name)
+        proc = self.launch(cfg, name, resume)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

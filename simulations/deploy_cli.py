@@ -62,6 +62,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     run = steps.add_parser("run", help="launch a run on the SuperLink (flwr run) and stream its log")
     _common(run)
     _config(run)
+    run.add_argument("--resume", action="store_true",
+                     help="continue <dir>/runs/<name> from its last checkpoint (with the config it started with)")
     local = steps.add_parser("local", help="keys, SuperLink, one SuperNode per --data file, the run, teardown")
     _common(local)
     _config(local)
@@ -103,7 +105,8 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
     cfg = resolve(args.preset, args.overrides)
     if args.step == "run":
         with deploy.Cluster(layout) as cluster:  # only to launch and wait; the SuperLink runs elsewhere
-            run_dir = cluster.run(cfg, args.name, timeout=cfg.federation.round_timeout * cfg.federation.rounds * 2)
+            run_dir = cluster.run(cfg, args.name, timeout=cfg.federation.round_timeout * cfg.federation.rounds * 2,
+                                  resume=args.resume)
     else:
         run_dir = deploy.deploy_local(cfg, args.data, layout.root, insecure=args.insecure, name=args.name)
     console.print(f"run directory: [bold]{run_dir}[/bold]")

@@ -67,6 +67,9 @@ class AdapterFedAvg(FedAvg):
         self.fingerprint = fingerprint
         self.server_lr = server_lr
         self.rounds: dict[int, RoundLog] = {}
+        self.round_offset = 0
+        """Rounds completed before this process started (a resumed run): Flower counts from 1 again, the
+        run's round numbers (messages, logs, ledgers) continue."""
         self._global: dict[str, torch.Tensor] = {}
 
     def _await_nodes(self, grid: Grid) -> None:
@@ -78,6 +81,7 @@ class AdapterFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._await_nodes(grid)
+        server_round += self.round_offset
         self._global = from_record(arrays, self.expected)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.rounds[server_round] = RoundLog(bytes_down=arrays.count_bytes() * len(messages))
@@ -85,6 +89,7 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
         record = self.rounds.setdefault(server_round, RoundLog())
         for msg in failed:
@@ -127,10 +132,10 @@ class AdapterFedAvg(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         if self.fraction_evaluate > 0:
             self._await_nodes(grid)
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
-            self.rounds.setdefault(server_round, RoundLog()).evaluate = dict(metrics)
+            self.rounds.setdefault(server_round + self.round_offset, RoundLog()).evaluate = dict(metrics)
         return metrics

@@ -44,6 +44,10 @@ def test_privacy_ledger_is_per_client_and_within_target(dp_run):
         assert entry["steps"] == 2 * 4 and len(entry["events"]) == 2
         assert entry["noise_multiplier"] > 0 and 0 < entry["sample_rate"] < 1
         assert entry["client_reported_epsilon"] == pytest.approx(entry["epsilon"])
+    for cid in ("0", "1", "2"):  # each simulated client's own ledger, kept where a resumed run finds it
+        own = json.loads((run.path / "clients" / f"ledger-{cid}.json").read_text())
+        assert [e["round"] for e in own["events"]] == [1, 2]
+        assert own["epsilon"] == pytest.approx(privacy["clients"][cid]["epsilon"])
 
 
 def test_exported_adapter_has_b_trained_and_a_frozen(dp_run):

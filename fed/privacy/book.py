@@ -6,9 +6,10 @@ with its own accountant and cross-check each client's own epsilon. The result is
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from fed.config import DPConfig
@@ -70,3 +71,14 @@ class LedgerBook:
         return {"enabled": self.dp.enabled, "guarantee": GUARANTEE if self.dp.enabled else "none (DP disabled)",
                 "accountant": self.dp.accountant, "delta": self.dp.delta, "target_epsilon": self.dp.target_epsilon,
                 "max_epsilon": self.max_epsilon(), "clients": clients}
+
+    def to_json(self) -> str:
+        """Everything needed to continue the book after a restart (the checkpoint stores it each round)."""
+        return json.dumps({"dp": asdict(self.dp), "ledgers": {str(c): l.to_dict() for c, l in self.ledgers.items()},
+                           "reported_epsilon": {str(c): e for c, e in self.reported_epsilon.items()}})
+
+    @classmethod
+    def from_json(cls, text: str) -> LedgerBook:
+        data = json.loads(text)
+        return cls(DPConfig(**data["dp"]), {int(c): Ledger.from_dict(l) for c, l in data["ledgers"].items()},
+                   {int(c): float(e) for c, e in data["reported_epsilon"].items()})

@@ -297,7 +297,16 @@ def _check_labels(c: RunConfig) -> list[str]:
     return problems
 
 
-_CHECKS = (_check_choices, _check_ranges, _check_dp, _check_labels)
+def _check_federation(c: RunConfig) -> list[str]:
+    f, problems = c.federation, []
+    for name in ("min_replies", "min_available"):
+        if getattr(f, name) > f.num_clients:
+            problems.append(f"federation.{name}={getattr(f, name)} exceeds federation.num_clients={f.num_clients}: "
+                            "the run would wait forever")
+    return problems
+
+
+_CHECKS = (_check_choices, _check_ranges, _check_dp, _check_labels, _check_federation)
 
 
 def _bullets(problems: list[str]) -> str:

@@ -65,7 +65,8 @@ def node_data(cfg: RunConfig, path: str) -> ClientData:
     if not file.is_file():
         raise ValueError(f"data-path={path!r} is not a file on this node")
     if file.suffix.lower() not in FILE_FORMATS:
-        raise ValueError(f"data-path={path!r}: unsupported file type {file.suffix!r}; accepted: {', '.join(FILE_FORMATS)}")
+        raise ValueError(f"data-path={path!r}: unsupported file type {file.suffix!r}; "
+                         f"accepted: {', '.join(FILE_FORMATS)}")
     d = cfg.data
     try:
         ds = load_task_dataset(str(file), cfg.task, text_column=d.text_column, label_column=d.label_column,

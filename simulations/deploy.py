@@ -214,7 +214,8 @@ class Cluster:
         if self.insecure:
             log.warning(INSECURE_WARNING)
         elif not self.layout.pki.ca.is_file():
-            raise FileNotFoundError(f"no CA in {self.layout.pki.root}; run `fed deploy keys` first (or ask for --insecure)")
+            raise FileNotFoundError(f"no CA in {self.layout.pki.root}; run `fed deploy keys` first "
+                                    "(or ask for --insecure)")
         self.port = self.port or free_port()
         write_connection(self.layout.flwr_home, self.address, self.ca)
         self.procs.start("superlink", superlink_command(self.layout, self.host, self.port, insecure=self.insecure),

@@ -66,6 +66,8 @@ def test_a_data_file_without_labels_in_the_config_is_refused():
     (["data.labels=a,a"], "repeats"),
     (["data.labels=a,b", "data.num_labels=3"], "num_labels=3"),
     (["data.num_labels=1"], "at least 2"),
+    (["federation.num_clients=2", "federation.min_replies=3"], "min_replies=3 exceeds"),
+    (["federation.num_clients=2", "federation.min_available=5"], "min_available=5 exceeds"),
 ])
 def test_bad_label_settings_are_named(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -9,12 +9,14 @@ restarted SuperNode or a resumed run (older key: ``ledger-dir``, file ``client-<
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fed.nodedata import NodeDataError
 from fed.privacy.ledger import DpSgdEvent, Ledger, write_atomic
 from fed.privacy.planner import new_ledger, plan_round, private_generator
 from fed.seeding import generator
@@ -23,6 +25,7 @@ from fed.train import evaluate, train_round
 from fed.wire import config_from_record, from_record, metas, to_record
 
 app = ClientApp()
+log = logging.getLogger("flwr")  # Flower's logger: what the SuperNode's operator sees
 LEDGER_KEY = "privacy-ledger"
 STATE_DIR_ENV = "FEDLORA_STATE_DIR"
 """Where simulated clients keep their state (a simulation gives no per-node config): set by ``fed simulate``."""
@@ -64,7 +67,11 @@ def _receive(msg: Message, context: Context):
         raise ValueError(f"this node is one of num-partitions={partitions}, but the run config says "
                          f"federation.num_clients={cfg.federation.num_clients}; make them equal "
                          "(e.g. flwr run --federation-config num-supernodes=N with federation.num_clients=N)")
-    session = client_session(cfg, partition_id, data_path)
+    try:
+        session = client_session(cfg, partition_id, data_path)
+    except NodeDataError as err:  # details (they may quote the private file) stay in this node's log
+        log.error("%s", err)
+        raise ValueError(err.public) from None
     global_ = from_record(msg.content.array_records["arrays"], metas(session.adapter.sent_state()))
     session.adapter.load(global_)
     return cfg, int(config["server-round"]), partition_id, session, global_

@@ -17,6 +17,16 @@ from fed.config import ConfigError, RunConfig
 from fed.data import BUILTIN_LABELS, FILE_FORMATS, ClientData, hold_out, label_names, load_task_dataset
 
 
+class NodeDataError(ValueError):
+    """A node's data file that cannot be used. ``str()`` is the full detail for the node's own log (it may
+    quote the file: column names, label values, parser output); ``public`` says only what kind of problem
+    it is, the one part that may leave the node in its error reply (see the privacy rule in docs/privacy.md)."""
+
+    def __init__(self, detail: str, public: str) -> None:
+        super().__init__(detail)
+        self.public = f"this node's data file cannot be used: {public} (details in the node's log)"
+
+
 def run_labels(cfg: RunConfig) -> tuple[str, ...] | None:
     """Class names of a classification run, index i naming class i, without touching any data; None for
     causal LM. Raises ConfigError when only a data file could tell (set ``data.labels`` then)."""
@@ -50,8 +60,9 @@ def align_labels(ds: Dataset, names: Sequence[str], source: str) -> Dataset:
         else:
             outside.append(label)
     if outside:
-        raise ValueError(f"{source}: label(s) {outside} are outside the run's label set {names} (data.labels); "
-                         f"accepted: those names or their indices 0..{len(names) - 1}")
+        raise NodeDataError(f"{source}: label(s) {outside} are outside the run's label set {names} (data.labels); "
+                            f"accepted: those names or their indices 0..{len(names) - 1}",
+                            f"labels outside the run's label set {names}")
     features = Features({**ds.features, "label": ClassLabel(names=names)})
     return ds.map(lambda batch: {"label": [mapping[y] for y in batch["label"]]}, batched=True,
                   features=features, keep_in_memory=True)
@@ -59,24 +70,27 @@ def align_labels(ds: Dataset, names: Sequence[str], source: str) -> Dataset:
 
 def node_data(cfg: RunConfig, path: str) -> ClientData:
     """A node's own file (``--node-config data-path=...``), shaped for the run and split into its train and
-    held-out rows. Raises ValueError naming the file and what is wrong with it; the client's reply then
-    carries that error and the round goes on without this node."""
+    held-out rows. Raises NodeDataError naming the file and what is wrong with it; the client's reply then
+    carries the error's public part and the round goes on without this node."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ValueError(f"data-path={path!r} is not a file on this node")
+        raise NodeDataError(f"data-path={path!r} is not a file on this node", "data-path is not a file")
     if file.suffix.lower() not in FILE_FORMATS:
-        raise ValueError(f"data-path={path!r}: unsupported file type {file.suffix!r}; "
-                         f"accepted: {', '.join(FILE_FORMATS)}")
+        raise NodeDataError(f"data-path={path!r}: unsupported file type {file.suffix!r}; "
+                            f"accepted: {', '.join(FILE_FORMATS)}",
+                            f"unsupported file type; accepted: {', '.join(FILE_FORMATS)}")
     d = cfg.data
     try:
         ds = load_task_dataset(str(file), cfg.task, text_column=d.text_column, label_column=d.label_column,
                                max_examples=d.max_examples, seed=cfg.seed)
     except Exception as err:  # pyarrow, pandas and datasets each raise their own types for a malformed file
-        raise ValueError(f"data-path={path!r} could not be read as {FILE_FORMATS[file.suffix.lower()]}: "
-                         f"{type(err).__name__}: {err}") from err
+        raise NodeDataError(f"data-path={path!r} could not be read as {FILE_FORMATS[file.suffix.lower()]}: "
+                            f"{type(err).__name__}: {err}",
+                            f"empty, malformed or missing the configured columns "
+                            f"({d.text_column!r}, {d.label_column!r})") from err
     if len(ds) < 2:
-        raise ValueError(f"data-path={path!r} holds {len(ds)} usable row(s); a node needs at least 2 "
-                         "(one to train on, one held out)")
+        raise NodeDataError(f"data-path={path!r} holds {len(ds)} usable row(s); a node needs at least 2 "
+                            "(one to train on, one held out)", "fewer than 2 usable rows")
     names = run_labels(cfg)
     if names is not None:
         ds = align_labels(ds, names, f"data-path={path!r}")

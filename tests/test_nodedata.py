@@ -10,7 +10,7 @@ import pytest
 import fed.data
 import fed.session
 from fed.config import ConfigError, resolve
-from fed.nodedata import node_data, run_labels
+from fed.nodedata import NodeDataError, node_data, run_labels
 from fed.session import adapted_model, server_preflight
 
 LABELS = ("pos", "neg", "meh")  # deliberately not sorted: a node must not re-encode by its own order
@@ -104,6 +104,31 @@ def test_bad_node_files_say_what_is_wrong(tmp_path, content, suffix, pattern):
     path = tmp_path / f"bad{suffix}"
     if content is not None:
         path.write_text(content)
-    with pytest.raises(ValueError, match=pattern) as err:
+    with pytest.raises(NodeDataError, match=pattern) as err:
         node_data(_cfg(), str(path))
     assert "data-path=" in str(err.value)
+    # What may leave the node names the kind of problem, never the file's contents or its path
+    for private in ("angry", "sad", "hello", "'text'", str(tmp_path)):
+        assert private not in err.value.public
+
+
+def test_a_bad_node_replies_with_the_public_reason_only(tmp_path, monkeypatch):
+    """What Flower sends back is the exception's text: it must name the kind of problem, not the data."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients.app import train
+    from fed.wire import config_record
+
+    for key in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1, raising=False)
+    path = _write(tmp_path / "mine.csv", [{"body": "secret words", "tag": "angry"}] * 3, "csv")
+    cfg = _cfg("federation.num_clients=1")
+    msg = Message(RecordDict({"config": config_record(cfg, **{"server-round": 1})}), dst_node_id=1,
+                  message_type="train")
+    context = Context(run_id=1, node_id=1, node_config={"data-path": path, "partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    with pytest.raises(ValueError) as err:
+        train(msg, context)
+    assert "labels outside the run's label set ['pos', 'neg', 'meh']" in str(err.value)
+    assert "angry" not in str(err.value) and "secret" not in str(err.value) and path not in str(err.value)

@@ -4,12 +4,14 @@ The base model stays loaded between rounds in the worker process (see ``fed.sess
 owns its privacy: its policy comes from its own node config, never from the server; its ledger is a
 file in its state directory (node config ``state-dir``, else ``$FEDLORA_STATE_DIR``, else
 ``~/.local/state/fedlora``), written atomically after every DP round, merged with the events the
-server returns, and never silently replaced: a ledger that cannot be read stops the client.
+server returns, and never silently replaced: a ledger that cannot be read stops the client. A node
+may bring its own data file (node config ``data-path``); errors about it stay in the node's log.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,6 +19,7 @@ from typing import Any, Mapping
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fed.nodedata import NodeDataError
 from fed.privacy.ledger import DpSgdEvent, Ledger, events_from_json, write_atomic
 from fed.privacy.planner import new_ledger, plan_round
 from fed.privacy.policy import Policy
@@ -27,13 +30,16 @@ from fed.train import evaluate, train_round
 from fed.wire import config_from_record, from_record, metas, to_record, usage_metrics
 
 app = ClientApp()
+log = logging.getLogger("flwr")  # Flower's logger: what the SuperNode's operator sees
 KNOWN_EVENTS = "known-events"
 """Config key under which the server returns the DP events it holds for the receiving client."""
+STATE_DIR_ENV = "FEDLORA_STATE_DIR"
+"""Where simulated clients keep their state (a simulation gives no per-node config): set by ``fed simulate``."""
 
 
 def state_dir(node_config: Mapping[str, Any]) -> Path:
     """This node's state directory: chosen by whoever runs the node, never by the server."""
-    explicit = node_config.get("state-dir") or os.environ.get("FEDLORA_STATE_DIR")
+    explicit = node_config.get("state-dir") or os.environ.get(STATE_DIR_ENV)
     if explicit:
         return Path(str(explicit))
     return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "fedlora"
@@ -55,7 +61,7 @@ def load_ledger(path: Path, fresh: Ledger, server_events: str) -> Ledger:
         try:
             ledger.merge(events_from_json(server_events))
         except (ValueError, KeyError, TypeError) as err:  # only ever adds events: ignoring it is safe
-            print(f"ignoring the server's malformed copy of this client's events: {err}")
+            log.warning("ignoring the server's malformed copy of this client's events: %s", err)
     return ledger
 
 
@@ -64,12 +70,17 @@ def _receive(msg: Message, context: Context):
     config = msg.content.config_records["config"]
     cfg = config_from_record(config)
     partition_id = int(context.node_config.get("partition-id", 0))
+    data_path = str(context.node_config.get("data-path", "")) or None  # the node's own file, if it has one
     partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
-    if partitions != cfg.federation.num_clients:
+    if data_path is None and partitions != cfg.federation.num_clients:
         raise ValueError(f"this node is one of num-partitions={partitions}, but the run config says "
                          f"federation.num_clients={cfg.federation.num_clients}; make them equal "
                          "(e.g. flwr run --federation-config num-supernodes=N with federation.num_clients=N)")
-    session = client_session(cfg, partition_id)
+    try:
+        session = client_session(cfg, partition_id, data_path)
+    except NodeDataError as err:  # details (they may quote the private file) stay in this node's log
+        log.error("%s", err)
+        raise ValueError(err.public) from None
     global_ = from_record(msg.content.array_records["arrays"], metas(session.adapter.sent_state()))
     session.adapter.load(global_)
     return cfg, int(config["server-round"]), partition_id, session, global_

@@ -63,6 +63,13 @@ class FederationConfig:
     fraction_evaluate: float = 1.0
     server_lr: float = 1.0
     """Step size of the server update ``global += server_lr * weighted_mean(deltas)``."""
+    min_replies: int = 1
+    """Fewest valid training replies a round needs to update the global adapter (else it stays as it was)."""
+    min_available: int = 0
+    """Connected nodes a round waits for before sampling (0 = num_clients). Lower it so that rounds go on
+    while a crashed node is away."""
+    round_timeout: float = 3600.0
+    """Seconds a round waits for replies; a straggler past it is dropped from that round."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,11 @@ class DataConfig:
     """Keep a seeded subset of this many examples (0 = all): for quick runs."""
     text_column: str = "text"
     label_column: str = "label"
+    labels: tuple[str, ...] = ()
+    """Class names of a classification run, index i naming label i. They size the head without reading any
+    data (a deployed server has none); empty = a built-in dataset's names, or ``num_labels``."""
+    num_labels: int = 0
+    """Class count when the labels are the integers 0..num_labels-1 (0 = from ``labels`` or the dataset)."""
 
 
 @dataclass(frozen=True)
@@ -292,6 +304,9 @@ def _check_ranges(c: RunConfig) -> list[str]:
         + _at_least("strategy.max_delta_norm", c.strategy.max_delta_norm, 0.0)
         + ([] if c.strategy.clip != "fixed" or c.strategy.max_delta_norm > 0
            else ["strategy.clip='fixed' needs strategy.max_delta_norm > 0"])
+        + _at_least("federation.min_replies", c.federation.min_replies, 1)
+        + _at_least("federation.min_available", c.federation.min_available, 0)
+        + _at_least("federation.round_timeout", c.federation.round_timeout, 1e-3)
         + _at_least("data.alpha", c.data.alpha, 1e-12)
         + _at_least("data.classes_per_client", c.data.classes_per_client, 1)
         + _in_range("data.test_fraction", c.data.test_fraction, 0.0, 0.9)
@@ -325,7 +340,27 @@ def _check_dp(c: RunConfig) -> list[str]:
     return problems
 
 
-_CHECKS = (_check_choices, _check_ranges, _check_dp)
+def _check_labels(c: RunConfig) -> list[str]:
+    d, problems = c.data, _at_least("data.num_labels", c.data.num_labels, 0)
+    if len(set(d.labels)) != len(d.labels):
+        problems.append(f"data.labels={list(d.labels)} repeats a name; give each class once")
+    if d.labels and d.num_labels and d.num_labels != len(d.labels):
+        problems.append(f"data.num_labels={d.num_labels} but data.labels names {len(d.labels)} classes; give one")
+    if 0 < len(d.labels) < 2 or d.num_labels == 1:
+        problems.append("a classification run needs at least 2 classes in data.labels / data.num_labels")
+    return problems
+
+
+def _check_federation(c: RunConfig) -> list[str]:
+    f, problems = c.federation, []
+    for name in ("min_replies", "min_available"):
+        if getattr(f, name) > f.num_clients:
+            problems.append(f"federation.{name}={getattr(f, name)} exceeds federation.num_clients={f.num_clients}: "
+                            "the run would wait forever")
+    return problems
+
+
+_CHECKS = (_check_choices, _check_ranges, _check_dp, _check_labels, _check_federation)
 
 
 def _bullets(problems: list[str]) -> str:
@@ -393,4 +428,6 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     values = {k: v for k, v in run_config.items() if v != ""}
     preset = str(values.pop("preset", "quickstart"))
     values.pop("out", None)
+    values.pop("name", None)
+    values.pop("resume", None)
     return resolve(preset, values)

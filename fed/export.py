@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fed.adapters import Adapter, AdapterSpec, build, family
+from fed.models import loadable_name
 
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 NATIVE = "adapter.safetensors"
@@ -31,13 +32,19 @@ def _head_params(adapter: Adapter) -> list[str]:
 
 
 def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str) -> Path:
-    """Save every adapter tensor (sent or frozen-shared) and the config that describes it."""
+    """Save every adapter tensor (sent or frozen-shared) and the config that describes it.
+
+    ``adapter_config.json`` names the base model by an identifier PEFT can load (hub id or absolute path);
+    ``fedlora.json`` keeps the name the run was configured with as well.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    loadable = loadable_name(base_model, task)
     tensors = {k: v.contiguous() for k, v in adapter.state(adapter.names()).items()}
     spec = adapter.spec
     (out / DESCRIPTION).write_text(json.dumps({
         "kind": spec.kind, "spec": dataclasses.asdict(spec), "head": _head_params(adapter),
         "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "task": task, "base_model": base_model,
+        "base_model_name_or_path": loadable,
         "groups": [{"name": g.name, "trainable": g.trainable, "sent": g.sent, "aggregation": g.aggregation.value,
                     "params": list(g.params)} for g in adapter.groups],
     }, indent=2))
@@ -52,7 +59,7 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str) -
         "peft_type": "LORA", "task_type": PEFT_TASK_TYPES[task], "r": spec.rank, "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout, "target_modules": list(spec.targets), "bias": "none",
         "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": heads or None,
-        "base_model_name_or_path": base_model, "inference_mode": True,
+        "base_model_name_or_path": loadable, "inference_mode": True,
     }, indent=2))
     return out
 

@@ -95,6 +95,17 @@ def resolve_model_name(name: str, task: str) -> str:
     return name
 
 
+def loadable_name(name: str, task: str) -> str:
+    """The identifier tools outside fedlora load the base model by: a shipped model's hub id, a local
+    directory's absolute path, else the name itself (a hub id). Tiny test models have none; their alias stays."""
+    resolved = resolve_model_name(name, task)
+    e = EMBEDDED.get(resolved)
+    if e is not None:
+        return next((alias for alias in e.aliases if "/" in alias), resolved)
+    local = Path(resolved).expanduser()
+    return str(local.resolve()) if local.is_dir() else resolved
+
+
 def _package_dir(e: Embedded) -> Path:
     return package_file(e.module, e.package, e.path)
 

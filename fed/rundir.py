@@ -1,7 +1,8 @@
 """The run directory: everything a run leaves behind, written as it goes so a crash loses nothing.
 
 ``config.toml`` (resolved), ``metrics.jsonl`` (a line per round, appended and flushed at once),
-``privacy.json`` (per-client ledgers, rewritten atomically every round) and ``adapter/``.
+``privacy.json`` (per-client ledgers, rewritten atomically every round), ``checkpoints/latest.safetensors``
+(what a resumed run continues from) and ``adapter/``.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fed.config import RunConfig
+from fed.checkpoint import Checkpoint
+from fed.config import RunConfig, flatten
 from fed.privacy.ledger import write_atomic
 
 
@@ -37,6 +40,26 @@ class RunDir:
     @property
     def adapter(self) -> Path:
         return self.path / "adapter"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoints" / "latest.safetensors"
+
+    def config(self) -> RunConfig:
+        """The run's resolved config, as written when it started (what a resumed run must use)."""
+        return RunConfig.from_flat(flatten(tomllib.loads((self.path / "config.toml").read_text())))
+
+    def resume_point(self) -> Checkpoint:
+        """The last completed round's checkpoint, with the metric lines of any later, lost round dropped."""
+        checkpoint = Checkpoint.load(self.checkpoint)
+        self.keep_rounds_up_to(checkpoint.round)
+        return checkpoint
+
+    def keep_rounds_up_to(self, last_round: int) -> None:
+        """Drop metric lines past ``last_round``: a round logged but not checkpointed before a crash
+        is run again on resume, and must not appear twice."""
+        kept = [line for line in self.metrics() if line["round"] <= last_round]
+        write_atomic(self.path / "metrics.jsonl", "".join(json.dumps(line) + "\n" for line in kept))
 
     def append_metrics(self, line: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in line.items()}

@@ -15,6 +15,7 @@ from fed.adapters import Adapter, AdapterSpec, build
 from fed.config import AdapterConfig, ConfigError, RunConfig
 from fed.data import ClientData, client_split, label_names, load_task_dataset
 from fed.models import default_targets, load_model, load_tokenizer, task_head_names
+from fed.nodedata import align_labels, node_data, run_labels
 from fed.tasks import Task, make_task
 
 
@@ -26,8 +27,19 @@ def dataset(cfg: RunConfig):  # -> datasets.Dataset
 
 
 def num_labels(cfg: RunConfig) -> int | None:
-    """Classes of a classification run (sizes the head); None for causal LM."""
-    return len(label_names(dataset(cfg))) if cfg.task == "classification" else None
+    """Classes of a classification run (sizes the head), from the config alone; None for causal LM."""
+    names = run_labels(cfg)
+    return None if names is None else len(names)
+
+
+def with_local_labels(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``data.labels`` read from its data file when only the file can tell: for a local
+    simulation, which holds all the data. A deployment sets them in the config instead."""
+    try:
+        run_labels(cfg)
+        return cfg
+    except ConfigError:
+        return cfg.with_overrides({"data.labels": label_names(dataset(cfg))})
 
 
 @dataclass(frozen=True)
@@ -74,29 +86,44 @@ class ClientSession:
     data: ClientData
 
 
-def client_session(cfg: RunConfig, partition_id: int) -> ClientSession:
-    """What client ``partition_id`` of ``cfg.federation.num_clients`` trains with."""
+def client_session(cfg: RunConfig, partition_id: int, data_path: str | None = None) -> ClientSession:
+    """What a client trains with: its own file at ``data_path`` when the node has one, else share
+    ``partition_id`` of ``cfg.federation.num_clients`` of the configured dataset."""
+    data = node_data(cfg, data_path) if data_path else client_data(cfg, partition_id)
     adapter, task = adapted_model(cfg)
-    return ClientSession(adapter, task, client_data(cfg, partition_id))
+    return ClientSession(adapter, task, data)
 
 
 @lru_cache(maxsize=16)
 def client_data(cfg: RunConfig, partition_id: int) -> ClientData:
     d = cfg.data
-    return client_split(dataset(cfg), num_clients=cfg.federation.num_clients, client_id=partition_id,
+    names = run_labels(cfg)
+    full = dataset(cfg) if names is None else align_labels(dataset(cfg), names, f"data.name={d.name!r}")
+    return client_split(full, num_clients=cfg.federation.num_clients, client_id=partition_id,
                         partition=d.partition, alpha=d.alpha, classes_per_client=d.classes_per_client,
                         test_fraction=d.test_fraction, seed=cfg.seed, partition_by=d.partition_by)
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Build the model and every client's split once, in this process, before any worker starts.
-
-    In a local simulation all the data is here, so a data-dependent mistake (more classes per client
-    than the dataset has, a Dirichlet draw that leaves a client empty, a target that matches no layer)
-    stops the run at once with its own message instead of failing inside every simulated client.
-    """
+def server_preflight(cfg: RunConfig) -> None:
+    """What a server can check with what it has (config and model, never client data): the head size,
+    the model and the adapter targets."""
     try:
         adapted_model(cfg)
+    except ConfigError:
+        raise
+    except (ValueError, ModuleNotFoundError, FileNotFoundError) as err:
+        raise ConfigError(f"this config cannot run: {err}") from err
+
+
+def preflight(cfg: RunConfig) -> None:
+    """The server's checks plus every client's split, in this process, before any simulated worker starts.
+
+    Only a local simulation holds all the data, so only there can a data-dependent mistake (more classes
+    per client than the dataset has, a Dirichlet draw that leaves a client empty) stop the run at once
+    with its own message instead of failing inside every simulated client.
+    """
+    server_preflight(cfg)
+    try:
         for partition_id in range(cfg.federation.num_clients):
             client_data(cfg, partition_id)
     except (ValueError, ModuleNotFoundError, FileNotFoundError) as err:

@@ -8,19 +8,20 @@ before aggregation, so a crash loses no DP event the server has seen.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import save_file
 
+from fed.checkpoint import Checkpoint
 from fed.config import RunConfig, from_run_config
 from fed.export import export_adapter
 from fed.privacy.book import LedgerBook
 from fed.reports.curves import plot_curves
 from fed.reports.privacy import write_report
 from fed.rundir import RunDir
-from fed.session import adapted_model
+from fed.session import adapted_model, server_preflight
 from fed.wire import config_record, from_record, metas, to_record
 from strategies.fedavg import AdapterFedAvg
 from strategies.validation import ReplyRules
@@ -31,10 +32,18 @@ RoundCallback = Callable[[dict[str, Any]], None]
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point under ``flwr run``: the run-config names a preset plus any dotted overrides."""
-    cfg = from_run_config(context.run_config)
-    run_dir = RunDir.create(str(context.run_config.get("out", "runs")), cfg)
-    run_federation(grid, cfg, run_dir)
+    """Entry point under ``flwr run``: the run-config names a preset plus any dotted overrides, or
+    ``resume`` names a run directory to continue."""
+    resume = str(context.run_config.get("resume", ""))
+    if resume:  # continue that run directory from its last checkpoint, with the config it started with
+        run_dir = RunDir(Path(resume))
+        cfg = run_dir.config()
+    else:
+        cfg = from_run_config(context.run_config)
+        run_config = context.run_config
+        run_dir = RunDir.create(str(run_config.get("out", "runs")), cfg, str(run_config.get("name", "")))
+    server_preflight(cfg)  # config and model only: a deployed server holds no client data
+    run_federation(grid, cfg, run_dir, resume=run_dir.resume_point() if resume else None)
 
 
 class RoundRecorder:
@@ -49,6 +58,7 @@ class RoundRecorder:
         if round_ == 0:
             self.started = time.perf_counter()
             return None
+        round_ += self.strategy.round_offset
         log = self.strategy.rounds.get(round_)
         if log is None:
             return None
@@ -62,20 +72,22 @@ class RoundRecorder:
         self.started = now
         self.run_dir.append_metrics(line)
         self.run_dir.write_privacy(self.book.report())
-        checkpoint = self.run_dir.path / "checkpoints" / "latest.safetensors"
-        checkpoint.parent.mkdir(exist_ok=True)
-        save_file(dict(arrays.to_torch_state_dict()), str(checkpoint), metadata={"round": str(round_)})
+        Checkpoint(round_, dict(arrays.to_torch_state_dict()), self.book.to_json()).save(self.run_dir.checkpoint)
         if self.on_round is not None:
             self.on_round(line)
         return None
 
 
-def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundCallback | None = None) -> RunDir:
-    """All rounds of ``cfg`` on ``grid``; leaves metrics, privacy ledger and the final adapter in ``run_dir``."""
+def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundCallback | None = None,
+                   resume: Checkpoint | None = None) -> RunDir:
+    """All rounds of ``cfg`` on ``grid`` (those after ``resume``'s round when given); leaves metrics,
+    privacy ledger, a checkpoint per round and the final adapter in ``run_dir``."""
     adapter, _ = adapted_model(cfg)
     initial = adapter.sent_state()
+    if resume is not None:  # validated like any payload: a checkpoint of another config must not load
+        initial = from_record(to_record(resume.arrays), metas(initial))
     fed = cfg.federation
-    book = LedgerBook(cfg.dp)
+    book = LedgerBook(cfg.dp) if resume is None else LedgerBook.from_json(resume.book)
     strategy = AdapterFedAvg(
         expected=metas(initial), structure=adapter.structure(), products=adapter.products, seed=cfg.seed,
         server_lr=fed.server_lr,
@@ -83,21 +95,21 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
                          batch_size=cfg.train.batch_size, rounds=fed.rounds, dp=cfg.dp),
         influence=cfg.strategy, lr=cfg.train.lr, book=book, on_privacy=lambda b: run_dir.write_privacy(b.report()),
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
-        # Flower sizes a round's sample from the nodes connected *before* it waits for min_available_nodes,
-        # so in round 1 of a simulation it sampled as few as 1 of N clients; these minimums make it N·fraction.
-        min_train_nodes=max(1, int(fed.num_clients * fed.fraction_train)),
-        min_evaluate_nodes=max(1, int(fed.num_clients * fed.fraction_evaluate)) if fed.fraction_evaluate > 0 else 0,
-        min_available_nodes=fed.num_clients,
+        # the strategy waits for min_available_nodes before FedAvg sizes its sample (see _await_nodes)
+        min_train_nodes=1, min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
+        min_available_nodes=fed.min_available or fed.num_clients, min_replies=fed.min_replies,
     )
+    strategy.round_offset = 0 if resume is None else resume.round
     recorder = RoundRecorder(strategy, book, run_dir, on_round)
-    result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=fed.rounds,
-                            train_config=config_record(cfg), evaluate_config=config_record(cfg),
-                            evaluate_fn=recorder)
+    result = strategy.start(grid=grid, initial_arrays=to_record(initial),
+                            num_rounds=fed.rounds - strategy.round_offset,
+                            timeout=fed.round_timeout, train_config=config_record(cfg),
+                            evaluate_config=config_record(cfg), evaluate_fn=recorder)
     run_dir.write_privacy(book.report())
     if cfg.dp.enabled:
         write_report(run_dir.path)
-    if len(result.arrays):  # empty when no round aggregated anything: keep the initial adapter
-        adapter.load(from_record(result.arrays, metas(initial)))
+    final = result.arrays if len(result.arrays) else to_record(initial)  # empty: no round aggregated anything
+    adapter.load(from_record(final, metas(initial)))
     export_adapter(adapter, run_dir.adapter, task=cfg.task, base_model=cfg.model.name)
     plot_curves(run_dir.metrics(), run_dir.path / "curves.png",
                 title=f"{cfg.adapter.kind} · {cfg.data.name} · {fed.num_clients} clients"

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fed.config import ConfigError, preset_names, resolve
+from simulations import deploy_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="expected fraction of rounds a client joins (default: federation.fraction_train)")
     report = commands.add_parser("report", help="privacy report of a finished run: report.html + terminal summary")
     report.add_argument("run_dir", help="a run directory (holds privacy.json)")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last completed round "
+                     "(with its own config; --preset and --set are ignored)")
+    deploy_cli.add_commands(commands)
     return parser
 
 
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     if args.command == "report":
         return _report(args.run_dir, Console())
+    if args.command == "deploy":
+        return deploy_cli.run_command(args, console)
     try:
         cfg = resolve(args.preset, args.overrides)
     except ConfigError as err:
@@ -121,11 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "plan":
         return _plan(cfg, args, Console())
-    from simulations.run import simulate  # heavy imports (torch, flwr) only once the config is valid
+    from simulations.run import resume, simulate  # heavy imports (torch, flwr) only once the config is valid
 
     try:
-        run_dir = simulate(cfg, args.out, name=args.name, console=console, verbose=args.verbose)
-    except ConfigError as err:  # the data or model does not fit this config (found before any worker starts)
+        if args.resume:
+            run_dir = resume(args.resume, console=console, verbose=args.verbose)
+        else:
+            run_dir = simulate(cfg, args.out, name=args.name, console=console, verbose=args.verbose)
+    except ConfigError as err:  # the data or model does not fit this config, or nothing to resume
         console.print(f"[red]error:[/red] {err}")
         return 2
     console.print(_summary(run_dir.metrics()))

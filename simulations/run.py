@@ -20,11 +20,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers.utils import logging as transformers_logging
 
+from clients.app import STATE_DIR_ENV
 from clients.app import app as client_app
+from fed.checkpoint import Checkpoint
 from fed.config import ConfigError, RunConfig
 from fed.privacy.planner import delta_problems
 from fed.rundir import RunDir
-from fed.session import client_data, preflight
+from fed.session import client_data, preflight, with_local_labels
 from server.app import run_federation
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -80,25 +82,38 @@ def _check_delta(cfg: RunConfig) -> None:
             raise ConfigError(f"client {pid}: {problems[0]}")
 
 
+def resume(path: str | Path, *, console: Console | None = None, verbose: bool = False) -> RunDir:
+    """Continue the run in ``path`` from its last checkpoint, with the config it was started with."""
+    run_dir = RunDir(Path(path))
+    try:
+        cfg = run_dir.config()
+        Checkpoint.load(run_dir.checkpoint)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot resume {path}: {err}") from err
+    return simulate(cfg, console=console, verbose=verbose, resume_from=run_dir)
+
+
 def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", console: Console | None = None,
-             verbose: bool = False, client: ClientApp = client_app) -> RunDir:
+             verbose: bool = False, resume_from: RunDir | None = None, client: ClientApp = client_app) -> RunDir:
     """Run ``cfg`` with ``cfg.federation.num_clients`` simulated clients; returns the finished run dir.
 
-    ``client`` replaces the ClientApp (the attack test runs a red-team client through the same path).
-    """
+    Simulated clients keep their ledgers in ``<run dir>/clients`` (the simulation's stand-in for each
+    node's state directory: partitions of one dataset, fresh for each experiment), so that a resumed run
+    continues every client's budget. ``client`` replaces the ClientApp (the attack test runs a red-team
+    client through the same path)."""
     _quiet(verbose)
     console = console or Console(stderr=True)
     with console.status("loading the model and partitioning the data…"):
+        cfg = with_local_labels(cfg)
         preflight(cfg)
         _check_delta(cfg)
-    run_dir = RunDir.create(out, cfg, name)
-    # Simulated clients are partitions of one dataset, fresh for each experiment: their ledgers live in
-    # the run directory (a real node keeps its own in its state dir, across runs; see clients/app.py).
-    os.environ["FEDLORA_STATE_DIR"] = str(run_dir.path / "client-state")
+    run_dir = resume_from or RunDir.create(out, cfg, name)
+    checkpoint = None if resume_from is None else run_dir.resume_point()
     columns = (TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}"))
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("starting clients…", total=cfg.federation.rounds)
+        task = progress.add_task("starting clients…", total=cfg.federation.rounds,
+                                 completed=0 if checkpoint is None else checkpoint.round)
 
         def on_round(line: dict[str, Any]) -> None:
             progress.update(task, advance=1, description=_describe(line))
@@ -107,12 +122,18 @@ def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", consol
 
         @server_app.main()
         def _main(grid: Grid, context: Context) -> None:
-            run_federation(grid, cfg, run_dir, on_round)
+            run_federation(grid, cfg, run_dir, on_round, resume=checkpoint)
 
-        run_simulation(server_app=server_app, client_app=client, num_supernodes=cfg.federation.num_clients,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                       "init_args": {"include_dashboard": False, "log_to_driver": verbose}},
-                       verbose_logging=verbose)
+        # Ray starts afresh for each simulation and its workers inherit this process's environment.
+        os.environ[STATE_DIR_ENV] = str((run_dir.path / "clients").resolve())
+        try:
+            run_simulation(server_app=server_app, client_app=client, num_supernodes=cfg.federation.num_clients,
+                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                           "init_args": {"include_dashboard": False, "log_to_driver": verbose}},
+                           verbose_logging=verbose)
+        finally:
+            os.environ.pop(STATE_DIR_ENV, None)
     if not (run_dir.adapter / "fedlora.json").exists():
         raise RuntimeError(f"the simulation ended without finishing the run; see the log and {run_dir.path}")
     return run_dir
+

@@ -2,7 +2,8 @@
 
 Clients send ``local - global`` for the tensors they trained. Each reply is validated first (keys,
 dtypes, shapes, size, finite values, example count, frozen-factor fingerprint); a bad reply is
-dropped with a logged reason and never touches the global adapter. Under DP only a reply's public
+dropped with a logged reason and never touches the global adapter; a round with fewer than
+``min_replies`` valid replies keeps the global as it was. Under DP only a reply's public
 fields are kept (``fed.privacy.release``), and its DP event enters the privacy book the moment the
 reply arrives, whether or not the reply is then aggregated: a dropped client still spent budget.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -73,8 +75,14 @@ class AdapterFedAvg(FedAvg):
     def __init__(self, *, expected: Mapping[str, TensorMeta], structure: Structure, rules: ReplyRules,
                  server_lr: float = 1.0, products: Products | None = None, seed: int = 0,
                  influence: StrategyConfig = StrategyConfig(), lr: float = 0.0, book: LedgerBook | None = None,
-                 on_privacy: Callable[[LedgerBook], None] | None = None, **fedavg: Any) -> None:
+                 on_privacy: Callable[[LedgerBook], None] | None = None, min_replies: int = 1, **fedavg: Any) -> None:
         super().__init__(**fedavg)
+        self.min_replies = min_replies
+        """Fewest valid replies that may move the global adapter: a round left with fewer (crashed nodes,
+        stragglers past the timeout, dropped replies) keeps the previous global."""
+        self.round_offset = 0
+        """Rounds completed before this process started (a resumed run): Flower counts from 1 again, the
+        run's round numbers (messages, logs, ledgers) continue."""
         self.expected = dict(expected)
         self.structure = structure
         self.products = products
@@ -95,8 +103,16 @@ class AdapterFedAvg(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         self._global: dict[str, torch.Tensor] = {}
 
+    def _await_nodes(self, grid: Grid) -> None:
+        """Wait for ``min_available_nodes`` before sampling. FedAvg sizes its sample from the nodes connected
+        *before* it waits, so a round opened while a restarted node was reconnecting sampled too few."""
+        while len(list(grid.get_node_ids())) < self.min_available_nodes:
+            time.sleep(1.0)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self._await_nodes(grid)
+        server_round += self.round_offset
         self._global = from_record(arrays, self.expected)
         messages = [self._with_known_events(m) for m in super().configure_train(server_round, arrays, config, grid)]
         self.rounds[server_round] = RoundLog(bytes_down=arrays.count_bytes() * len(messages),
@@ -129,6 +145,7 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
         record = self.rounds.setdefault(server_round, RoundLog())
@@ -165,8 +182,9 @@ class AdapterFedAvg(FedAvg):
         self._flag_silent(server_round, record, {m.metadata.src_node_id for m in replies})
         if self.on_privacy is not None:
             self.on_privacy(self.book)
-        if not deltas:
-            log.warning("round %d: no valid replies; the global adapter is unchanged", server_round)
+        if len(deltas) < self.min_replies:
+            log.warning("round %d: %d valid replies, fewer than min_replies=%d; the global adapter is unchanged",
+                        server_round, len(deltas), self.min_replies)
             return None, None
         replies = self._bounded(deltas, examples, _all_or_none(usage, server_round), server_round, record)
         merged = aggregate(replies, self.structure, rule=self.influence.rule, trim=self.influence.trim_fraction)
@@ -205,8 +223,14 @@ class AdapterFedAvg(FedAvg):
             self.book.flag(f"round {server_round}: {who} (node {node}) was asked to train and sent no reply; it "
                            "may have spent budget the server never saw (its own ledger counts it)")
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate > 0:
+            self._await_nodes(grid)
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
-            self.rounds.setdefault(server_round, RoundLog()).evaluate = dict(metrics)
+            self.rounds.setdefault(server_round + self.round_offset, RoundLog()).evaluate = dict(metrics)
         return metrics

@@ -72,7 +72,7 @@ def test_flower_app_declares_every_config_key():
 
     declared = flatten(tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
                        ["tool"]["flwr"]["app"]["config"])
-    assert set(declared) == set(RunConfig().to_flat()) | {"preset", "out"}
+    assert set(declared) == set(RunConfig().to_flat()) | {"preset", "out", "name", "resume"}
     assert from_run_config(declared) == resolve("quickstart")
 
 

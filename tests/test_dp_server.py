@@ -97,7 +97,7 @@ def test_report_is_conservative_and_flags_disagreements():
     assert any("node 14" in f and "no reply" in f for f in report["flags"])
     assert clients["0"]["epsilon_prv"] < clients["0"]["epsilon_rdp"]
     assert "zero-out" in report["guarantee"] and report["rng"].startswith("os.urandom")
-    assert LedgerBook.from_json(DP, book.to_json()).report() == report
+    assert LedgerBook.from_json(book.to_json()).report() == report
 
 
 def test_malformed_events_never_enter_a_ledger():

@@ -47,11 +47,11 @@ def test_privacy_ledger_is_per_client_and_within_target(dp_run):
         assert entry["noise_multiplier"] > 0 and 0 < entry["sample_rate"] < 1
         assert entry["client_reported_epsilon"] == pytest.approx(entry["epsilon"])
         assert entry["flags"] == [] and entry["secure_rng"] is True
-    # every client's own ledger, in its state directory (the run dir, in a simulation)
-    for cid in range(3):
-        ledger = json.loads((run.path / "client-state" / f"ledger-{cid}.json").read_text())
-        assert ledger["epsilon"] == pytest.approx(privacy["clients"][str(cid)]["epsilon"])
-        assert ledger["policy"]["dp_required"] is True
+    for cid in ("0", "1", "2"):  # each simulated client's own ledger, kept where a resumed run finds it
+        own = json.loads((run.path / "clients" / f"ledger-{cid}.json").read_text())
+        assert [e["round"] for e in own["events"]] == [1, 2]
+        assert own["epsilon"] == pytest.approx(privacy["clients"][cid]["epsilon"])
+        assert own["policy"]["dp_required"] is True
 
 
 def test_exported_adapter_has_b_trained_and_a_frozen(dp_run):

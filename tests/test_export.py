@@ -72,3 +72,26 @@ def test_load_adapter_refuses_a_file_that_lacks_tensors(tmp_path):
     save_file({k: v for k, v in tensors.items() if ".scale_B." not in k}, str(tmp_path / "adapter.safetensors"))
     with pytest.raises(ValueError, match="lacks adapter tensors .*scale_B"):
         load_adapter(load_model("tiny-bert", "classification", num_labels=2, seed=5), tmp_path)
+
+
+def test_exported_adapter_names_a_base_model_that_loads_outside_fedlora(batch, tmp_path):
+    """AutoPeftModel opens the base by ``base_model_name_or_path`` alone, as any user outside fedlora would."""
+    from fed.models import load_tokenizer, loadable_name
+
+    saved = tmp_path / "base"
+    load_model("tiny-bert", "classification", num_labels=2, seed=5).save_pretrained(saved)
+    load_tokenizer("tiny-bert", "classification").save_pretrained(saved)
+    model = load_model(str(saved), "classification", num_labels=2, seed=5)
+    adapter = build(model, AdapterSpec(kind="lora", rank=4, alpha=8.0, targets=("query", "value")), seed=1,
+                    head=("classifier.weight", "classifier.bias"))
+    randomise(adapter, 0.2)
+    export_adapter(adapter, tmp_path / "adapter", task="classification", base_model=str(saved))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(saved.resolve())
+    assert json.loads((tmp_path / "adapter" / "fedlora.json").read_text())["base_model"] == str(saved)
+    loaded = peft.AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "adapter")).eval()
+    args = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**args).logits, model.eval()(**args).logits, rtol=1e-5, atol=1e-5)
+    assert loadable_name("default", "classification") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert loadable_name("SmolLM2-135M-Instruct", "causal-lm") == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -139,3 +139,12 @@ def test_strategy_weights_experts_by_the_counts_in_replies_and_logs_the_aggregat
     name0 = name.replace("experts.1", "experts.0")
     torch.testing.assert_close(out[name0], global_[name0] + deltas[0][name0])  # client 1 never used expert 0
     assert 0 < strategy.rounds[1].aggregation_error < float("inf")
+
+
+def test_a_round_with_fewer_valid_replies_than_min_replies_keeps_the_global():
+    strategy = AdapterFedAvg(expected=EXPECTED, structure=Structure({k: Aggregation.MEAN for k in GLOBAL}),
+                             rules=ReplyRules(fingerprint=FP), min_replies=2)
+    strategy._global = {k: v.clone() for k, v in GLOBAL.items()}
+    assert strategy.aggregate_train(1, [_reply(_record()), _reply(_record(), fingerprint=FP + 1)]) == (None, None)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(_record()), _reply(_record())])
+    assert arrays is not None and metrics["clients"] == 2

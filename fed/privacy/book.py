@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from fed.config import DPConfig
@@ -139,15 +139,15 @@ class LedgerBook:
 
     def to_json(self) -> str:
         """The book's whole state (for a checkpoint); ``from_json`` restores it."""
-        return json.dumps({"ledgers": {str(c): led.to_dict() for c, led in self.ledgers.items()},
+        return json.dumps({"dp": asdict(self.dp), "ledgers": {str(c): led.to_dict() for c, led in self.ledgers.items()},
                            "reported_epsilon": {str(c): e for c, e in self.reported_epsilon.items()},
                            "secure_rng": {str(c): s for c, s in self.secure_rng.items()},
                            "examples": {str(c): n for c, n in self.examples.items()}, "flags": self.flags})
 
     @classmethod
-    def from_json(cls, dp: DPConfig, text: str) -> LedgerBook:
+    def from_json(cls, text: str) -> LedgerBook:
         data = json.loads(text)
-        return cls(dp, ledgers={int(c): Ledger.from_dict(d) for c, d in data["ledgers"].items()},
+        return cls(DPConfig(**data["dp"]), ledgers={int(c): Ledger.from_dict(d) for c, d in data["ledgers"].items()},
                    reported_epsilon={int(c): float(e) for c, e in data["reported_epsilon"].items()},
                    secure_rng={int(c): bool(s) for c, s in data["secure_rng"].items()},
                    examples={int(c): int(n) for c, n in data["examples"].items()}, flags=list(data["flags"]))

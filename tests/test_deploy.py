@@ -1,0 +1,102 @@
+"""Real processes on loopback: a SuperLink and two SuperNodes with TLS and node authentication, each node on
+its own data file, a DP FFA-LoRA run of 2 rounds; a node whose key was never registered is refused.
+
+The server's config names a data file that does not exist: it must never need client data.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pandas as pd
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from fed.config import resolve
+from fed.models import load_tokenizer
+from fed.privacy.ledger import Ledger
+from simulations.deploy import Cluster, Layout
+from simulations.pki import add_node_key, make_pki
+
+pytestmark = pytest.mark.slow
+WORDS = (("bad", "awful", "poor"), ("good", "great", "nice"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny BERT + tokenizer saved as a plain checkpoint: a model any process can load by path."""
+    path = tmp_path_factory.mktemp("model")
+    tokenizer = load_tokenizer("tiny-bert", "classification")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _node_files(root) -> list[str]:
+    """Node 0 holds a CSV with string labels, node 1 a parquet file with integer labels."""
+    rows = [{"text": f"a {WORDS[i % 2][i % 3]} film number {i}", "label": ("neg", "pos")[i % 2]} for i in range(40)]
+    frame = pd.DataFrame(rows)
+    frame.iloc[:20].to_csv(root / "node0.csv", index=False)
+    frame.iloc[20:].assign(label=[i % 2 for i in range(20, 40)]).to_parquet(root / "node1.parquet")
+    return [str(root / "node0.csv"), str(root / "node1.parquet")]
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("deploy")
+    files = _node_files(root)
+    layout = Layout(root)
+    make_pki(layout.pki.root, ["127.0.0.1", "localhost"], nodes=2)
+    stranger = add_node_key(layout.pki, 9)  # a key pair the SuperLink never hears of
+    cfg = resolve("quickstart", [
+        f"model.name={tiny_model_dir}", "model.max_length=16", "data.name=/not/on/the/server.csv",
+        "data.labels=neg,pos", "adapter.kind=ffa-lora", "dp.enabled=true", "dp.target_epsilon=8",
+        "federation.num_clients=2", "federation.rounds=2", "federation.fraction_evaluate=0",
+        "train.local_steps=2", "train.batch_size=8"])
+    with Cluster(layout) as cluster:
+        cluster.start_superlink()
+        for node, path in enumerate(files):
+            cluster.register(node)
+            cluster.start_node(node, path, num_nodes=2)
+        refused = cluster.start_node(9, files[0], num_nodes=2, key=stranger.with_suffix(""), name="stranger")
+        run_dir = cluster.run(cfg, "dp", timeout=600)
+        try:
+            refused_code = refused.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            refused_code = None
+    return layout, run_dir, refused_code
+
+
+def test_the_run_completes_on_both_nodes(deployed, tiny_model_dir):
+    _, run_dir, _ = deployed
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2]
+    assert all(line["clients"] == 2 and line["dropped"] == [] for line in lines)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "latest.safetensors").is_file()
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+
+
+def test_every_client_keeps_its_ledger_and_the_server_agrees(deployed):
+    layout, run_dir, _ = deployed
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    for node in (0, 1):
+        ledger = Ledger.from_json((layout.node_dir(node) / f"ledger-{node}.json").read_text())
+        assert [e.round for e in ledger.events] == [1, 2] and ledger.steps == 4
+        assert 0 < ledger.epsilon() <= 8.0
+        assert privacy["clients"][str(node)]["epsilon"] == pytest.approx(ledger.epsilon())
+
+
+def test_a_node_with_an_unregistered_key_is_refused(deployed):
+    layout, _, code = deployed
+    assert code not in (None, 0)
+    assert "Failed to activate SuperNode" in layout.log("stranger").read_text()
+    assert not (layout.node_dir(9) / "ledger-9.json").exists()

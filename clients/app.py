@@ -1,49 +1,62 @@
 """Flower ClientApp: decode the global adapter -> train locally (DP-SGD if enabled) -> send the delta.
 
-The base model stays loaded between rounds in the worker process (see ``fed.session``). The privacy
-ledger lives in the node's Flower context state, and also in ``<ledger-dir>/client-<id>.json`` when
-the node config names a ``ledger-dir``, so it survives a restarted SuperNode.
+The base model stays loaded between rounds in the worker process (see ``fed.session``). The client
+owns its privacy: its policy comes from its own node config, never from the server; its ledger is a
+file in its state directory (node config ``state-dir``, else ``$FEDLORA_STATE_DIR``, else
+``~/.local/state/fedlora``), written atomically after every DP round, merged with the events the
+server returns, and never silently replaced: a ledger that cannot be read stops the client.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
+from typing import Any, Mapping
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fed.privacy.ledger import DpSgdEvent, Ledger, write_atomic
-from fed.privacy.planner import new_ledger, plan_round, private_generator
+from fed.privacy.ledger import DpSgdEvent, Ledger, events_from_json, write_atomic
+from fed.privacy.planner import new_ledger, plan_round
+from fed.privacy.policy import Policy
+from fed.privacy.release import public_metrics
 from fed.seeding import generator
 from fed.session import client_session
 from fed.train import evaluate, train_round
 from fed.wire import config_from_record, from_record, metas, to_record, usage_metrics
 
 app = ClientApp()
-LEDGER_KEY = "privacy-ledger"
+KNOWN_EVENTS = "known-events"
+"""Config key under which the server returns the DP events it holds for the receiving client."""
 
 
-def _ledger_file(context: Context, partition_id: int) -> Path | None:
-    folder = context.node_config.get("ledger-dir")
-    return Path(str(folder)) / f"client-{partition_id}.json" if folder else None
+def state_dir(node_config: Mapping[str, Any]) -> Path:
+    """This node's state directory: chosen by whoever runs the node, never by the server."""
+    explicit = node_config.get("state-dir") or os.environ.get("FEDLORA_STATE_DIR")
+    if explicit:
+        return Path(str(explicit))
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "fedlora"
 
 
-def load_ledger(context: Context, partition_id: int, fresh: Ledger) -> Ledger:
-    """The client's ledger: from its context state, else from its file, else ``fresh``."""
-    if LEDGER_KEY in context.state.config_records:
-        return Ledger.from_json(str(context.state.config_records[LEDGER_KEY]["json"]))
-    path = _ledger_file(context, partition_id)
-    if path is not None and path.is_file():
-        return Ledger.from_json(path.read_text())
-    return fresh
+def load_ledger(path: Path, fresh: Ledger, server_events: str) -> Ledger:
+    """The client's ledger file (else ``fresh``), with the server's copy of its events merged in.
 
-
-def save_ledger(context: Context, partition_id: int, ledger: Ledger) -> None:
-    context.state.config_records[LEDGER_KEY] = ConfigRecord({"json": ledger.to_json()})
-    path = _ledger_file(context, partition_id)
-    if path is not None:
-        write_atomic(path, ledger.to_json())
+    A file that exists but cannot be read raises: starting from zero would spend the budget again.
+    """
+    ledger = fresh
+    if path.is_file():
+        try:
+            ledger = Ledger.from_json(path.read_text())
+        except (ValueError, KeyError, TypeError) as err:
+            raise RuntimeError(f"privacy ledger {path} is unreadable ({err}); refusing to train rather than "
+                               "start a fresh budget. Repair or restore the file.") from err
+    if server_events:
+        try:
+            ledger.merge(events_from_json(server_events))
+        except (ValueError, KeyError, TypeError) as err:  # only ever adds events: ignoring it is safe
+            print(f"ignoring the server's malformed copy of this client's events: {err}")
+    return ledger
 
 
 def _receive(msg: Message, context: Context):
@@ -62,34 +75,51 @@ def _receive(msg: Message, context: Context):
     return cfg, int(config["server-round"]), partition_id, session, global_
 
 
+def _reply(msg: Message, metrics: dict[str, int | float], dp: bool, arrays: dict | None = None,
+           reason: str = "") -> Message:
+    content = RecordDict({"metrics": MetricRecord(public_metrics(metrics, dp))})
+    if arrays is not None:
+        content["arrays"] = to_record(arrays)
+    if reason:
+        content["refusal"] = ConfigRecord({"reason": reason})
+    return Message(content, reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, round_, pid, session, global_ = _receive(msg, context)
     train_data = session.data.train
-    ledger = load_ledger(context, pid, new_ledger(cfg.dp))
+    config = msg.content.config_records["config"]
+    path = state_dir(context.node_config) / f"ledger-{pid}.json"
+    ledger = load_ledger(path, new_ledger(cfg.dp), str(config.get(KNOWN_EVENTS, "")))
     plan = plan_round(cfg.dp, ledger, num_examples=len(train_data), batch_size=cfg.train.batch_size,
-                      local_steps=cfg.train.local_steps, rounds=cfg.federation.rounds, round_=round_)
+                      local_steps=cfg.train.local_steps, rounds=cfg.federation.rounds, round_=round_,
+                      policy=Policy.from_node_config(context.node_config), run=msg.metadata.run_id)
+    dp = cfg.dp.enabled or bool(ledger.events)
+    if dp:
+        write_atomic(path, ledger.to_json())  # the pin and any merged events, even if this round trains nothing
     metrics: dict[str, int | float] = {"partition-id": pid, "fingerprint": session.adapter.fingerprint(),
                                        "num-examples": len(train_data)}
+    if plan.refused:
+        return _reply(msg, {**metrics, "refused": 1, "epsilon": ledger.epsilon()}, dp, reason=plan.refused)
     if plan.steps == 0:
-        reply = RecordDict({"metrics": MetricRecord({**metrics, "declined": 1, "epsilon": ledger.epsilon()})})
-        return Message(reply, reply_to=msg)
-    gen = private_generator() if plan.dp else generator(cfg.seed, "batches", pid, round_)
+        return _reply(msg, {**metrics, "declined": 1, "epsilon": ledger.epsilon()}, dp)
     result = train_round(session.adapter, session.task, train_data, steps=plan.steps,
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                         dp=plan.dp, gen=gen)
-    if plan.dp is not None:
-        ledger.record(DpSgdEvent(round_, plan.dp.noise_multiplier, plan.dp.sample_rate, plan.steps))
-        save_ledger(context, pid, ledger)
+                         dp=plan.dp, gen=generator(cfg.seed, "batches", pid, round_))
+    if plan.dp is None:  # expert counts, like the loss, are private statistics outside DP-SGD: not under DP
+        metrics |= {"train_loss": result.loss, "train_wall_s": result.wall_s} | usage_metrics(result.usage)
+    else:
+        ledger.record(DpSgdEvent(round_, plan.dp.noise_multiplier, plan.dp.sample_rate, plan.steps,
+                                 msg.metadata.run_id))
+        write_atomic(path, ledger.to_json())  # before the reply leaves: a crash can only over-count
         metrics |= {"epsilon": ledger.epsilon(), "dp-noise-multiplier": plan.dp.noise_multiplier,
-                    "dp-sample-rate": plan.dp.sample_rate, "dp-steps": plan.steps}
+                    "dp-sample-rate": plan.dp.sample_rate, "dp-steps": plan.steps,
+                    "secure-rng": 1}  # noise and sampling came from fed.privacy.secure_rng
     local = session.adapter.sent_state()
     delta = {name: local[name] - global_[name] for name in global_}
-    metrics |= {"train_loss": result.loss, "steps": result.steps, "train_wall_s": result.wall_s}
-    if plan.dp is None:  # expert counts are private statistics outside DP-SGD: never sent under DP
-        metrics |= usage_metrics(result.usage)
     gc.collect()  # Opacus hooks leave reference cycles; collect them so a long run's memory stays flat
-    return Message(RecordDict({"arrays": to_record(delta), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return _reply(msg, {**metrics, "steps": result.steps}, dp, arrays=delta)
 
 
 @app.evaluate()

@@ -43,7 +43,11 @@ def _plain_batches(num_examples: int, batch_size: int, steps: int, gen: torch.Ge
 
 def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batch_size: int, lr: float,
                 weight_decay: float, dp: DpSettings | None, gen: torch.Generator) -> RoundResult:
-    """Run ``steps`` local steps on ``data``; with ``dp``, Poisson batches at ``dp.sample_rate``."""
+    """Run ``steps`` local steps on ``data``; with ``dp``, Poisson batches at ``dp.sample_rate``.
+
+    ``gen`` orders the plain (non-private) batches only: under DP every random choice comes from the
+    OS CSPRNG, so nothing the server knows (the run seed) can reproduce it.
+    """
     start = time.perf_counter()
     model = adapter.model
     model.train()
@@ -52,8 +56,8 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
         stepper: PlainStepper | DpStepper = PlainStepper(model, optimizer)
         batches = _plain_batches(len(data), min(batch_size, len(data)), steps, gen)
     else:
-        stepper = DpStepper(model, optimizer, dp, gen)
-        batches = poisson_batches(len(data), dp.sample_rate, steps, gen)
+        stepper = DpStepper(model, optimizer, dp)
+        batches = poisson_batches(len(data), dp.sample_rate, steps)
     losses: list[float] = []
     usage: Counter[str] = Counter()
     try:

@@ -1,7 +1,8 @@
 """Flower ServerApp: build the adapter-aware strategy from the config, run the rounds, record the run.
 
-Each round's line (losses, accuracy, bytes, wall time), the privacy ledger and a checkpoint of the
-global adapter are written as soon as the round ends, so a crash loses at most the round in flight.
+Each round's line (losses, accuracy, bytes, wall time) and a checkpoint of the global adapter are
+written as soon as the round ends; the privacy book is written as soon as a round's replies arrive,
+before aggregation, so a crash loses no DP event the server has seen.
 """
 
 from __future__ import annotations
@@ -49,8 +50,6 @@ class RoundRecorder:
         log = self.strategy.rounds.get(round_)
         if log is None:
             return None
-        for metrics in log.reported:
-            self.book.observe(round_, metrics)
         now = time.perf_counter()
         line = {"round": round_, "train_loss": log.train_loss, "eval_loss": log.evaluate.get("eval_loss"),
                 "eval_accuracy": log.evaluate.get("eval_accuracy"), "bytes_up": log.bytes_up,
@@ -73,9 +72,11 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
     adapter, _ = adapted_model(cfg)
     initial = adapter.sent_state()
     fed = cfg.federation
+    book = LedgerBook(cfg.dp)
     strategy = AdapterFedAvg(
         expected=metas(initial), structure=adapter.structure(), products=adapter.products,
-        fingerprint=adapter.fingerprint(), seed=cfg.seed, server_lr=fed.server_lr,
+        fingerprint=adapter.fingerprint(), seed=cfg.seed, server_lr=fed.server_lr, book=book,
+        on_privacy=lambda b: run_dir.write_privacy(b.report()),
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         # Flower sizes a round's sample from the nodes connected *before* it waits for min_available_nodes,
         # so in round 1 of a simulation it sampled as few as 1 of N clients; these minimums make it N·fraction.
@@ -83,7 +84,6 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
         min_evaluate_nodes=max(1, int(fed.num_clients * fed.fraction_evaluate)) if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.num_clients,
     )
-    book = LedgerBook(cfg.dp)
     recorder = RoundRecorder(strategy, book, run_dir, on_round)
     result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=fed.rounds,
                             train_config=config_record(cfg), evaluate_config=config_record(cfg),

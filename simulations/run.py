@@ -76,6 +76,9 @@ def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", consol
     with console.status("loading the model and partitioning the data…"):
         preflight(cfg)
     run_dir = RunDir.create(out, cfg, name)
+    # Simulated clients are partitions of one dataset, fresh for each experiment: their ledgers live in
+    # the run directory (a real node keeps its own in its state dir, across runs; see clients/app.py).
+    os.environ["FEDLORA_STATE_DIR"] = str(run_dir.path / "client-state")
     columns = (TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}"))
     with Progress(*columns, console=console, transient=False) as progress:

@@ -2,7 +2,9 @@
 
 Clients send ``local - global`` for the tensors they trained. Each reply is validated first (keys,
 dtypes, shapes, size, finite values, example count, frozen-factor fingerprint); a bad reply is
-dropped with a logged reason and never touches the global adapter.
+dropped with a logged reason and never touches the global adapter. Under DP only a reply's public
+fields are kept (``fed.privacy.release``), and its DP event enters the privacy book the moment the
+reply arrives, whether or not the reply is then aggregated: a dropped client still spent budget.
 """
 
 from __future__ import annotations
@@ -10,15 +12,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fed.adapters import Structure
 from fed.adapters.base import Products
+from fed.config import DPConfig
+from fed.privacy.book import LedgerBook
+from fed.privacy.ledger import events_to_json
+from fed.privacy.release import public_metrics
 from fed.seeding import derive_seed
 from fed.wire import PayloadError, TensorMeta, from_record, read_usage, to_record
 from strategies.rules import Replies, aggregate, aggregation_error, apply_update, renormalise
@@ -37,18 +43,21 @@ class RoundLog:
     reported: list[dict[str, Any]] = field(default_factory=list)
     """Metrics of every reply that carried them, aggregated or not (a dropped client still spent budget)."""
     dropped: list[str] = field(default_factory=list)
+    asked: list[int] = field(default_factory=list)
+    """Node ids that were sent a train message."""
     train_loss: float = float("nan")
     aggregation_error: float = float("nan")
     """How far the aggregated adapter's weight update is from the mean of the clients' (see rules.py)."""
     evaluate: dict[str, float] = field(default_factory=dict)
 
 
-def check_metrics(metrics: Mapping[str, Any], fingerprint: int) -> float:
-    """The reply's example count, after checking it and the frozen-factor fingerprint."""
+def check_metrics(metrics: Mapping[str, Any], fingerprint: int, *, dp: bool = False) -> float:
+    """The reply's example count, after checking it, the training loss (non-DP replies only: under DP
+    a raw loss is private and never sent) and the frozen-factor fingerprint."""
     examples = metrics.get("num-examples")
     if not isinstance(examples, int) or examples <= 0:
         raise PayloadError(f"num-examples={examples!r} must be a positive integer")
-    if not isinstance(metrics.get("train_loss"), (int, float)):
+    if not dp and not isinstance(metrics.get("train_loss"), (int, float)):
         raise PayloadError(f"train_loss={metrics.get('train_loss')!r} must be a number")
     if metrics.get("fingerprint") != fingerprint:
         raise PayloadError(f"frozen-factor fingerprint {metrics.get('fingerprint')!r} differs from the "
@@ -69,7 +78,9 @@ class AdapterFedAvg(FedAvg):
     """FedAvg over adapter deltas, with a server learning rate and per-kind aggregation rules."""
 
     def __init__(self, *, expected: Mapping[str, TensorMeta], structure: Structure, fingerprint: int,
-                 server_lr: float = 1.0, products: Products | None = None, seed: int = 0, **fedavg: Any) -> None:
+                 server_lr: float = 1.0, products: Products | None = None, seed: int = 0,
+                 book: LedgerBook | None = None, on_privacy: Callable[[LedgerBook], None] | None = None,
+                 **fedavg: Any) -> None:
         super().__init__(**fedavg)
         self.expected = dict(expected)
         self.structure = structure
@@ -78,18 +89,50 @@ class AdapterFedAvg(FedAvg):
         self.seed = seed
         self.fingerprint = fingerprint
         self.server_lr = server_lr
+        self.book = book if book is not None else LedgerBook(DPConfig())
+        self.dp = self.book.dp.enabled
+        self.on_privacy = on_privacy
+        """Persists the book (privacy.json) after every batch of replies, before aggregation."""
+        self.clients: dict[int, int] = {}
+        """Node id -> the client id its replies named: where to send that client's events back."""
         self.rounds: dict[int, RoundLog] = {}
         self._global: dict[str, torch.Tensor] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = from_record(arrays, self.expected)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.rounds[server_round] = RoundLog(bytes_down=arrays.count_bytes() * len(messages))
+        messages = [self._with_known_events(m) for m in super().configure_train(server_round, arrays, config, grid)]
+        self.rounds[server_round] = RoundLog(bytes_down=arrays.count_bytes() * len(messages),
+                                             asked=[m.metadata.dst_node_id for m in messages])
         return messages
+
+    def _with_known_events(self, message: Message) -> Message:
+        """The message, with the DP events the book holds for its client, so a client that lost its
+        ledger file merges them back instead of spending its budget again."""
+        cid = self.clients.get(message.metadata.dst_node_id)
+        events = self.book.events(cid) if cid is not None else []
+        if not events:
+            return message
+        content = message.content
+        config = ConfigRecord({**content.config_records[self.configrecord_key],
+                               "known-events": events_to_json(events)})
+        record = RecordDict({self.arrayrecord_key: content.array_records[self.arrayrecord_key],
+                             self.configrecord_key: config})
+        return Message(content=record, message_type=message.metadata.message_type,
+                       dst_node_id=message.metadata.dst_node_id)
+
+    def _observe(self, server_round: int, msg: Message, record: RoundLog) -> dict[str, Any]:
+        """The reply's public metrics, its DP event booked at once."""
+        metrics = public_metrics(msg.content.metric_records["metrics"], self.dp)
+        cid = self.book.observe(server_round, metrics, run=msg.metadata.run_id)
+        if cid is not None:
+            self.clients[msg.metadata.src_node_id] = cid
+        record.reported.append(metrics)
+        return metrics
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
         valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
         record = self.rounds.setdefault(server_round, RoundLog())
         for msg in failed:
@@ -99,12 +142,14 @@ class AdapterFedAvg(FedAvg):
         deltas, weights, usage = [], [], []
         for msg in valid:
             try:
-                metrics = dict(msg.content.metric_records["metrics"])
-                record.reported.append(metrics)
+                metrics = self._observe(server_round, msg, record)
+                if metrics.get("refused"):
+                    why = msg.content.config_records.get("refusal", {}).get("reason", "no reason given")
+                    raise PayloadError(f"client refused the round under its privacy policy: {why}")
                 if metrics.get("declined"):
                     raise PayloadError("client declined to train (privacy budget exhausted)")
-                weight = check_metrics(metrics, self.fingerprint)
-                counts = read_usage(metrics, self.structure.slot_names)
+                weight = check_metrics(metrics, self.fingerprint, dp=self.dp)
+                counts = read_usage(metrics, self.structure.slot_names)  # None under DP: public fields only
                 arrays = msg.content.array_records["arrays"]
                 record.bytes_up += arrays.count_bytes()
                 deltas.append(from_record(arrays, self.expected))
@@ -116,22 +161,34 @@ class AdapterFedAvg(FedAvg):
             weights.append(weight)
             usage.append(counts)
             record.accepted.append(metrics)
+        self._flag_silent(server_round, record, {m.metadata.src_node_id for m in replies})
+        if self.on_privacy is not None:
+            self.on_privacy(self.book)
         if not deltas:
             log.warning("round %d: no valid replies; the global adapter is unchanged", server_round)
             return None, None
-        replies = Replies(self._global, deltas, weights, usage=_all_or_none(usage, server_round),
-                          seed=derive_seed(self.seed, "server", server_round))
-        merged = aggregate(replies, self.structure)
+        accepted = Replies(self._global, deltas, weights, usage=_all_or_none(usage, server_round),
+                           seed=derive_seed(self.seed, "server", server_round))
+        merged = aggregate(accepted, self.structure)
         if self.products is not None:
-            record.aggregation_error = aggregation_error(self.products, replies, merged)
+            record.aggregation_error = aggregation_error(self.products, accepted, merged)
         new_global = renormalise(apply_update(self._global, merged, self.server_lr), self.structure)
         losses = [(w, float(m["train_loss"])) for w, m in zip(weights, record.accepted)
-                  if math.isfinite(m["train_loss"])]  # NaN: a round of only empty Poisson batches
-        if losses:
+                  if isinstance(m.get("train_loss"), (int, float)) and math.isfinite(m["train_loss"])]
+        if losses:  # non-DP rounds only; NaN: a round of only empty Poisson batches
             record.train_loss = sum(w * loss for w, loss in losses) / sum(w for w, _ in losses)
-        summary = MetricRecord({"train_loss": record.train_loss, "clients": len(deltas),
-                                "dropped": len(record.dropped), "bytes_up": record.bytes_up})
+        summary = MetricRecord({"clients": len(deltas), "dropped": len(record.dropped), "bytes_up": record.bytes_up}
+                               | ({"train_loss": record.train_loss} if losses else {}))
         return to_record(new_global), summary
+
+    def _flag_silent(self, server_round: int, record: RoundLog, replied: set[int]) -> None:
+        """A DP client asked to train that never replied may still have spent budget: say so."""
+        if not self.dp:
+            return
+        for node in sorted(set(record.asked) - replied):
+            who = f"client {self.clients[node]}" if node in self.clients else "a client not yet identified"
+            self.book.flag(f"round {server_round}: {who} (node {node}) was asked to train and sent no reply; it "
+                           "may have spent budget the server never saw (its own ledger counts it)")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = super().aggregate_evaluate(server_round, replies)

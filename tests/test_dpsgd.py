@@ -92,7 +92,7 @@ def test_dp_step_without_noise_is_the_mean_of_clipped_per_example_gradients(kind
     optimizer = torch.optim.SGD(adapter.trainable_parameters(), lr=1.0)
     dp = DpSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=expected_bs / 100, num_examples=100,
                     mode=mode)
-    stepper = DpStepper(adapter.model, optimizer, dp, torch.Generator().manual_seed(0))
+    stepper = DpStepper(adapter.model, optimizer, dp)
     stepper.step(_loss(adapter, task, stepper.module, batch))
     stepper.close()
     after = adapter.state(names)
@@ -107,7 +107,7 @@ def test_empty_poisson_batch_is_a_noise_only_step():
     before = adapter.state(names)
     optimizer = torch.optim.SGD(adapter.trainable_parameters(), lr=1.0)
     dp = DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, num_examples=10)
-    stepper = DpStepper(adapter.model, optimizer, dp, torch.Generator().manual_seed(0))
+    stepper = DpStepper(adapter.model, optimizer, dp)
     stepper.empty_step()
     stepper.close()
     after = adapter.state(names)

@@ -29,8 +29,9 @@ def test_run_directory_is_complete(dp_run):
     lines = run.metrics()
     assert [line["round"] for line in lines] == [1, 2]
     for line in lines:
-        for key in ("train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "wall_s"):
+        for key in ("eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "wall_s"):
             assert line[key] is not None, key
+        assert line["train_loss"] is None  # a raw training loss is private under DP: never sent
         assert line["clients"] == 3 and line["dropped"] == []
         assert line["bytes_up"] > 0 and line["bytes_down"] > 0
         assert 0 <= line["aggregation_error"] < 1e-5  # FFA-LoRA aggregates exactly, DP noise or not
@@ -45,6 +46,12 @@ def test_privacy_ledger_is_per_client_and_within_target(dp_run):
         assert entry["steps"] == 2 * 4 and len(entry["events"]) == 2
         assert entry["noise_multiplier"] > 0 and 0 < entry["sample_rate"] < 1
         assert entry["client_reported_epsilon"] == pytest.approx(entry["epsilon"])
+        assert entry["flags"] == [] and entry["secure_rng"] is True
+    # every client's own ledger, in its state directory (the run dir, in a simulation)
+    for cid in range(3):
+        ledger = json.loads((run.path / "client-state" / f"ledger-{cid}.json").read_text())
+        assert ledger["epsilon"] == pytest.approx(privacy["clients"][str(cid)]["epsilon"])
+        assert ledger["policy"]["dp_required"] is True
 
 
 def test_exported_adapter_has_b_trained_and_a_frozen(dp_run):

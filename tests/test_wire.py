@@ -57,6 +57,7 @@ def test_metrics_checks_examples_and_fingerprint():
         check_metrics({"num-examples": 5, "fingerprint": FP + 1, "train_loss": 0.5}, FP)
     with pytest.raises(PayloadError, match="train_loss"):
         check_metrics({"num-examples": 5, "fingerprint": FP}, FP)
+    assert check_metrics({"num-examples": 5, "fingerprint": FP}, FP, dp=True) == 5.0  # no loss under DP
 
 
 @pytest.fixture(autouse=True)

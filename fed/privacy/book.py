@@ -1,36 +1,41 @@
 """The server's copy of every client's ledger, rebuilt from the DP events clients report each round.
 
 Events are hyper-parameters (noise, sample rate, steps), not data, so the server can recompose them
-with its own accountant and cross-check each client's own epsilon. The result is ``privacy.json``.
+with its own accountant and cross-check each client's own epsilon. The book is conservative: each
+client's epsilon in ``privacy.json`` is the larger of the server's recomputation and the client's own
+report, and every disagreement or gap is flagged. The book also hands each client's events back to it
+with the next round's message, so a client that lost its ledger file cannot spend its budget again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from fed.config import DPConfig
-from fed.privacy.ledger import DpSgdEvent, Ledger
+from fed.privacy import secure_rng
+from fed.privacy.ledger import DpSgdEvent, Ledger, epsilon
 from fed.privacy.planner import new_ledger
+from fed.privacy.release import GUARANTEE, NOT_COVERED, RELEASED_IN_CLEAR
 
 log = logging.getLogger(__name__)
-
-GUARANTEE = ("(epsilon, delta)-DP for each client's training examples: neighbouring datasets differ by "
-             "adding or removing one example of that client (DP-SGD with Poisson sampling, per-example "
-             "clipping of the trained adapter tensors, Gaussian noise)")
+TOLERANCE = 1e-6
+"""Relative difference between the client's and the server's epsilon that counts as a mismatch."""
 
 
-def _event(round_: int, metrics: Mapping[str, Any]) -> tuple[int, DpSgdEvent, float]:
+def _event(round_: int, run: int, metrics: Mapping[str, Any]) -> tuple[int, DpSgdEvent, float]:
     """Client id, DP event and self-reported epsilon of a reply, or ValueError naming the bad field."""
     cid, steps = metrics["partition-id"], metrics["dp-steps"]
     sigma, rate, eps = (float(metrics[k]) for k in ("dp-noise-multiplier", "dp-sample-rate", "epsilon"))
     if not (isinstance(cid, int) and cid >= 0 and isinstance(steps, int) and steps >= 0):
         raise ValueError(f"partition-id={cid!r} and dp-steps={steps!r} must be non-negative integers")
-    if not (sigma > 0 and 0 < rate <= 1 and math.isfinite(sigma) and math.isfinite(eps)):
-        raise ValueError(f"dp-noise-multiplier={sigma} must be > 0, dp-sample-rate={rate} in (0, 1], epsilon finite")
-    return cid, DpSgdEvent(round_, sigma, rate, steps), eps
+    if not (sigma > 0 and 0 < rate <= 1 and math.isfinite(sigma) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"dp-noise-multiplier={sigma} must be > 0, dp-sample-rate={rate} in (0, 1], "
+                         f"epsilon={eps} finite and >= 0")
+    return cid, DpSgdEvent(round_, sigma, rate, steps, run), eps
 
 
 @dataclass
@@ -38,35 +43,110 @@ class LedgerBook:
     dp: DPConfig
     ledgers: dict[int, Ledger] = field(default_factory=dict)
     reported_epsilon: dict[int, float] = field(default_factory=dict)
+    secure_rng: dict[int, bool] = field(default_factory=dict)
+    examples: dict[int, int] = field(default_factory=dict)
+    """Each client's n (public under the zero-out adjacency the guarantee is stated for)."""
+    flags: list[str] = field(default_factory=list)
 
-    def observe(self, round_: int, metrics: Mapping[str, Any]) -> None:
+    def observe(self, round_: int, metrics: Mapping[str, Any], run: int = 0) -> int | None:
         """Record the DP event in one client's reply (a reply without DP metrics spent nothing).
 
-        The values come from the network, so they are checked before they enter a ledger; a malformed
-        event is logged and left out rather than allowed to stop the run.
+        Called as each reply arrives, before its payload is validated: a dropped reply still spent
+        budget. The values come from the network, so they are checked before they enter a ledger; a
+        malformed event is flagged and left out rather than allowed to stop the run. Returns the
+        client id the reply names (None when it names none).
         """
+        cid = metrics.get("partition-id")
+        cid = cid if isinstance(cid, int) and cid >= 0 else None
+        if cid is not None and "epsilon" in metrics and "dp-steps" not in metrics:
+            self._report(cid, metrics)  # a client that declined still states what it has spent
         if "dp-steps" not in metrics:
-            return
+            return cid
         try:
-            cid, event, reported = _event(round_, metrics)
+            cid, event, reported = _event(round_, run, metrics)
         except (KeyError, TypeError, ValueError) as err:
-            log.warning("round %d: ignoring a malformed DP event %s: %s", round_, dict(metrics), err)
-            return
-        ledger = self.ledgers.setdefault(cid, new_ledger(self.dp))
-        ledger.noise_multiplier = event.noise_multiplier
-        ledger.record(event)
+            self.flag(f"round {round_}: malformed DP event ignored: {err}")
+            return cid
+        self.ledgers.setdefault(cid, new_ledger(self.dp)).merge([event])
         self.reported_epsilon[cid] = reported
+        self.secure_rng[cid] = metrics.get("secure-rng") == 1
+        if isinstance(metrics.get("num-examples"), int):
+            self.examples[cid] = metrics["num-examples"]
+        return cid
+
+    def _report(self, cid: int, metrics: Mapping[str, Any]) -> None:
+        value = metrics["epsilon"]
+        if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
+            self.reported_epsilon[cid] = float(value)
+
+    def flag(self, text: str) -> None:
+        log.warning("privacy: %s", text)
+        self.flags.append(text)
+
+    def events(self, cid: int) -> list[DpSgdEvent]:
+        """What the server knows this client spent: sent back to it with every train message."""
+        return list(self.ledgers[cid].events) if cid in self.ledgers else []
+
+    def server_epsilon(self, cid: int, accountant: str | None = None) -> float:
+        return epsilon(self.events(cid), self.dp.delta, accountant or self.dp.accountant)
+
+    def epsilon(self, cid: int) -> float:
+        """The conservative figure: the larger of the server's recomputation and the client's report."""
+        return max(self.server_epsilon(cid), self.reported_epsilon.get(cid, 0.0))
 
     def max_epsilon(self) -> float:
-        return max((ledger.epsilon() for ledger in self.ledgers.values()), default=0.0)
+        return max((self.epsilon(cid) for cid in self.ledgers.keys() | self.reported_epsilon.keys()), default=0.0)
+
+    def client_flags(self, cid: int) -> list[str]:
+        """Disagreements between the client's report and the server's events, in words."""
+        server, reported = self.server_epsilon(cid), self.reported_epsilon.get(cid)
+        if reported is None or abs(reported - server) <= TOLERANCE * max(1.0, server):
+            return []
+        if reported > server:
+            return [f"client reports epsilon {reported:.4g} > {server:.4g} from the events the server saw "
+                    "(events the server never received: an earlier run on the same data, or a lost reply); "
+                    "the larger figure is reported"]
+        return [f"client reports epsilon {reported:.4g} < {server:.4g} recomputed from its own events: "
+                "it under-reports; the server's figure is reported"]
 
     def report(self) -> dict[str, Any]:
+        """``privacy.json``: per client the conservative epsilon, the parameters behind it, and flags."""
         clients = {}
-        for cid in sorted(self.ledgers):
-            entry = self.ledgers[cid].to_dict()
-            entry["sample_rate"] = entry["events"][-1]["sample_rate"] if entry["events"] else None
-            entry["client_reported_epsilon"] = self.reported_epsilon.get(cid)
+        for cid in sorted(self.ledgers.keys() | self.reported_epsilon.keys()):
+            ledger = self.ledgers.get(cid, new_ledger(self.dp))
+            entry = ledger.to_dict()
+            entry.pop("policy", None)
+            entry.update({
+                "epsilon": self.epsilon(cid), "server_epsilon": self.server_epsilon(cid),
+                "client_reported_epsilon": self.reported_epsilon.get(cid),
+                "epsilon_rdp": self.server_epsilon(cid, "rdp"), "epsilon_prv": self.server_epsilon(cid, "prv"),
+                "remaining": (max(0.0, self.dp.target_epsilon - self.epsilon(cid))
+                              if self.dp.target_epsilon > 0 else None),
+                "sample_rate": entry["events"][-1]["sample_rate"] if entry["events"] else None,
+                "noise_multiplier": entry["events"][-1]["noise_multiplier"] if entry["events"] else None,
+                "num_examples": self.examples.get(cid),
+                "secure_rng": self.secure_rng.get(cid),
+                "flags": self.client_flags(cid),
+            })
             clients[str(cid)] = entry
         return {"enabled": self.dp.enabled, "guarantee": GUARANTEE if self.dp.enabled else "none (DP disabled)",
+                "released_in_clear": RELEASED_IN_CLEAR if self.dp.enabled else [],
+                "not_covered": NOT_COVERED if self.dp.enabled else [],
                 "accountant": self.dp.accountant, "delta": self.dp.delta, "target_epsilon": self.dp.target_epsilon,
-                "max_epsilon": self.max_epsilon(), "clients": clients}
+                "max_grad_norm": self.dp.max_grad_norm, "rng": secure_rng.SOURCE if self.dp.enabled else None,
+                "max_epsilon": self.max_epsilon(), "flags": list(self.flags), "clients": clients}
+
+    def to_json(self) -> str:
+        """The book's whole state (for a checkpoint); ``from_json`` restores it."""
+        return json.dumps({"ledgers": {str(c): led.to_dict() for c, led in self.ledgers.items()},
+                           "reported_epsilon": {str(c): e for c, e in self.reported_epsilon.items()},
+                           "secure_rng": {str(c): s for c, s in self.secure_rng.items()},
+                           "examples": {str(c): n for c, n in self.examples.items()}, "flags": self.flags})
+
+    @classmethod
+    def from_json(cls, dp: DPConfig, text: str) -> LedgerBook:
+        data = json.loads(text)
+        return cls(dp, ledgers={int(c): Ledger.from_dict(d) for c, d in data["ledgers"].items()},
+                   reported_epsilon={int(c): float(e) for c, e in data["reported_epsilon"].items()},
+                   secure_rng={int(c): bool(s) for c, s in data["secure_rng"].items()},
+                   examples={int(c): int(n) for c, n in data["examples"].items()}, flags=list(data["flags"]))

@@ -4,7 +4,9 @@ We compose Opacus's parts (a grad-sample wrapper, a DP optimizer, its uniform Po
 instead of calling ``make_private``: our loss is a per-example vector we build ourselves (token-mean
 per example for causal LMs, so one example's gradient never depends on another's length), the
 sample rate is the one the ledger plans with, and an empty Poisson batch becomes an honest
-noise-only step instead of an exception.
+noise-only step instead of an exception. All of the mechanism's randomness (which examples a batch
+holds, the noise) comes from the OS CSPRNG (``fed.privacy.secure_rng``), never from a seedable
+generator; dropout is off while a DP step runs, so no other randomness touches the update.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from typing import Iterator
 import torch
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import get_optimizer_class
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
 from torch import nn
+
+from fed.privacy import secure_rng
 
 
 @dataclass(frozen=True)
@@ -35,10 +40,42 @@ class DpSettings:
         return max(1, round(self.sample_rate * self.num_examples))
 
 
-def poisson_batches(num_examples: int, sample_rate: float, steps: int, gen: torch.Generator) -> Iterator[list[int]]:
-    """Index lists of Poisson-sampled batches (possibly empty): the sampling the accountant assumes."""
-    return iter(UniformWithReplacementSampler(num_samples=num_examples, sample_rate=sample_rate,
-                                              generator=gen, steps=steps))
+def poisson_batches(num_examples: int, sample_rate: float, steps: int) -> Iterator[list[int]]:
+    """Index lists of Poisson-sampled batches (possibly empty): the sampling the accountant assumes.
+
+    Opacus's ``UniformWithReplacementSampler`` does the same with a ``torch.Generator``; we draw the
+    coins from the CSPRNG instead, because which examples a batch holds is part of the secret.
+    """
+    for _ in range(steps):
+        yield secure_rng.bernoulli_indices(num_examples, sample_rate)
+
+
+class SecureNoise:
+    """Mixin for an Opacus DP optimizer: the Gaussian noise comes from the OS CSPRNG.
+
+    Same arithmetic as Opacus's ``add_noise`` (noise of std ``noise_multiplier * max_grad_norm`` added to
+    the clipped sum), with ``secure_rng.normal`` in place of a ``torch.Generator``.
+    """
+
+    params: list[nn.Parameter]
+    noise_multiplier: float
+    max_grad_norm: float
+
+    def add_noise(self) -> None:
+        sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = secure_rng.normal(p.summed_grad.shape, sigma * self.max_grad_norm, p.summed_grad.dtype)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+def check_dp_compatible(model: nn.Module) -> None:
+    """Refuse a model whose layers couple the examples of a batch (BatchNorm): one example's gradient
+    would then depend on the others, and per-example clipping would no longer bound its influence."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(f"this model cannot train under DP-SGD: {'; '.join(str(e)[:160] for e in errors)}")
 
 
 class PlainStepper:
@@ -64,16 +101,18 @@ class DpStepper:
     norms (ghost clipping) and a second backward, which saves memory on large layers.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dp: DpSettings,
-                 gen: torch.Generator) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dp: DpSettings) -> None:
+        check_dp_compatible(model)
         ghost = dp.mode == "ghost"
         extra = {"max_grad_norm": dp.max_grad_norm, "use_ghost_clipping": True} if ghost else {}
+        self.dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+        for dropout in self.dropouts:
+            dropout.eval()  # its masks would come from the process-global generator
         self.module = prepare_module(model, dp.mode, batch_first=True, loss_reduction="mean", **extra)
-        optimizer_cls = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=dp.mode)
-        self.optimizer = optimizer_cls(optimizer, noise_multiplier=dp.noise_multiplier,
-                                       max_grad_norm=dp.max_grad_norm,
-                                       expected_batch_size=dp.expected_batch_size,
-                                       loss_reduction="mean", generator=gen)
+        base = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=dp.mode)
+        secure = type(f"Secure{base.__name__}", (SecureNoise, base), {})
+        self.optimizer = secure(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                expected_batch_size=dp.expected_batch_size, loss_reduction="mean")
         self.ghost = ghost
 
     def step(self, per_example_loss: torch.Tensor) -> None:
@@ -98,3 +137,5 @@ class DpStepper:
         """Detach Opacus from the model so the cached model is clean for the next round."""
         self.optimizer.zero_grad(set_to_none=True)
         self.module._close()
+        for dropout in self.dropouts:
+            dropout.train()

@@ -1,22 +1,26 @@
 """Each client's privacy ledger: the DP-SGD events it ran, composed by an Opacus accountant.
 
 The ledger is the accountant's state: a list of (noise multiplier, sample rate, steps) events that
-outlives rounds, processes and crashes (it serialises to JSON and is written atomically). Epsilon is
-always recomputed from the *whole* list, never reported per round: a fresh accountant per round is
-exactly the under-reporting this module exists to prevent.
+outlives rounds, processes, crashes and runs (it serialises to JSON and is written atomically). Epsilon
+is always recomputed from the *whole* list, never reported per round: a fresh accountant per round is
+exactly the under-reporting this module exists to prevent. Events are hyper-parameters, not data, so
+re-accounting them under another delta or accountant is exact, and the union of two copies of a
+ledger (the client's file and the server's book) can only count more, never less.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+
+from fed.privacy.policy import Policy
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class DpSgdEvent:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    run: int = 0
+    """The Flower run it belongs to: every run on the same data counts against the same budget."""
 
 
 def epsilon(events: list[DpSgdEvent], delta: float, accountant: str) -> float:
@@ -38,21 +44,49 @@ def epsilon(events: list[DpSgdEvent], delta: float, accountant: str) -> float:
     return float(acc.get_epsilon(delta=delta))
 
 
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """The noise multiplier for which ``steps`` steps at ``sample_rate`` spend at most ``target_epsilon``."""
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=accountant))
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                    prior: Iterable[DpSgdEvent] = ()) -> float:
+    """The smallest noise multiplier (to 0.1%) for which ``steps`` more steps at ``sample_rate``, after
+    the ``prior`` events, spend at most ``target_epsilon``.
+
+    Bisection on the composed epsilon, which falls as the noise grows. Opacus's ``get_noise_multiplier``
+    does the same for a fresh accountant only; a client that already spent budget (an earlier run on the
+    same data) must plan the remainder. Raises ValueError when the prior events alone exceed the target.
+    """
+    history = list(prior)
+
+    def spent(sigma: float) -> float:
+        return epsilon([*history, DpSgdEvent(0, sigma, sample_rate, steps)], delta, accountant)
+
+    if epsilon(history, delta, accountant) >= target_epsilon:
+        raise ValueError(f"no budget left: earlier events already spend {epsilon(history, delta, accountant):.3g}"
+                         f" of the target {target_epsilon:g}")
+    low, high = 0.0, 1.0
+    while spent(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(f"target epsilon {target_epsilon:g} is out of reach for {steps} steps at "
+                             f"sample rate {sample_rate:g}")
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if spent(mid) <= target_epsilon else (mid, high)
+    return high
 
 
 @dataclass
 class Ledger:
-    """A client's privacy account across the whole run."""
+    """A client's privacy account across runs: its events, and the policy its first DP round pinned."""
 
     accountant: str
     delta: float
     target_epsilon: float = 0.0
+    """The cap the budget guard enforces in this run (0 = none)."""
     noise_multiplier: float = 0.0
-    """Planned once for the whole schedule and reused every round, so the plan's guarantee holds."""
+    """Planned once per run for the whole schedule and reused every round, so the plan's guarantee holds."""
+    run: int = 0
+    """The run ``noise_multiplier`` was planned for."""
+    policy: Policy | None = None
+    """Pinned at the first DP round; every later round (of any run) must be at least as strict."""
     events: list[DpSgdEvent] = field(default_factory=list)
 
     def epsilon(self) -> float:
@@ -62,18 +96,20 @@ class Ledger:
     def steps(self) -> int:
         return sum(e.steps for e in self.events)
 
-    def affordable_steps(self, round_: int, sample_rate: float, wanted: int) -> int:
-        """How many of ``wanted`` steps fit under the target (all of them when no target is set).
+    def affordable_steps(self, event: DpSgdEvent) -> int:
+        """How many of ``event.steps`` fit under the target (all of them when no target is set).
 
         Binary search over the composed epsilon, which is monotone in steps.
         """
         def fits(steps: int) -> bool:
-            trial = [*self.events, DpSgdEvent(round_, self.noise_multiplier, sample_rate, steps)]
+            trial = [*self.events, DpSgdEvent(event.round, event.noise_multiplier, event.sample_rate, steps)]
             return epsilon(trial, self.delta, self.accountant) <= self.target_epsilon
 
-        if self.target_epsilon <= 0 or fits(wanted):
-            return wanted
-        low, high = 0, wanted  # fits(low) holds (spent so far is within target), fits(high) does not
+        if self.target_epsilon <= 0 or fits(event.steps):
+            return event.steps
+        if not fits(0):
+            return 0
+        low, high = 0, event.steps  # fits(low) holds, fits(high) does not
         while high - low > 1:
             mid = (low + high) // 2
             low, high = (mid, high) if fits(mid) else (low, mid)
@@ -82,15 +118,28 @@ class Ledger:
     def record(self, event: DpSgdEvent) -> None:
         self.events.append(event)
 
+    def merge(self, events: Iterable[DpSgdEvent]) -> int:
+        """Add the events this ledger lacks (e.g. the server's copy after the client lost its file).
+
+        Only exact duplicates collapse, so a merge can only raise epsilon. Returns how many were added.
+        """
+        missing = [e for e in dict.fromkeys(events) if e not in set(self.events)]
+        self.events = sorted([*self.events, *missing], key=lambda e: (e.run, e.round))
+        return len(missing)
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "epsilon": self.epsilon(), "steps": self.steps}
+        data = {**asdict(self), "epsilon": self.epsilon(), "steps": self.steps}
+        data["policy"] = self.policy.to_dict() if self.policy else None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Ledger:
         events = [DpSgdEvent(**e) for e in data.get("events", [])]
+        policy = Policy.from_dict(data["policy"]) if data.get("policy") else None
         return cls(accountant=data["accountant"], delta=float(data["delta"]),
                    target_epsilon=float(data.get("target_epsilon", 0.0)),
-                   noise_multiplier=float(data.get("noise_multiplier", 0.0)), events=events)
+                   noise_multiplier=float(data.get("noise_multiplier", 0.0)), run=int(data.get("run", 0)),
+                   policy=policy, events=events)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -98,6 +147,25 @@ class Ledger:
     @classmethod
     def from_json(cls, text: str) -> Ledger:
         return cls.from_dict(json.loads(text))
+
+
+def events_to_json(events: Iterable[DpSgdEvent]) -> str:
+    return json.dumps([asdict(e) for e in events])
+
+
+def events_from_json(text: str) -> list[DpSgdEvent]:
+    """Events from the network (the server's copy): every field checked, anything else refused."""
+    events = []
+    for item in json.loads(text):
+        if not isinstance(item, dict) or set(item) != {"round", "noise_multiplier", "sample_rate", "steps", "run"}:
+            raise ValueError(f"not a DP event: {item!r}")
+        event = DpSgdEvent(int(item["round"]), float(item["noise_multiplier"]), float(item["sample_rate"]),
+                           int(item["steps"]), int(item["run"]))
+        if not (event.noise_multiplier > 0 and 0 < event.sample_rate <= 1 and event.steps >= 0
+                and math.isfinite(event.noise_multiplier)):
+            raise ValueError(f"impossible DP event: {item!r}")
+        events.append(event)
+    return events
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -1,20 +1,21 @@
 """Decide a client's DP-SGD mechanism for a round, and how many steps its budget still allows.
 
-With a target epsilon the noise is calibrated once, over the whole planned schedule (every round the
-client may join times the local steps), and kept in the ledger; each round then trains only the
-steps that still fit under the target, so a client never trains past its budget.
+The client, not the server, decides: the server's DP settings are checked against the client's own
+policy (and the pin of its first DP round) and refused when weaker. With a target epsilon the noise is
+calibrated once per run, over the whole planned schedule (every round the client may join times the
+local steps) *after* whatever earlier runs already spent on the same data; each round then trains only
+the steps that still fit under the target, so a client never trains past its budget.
 """
 
 from __future__ import annotations
 
-import secrets
+import math
 from dataclasses import dataclass
-
-import torch
 
 from fed.config import DPConfig
 from fed.privacy.dpsgd import DpSettings
-from fed.privacy.ledger import Ledger, calibrate_noise
+from fed.privacy.ledger import DpSgdEvent, Ledger, calibrate_noise
+from fed.privacy.policy import Policy
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class RoundPlan:
     dp: DpSettings | None
     steps: int
     """Steps this round may take; 0 means the client must decline."""
+    refused: str = ""
+    """Why the server's settings break this client's policy (then steps is 0)."""
 
 
 def sample_rate(batch_size: int, num_examples: int) -> float:
@@ -34,22 +37,53 @@ def new_ledger(dp: DPConfig) -> Ledger:
                   noise_multiplier=dp.noise_multiplier)
 
 
+def delta_problems(delta: float, num_examples: int) -> list[str]:
+    """delta must be at most 1/(10 n): at delta ~ 1/n the mechanism may release one example in the clear."""
+    limit = 1.0 / (10 * num_examples)
+    if delta <= limit:
+        return []
+    return [f"dp.delta={delta:g} is larger than 1/(10 n) = {limit:.3g} for this client's n={num_examples} "
+            "training examples; use a smaller delta"]
+
+
+def _start_run(dp: DPConfig, ledger: Ledger, policy: Policy, run: int, rate: float, planned_steps: int) -> None:
+    """First round of ``run`` on this ledger: re-account under the run's delta and accountant, set the
+    cap, and plan the noise for the whole schedule on top of what earlier runs already spent."""
+    ledger.accountant, ledger.delta, ledger.run = dp.accountant, dp.delta, run
+    cap = min(dp.target_epsilon if dp.target_epsilon > 0 else math.inf, policy.max_epsilon)
+    ledger.target_epsilon = 0.0 if math.isinf(cap) else cap
+    if dp.target_epsilon <= 0:
+        ledger.noise_multiplier = dp.noise_multiplier
+        return
+    try:
+        sigma = calibrate_noise(dp.target_epsilon, dp.delta, rate, planned_steps, dp.accountant, ledger.events)
+    except ValueError:  # nothing left of the budget: the guard below lets no step through
+        sigma = math.inf
+    ledger.noise_multiplier = max(sigma, policy.min_noise_multiplier)
+
+
 def plan_round(dp: DPConfig, ledger: Ledger, *, num_examples: int, batch_size: int, local_steps: int,
-               rounds: int, round_: int) -> RoundPlan:
-    """The mechanism and step count for this round; calibrates the ledger's noise on first use."""
+               rounds: int, round_: int, policy: Policy = Policy(), run: int = 0) -> RoundPlan:
+    """The mechanism and step count for this round, or a refusal naming what breaks the policy.
+
+    ``policy`` is the node's own floor; the ledger's pinned policy (from its first DP round) tightens it.
+    On a DP round the ledger is updated in place: its run settings on first use, its pin.
+    """
+    effective = policy.strictest(ledger.policy) if ledger.policy else policy
+    problems = effective.violations(dp)
+    if dp.enabled:
+        problems += delta_problems(dp.delta, num_examples)
+    if problems:
+        return RoundPlan(None, 0, refused="; ".join(problems))
     if not dp.enabled:
         return RoundPlan(None, local_steps)
     q = sample_rate(batch_size, num_examples)
-    if ledger.noise_multiplier <= 0:
-        ledger.noise_multiplier = calibrate_noise(dp.target_epsilon, dp.delta, q, rounds * local_steps,
-                                                  dp.accountant)
-    steps = ledger.affordable_steps(round_, q, local_steps)
+    if ledger.run != run or ledger.noise_multiplier <= 0 or ledger.policy is None:
+        _start_run(dp, ledger, effective, run, q, rounds * local_steps)
+    ledger.policy = effective.pinned_by(dp)
+    if math.isinf(ledger.noise_multiplier):
+        return RoundPlan(None, 0)
+    steps = ledger.affordable_steps(DpSgdEvent(round_, ledger.noise_multiplier, q, local_steps, run))
     settings = DpSettings(noise_multiplier=ledger.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                           sample_rate=q, num_examples=num_examples, mode=dp.grad_sample_mode)
     return RoundPlan(settings, steps)
-
-
-def private_generator() -> torch.Generator:
-    """Noise and sampling randomness from OS entropy: never derived from the run seed, which the server
-    knows and could use to regenerate (and subtract) the noise."""
-    return torch.Generator().manual_seed(secrets.randbits(63))

@@ -1,0 +1,71 @@
+"""What a client may release, and the guarantee that covers it.
+
+Under DP the guarantee covers the noised adapter update and nothing else a client computes from its
+training data. So a DP reply carries the update plus an allowlist of fields that are public by
+construction: hyper-parameters of the mechanism, the epsilon they compose to, the frozen-factor
+fingerprint (a function of the run seed), and n, the number of training examples, which the
+guarantee declares public (zero-out adjacency, below). A raw training loss (measured: it alone told
+a canary's presence apart at 50% TPR / 0% FPR) or a wall-clock time (a side channel on the Poisson
+batch sizes) never leaves a DP client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+PUBLIC_UNDER_DP = frozenset({
+    "partition-id",  # which client this is (the node's own configuration)
+    "fingerprint",  # hash of the frozen factors, derived from the run seed
+    "num-examples",  # n: public under zero-out adjacency
+    "declined",  # the budget guard's decision: a function of the ledger's public events
+    "refused",  # the client's policy refused the server's settings: a function of public settings
+    "epsilon",  # composed from the public events
+    "steps", "dp-steps", "dp-noise-multiplier", "dp-sample-rate",  # the DP event itself
+    "secure-rng",  # 1 when the mechanism's randomness came from the OS CSPRNG
+})
+
+GUARANTEE = (
+    "(epsilon, delta)-differential privacy for each client's training examples, separately per client. "
+    "Unit: one training example of one client. Adjacency: zero-out with n public: two datasets of a client "
+    "are neighbours when they have the same size n and differ in one example, which in one of them is "
+    "replaced by a null example that contributes nothing to any gradient (this is the adjacency under "
+    "which the Poisson-subsampled Gaussian mechanism has exactly the add/remove-one privacy curve, so the "
+    "accountant's numbers hold while n itself is released). Mechanism: DP-SGD with Poisson sampling at "
+    "rate batch/n, per-example clipping of every trained adapter tensor (and task head) jointly to "
+    "max_grad_norm, Gaussian noise of std noise_multiplier * max_grad_norm, all randomness from the OS "
+    "CSPRNG. Composition over every DP event of the client (all rounds and all runs recorded in its "
+    "ledger) with the named accountant, at the stated delta. Everything the server receives from a DP "
+    "client is the noised update (post-processing) or a field listed as released in the clear."
+)
+
+RELEASED_IN_CLEAR = [
+    "n, the number of training examples of each client (public under the zero-out adjacency)",
+    "the DP event fields: noise multiplier, sample rate (= batch / n), steps; and the epsilon they compose to",
+    "the frozen-factor fingerprint (a hash of tensors derived from the public run seed)",
+    "declined/refused flags (functions of the public events and the client's policy)",
+    "evaluation metrics (loss, accuracy, example count) on each client's held-out split, which is never "
+    "trained on: NOT covered by the guarantee",
+]
+
+NOT_COVERED = [
+    "the held-out evaluation split: its metrics are released as they are",
+    "which clients take part in a round, and when (participation is public)",
+    "group privacy: a user with k examples is protected at roughly k times epsilon",
+]
+
+
+def public_metrics(metrics: Mapping[str, Any], dp: bool) -> dict[str, Any]:
+    """The fields of a reply that may travel: all of them without DP, only ``PUBLIC_UNDER_DP`` with it.
+
+    The client applies it before sending; the server applies it again on arrival (and logs what it
+    had to drop), so a non-public field never reaches a log, an aggregate or metrics.jsonl.
+    """
+    if not dp:
+        return dict(metrics)
+    dropped = sorted(set(metrics) - PUBLIC_UNDER_DP)
+    if dropped:
+        log.warning("dropping non-public fields of a DP reply: %s", dropped)
+    return {k: v for k, v in metrics.items() if k in PUBLIC_UNDER_DP}

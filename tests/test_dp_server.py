@@ -1,0 +1,108 @@
+"""The server under DP: only public fields are kept, events are booked as replies arrive (dropped or
+not), each client's events go back to it, and privacy.json is conservative and flags disagreements."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fed.adapters import Aggregation, Structure
+from fed.config import DPConfig
+from fed.privacy.book import LedgerBook
+from fed.privacy.ledger import DpSgdEvent, epsilon, events_from_json
+from fed.privacy.release import PUBLIC_UNDER_DP
+from fed.wire import metas, to_record
+from strategies.fedavg import AdapterFedAvg, RoundLog
+
+GLOBAL = {"l.lora_B.weight": torch.zeros(3, 2)}
+FP = 7
+DP = DPConfig(enabled=True, target_epsilon=8.0, delta=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+
+
+def _dp_reply(node: int, cid: int, *, steps: int = 10, eps: float | None = None, **extra) -> Message:
+    event = [DpSgdEvent(1, 1.1, 0.05, steps, 1)]
+    metrics = {"partition-id": cid, "fingerprint": FP, "num-examples": 100, "steps": steps, "dp-steps": steps,
+               "dp-noise-multiplier": 1.1, "dp-sample-rate": 0.05, "secure-rng": 1,
+               "epsilon": epsilon(event, DP.delta, "rdp") if eps is None else eps, **extra}
+    msg = Message(RecordDict({"arrays": to_record({"l.lora_B.weight": torch.ones(3, 2)}),
+                              "metrics": MetricRecord(metrics)}), dst_node_id=1, message_type="train")
+    msg.metadata.__dict__["_src_node_id"] = node  # as if it came from that node (no public setter)
+    return msg
+
+
+def _strategy(book: LedgerBook, written: list) -> AdapterFedAvg:
+    s = AdapterFedAvg(expected=metas(GLOBAL), structure=Structure({"l.lora_B.weight": Aggregation.MEAN}),
+                      fingerprint=FP, book=book, on_privacy=lambda b: written.append(b.report()))
+    s._global = {k: v.clone() for k, v in GLOBAL.items()}
+    return s
+
+
+def test_dp_replies_keep_public_fields_only_and_book_events_even_when_dropped():
+    book, written = LedgerBook(DP), []
+    strategy = _strategy(book, written)
+    leaky = _dp_reply(11, 0, train_loss=0.123, train_wall_s=4.2)
+    bad_payload = _dp_reply(12, 1)
+    bad_payload.content.array_records["arrays"] = to_record({"l.lora_B.weight": torch.ones(5)})
+    arrays, metrics = strategy.aggregate_train(1, [leaky, bad_payload])
+    assert metrics is not None and "train_loss" not in metrics
+    record = strategy.rounds[1]
+    assert all(set(m) <= PUBLIC_UNDER_DP for m in record.reported)
+    assert len(record.accepted) == 1 and len(record.dropped) == 1
+    assert set(book.ledgers) == {0, 1}  # the dropped reply's client spent budget too
+    assert written and set(written[-1]["clients"]) == {"0", "1"}  # persisted before aggregation finished
+
+
+def test_each_client_gets_its_own_events_back():
+    book = LedgerBook(DP)
+    strategy = _strategy(book, [])
+    strategy.aggregate_train(1, [_dp_reply(11, 0, steps=10), _dp_reply(12, 1, steps=7)])
+    record = RecordDict({"arrays": to_record(GLOBAL), "config": ConfigRecord({"server-round": 2})})
+    messages = [strategy._with_known_events(Message(record, dst_node_id=n, message_type="train"))
+                for n in (11, 12, 13)]
+    got = [m.content.config_records["config"].get("known-events") for m in messages]
+    assert [e.steps for e in events_from_json(got[0])] == [10]
+    assert [e.steps for e in events_from_json(got[1])] == [7]
+    assert got[2] is None  # an unknown node gets nothing (and the shared record is untouched)
+    assert "known-events" not in record.config_records["config"]
+
+
+def test_report_is_conservative_and_flags_disagreements():
+    book = LedgerBook(DP)
+    strategy = _strategy(book, [])
+    honest = _dp_reply(11, 0)
+    over = _dp_reply(12, 1, eps=5.0)  # e.g. an earlier run on the same data the server never saw
+    under = _dp_reply(13, 2, eps=0.01)
+    strategy.rounds[1] = RoundLog(asked=[11, 12, 13, 14])  # as configure_train leaves it
+    strategy.aggregate_train(1, [honest, over, under])
+    report = book.report()
+    server = epsilon([DpSgdEvent(1, 1.1, 0.05, 10, 1)], DP.delta, "rdp")
+    clients = report["clients"]
+    assert clients["0"]["epsilon"] == pytest.approx(server) and clients["0"]["flags"] == []
+    assert clients["1"]["epsilon"] == 5.0 and "larger figure" in clients["1"]["flags"][0]
+    assert clients["2"]["epsilon"] == pytest.approx(server) and "under-reports" in clients["2"]["flags"][0]
+    assert any("node 14" in f and "no reply" in f for f in report["flags"])
+    assert clients["0"]["epsilon_prv"] < clients["0"]["epsilon_rdp"]
+    assert "zero-out" in report["guarantee"] and report["rng"].startswith("os.urandom")
+    assert LedgerBook.from_json(DP, book.to_json()).report() == report
+
+
+def test_malformed_events_never_enter_a_ledger():
+    book = LedgerBook(DP)
+    good = {"partition-id": 0, "dp-steps": 10, "dp-noise-multiplier": 1.0, "dp-sample-rate": 0.05, "epsilon": 1.0}
+    book.observe(1, good)
+    book.observe(2, {**good, "partition-id": 1, "dp-sample-rate": 7.0})
+    book.observe(2, {**good, "partition-id": "x"})
+    assert set(book.ledgers) == {0} and len(book.flags) == 2
+    assert json.loads(json.dumps(book.report()))["clients"]["0"]["steps"] == 10

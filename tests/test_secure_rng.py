@@ -1,0 +1,88 @@
+"""The mechanism's randomness: not reproducible from a 32-bit seed, and distributed as claimed."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+import torch
+from scipy import stats
+
+from fed.privacy import secure_rng
+from fed.privacy.dpsgd import DpSettings, DpStepper, check_dp_compatible, poisson_batches
+from tests.conftest import tiny_bert
+
+
+def regenerable_from_32_bits(draw) -> bool:
+    """The server's attack: if the noise source is a torch generator, reseed a fresh one with the low
+    32 bits of its seed (all a CPU Mersenne Twister keeps) and compare the streams."""
+    source = draw.__self__ if hasattr(draw, "__self__") else None
+    if not isinstance(source, torch.Generator):
+        return False
+    replay = torch.Generator().manual_seed(source.initial_seed() & 0xFFFFFFFF)
+    return torch.equal(draw(1000), torch.randn(1000, generator=replay))
+
+
+def test_the_attack_check_catches_a_32_bit_seeded_generator():
+    gen = torch.Generator().manual_seed(secrets.randbits(63))  # the foundation's private_generator
+    draw = lambda n: torch.randn(n, generator=gen)  # noqa: E731
+    draw.__self__ = gen  # type: ignore[attr-defined]
+    assert regenerable_from_32_bits(draw)
+
+
+def test_noise_is_not_regenerable_and_never_repeats():
+    assert not regenerable_from_32_bits(lambda n: secure_rng.normal((n,), 1.0))
+    a, b = secure_rng.normal((4096,), 1.0), secure_rng.normal((4096,), 1.0)
+    assert not torch.equal(a, b)
+
+
+def test_noise_reads_only_the_os_csprng(monkeypatch):
+    """Same OS bytes, same noise: the draws are a function of os.urandom alone (no hidden seeded state)."""
+    monkeypatch.setattr(secure_rng.os, "urandom", lambda n: bytes(range(256)) * (n // 256) + bytes(n % 256))
+    assert torch.equal(secure_rng.normal((300,), 2.0), secure_rng.normal((300,), 2.0))
+
+
+def test_gaussian_and_bernoulli_have_the_claimed_distribution():
+    z = secure_rng.normal((20000,), 3.0, torch.float64)
+    assert stats.kstest(z.numpy() / 3.0, "norm").pvalue > 1e-3
+    sizes = [len(b) for b in poisson_batches(1000, 0.05, 400)]
+    assert abs(sum(sizes) / len(sizes) - 50) < 2.5  # mean of 400 Binomial(1000, 0.05): sd 0.34
+    assert all(i < 1000 for b in poisson_batches(1000, 0.5, 3) for i in b)
+
+
+def test_dp_step_noise_comes_from_the_csprng(monkeypatch):
+    """The DP optimizer's noise is secure_rng's (patched to a constant here), not Opacus's generator."""
+    from fed.adapters import AdapterSpec, build
+
+    model = tiny_bert()
+    adapter = build(model, AdapterSpec("ffa-lora", 2, 4.0, ("query",)), 0, head=("classifier.weight",))
+    monkeypatch.setattr(secure_rng, "normal", lambda shape, std, dtype=torch.float32: torch.full(shape, 7.0))
+    before = adapter.state(adapter.names(trainable=True))
+    opt = torch.optim.SGD(adapter.trainable_parameters(), lr=1.0)
+    stepper = DpStepper(model, opt, DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
+                                               num_examples=2))
+    stepper.empty_step()
+    stepper.close()
+    for name, value in adapter.state(adapter.names(trainable=True)).items():
+        torch.testing.assert_close(before[name] - value, torch.full_like(value, 7.0))  # noise / expected batch 1
+
+
+def test_dropout_is_off_during_dp_steps_and_restored_after():
+    model = tiny_bert()
+    dropout = torch.nn.Dropout(0.5)
+    model.bert.embeddings.dropout = dropout
+    from fed.adapters import AdapterSpec, build
+
+    adapter = build(model, AdapterSpec("lora", 2, 4.0, ("query",)), 0)
+    opt = torch.optim.SGD(adapter.trainable_parameters(), lr=1.0)
+    stepper = DpStepper(model, opt, DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
+                                               num_examples=2))
+    assert not dropout.training
+    stepper.close()
+    assert dropout.training
+
+
+def test_batch_norm_is_refused_under_dp():
+    with pytest.raises(ValueError, match="BatchNorm"):
+        check_dp_compatible(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
+    check_dp_compatible(tiny_bert())  # LayerNorm is per example: fine

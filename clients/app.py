@@ -98,8 +98,8 @@ def train(msg: Message, context: Context) -> Message:
     dp = cfg.dp.enabled or bool(ledger.events)
     if dp:
         write_atomic(path, ledger.to_json())  # the pin and any merged events, even if this round trains nothing
-    metrics: dict[str, int | float] = {"partition-id": pid, "fingerprint": session.adapter.fingerprint(),
-                                       "num-examples": len(train_data)}
+    metrics: dict[str, int | float] = {"partition-id": pid, "round": round_, "num-examples": len(train_data),
+                                       "fingerprint": session.adapter.fingerprint()}
     if plan.refused:
         return _reply(msg, {**metrics, "refused": 1, "epsilon": ledger.epsilon()}, dp, reason=plan.refused)
     if plan.steps == 0:

@@ -22,6 +22,9 @@ ADAPTER_KINDS = ("lora", "ffa-lora", "moslora", "mole", "mor")
 PARTITIONS = ("iid", "dirichlet", "pathological", "natural")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
+ROBUST_RULES = ("mean", "median", "trimmed-mean")
+WEIGHTINGS = ("capped", "examples", "uniform")
+CLIPS = ("adaptive", "auto", "fixed", "off")
 
 
 class ConfigError(ValueError):
@@ -60,6 +63,26 @@ class FederationConfig:
     fraction_evaluate: float = 1.0
     server_lr: float = 1.0
     """Step size of the server update ``global += server_lr * weighted_mean(deltas)``."""
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """How far one reply can move the global adapter (bounded influence) and how replies are combined."""
+
+    rule: str = "mean"
+    """``mean`` (weighted), or the robust ``median`` / ``trimmed-mean`` (coordinate-wise, unweighted)."""
+    trim_fraction: float = 0.2
+    """Share of replies cut at each end of every coordinate by ``trimmed-mean``."""
+    weighting: str = "capped"
+    """``capped``: example counts capped at ``max_weight_ratio`` x their median (counts are self-reported);
+    ``examples``: as reported; ``uniform``: every reply alike."""
+    max_weight_ratio: float = 3.0
+    clip: str = "adaptive"
+    """Norm bound on each reply's delta: ``adaptive`` (``clip_multiplier`` x the round's median norm, never
+    above ``auto``), ``auto`` (the largest step an honest AdamW client can take: lr x steps x sqrt(params)),
+    ``fixed`` (``max_delta_norm``) or ``off``."""
+    clip_multiplier: float = 2.0
+    max_delta_norm: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +132,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
@@ -173,6 +197,7 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "adapter": AdapterConfig,
     "federation": FederationConfig,
+    "strategy": StrategyConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "dp": DPConfig,
@@ -238,6 +263,9 @@ def _check_choices(c: RunConfig) -> list[str]:
         + _choice("data.partition", c.data.partition, PARTITIONS)
         + _choice("dp.accountant", c.dp.accountant, ACCOUNTANTS)
         + _choice("dp.grad_sample_mode", c.dp.grad_sample_mode, GRAD_SAMPLE_MODES)
+        + _choice("strategy.rule", c.strategy.rule, ROBUST_RULES)
+        + _choice("strategy.weighting", c.strategy.weighting, WEIGHTINGS)
+        + _choice("strategy.clip", c.strategy.clip, CLIPS)
     )
 
 
@@ -253,6 +281,12 @@ def _check_ranges(c: RunConfig) -> list[str]:
         + _in_range("federation.fraction_train", c.federation.fraction_train, 0.0, 1.0)
         + _in_range("federation.fraction_evaluate", c.federation.fraction_evaluate, 0.0, 1.0, closed=True)
         + _at_least("federation.server_lr", c.federation.server_lr, 1e-12)
+        + _in_range("strategy.trim_fraction", c.strategy.trim_fraction, 0.0, 0.49, closed=True)
+        + _at_least("strategy.max_weight_ratio", c.strategy.max_weight_ratio, 1.0)
+        + _at_least("strategy.clip_multiplier", c.strategy.clip_multiplier, 1.0)
+        + _at_least("strategy.max_delta_norm", c.strategy.max_delta_norm, 0.0)
+        + ([] if c.strategy.clip != "fixed" or c.strategy.max_delta_norm > 0
+           else ["strategy.clip='fixed' needs strategy.max_delta_norm > 0"])
         + _at_least("data.alpha", c.data.alpha, 1e-12)
         + _at_least("data.classes_per_client", c.data.classes_per_client, 1)
         + _in_range("data.test_fraction", c.data.test_fraction, 0.0, 0.9)

@@ -197,7 +197,13 @@ def _from_file(path: str, task: str, text_column: str, label_column: str) -> Dat
     """A local table. For causal-lm, ``prompt``/``response`` columns are used when present; otherwise
     ``text_column`` becomes the *response* under an empty prompt, because the causal-LM loss covers
     response tokens only (a text left in the prompt would not be learnt). No label column -> one class."""
-    ds = datasets.load_dataset(FILE_FORMATS[Path(path).suffix.lower()], data_files=path, split="train")
+    try:
+        ds = datasets.load_dataset(FILE_FORMATS[Path(path).suffix.lower()], data_files=path, split="train")
+    except Exception as err:  # the parsers raise their own kinds (DatasetGenerationError, ArrowInvalid, ...)
+        raise ValueError(f"{path}: cannot be read as {Path(path).suffix.lower()[1:]}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else type(err).__name__}") from err
+    if len(ds) == 0:
+        raise ValueError(f"{path}: the file holds no rows")
     if task == "classification":
         columns = {text_column: "text"}
     elif {"prompt", "response"} <= set(ds.column_names):

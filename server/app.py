@@ -18,10 +18,12 @@ from fed.config import RunConfig, from_run_config
 from fed.export import export_adapter
 from fed.privacy.book import LedgerBook
 from fed.reports.curves import plot_curves
+from fed.reports.privacy import write_report
 from fed.rundir import RunDir
 from fed.session import adapted_model
 from fed.wire import config_record, from_record, metas, to_record
 from strategies.fedavg import AdapterFedAvg
+from strategies.validation import ReplyRules
 
 app = ServerApp()
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -55,6 +57,7 @@ class RoundRecorder:
                 "eval_accuracy": log.evaluate.get("eval_accuracy"), "bytes_up": log.bytes_up,
                 "bytes_down": log.bytes_down, "aggregation_error": log.aggregation_error,
                 "clients": len(log.accepted), "dropped": log.dropped,
+                "capped": log.capped, "clipped": log.clipped, "delta_norm_bound": log.norm_bound,
                 "epsilon_max": self.book.max_epsilon(), "wall_s": round(now - self.started, 3)}
         self.started = now
         self.run_dir.append_metrics(line)
@@ -74,14 +77,16 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
     fed = cfg.federation
     book = LedgerBook(cfg.dp)
     strategy = AdapterFedAvg(
-        expected=metas(initial), structure=adapter.structure(), products=adapter.products,
-        fingerprint=adapter.fingerprint(), seed=cfg.seed, server_lr=fed.server_lr, book=book,
-        on_privacy=lambda b: run_dir.write_privacy(b.report()),
+        expected=metas(initial), structure=adapter.structure(), products=adapter.products, seed=cfg.seed,
+        server_lr=fed.server_lr,
+        rules=ReplyRules(fingerprint=adapter.fingerprint(), local_steps=cfg.train.local_steps,
+                         batch_size=cfg.train.batch_size, rounds=fed.rounds, dp=cfg.dp),
+        influence=cfg.strategy, lr=cfg.train.lr, book=book, on_privacy=lambda b: run_dir.write_privacy(b.report()),
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
-        # Flower sizes a round's sample from the nodes connected *before* it waits for min_available_nodes,
-        # so in round 1 of a simulation it sampled as few as 1 of N clients; these minimums make it N·fraction.
-        min_train_nodes=max(1, int(fed.num_clients * fed.fraction_train)),
-        min_evaluate_nodes=max(1, int(fed.num_clients * fed.fraction_evaluate)) if fed.fraction_evaluate > 0 else 0,
+        # Flower sizes a round's sample from the nodes connected *so far* (then waits for min_available_nodes):
+        # on a slow start round 1 would train one client. The expected sample size is known: ask for it.
+        min_train_nodes=max(1, int(fed.fraction_train * fed.num_clients)),
+        min_evaluate_nodes=max(1, int(fed.fraction_evaluate * fed.num_clients)) if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.num_clients,
     )
     recorder = RoundRecorder(strategy, book, run_dir, on_round)
@@ -89,6 +94,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
                             train_config=config_record(cfg), evaluate_config=config_record(cfg),
                             evaluate_fn=recorder)
     run_dir.write_privacy(book.report())
+    if cfg.dp.enabled:
+        write_report(run_dir.path)
     if len(result.arrays):  # empty when no round aggregated anything: keep the initial adapter
         adapter.load(from_record(result.arrays, metas(initial)))
     export_adapter(adapter, run_dir.adapter, task=cfg.task, base_model=cfg.model.name)

@@ -1,4 +1,4 @@
-"""The ``fed`` command: ``fed simulate --preset NAME [--set key=value ...] [--out DIR]``."""
+"""The ``fed`` command: ``fed simulate``, ``fed plan`` (the DP schedule before training) and ``fed report``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", default="runs", help="parent folder of the run directory (default: runs)")
     sim.add_argument("--name", default="", help="run directory name (default: time and adapter)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    plan = commands.add_parser("plan", help="noise multiplier and epsilon per round of a DP config, before training")
+    plan.add_argument("--preset", default="quickstart", help="preset name or .toml path (as for simulate)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key, e.g. --set dp.target_epsilon=3 (repeatable)")
+    plan.add_argument("--examples", type=int, default=0,
+                      help="a client's training examples n (default: the smallest client of the config's data)")
+    plan.add_argument("--participation", type=float, default=None,
+                      help="expected fraction of rounds a client joins (default: federation.fraction_train)")
+    report = commands.add_parser("report", help="privacy report of a finished run: report.html + terminal summary")
+    report.add_argument("run_dir", help="a run directory (holds privacy.json)")
     return parser
 
 
@@ -46,14 +56,71 @@ def _summary(lines: list[dict]) -> Table:
     return table
 
 
+def _plan(cfg, args: argparse.Namespace, console: Console) -> int:
+    from fed.privacy.planner import plan_schedule  # heavy imports (opacus) only once the config is valid
+
+    if not cfg.dp.enabled:
+        console.print("[red]error:[/red] dp.enabled is false: nothing to plan (add --set dp.enabled=true)")
+        return 2
+    n = args.examples
+    if n <= 0:
+        from fed.session import client_data
+
+        with console.status("reading the data to size each client…"):
+            n = min(len(client_data(cfg, pid).train) for pid in range(cfg.federation.num_clients))
+    participation = cfg.federation.fraction_train if args.participation is None else args.participation
+    if not 0 < participation <= 1:
+        console.print(f"[red]error:[/red] --participation={participation} must be in (0, 1]")
+        return 2
+    t = cfg.train
+    schedule = plan_schedule(cfg.dp, num_examples=n, batch_size=t.batch_size, local_steps=t.local_steps,
+                             rounds=cfg.federation.rounds, participation=participation)
+    table = Table(title=f"epsilon per round at delta {cfg.dp.delta:g} (participation {participation:g})")
+    for column in ("round", "steps", "eps RDP", "eps PRV"):
+        table.add_column(column, justify="right")
+    for row in schedule.rows:
+        table.add_row(str(row.round), str(row.steps), f"{row.epsilon_rdp:.3f}", f"{row.epsilon_prv:.3f}")
+    goal = f"target epsilon {cfg.dp.target_epsilon:g}" if cfg.dp.target_epsilon else "fixed noise"
+    console.print(f"client with n={n} examples, batch {t.batch_size} -> Poisson rate q={schedule.sample_rate:.4g}; "
+                  f"{goal} over {cfg.federation.rounds} rounds x {t.local_steps} steps "
+                  f"({cfg.dp.accountant.upper()}) -> noise multiplier [bold]{schedule.noise_multiplier:.4g}[/bold]"
+                  f" (noise std per coordinate of the mean gradient: "
+                  f"{schedule.noise_multiplier * cfg.dp.max_grad_norm / t.batch_size:.3g})")
+    console.print(table)
+    for problem in schedule.delta_problems:
+        console.print(f"[red]error:[/red] {problem}")
+    return 2 if schedule.delta_problems else 0
+
+
+def _report(run_dir: str, console: Console) -> int:
+    import json
+    from pathlib import Path
+
+    from fed.reports.privacy import summary, write_report
+
+    path = Path(run_dir)
+    if not (path / "privacy.json").is_file():
+        console.print(f"[red]error:[/red] {path} holds no privacy.json; give a run directory made by fed simulate "
+                      "or a deployed run")
+        return 2
+    out = write_report(path)
+    summary(json.loads((path / "privacy.json").read_text()), console)
+    console.print(f"report: [bold]{out}[/bold]")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
+    if args.command == "report":
+        return _report(args.run_dir, Console())
     try:
         cfg = resolve(args.preset, args.overrides)
     except ConfigError as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
+    if args.command == "plan":
+        return _plan(cfg, args, Console())
     from simulations.run import simulate  # heavy imports (torch, flwr) only once the config is valid
 
     try:
@@ -62,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {err}")
         return 2
     console.print(_summary(run_dir.metrics()))
+    if cfg.dp.enabled:
+        _report(str(run_dir.path), console)
     console.print(f"run directory: [bold]{run_dir.path}[/bold]")
     return 0
 

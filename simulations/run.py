@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from rich.console import Console
@@ -20,9 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers.utils import logging as transformers_logging
 
 from clients.app import app as client_app
-from fed.config import RunConfig
+from fed.config import ConfigError, RunConfig
+from fed.privacy.planner import delta_problems
 from fed.rundir import RunDir
-from fed.session import preflight
+from fed.session import client_data, preflight
 from server.app import run_federation
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -68,13 +70,27 @@ def _describe(line: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def _check_delta(cfg: RunConfig) -> None:
+    """Stop before any worker when a client would refuse delta > 1/(10 n) (it would, every round)."""
+    if not cfg.dp.enabled:
+        return
+    for pid in range(cfg.federation.num_clients):
+        problems = delta_problems(cfg.dp.delta, len(client_data(cfg, pid).train))
+        if problems:
+            raise ConfigError(f"client {pid}: {problems[0]}")
+
+
 def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", console: Console | None = None,
-             verbose: bool = False) -> RunDir:
-    """Run ``cfg`` with ``cfg.federation.num_clients`` simulated clients; returns the finished run dir."""
+             verbose: bool = False, client: ClientApp = client_app) -> RunDir:
+    """Run ``cfg`` with ``cfg.federation.num_clients`` simulated clients; returns the finished run dir.
+
+    ``client`` replaces the ClientApp (the attack test runs a red-team client through the same path).
+    """
     _quiet(verbose)
     console = console or Console(stderr=True)
     with console.status("loading the model and partitioning the data…"):
         preflight(cfg)
+        _check_delta(cfg)
     run_dir = RunDir.create(out, cfg, name)
     # Simulated clients are partitions of one dataset, fresh for each experiment: their ledgers live in
     # the run directory (a real node keeps its own in its state dir, across runs; see clients/app.py).
@@ -93,7 +109,7 @@ def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", consol
         def _main(grid: Grid, context: Context) -> None:
             run_federation(grid, cfg, run_dir, on_round)
 
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
+        run_simulation(server_app=server_app, client_app=client, num_supernodes=cfg.federation.num_clients,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                        "init_args": {"include_dashboard": False, "log_to_driver": verbose}},
                        verbose_logging=verbose)

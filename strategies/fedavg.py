@@ -21,13 +21,15 @@ from flwr.serverapp.strategy import FedAvg
 
 from fed.adapters import Structure
 from fed.adapters.base import Products
-from fed.config import DPConfig
+from fed.config import DPConfig, StrategyConfig
 from fed.privacy.book import LedgerBook
 from fed.privacy.ledger import events_to_json
 from fed.privacy.release import public_metrics
 from fed.seeding import derive_seed
 from fed.wire import PayloadError, TensorMeta, from_record, read_usage, to_record
-from strategies.rules import Replies, aggregate, aggregation_error, apply_update, renormalise
+from strategies.rules import (Replies, adaptive_bound, aggregate, aggregation_error, apply_update, bounded_weights,
+                              clip_deltas, delta_norm, honest_step_bound, renormalise)
+from strategies.validation import ReplyRules, check_reply
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +47,15 @@ class RoundLog:
     dropped: list[str] = field(default_factory=list)
     asked: list[int] = field(default_factory=list)
     """Node ids that were sent a train message."""
+    capped: int = 0
+    """Replies whose (self-reported) example count was capped."""
+    clipped: int = 0
+    """Replies whose delta norm exceeded the round's bound and was scaled down to it."""
+    norm_bound: float | None = None
     train_loss: float = float("nan")
     aggregation_error: float = float("nan")
     """How far the aggregated adapter's weight update is from the mean of the clients' (see rules.py)."""
     evaluate: dict[str, float] = field(default_factory=dict)
-
-
-def check_metrics(metrics: Mapping[str, Any], fingerprint: int, *, dp: bool = False) -> float:
-    """The reply's example count, after checking it, the training loss (non-DP replies only: under DP
-    a raw loss is private and never sent) and the frozen-factor fingerprint."""
-    examples = metrics.get("num-examples")
-    if not isinstance(examples, int) or examples <= 0:
-        raise PayloadError(f"num-examples={examples!r} must be a positive integer")
-    if not dp and not isinstance(metrics.get("train_loss"), (int, float)):
-        raise PayloadError(f"train_loss={metrics.get('train_loss')!r} must be a number")
-    if metrics.get("fingerprint") != fingerprint:
-        raise PayloadError(f"frozen-factor fingerprint {metrics.get('fingerprint')!r} differs from the "
-                           f"server's {fingerprint!r}: the client derived different frozen adapter tensors")
-    return float(examples)
 
 
 def _all_or_none(usage: list[dict[str, float] | None], server_round: int) -> list[dict[str, float]] | None:
@@ -77,18 +70,23 @@ def _all_or_none(usage: list[dict[str, float] | None], server_round: int) -> lis
 class AdapterFedAvg(FedAvg):
     """FedAvg over adapter deltas, with a server learning rate and per-kind aggregation rules."""
 
-    def __init__(self, *, expected: Mapping[str, TensorMeta], structure: Structure, fingerprint: int,
+    def __init__(self, *, expected: Mapping[str, TensorMeta], structure: Structure, rules: ReplyRules,
                  server_lr: float = 1.0, products: Products | None = None, seed: int = 0,
-                 book: LedgerBook | None = None, on_privacy: Callable[[LedgerBook], None] | None = None,
-                 **fedavg: Any) -> None:
+                 influence: StrategyConfig = StrategyConfig(), lr: float = 0.0, book: LedgerBook | None = None,
+                 on_privacy: Callable[[LedgerBook], None] | None = None, **fedavg: Any) -> None:
         super().__init__(**fedavg)
         self.expected = dict(expected)
         self.structure = structure
         self.products = products
         """Dense weight updates of the adapter given its tensors: what ``aggregation_error`` compares."""
         self.seed = seed
-        self.fingerprint = fingerprint
+        """Run seed: the server's own randomness (MoSLoRA's re-factorisation mixer) derives from it."""
+        self.rules = rules
         self.server_lr = server_lr
+        self.influence = influence
+        params = sum(math.prod(meta.shape) for meta in expected.values())
+        self.ceiling = honest_step_bound(lr, rules.local_steps, params) if lr and rules.local_steps else math.inf
+        """The largest update an honest client can make: ``auto``'s bound and ``adaptive``'s ceiling."""
         self.book = book if book is not None else LedgerBook(DPConfig())
         self.dp = self.book.dp.enabled
         self.on_privacy = on_privacy
@@ -139,16 +137,20 @@ class AdapterFedAvg(FedAvg):
             reason = f"node {msg.metadata.src_node_id}: client error: {msg.error.reason}"
             log.warning("round %d: %s", server_round, reason)
             record.dropped.append(reason)
-        deltas, weights, usage = [], [], []
+        deltas, examples, usage, seen = [], [], [], set()
         for msg in valid:
             try:
+                node = msg.metadata.src_node_id
+                if node in seen:
+                    raise PayloadError("a second reply from the same node in this round")
+                seen.add(node)
                 metrics = self._observe(server_round, msg, record)
                 if metrics.get("refused"):
                     why = msg.content.config_records.get("refusal", {}).get("reason", "no reason given")
                     raise PayloadError(f"client refused the round under its privacy policy: {why}")
                 if metrics.get("declined"):
                     raise PayloadError("client declined to train (privacy budget exhausted)")
-                weight = check_metrics(metrics, self.fingerprint, dp=self.dp)
+                weight = check_reply(metrics, self.rules, server_round)
                 counts = read_usage(metrics, self.structure.slot_names)  # None under DP: public fields only
                 arrays = msg.content.array_records["arrays"]
                 record.bytes_up += arrays.count_bytes()
@@ -158,7 +160,7 @@ class AdapterFedAvg(FedAvg):
                 log.warning("round %d: dropped reply from %s", server_round, reason)
                 record.dropped.append(reason)
                 continue
-            weights.append(weight)
+            examples.append(weight)
             usage.append(counts)
             record.accepted.append(metrics)
         self._flag_silent(server_round, record, {m.metadata.src_node_id for m in replies})
@@ -167,19 +169,34 @@ class AdapterFedAvg(FedAvg):
         if not deltas:
             log.warning("round %d: no valid replies; the global adapter is unchanged", server_round)
             return None, None
-        accepted = Replies(self._global, deltas, weights, usage=_all_or_none(usage, server_round),
-                           seed=derive_seed(self.seed, "server", server_round))
-        merged = aggregate(accepted, self.structure)
-        if self.products is not None:
-            record.aggregation_error = aggregation_error(self.products, accepted, merged)
+        merged = self._merge(deltas, examples, _all_or_none(usage, server_round), server_round, record)
         new_global = renormalise(apply_update(self._global, merged, self.server_lr), self.structure)
-        losses = [(w, float(m["train_loss"])) for w, m in zip(weights, record.accepted)
-                  if isinstance(m.get("train_loss"), (int, float)) and math.isfinite(m["train_loss"])]
-        if losses:  # non-DP rounds only; NaN: a round of only empty Poisson batches
+        losses = [(w, float(m["train_loss"])) for w, m in zip(examples, record.accepted) if "train_loss" in m]
+        if losses:  # non-DP rounds only: under DP a raw loss is private and never sent
             record.train_loss = sum(w * loss for w, loss in losses) / sum(w for w, _ in losses)
-        summary = MetricRecord({"clients": len(deltas), "dropped": len(record.dropped), "bytes_up": record.bytes_up}
+        summary = MetricRecord({"clients": len(deltas), "dropped": len(record.dropped), "bytes_up": record.bytes_up,
+                                "capped": record.capped, "clipped": record.clipped}
                                | ({"train_loss": record.train_loss} if losses else {}))
         return to_record(new_global), summary
+
+    def _merge(self, deltas: list[dict[str, torch.Tensor]], examples: list[float],
+               usage: list[dict[str, float]] | None, server_round: int, record: RoundLog) -> dict[str, torch.Tensor]:
+        """Bounded influence, then the rules: cap the weights, clip each delta's norm, aggregate; the
+        aggregation error is measured on what the rules saw."""
+        s = self.influence
+        weights, record.capped = bounded_weights(examples, s.weighting, s.max_weight_ratio)
+        bound = {"off": math.inf, "fixed": s.max_delta_norm, "auto": self.ceiling,
+                 "adaptive": adaptive_bound([delta_norm(d) for d in deltas], s.clip_multiplier, self.ceiling)
+                 if s.clip == "adaptive" else math.inf}[s.clip]
+        if math.isfinite(bound):
+            deltas, record.clipped = clip_deltas(deltas, bound)
+            record.norm_bound = bound
+        replies = Replies(self._global, deltas, weights, usage=usage,
+                          seed=derive_seed(self.seed, "server", server_round))
+        merged = aggregate(replies, self.structure, rule=s.rule, trim=s.trim_fraction)
+        if self.products is not None:
+            record.aggregation_error = aggregation_error(self.products, replies, merged)
+        return merged
 
     def _flag_silent(self, server_round: int, record: RoundLog, replied: set[int]) -> None:
         """A DP client asked to train that never replied may still have spent budget: say so."""

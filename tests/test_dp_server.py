@@ -16,6 +16,7 @@ from fed.privacy.ledger import DpSgdEvent, epsilon, events_from_json
 from fed.privacy.release import PUBLIC_UNDER_DP
 from fed.wire import metas, to_record
 from strategies.fedavg import AdapterFedAvg, RoundLog
+from strategies.validation import ReplyRules
 
 GLOBAL = {"l.lora_B.weight": torch.zeros(3, 2)}
 FP = 7
@@ -33,7 +34,8 @@ def _task_identity(monkeypatch):
 
 def _dp_reply(node: int, cid: int, *, steps: int = 10, eps: float | None = None, **extra) -> Message:
     event = [DpSgdEvent(1, 1.1, 0.05, steps, 1)]
-    metrics = {"partition-id": cid, "fingerprint": FP, "num-examples": 100, "steps": steps, "dp-steps": steps,
+    metrics = {"partition-id": cid, "round": 1, "fingerprint": FP, "num-examples": 100, "steps": steps,
+               "dp-steps": steps,
                "dp-noise-multiplier": 1.1, "dp-sample-rate": 0.05, "secure-rng": 1,
                "epsilon": epsilon(event, DP.delta, "rdp") if eps is None else eps, **extra}
     msg = Message(RecordDict({"arrays": to_record({"l.lora_B.weight": torch.ones(3, 2)}),
@@ -44,7 +46,8 @@ def _dp_reply(node: int, cid: int, *, steps: int = 10, eps: float | None = None,
 
 def _strategy(book: LedgerBook, written: list) -> AdapterFedAvg:
     s = AdapterFedAvg(expected=metas(GLOBAL), structure=Structure({"l.lora_B.weight": Aggregation.MEAN}),
-                      fingerprint=FP, book=book, on_privacy=lambda b: written.append(b.report()))
+                      rules=ReplyRules(fingerprint=FP, dp=DP), book=book,
+                      on_privacy=lambda b: written.append(b.report()))
     s._global = {k: v.clone() for k, v in GLOBAL.items()}
     return s
 

@@ -9,7 +9,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fed.adapters import Aggregation, Structure
 from fed.wire import PayloadError, TensorMeta, from_record, metas, to_record
-from strategies.fedavg import AdapterFedAvg, check_metrics
+from strategies.fedavg import AdapterFedAvg
+from strategies.validation import ReplyRules, check_reply
 
 GLOBAL = {"l.lora_B.weight": torch.zeros(3, 2), "head.bias": torch.zeros(2)}
 EXPECTED = metas(GLOBAL)
@@ -49,15 +50,16 @@ def test_header_lying_about_its_shape_is_rejected():
         from_record(record, EXPECTED)
 
 
-def test_metrics_checks_examples_and_fingerprint():
-    assert check_metrics({"num-examples": 5, "fingerprint": FP, "train_loss": 0.5}, FP) == 5.0
-    with pytest.raises(PayloadError, match="num-examples"):
-        check_metrics({"num-examples": 0, "fingerprint": FP}, FP)
-    with pytest.raises(PayloadError, match="fingerprint"):
-        check_metrics({"num-examples": 5, "fingerprint": FP + 1, "train_loss": 0.5}, FP)
-    with pytest.raises(PayloadError, match="train_loss"):
-        check_metrics({"num-examples": 5, "fingerprint": FP}, FP)
-    assert check_metrics({"num-examples": 5, "fingerprint": FP}, FP, dp=True) == 5.0  # no loss under DP
+def test_metrics_checks_round_examples_fingerprint_and_loss():
+    rules = ReplyRules(fingerprint=FP, local_steps=10)
+    ok = {"round": 2, "num-examples": 5, "fingerprint": FP, "train_loss": 0.5, "steps": 10}
+    assert check_reply(ok, rules, 2) == 5.0
+    for bad, reason in [({"num-examples": 0}, "num-examples"), ({"num-examples": 10**12}, "num-examples"),
+                        ({"fingerprint": FP + 1}, "fingerprint"), ({"train_loss": None}, "train_loss"),
+                        ({"train_loss": float("inf")}, "train_loss"), ({"round": 1}, "round 1"),
+                        ({"steps": 11}, "steps"), ({"num-examples": True}, "num-examples")]:
+        with pytest.raises(PayloadError, match=reason):
+            check_reply({**ok, **bad}, rules, 2)
 
 
 @pytest.fixture(autouse=True)
@@ -70,15 +72,20 @@ def _task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
 
 
+_NODES = iter(range(100, 10**6))
+
+
 def _reply(arrays: ArrayRecord, **metrics) -> Message:
-    base = {"num-examples": 10, "fingerprint": FP, "train_loss": 1.0, "partition-id": 0}
+    base = {"num-examples": 10, "fingerprint": FP, "train_loss": 1.0, "partition-id": 0, "round": 1, "steps": 1}
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord({**base, **metrics})})
-    return Message(content=content, dst_node_id=1, message_type="train")
+    msg = Message(content=content, dst_node_id=1, message_type="train")
+    msg.metadata.__dict__["_src_node_id"] = next(_NODES)  # each reply from its own node (no public setter)
+    return msg
 
 
 def test_strategy_drops_bad_replies_and_averages_the_rest():
     strategy = AdapterFedAvg(expected=EXPECTED, structure=Structure({k: Aggregation.MEAN for k in GLOBAL}),
-                             fingerprint=FP, server_lr=0.5)
+                             rules=ReplyRules(fingerprint=FP), server_lr=0.5)
     strategy._global = {k: v.clone() for k, v in GLOBAL.items()}
     good_1 = _reply(_record(), **{"num-examples": 10})
     good_3 = _reply(_record(**{"l.lora_B.weight": 3 * torch.ones(3, 2), "head.bias": 3 * torch.ones(2)}),
@@ -118,7 +125,7 @@ def test_strategy_weights_experts_by_the_counts_in_replies_and_logs_the_aggregat
     server = make("mole")
     global_ = server.sent_state()
     strategy = AdapterFedAvg(expected=metas(global_), structure=server.structure(), products=server.products,
-                             fingerprint=server.fingerprint())
+                             rules=ReplyRules(fingerprint=server.fingerprint()))
     strategy._global = global_
     deltas = client_deltas(server, 2)
     slots = server.structure().slot_names

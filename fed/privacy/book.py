@@ -115,7 +115,8 @@ class LedgerBook:
         for cid in sorted(self.ledgers.keys() | self.reported_epsilon.keys()):
             ledger = self.ledgers.get(cid, new_ledger(self.dp))
             entry = ledger.to_dict()
-            entry.pop("policy", None)
+            entry.pop("policy", None)  # the client's pin lives in its own ledger, not in the server's copy
+            entry.pop("run", None)
             entry.update({
                 "epsilon": self.epsilon(cid), "server_epsilon": self.server_epsilon(cid),
                 "client_reported_epsilon": self.reported_epsilon.get(cid),

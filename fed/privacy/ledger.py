@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,12 +36,18 @@ class DpSgdEvent:
     """The Flower run it belongs to: every run on the same data counts against the same budget."""
 
 
-def epsilon(events: list[DpSgdEvent], delta: float, accountant: str) -> float:
+def epsilon(events: Iterable[DpSgdEvent], delta: float, accountant: str) -> float:
     """Epsilon at ``delta`` of all events composed; 0 when nothing was spent."""
-    if not events:
+    return _epsilon(tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in events), delta, accountant)
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """Memoised: a ledger is re-accounted often (every reply, report and budget check) and rarely changes."""
+    if not history:
         return 0.0
     acc = create_accountant(accountant)
-    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
 
 

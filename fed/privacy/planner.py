@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fed.config import DPConfig
 from fed.privacy.dpsgd import DpSettings
-from fed.privacy.ledger import DpSgdEvent, Ledger, calibrate_noise
+from fed.privacy.ledger import DpSgdEvent, Ledger, calibrate_noise, epsilon
 from fed.privacy.policy import Policy
 
 
@@ -87,3 +87,39 @@ def plan_round(dp: DPConfig, ledger: Ledger, *, num_examples: int, batch_size: i
     settings = DpSettings(noise_multiplier=ledger.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                           sample_rate=q, num_examples=num_examples, mode=dp.grad_sample_mode)
     return RoundPlan(settings, steps)
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    round: int
+    steps: int
+    """Expected DP steps spent by the end of this round (participation times local steps per round)."""
+    epsilon_rdp: float
+    epsilon_prv: float
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What ``fed plan`` prints: the noise a client will use and what it spends round by round."""
+
+    noise_multiplier: float
+    sample_rate: float
+    delta_problems: list[str]
+    rows: list[ScheduleRow]
+
+
+def plan_schedule(dp: DPConfig, *, num_examples: int, batch_size: int, local_steps: int, rounds: int,
+                  participation: float = 1.0) -> Schedule:
+    """The noise multiplier a client calibrates (for all ``rounds``, as ``plan_round`` does: a client may be
+    picked every round) and the epsilon after each round at the expected participation, RDP and PRV."""
+    q = sample_rate(batch_size, num_examples)
+    if dp.target_epsilon > 0:
+        sigma = calibrate_noise(dp.target_epsilon, dp.delta, q, rounds * local_steps, dp.accountant)
+    else:
+        sigma = dp.noise_multiplier
+    rows = []
+    for r in range(1, rounds + 1):
+        steps = round(participation * r * local_steps)
+        events = [DpSgdEvent(1, sigma, q, steps)] if steps else []
+        rows.append(ScheduleRow(r, steps, epsilon(events, dp.delta, "rdp"), epsilon(events, dp.delta, "prv")))
+    return Schedule(sigma, q, delta_problems(dp.delta, num_examples), rows)

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 PUBLIC_UNDER_DP = frozenset({
     "partition-id",  # which client this is (the node's own configuration)
+    "round",  # which round the reply answers (the server chose it)
     "fingerprint",  # hash of the frozen factors, derived from the run seed
     "num-examples",  # n: public under zero-out adjacency
     "declined",  # the budget guard's decision: a function of the ledger's public events

@@ -1,0 +1,146 @@
+"""The privacy-budget report of a run: ``report.html`` (self-contained, opens offline) and a terminal summary.
+
+Everything is recomputed from ``privacy.json`` (the events are the accountant's whole state), so the
+page shows the numbers a reviewer can check: per-client epsilon over rounds, the remaining budget, the
+parameters behind each number, RDP against PRV, the guarantee in words and every flag the server raised.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from fed.privacy.ledger import DpSgdEvent, epsilon  # noqa: E402
+
+
+def _events(entry: dict[str, Any]) -> list[DpSgdEvent]:
+    return [DpSgdEvent(**e) for e in entry.get("events", [])]
+
+
+def epsilon_by_round(entry: dict[str, Any], delta: float, accountant: str) -> list[tuple[int, float]]:
+    """(round, epsilon spent up to and including it) for every round with an event."""
+    events = _events(entry)
+    rounds = sorted({(e.run, e.round) for e in events})
+    return [(r, epsilon([e for e in events if (e.run, e.round) <= (run, r)], delta, accountant)) for run, r in rounds]
+
+
+def _png(fig: Any) -> str:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _plots(privacy: dict[str, Any]) -> list[tuple[str, str]]:
+    """(caption, base64 PNG) of the epsilon curves and the budget bars."""
+    clients, delta, accountant = privacy["clients"], privacy["delta"], privacy["accountant"]
+    target = privacy.get("target_epsilon") or 0
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, (cid, entry) in enumerate(clients.items()):
+        points = epsilon_by_round(entry, delta, accountant)
+        if points:  # markers and dashes differ so that clients with identical budgets stay visible
+            ax.plot([r for r, _ in points], [e for _, e in points], marker="osD^v<>"[i % 7],
+                    linestyle=["-", "--", ":", "-."][i % 4], markersize=9 - i % 4, alpha=0.8, label=f"client {cid}")
+    if target:
+        ax.axhline(target, color="crimson", linestyle="--", label=f"target {target:g}")
+    ax.set(xlabel="round", ylabel=f"epsilon ({accountant.upper()}, delta={delta:g})", title="epsilon spent per client")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    curves = _png(fig)
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    names = [f"client {c}" for c in clients]
+    ax.bar(names, [e["epsilon_rdp"] for e in clients.values()], width=0.4, label="RDP", align="edge")
+    ax.bar(names, [e["epsilon_prv"] for e in clients.values()], width=-0.4, label="PRV", align="edge")
+    if target:
+        ax.axhline(target, color="crimson", linestyle="--", label=f"target {target:g}")
+    ax.set(ylabel="epsilon", title="final epsilon: RDP against PRV (same events)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return [("Epsilon spent by each client, round by round.", curves),
+            ("The same events under two accountants: RDP (an upper bound) and PRV (tighter).", _png(fig))]
+
+
+COLUMNS = ("client", "epsilon", "server", "client-reported", "RDP", "PRV", "remaining", "noise", "sample rate",
+           "steps", "n", "secure RNG", "flags")
+
+
+def _rows(privacy: dict[str, Any]) -> list[list[str]]:
+    def num(value: Any, fmt: str = ".4g") -> str:
+        return "-" if value is None else format(value, fmt)
+
+    return [[cid, num(e["epsilon"]), num(e["server_epsilon"]), num(e["client_reported_epsilon"]),
+             num(e["epsilon_rdp"]), num(e["epsilon_prv"]), num(e["remaining"]), num(e["noise_multiplier"]),
+             num(e["sample_rate"]), str(e["steps"]), num(e["num_examples"], "d"),
+             {True: "yes", False: "NO", None: "-"}[e["secure_rng"]], str(len(e["flags"]))]
+            for cid, e in privacy["clients"].items()]
+
+
+def render_html(privacy: dict[str, Any], title: str) -> str:
+    """One HTML page with the plots embedded as data URIs: no file or network access when opened."""
+    esc = html.escape
+    flags = privacy["flags"] + [f"client {c}: {f}" for c, e in privacy["clients"].items() for f in e["flags"]]
+    table = "".join(f"<tr>{''.join(f'<td>{esc(cell)}</td>' for cell in row)}</tr>" for row in _rows(privacy))
+    figures = "".join(f'<figure><img alt="{esc(c)}" src="data:image/png;base64,{p}"><figcaption>{esc(c)}'
+                      "</figcaption></figure>" for c, p in _plots(privacy)) if privacy["clients"] else ""
+    items = lambda xs: "".join(f"<li>{esc(x)}</li>" for x in xs)  # noqa: E731
+    status = "ok" if not flags else "flagged"
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body{{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+th{{background:#f3f3f3}}figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:520px}}
+.ok{{color:#176e2c}}.flagged{{color:#b3261e}}code{{background:#f3f3f3;padding:0 3px}}</style></head><body>
+<h1>{esc(title)}</h1>
+<p>Largest epsilon of any client: <b>{privacy['max_epsilon']:.4g}</b> at delta = {privacy['delta']:g}
+({esc(privacy['accountant'].upper())} accountant{f", target {privacy['target_epsilon']:g}" if privacy['target_epsilon']
+ else ""}); clipping bound {privacy.get('max_grad_norm')}; randomness: {esc(str(privacy.get('rng')))};
+status: <b class="{status}">{status}</b>.</p>
+<h2>The guarantee</h2><p>{esc(privacy['guarantee'])}</p>
+<h2>Per client</h2><p>"epsilon" is the larger of the server's recomputation from the events it received and
+the client's own report.</p>
+<table><tr>{''.join(f'<th>{c}</th>' for c in COLUMNS)}</tr>{table}</table>
+{figures}
+<h2>Released in the clear</h2><ul>{items(privacy['released_in_clear'])}</ul>
+<h2>Not covered</h2><ul>{items(privacy['not_covered'])}</ul>
+<h2>Flags</h2>{f"<ul>{items(flags)}</ul>" if flags else '<p class="ok">none</p>'}
+</body></html>"""
+
+
+def write_report(run_dir: Path) -> Path:
+    """``report.html`` next to ``privacy.json`` in ``run_dir``."""
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    out = run_dir / "report.html"
+    out.write_text(render_html(privacy, f"Privacy report · {run_dir.name}"))
+    return out
+
+
+def summary(privacy: dict[str, Any], console: Console) -> None:
+    """The terminal view of the same numbers (fewer columns than the page, to fit 80 characters)."""
+    if not privacy["enabled"]:
+        console.print("DP was off in this run: no privacy guarantee.")
+        return
+    table = Table(title=f"privacy per client (delta {privacy['delta']:g})")
+    for column in ("client", "eps", "eps PRV", "left", "noise", "q", "steps", "n", "RNG", "flags"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for cid, e in privacy["clients"].items():
+        left = "-" if e["remaining"] is None else f"{e['remaining']:.3g}"
+        table.add_row(cid, f"{e['epsilon']:.4g}", f"{e['epsilon_prv']:.4g}", left, f"{e['noise_multiplier'] or 0:.3g}",
+                      f"{e['sample_rate'] or 0:.3g}", str(e["steps"]), str(e["num_examples"] or "-"),
+                      {True: "ok", False: "NO", None: "-"}[e["secure_rng"]], str(len(e["flags"])))
+    console.print(table)
+    flags = privacy["flags"] + [f"client {c}: {f}" for c, e in privacy["clients"].items() for f in e["flags"]]
+    for flag in flags:
+        console.print(f"[red]flag:[/red] {flag}")
+    console.print(f"largest epsilon: [bold]{privacy['max_epsilon']:.4g}[/bold] ({privacy['accountant'].upper()}) · "
+                  f"randomness: {privacy.get('rng')}")

@@ -1,0 +1,91 @@
+"""What a train reply must satisfy before it can touch global state: one place for every check.
+
+The payload's tensors are checked by ``fed.wire.from_record`` (keys, dtypes, shapes, size, finite
+values); this module checks everything else a reply claims: which round it answers, its example
+count, its frozen-factor fingerprint, its step count, its training loss (non-DP replies), and, in a DP
+run, that its DP event matches the plan the client was given. Each failure names the value and what
+was accepted. The caller counts a failed reply as dropped, with its reason; it is never aggregated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Mapping
+
+from fed.config import DPConfig
+from fed.privacy.ledger import calibrate_noise
+from fed.privacy.planner import sample_rate
+from fed.wire import PayloadError
+
+MAX_EXAMPLES = 10**9
+"""No client trains on more rows than this in one federation; a larger claim is a lie or a bug."""
+
+
+@dataclass(frozen=True)
+class ReplyRules:
+    """What the server expects of a train reply in this run (0 = not checked)."""
+
+    fingerprint: int
+    local_steps: int = 0
+    batch_size: int = 0
+    rounds: int = 0
+    dp: DPConfig = field(default_factory=DPConfig)
+
+
+def _int_in(metrics: Mapping[str, Any], key: str, low: int, high: int) -> int:
+    value = metrics.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise PayloadError(f"{key}={value!r} must be an integer in [{low}, {high}]")
+    return value
+
+
+@lru_cache(maxsize=256)
+def _least_noise(dp: DPConfig, rate: float, steps: int) -> float:
+    """The noise a fresh client calibrates for this plan; a client that spent budget before uses more."""
+    return calibrate_noise(dp.target_epsilon, dp.delta, rate, steps, dp.accountant)
+
+
+def check_dp_event(metrics: Mapping[str, Any], rules: ReplyRules, examples: int) -> None:
+    """The DP event must be the one the plan allows: the planned sample rate, no more steps than asked
+    for, at least the planned noise, and an epsilon within the target."""
+    dp = rules.dp
+    if "dp-steps" not in metrics:
+        raise PayloadError("a DP run's reply carries no DP event: the client trained without DP")
+    steps = _int_in(metrics, "dp-steps", 0, rules.local_steps or 10**9)
+    sigma, rate, eps = (metrics.get(k) for k in ("dp-noise-multiplier", "dp-sample-rate", "epsilon"))
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (sigma, rate, eps)):
+        raise PayloadError(f"DP event fields must be finite numbers: noise {sigma!r}, rate {rate!r}, epsilon {eps!r}")
+    if rules.batch_size and not math.isclose(rate, sample_rate(rules.batch_size, examples), rel_tol=1e-9):
+        raise PayloadError(f"dp-sample-rate={rate} contradicts the plan: batch {rules.batch_size} / "
+                           f"num-examples {examples} = {sample_rate(rules.batch_size, examples):.6g}")
+    if dp.target_epsilon > 0:
+        if eps > dp.target_epsilon * (1 + 1e-6):
+            raise PayloadError(f"epsilon={eps} exceeds the run's target {dp.target_epsilon}")
+        if steps and rules.rounds and sigma < _least_noise(dp, rate, rules.rounds * rules.local_steps) * (1 - 2e-3):
+            raise PayloadError(f"dp-noise-multiplier={sigma} is below the noise the plan calibrates for this "
+                               "client's sample rate")
+    elif sigma < dp.noise_multiplier * (1 - 1e-9):
+        raise PayloadError(f"dp-noise-multiplier={sigma} is below the run's {dp.noise_multiplier}")
+    if eps < 0:
+        raise PayloadError(f"epsilon={eps} must be >= 0")
+
+
+def check_reply(metrics: Mapping[str, Any], rules: ReplyRules, server_round: int) -> float:
+    """The reply's example count (its raw weight), once every claim of the reply checks out."""
+    answered = metrics.get("round")
+    if answered != server_round:
+        raise PayloadError(f"reply answers round {answered!r}, but this is round {server_round}")
+    examples = _int_in(metrics, "num-examples", 1, MAX_EXAMPLES)
+    if metrics.get("fingerprint") != rules.fingerprint:
+        raise PayloadError(f"frozen-factor fingerprint {metrics.get('fingerprint')!r} differs from the "
+                           f"server's {rules.fingerprint!r}: the client derived different frozen adapter tensors")
+    _int_in(metrics, "steps", 0, rules.local_steps or 10**9)
+    if rules.dp.enabled:
+        check_dp_event(metrics, rules, examples)
+    else:
+        loss = metrics.get("train_loss")
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss < 0:
+            raise PayloadError(f"train_loss={loss!r} must be a finite number >= 0")
+    return float(examples)

@@ -29,10 +29,14 @@ def _events(entry: dict[str, Any]) -> list[DpSgdEvent]:
 
 
 def epsilon_by_round(entry: dict[str, Any], delta: float, accountant: str) -> list[tuple[int, float]]:
-    """(round, epsilon spent up to and including it) for every round with an event."""
+    """(round, epsilon spent up to and including it) for every round with an event, in ledger order
+    (the order events were spent; run ids are random and say nothing about order)."""
     events = _events(entry)
-    rounds = sorted({(e.run, e.round) for e in events})
-    return [(r, epsilon([e for e in events if (e.run, e.round) <= (run, r)], delta, accountant)) for run, r in rounds]
+    points = []
+    for i, event in enumerate(events):
+        if i + 1 == len(events) or (events[i + 1].run, events[i + 1].round) != (event.run, event.round):
+            points.append((event.round, epsilon(events[:i + 1], delta, accountant)))
+    return points
 
 
 def _png(fig: Any) -> str:

@@ -115,16 +115,23 @@ def server_preflight(cfg: RunConfig) -> None:
         raise ConfigError(f"this config cannot run: {err}") from err
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig) -> list[str]:
     """The server's checks plus every client's split, in this process, before any simulated worker starts.
 
     Only a local simulation holds all the data, so only there can a data-dependent mistake (more classes
     per client than the dataset has, a Dirichlet draw that leaves a client empty) stop the run at once
-    with its own message instead of failing inside every simulated client.
+    with its own message instead of failing inside every simulated client. Returns warnings (texts the
+    model will truncate) for the caller to show.
     """
     server_preflight(cfg)
     try:
-        for partition_id in range(cfg.federation.num_clients):
-            client_data(cfg, partition_id)
+        splits = [client_data(cfg, partition_id) for partition_id in range(cfg.federation.num_clients)]
     except (ValueError, ModuleNotFoundError, FileNotFoundError) as err:
         raise ConfigError(f"this config cannot run: {err}") from err
+    _, task = adapted_model(cfg)
+    rows = sum(len(s.train) for s in splits)
+    long = sum(task.overlong(s.train[:]) for s in splits)
+    if not long:
+        return []
+    return [f"{long} of {rows} training texts are longer than model.max_length={cfg.model.max_length} tokens and "
+            "will be truncated; raise model.max_length to keep them whole"]

@@ -26,6 +26,10 @@ class Task(Protocol):
         """Per-example loss and per-example correctness (1.0/0.0, or NaN where it has no meaning)."""
         ...
 
+    def overlong(self, rows: dict[str, list[Any]]) -> int:
+        """How many rows are longer than ``max_length`` tokens (``encode`` truncates them)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Classification:
@@ -37,6 +41,9 @@ class Classification:
                              max_length=self.max_length, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "labels": torch.as_tensor(rows["label"], dtype=torch.long)}
+
+    def overlong(self, rows: dict[str, list[Any]]) -> int:
+        return sum(len(ids) > self.max_length for ids in self.tokenizer(list(rows["text"]))["input_ids"])
 
     def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -62,6 +69,11 @@ class CausalLM:
             return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
         return f"### Instruction:\n{prompt}\n### Response:\n"
+
+    def overlong(self, rows: dict[str, list[Any]]) -> int:
+        eos = self.tokenizer.eos_token or ""
+        texts = [self._prompt(p) + r + eos for p, r in zip(rows["prompt"], rows["response"])]
+        return sum(len(ids) > self.max_length for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"])
 
     def encode(self, rows: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
         eos = self.tokenizer.eos_token or ""

@@ -105,8 +105,10 @@ def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", consol
     console = console or Console(stderr=True)
     with console.status("loading the model and partitioning the data…"):
         cfg = with_local_labels(cfg)
-        preflight(cfg)
+        warnings_ = preflight(cfg)
         _check_delta(cfg)
+    for warning in warnings_:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     run_dir = resume_from or RunDir.create(out, cfg, name)
     checkpoint = None if resume_from is None else run_dir.resume_point()
     columns = (TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

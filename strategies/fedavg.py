@@ -212,6 +212,12 @@ class AdapterFedAvg(FedAvg):
         if math.isfinite(bound):
             deltas, record.clipped = clip_deltas(deltas, bound)
             record.norm_bound = bound
+        if usage is not None:  # expert token counts are self-reported weights too: cap each client's total
+            totals = [sum(u.values()) for u in usage]
+            caps, capped = bounded_weights(totals, s.weighting, s.max_weight_ratio)
+            usage = [{slot: n * (cap / total if total > 0 else 1.0) for slot, n in u.items()}
+                     for u, total, cap in zip(usage, totals, caps)]
+            record.capped += capped
         return Replies(self._global, deltas, weights, usage=usage, seed=derive_seed(self.seed, "server", server_round))
 
     def _flag_silent(self, server_round: int, record: RoundLog, replied: set[int]) -> None:

@@ -58,5 +58,5 @@ def test_a_privatised_training_loss_keeps_the_claim():
     experiment = Experiment(canary)
     metrics, _ = experiment.client_reply(canary.data(True))
     assert "dp-train-loss" in metrics and "train_loss" not in metrics
-    result = experiment.run(experiment.client_reply, runs=60)
+    result = experiment.run(experiment.client_reply, runs=40)
     assert not result.violates(canary.claimed_epsilon()), result

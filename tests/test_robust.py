@@ -219,3 +219,40 @@ def test_fuzzed_data_files_load_or_fail_with_a_value_error(tmp_path, body, suffi
         assert str(path.name) in str(err) or "column" in str(err) or "label" in str(err)
         return
     assert len(ds) > 0 and {"text", "label"} <= set(ds.column_names)
+
+
+def test_expert_counts_are_capped_like_example_counts():
+    """A client claiming 10^9 routed tokens gets at most max_weight_ratio x the median total."""
+    from fed.wire import usage_metrics
+    from tests.test_adapters import client_deltas, make
+
+    server = make("mole")
+    global_ = server.sent_state()
+    strategy = AdapterFedAvg(expected=metas(global_), structure=server.structure(), products=server.products,
+                             rules=ReplyRules(fingerprint=server.fingerprint()), influence=StrategyConfig(clip="off"))
+    strategy._global = global_
+    slots = server.structure().slot_names
+    honest = {s: 10 for s in slots}
+    liar = {s: (10**9 if s.endswith("/1") else 0) for s in slots}
+    deltas = client_deltas(server, 4)
+    replies = [_reply(d, fingerprint=server.fingerprint(), **usage_metrics(c))
+               for d, c in zip(deltas, [honest, honest, honest, liar])]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    out = from_record(arrays, metas(global_))
+    name = next(n for n in global_ if ".experts.1." in n)
+    total = len(slots) * 10
+    blocks = sum(s.endswith("/1") for s in slots)
+    liar_weight = 3 * total / blocks  # capped at 3 x the median total, spread over every block's expert 1
+    expected = global_[name] + (10 * sum(d[name] for d in deltas[:3]) + liar_weight * deltas[3][name]) / (30 + liar_weight)
+    torch.testing.assert_close(out[name], expected, rtol=1e-5, atol=1e-6)
+    assert strategy.rounds[1].capped == 1
+
+
+def test_texts_longer_than_the_model_takes_are_reported_before_a_simulation():
+    from fed.config import resolve
+    from fed.session import preflight
+
+    base = ["model.name=tiny-bert", "data.name=synthetic", "data.max_examples=0", "federation.num_clients=2"]
+    assert preflight(resolve("quickstart", [*base, "model.max_length=64"])) == []
+    warning, = preflight(resolve("quickstart", [*base, "model.max_length=4"]))
+    assert "longer than model.max_length=4" in warning and "truncated" in warning

@@ -25,7 +25,7 @@ from simulations.deploy import Cluster, Layout
 from tests.test_deploy import _node_files, tiny_model_dir  # noqa: F401  (the fixture is reused)
 
 pytestmark = pytest.mark.slow
-TIMEOUT = 40.0  # long enough for a fresh ClientApp on an idle 2-core CI machine (about 5 s)
+TIMEOUT = 60.0
 STARTED = "Start `flwr-clientapp` process"
 
 

@@ -28,7 +28,8 @@ from typing import Any
 from rich.console import Console
 
 from fed.adapters import build
-from fed.config import RunConfig, resolve
+from fed.config import RunConfig
+from fed.presets import resolve
 from fed.models import load_model
 from fed.session import adapter_spec, num_labels
 

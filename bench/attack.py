@@ -14,7 +14,7 @@ import argparse
 import tempfile
 import time
 
-from fed.config import resolve
+from fed.presets import resolve
 from simulations.attack import hostile_client
 from simulations.run import simulate
 

@@ -25,7 +25,7 @@ def cpu():
 t0, c0 = time.perf_counter(), cpu()
 import clients.app  # what flwr-clientapp imports: the ClientApp module and everything it pulls in
 t1, c1 = time.perf_counter(), cpu()
-from fed.config import resolve
+from fed.presets import resolve
 from fed.session import client_session
 cfg = resolve("quickstart", sys.argv[2:])
 session = client_session(cfg, 0, sys.argv[1])

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fed.checkpoint import Checkpoint
-from fed.config import RunConfig, flatten
+from fed.config import RunConfig
+from fed.presets import flatten
 from fed.privacy.ledger import write_atomic
 
 

@@ -15,7 +15,8 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fed.checkpoint import Checkpoint
-from fed.config import RunConfig, from_run_config
+from fed.config import RunConfig
+from fed.presets import from_run_config
 from fed.export import export_adapter
 from fed.privacy.book import LedgerBook
 from fed.reports.curves import plot_curves

@@ -21,7 +21,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import clients.app as client_app
-from fed.config import RunConfig, resolve
+from fed.config import RunConfig
+from fed.presets import resolve
 from fed.data import ClientData
 from fed.privacy.audit import AuditResult, audit
 from fed.privacy.dpsgd import DpSettings

@@ -8,7 +8,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from fed.config import ConfigError, preset_names, resolve
+from fed.config import ConfigError
+from fed.presets import preset_names, resolve
 from simulations import deploy_cli
 
 

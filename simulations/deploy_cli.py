@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fed.config import resolve
+from fed.presets import resolve
 from simulations import deploy
 from simulations.pki import make_pki
 

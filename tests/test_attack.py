@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from fed.config import resolve
+from fed.presets import resolve
 from simulations.attack import hostile_client
 from simulations.run import simulate
 

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fed import data  # noqa: E402
-from fed.config import resolve  # noqa: E402
+from fed.presets import resolve  # noqa: E402
 from fed.data import DATASETS, ClientData, client_split, label_names, load_task_dataset  # noqa: E402
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from fed.config import resolve
+from fed.presets import resolve
 from fed.models import load_tokenizer
 from fed.privacy.ledger import Ledger
 from simulations.deploy import Cluster, Layout

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fed.config import resolve
+from fed.presets import resolve
 from simulations.run import simulate
 
 pytestmark = pytest.mark.slow

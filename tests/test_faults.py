@@ -19,7 +19,7 @@ from typing import Callable
 import psutil
 import pytest
 
-from fed.config import resolve
+from fed.presets import resolve
 from fed.privacy.ledger import Ledger
 from simulations.deploy import Cluster, Layout
 from tests.test_deploy import _node_files, tiny_model_dir  # noqa: F401  (the fixture is reused)

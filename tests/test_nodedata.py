@@ -9,7 +9,8 @@ import pytest
 
 import fed.data
 import fed.session
-from fed.config import ConfigError, resolve
+from fed.config import ConfigError
+from fed.presets import resolve
 from fed.nodedata import NodeDataError, node_data, run_labels
 from fed.session import adapted_model, server_preflight
 

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from flwr.common.config import parse_config_args
 
-from fed.config import flatten, from_run_config, resolve
+from fed.presets import flatten, from_run_config, resolve
 from simulations.deploy import Layout, node_config, run_config_file, superlink_command, supernode_command
 from simulations.pki import make_pki
 

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from fed.checkpoint import Checkpoint
-from fed.config import DPConfig, resolve
+from fed.config import DPConfig
+from fed.presets import resolve
 from fed.privacy.book import LedgerBook
 from fed.rundir import RunDir
 

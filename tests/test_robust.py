@@ -249,7 +249,7 @@ def test_expert_counts_are_capped_like_example_counts():
 
 
 def test_texts_longer_than_the_model_takes_are_reported_before_a_simulation():
-    from fed.config import resolve
+    from fed.presets import resolve
     from fed.session import preflight
 
     base = ["model.name=tiny-bert", "data.name=synthetic", "data.max_examples=0", "federation.num_clients=2"]

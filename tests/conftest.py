@@ -70,3 +70,26 @@ def batch() -> dict[str, torch.Tensor]:
     mask[3, 3:] = 0
     labels = torch.tensor([0, 1, 1, 0, 1])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture
+def flower_identity(monkeypatch):
+    """Messages built outside a running Flower process need the run/node/task identity Flower would set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1, raising=False)
+
+
+def reply_from(node: int, arrays: dict[str, torch.Tensor] | None, metrics: dict) -> "Message":  # noqa: F821
+    """A train reply as the server receives it from ``node`` (Flower's metadata has no public setter)."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from fed.wire import to_record
+
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays is not None:
+        content["arrays"] = to_record(arrays)
+    msg = Message(content, dst_node_id=1, message_type="train")
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg

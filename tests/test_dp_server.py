@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fed.adapters import Aggregation, Structure
 from fed.config import DPConfig
@@ -17,19 +17,14 @@ from fed.privacy.release import PUBLIC_UNDER_DP
 from fed.wire import metas, to_record
 from strategies.fedavg import AdapterFedAvg, RoundLog
 from strategies.validation import ReplyRules
+from tests.conftest import reply_from
 
 GLOBAL = {"l.lora_B.weight": torch.zeros(3, 2)}
 FP = 7
 DP = DPConfig(enabled=True, target_epsilon=8.0, delta=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+pytestmark = pytest.mark.usefixtures("flower_identity")
 
 
 def _dp_reply(node: int, cid: int, *, steps: int = 10, eps: float | None = None, **extra) -> Message:
@@ -38,10 +33,7 @@ def _dp_reply(node: int, cid: int, *, steps: int = 10, eps: float | None = None,
                "dp-steps": steps,
                "dp-noise-multiplier": 1.1, "dp-sample-rate": 0.05, "secure-rng": 1,
                "epsilon": epsilon(event, DP.delta, "rdp") if eps is None else eps, **extra}
-    msg = Message(RecordDict({"arrays": to_record({"l.lora_B.weight": torch.ones(3, 2)}),
-                              "metrics": MetricRecord(metrics)}), dst_node_id=1, message_type="train")
-    msg.metadata.__dict__["_src_node_id"] = node  # as if it came from that node (no public setter)
-    return msg
+    return reply_from(node, {"l.lora_B.weight": torch.ones(3, 2)}, metrics)
 
 
 def _strategy(book: LedgerBook, written: list) -> AdapterFedAvg:

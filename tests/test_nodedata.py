@@ -113,16 +113,12 @@ def test_bad_node_files_say_what_is_wrong(tmp_path, content, suffix, pattern):
         assert private not in err.value.public
 
 
-def test_a_bad_node_replies_with_the_public_reason_only(tmp_path, monkeypatch):
+def test_a_bad_node_replies_with_the_public_reason_only(tmp_path, flower_identity):
     """What Flower sends back is the exception's text: it must name the kind of problem, not the data."""
     from flwr.app import Context, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
-
     from clients.app import train
     from fed.wire import config_record
 
-    for key in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, key, 1, raising=False)
     path = _write(tmp_path / "mine.csv", [{"body": "secret words", "tag": "angry"}] * 3, "csv")
     cfg = _cfg("federation.num_clients=1")
     msg = Message(RecordDict({"config": config_record(cfg, **{"server-round": 1})}), dst_node_id=1,

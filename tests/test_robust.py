@@ -7,30 +7,26 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message
 from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fed.adapters import Aggregation, Structure
 from fed.config import DPConfig, StrategyConfig
-from fed.wire import PayloadError, from_record, metas, to_record
+from fed.wire import PayloadError, from_record, metas
 from strategies.fedavg import AdapterFedAvg
 from strategies.rules import (Replies, aggregate, bounded_weights, clip_deltas, coordinate_median, delta_norm,
                               honest_step_bound, trimmed_mean)
 from strategies.validation import ReplyRules, check_reply
+from tests.conftest import reply_from
 
 GLOBAL = {"l.lora_B.weight": torch.zeros(4, 3), "head.bias": torch.zeros(2)}
 FP = 3
 _NODES = iter(range(1000, 10**7))
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for key in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, key, 1, raising=False)
+pytestmark = pytest.mark.usefixtures("flower_identity")
 
 
 def _deltas(k: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -59,10 +55,7 @@ def test_weight_cap_and_norm_clip():
 
 def _reply(delta: dict[str, torch.Tensor], **metrics) -> Message:
     base = {"partition-id": 0, "round": 1, "num-examples": 100, "fingerprint": FP, "train_loss": 0.5, "steps": 5}
-    msg = Message(RecordDict({"arrays": to_record(delta), "metrics": MetricRecord({**base, **metrics})}),
-                  dst_node_id=1, message_type="train")
-    msg.metadata.__dict__["_src_node_id"] = next(_NODES)
-    return msg
+    return reply_from(next(_NODES), delta, {**base, **metrics})
 
 
 def _strategy(influence: StrategyConfig = StrategyConfig(), dp: DPConfig = DPConfig()) -> AdapterFedAvg:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message
 
 from fed.adapters import Aggregation, Structure
 from fed.wire import PayloadError, TensorMeta, from_record, metas, to_record
 from strategies.fedavg import AdapterFedAvg
 from strategies.validation import ReplyRules, check_reply
+from tests.conftest import reply_from
 
 GLOBAL = {"l.lora_B.weight": torch.zeros(3, 2), "head.bias": torch.zeros(2)}
 EXPECTED = metas(GLOBAL)
@@ -62,14 +63,7 @@ def test_metrics_checks_round_examples_fingerprint_and_loss():
             check_reply({**ok, **bad}, rules, 2)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    """Messages outside a running Flower app need a run/node identity to be constructed."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+pytestmark = pytest.mark.usefixtures("flower_identity")
 
 
 _NODES = iter(range(100, 10**6))
@@ -77,10 +71,7 @@ _NODES = iter(range(100, 10**6))
 
 def _reply(arrays: ArrayRecord, **metrics) -> Message:
     base = {"num-examples": 10, "fingerprint": FP, "train_loss": 1.0, "partition-id": 0, "round": 1, "steps": 1}
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({**base, **metrics})})
-    msg = Message(content=content, dst_node_id=1, message_type="train")
-    msg.metadata.__dict__["_src_node_id"] = next(_NODES)  # each reply from its own node (no public setter)
-    return msg
+    return reply_from(next(_NODES), arrays.to_torch_state_dict(), {**base, **metrics})  # each from its own node
 
 
 def test_strategy_drops_bad_replies_and_averages_the_rest():

@@ -40,14 +40,18 @@ GUARANTEE = (
     "max_grad_norm, Gaussian noise of std noise_multiplier * max_grad_norm, all randomness from the OS "
     "CSPRNG. Composition over every DP event of the client (all rounds and all runs recorded in its "
     "ledger) with the named accountant, at the stated delta. Everything the server receives from a DP "
-    "client is the noised update (post-processing) or a field listed as released in the clear."
+    "client is an output of that accounted mechanism (the noised update and, with dp.loss_noise_multiplier > 0, "
+    "the noised mean of losses clipped to [0, dp.loss_clip]; post-processing) or a field listed as released in "
+    "the clear."
 )
 
 RELEASED_IN_CLEAR = [
     "n, the number of training examples of each client (public under the zero-out adjacency)",
     "the DP event fields: noise multiplier, sample rate (= batch / n), steps; and the epsilon they compose to",
     "the frozen-factor fingerprint (a hash of tensors derived from the public run seed)",
-    "declined/refused flags (functions of the public events and the client's policy)",
+    "declined/refused flags and a refusal's reason (the client's own policy limits against the server's settings; "
+    "no data)",
+    "the round the reply answers, and the client's statement that its randomness came from the OS CSPRNG",
     "evaluation metrics (loss, accuracy, example count) on each client's held-out split, which is never "
     "trained on: NOT covered by the guarantee",
 ]

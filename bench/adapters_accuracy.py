@@ -25,13 +25,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from fed.adapters import build
 from fed.config import RunConfig
 from fed.presets import resolve
 from fed.models import load_model
 from fed.session import adapter_spec, num_labels
+
+from cells import mean_std, run_cell  # bench/ is on sys.path when a bench script runs
 
 FAMILIES = ("lora", "ffa-lora", "moslora", "mole", "mor")
 SPLITS = {"mixed-domains": [], "iid": ["data.partition=iid"]}
@@ -59,24 +59,6 @@ def matched_rank(cfg: RunConfig, budget: int, max_rank: int = 64) -> tuple[int, 
     return rank, exact[rank]
 
 
-def run_cell(cfg: RunConfig, runs: Path, name: str) -> dict[str, Any]:
-    from simulations.run import simulate  # Flower and Ray only once the grid is set up
-
-    lines = simulate(cfg, runs, name=name, console=Console(stderr=True, quiet=True)).metrics()
-    last = lines[-1]
-    errors = [line["aggregation_error"] for line in lines if line.get("aggregation_error") is not None]
-    return {"accuracy": last["eval_accuracy"], "epsilon": last["epsilon_max"],
-            "aggregation_error": statistics.fmean(errors) if errors else None,
-            "bytes_up": statistics.fmean(line["bytes_up"] / max(line["clients"], 1) for line in lines)}
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
-
-
 def table(results: list[dict[str, Any]], params: dict[str, tuple[int, int]]) -> str:
     cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in results:
@@ -89,7 +71,7 @@ def table(results: list[dict[str, Any]], params: dict[str, tuple[int, int]]) -> 
         mine = [r for r in results if r["family"] == family]
         if not mine:
             continue
-        accs = [_mean_std([r["accuracy"] for r in cells.get((family, s, d), [])]) for s, d in columns]
+        accs = [mean_std([r["accuracy"] for r in cells.get((family, s, d), [])]) for s, d in columns]
         errors = [r["aggregation_error"] for r in mine if r["aggregation_error"] is not None]
         rows.append(f"| {family} | {rank} | {count:,} | " + " | ".join(accs)
                     + f" | {statistics.fmean(errors):.2e} | {int(statistics.fmean(r['bytes_up'] for r in mine)):,} |")

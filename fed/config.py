@@ -16,9 +16,12 @@ from typing import Any, Mapping, Sequence
 import tomli_w
 
 TASKS = ("classification", "causal-lm")
+POOLINGS = ("cls", "mean")
 ADAPTER_KINDS = ("lora", "ffa-lora", "moslora", "mole", "mor")
 PARTITIONS = ("iid", "dirichlet", "pathological", "natural")
 ACCOUNTANTS = ("rdp", "prv")
+OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("auto", "float32", "bfloat16")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 ROBUST_RULES = ("mean", "median", "trimmed-mean")
 WEIGHTINGS = ("capped", "examples", "uniform")
@@ -35,6 +38,9 @@ class ModelConfig:
     """HF id, local path, or an embedded alias; ``default`` is the shipped model for the task."""
     max_length: int = 64
     """Token budget per example; batches are padded to their longest text, not to this."""
+    pooling: str = "cls"
+    """Classification head: ``cls`` is the model's own (BERT: pooler over [CLS]); ``mean`` a zero-initialised
+    linear head over the mean of the real tokens, how sentence-embedding models such as MiniLM are read."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,12 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 5e-3
     weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    """``adamw`` or ``sgd`` (with ``momentum``); the optimiser state starts fresh every round."""
+    momentum: float = 0.9
+    precision: str = "auto"
+    """Autocast dtype of the frozen base model: ``float32``, ``bfloat16``, or ``auto`` (bfloat16 only on a CPU
+    with native bfloat16 arithmetic). Trained tensors and all DP arithmetic stay float32 either way."""
     eval_batch_size: int = 64
     max_eval_examples: int = 256
     """Cap on each client's held-out examples scored per round (0 = all)."""
@@ -277,6 +289,11 @@ def _check_choices(c: RunConfig) -> list[str]:
         + _choice("adapter.kind", c.adapter.kind, ADAPTER_KINDS)
         + _choice("data.partition", c.data.partition, PARTITIONS)
         + _choice("dp.accountant", c.dp.accountant, ACCOUNTANTS)
+        + _choice("model.pooling", c.model.pooling, POOLINGS)
+        + _choice("train.optimizer", c.train.optimizer, OPTIMIZERS)
+        + _choice("train.precision", c.train.precision, PRECISIONS)
+        + ([] if c.model.pooling == "cls" or c.task == "classification"
+           else [f"model.pooling={c.model.pooling!r} builds a classification head; task {c.task!r} needs 'cls'"])
         + _choice("dp.grad_sample_mode", c.dp.grad_sample_mode, GRAD_SAMPLE_MODES)
         + _choice("strategy.rule", c.strategy.rule, ROBUST_RULES)
         + _choice("strategy.weighting", c.strategy.weighting, WEIGHTINGS)
@@ -313,6 +330,7 @@ def _check_ranges(c: RunConfig) -> list[str]:
         + _at_least("train.local_steps", c.train.local_steps, 1)
         + _at_least("train.batch_size", c.train.batch_size, 1)
         + _at_least("train.lr", c.train.lr, 1e-12)
+        + _in_range("train.momentum", c.train.momentum, 0.0, 1.0)
         + _at_least("train.eval_batch_size", c.train.eval_batch_size, 1)
         + _at_least("train.max_eval_examples", c.train.max_eval_examples, 0)
     )

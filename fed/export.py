@@ -4,10 +4,13 @@ plus PEFT's LoRA format where the family reduces to LoRA.
 ``adapter.safetensors`` holds every adapter tensor under its own name (sent and frozen-shared, so the
 file alone rebuilds the adapter) and ``fedlora.json`` the spec and tensor groups; ``load_adapter``
 reads these two for any family, including those with no PEFT equivalent (MoLE, MoR). Families that
-reduce to LoRA (LoRA, FFA-LoRA, MoSLoRA with its mixer folded into B) also get
+reduce to LoRA (LoRA, FFA-LoRA, MoSLoRA with its mixer folded into B), on a model whose head is the
+model's own (``model.pooling = "cls"``), also get
 ``adapter_model.safetensors`` + ``adapter_config.json``: PEFT keys are ``base_model.model.<name>`` and
 our LoRA layers name their factors as PEFT does, so ``peft.PeftModel.from_pretrained(base, dir)``
-loads it; the task head travels as a ``modules_to_save`` entry.
+loads it; the task head travels as a ``modules_to_save`` entry. A mean-pooled head
+(``fed.models.MeanPooledClassifier``) has no PEFT equivalent: rebuild the model with
+``load_model(..., pooling="mean")`` and use ``load_adapter``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def _head_params(adapter: Adapter) -> list[str]:
     return [name for g in adapter.groups if g.name == "head" for name in g.params]
 
 
-def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str) -> Path:
+def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, pooling: str = "cls") -> Path:
     """Save every adapter tensor (sent or frozen-shared) and the config that describes it.
 
     ``adapter_config.json`` names the base model by an identifier PEFT can load (hub id or absolute path);
@@ -44,12 +47,12 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str) -
     (out / DESCRIPTION).write_text(json.dumps({
         "kind": spec.kind, "spec": dataclasses.asdict(spec), "head": _head_params(adapter),
         "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "task": task, "base_model": base_model,
-        "base_model_name_or_path": loadable,
+        "base_model_name_or_path": loadable, "pooling": pooling,
         "groups": [{"name": g.name, "trainable": g.trainable, "sent": g.sent, "aggregation": g.aggregation.value,
                     "params": list(g.params)} for g in adapter.groups],
     }, indent=2))
     save_file(tensors, str(out / NATIVE))
-    if not adapter.peft_compatible:
+    if not adapter.peft_compatible or pooling != "cls":
         return out
     lora = family(spec.kind).as_lora(tensors)  # type: ignore[attr-defined]  (every PEFT-compatible family has it)
     save_file({f"base_model.model.{k}": v.contiguous() for k, v in lora.items()},

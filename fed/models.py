@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -32,10 +33,11 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 from fed.assets import package_file
-from fed.config import TASKS
+from fed.config import POOLINGS, TASKS
 
 
 @dataclass(frozen=True)
@@ -218,17 +220,61 @@ def _tiny_config(name: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedCon
                        eos_token_id=tokenizer.eos_token_id or tokenizer.sep_token_id)
 
 
-def load_model(name: str, task: str, *, num_labels: int | None = None, seed: int = 0) -> PreTrainedModel:
+class MeanPooledClassifier(nn.Module):
+    """A linear head over the mask-weighted mean of the trunk's last hidden states.
+
+    Sentence-embedding models (all-MiniLM-L6-v2) were trained to be read this way, so their pooled
+    features are already linearly separable for sentiment; the BERT pooler over [CLS] that
+    ``AutoModelForSequenceClassification`` adds was never trained for them. The mean counts real tokens
+    only: padding depends on the longest text in the batch, and a pooled feature that depended on it
+    would couple the examples of a DP batch. The head starts at zero (uniform predictions), so it does
+    not spend the first steps' clipping budget on undoing random logits. The trunk sits under its
+    ``base_model_prefix`` so adapter parameter names match the HF classifier's (``bert.encoder...``).
+    """
+
+    def __init__(self, trunk: PreTrainedModel, num_labels: int) -> None:
+        super().__init__()
+        self.base_model_prefix = trunk.base_model_prefix
+        self.add_module(self.base_model_prefix, trunk)
+        self.config = trunk.config
+        self.config.num_labels = num_labels
+        self.classifier = nn.Linear(trunk.config.hidden_size, num_labels)
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    @property
+    def trunk(self) -> PreTrainedModel:
+        return getattr(self, self.base_model_prefix)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object) -> SequenceClassifierOutput:
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return SequenceClassifierOutput(logits=self.classifier(pooled))
+
+
+def _check_pooling(task: str, pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; accepted: {', '.join(POOLINGS)}")
+    if pooling != "cls" and task != "classification":
+        raise ValueError(f"pooling={pooling!r} builds a classification head; task {task!r} has none (use 'cls')")
+
+
+def load_model(name: str, task: str, *, num_labels: int | None = None, seed: int = 0,
+               pooling: str = "cls") -> nn.Module:
     """A fresh fp32 model, all parameters frozen, in train mode; ``num_labels`` sizes a classifier head.
 
     ``seed`` fixes everything random (tiny weights, a new head) without touching the global RNG, so
-    server and clients build identical heads.
+    server and clients build identical heads. ``pooling="mean"`` puts a zero-initialised linear head over
+    the mean of the real tokens (``MeanPooledClassifier``) instead of the model's own classification head.
     """
     resolved = resolve_model_name(name, task)
+    _check_pooling(task, pooling)
     if task == "classification":
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
             raise ValueError(f"classification needs num_labels >= 2, got {num_labels!r}")
-        auto, kwargs = AutoModelForSequenceClassification, {"num_labels": num_labels}
+        auto, kwargs = (AutoModel, {}) if pooling == "mean" else (AutoModelForSequenceClassification,
+                                                                  {"num_labels": num_labels})
     else:
         if num_labels is not None:
             raise ValueError(f"num_labels must be None for task {task!r}, got {num_labels!r}")
@@ -246,6 +292,8 @@ def load_model(name: str, task: str, *, num_labels: int | None = None, seed: int
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if pooling == "mean":
+        model = MeanPooledClassifier(model, num_labels)  # type: ignore[arg-type]  (checked above)
     model.float().requires_grad_(False)
     return model.train()
 
@@ -260,13 +308,15 @@ def default_targets(model: nn.Module) -> list[str]:
                      f"{', '.join(_DEFAULT_TARGETS)}); set adapter.targets from its nn.Linear leaves: {leaves}")
 
 
-def task_head_names(model: PreTrainedModel) -> list[str]:
+def task_head_names(model: nn.Module) -> list[str]:
     """Parameters of a classification head, which is new and must train alongside the adapter.
 
     Structural: everything outside the pretrained trunk (``base_model_prefix``) of a sequence
     classifier, e.g. BERT's ``classifier.*``, Llama's ``score.weight``. Causal LMs have none to train:
     their LM head is pretrained (and usually tied to the embeddings).
     """
+    if isinstance(model, MeanPooledClassifier):
+        return [n for n, _ in model.classifier.named_parameters(prefix="classifier")]
     if type(model).__name__ not in _SEQ_CLS:
         return []
     trunk = model.base_model_prefix

@@ -52,10 +52,11 @@ class ModelKey:
     num_labels: int | None
     adapter: AdapterConfig
     seed: int
+    pooling: str = "cls"
 
     @classmethod
     def of(cls, cfg: RunConfig) -> ModelKey:
-        return cls(cfg.model.name, cfg.task, num_labels(cfg), cfg.adapter, cfg.seed)
+        return cls(cfg.model.name, cfg.task, num_labels(cfg), cfg.adapter, cfg.seed, cfg.model.pooling)
 
 
 def adapter_spec(a: AdapterConfig, model: Any) -> AdapterSpec:
@@ -67,7 +68,7 @@ def adapter_spec(a: AdapterConfig, model: Any) -> AdapterSpec:
 
 @lru_cache(maxsize=2)
 def _build(key: ModelKey) -> tuple[Adapter, Any]:
-    model = load_model(key.name, key.task, num_labels=key.num_labels, seed=key.seed)
+    model = load_model(key.name, key.task, num_labels=key.num_labels, seed=key.seed, pooling=key.pooling)
     spec = adapter_spec(key.adapter, model)
     adapter = build(model, spec, key.seed, head=tuple(task_head_names(model)))
     return adapter, load_tokenizer(key.name, key.task)

@@ -16,6 +16,8 @@ import torch
 from datasets import Dataset
 
 from fed.adapters import Adapter
+from fed.config import OPTIMIZERS
+from fed.precision import autocast
 from fed.privacy.dpsgd import DpSettings, DpStepper, PlainStepper, poisson_batches
 from fed.tasks import Task
 
@@ -43,9 +45,28 @@ def _plain_batches(num_examples: int, batch_size: int, steps: int, gen: torch.Ge
         yield batch
 
 
+def make_optimizer(params: list[torch.nn.Parameter], name: str, *, lr: float, weight_decay: float,
+                   momentum: float) -> torch.optim.Optimizer:
+    """AdamW, or SGD with (heavy-ball) momentum.
+
+    Under DP the choice matters: Adam divides every coordinate by its own running scale, so a
+    coordinate whose gradient is mostly noise still moves by about ``lr`` each step; SGD moves it by the
+    noise itself, which momentum averages out over steps.
+    """
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}; accepted: {', '.join(OPTIMIZERS)}")
+
+
 def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batch_size: int, lr: float,
-                weight_decay: float, dp: DpSettings | None, gen: torch.Generator) -> RoundResult:
+                weight_decay: float, dp: DpSettings | None, gen: torch.Generator, optimizer: str = "adamw",
+                momentum: float = 0.9, precision: torch.dtype = torch.float32) -> RoundResult:
     """Run ``steps`` local steps on ``data``; with ``dp``, Poisson batches at ``dp.sample_rate``.
+
+    ``precision`` is the frozen base's autocast dtype; the trained tensors and DP arithmetic stay float32
+    (``fed.precision``).
 
     ``gen`` orders the plain (non-private) batches only: under DP every random choice comes from the
     OS CSPRNG, so nothing the server knows (the run seed) can reproduce it.
@@ -53,12 +74,13 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
     start = time.perf_counter()
     model = adapter.model
     model.train()
-    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=lr, weight_decay=weight_decay)
+    opt = make_optimizer(adapter.trainable_parameters(), optimizer, lr=lr, weight_decay=weight_decay,
+                         momentum=momentum)
     if dp is None:
-        stepper: PlainStepper | DpStepper = PlainStepper(model, optimizer)
+        stepper: PlainStepper | DpStepper = PlainStepper(model, opt)
         batches = _plain_batches(len(data), min(batch_size, len(data)), steps, gen)
     else:
-        stepper = DpStepper(model, optimizer, dp)
+        stepper = DpStepper(model, opt, dp)
         batches = poisson_batches(len(data), dp.sample_rate, steps)
     losses: list[float] = []
     released: list[float] = []
@@ -72,10 +94,11 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
                     released.append(dp.noised_loss_sum(None))  # type: ignore[union-attr]
                 continue
             batch = task.encode(data[indices])
-            loss = task.per_example_loss(stepper.module, batch)
+            with autocast(model, precision):
+                loss = task.per_example_loss(stepper.module, batch)
+                aux = adapter.auxiliary_loss(batch["attention_mask"])  # per example: keeps the DP bound
             if release:
                 released.append(dp.noised_loss_sum(loss))  # type: ignore[union-attr]
-            aux = adapter.auxiliary_loss(batch["attention_mask"])  # per example: keeps the DP bound
             stepper.step(loss if aux is None else loss + aux)
             losses.append(float(loss.detach().mean()))
             usage.update(adapter.usage(batch["attention_mask"]))
@@ -88,7 +111,8 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
 
 
 @torch.no_grad()
-def evaluate(adapter: Adapter, task: Task, data: Dataset, *, batch_size: int, limit: int = 0) -> dict[str, float]:
+def evaluate(adapter: Adapter, task: Task, data: Dataset, *, batch_size: int, limit: int = 0,
+             precision: torch.dtype = torch.float32) -> dict[str, float]:
     """Mean loss (and accuracy where the task has one) on up to ``limit`` examples (0 = all)."""
     model = adapter.model
     model.eval()
@@ -96,7 +120,8 @@ def evaluate(adapter: Adapter, task: Task, data: Dataset, *, batch_size: int, li
     loss_sum, correct_sum = 0.0, 0.0
     try:
         for start in range(0, count, batch_size):
-            loss, correct = task.score(model, task.encode(data[start:min(start + batch_size, count)]))
+            with autocast(model, precision):
+                loss, correct = task.score(model, task.encode(data[start:min(start + batch_size, count)]))
             loss_sum += float(loss.sum())
             correct_sum += float(correct.sum())
     finally:

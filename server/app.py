@@ -111,7 +111,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
         write_report(run_dir.path)
     final = result.arrays if len(result.arrays) else to_record(initial)  # empty: no round aggregated anything
     adapter.load(from_record(final, metas(initial)))
-    export_adapter(adapter, run_dir.adapter, task=cfg.task, base_model=cfg.model.name)
+    export_adapter(adapter, run_dir.adapter, task=cfg.task, base_model=cfg.model.name,
+                   pooling=cfg.model.pooling)
     plot_curves(run_dir.metrics(), run_dir.path / "curves.png",
                 title=f"{cfg.adapter.kind} · {cfg.data.name} · {fed.num_clients} clients"
                       + (f" · DP target eps {cfg.dp.target_epsilon:g}" if cfg.dp.target_epsilon else ""))

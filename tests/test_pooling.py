@@ -1,0 +1,81 @@
+"""The mean-pooled classification head: what it computes, that it keeps examples independent (DP), and
+that it trains and exports like the model's own head."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from opacus.grad_sample.utils import prepare_module
+
+from fed.adapters import build
+from fed.config import ConfigError, RunConfig
+from fed.export import export_adapter, load_adapter
+from fed.models import load_model, task_head_names
+from fed.tasks import Classification
+from tests.conftest import randomise, spec
+from tests.test_dpsgd import _NoTokenizer, _naive_grads
+
+
+def _pooled(seed: int = 5):
+    return load_model("tiny-bert", "classification", num_labels=3, seed=seed, pooling="mean")
+
+
+def test_logits_are_a_linear_map_of_the_mean_over_real_tokens(batch):
+    model = _pooled().eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+        model.classifier.bias.normal_()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for i, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"])):
+            real = ids[mask.bool()].unsqueeze(0)  # the example alone, unpadded
+            hidden = model.bert(input_ids=real, attention_mask=torch.ones_like(real)).last_hidden_state[0]
+            expected = model.classifier.weight @ hidden.mean(0) + model.classifier.bias
+            torch.testing.assert_close(logits[i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_head_starts_at_zero_and_is_the_only_head_trained(batch):
+    model = _pooled()
+    assert task_head_names(model) == ["classifier.weight", "classifier.bias"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.count_nonzero(logits) == 0
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["lora", "ffa-lora"])
+def test_per_sample_gradients_equal_a_naive_loop(kind, batch):
+    model = _pooled()
+    adapter = build(model, spec(kind, ("query", "value")), seed=3, head=tuple(task_head_names(model)))
+    randomise(adapter, 0.3)
+    task = Classification(_NoTokenizer(), 16)
+    reference = _naive_grads(adapter, task, batch)
+    gsm = prepare_module(model, "hooks", batch_first=True, loss_reduction="sum")
+    task.per_example_loss(gsm, batch).sum().backward()
+    params = dict(model.named_parameters())
+    for name in adapter.names(trainable=True):
+        expected = torch.stack([r[name] for r in reference])
+        torch.testing.assert_close(params[name].grad_sample, expected, rtol=1e-4, atol=1e-6)
+    gsm._close()
+
+
+def test_export_has_no_peft_files_and_load_adapter_reproduces_outputs(batch, tmp_path):
+    model = _pooled()
+    adapter = build(model, spec("lora", ("query", "value")), seed=1, head=tuple(task_head_names(model)))
+    randomise(adapter, 0.2)
+    export_adapter(adapter, tmp_path, task="classification", base_model="tiny-bert", pooling="mean")
+    assert json.loads((tmp_path / "fedlora.json").read_text())["pooling"] == "mean"
+    assert not (tmp_path / "adapter_config.json").exists()  # PEFT would rebuild the [CLS] head: wrong outputs
+    fresh = load_adapter(_pooled(), tmp_path).model.eval()
+    args = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**args).logits, model.eval()(**args).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_config_refuses_unknown_pooling_and_mean_pooling_for_causal_lm():
+    with pytest.raises(ConfigError, match="model.pooling='max'.*cls, mean"):
+        RunConfig.from_flat({"model.pooling": "max"})
+    with pytest.raises(ConfigError, match="needs 'cls'"):
+        RunConfig.from_flat({"task": "causal-lm", "model.pooling": "mean"})
+    with pytest.raises(ValueError, match="task 'causal-lm' has none"):
+        load_model("tiny-llama", "causal-lm", pooling="mean")

@@ -119,7 +119,7 @@ def train(msg: Message, context: Context) -> Message:
     result = train_round(session.adapter, session.task, train_data, steps=plan.steps,
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                          optimizer=cfg.train.optimizer, momentum=cfg.train.momentum,
-                         precision=resolve_precision(cfg.train.precision),
+                         precision=resolve_precision(cfg.train.precision), micro_batch=cfg.train.micro_batch,
                          dp=plan.dp, gen=generator(cfg.seed, "batches", pid, round_))
     if plan.dp is None:  # loss, timing and expert counts are private statistics outside DP-SGD
         metrics |= {"train_loss": result.loss, "train_wall_s": result.wall_s} | usage_metrics(result.usage)

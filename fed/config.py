@@ -127,6 +127,9 @@ class TrainConfig:
     optimizer: str = "adamw"
     """``adamw`` or ``sgd`` (with ``momentum``); the optimiser state starts fresh every round."""
     momentum: float = 0.9
+    micro_batch: int = 64
+    """Examples per forward pass: a larger batch is sorted by length and run in chunks of at most this many
+    (one optimiser step per batch, the same gradient), so it pads less and holds less in memory (0 = whole)."""
     precision: str = "auto"
     """Autocast dtype of the frozen base model: ``float32``, ``bfloat16``, or ``auto`` (bfloat16 only on a CPU
     with native bfloat16 arithmetic). Trained tensors and all DP arithmetic stay float32 either way."""
@@ -331,6 +334,7 @@ def _check_ranges(c: RunConfig) -> list[str]:
         + _at_least("train.batch_size", c.train.batch_size, 1)
         + _at_least("train.lr", c.train.lr, 1e-12)
         + _in_range("train.momentum", c.train.momentum, 0.0, 1.0)
+        + _at_least("train.micro_batch", c.train.micro_batch, 0)
         + _at_least("train.eval_batch_size", c.train.eval_batch_size, 1)
         + _at_least("train.max_eval_examples", c.train.max_eval_examples, 0)
     )

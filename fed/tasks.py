@@ -30,6 +30,10 @@ class Task(Protocol):
         """How many rows are longer than ``max_length`` tokens (``encode`` truncates them)."""
         ...
 
+    def lengths(self, rows: dict[str, list[Any]]) -> list[int]:
+        """Tokens each row occupies once encoded (truncation included): what padding is measured against."""
+        ...
+
 
 @dataclass(frozen=True)
 class Classification:
@@ -44,6 +48,9 @@ class Classification:
 
     def overlong(self, rows: dict[str, list[Any]]) -> int:
         return sum(len(ids) > self.max_length for ids in self.tokenizer(list(rows["text"]))["input_ids"])
+
+    def lengths(self, rows: dict[str, list[Any]]) -> list[int]:
+        return [min(len(ids), self.max_length) for ids in self.tokenizer(list(rows["text"]))["input_ids"]]
 
     def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -74,6 +81,9 @@ class CausalLM:
         eos = self.tokenizer.eos_token or ""
         texts = [self._prompt(p) + r + eos for p, r in zip(rows["prompt"], rows["response"])]
         return sum(len(ids) > self.max_length for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+    def lengths(self, rows: dict[str, list[Any]]) -> list[int]:
+        return self.encode(rows)["attention_mask"].sum(1).tolist()
 
     def encode(self, rows: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
         eos = self.tokenizer.eos_token or ""

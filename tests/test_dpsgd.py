@@ -7,7 +7,11 @@ import torch
 from opacus.grad_sample.utils import prepare_module
 
 from fed.adapters import build
-from fed.privacy.dpsgd import DpSettings, DpStepper
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fed.privacy.dpsgd import DpSettings, DpStepper, PlainStepper
+from fed.train import length_chunks
 from fed.tasks import CausalLM, Classification
 from tests.conftest import MATRIX, randomise, spec, tiny_bert, tiny_llama
 
@@ -76,9 +80,17 @@ def test_opacus_per_sample_gradients_equal_a_naive_loop(kind, build_fn, batch_fn
     gsm._close()
 
 
+def _chunks(batch, parts: int):
+    """The batch cut into ``parts`` chunks of rows (as ``fed.train`` cuts a batch by length)."""
+    rows = [list(range(len(batch["input_ids"])))[k::parts] for k in range(parts)]
+    return [{key: value[r] for key, value in batch.items()} for r in rows]
+
+
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_dp_step_without_noise_is_the_mean_of_clipped_per_example_gradients(kind, mode, batch):
+@pytest.mark.parametrize("mode, parts", [("hooks", 1), ("ghost", 1), ("hooks", 2)],
+                         ids=["hooks", "ghost", "hooks-2-chunks"])
+def test_dp_step_without_noise_is_the_mean_of_clipped_per_example_gradients(kind, mode, parts, batch):
+    """Also when the batch arrives in chunks: one step, each example clipped once, divided by the expected size."""
     adapter, task = _bert_adapter(kind)
     names = adapter.names(trainable=True)
     reference = _naive_grads(adapter, task, batch)
@@ -93,7 +105,9 @@ def test_dp_step_without_noise_is_the_mean_of_clipped_per_example_gradients(kind
     dp = DpSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=expected_bs / 100, num_examples=100,
                     mode=mode)
     stepper = DpStepper(adapter.model, optimizer, dp)
-    stepper.step(_loss(adapter, task, stepper.module, batch))
+    for chunk in _chunks(batch, parts):
+        stepper.accumulate(_loss(adapter, task, stepper.module, chunk), len(batch["input_ids"]))
+    stepper.step()
     stepper.close()
     after = adapter.state(names)
     for n in names:
@@ -116,3 +130,28 @@ def test_empty_poisson_batch_is_a_noise_only_step():
         if before[n].numel() >= 32:
             assert 0.7 < float((after[n] - before[n]).std()) < 1.3, n
         assert not torch.equal(after[n], before[n]), n
+
+
+def test_plain_step_on_chunks_equals_the_step_on_the_whole_batch(batch):
+    states = []
+    for parts in (1, 3):
+        adapter, task = _bert_adapter("lora")
+        names = adapter.names(trainable=True)
+        stepper = PlainStepper(adapter.model, torch.optim.SGD(adapter.trainable_parameters(), lr=1.0))
+        for chunk in _chunks(batch, parts):
+            stepper.accumulate(_loss(adapter, task, adapter.model, chunk), len(batch["input_ids"]))
+        stepper.step()
+        states.append(adapter.state(names))
+    for name in states[0]:
+        torch.testing.assert_close(states[1][name], states[0][name], rtol=1e-5, atol=1e-7)
+
+
+@given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=40), size=st.integers(0, 12))
+def test_length_chunks_cover_the_batch_once_in_length_order(lengths, size):
+    indices = list(range(len(lengths)))[::-1]
+    chunks = length_chunks(lengths, indices, size)
+    flat = [i for c in chunks for i in c]
+    assert sorted(flat) == sorted(indices)
+    assert all(len(c) <= size for c in chunks) if 0 < size < len(indices) else len(chunks) == 1
+    if len(chunks) > 1:
+        assert [lengths[i] for i in flat] == sorted(lengths[i] for i in flat)

@@ -76,7 +76,8 @@ def test_per_sample_gradients_with_an_expert_that_gets_no_token(mode, batch):
     dp = DpSettings(noise_multiplier=0.0, max_grad_norm=1e6, sample_rate=0.05, num_examples=100, mode=mode)
     stepper = DpStepper(adapter.model, optimizer, dp)
     before = adapter.state(adapter.names(trainable=True))
-    stepper.step(_loss(adapter, task, stepper.module, batch))
+    stepper.accumulate(_loss(adapter, task, stepper.module, batch), len(batch["input_ids"]))
+    stepper.step()
     stepper.close()
     after = adapter.state(list(before))
     for name in before:  # no clipping at this bound: the update is the summed per-example gradient / 5

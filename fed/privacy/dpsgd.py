@@ -103,17 +103,41 @@ def check_dp_compatible(model: nn.Module) -> None:
         raise ValueError(f"this model cannot train under DP-SGD: {'; '.join(str(e)[:160] for e in errors)}")
 
 
+class OneLogicalBatch:
+    """Mixin for an Opacus DP optimizer: several backward passes before a step are chunks of *one* batch.
+
+    Opacus divides the clipped sum by ``expected_batch_size * accumulated_iterations``, treating every
+    backward pass as a batch of its own (gradient accumulation). Our chunks (a Poisson batch cut by
+    length) are one sampled batch, so the sum is divided by the expected batch size alone: the
+    release is exactly DP-SGD's noised mean over the sampled batch.
+    """
+
+    params: list[nn.Parameter]
+    expected_batch_size: int
+    loss_reduction: str
+
+    def scale_grad(self) -> None:
+        if self.loss_reduction == "mean":
+            for p in self.params:
+                p.grad /= self.expected_batch_size
+
+
 class PlainStepper:
-    """Non-private steps: mean loss, backward, step."""
+    """Non-private steps: the batch's mean loss (accumulated chunk by chunk), backward, step."""
+
+    chunkable = True
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.module = model
         self.optimizer = optimizer
 
-    def step(self, per_example_loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        per_example_loss.mean().backward()
+    def accumulate(self, per_example_loss: torch.Tensor, batch_len: int) -> None:
+        """Backward of one chunk's share of the batch mean (its loss sum over the whole batch's size)."""
+        (per_example_loss.sum() / batch_len).backward()
+
+    def step(self) -> None:
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def close(self) -> None:
         """Nothing to undo."""
@@ -135,28 +159,37 @@ class DpStepper:
             dropout.eval()  # its masks would come from the process-global generator
         self.module = prepare_module(model, dp.mode, batch_first=True, loss_reduction="mean", **extra)
         base = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=dp.mode)
-        secure = type(f"Secure{base.__name__}", (SecureNoise, base), {})
+        secure = type(f"Secure{base.__name__}", (SecureNoise, OneLogicalBatch, base), {})
         self.optimizer = secure(optimizer, noise_multiplier=dp.gradient_noise_multiplier, max_grad_norm=dp.max_grad_norm,
                                 expected_batch_size=dp.expected_batch_size, loss_reduction="mean")
         self.ghost = ghost
 
-    def step(self, per_example_loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    @property
+    def chunkable(self) -> bool:
+        """Whether a batch may arrive in several backward passes: hooks keep each pass's per-sample
+        gradients (Opacus concatenates them at the step); ghost clipping clips inside its backward."""
+        return not self.ghost
+
+    def accumulate(self, per_example_loss: torch.Tensor, batch_len: int) -> None:
+        """Per-sample gradients of one chunk (``batch_len`` is implied: every example keeps its own)."""
         if self.ghost:
             DPTensorFastGradientClipping(self.module, self.optimizer, per_example_loss, "mean").backward()
         else:
-            per_example_loss.mean().backward()
+            per_example_loss.mean().backward()  # hooks rescale by the chunk's size: per-example gradients
+
+    def step(self) -> None:
+        """Clip each example, sum, add noise once, divide by the expected batch size, update."""
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def empty_step(self) -> None:
         """A Poisson batch with no examples: the update is pure noise, as the mechanism prescribes."""
-        self.optimizer.zero_grad(set_to_none=True)
         for p in self.optimizer.params:
             if self.ghost:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-        self.optimizer.step()
+        self.step()
 
     def close(self) -> None:
         """Detach Opacus from the model so the cached model is clean for the next round."""

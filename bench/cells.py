@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import statistics
 from pathlib import Path
 from typing import Any
@@ -9,21 +10,29 @@ from typing import Any
 from rich.console import Console
 
 from fed.config import RunConfig
+from fed.rundir import RunDir
 
 
 def run_cell(cfg: RunConfig, runs: Path, name: str) -> dict[str, Any]:
-    """Run ``cfg`` as ``fed simulate`` does and keep the final accuracy, the accuracy curve, the largest
-    client epsilon, the mean aggregation error, bytes up per client per round and the wall time."""
+    """Run ``cfg`` as ``fed simulate`` does and summarise it."""
     from simulations.run import simulate  # Flower and Ray only once the grid is set up
 
-    lines = simulate(cfg, runs, name=name, console=Console(stderr=True, quiet=True)).metrics()
+    return summarise(simulate(cfg, runs, name=name, console=Console(stderr=True, quiet=True)))
+
+
+def summarise(run: RunDir) -> dict[str, Any]:
+    """A finished run's final accuracy, accuracy curve, largest client epsilon, mean aggregation error,
+    bytes up per client per round and wall time."""
+    lines = run.metrics()
+    if not lines:
+        raise ValueError(f"{run.path} has no finished round in metrics.jsonl")
     last = lines[-1]
     errors = [line["aggregation_error"] for line in lines if line.get("aggregation_error") is not None]
     return {"accuracy": last["eval_accuracy"], "epsilon": last["epsilon_max"],
             "curve": [line.get("eval_accuracy") for line in lines],
             "aggregation_error": statistics.fmean(errors) if errors else None,
             "bytes_up": statistics.fmean(line["bytes_up"] / max(line["clients"], 1) for line in lines),
-            "wall_s": sum(line.get("wall_s", 0.0) for line in lines)}
+            "wall_s": sum(line.get("wall_s", 0.0) for line in lines), "run": str(run.path)}
 
 
 def mean_std(values: list[float]) -> str:
@@ -32,3 +41,15 @@ def mean_std(values: list[float]) -> str:
         return "-"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
+
+
+def write_section(doc: Path, title: str, body: str) -> None:
+    """Put ``## title (date)`` + ``body`` into ``doc``, replacing an earlier section of the same title."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    heading = f"\n## {title} ("
+    start = text.find(heading)
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + (text[end:] if end >= 0 else "\n")
+    section = f"{heading}{datetime.date.today().isoformat()})\n\n{body}\n"
+    doc.write_text(text.rstrip("\n") + "\n" + section)

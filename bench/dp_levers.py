@@ -1,0 +1,120 @@
+"""Which DP levers pay: the ``private`` preset with one setting changed at a time, on a fast proxy.
+
+The proxy is one client of the preset without Flower: client 0's split, the noise its planner would
+calibrate for the whole schedule (``federation.rounds`` x ``train.local_steps`` DP-SGD steps at the
+preset's epsilon), the same local rounds back to back, and its own held-out split scored after each
+round. It leaves out the averaging over clients (which only lowers the noise), so its accuracies are a
+floor for the federated run; what it is for is comparing levers side by side in minutes, not hours.
+
+    python bench/dp_levers.py                              # every lever, seed 0
+    python bench/dp_levers.py --levers "private preset" "adapter: LoRA" --set dp.target_epsilon=3
+
+Results are appended to ``<runs>/levers.jsonl``; the table goes to docs/benchmarks.md with the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fed.presets import parse_override, resolve
+from fed.privacy.dpsgd import DpSettings
+from fed.privacy.planner import sample_rate
+from fed.privacy.ledger import calibrate_noise
+from fed.precision import resolve_precision
+from fed.session import adapted_model, client_data, with_local_labels
+from fed.train import evaluate, train_round
+
+from cells import write_section  # bench/ is on sys.path when a bench script runs
+
+LEVERS: dict[str, list[str]] = {
+    "private preset": [],
+    "head: BERT pooler over [CLS] (model.pooling=cls)": ["model.pooling=cls"],
+    "optimiser: AdamW, lr 5e-3": ["train.optimizer=adamw", "train.lr=5e-3"],
+    "SGD lr 2.0": ["train.lr=2.0"],
+    "data: 4,000 examples in all (quickstart)": ["data.max_examples=4000"],
+    "Poisson batch 64": ["train.batch_size=64"],
+    "clipping norm 0.1 (lr x10)": ["dp.max_grad_norm=0.1", "train.lr=5.0"],
+    "adapter: LoRA": ["adapter.kind=lora"],
+    "rank 4": ["adapter.rank=4", "adapter.alpha=8"],
+    "no DP": ["dp.enabled=false"],
+}
+
+
+def proxy(overrides: list[str], eval_limit: int) -> dict[str, Any]:
+    """Client 0 of the config alone: its planned mechanism, its rounds, its held-out accuracy per round."""
+    cfg = with_local_labels(resolve("private", overrides))
+    adapter, task = adapted_model(cfg)
+    initial = adapter.sent_state()
+    data = client_data(cfg, 0)
+    t, n = cfg.train, len(data.train)
+    q = sample_rate(t.batch_size, n)
+    dp = None
+    if cfg.dp.enabled:
+        sigma = calibrate_noise(cfg.dp.target_epsilon, cfg.dp.delta, q, cfg.federation.rounds * t.local_steps,
+                                cfg.dp.accountant)
+        dp = DpSettings(sigma, cfg.dp.max_grad_norm, q, n, mode=cfg.dp.grad_sample_mode)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    precision = resolve_precision(t.precision)
+    curve, start = [], time.perf_counter()
+    try:
+        for _ in range(cfg.federation.rounds):
+            train_round(adapter, task, data.train, steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
+                        weight_decay=t.weight_decay, dp=dp, gen=gen, optimizer=t.optimizer, momentum=t.momentum,
+                        precision=precision, micro_batch=t.micro_batch)
+            scores = evaluate(adapter, task, data.test, batch_size=t.eval_batch_size, limit=eval_limit,
+                              precision=precision)
+            curve.append(round(scores["accuracy"], 3))
+            print(f"  round {len(curve)}: accuracy {curve[-1]:.3f}", flush=True)
+    finally:
+        adapter.load(initial)  # the model is cached per process: the next lever starts fresh
+    return {"accuracy": curve[-1], "curve": curve, "n": n, "sample_rate": q,
+            "noise_multiplier": dp.noise_multiplier if dp else 0.0, "wall_s": time.perf_counter() - start}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    base = next((r["accuracy"] for r in results if r["lever"] == "private preset"), None)
+    rows = ["| lever (one change from the preset) | final accuracy | vs preset | accuracy by round | noise multiplier |"
+            " wall |", "|---|---|---|---|---|---|"]
+    for r in results:
+        gap = f"{r['accuracy'] - base:+.3f}" if base is not None else "-"
+        rows.append(f"| {r['lever']} | {r['accuracy']:.3f} | {gap} | {', '.join(f'{a:.2f}' for a in r['curve'])} | "
+                    f"{r['noise_multiplier']:.3f} | {r['wall_s'] / 60:.1f} min |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", message="Full backward hook")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--eval-limit", type=int, default=600, help="held-out examples scored per round")
+    parser.add_argument("--runs", default="runs/bench-dp-levers")
+    parser.add_argument("--doc", default="docs/benchmarks.md")
+    args = parser.parse_args()
+    for item in args.overrides:
+        parse_override(item)  # a typo stops here, before the first lever runs
+    log = Path(args.runs) / "levers.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for lever in args.levers:
+        print(lever, flush=True)
+        result = {"lever": lever, **proxy([*args.overrides, *LEVERS[lever]], args.eval_limit)}
+        with open(log, "a") as handle:
+            handle.write(json.dumps(result) + "\n")
+        results.append(result)
+    settings = " ".join(f"`{o}`" for o in args.overrides) or "none"
+    body = (f"`python bench/dp_levers.py` with overrides {settings}: the `private` preset's client 0 alone (its "
+            f"split, its planned noise, no averaging over clients: a floor for the federated run), held-out "
+            f"accuracy on {args.eval_limit} examples after each local round.\n\n{table(results)}")
+    write_section(Path(args.doc), "DP levers, one at a time", body)
+    print(body)
+
+if __name__ == "__main__":
+    main()

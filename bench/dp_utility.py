@@ -1,0 +1,136 @@
+"""Accuracy against the privacy budget: epsilon in (inf, 8, 3, 1) for LoRA and FFA-LoRA, IID and
+Dirichlet(0.5), several seeds, on the ``private`` preset (``bench/dp_levers.py`` compares the levers).
+
+Every cell is a real ``fed simulate`` run. epsilon is per client, sample-level, delta 1e-5, RDP, over the
+whole run; "inf" is the same run without DP. The table (final-round accuracy, mean ± std over seeds) and a
+plot (accuracy against epsilon) go to docs/benchmarks.md and docs/img/dp_utility.png with the date.
+
+    python bench/dp_utility.py                                  # the full grid: 2 adapters x 2 splits x 4 eps x 3 seeds
+    python bench/dp_utility.py --adapters ffa-lora --splits iid --seeds 0      # one row
+
+Finished cells are appended to ``<runs>/results.jsonl`` at once; ``--render`` redraws table and plot from it;
+``--add RUN_DIR ...`` books runs made by hand (``fed simulate --preset private ...``) as cells, after checking
+that each is the preset with nothing changed but a cell's own settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fed.presets import resolve
+from fed.rundir import RunDir
+
+from cells import mean_std, run_cell, summarise, write_section  # bench/ is on sys.path when a bench script runs
+
+EPSILONS = {"inf": ["dp.enabled=false"], "8": ["dp.target_epsilon=8"], "3": ["dp.target_epsilon=3"],
+            "1": ["dp.target_epsilon=1"]}
+SPLITS = {"iid": ["data.partition=iid"], "dirichlet-0.5": ["data.partition=dirichlet", "data.alpha=0.5"]}
+ADAPTERS = ("lora", "ffa-lora")
+def cells(args: argparse.Namespace) -> list[tuple[dict[str, Any], list[str]]]:
+    """(labels, overrides) of every cell the arguments ask for."""
+    return [({"adapter": a, "split": sp, "epsilon_target": e, "seed": s},
+             [f"adapter.kind={a}", *SPLITS[sp], *EPSILONS[e], f"seed={s}"])
+            for a in args.adapters for sp in args.splits for e in args.epsilons for s in args.seeds]
+
+
+def cell_of(run: RunDir) -> tuple[dict[str, Any], list[str]]:
+    """The grid cell a finished run belongs to, refused unless its config is exactly that cell's."""
+    cfg = run.config()
+    split = "iid" if cfg.data.partition == "iid" else f"{cfg.data.partition}-{cfg.data.alpha:g}"
+    eps = "inf" if not cfg.dp.enabled else f"{cfg.dp.target_epsilon:g}"
+    labels = {"adapter": cfg.adapter.kind, "split": split, "epsilon_target": eps, "seed": cfg.seed}
+    if split not in SPLITS or eps not in EPSILONS or cfg.adapter.kind not in ADAPTERS:
+        raise ValueError(f"{run.path} is not a grid cell: {labels}")
+    overrides = [f"adapter.kind={cfg.adapter.kind}", *SPLITS[split], *EPSILONS[eps], f"seed={cfg.seed}"]
+    if cfg != resolve("private", overrides):
+        raise ValueError(f"{run.path} is not the private preset with only {overrides} changed")
+    return labels, overrides
+
+
+def grid_table(results: list[dict[str, Any]]) -> str:
+    eps = [e for e in EPSILONS if any(r.get("epsilon_target") == e for r in results)]
+    rows = ["| adapter | split | " + " | ".join(f"eps {e}" for e in eps) + " | wall / run |",
+            "|" + "---|" * (len(eps) + 3)]
+    for a in ADAPTERS:
+        for sp in SPLITS:
+            mine = [r for r in results if r.get("adapter") == a and r.get("split") == sp]
+            if mine:
+                accs = [mean_std([r["accuracy"] for r in mine if r["epsilon_target"] == e]) for e in eps]
+                wall = statistics.fmean(r["wall_s"] for r in mine) / 60
+                rows.append(f"| {a} | {sp} | " + " | ".join(accs) + f" | {wall:.1f} min |")
+    return "\n".join(rows)
+
+
+def plot(results: list[dict[str, Any]], out: Path) -> None:
+    """Accuracy against epsilon (no DP drawn at the right edge), one line per adapter and split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = [e for e in EPSILONS if any(r.get("epsilon_target") == e for r in results)]
+    xs = {e: (i + 1) for i, e in enumerate(sorted(eps, key=lambda e: float(e)))}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for a in ADAPTERS:
+        for sp in SPLITS:
+            points = [(xs[e], [r["accuracy"] for r in results if (r.get("adapter"), r.get("split"),
+                                                                 r.get("epsilon_target")) == (a, sp, e)]) for e in eps]
+            points = sorted((x, v) for x, v in points if v)
+            if points:
+                ax.errorbar([x for x, _ in points], [statistics.fmean(v) for _, v in points],
+                            yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in points],
+                            marker="o", capsize=3, label=f"{a}, {sp}")
+    ax.set_xticks(list(xs.values()), [("no DP" if e == "inf" else f"eps {e}") for e in xs])
+    ax.set_ylabel("final eval accuracy")
+    ax.set_title("private preset: accuracy against the per-client budget")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", message="Full backward hook")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--adapters", nargs="+", default=list(ADAPTERS), choices=ADAPTERS)
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
+    parser.add_argument("--epsilons", nargs="+", default=list(EPSILONS), choices=list(EPSILONS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--runs", default="runs/bench-dp-utility")
+    parser.add_argument("--doc", default="docs/benchmarks.md")
+    parser.add_argument("--render", action="store_true", help="only write table and plot from <runs>/results.jsonl")
+    parser.add_argument("--add", nargs="+", default=[], metavar="RUN_DIR", help="book finished private-preset runs")
+    args = parser.parse_args()
+    log = Path(args.runs) / "results.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for path in args.add:
+        run = RunDir(Path(path))
+        with open(log, "a") as handle:
+            handle.write(json.dumps({**cell_of(run)[0], **summarise(run)}) + "\n")
+    if not args.render and not args.add:
+        for labels, extra in cells(args):
+            cfg = resolve("private", [*args.overrides, *extra])
+            name = "-".join(str(v) for v in labels.values()).replace(" ", "_").replace("/", "_")[:60]
+            result = {**labels, **run_cell(cfg, Path(args.runs), name)}
+            with open(log, "a") as handle:
+                handle.write(json.dumps(result) + "\n")
+            print(json.dumps(result), flush=True)
+    results = [json.loads(line) for line in log.read_text().splitlines()]
+    settings = " ".join(f"`{o}`" for o in args.overrides) or "none"
+    seeds = sorted({r["seed"] for r in results})
+    plot(results, Path(args.doc).parent / "img" / "dp_utility.png")
+    body = (f"`python bench/dp_utility.py` with overrides {settings}, on top of the `private` preset. Final-round "
+            f"eval accuracy, mean ± std over seeds {seeds}; epsilon per client, delta 1e-5, RDP.\n\n"
+            f"{grid_table(results)}\n\n![accuracy against epsilon](img/dp_utility.png)")
+    write_section(Path(args.doc), "Accuracy against the privacy budget", body)
+    print(body)
+
+if __name__ == "__main__":
+    main()

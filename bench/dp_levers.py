@@ -9,7 +9,8 @@ floor for the federated run; what it is for is comparing levers side by side in 
     python bench/dp_levers.py                              # every lever, seed 0
     python bench/dp_levers.py --levers "private preset" "adapter: LoRA" --set dp.target_epsilon=3
 
-Results are appended to ``<runs>/levers.jsonl``; the table goes to docs/benchmarks.md with the date.
+Results are appended to ``<runs>/levers.jsonl``; the table goes to docs/benchmarks.md with the date
+(``--render`` rewrites it from that file, e.g. after an interrupted run).
 """
 
 from __future__ import annotations
@@ -97,13 +98,14 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=600, help="held-out examples scored per round")
     parser.add_argument("--runs", default="runs/bench-dp-levers")
     parser.add_argument("--doc", default="docs/benchmarks.md")
+    parser.add_argument("--render", action="store_true", help="only write the table from <runs>/levers.jsonl")
     args = parser.parse_args()
     for item in args.overrides:
         parse_override(item)  # a typo stops here, before the first lever runs
     log = Path(args.runs) / "levers.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
-    results = []
-    for lever in args.levers:
+    results = [json.loads(line) for line in log.read_text().splitlines()] if args.render else []
+    for lever in [] if args.render else args.levers:
         print(lever, flush=True)
         result = {"lever": lever, **proxy([*args.overrides, *LEVERS[lever]], args.eval_limit)}
         with open(log, "a") as handle:

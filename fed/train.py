@@ -68,6 +68,7 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
         for indices in batches:
             if not indices:
                 stepper.empty_step()  # type: ignore[union-attr]  (only Poisson sampling yields empty batches)
+                adapter.after_step()  # a noise-only step is still a step of the schedule
                 if release:
                     released.append(dp.noised_loss_sum(None))  # type: ignore[union-attr]
                 continue
@@ -77,6 +78,7 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
                 released.append(dp.noised_loss_sum(loss))  # type: ignore[union-attr]
             aux = adapter.auxiliary_loss(batch["attention_mask"])  # per example: keeps the DP bound
             stepper.step(loss if aux is None else loss + aux)
+            adapter.after_step()  # step hooks (RoseLoRA's pruning) read parameters only: post-processing under DP
             losses.append(float(loss.detach().mean()))
             usage.update(adapter.usage(batch["attention_mask"]))
     finally:

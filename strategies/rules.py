@@ -287,8 +287,9 @@ def reallocate(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Ten
     ``B·diag(m)·A``, per active slot (so a layer is not rewarded for the rank it already holds). The
     budget (the sum of the masks, constant) is split by ``allocate_ranks``. A shrinking layer keeps
     its slots with the largest ``‖B_j‖·‖A_j‖``; a growing one switches on its free slots in order.
-    Every inactive slot's column of B is zeroed, so a slot switched on later starts at zero (the
-    layer's function is unchanged then) and noise a DP client added to an inactive slot never counts.
+    B's column is kept only for slots that were on this round and stay on: a slot switched on starts
+    at zero (the layer's function is unchanged by it), and whatever a DP client's noise put in a slot
+    that was off never counts.
     Without any change (every score 0) the allocation stays as it is.
     """
     if not structure.layers:
@@ -311,7 +312,7 @@ def reallocate(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Ten
         keep = torch.zeros_like(before[mask])
         keep[order[:rank]] = 1
         out[mask] = keep
-        out[b] = after[b] * (keep > 0)
+        out[b] = after[b] * ((keep > 0) & active)  # a slot that was off this round holds only noise or drift
     return out
 
 

@@ -307,10 +307,11 @@ def reallocate(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Ten
     total = round(sum(float(before[mask].sum()) for mask, _, _ in structure.layers))
     for (mask, b, a), rank in zip(structure.layers, allocate_ranks(scores, total, min(caps))):
         active = before[mask] > 0
-        weight = torch.linalg.norm(after[b], dim=0) * torch.linalg.norm(after[a], dim=1)
-        order = sorted(range(active.numel()), key=lambda j: (not bool(active[j]), -float(weight[j]) if active[j] else j))
+        weight = (torch.linalg.norm(after[b], dim=0) * torch.linalg.norm(after[a], dim=1)).tolist()
+        on = sorted(torch.nonzero(active).flatten().tolist(), key=lambda j: -weight[j])  # strongest first
+        off = torch.nonzero(~active).flatten().tolist()  # in slot order
         keep = torch.zeros_like(before[mask])
-        keep[order[:rank]] = 1
+        keep[(on + off)[:rank]] = 1
         out[mask] = keep
         out[b] = after[b] * ((keep > 0) & active)  # a slot that was off this round holds only noise or drift
     return out

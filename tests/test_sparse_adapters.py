@@ -106,6 +106,41 @@ def test_importance_under_dp_reads_the_released_parameters_only_never_a_gradient
             torch.testing.assert_close(named[name].detach(), params[name].detach(), rtol=0, atol=0)
 
 
+class _Rows:
+    """A five-row 'dataset' whose rows are already tensors."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["labels"])
+
+    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v[indices] for k, v in self.batch.items()}
+
+
+class _Encoded(Classification):
+    def encode(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return rows
+
+
+def test_a_dp_round_ends_at_the_rounds_budget_on_every_line(batch):
+    """``fed.train`` runs the step hooks after each noised step: a DP round that ends the run leaves every
+    row of A and column of B at exactly ``keep_ratio`` of its width, zeros elsewhere."""
+    from fed.train import train_round
+
+    adapter = _rose(keep=0.25)
+    adapter.begin_round(Clock(round_=2, rounds=2, steps=3))
+    dp = DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.6, num_examples=5)
+    train_round(adapter, _Encoded(_NoTokenizer(), 16), _Rows(batch), steps=3, batch_size=5, lr=0.01,
+                weight_decay=0.0, dp=dp, gen=torch.Generator())
+    params = dict(adapter.model.named_parameters())
+    for name, mask in adapter.masks().items():
+        axis = 1 if name.endswith("lora_A.weight") else 0
+        assert (mask.sum(axis) == line_budget(mask.shape[axis], 0.25)).all()
+        assert torch.count_nonzero(params[name].detach()[~mask]) == 0
+
+
 def test_sparse_wire_round_trip_and_bytes():
     """Kept deltas + bit masks decode to the dense delta (``-global`` where the client pruned), and at keep 0.1
     a 384-wide factor costs well under a third of its dense record."""

@@ -1,13 +1,15 @@
-"""LoRA vs FFA-LoRA vs MoSLoRA vs MoLE vs MoR at about equal trainable-parameter budget.
+"""LoRA vs FFA-LoRA vs MoSLoRA vs MoLE vs MoR vs RoseLoRA vs Dynamic LoRA at about equal trainable-parameter budget.
 
 Each family's rank is chosen so that its trainable adapter parameters (task head excluded) come
-closest to LoRA's at ``--budget-rank``; MoLE and MoR keep ``adapter.experts``. Every cell is a real
+closest to LoRA's at ``--budget-rank``; MoLE and MoR keep ``adapter.experts``. RoseLoRA counts its dense
+factors (so it runs at LoRA's rank, pruned to ``adapter.keep_ratio``); Dynamic LoRA its maximum rank
+(the rank column is its mean rank, half the maximum). Every cell is a real
 ``fed simulate`` run (the same code path as the command line), on the ``mixed-domains`` preset (one
 sentiment domain per client) and on the same data split IID, with and without DP-SGD, over several
 seeds. The table (final-round accuracy mean ± std over seeds, mean aggregation error, bytes up per
 round) is written with the date and the exact settings to docs/benchmarks.md; raw runs to --runs.
 
-    python bench/adapters_accuracy.py                      # the full grid: 5 families x 2 splits x 2 x 3 seeds
+    python bench/adapters_accuracy.py                      # the full grid: 7 families x 2 splits x 2 x 3 seeds
     python bench/adapters_accuracy.py --seeds 0 --set federation.rounds=2 --set train.local_steps=3 \
         --set data.max_examples=800                        # a reduced grid
 
@@ -33,7 +35,7 @@ from fed.session import adapter_spec, num_labels
 
 from cells import mean_std, run_cell  # bench/ is on sys.path when a bench script runs
 
-FAMILIES = ("lora", "ffa-lora", "moslora", "mole", "mor")
+FAMILIES = ("lora", "ffa-lora", "moslora", "mole", "mor", "roselora", "dynamic-lora")
 SPLITS = {"mixed-domains": [], "iid": ["data.partition=iid"]}
 DP = {"no DP": [], "DP eps 8": ["dp.enabled=true", "dp.target_epsilon=8"]}
 

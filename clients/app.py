@@ -16,9 +16,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fed.adapters import Clock
 from fed.nodedata import NodeDataError
 from fed.precision import resolve_precision
 from fed.privacy.ledger import DpSgdEvent, Ledger, events_from_json, write_atomic
@@ -28,7 +29,7 @@ from fed.privacy.release import public_metrics
 from fed.seeding import generator
 from fed.session import client_session
 from fed.train import evaluate, train_round
-from fed.wire import config_from_record, from_record, metas, to_record, usage_metrics
+from fed.wire import config_from_record, from_record, metas, to_sparse_record, usage_metrics
 
 app = ClientApp()
 log = logging.getLogger("flwr")  # Flower's logger: what the SuperNode's operator sees
@@ -87,11 +88,11 @@ def _receive(msg: Message, context: Context):
     return cfg, int(config["server-round"]), partition_id, session, global_
 
 
-def _reply(msg: Message, metrics: dict[str, int | float], dp: bool, arrays: dict | None = None,
+def _reply(msg: Message, metrics: dict[str, int | float], dp: bool, arrays: ArrayRecord | None = None,
            reason: str = "") -> Message:
     content = RecordDict({"metrics": MetricRecord(public_metrics(metrics, dp))})
     if arrays is not None:
-        content["arrays"] = to_record(arrays)
+        content["arrays"] = arrays
     if reason:
         content["refusal"] = ConfigRecord({"reason": reason})
     return Message(content, reply_to=msg)
@@ -116,6 +117,8 @@ def train(msg: Message, context: Context) -> Message:
         return _reply(msg, {**metrics, "refused": 1, "epsilon": ledger.epsilon()}, dp, reason=plan.refused)
     if plan.steps == 0:
         return _reply(msg, {**metrics, "declined": 1, "epsilon": ledger.epsilon()}, dp)
+    # the run's shared clock: sparsity schedules end every client's round at the budget the server expects
+    session.adapter.begin_round(Clock(round_, cfg.federation.rounds, plan.steps))
     result = train_round(session.adapter, session.task, train_data, steps=plan.steps,
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                          optimizer=cfg.train.optimizer, momentum=cfg.train.momentum,
@@ -134,8 +137,10 @@ def train(msg: Message, context: Context) -> Message:
             metrics["dp-train-loss"] = result.released_loss
     local = session.adapter.sent_state()
     delta = {name: local[name] - global_[name] for name in global_}
+    # line-sparse tensors (RoseLoRA) travel as their kept entries and masks: post-processing of the update
+    arrays = to_sparse_record(delta, session.adapter.masks(), session.adapter.structure().lines)
     gc.collect()  # Opacus hooks leave reference cycles; collect them so a long run's memory stays flat
-    return _reply(msg, {**metrics, "steps": result.steps}, dp, arrays=delta)
+    return _reply(msg, {**metrics, "steps": result.steps}, dp, arrays=arrays)
 
 
 @app.evaluate()

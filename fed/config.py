@@ -17,7 +17,7 @@ import tomli_w
 
 TASKS = ("classification", "causal-lm")
 POOLINGS = ("cls", "mean")
-ADAPTER_KINDS = ("lora", "ffa-lora", "moslora", "mole", "mor")
+ADAPTER_KINDS = ("lora", "ffa-lora", "moslora", "mole", "mor", "roselora", "dynamic-lora")
 PARTITIONS = ("iid", "dirichlet", "pathological", "natural")
 ACCOUNTANTS = ("rdp", "prv")
 OPTIMIZERS = ("adamw", "sgd")
@@ -57,6 +57,8 @@ class AdapterConfig:
     """mole: LoRA experts per layer (top-1 routed); mor: rank experts per layer (soft routed)."""
     balance: float = 0.01
     """mole: weight of the per-example load-balancing loss (0 = off)."""
+    keep_ratio: float = 0.1
+    """roselora: share of each row of A / column of B kept once the cubic sparsity schedule ends."""
 
 
 @dataclass(frozen=True)
@@ -309,6 +311,7 @@ def _check_ranges(c: RunConfig) -> list[str]:
         _at_least("adapter.rank", c.adapter.rank, 1)
         + _at_least("adapter.experts", c.adapter.experts, 1)
         + _at_least("adapter.balance", c.adapter.balance, 0.0)
+        + _in_range("adapter.keep_ratio", c.adapter.keep_ratio, 0.0, 1.0)
         + _at_least("adapter.alpha", c.adapter.alpha, 1e-12)
         + _at_least("adapter.dropout", c.adapter.dropout, 0.0)
         + _at_least("federation.num_clients", c.federation.num_clients, 1)
@@ -377,6 +380,9 @@ def _check_federation(c: RunConfig) -> list[str]:
         if getattr(f, name) > f.num_clients:
             problems.append(f"federation.{name}={getattr(f, name)} exceeds federation.num_clients={f.num_clients}: "
                             "the run would wait forever")
+    if c.adapter.kind == "roselora" and f.server_lr != 1.0:
+        problems.append(f"federation.server_lr={f.server_lr} with adapter.kind='roselora': only 1.0 is accepted "
+                        "(a partial step would leave pruned entries non-zero and break the row/column budget)")
     return problems
 
 

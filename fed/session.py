@@ -63,7 +63,7 @@ def adapter_spec(a: AdapterConfig, model: Any) -> AdapterSpec:
     """The config's adapter section as a spec; empty targets become the model family's defaults."""
     return AdapterSpec(kind=a.kind, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
                        targets=a.targets or tuple(default_targets(model)), freeze_a=a.freeze_a,
-                       experts=a.experts, balance=a.balance)
+                       experts=a.experts, balance=a.balance, keep_ratio=a.keep_ratio)
 
 
 @lru_cache(maxsize=2)

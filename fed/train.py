@@ -105,6 +105,7 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
         for indices in batches:
             if not indices:
                 stepper.empty_step()  # type: ignore[union-attr]  (only Poisson sampling yields empty batches)
+                adapter.after_step()  # a noise-only step is still a step of the schedule
                 if release:
                     released.append(dp.noised_loss_sum(None))  # type: ignore[union-attr]
                 continue
@@ -118,6 +119,7 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
                 chunk_losses.append(loss.detach())
                 usage.update(adapter.usage(batch["attention_mask"]))
             stepper.step()
+            adapter.after_step()  # step hooks (RoseLoRA's pruning) read parameters only: post-processing under DP
             batch_losses = torch.cat(chunk_losses)
             if release:  # one noised release per step, over the whole sampled batch
                 released.append(dp.noised_loss_sum(batch_losses))  # type: ignore[union-attr]

@@ -8,12 +8,14 @@ before aggregation, so a crash loses no DP event the server has seen.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fed.adapters.roselora import round_budgets
 from fed.checkpoint import Checkpoint
 from fed.config import RunConfig
 from fed.presets import from_run_config
@@ -99,6 +101,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
         # the strategy waits for min_available_nodes before FedAvg sizes its sample (see _await_nodes)
         min_train_nodes=1, min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.min_available or fed.num_clients, min_replies=fed.min_replies,
+        budgets=partial(round_budgets, {n: m.shape for n, m in metas(initial).items()}, adapter.structure().lines,
+                        adapter.spec.keep_ratio, rounds=fed.rounds),
     )
     strategy.round_offset = 0 if resume is None else resume.round
     recorder = RoundRecorder(strategy, book, run_dir, on_round)

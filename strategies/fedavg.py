@@ -28,9 +28,9 @@ from fed.privacy.book import LedgerBook
 from fed.privacy.ledger import events_to_json
 from fed.privacy.release import public_metrics
 from fed.seeding import derive_seed
-from fed.wire import PayloadError, TensorMeta, from_record, read_usage, to_record
+from fed.wire import PayloadError, TensorMeta, from_record, from_sparse_record, read_usage, to_record
 from strategies.rules import (Replies, adaptive_bound, aggregate, aggregation_error, apply_update, bounded_weights,
-                              clip_deltas, delta_norm, honest_step_bound, renormalise)
+                              clip_deltas, delta_norm, honest_step_bound, reallocate, renormalise)
 from strategies.validation import ReplyRules, check_reply
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,11 @@ class AdapterFedAvg(FedAvg):
     def __init__(self, *, expected: Mapping[str, TensorMeta], structure: Structure, rules: ReplyRules,
                  server_lr: float = 1.0, products: Products | None = None, seed: int = 0,
                  influence: StrategyConfig = StrategyConfig(), lr: float = 0.0, book: LedgerBook | None = None,
-                 on_privacy: Callable[[LedgerBook], None] | None = None, min_replies: int = 1, **fedavg: Any) -> None:
+                 on_privacy: Callable[[LedgerBook], None] | None = None, min_replies: int = 1,
+                 budgets: Callable[[int], dict[str, int]] = lambda round_: {}, **fedavg: Any) -> None:
         super().__init__(**fedavg)
+        self.budgets = budgets
+        """Per line-sparse tensor, the entries each line keeps at the end of a round (RoseLoRA's schedule)."""
         self.min_replies = min_replies
         """Fewest valid replies that may move the global adapter: a round left with fewer (crashed nodes,
         stragglers past the timeout, dropped replies) keeps the previous global."""
@@ -153,7 +156,8 @@ class AdapterFedAvg(FedAvg):
             reason = f"node {msg.metadata.src_node_id}: client error: {msg.error.reason}"
             log.warning("round %d: %s", server_round, reason)
             record.dropped.append(reason)
-        deltas, examples, usage, seen = [], [], [], set()
+        deltas, examples, usage, masks, seen = [], [], [], [], set()
+        budgets = self.budgets(server_round)
         for msg in valid:
             try:
                 node = msg.metadata.src_node_id
@@ -170,7 +174,8 @@ class AdapterFedAvg(FedAvg):
                 counts = read_usage(metrics, self.structure.slot_names)
                 arrays = msg.content.array_records["arrays"]
                 record.bytes_up += arrays.count_bytes()
-                deltas.append(from_record(arrays, self.expected))
+                delta, kept = from_sparse_record(arrays, self.expected, self._global, self.structure.lines, budgets)
+                deltas.append(delta)
             except (PayloadError, KeyError) as err:
                 reason = f"node {msg.metadata.src_node_id}: {err}"
                 log.warning("round %d: dropped reply from %s", server_round, reason)
@@ -178,6 +183,7 @@ class AdapterFedAvg(FedAvg):
                 continue
             examples.append(weight)
             usage.append(counts)
+            masks.append(kept)
             record.accepted.append(metrics)
         self._flag_silent(server_round, record, {m.metadata.src_node_id for m in replies})
         if self.on_privacy is not None:
@@ -186,11 +192,12 @@ class AdapterFedAvg(FedAvg):
             log.warning("round %d: %d valid replies, fewer than min_replies=%d; the global adapter is unchanged",
                         server_round, len(deltas), self.min_replies)
             return None, None
-        replies = self._bounded(deltas, examples, _all_or_none(usage, server_round), server_round, record)
+        replies = self._bounded(deltas, examples, _all_or_none(usage, server_round), server_round, record, masks)
         merged = aggregate(replies, self.structure, rule=self.influence.rule, trim=self.influence.trim_fraction)
         if self.products is not None:
             record.aggregation_error = aggregation_error(self.products, replies, merged)
-        new_global = renormalise(apply_update(self._global, merged, self.server_lr), self.structure)
+        new_global = reallocate(self._global, renormalise(apply_update(self._global, merged, self.server_lr),
+                                                          self.structure), self.structure)
         key = "dp-train-loss" if self.dp else "train_loss"  # under DP only the privatised release travels
         losses = [(w, float(m[key])) for w, m in zip(examples, record.accepted) if key in m]
         if losses:
@@ -202,7 +209,8 @@ class AdapterFedAvg(FedAvg):
         return to_record(new_global), summary
 
     def _bounded(self, deltas: list[dict[str, torch.Tensor]], examples: list[float],
-                 usage: list[dict[str, float]] | None, server_round: int, record: RoundLog) -> Replies:
+                 usage: list[dict[str, float]] | None, server_round: int, record: RoundLog,
+                 masks: list[dict[str, torch.Tensor]]) -> Replies:
         """Bounded influence before any rule sees the replies: cap the weights, clip each delta's norm."""
         s = self.influence
         weights, record.capped = bounded_weights(examples, s.weighting, s.max_weight_ratio)
@@ -218,7 +226,8 @@ class AdapterFedAvg(FedAvg):
             usage = [{slot: n * (cap / total if total > 0 else 1.0) for slot, n in u.items()}
                      for u, total, cap in zip(usage, totals, caps)]
             record.capped += capped
-        return Replies(self._global, deltas, weights, usage=usage, seed=derive_seed(self.seed, "server", server_round))
+        return Replies(self._global, deltas, weights, usage=usage, seed=derive_seed(self.seed, "server", server_round),
+                       masks=masks)
 
     def _flag_silent(self, server_round: int, record: RoundLog, replied: set[int]) -> None:
         """A DP client asked to train that never replied may still have spent budget: say so."""

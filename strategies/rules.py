@@ -21,6 +21,8 @@ from scipy.stats import trim_mean
 
 from fed.adapters import Aggregation, Structure
 from fed.adapters.base import Products
+from fed.adapters.dynamic_lora import allocate_ranks
+from fed.adapters.roselora import top_lines
 from fed.seeding import generator
 
 Tensors = dict[str, torch.Tensor]
@@ -38,6 +40,8 @@ class Replies:
     """Per client, tokens routed to each expert slot; None when not sent (under DP, see docs/privacy.md)."""
     seed: int = 0
     """Seeds the server's own randomness (re-factorisation), e.g. derived from run seed and round."""
+    masks: Sequence[Mapping[str, torch.Tensor]] | None = None
+    """Per client, the kept entries of each line-sparse tensor (RoseLoRA), as decoded from the wire."""
 
 
 def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
@@ -148,11 +152,45 @@ def product_mean(replies: Replies, structure: Structure, names: Sequence[str]) -
     return out
 
 
+def masked_mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
+    """Line-sparse tensors (RoseLoRA): each entry averaged over the clients that kept it, then each line
+    re-projected to the budget.
+
+    A mean of zero-filled tensors would shrink an entry kept by few clients by their weight share and
+    take the union of the supports (up to ``min(1, K·keep)`` dense, losing the sparsity bound of BA).
+    Here an entry's value is the weighted mean of the kept clients' values (0 where no client kept
+    it), and every line then keeps its ``k`` largest magnitudes, ``k`` being what each client kept
+    (the round's budget, checked on the wire). Magnitude ranks the entries because the clients' own
+    importance scores are not sent.
+    """
+    if replies.masks is None:
+        raise ValueError(f"masked tensors {list(names)[:2]} need the clients' masks; the replies carry none")
+    out: Tensors = {}
+    for name in names:
+        global_ = replies.global_[name].to(torch.float64)
+        kept = [m[name].to(torch.float64) for m in replies.masks]
+        cover = sum(w * k for w, k in zip(replies.weights, kept))
+        total = sum(w * k * (global_ + d[name].to(torch.float64))
+                    for w, k, d in zip(replies.weights, kept, replies.deltas))
+        mean = torch.where(cover > 0, total / torch.where(cover > 0, cover, 1.0), 0.0)
+        axis = structure.lines[name]
+        budget = max(int(m[name].sum(axis).max()) for m in replies.masks)
+        out[name] = (mean * top_lines(mean.abs(), axis, budget) - global_).to(replies.global_[name].dtype)
+    return out
+
+
+def server_owned(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
+    """Tensors only the server sets (Dynamic LoRA's rank masks): clients' deltas are ignored."""
+    return {n: torch.zeros_like(replies.global_[n]) for n in names}
+
+
 Rule = Callable[[Replies, Structure, Sequence[str]], Tensors]
 RULES: dict[Aggregation, Rule] = {
     Aggregation.MEAN: _mean,
     Aggregation.USAGE: usage_mean,
     Aggregation.PRODUCT: product_mean,
+    Aggregation.MASKED: masked_mean,
+    Aggregation.ALLOCATION: server_owned,
 }
 
 
@@ -239,6 +277,43 @@ def renormalise(tensors: Mapping[str, torch.Tensor], structure: Structure) -> Te
         c = torch.where(c.abs() > 1e-6, c, torch.ones_like(c))
         out[scale] = out[scale] / c
         out[factor] = out[factor] * c[:, None]
+    return out
+
+
+def reallocate(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor], structure: Structure) -> Tensors:
+    """Dynamic LoRA between rounds: move the rank budget towards the layers the round changed most.
+
+    A layer's score is ``‖ΔW‖_F / r``: the change the aggregated update made to its dense update
+    ``B·diag(m)·A``, per active slot (so a layer is not rewarded for the rank it already holds). The
+    budget (the sum of the masks, constant) is split by ``allocate_ranks``. A shrinking layer keeps
+    its slots with the largest ``‖B_j‖·‖A_j‖``; a growing one switches on its free slots in order.
+    B's column is kept only for slots that were on this round and stay on: a slot switched on starts
+    at zero (the layer's function is unchanged by it), and whatever a DP client's noise put in a slot
+    that was off never counts.
+    Without any change (every score 0) the allocation stays as it is.
+    """
+    if not structure.layers:
+        return dict(after)
+    out = dict(after)
+    scores, caps = [], set()
+    for mask, b, a in structure.layers:
+        m = before[mask].to(torch.float64)
+        old = (before[b].to(torch.float64) * m) @ before[a].to(torch.float64)
+        new = (after[b].to(torch.float64) * m) @ after[a].to(torch.float64)
+        scores.append(float(torch.linalg.norm(new - old)) / max(float(m.sum()), 1.0))
+        caps.add(m.numel())
+    if not any(scores):
+        return out
+    total = round(sum(float(before[mask].sum()) for mask, _, _ in structure.layers))
+    for (mask, b, a), rank in zip(structure.layers, allocate_ranks(scores, total, min(caps))):
+        active = before[mask] > 0
+        weight = (torch.linalg.norm(after[b], dim=0) * torch.linalg.norm(after[a], dim=1)).tolist()
+        on = sorted(torch.nonzero(active).flatten().tolist(), key=lambda j: -weight[j])  # strongest first
+        off = torch.nonzero(~active).flatten().tolist()  # in slot order
+        keep = torch.zeros_like(before[mask])
+        keep[(on + off)[:rank]] = 1
+        out[mask] = keep
+        out[b] = after[b] * ((keep > 0) & active)  # a slot that was off this round holds only noise or drift
     return out
 
 

@@ -21,6 +21,8 @@ MATRIX: dict[str, dict] = {
     "moslora-frozen-a": {"kind": "moslora", "freeze_a": True},
     "mole": {"experts": 3, "balance": 0.5},
     "mor": {"experts": 3},
+    "roselora": {"keep_ratio": 0.25},
+    "dynamic-lora": {},
 }
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from fed.adapters.base import Adapter, AdapterFamily, AdapterSpec, Aggregation, Structure, TensorGroup
+from fed.adapters.base import Adapter, AdapterFamily, AdapterSpec, Aggregation, Clock, Structure, TensorGroup
+from fed.adapters.dynamic_lora import DynamicLora
 from fed.adapters.ffa_lora import FfaLora
 from fed.adapters.lora import Lora
 from fed.adapters.mole import Mole
 from fed.adapters.mor import Mor
 from fed.adapters.moslora import MosLora
+from fed.adapters.roselora import RoseLora
 
-FAMILIES: dict[str, AdapterFamily] = {f.kind: f for f in (Lora(), FfaLora(), MosLora(), Mole(), Mor())}
+FAMILIES: dict[str, AdapterFamily] = {f.kind: f for f in (Lora(), FfaLora(), MosLora(), Mole(), Mor(), RoseLora(),
+                                                         DynamicLora())}
 
 
 def family(kind: str) -> AdapterFamily:
@@ -43,4 +46,4 @@ def build(model: nn.Module, spec: AdapterSpec, seed: int, head: tuple[str, ...] 
     return adapter
 
 
-__all__ = ["Adapter", "AdapterSpec", "Aggregation", "FAMILIES", "Structure", "TensorGroup", "build", "family"]
+__all__ = ["Adapter", "AdapterSpec", "Aggregation", "Clock", "FAMILIES", "Structure", "TensorGroup", "build", "family"]

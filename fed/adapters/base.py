@@ -25,6 +25,7 @@ class Aggregation(str, Enum):
     MASKED = "masked"  # sparse: mean over the clients whose mask covers the entry
     PRODUCT = "product"  # exact mean of B·A in product space, re-factorised
     HETERO_RANK = "hetero-rank"  # clients with different ranks
+    ALLOCATION = "allocation"  # server-owned (Dynamic LoRA's rank masks): clients' deltas ignored
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class AdapterSpec:
     """MoLE: LoRA experts per layer; MoR: rank experts (scaling vectors) per layer."""
     balance: float = 0.01
     """MoLE: weight of the per-example load-balancing loss (0 turns it off)."""
+    keep_ratio: float = 0.1
+    """RoseLoRA: share of each row of A (column of B) kept once the sparsity schedule ends."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -52,6 +55,8 @@ class AdapterSpec:
             raise ValueError(f"adapter experts={self.experts} must be >= 1")
         if self.balance < 0:
             raise ValueError(f"adapter balance={self.balance} must be >= 0")
+        if not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"adapter keep_ratio={self.keep_ratio} must be in (0, 1]")
 
     @property
     def scaling(self) -> float:
@@ -73,6 +78,10 @@ class TensorGroup:
     """``product`` groups: per layer the factors ``(outer, mixer[, inner])`` whose product is aggregated."""
     gauges: tuple[str, ...] = ()
     """Scale groups: per param (an N×m scale table) the factor whose m rows absorb its mean after aggregation."""
+    lines: int | None = None
+    """``masked`` groups: the axis along which each line keeps its top-k entries (1: rows of A, 0: columns of B)."""
+    layers: tuple[tuple[str, str, str], ...] = ()
+    """``allocation`` groups: per param (a rank mask) the layer's ``(mask, B, A)``, whose update ranks the layer."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,10 @@ class Structure:
     slots: dict[str, str] = field(default_factory=dict)
     chains: tuple[tuple[str, ...], ...] = ()
     gauges: dict[str, str] = field(default_factory=dict)
+    lines: dict[str, int] = field(default_factory=dict)
+    """Line-sparse tensors (RoseLoRA) and the axis their lines run along: what the wire encodes sparsely."""
+    layers: tuple[tuple[str, str, str], ...] = ()
+    """Rank-masked layers ``(mask, B, A)`` (Dynamic LoRA) among which the server reallocates the rank budget."""
 
     @property
     def slot_names(self) -> tuple[str, ...]:
@@ -101,6 +114,43 @@ class AdapterLayer(Protocol):
 
     def products(self, get: Callable[[str], torch.Tensor]) -> dict[str, Product]:
         """``{suffix: (dense update, slot)}``; ``get(local_name)`` returns this layer's tensor by local name."""
+        ...
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Where a client's local round sits on the run's shared clock, measured in rounds.
+
+    Step s of a client's ``steps`` in round ``round_`` is at ``round_ - 1 + s/steps``: every client
+    reaches ``round_`` at its last step whatever its step count (a DP planner may shorten a round), so
+    a schedule over this clock gives every client and the server the same budget at a round's end.
+    """
+
+    round_: int
+    rounds: int
+    steps: int
+
+    def at(self, step: int) -> float:
+        return self.round_ - 1 + min(step, self.steps) / max(self.steps, 1)
+
+
+@runtime_checkable
+class StepHook(Protocol):
+    """A layer that edits its own tensors after each optimizer step (RoseLoRA's pruning).
+
+    It reads only parameter values, never gradients: under DP-SGD the parameters after a step are an
+    output of the mechanism, so whatever it derives from them is post-processing.
+    """
+
+    def begin_round(self, clock: Clock) -> None:
+        """Forget the previous round's state (a cached model serves several clients) and set the clock."""
+        ...
+
+    def after_step(self) -> None:
+        ...
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{local name: bool mask of the kept entries}`` after the last step."""
         ...
 
 
@@ -186,7 +236,26 @@ class Adapter:
         return Structure(kinds=self.aggregation_of(),
                          slots={p: s for g in sent for p, s in zip(g.params, g.slots)},
                          chains=tuple(c for g in sent for c in g.chains),
-                         gauges={p: f for g in sent for p, f in zip(g.params, g.gauges)})
+                         gauges={p: f for g in sent for p, f in zip(g.params, g.gauges)},
+                         lines={p: g.lines for g in sent if g.lines is not None for p in g.params},
+                         layers=tuple(layer for g in sent for layer in g.layers))
+
+    def _hooks(self) -> list[tuple[str, StepHook]]:
+        return [(path, m) for path, m in self.model.named_modules() if isinstance(m, StepHook)]
+
+    def begin_round(self, clock: Clock) -> None:
+        """Start a local round at ``clock`` (a no-op for families without step hooks)."""
+        for _, hook in self._hooks():
+            hook.begin_round(clock)
+
+    def after_step(self) -> None:
+        """Run the step hooks after an optimizer step (DP or not; empty Poisson batches included)."""
+        for _, hook in self._hooks():
+            hook.after_step()
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The kept entries of every line-sparse tensor by parameter name (empty for dense families)."""
+        return {f"{path}.{local}": mask for path, hook in self._hooks() for local, mask in hook.masks().items()}
 
     def _routers(self) -> list[TokenRouter]:
         return [m for m in self.model.modules() if isinstance(m, TokenRouter)]

@@ -7,6 +7,9 @@ fingerprint (a function of the run seed), and n, the number of training examples
 guarantee declares public (zero-out adjacency, below). A raw training loss (measured: it alone told
 a canary's presence apart at 50% TPR / 0% FPR) or a wall-clock time (a side channel on the Poisson
 batch sizes) never leaves a DP client; a training loss leaves it only privatised (``dp-train-loss``).
+Adapter families add no field here: RoseLoRA's masks ride in the arrays and are computed from the
+released parameters, and Dynamic LoRA's layer importance is computed by the server from aggregates
+(docs/privacy.md).
 """
 
 from __future__ import annotations

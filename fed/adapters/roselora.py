@@ -1,0 +1,125 @@
+"""RoseLoRA (Wang et al., EMNLP 2024): LoRA whose A is row-wise and B column-wise sparse.
+
+Each row of A and each column of B keeps its top-k entries by an EMA-smoothed sensitivity, so
+``s(BA) >= 1 - r·keep²`` of the product stays zero (the paper's Proposition 1) while every rank slot
+still reaches every output. The keep share follows a cubic schedule: dense for the first
+``WARMUP`` of the run (at init B = 0, so every sensitivity is 0 and pruning would be arbitrary),
+then down to ``keep_ratio`` at ``FINAL`` of the run, flat after.
+
+Federated form (our choices, see docs/architecture.md):
+
+- The schedule runs on the run's shared clock in rounds (``Clock``), so every client ends a round
+  at the budget the server expects for that round, and the server checks it on the wire.
+- Masks are client-local: each client prunes after every local step by its own importance and
+  sends, per line, the kept deltas and a bit mask (``fed.wire.to_sparse_record``). The server takes
+  a masked mean and re-projects every line to the budget (``strategies.rules.masked_mean``).
+- Importance is ``|w · Δw|``, ``Δw`` the change one optimizer step made to ``w`` (with plain SGD this
+  is ``lr·|w·∇w|``, the paper's score; with Adam, the preconditioned gradient). It is computed from
+  parameter values only, never from a gradient: under DP-SGD the parameters after a step are an
+  output of the mechanism, so the importance, the masks and the pruning are post-processing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fed.adapters.base import Aggregation, AdapterSpec, Clock, TensorGroup, replace_linears
+from fed.adapters.lora import Lora, LoraLinear
+from fed.seeding import generator
+
+WARMUP, FINAL = 0.1, 0.8
+"""Shares of the run (in rounds) where the schedule leaves dense and where it reaches ``keep_ratio``."""
+BETA = 0.8
+"""EMA weight of the previous importance (the official code's 0.8)."""
+AXES = {"lora_A.weight": 1, "lora_B.weight": 0}
+"""Axis along which each line keeps its top-k: rows of A run along dim 1, columns of B along dim 0."""
+
+
+def keep_fraction(progress: float, rounds: int, keep: float) -> float:
+    """The cubic schedule at ``progress`` rounds of ``rounds``: 1, then ``keep + (1-keep)(1-x)³``, then ``keep``."""
+    start, end = WARMUP * rounds, FINAL * rounds
+    if progress <= start:
+        return 1.0
+    if progress >= end:
+        return keep
+    return keep + (1 - keep) * (1 - (progress - start) / (end - start)) ** 3
+
+
+def line_budget(width: int, fraction: float) -> int:
+    """Entries a line of ``width`` keeps at ``fraction`` (at least one)."""
+    return max(1, min(width, math.ceil(fraction * width - 1e-9)))
+
+
+def top_lines(scores: torch.Tensor, axis: int, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest ``scores`` of every line along ``axis``."""
+    chosen = scores.topk(k, dim=axis).indices
+    return torch.zeros(scores.shape, dtype=torch.bool).scatter_(axis, chosen, True)
+
+
+def round_budgets(shapes: dict[str, tuple[int, ...]], lines: dict[str, int], keep: float, round_: int,
+                  rounds: int) -> dict[str, int]:
+    """Per line-sparse tensor, the entries each line keeps at the end of ``round_``: what the server expects."""
+    fraction = keep_fraction(round_, rounds, keep)
+    return {name: line_budget(shapes[name][axis], fraction) for name, axis in lines.items()}
+
+
+class RoseLinear(LoraLinear):
+    """A LoRA layer that prunes A by rows and B by columns after every optimizer step."""
+
+    def __init__(self, base: nn.Linear, spec: AdapterSpec, gen: torch.Generator) -> None:
+        super().__init__(base, spec.rank, spec.alpha, spec.dropout, gen)
+        self.keep_ratio = spec.keep_ratio
+        # Plain attributes, not buffers: Opacus refuses trainable layers with buffers, and none of this
+        # is model state (it is rebuilt every round, so a cached model carries nothing between clients).
+        self._clock = Clock(1, 1, 1)
+        self._step = 0
+        self._before: dict[str, torch.Tensor] = {}
+        self._ema: dict[str, torch.Tensor] = {}
+        self._masks: dict[str, torch.Tensor] = {}
+
+    def _factors(self) -> dict[str, nn.Parameter]:
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
+    def begin_round(self, clock: Clock) -> None:
+        self._clock, self._step = clock, 0
+        factors = self._factors()
+        self._before = {n: p.detach().clone() for n, p in factors.items()}
+        self._ema = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in factors.items()}
+        self._masks = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in factors.items()}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """EMA of ``|w·Δw|`` from the step just taken, then keep each line's top-k at the clock's budget."""
+        if not self._before:
+            raise RuntimeError("a RoseLoRA layer stepped outside a round: call Adapter.begin_round(clock) first")
+        self._step += 1
+        fraction = keep_fraction(self._clock.at(self._step), self._clock.rounds, self.keep_ratio)
+        for name, param in self._factors().items():
+            w = param.detach()
+            score = (w * (w - self._before[name])).abs().float()
+            self._ema[name].mul_(BETA).add_(score, alpha=1 - BETA)
+            axis = AXES[name]
+            mask = top_lines(self._ema[name], axis, line_budget(w.shape[axis], fraction))
+            param.mul_(mask)
+            self._masks[name] = mask
+            self._before[name] = param.detach().clone()
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return dict(self._masks)
+
+
+class RoseLora(Lora):
+    """A and B trained, pruned and sent sparse; the server takes a masked mean (``masked``)."""
+
+    kind = "roselora"
+    peft_compatible = True  # pruned entries are zeros: the factors are plain LoRA factors
+
+    def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
+        paths = replace_linears(model, spec.targets,
+                                lambda path, linear: RoseLinear(linear, spec, generator(seed, "lora_A", path)))
+        return tuple(TensorGroup(part, tuple(f"{p}.{part}.weight" for p in paths), trainable=True, sent=True,
+                                 aggregation=Aggregation.MASKED, lines=AXES[f"{part}.weight"])
+                     for part in ("lora_A", "lora_B"))

@@ -177,7 +177,7 @@ def test_fuzzed_rounds_never_leave_the_bound(scales, counts):
 def test_rules_refuse_an_unknown_kind_and_keep_structural_kinds_apart():
     deltas = _deltas(3)
     with pytest.raises(ValueError, match="no aggregation rule"):
-        aggregate(Replies(GLOBAL, deltas, [1, 1, 1]), Structure({"head.bias": Aggregation.HETERO_RANK}), rule="median")
+        aggregate(Replies(GLOBAL, deltas, [1, 1, 1]), Structure({"head.bias": Aggregation.MASKED}), rule="median")
 
 
 @settings(max_examples=300, deadline=None)

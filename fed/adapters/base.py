@@ -24,7 +24,6 @@ class Aggregation(str, Enum):
     USAGE = "usage"  # experts: weighted by the tokens each client routed to them
     MASKED = "masked"  # sparse: mean over the clients whose mask covers the entry
     PRODUCT = "product"  # exact mean of B·A in product space, re-factorised
-    HETERO_RANK = "hetero-rank"  # clients with different ranks
 
 
 @dataclass(frozen=True)

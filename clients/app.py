@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fed.adapters.base import restrict_rank
 from fed.nodedata import NodeDataError
 from fed.privacy.ledger import DpSgdEvent, Ledger, events_from_json, write_atomic
 from fed.privacy.planner import new_ledger, plan_round
@@ -28,7 +29,6 @@ from fed.ranks import client_rank
 from fed.seeding import generator
 from fed.session import client_session
 from fed.train import evaluate, train_round
-from fed.adapters.base import restrict_rank
 from fed.wire import config_from_record, from_record, metas, to_record, usage_metrics
 
 app = ClientApp()

@@ -173,3 +173,32 @@ def test_the_server_checks_each_replys_rank_against_the_plan():
                              ({"partition-id": 2}, "rank=None")]:
         with pytest.raises(PayloadError, match=message):
             check_rank(metrics, rules)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_the_strategy_drops_replies_off_their_rank_and_aggregates_the_rest_in_product_space():
+    from fed.config import StrategyConfig
+    from fed.wire import from_record, metas
+    from strategies.fedavg import AdapterFedAvg
+    from tests.conftest import reply_from
+
+    server = make("lora")
+    global_ = server.sent_state()
+    strategy = AdapterFedAvg(expected=metas(global_), structure=server.structure(), products=server.products,
+                             rules=ReplyRules(fingerprint=server.fingerprint(), max_rank=4, ranks=(2, 4, 4)),
+                             influence=StrategyConfig(aggregation="product", clip="off"))
+    strategy._global = global_
+    good = _rank_deltas(server, (2, 4))
+    unpadded = client_deltas(server, 1, seed=5)[0]
+    base = {"num-examples": 10, "fingerprint": server.fingerprint(), "train_loss": 1.0, "round": 1, "steps": 1}
+    replies = [reply_from(10, good[0], {**base, "partition-id": 0, "rank": 2}),
+               reply_from(11, good[1], {**base, "partition-id": 1, "rank": 4}),
+               reply_from(12, unpadded, {**base, "partition-id": 0, "rank": 2}),
+               reply_from(13, good[0], {**base, "partition-id": 2, "rank": 2})]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    dropped = strategy.rounds[1].dropped
+    assert len(dropped) == 2 and "beyond the reply's rank 2" in dropped[0] and "differs from" in dropped[1]
+    expected = aggregate(Replies(global_, good, [10.0, 10.0]), server.structure(), aggregation="product")
+    out = from_record(arrays, metas(global_))
+    for name in global_:
+        torch.testing.assert_close(out[name], global_[name] + expected[name])

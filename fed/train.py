@@ -27,8 +27,9 @@ class RoundResult:
     loss: float
     """Mean per-example training loss over the round's non-empty batches."""
     wall_s: float
-    usage: dict[str, int] = field(default_factory=dict)
-    """Real tokens routed to each expert slot over the round (routed families only; sent only without DP)."""
+    usage: dict[str, float] = field(default_factory=dict)
+    """Use of each expert slot over the round: MoLE's routed tokens, MoR's summed router probabilities
+    (routed families only; sent only without DP)."""
     released_loss: float | None = None
     """Under DP with a loss release: the noised mean loss, the only loss a DP client may send."""
 
@@ -63,7 +64,7 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
     losses: list[float] = []
     released: list[float] = []
     release = dp is not None and dp.loss_noise_multiplier > 0
-    usage: Counter[str] = Counter()
+    usage: Counter[str] = Counter()  # float values for MoR
     try:
         for indices in batches:
             if not indices:

@@ -64,7 +64,7 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
     losses: list[float] = []
     released: list[float] = []
     release = dp is not None and dp.loss_noise_multiplier > 0
-    usage: Counter[str] = Counter()  # float values for MoR
+    usage: Counter[str] = Counter()
     try:
         for indices in batches:
             if not indices:

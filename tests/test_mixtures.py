@@ -173,8 +173,9 @@ def test_mor_scale_rows_are_weighted_by_each_clients_soft_usage_of_that_expert()
     server = make("mor")
     global_ = server.sent_state()
     deltas, weights = client_deltas(server, 2), [100.0, 1.0]
-    usage = [{s: (3.0 if s.endswith("/0") else 0.0) for s in server.structure().slot_names},
-             {s: (1.0 if s.endswith("/0") else 2.0 if s.endswith("/1") else 0.0) for s in server.structure().slot_names}]
+    slots = server.structure().slot_names
+    usage = [{s: (3.0 if s.endswith("/0") else 0.0) for s in slots},
+             {s: (1.0 if s.endswith("/0") else 2.0 if s.endswith("/1") else 0.0) for s in slots}]
     merged = aggregate(Replies(global_, deltas, weights, usage=usage), server.structure())
     for name in (n for n in merged if ".scale_" in n):
         torch.testing.assert_close(merged[name][0], 0.75 * deltas[0][name][0] + 0.25 * deltas[1][name][0])

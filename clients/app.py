@@ -20,12 +20,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fed.adapters import Clock
+from fed.adapters.base import restrict_rank
 from fed.nodedata import NodeDataError
 from fed.precision import resolve_precision
 from fed.privacy.ledger import DpSgdEvent, Ledger, events_from_json, write_atomic
 from fed.privacy.planner import new_ledger, plan_round
 from fed.privacy.policy import Policy
 from fed.privacy.release import public_metrics
+from fed.ranks import client_rank
 from fed.seeding import generator
 from fed.session import client_session
 from fed.train import evaluate, train_round
@@ -85,6 +87,7 @@ def _receive(msg: Message, context: Context):
         raise ValueError(err.public) from None
     global_ = from_record(msg.content.array_records["arrays"], metas(session.adapter.sent_state()))
     session.adapter.load(global_)
+    session.adapter.set_rank(None)  # the cached model may have served a client of lower rank last
     return cfg, int(config["server-round"]), partition_id, session, global_
 
 
@@ -113,12 +116,17 @@ def train(msg: Message, context: Context) -> Message:
         write_atomic(path, ledger.to_json())  # the pin and any merged events, even if this round trains nothing
     metrics: dict[str, int | float] = {"partition-id": pid, "round": round_, "num-examples": len(train_data),
                                        "fingerprint": session.adapter.fingerprint()}
+    rank = client_rank(cfg.federation.client_ranks, pid, cfg.federation.num_clients, cfg.adapter.rank,
+                       context.node_config)
+    if rank is not None:
+        metrics["rank"] = rank
     if plan.refused:
         return _reply(msg, {**metrics, "refused": 1, "epsilon": ledger.epsilon()}, dp, reason=plan.refused)
     if plan.steps == 0:
         return _reply(msg, {**metrics, "declined": 1, "epsilon": ledger.epsilon()}, dp)
     # the run's shared clock: sparsity schedules end every client's round at the budget the server expects
     session.adapter.begin_round(Clock(round_, cfg.federation.rounds, plan.steps))
+    session.adapter.set_rank(rank)  # masks the components beyond this client's rank (fed/ranks.py)
     result = train_round(session.adapter, session.task, train_data, steps=plan.steps,
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                          optimizer=cfg.train.optimizer, momentum=cfg.train.momentum,
@@ -137,6 +145,8 @@ def train(msg: Message, context: Context) -> Message:
             metrics["dp-train-loss"] = result.released_loss
     local = session.adapter.sent_state()
     delta = {name: local[name] - global_[name] for name in global_}
+    if rank is not None:  # DP noise (and weight decay) also moved the masked components: never send that
+        delta = restrict_rank(delta, session.adapter.structure().rank_axes, rank)
     # line-sparse tensors (RoseLoRA) travel as their kept entries and masks: post-processing of the update
     arrays = to_sparse_record(delta, session.adapter.masks(), session.adapter.structure().lines)
     gc.collect()  # Opacus hooks leave reference cycles; collect them so a long run's memory stays flat

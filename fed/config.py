@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import tomli_w
 
+from fed import ranks
+
 TASKS = ("classification", "causal-lm")
 POOLINGS = ("cls", "mean")
 ADAPTER_KINDS = ("lora", "ffa-lora", "moslora", "mole", "mor", "roselora", "dynamic-lora")
@@ -26,6 +28,7 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost")
 ROBUST_RULES = ("mean", "median", "trimmed-mean")
 WEIGHTINGS = ("capped", "examples", "uniform")
 CLIPS = ("adaptive", "auto", "fixed", "off")
+AGGREGATIONS = ("mean", "product")
 
 
 class ConfigError(ValueError):
@@ -76,6 +79,9 @@ class FederationConfig:
     while a crashed node is away."""
     round_timeout: float = 3600.0
     """Seconds a round waits for replies; a straggler past it is dropped from that round."""
+    client_ranks: tuple[str, ...] = ()
+    """Heterogeneous ranks (lora, ffa-lora): one rank per client, or ``linear`` or ``node`` (fed/ranks.py);
+    empty: every client trains ``adapter.rank``."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,9 @@ class StrategyConfig:
 
     rule: str = "mean"
     """``mean`` (weighted), or the robust ``median`` / ``trimmed-mean`` (coordinate-wise, unweighted)."""
+    aggregation: str = "mean"
+    """lora: ``mean`` averages A and B separately; ``product`` averages the clients' B·A per layer and
+    re-factorises it to adapter.rank by truncated SVD (docs/architecture.md)."""
     trim_fraction: float = 0.2
     """Share of replies cut at each end of every coordinate by ``trimmed-mean``."""
     weighting: str = "capped"
@@ -251,9 +260,9 @@ def _coerce(raw: Any, kind: type) -> Any:
     if kind is tuple:
         if isinstance(raw, str):
             return tuple(s.strip() for s in raw.split(",") if s.strip())
-        if isinstance(raw, (list, tuple)) and all(isinstance(s, str) for s in raw):
-            return tuple(raw)
-        raise TypeError("expected a list of names or a comma-separated string")
+        if isinstance(raw, (list, tuple)) and all(isinstance(s, (str, int)) and not isinstance(s, bool) for s in raw):
+            return tuple(str(s) for s in raw)
+        raise TypeError("expected a list of names (or integers) or a comma-separated string")
     if kind is bool:
         if isinstance(raw, bool):
             return raw
@@ -303,6 +312,10 @@ def _check_choices(c: RunConfig) -> list[str]:
         + _choice("strategy.rule", c.strategy.rule, ROBUST_RULES)
         + _choice("strategy.weighting", c.strategy.weighting, WEIGHTINGS)
         + _choice("strategy.clip", c.strategy.clip, CLIPS)
+        + _choice("strategy.aggregation", c.strategy.aggregation, AGGREGATIONS)
+        + ([] if c.strategy.aggregation != "product" or c.adapter.kind == "lora" else
+           [f"strategy.aggregation='product' applies to adapter.kind='lora' only (got {c.adapter.kind!r}: ffa-lora "
+            "is exact already, moslora always aggregates by product, mole and mor have no single B·A)"])
     )
 
 
@@ -375,7 +388,8 @@ def _check_labels(c: RunConfig) -> list[str]:
 
 
 def _check_federation(c: RunConfig) -> list[str]:
-    f, problems = c.federation, []
+    f = c.federation
+    problems = ranks.problems(f.client_ranks, f.num_clients, c.adapter.rank, c.adapter.kind)
     for name in ("min_replies", "min_available"):
         if getattr(f, name) > f.num_clients:
             problems.append(f"federation.{name}={getattr(f, name)} exceeds federation.num_clients={f.num_clients}: "

@@ -29,8 +29,9 @@ class RoundResult:
     loss: float
     """Mean per-example training loss over the round's non-empty batches."""
     wall_s: float
-    usage: dict[str, int] = field(default_factory=dict)
-    """Real tokens routed to each expert slot over the round (routed families only; sent only without DP)."""
+    usage: dict[str, float] = field(default_factory=dict)
+    """Use of each expert slot over the round: MoLE's routed tokens, MoR's summed router probabilities
+    (routed families only; sent only without DP)."""
     released_loss: float | None = None
     """Under DP with a loss release: the noised mean loss, the only loss a DP client may send."""
 

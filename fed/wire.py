@@ -137,25 +137,27 @@ def from_sparse_record(record: ArrayRecord, expected: Mapping[str, TensorMeta], 
 USAGE_PREFIX = "usage:"
 
 
-def usage_metrics(counts: Mapping[str, int]) -> dict[str, int]:
-    """Routed-token counts per expert slot as MetricRecord entries (sent only without DP)."""
-    return {f"{USAGE_PREFIX}{slot}": int(n) for slot, n in counts.items()}
+def usage_metrics(counts: Mapping[str, float]) -> dict[str, float]:
+    """Expert usage per slot (MoLE's routed tokens, MoR's summed router probabilities) as MetricRecord
+    entries (sent only without DP)."""
+    return {f"{USAGE_PREFIX}{slot}": float(n) for slot, n in counts.items()}
 
 
 def read_usage(metrics: Mapping[str, Any], slots: tuple[str, ...]) -> dict[str, float] | None:
     """A reply's expert counts (None if it sent none), after checking they cover exactly ``slots``.
 
     Raises:
-        PayloadError: unknown or missing slots, or a count that is not a non-negative integer.
+        PayloadError: unknown or missing slots, or a count that is not a finite non-negative number.
     """
     sent = {k.removeprefix(USAGE_PREFIX): v for k, v in metrics.items() if k.startswith(USAGE_PREFIX)}
     if not sent:
         return None
     if set(sent) != set(slots):
         raise PayloadError(f"expert counts for slots {sorted(sent)[:3]}..., expected exactly {list(slots)[:3]}...")
-    bad = {k: v for k, v in sent.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
+    bad = {k: v for k, v in sent.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}
     if bad:
-        raise PayloadError(f"expert counts must be non-negative integers; got {dict(list(bad.items())[:3])}")
+        raise PayloadError(f"expert usage must be finite non-negative numbers; got {dict(list(bad.items())[:3])}")
     return {k: float(v) for k, v in sent.items()}
 
 

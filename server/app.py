@@ -19,6 +19,7 @@ from fed.adapters.roselora import round_budgets
 from fed.checkpoint import Checkpoint
 from fed.config import RunConfig
 from fed.presets import from_run_config
+from fed.ranks import planned_ranks
 from fed.export import export_adapter
 from fed.privacy.book import LedgerBook
 from fed.reports.curves import plot_curves
@@ -95,7 +96,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
         expected=metas(initial), structure=adapter.structure(), products=adapter.products, seed=cfg.seed,
         server_lr=fed.server_lr,
         rules=ReplyRules(fingerprint=adapter.fingerprint(), local_steps=cfg.train.local_steps,
-                         batch_size=cfg.train.batch_size, rounds=fed.rounds, dp=cfg.dp),
+                         batch_size=cfg.train.batch_size, rounds=fed.rounds, dp=cfg.dp,
+                         max_rank=cfg.adapter.rank if fed.client_ranks else 0,
+                         ranks=planned_ranks(fed.client_ranks, fed.num_clients, cfg.adapter.rank) or ()),
         influence=cfg.strategy, lr=cfg.train.lr, book=book, on_privacy=lambda b: run_dir.write_privacy(b.report()),
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         # the strategy waits for min_available_nodes before FedAvg sizes its sample (see _await_nodes)

@@ -31,7 +31,7 @@ from fed.seeding import derive_seed
 from fed.wire import PayloadError, TensorMeta, from_record, from_sparse_record, read_usage, to_record
 from strategies.rules import (Replies, adaptive_bound, aggregate, aggregation_error, apply_update, bounded_weights,
                               clip_deltas, delta_norm, honest_step_bound, reallocate, renormalise)
-from strategies.validation import ReplyRules, check_reply
+from strategies.validation import ReplyRules, check_padding, check_rank, check_reply
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +171,13 @@ class AdapterFedAvg(FedAvg):
                 if metrics.get("declined"):
                     raise PayloadError("client declined to train (privacy budget exhausted)")
                 weight = check_reply(metrics, self.rules, server_round)
+                rank = check_rank(metrics, self.rules)
                 counts = read_usage(metrics, self.structure.slot_names)
                 arrays = msg.content.array_records["arrays"]
                 record.bytes_up += arrays.count_bytes()
                 delta, kept = from_sparse_record(arrays, self.expected, self._global, self.structure.lines, budgets)
+                if rank is not None:
+                    check_padding(delta, self.structure.rank_axes, rank)
                 deltas.append(delta)
             except (PayloadError, KeyError) as err:
                 reason = f"node {msg.metadata.src_node_id}: {err}"
@@ -193,7 +196,8 @@ class AdapterFedAvg(FedAvg):
                         server_round, len(deltas), self.min_replies)
             return None, None
         replies = self._bounded(deltas, examples, _all_or_none(usage, server_round), server_round, record, masks)
-        merged = aggregate(replies, self.structure, rule=self.influence.rule, trim=self.influence.trim_fraction)
+        merged = aggregate(replies, self.structure, rule=self.influence.rule, trim=self.influence.trim_fraction,
+                           aggregation=self.influence.aggregation)
         if self.products is not None:
             record.aggregation_error = aggregation_error(self.products, replies, merged)
         new_global = reallocate(self._global, renormalise(apply_update(self._global, merged, self.server_lr),

@@ -96,19 +96,30 @@ def slot_weights(replies: Replies, slot: str | None) -> Sequence[float]:
 
 
 def usage_mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
-    """Experts: each client's delta weighted by the tokens it routed to that expert.
+    """Experts: each client's delta weighted by how much it used that expert.
 
-    An expert no client used keeps its value (zero delta) rather than averaging noise or drift from
-    clients that never exercised it. Without counts (DP) this is the example-weighted mean.
+    A tensor with one slot (a MoLE expert's factor) is weighted by its routed tokens; a table whose rows
+    are experts (MoR's scales) row by row, by each row's soft usage. An expert no client used keeps its
+    value (zero delta) rather than averaging noise or drift from clients that never exercised it.
+    Without counts (DP) this is the example-weighted mean.
     """
     out: Tensors = {}
     for name in names:
-        weights = slot_weights(replies, structure.slots[name])
-        if sum(weights) > 0:
-            out.update(weighted_mean(replies.deltas, weights, [name]))
+        rows = structure.row_slots.get(name)
+        if rows is None:
+            out[name] = _slot_mean(replies, [d[name] for d in replies.deltas], structure.slots[name])
         else:
-            out[name] = torch.zeros_like(replies.global_[name])
+            out[name] = torch.stack([_slot_mean(replies, [d[name][i] for d in replies.deltas], slot)
+                                     for i, slot in enumerate(rows)])
     return out
+
+
+def _slot_mean(replies: Replies, deltas: Sequence[torch.Tensor], slot: str) -> torch.Tensor:
+    """One expert's deltas averaged with its slot's weights; zero (keep the value) if nobody used it."""
+    weights = slot_weights(replies, slot)
+    if sum(weights) <= 0:
+        return torch.zeros_like(deltas[0])
+    return weighted_mean([{"t": t} for t in deltas], weights, ["t"])["t"]
 
 
 def random_orthogonal(size: int, seed: int, purpose: str) -> torch.Tensor:
@@ -118,23 +129,45 @@ def random_orthogonal(size: int, seed: int, purpose: str) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
-def product_mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
-    """Mixer chains ``outer·mixer[·inner]``: average the clients' products, re-factorise around a fresh mixer.
+def _mean_product(replies: Replies, chain: Sequence[str]) -> torch.Tensor:
+    """The example-weighted mean over clients of the chain's product ``f_1···f_m`` (global + delta), float64."""
+    def value(k: int, name: str) -> torch.Tensor:
+        return (replies.global_[name] + replies.deltas[k][name]).to(torch.float64)
 
-    Two factors (inner frozen and shared): ``outer ← mean(outer_k·mixer_k)·Qᵀ``, ``mixer ← Q``, exact.
-    Three: the mean of ``outer_k·mixer_k·inner_k`` is truncated to rank r by SVD ``UΣVᵀ`` and split
-    ``outer ← U√Σ``, ``mixer ← Q``, ``inner ← Qᵀ√ΣVᵀ`` (lossy when the mean has rank > r). Q is a seeded
-    random orthogonal matrix: a mixer reset to the identity would restart it at plain LoRA.
+    total = float(sum(replies.weights))
+    return sum(w / total * torch.linalg.multi_dot([value(k, n) for n in chain]) for k, w in enumerate(replies.weights))
+
+
+def split_pair(mean: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r truncated SVD ``UΣVᵀ`` of ``mean`` as ``B = UΣ/c``, ``A = c·Vᵀ`` (A's rows orthogonal, norm c).
+
+    The split is a gauge (``BA`` is the same for every c); we keep A at the scale ``c`` the round started
+    from, so a client's optimiser meets factors of the same size every round, and a component with no
+    energy yet (σ = 0, e.g. one that only clients of lower rank could have trained) restarts like a fresh
+    LoRA component (A row non-zero, B column 0) instead of dying with a √σ = 0 on both sides. Components
+    come out ordered by σ, so a client of rank r_k trains the best rank-r_k part of the global update.
+    """
+    if rank > min(mean.shape):
+        raise ValueError(f"rank {rank} exceeds the layer's smaller dimension {min(mean.shape)}")
+    u, s, vh = torch.linalg.svd(mean, full_matrices=False)
+    return u[:, :rank] * (s[:rank] / scale), scale * vh[:rank]
+
+
+def product_mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
+    """Average the clients' products per layer and re-factorise; mixer chains and LoRA pairs.
+
+    Mixer chains ``outer·mixer[·inner]`` (MoSLoRA), around a fresh mixer: two factors (inner frozen and
+    shared): ``outer ← mean(outer_k·mixer_k)·Qᵀ``, ``mixer ← Q``, exact. Three: the mean of
+    ``outer_k·mixer_k·inner_k`` is truncated to rank r by SVD ``UΣVᵀ`` and split ``outer ← U√Σ``,
+    ``mixer ← Q``, ``inner ← Qᵀ√ΣVᵀ`` (lossy when the mean has rank > r). Q is a seeded random orthogonal
+    matrix: a mixer reset to the identity would restart it at plain LoRA. LoRA pairs ``(B, A)``
+    (``strategy.aggregation = "product"``): the mean of ``B_k·A_k`` truncated to rank r, split by
+    ``split_pair`` with A kept at the global A's rms row norm (lossy when the mean has rank > r).
     """
     wanted = set(names)
     out: Tensors = {}
     for chain in (c for c in structure.chains if set(c) <= wanted):
-        def value(k: int, name: str) -> torch.Tensor:
-            return (replies.global_[name] + replies.deltas[k][name]).to(torch.float64)
-
-        products = [torch.linalg.multi_dot([value(k, n) for n in chain]) for k in range(len(replies.deltas))]
-        total = float(sum(replies.weights))
-        mean = sum(w / total * p for w, p in zip(replies.weights, products))
+        mean = _mean_product(replies, chain)
         outer, mixer = chain[0], chain[1]
         rank = replies.global_[mixer].shape[0]
         q = random_orthogonal(rank, replies.seed, mixer)
@@ -144,11 +177,15 @@ def product_mean(replies: Replies, structure: Structure, names: Sequence[str]) -
             u, s, vh = torch.linalg.svd(mean, full_matrices=False)
             root = s[:rank].sqrt()
             new = {outer: u[:, :rank] * root, mixer: q, chain[2]: q.T @ (root[:, None] * vh[:rank])}
-        out.update({n: (t - replies.global_[n].to(torch.float64)).to(replies.global_[n].dtype)
-                    for n, t in new.items()})
+        out.update(_as_deltas(new, replies.global_))
+    for outer, inner in (p for p in structure.pairs if set(p) <= wanted):
+        a = replies.global_[inner].to(torch.float64)
+        scale = float(a.norm()) / math.sqrt(a.shape[0]) or 1.0
+        b_new, a_new = split_pair(_mean_product(replies, (outer, inner)), a.shape[0], scale)
+        out.update(_as_deltas({outer: b_new, inner: a_new}, replies.global_))
     missing = sorted(wanted - set(out))
     if missing:
-        raise ValueError(f"product-aggregated tensors outside any declared chain: {missing[:3]}")
+        raise ValueError(f"product-aggregated tensors outside any declared chain or pair: {missing[:3]}")
     return out
 
 
@@ -184,6 +221,10 @@ def server_owned(replies: Replies, structure: Structure, names: Sequence[str]) -
     return {n: torch.zeros_like(replies.global_[n]) for n in names}
 
 
+def _as_deltas(new: Mapping[str, torch.Tensor], global_: Mapping[str, torch.Tensor]) -> Tensors:
+    return {n: (t - global_[n].to(torch.float64)).to(global_[n].dtype) for n, t in new.items()}
+
+
 Rule = Callable[[Replies, Structure, Sequence[str]], Tensors]
 RULES: dict[Aggregation, Rule] = {
     Aggregation.MEAN: _mean,
@@ -194,14 +235,24 @@ RULES: dict[Aggregation, Rule] = {
 }
 
 
-def aggregate(replies: Replies, structure: Structure, rule: str = "mean", trim: float = 0.2) -> Tensors:
+def aggregate(replies: Replies, structure: Structure, rule: str = "mean", trim: float = 0.2,
+              aggregation: str = "mean") -> Tensors:
     """Merge client deltas group by group, each with the rule of its aggregation kind.
 
     ``rule`` replaces the weighted mean of ``mean``-kind groups with a robust statistic; groups of other
-    kinds (experts, mixer products) keep their structural rule.
+    kinds (experts, mixer products) keep their structural rule. ``aggregation = "product"`` aggregates
+    LoRA's declared ``(B, A)`` pairs in product space instead of factor by factor.
     """
+    kinds = dict(structure.kinds)
+    if aggregation == "product":
+        if not structure.pairs:
+            raise ValueError("strategy.aggregation='product' needs an adapter that declares (B, A) pairs; "
+                             "accepted: adapter.kind='lora'")
+        kinds.update({name: Aggregation.PRODUCT for pair in structure.pairs for name in pair})
+    elif aggregation != "mean":
+        raise ValueError(f"unknown strategy.aggregation {aggregation!r}; accepted: mean, product")
     by_kind: dict[Aggregation, list[str]] = {}
-    for name, kind in structure.kinds.items():
+    for name, kind in kinds.items():
         by_kind.setdefault(kind, []).append(name)
     rules = {**RULES, Aggregation.MEAN: robust_mean(rule, trim)}
     merged: Tensors = {}

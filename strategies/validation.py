@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Mapping
 
+import torch
+
 from fed.config import DPConfig
 from fed.privacy.ledger import calibrate_noise
 from fed.privacy.planner import sample_rate
@@ -32,6 +34,10 @@ class ReplyRules:
     batch_size: int = 0
     rounds: int = 0
     dp: DPConfig = field(default_factory=DPConfig)
+    max_rank: int = 0
+    """With client ranks: the adapter's rank, the most a client may train (0: no client ranks in this run)."""
+    ranks: tuple[int, ...] = ()
+    """With client ranks fixed by the config: each partition id's rank (empty: the nodes choose, ``node``)."""
 
 
 def _int_in(metrics: Mapping[str, Any], key: str, low: int, high: int) -> int:
@@ -93,3 +99,26 @@ def check_reply(metrics: Mapping[str, Any], rules: ReplyRules, server_round: int
         if not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss < 0:
             raise PayloadError(f"train_loss={loss!r} must be a finite number >= 0")
     return float(examples)
+
+
+def check_rank(metrics: Mapping[str, Any], rules: ReplyRules) -> int | None:
+    """The rank a reply trained at (None: no client ranks in this run): within the adapter's rank and, when
+    the config fixes the ranks, the one planned for the reply's partition id."""
+    if not rules.max_rank:
+        return None
+    rank = _int_in(metrics, "rank", 1, rules.max_rank)
+    if rules.ranks:
+        pid = _int_in(metrics, "partition-id", 0, len(rules.ranks) - 1)
+        if rank != rules.ranks[pid]:
+            raise PayloadError(f"rank={rank} differs from federation.client_ranks' {rules.ranks[pid]} for "
+                               f"partition {pid}")
+    return rank
+
+
+def check_padding(delta: Mapping[str, torch.Tensor], axes: Mapping[str, int], rank: int) -> None:
+    """A client of rank r_k trains only the first r_k components: everything of its delta beyond them is 0."""
+    for name, axis in axes.items():
+        tail = delta[name].narrow(axis, rank, delta[name].shape[axis] - rank)
+        if torch.count_nonzero(tail):
+            raise PayloadError(f"{name}: non-zero values beyond the reply's rank {rank} (a client of rank r trains "
+                               "only the first r components)")

@@ -168,3 +168,38 @@ def test_mor_products_are_the_per_expert_updates_of_the_forward(batch):
         layer.router.weight.zero_()  # uniform gates: the update is the mean of the experts' D_k x
         expected = sum(x @ dense[f"{path}.experts.{k}"][0].T for k in range(3)) / 3
         torch.testing.assert_close(layer(x) - layer.base_layer(x), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_mor_scale_rows_are_weighted_by_each_clients_soft_usage_of_that_expert():
+    server = make("mor")
+    global_ = server.sent_state()
+    deltas, weights = client_deltas(server, 2), [100.0, 1.0]
+    slots = server.structure().slot_names
+    usage = [{s: (3.0 if s.endswith("/0") else 0.0) for s in slots},
+             {s: (1.0 if s.endswith("/0") else 2.0 if s.endswith("/1") else 0.0) for s in slots}]
+    merged = aggregate(Replies(global_, deltas, weights, usage=usage), server.structure())
+    for name in (n for n in merged if ".scale_" in n):
+        torch.testing.assert_close(merged[name][0], 0.75 * deltas[0][name][0] + 0.25 * deltas[1][name][0])
+        torch.testing.assert_close(merged[name][1], deltas[1][name][1])
+        assert torch.count_nonzero(merged[name][2]) == 0  # nobody used expert 2: its scales keep their value
+    shared = next(n for n in merged if n.endswith("lora_A.weight"))
+    torch.testing.assert_close(merged[shared], (100 * deltas[0][shared] + deltas[1][shared]) / 101)
+
+
+def test_mor_soft_usage_is_the_router_probability_mass_of_the_real_tokens(batch):
+    adapter = build(tiny_bert(), spec("mor", ("query",)), seed=3, head=HEAD)
+    randomise(adapter, 0.3)
+    inputs = {}
+    for path, module in adapter.model.named_modules():
+        if path.endswith("query"):
+            module.register_forward_hook(lambda m, args, out, path=path: inputs.__setitem__(path, args[0]))
+    with torch.no_grad():
+        adapter.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    usage, mask = adapter.usage(batch["attention_mask"]), batch["attention_mask"].bool()
+    assert len(usage) == 2 * 3
+    for path, x in inputs.items():
+        layer = adapter.model.get_submodule(path)
+        expected = torch.softmax(x[mask] @ layer.router.weight.T, dim=-1).sum(0)
+        got = torch.tensor([usage[f"{path}/{i}"] for i in range(3)])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert float(got.sum()) == pytest.approx(int(mask.sum()), rel=1e-5)

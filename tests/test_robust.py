@@ -174,10 +174,13 @@ def test_fuzzed_rounds_never_leave_the_bound(scales, counts):
     assert delta_norm(out) <= strategy.ceiling * (1 + 1e-5)
 
 
-def test_rules_refuse_an_unknown_kind_and_keep_structural_kinds_apart():
+def test_rules_refuse_an_unknown_kind_and_keep_structural_kinds_apart(monkeypatch):
+    import strategies.rules
+
     deltas = _deltas(3)
+    monkeypatch.delitem(strategies.rules.RULES, Aggregation.MASKED)  # every declared kind has a rule: drop one
     with pytest.raises(ValueError, match="no aggregation rule"):
-        aggregate(Replies(GLOBAL, deltas, [1, 1, 1]), Structure({"head.bias": Aggregation.HETERO_RANK}), rule="median")
+        aggregate(Replies(GLOBAL, deltas, [1, 1, 1]), Structure({"head.bias": Aggregation.MASKED}), rule="median")
 
 
 @settings(max_examples=300, deadline=None)

@@ -105,7 +105,7 @@ def test_expert_counts_are_read_only_when_complete_and_well_formed():
     assert read_usage(usage_metrics({"b.0/0": 4, "b.0/1": 0}), slots) == {"b.0/0": 4.0, "b.0/1": 0.0}
     with pytest.raises(PayloadError, match="expected exactly"):
         read_usage(usage_metrics({"b.0/0": 4}), slots)
-    with pytest.raises(PayloadError, match="non-negative integers"):
+    with pytest.raises(PayloadError, match="finite non-negative numbers"):
         read_usage({"usage:b.0/0": -1, "usage:b.0/1": 2}, slots)
 
 

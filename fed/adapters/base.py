@@ -24,7 +24,6 @@ class Aggregation(str, Enum):
     USAGE = "usage"  # experts: weighted by the tokens each client routed to them
     MASKED = "masked"  # sparse: mean over the clients whose mask covers the entry
     PRODUCT = "product"  # exact mean of B·A in product space, re-factorised
-    HETERO_RANK = "hetero-rank"  # clients with different ranks
     ALLOCATION = "allocation"  # server-owned (Dynamic LoRA's rank masks): clients' deltas ignored
 
 
@@ -82,6 +81,12 @@ class TensorGroup:
     """``masked`` groups: the axis along which each line keeps its top-k entries (1: rows of A, 0: columns of B)."""
     layers: tuple[tuple[str, str, str], ...] = ()
     """``allocation`` groups: per param (a rank mask) the layer's ``(mask, B, A)``, whose update ranks the layer."""
+    row_slots: tuple[tuple[str, ...], ...] = ()
+    """``usage`` groups whose rows are experts (MoR's scale tables): per param, the slot of each row."""
+    pairs: tuple[tuple[str, str], ...] = ()
+    """LoRA: per layer ``(B, A)``, the factors whose product ``strategy.aggregation = "product"`` averages."""
+    rank_axis: int | None = None
+    """The axis of every param along which the rank components lie (B: 1, A: 0), for client ranks."""
 
 
 @dataclass(frozen=True)
@@ -96,11 +101,31 @@ class Structure:
     """Line-sparse tensors (RoseLoRA) and the axis their lines run along: what the wire encodes sparsely."""
     layers: tuple[tuple[str, str, str], ...] = ()
     """Rank-masked layers ``(mask, B, A)`` (Dynamic LoRA) among which the server reallocates the rank budget."""
+    row_slots: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    pairs: tuple[tuple[str, str], ...] = ()
+    rank_axes: dict[str, int] = field(default_factory=dict)
+    """Sent tensors with a rank axis: what a client of lower rank leaves at zero beyond its rank."""
 
     @property
     def slot_names(self) -> tuple[str, ...]:
         """Every expert slot, in a stable order: the usage counts a client may report."""
-        return tuple(sorted(set(self.slots.values())))
+        rows = {slot for slots in self.row_slots.values() for slot in slots}
+        return tuple(sorted(set(self.slots.values()) | rows))
+
+
+def restrict_rank(tensors: Mapping[str, torch.Tensor], axes: Mapping[str, int], rank: int) -> dict[str, torch.Tensor]:
+    """``tensors`` with every rank component from ``rank`` on set to zero (tensors without a rank axis as they are).
+
+    A client of rank r_k trains only the first r_k components; under DP the optimiser still adds noise to
+    the others, and this is what keeps that noise (and any weight decay) out of the reply.
+    """
+    out = dict(tensors)
+    for name, axis in axes.items():
+        if name in out:
+            kept = out[name].clone()
+            kept.narrow(axis, rank, kept.shape[axis] - rank).zero_()
+            out[name] = kept
+    return out
 
 
 Product = tuple[torch.Tensor, "str | None"]
@@ -156,14 +181,28 @@ class StepHook(Protocol):
 
 @runtime_checkable
 class TokenRouter(Protocol):
-    """A hard router (MoLE): reports, for the batch it last routed, a per-example balance loss and counts."""
+    """A hard router (MoLE): reports, for the batch it last routed, a per-example balance loss."""
 
     def balance_loss(self, mask: torch.Tensor) -> torch.Tensor:
         """Per-example load-balancing loss ``[batch]``; ``mask`` ``[batch, seq]`` marks real tokens."""
         ...
 
-    def counts(self, mask: torch.Tensor) -> dict[str, int]:
-        """Real tokens routed to each of its expert slots."""
+
+@runtime_checkable
+class UsageReporter(Protocol):
+    """A router that can say how much the batch it last routed used each of its expert slots."""
+
+    def counts(self, mask: torch.Tensor) -> dict[str, float]:
+        """Per expert slot, the real tokens routed to it (MoLE) or their summed router probability (MoR)."""
+        ...
+
+
+@runtime_checkable
+class RankMasked(Protocol):
+    """A LoRA layer that can run (and train) only its first ``rank`` components."""
+
+    def set_rank(self, rank: int | None) -> None:
+        """Use the first ``rank`` components (None: all of them)."""
         ...
 
 
@@ -172,7 +211,8 @@ class AdapterFamily(Protocol):
 
     A family with ``peft_compatible = True`` also has ``as_lora(tensors) -> tensors``, its adapter in
     PEFT's LoRA layout (used by ``fed.export``). Its wrapped layers implement ``AdapterLayer``; a
-    routed family's routers implement ``TokenRouter``.
+    routed family's routers implement ``UsageReporter`` (and ``TokenRouter`` with a balance loss); a
+    family whose groups declare a ``rank_axis`` has ``RankMasked`` layers.
     """
 
     kind: str
@@ -238,7 +278,10 @@ class Adapter:
                          chains=tuple(c for g in sent for c in g.chains),
                          gauges={p: f for g in sent for p, f in zip(g.params, g.gauges)},
                          lines={p: g.lines for g in sent if g.lines is not None for p in g.params},
-                         layers=tuple(layer for g in sent for layer in g.layers))
+                         layers=tuple(layer for g in sent for layer in g.layers),
+                         row_slots={p: s for g in sent for p, s in zip(g.params, g.row_slots)},
+                         pairs=tuple(pair for g in sent for pair in g.pairs),
+                         rank_axes={p: g.rank_axis for g in sent if g.rank_axis is not None for p in g.params})
 
     def _hooks(self) -> list[tuple[str, StepHook]]:
         return [(path, m) for path, m in self.model.named_modules() if isinstance(m, StepHook)]
@@ -257,22 +300,34 @@ class Adapter:
         """The kept entries of every line-sparse tensor by parameter name (empty for dense families)."""
         return {f"{path}.{local}": mask for path, hook in self._hooks() for local, mask in hook.masks().items()}
 
-    def _routers(self) -> list[TokenRouter]:
-        return [m for m in self.model.modules() if isinstance(m, TokenRouter)]
-
     def auxiliary_loss(self, mask: torch.Tensor) -> torch.Tensor | None:
         """``spec.balance`` × the routers' mean per-example balance loss for the last forward (None: no router).
 
         Per example, so adding it to the per-example task loss keeps DP-SGD's per-sample bound.
         """
-        routers = self._routers()
+        routers = [m for m in self.model.modules() if isinstance(m, TokenRouter)]
         if not routers or self.spec.balance == 0:
             return None
         return self.spec.balance * sum(r.balance_loss(mask) for r in routers) / len(routers)
 
-    def usage(self, mask: torch.Tensor) -> dict[str, int]:
-        """Real tokens the last forward routed to each expert slot (empty without routers)."""
-        return {slot: n for r in self._routers() for slot, n in r.counts(mask).items()}
+    def usage(self, mask: torch.Tensor) -> dict[str, float]:
+        """How much the last forward used each expert slot (empty without routers): see ``UsageReporter``."""
+        return {slot: n for m in self.model.modules() if isinstance(m, UsageReporter)
+                for slot, n in m.counts(mask).items()}
+
+    def set_rank(self, rank: int | None) -> None:
+        """Run and train only the first ``rank`` components of every LoRA layer (None: the full rank).
+
+        Shapes stay at the adapter's rank (the cached model serves clients of every rank, and the wire
+        validates one shape); the layers mask the rest, so their gradients, per-sample ones included, are 0.
+        """
+        if rank is not None and not 1 <= rank <= self.spec.rank:
+            raise ValueError(f"client rank {rank} must be in [1, adapter.rank={self.spec.rank}]")
+        if rank is not None and rank < self.spec.rank and not self.structure().rank_axes:
+            raise ValueError(f"adapter kind {self.spec.kind!r} has no rank axis; client ranks need lora or ffa-lora")
+        for module in self.model.modules():
+            if isinstance(module, RankMasked):
+                module.set_rank(rank)
 
     def products(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, Product]:
         """The dense weight update of every adapted layer (or expert) given adapter tensors by name.

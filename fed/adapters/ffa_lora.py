@@ -4,6 +4,10 @@ Because A is identical on every party (derived from the run seed, never sent), t
 deltas times A *is* the mean of the clients' updates: aggregation is exact, and DP noise on B enters
 the weight update linearly. The fingerprint of A rides in the metrics so the server can refuse a
 client whose A differs.
+
+Heterogeneous client ranks come for free: A has the maximum rank, a client of rank r_k uses its first
+r_k rows and trains the first r_k columns of B (the rest stay zero in its delta), so the mean of the
+zero-padded B deltas times A is exactly the mean of the clients' ``B_k·A[:r_k]`` updates.
 """
 
 from __future__ import annotations
@@ -23,5 +27,5 @@ class FfaLora(Lora):
             model.get_submodule(path).lora_A.weight.requires_grad_(False)
         return (
             TensorGroup("lora_A", tuple(f"{p}.lora_A.weight" for p in paths), trainable=False, sent=False),
-            TensorGroup("lora_B", tuple(f"{p}.lora_B.weight" for p in paths), trainable=True, sent=True),
+            TensorGroup("lora_B", tuple(f"{p}.lora_B.weight" for p in paths), trainable=True, sent=True, rank_axis=1),
         )

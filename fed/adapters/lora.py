@@ -26,13 +26,25 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / rank
+        self.active_rank: int | None = None
+        """A client of rank r_k runs only the first r_k components; None: all of them."""
         with torch.no_grad():
             # PEFT's default A init (Kaiming-uniform, a=sqrt(5)), drawn from a per-layer seeded stream.
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=gen)
             self.lora_B.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return self.base_layer(x) + self.lora_B(self.components(self.lora_A(self.dropout(x)))) * self.scaling
+
+    def components(self, u: torch.Tensor) -> torch.Tensor:
+        """``A x`` with the components beyond the client's rank zeroed: masked in the forward, so their
+        gradients (per-sample ones included: B's input and A's backprop are 0 there) are exactly 0."""
+        if self.active_rank is None:
+            return u
+        return u * (torch.arange(u.shape[-1], device=u.device) < self.active_rank).to(u.dtype)
+
+    def set_rank(self, rank: int | None) -> None:
+        self.active_rank = None if rank is None or rank >= self.lora_A.out_features else rank
 
     def products(self, get) -> dict[str, Product]:
         """The layer's weight update ``s·B·A`` for given factor values (see ``Adapter.products``)."""
@@ -60,7 +72,8 @@ class Lora:
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
         paths = inject_lora(model, spec, seed)
+        a, b = (tuple(f"{p}.{part}.weight" for p in paths) for part in ("lora_A", "lora_B"))
         return (
-            TensorGroup("lora_A", tuple(f"{p}.lora_A.weight" for p in paths), trainable=True, sent=True),
-            TensorGroup("lora_B", tuple(f"{p}.lora_B.weight" for p in paths), trainable=True, sent=True),
+            TensorGroup("lora_A", a, trainable=True, sent=True, rank_axis=0),
+            TensorGroup("lora_B", b, trainable=True, sent=True, rank_axis=1, pairs=tuple(zip(b, a))),
         )

@@ -10,10 +10,12 @@ start as the same LoRA), the router seeded Kaiming-uniform. A, B and the router 
 the scale tables are a small ``Scales`` layer with its own Opacus grad sampler (the per-sample
 gradient of an elementwise scale is ``Σ_t activation ⊙ backprop``), checked against a per-example loop.
 
-Aggregation: everything by example-weighted mean (soft routing trains every expert on every client),
-then the scale gauge is renormalised on the server (``Structure.gauges``): ``Ω[:, j]`` is divided by
-its mean over experts and A's (B's) row j multiplied by it, which leaves every ``D_i`` unchanged but
-stops clients drifting between equivalent scalings.
+Aggregation: the shared A, B and the router by example-weighted mean; the scale tables row by row
+(row i is expert i) by ``usage``: each client's row i weighted by its soft usage of expert i, the sum
+over its real tokens of the router probability ``G_i(x)`` (sent only without DP, like MoLE's counts;
+under DP the example-weighted mean). Then the scale gauge is renormalised on the server
+(``Structure.gauges``): ``Ω[:, j]`` is divided by its mean over experts and A's (B's) row j multiplied
+by it, which leaves every ``D_i`` unchanged but stops clients drifting between equivalent scalings.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from fed.adapters.base import AdapterSpec, Product, TensorGroup, replace_linears
+from fed.adapters.base import AdapterSpec, Aggregation, Product, TensorGroup, replace_linears
 from fed.seeding import generator
 
 
@@ -61,24 +63,39 @@ class MorLinear(nn.Module):
         self.scale_B = Scales(n, base.out_features, dtype)
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.scaling = spec.scaling
+        self.path = path
+        self.gates: torch.Tensor | None = None
+        """The router probabilities ``[..., N]`` of the last forward (detached), for ``counts``."""
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator(seed, "lora_A", path))
             nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5), generator=generator(seed, "router", path))
             self.lora_B.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gates = F.softmax(self.router(x), dim=-1).unsqueeze(-1)  # [..., N, 1]
+        probs = F.softmax(self.router(x), dim=-1)
+        self.gates = probs.detach()
+        gates = probs.unsqueeze(-1)  # [..., N, 1]
         u = self.lora_A(self.dropout(x)).unsqueeze(-2)  # [..., 1, r]
         scaled = self.scale_A(u.expand(*u.shape[:-2], gates.shape[-2], u.shape[-1]))  # [..., N, r]
         # B sees [batch, tokens·N, r]: Opacus's ghost-clipping norm sampler for Linear takes 3-D inputs only.
         lifted = self.lora_B(scaled.reshape(scaled.shape[0], -1, scaled.shape[-1])).reshape(*gates.shape[:-1], -1)
         return self.base_layer(x) + self.scaling * (gates * self.scale_B(lifted)).sum(-2)
 
+    def slots(self) -> list[str]:
+        return [f"{self.path}/{i}" for i in range(self.router.out_features)]
+
+    def counts(self, mask: torch.Tensor) -> dict[str, float]:
+        """Soft usage of each expert by the last batch: ``Σ_t G_i(x_t)`` over its real tokens."""
+        if self.gates is None:
+            raise RuntimeError(f"MoR layer {self.path!r} has not run a batch yet")
+        used = (self.gates * mask.to(self.gates.dtype).reshape(*self.gates.shape[:-1], 1)).flatten(0, -2).sum(0)
+        return dict(zip(self.slots(), used.tolist()))
+
     def products(self, get) -> dict[str, Product]:
         a, b, omega_a, omega_b = (get(n) for n in ("lora_A.weight", "lora_B.weight", "scale_A.weight",
                                                    "scale_B.weight"))
-        return {f".experts.{i}": (self.scaling * (omega_b[i][:, None] * b) @ (omega_a[i][:, None] * a), None)
-                for i in range(omega_a.shape[0])}
+        return {f".experts.{i}": (self.scaling * (omega_b[i][:, None] * b) @ (omega_a[i][:, None] * a), slot)
+                for i, slot in enumerate(self.slots())}
 
 
 class Mor:
@@ -91,10 +108,13 @@ class Mor:
         def names(part: str) -> tuple[str, ...]:
             return tuple(f"{p}.{part}.weight" for p in paths)
 
+        rows = tuple(tuple(model.get_submodule(p).slots()) for p in paths)
         return (
             TensorGroup("lora_A", names("lora_A"), trainable=True, sent=True),
             TensorGroup("lora_B", names("lora_B"), trainable=True, sent=True),
             TensorGroup("router", names("router"), trainable=True, sent=True),
-            TensorGroup("scale_A", names("scale_A"), trainable=True, sent=True, gauges=names("lora_A")),
-            TensorGroup("scale_B", names("scale_B"), trainable=True, sent=True, gauges=names("lora_B")),
+            TensorGroup("scale_A", names("scale_A"), trainable=True, sent=True, aggregation=Aggregation.USAGE,
+                        gauges=names("lora_A"), row_slots=rows),
+            TensorGroup("scale_B", names("scale_B"), trainable=True, sent=True, aggregation=Aggregation.USAGE,
+                        gauges=names("lora_B"), row_slots=rows),
         )

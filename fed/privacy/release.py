@@ -29,6 +29,7 @@ PUBLIC_UNDER_DP = frozenset({
     "epsilon",  # composed from the public events
     "steps", "dp-steps", "dp-noise-multiplier", "dp-sample-rate",  # the DP event itself
     "secure-rng",  # 1 when the mechanism's randomness came from the OS CSPRNG
+    "rank",  # the client's LoRA rank: the run config's, or the node operator's own setting (max-rank)
     "dp-train-loss",  # the noised, clipped loss (dp.loss_noise_multiplier > 0), accounted with the gradient
 })
 
@@ -55,6 +56,7 @@ RELEASED_IN_CLEAR = [
     "declined/refused flags and a refusal's reason (the client's own policy limits against the server's settings; "
     "no data)",
     "the round the reply answers, and the client's statement that its randomness came from the OS CSPRNG",
+    "the client's LoRA rank (federation.client_ranks: from the run config or the node's own max-rank setting)",
     "evaluation metrics (loss, accuracy, example count) on each client's held-out split, which is never "
     "trained on: NOT covered by the guarantee",
 ]

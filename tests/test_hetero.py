@@ -84,7 +84,8 @@ def test_under_dp_masked_coordinates_get_zero_per_sample_gradients_and_their_noi
     before = adapter.sent_state()
     dp = DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.05, num_examples=100)
     stepper = DpStepper(adapter.model, torch.optim.SGD(adapter.trainable_parameters(), lr=1.0), dp)
-    stepper.step(_loss(adapter, task, stepper.module, batch))
+    stepper.accumulate(_loss(adapter, task, stepper.module, batch), len(batch["input_ids"]))
+    stepper.step()
     stepper.close()
     delta = {n: t - before[n] for n, t in adapter.sent_state().items()}
     name = next(iter(axes))

@@ -3,8 +3,9 @@
 The base model stays loaded between rounds in the worker process (see ``fed.session``). The client
 owns its privacy: its policy comes from its own node config, never from the server; its ledger is a
 file in its state directory (node config ``state-dir``, else ``$FEDLORA_STATE_DIR``, else
-``~/.local/state/fedlora``), written atomically after every DP round, merged with the events the
-server returns, and never silently replaced: a ledger that cannot be read stops the client. A node
+``~/.local/state/fedlora``), written atomically once per DP round, with that round's event, before
+training; merged with the events the server returns, and never silently replaced: a ledger that
+cannot be read stops the client. A node
 may bring its own data file (node config ``data-path``); errors about it stay in the node's log.
 """
 
@@ -87,10 +88,10 @@ def _receive(msg: Message, context: Context):
 
 
 def _reply(msg: Message, metrics: dict[str, int | float], dp: bool, arrays: dict | None = None,
-           reason: str = "") -> Message:
+           reason: str = "", wire: str = "float32") -> Message:
     content = RecordDict({"metrics": MetricRecord(public_metrics(metrics, dp))})
     if arrays is not None:
-        content["arrays"] = to_record(arrays)
+        content["arrays"] = to_record(arrays, wire)
     if reason:
         content["refusal"] = ConfigRecord({"reason": reason})
     return Message(content, reply_to=msg)
@@ -107,8 +108,11 @@ def train(msg: Message, context: Context) -> Message:
                       local_steps=cfg.train.local_steps, rounds=cfg.federation.rounds, round_=round_,
                       policy=Policy.from_node_config(context.node_config), run=msg.metadata.run_id)
     dp = cfg.dp.enabled or bool(ledger.events)
-    if dp:
-        write_atomic(path, ledger.to_json())  # the pin and any merged events, even if this round trains nothing
+    if plan.dp is not None and plan.steps > 0:  # booked before the first noisy step: a crash can only over-count
+        ledger.record(DpSgdEvent(round_, plan.dp.noise_multiplier, plan.dp.sample_rate, plan.steps,
+                                 msg.metadata.run_id))
+    if dp:  # once per round: the pin, any merged events and this round's event, even if it trains nothing
+        write_atomic(path, ledger.to_json())
     metrics: dict[str, int | float] = {"partition-id": pid, "round": round_, "num-examples": len(train_data),
                                        "fingerprint": session.adapter.fingerprint()}
     if plan.refused:
@@ -121,9 +125,6 @@ def train(msg: Message, context: Context) -> Message:
     if plan.dp is None:  # loss, timing and expert counts are private statistics outside DP-SGD
         metrics |= {"train_loss": result.loss, "train_wall_s": result.wall_s} | usage_metrics(result.usage)
     else:
-        ledger.record(DpSgdEvent(round_, plan.dp.noise_multiplier, plan.dp.sample_rate, plan.steps,
-                                 msg.metadata.run_id))
-        write_atomic(path, ledger.to_json())  # before the reply leaves: a crash can only over-count
         metrics |= {"epsilon": ledger.epsilon(), "dp-noise-multiplier": plan.dp.noise_multiplier,
                     "dp-sample-rate": plan.dp.sample_rate, "dp-steps": plan.steps,
                     "secure-rng": 1}  # noise and sampling came from fed.privacy.secure_rng
@@ -132,7 +133,7 @@ def train(msg: Message, context: Context) -> Message:
     local = session.adapter.sent_state()
     delta = {name: local[name] - global_[name] for name in global_}
     gc.collect()  # Opacus hooks leave reference cycles; collect them so a long run's memory stays flat
-    return _reply(msg, {**metrics, "steps": result.steps}, dp, arrays=delta)
+    return _reply(msg, {**metrics, "steps": result.steps}, dp, arrays=delta, wire=cfg.wire.dtype)
 
 
 @app.evaluate()

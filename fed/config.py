@@ -23,6 +23,7 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost")
 ROBUST_RULES = ("mean", "median", "trimmed-mean")
 WEIGHTINGS = ("capped", "examples", "uniform")
 CLIPS = ("adaptive", "auto", "fixed", "off")
+WIRE_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -141,6 +142,13 @@ class DPConfig:
 
 
 @dataclass(frozen=True)
+class WireConfig:
+    dtype: str = "float32"
+    """Transport dtype of the deltas clients send: ``float32``, or ``bfloat16`` (half the bytes up; every
+    value rounded to 8 significant bits, after any DP noise). The global adapter always travels in float32."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     task: str = "classification"
     seed: int = 0
@@ -151,6 +159,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
@@ -216,6 +225,7 @@ _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "dp": DPConfig,
+    "wire": WireConfig,
 }
 
 
@@ -281,6 +291,7 @@ def _check_choices(c: RunConfig) -> list[str]:
         + _choice("strategy.rule", c.strategy.rule, ROBUST_RULES)
         + _choice("strategy.weighting", c.strategy.weighting, WEIGHTINGS)
         + _choice("strategy.clip", c.strategy.clip, CLIPS)
+        + _choice("wire.dtype", c.wire.dtype, WIRE_DTYPES)
     )
 
 

@@ -3,6 +3,10 @@
 Arrays travel as Flower ``ArrayRecord``s (numpy ``.npy`` bytes, loaded with ``allow_pickle=False``);
 nothing is pickled. Every incoming payload is checked (keys, dtypes, shapes, size, finite values)
 *before* any tensor is materialised into global state.
+
+A payload's *transport* dtype (``wire.dtype``) may differ from its tensors' float32: ``bfloat16`` rounds
+each value to bfloat16 and carries its 16 bits as ``int16`` (numpy has no bfloat16), halving the bytes.
+The receiver expects exactly that carrier and widens back to float32 before checking the values.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fed.config import RunConfig
+from fed.config import WIRE_DTYPES, RunConfig
 
 
 class PayloadError(ValueError):
@@ -36,12 +40,33 @@ class TensorMeta:
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
-def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+_CARRIER = {"bfloat16": (torch.bfloat16, torch.int16, "int16")}
+"""A 16-bit float numpy cannot hold: torch dtype, the integer dtype of the same width carrying its bits, numpy name."""
+
+
+def to_record(tensors: Mapping[str, torch.Tensor], wire: str = "float32") -> ArrayRecord:
+    """``tensors`` as an ArrayRecord, in the transport dtype ``wire`` (see the module docstring)."""
+    if wire not in WIRE_DTYPES:
+        raise ValueError(f"wire dtype {wire!r} is not one of: {', '.join(WIRE_DTYPES)}")
+    if wire in _CARRIER:
+        half, bits, _ = _CARRIER[wire]
+        return ArrayRecord({name: t.detach().cpu().to(half).contiguous().view(bits) for name, t in tensors.items()})
     return ArrayRecord({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
 
 
-def from_record(record: ArrayRecord, expected: Mapping[str, TensorMeta]) -> dict[str, torch.Tensor]:
-    """Validate ``record`` against ``expected`` and only then decode it to tensors.
+def _on_wire(meta: TensorMeta, wire: str) -> TensorMeta:
+    """What a tensor described by ``meta`` looks like in transit when sent as ``wire``."""
+    if wire not in WIRE_DTYPES:
+        raise ValueError(f"wire dtype {wire!r} is not one of: {', '.join(WIRE_DTYPES)}")
+    if wire in _CARRIER and meta.dtype == "float32":
+        return TensorMeta(meta.shape, _CARRIER[wire][2])
+    return meta
+
+
+def from_record(record: ArrayRecord, expected: Mapping[str, TensorMeta],
+                wire: str = "float32") -> dict[str, torch.Tensor]:
+    """Validate ``record`` against ``expected`` (as sent in transport dtype ``wire``) and only then decode
+    it to tensors of the expected dtype.
 
     Raises:
         PayloadError: naming the first offending key and what was expected of it.
@@ -52,10 +77,11 @@ def from_record(record: ArrayRecord, expected: Mapping[str, TensorMeta]) -> dict
         raise PayloadError(f"wrong keys: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
     tensors: dict[str, torch.Tensor] = {}
-    for name, meta in expected.items():
-        array = record[name]
+    for name, logical in expected.items():
+        meta, array = _on_wire(logical, wire), record[name]
         if array.dtype != meta.dtype:
-            raise PayloadError(f"{name}: dtype {array.dtype}, expected {meta.dtype}")
+            raise PayloadError(f"{name}: dtype {array.dtype}, expected {meta.dtype}"
+                               + (f" (wire.dtype={wire!r})" if meta != logical else ""))
         if tuple(array.shape) != meta.shape:
             raise PayloadError(f"{name}: shape {tuple(array.shape)}, expected {meta.shape}")
         if len(array.data) > meta.nbytes + 1024:  # .npy header is ~128 bytes
@@ -63,9 +89,12 @@ def from_record(record: ArrayRecord, expected: Mapping[str, TensorMeta]) -> dict
         value = np.asarray(array.numpy())
         if value.shape != meta.shape or str(value.dtype) != meta.dtype:
             raise PayloadError(f"{name}: decoded {value.dtype}{value.shape} differs from its declared header")
-        if not np.isfinite(value).all():
+        tensor = torch.from_numpy(value.copy())
+        if meta != logical:  # the carrier's bits are a 16-bit float: widen to the tensor's own dtype
+            tensor = tensor.view(_CARRIER[wire][0]).to(getattr(torch, logical.dtype))
+        if not torch.isfinite(tensor).all():
             raise PayloadError(f"{name}: contains NaN or Inf")
-        tensors[name] = torch.from_numpy(value.copy())
+        tensors[name] = tensor
     return tensors
 
 

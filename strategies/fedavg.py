@@ -75,8 +75,11 @@ class AdapterFedAvg(FedAvg):
     def __init__(self, *, expected: Mapping[str, TensorMeta], structure: Structure, rules: ReplyRules,
                  server_lr: float = 1.0, products: Products | None = None, seed: int = 0,
                  influence: StrategyConfig = StrategyConfig(), lr: float = 0.0, book: LedgerBook | None = None,
-                 on_privacy: Callable[[LedgerBook], None] | None = None, min_replies: int = 1, **fedavg: Any) -> None:
+                 on_privacy: Callable[[LedgerBook], None] | None = None, min_replies: int = 1, wire: str = "float32",
+                 **fedavg: Any) -> None:
         super().__init__(**fedavg)
+        self.wire = wire
+        """Transport dtype replies must use (``wire.dtype``); a reply in any other is dropped."""
         self.min_replies = min_replies
         """Fewest valid replies that may move the global adapter: a round left with fewer (crashed nodes,
         stragglers past the timeout, dropped replies) keeps the previous global."""
@@ -170,7 +173,7 @@ class AdapterFedAvg(FedAvg):
                 counts = read_usage(metrics, self.structure.slot_names)
                 arrays = msg.content.array_records["arrays"]
                 record.bytes_up += arrays.count_bytes()
-                deltas.append(from_record(arrays, self.expected))
+                deltas.append(from_record(arrays, self.expected, self.wire))
             except (PayloadError, KeyError) as err:
                 reason = f"node {msg.metadata.src_node_id}: {err}"
                 log.warning("round %d: dropped reply from %s", server_round, reason)

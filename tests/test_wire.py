@@ -43,6 +43,29 @@ def test_bad_payloads_are_rejected_with_the_reason(record, reason):
     assert reason in str(err.value)
 
 
+def test_bfloat16_transport_halves_the_bytes_rounds_each_value_and_is_validated_like_float32():
+    tensors = {"l.lora_B.weight": torch.randn(3, 2, generator=torch.Generator().manual_seed(0)),
+               "head.bias": torch.tensor([1e-3, -7.5])}
+    half, full = to_record(tensors, "bfloat16"), to_record(tensors)
+    elements = sum(t.numel() for t in tensors.values())
+    header = full.count_bytes() - 4 * elements  # .npy headers and key names, the same in both
+    assert half.count_bytes() == header + 2 * elements
+    out = from_record(half, EXPECTED, "bfloat16")
+    for name, t in tensors.items():  # the receiver sees float32 equal to the value rounded to bfloat16
+        assert out[name].dtype == torch.float32
+        assert torch.equal(out[name], t.to(torch.bfloat16).float())
+        assert (out[name] - t).abs().max() <= 2**-8 * t.abs().max()
+    with pytest.raises(PayloadError, match="expected int16"):  # float32 where bfloat16 was agreed
+        from_record(full, EXPECTED, "bfloat16")
+    with pytest.raises(PayloadError, match="expected float32"):
+        from_record(half, EXPECTED)
+    inf = to_record({**tensors, "head.bias": torch.tensor([float("inf"), 1.0])}, "bfloat16")
+    with pytest.raises(PayloadError, match="NaN or Inf"):
+        from_record(inf, EXPECTED, "bfloat16")
+    with pytest.raises(ValueError, match="float16"):
+        to_record(tensors, "float16")
+
+
 def test_header_lying_about_its_shape_is_rejected():
     lie = Array(dtype="float32", shape=(2,), stype="numpy.ndarray",
                 data=_record()["l.lora_B.weight"].data)  # a (3, 2) .npy body under a (2,) header
@@ -91,6 +114,18 @@ def test_strategy_drops_bad_replies_and_averages_the_rest():
     assert metrics["clients"] == 2 and metrics["dropped"] == 4
     reasons = " | ".join(strategy.rounds[1].dropped)
     assert "NaN" in reasons and "fingerprint" in reasons and "shape" in reasons and "expert counts" in reasons
+
+
+def test_strategy_under_bfloat16_transport_averages_the_rounded_deltas_and_drops_float32_ones():
+    strategy = AdapterFedAvg(expected=EXPECTED, structure=Structure({k: Aggregation.MEAN for k in GLOBAL}),
+                             rules=ReplyRules(fingerprint=FP), wire="bfloat16")
+    strategy._global = {k: v.clone() for k, v in GLOBAL.items()}
+    deltas = [{"l.lora_B.weight": torch.full((3, 2), v), "head.bias": torch.full((2,), v)} for v in (0.1, 0.3)]
+    replies = [_reply(to_record(d, "bfloat16")) for d in deltas] + [_reply(to_record(deltas[0]))]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = (torch.tensor(0.1).bfloat16().float() + torch.tensor(0.3).bfloat16().float()) / 2
+    torch.testing.assert_close(from_record(arrays, EXPECTED)["head.bias"], expected.expand(2))  # the global: float32
+    assert metrics["clients"] == 2 and "wire.dtype='bfloat16'" in strategy.rounds[1].dropped[0]
 
 
 def test_meta_sizes():

@@ -96,7 +96,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
         rules=ReplyRules(fingerprint=adapter.fingerprint(), local_steps=cfg.train.local_steps,
                          batch_size=cfg.train.batch_size, rounds=fed.rounds, dp=cfg.dp),
         influence=cfg.strategy, lr=cfg.train.lr, book=book, on_privacy=lambda b: run_dir.write_privacy(b.report()),
-        fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+        fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate, eval_every=fed.eval_every,
         # the strategy waits for min_available_nodes before FedAvg sizes its sample (see _await_nodes)
         min_train_nodes=1, min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.min_available or fed.num_clients, min_replies=fed.min_replies, wire=cfg.wire.dtype,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fed.adapters import Aggregation, Structure
 from fed.wire import PayloadError, TensorMeta, from_record, metas, to_record
@@ -126,6 +126,21 @@ def test_strategy_under_bfloat16_transport_averages_the_rounded_deltas_and_drops
     expected = (torch.tensor(0.1).bfloat16().float() + torch.tensor(0.3).bfloat16().float()) / 2
     torch.testing.assert_close(from_record(arrays, EXPECTED)["head.bias"], expected.expand(2))  # the global: float32
     assert metrics["clients"] == 2 and "wire.dtype='bfloat16'" in strategy.rounds[1].dropped[0]
+
+
+def test_evaluation_every_k_rounds_and_always_after_the_last():
+    def strategy(every: int, offset: int = 0) -> AdapterFedAvg:
+        s = AdapterFedAvg(expected=EXPECTED, structure=Structure({k: Aggregation.MEAN for k in GLOBAL}),
+                          rules=ReplyRules(fingerprint=FP, rounds=7), eval_every=every)
+        s.round_offset = offset
+        return s
+
+    assert [r for r in range(1, 8) if strategy(3).evaluates(r)] == [3, 6, 7]
+    assert [r for r in range(1, 8) if strategy(1).evaluates(r)] == list(range(1, 8))
+    assert [r for r in range(1, 8) if strategy(0).evaluates(r)] == [7]
+    skipping = strategy(3, offset=2)  # a resumed run counts the run's rounds, not Flower's
+    assert skipping.configure_evaluate(2, to_record(GLOBAL), ConfigRecord({}), grid=None) == []  # run round 4
+    assert skipping.aggregate_evaluate(2, []) is None and 4 not in skipping.rounds
 
 
 def test_meta_sizes():

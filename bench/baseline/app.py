@@ -53,9 +53,9 @@ def split(cfg: ConfigRecord | dict, pid: int) -> ClientData:
 
 
 def tensors(rows: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    enc = AutoTokenizer.from_pretrained(MODEL)(rows["text"], padding="max_length", truncation=True,
+    enc = AutoTokenizer.from_pretrained(MODEL)(list(rows["text"]), padding="max_length", truncation=True,
                                                max_length=MAX_LENGTH, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"], torch.tensor(rows["label"])
+    return enc["input_ids"], enc["attention_mask"], torch.tensor(list(rows["label"]))
 
 
 client = ClientApp()

@@ -189,3 +189,26 @@ def test_a_round_with_fewer_valid_replies_than_min_replies_keeps_the_global():
     assert strategy.aggregate_train(1, [_reply(_record()), _reply(_record(), fingerprint=FP + 1)]) == (None, None)
     arrays, metrics = strategy.aggregate_train(1, [_reply(_record()), _reply(_record())])
     assert arrays is not None and metrics["clients"] == 2
+
+
+@pytest.mark.parametrize("row", ["lora", "ffa-lora", "moslora", "mole", "mor"])
+@pytest.mark.parametrize("wire, itemsize", [("float32", 4), ("bfloat16", 2)])
+def test_bytes_sent_are_the_trained_elements_plus_one_npy_header_and_name_per_tensor(row, wire, itemsize):
+    import io
+
+    from numpy.lib import format as npy
+
+    from tests.test_adapters import make
+
+    state = make(row).sent_state()
+    trained = sum(p.numel() for p in make(row).trainable_parameters())
+
+    def header(t: torch.Tensor) -> int:  # what numpy writes before the data of such an array
+        buffer = io.BytesIO()
+        npy.write_array_header_1_0(buffer, {"descr": "<f4" if itemsize == 4 else "<i2", "fortran_order": False,
+                                            "shape": tuple(t.shape)})
+        return len(buffer.getvalue())
+
+    assert sum(t.numel() for t in state.values()) == trained  # what is sent is exactly what is trained
+    expected = sum(t.numel() * itemsize + header(t) + len(name) for name, t in state.items())
+    assert to_record(state, wire).count_bytes() == expected

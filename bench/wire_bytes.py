@@ -1,8 +1,8 @@
 """Bytes a client sends per round, per adapter family and transport dtype, against the physical minimum.
 
 The minimum is the trained-and-sent elements times the bytes per element (4 for float32, 2 for
-bfloat16); what travels is Flower's ArrayRecord, one ``.npy`` blob per tensor plus its key, counted as
-``ArrayRecord.count_bytes()`` (the figure in ``metrics.jsonl``). The overhead is .npy headers and names.
+bfloat16); what travels is Flower's ArrayRecord, each tensor's raw bytes under its name, counted as
+``ArrayRecord.count_bytes()`` (the figure in ``metrics.jsonl``). The overhead is the tensor names.
 
     python bench/wire_bytes.py [--model default] [--set adapter.rank=16 ...]
 """

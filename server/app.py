@@ -74,7 +74,8 @@ class RoundRecorder:
                 "epsilon_max": self.book.max_epsilon(), "wall_s": round(now - self.started, 3)}
         self.started = now
         self.run_dir.append_metrics(line)
-        Checkpoint(round_, dict(arrays.to_torch_state_dict()), self.book.to_json()).save(self.run_dir.checkpoint)
+        global_ = from_record(arrays, self.strategy.expected)
+        Checkpoint(round_, global_, self.book.to_json()).save(self.run_dir.checkpoint)
         if self.on_round is not None:
             self.on_round(line)
         return None

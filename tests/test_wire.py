@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fed.adapters import Aggregation, Structure
-from fed.wire import PayloadError, TensorMeta, from_record, metas, to_record
+from fed.wire import RAW, PayloadError, TensorMeta, from_record, metas, to_record
 from strategies.fedavg import AdapterFedAvg
 from strategies.validation import ReplyRules, check_reply
 from tests.conftest import reply_from
@@ -48,8 +48,7 @@ def test_bfloat16_transport_halves_the_bytes_rounds_each_value_and_is_validated_
                "head.bias": torch.tensor([1e-3, -7.5])}
     half, full = to_record(tensors, "bfloat16"), to_record(tensors)
     elements = sum(t.numel() for t in tensors.values())
-    header = full.count_bytes() - 4 * elements  # .npy headers and key names, the same in both
-    assert half.count_bytes() == header + 2 * elements
+    assert full.count_bytes() - 4 * elements == half.count_bytes() - 2 * elements  # the key names
     out = from_record(half, EXPECTED, "bfloat16")
     for name, t in tensors.items():  # the receiver sees float32 equal to the value rounded to bfloat16
         assert out[name].dtype == torch.float32
@@ -66,12 +65,15 @@ def test_bfloat16_transport_halves_the_bytes_rounds_each_value_and_is_validated_
         to_record(tensors, "float16")
 
 
-def test_header_lying_about_its_shape_is_rejected():
-    lie = Array(dtype="float32", shape=(2,), stype="numpy.ndarray",
-                data=_record()["l.lora_B.weight"].data)  # a (3, 2) .npy body under a (2,) header
+def test_bytes_that_do_not_match_the_declared_shape_or_another_serialisation_are_rejected():
+    body = _record()["l.lora_B.weight"].data  # the 24 bytes of a (3, 2) float32 array
+    lie = Array(dtype="float32", shape=(2,), stype=RAW, data=body)  # ... declared as (2,)
     record = ArrayRecord({"l.lora_B.weight": _record()["l.lora_B.weight"], "head.bias": lie})
-    with pytest.raises(PayloadError, match="head.bias"):
+    with pytest.raises(PayloadError, match="head.bias: 24 bytes, a float32"):
         from_record(record, EXPECTED)
+    npy = ArrayRecord({"l.lora_B.weight": _record()["l.lora_B.weight"], "head.bias": Array(np.ones(2, np.float32))})
+    with pytest.raises(PayloadError, match="head.bias: serialisation 'numpy.ndarray'"):
+        from_record(npy, EXPECTED)
 
 
 def test_metrics_checks_round_examples_fingerprint_and_loss():
@@ -94,7 +96,9 @@ _NODES = iter(range(100, 10**6))
 
 def _reply(arrays: ArrayRecord, **metrics) -> Message:
     base = {"num-examples": 10, "fingerprint": FP, "train_loss": 1.0, "partition-id": 0, "round": 1, "steps": 1}
-    return reply_from(next(_NODES), arrays.to_torch_state_dict(), {**base, **metrics})  # each from its own node
+    msg = reply_from(next(_NODES), None, {**base, **metrics})  # each from its own node
+    msg.content["arrays"] = arrays
+    return msg
 
 
 def test_strategy_drops_bad_replies_and_averages_the_rest():
@@ -193,22 +197,12 @@ def test_a_round_with_fewer_valid_replies_than_min_replies_keeps_the_global():
 
 @pytest.mark.parametrize("row", ["lora", "ffa-lora", "moslora", "mole", "mor"])
 @pytest.mark.parametrize("wire, itemsize", [("float32", 4), ("bfloat16", 2)])
-def test_bytes_sent_are_the_trained_elements_plus_one_npy_header_and_name_per_tensor(row, wire, itemsize):
-    import io
-
-    from numpy.lib import format as npy
-
+def test_bytes_sent_are_the_trained_elements_plus_the_tensor_names(row, wire, itemsize):
     from tests.test_adapters import make
 
     state = make(row).sent_state()
     trained = sum(p.numel() for p in make(row).trainable_parameters())
-
-    def header(t: torch.Tensor) -> int:  # what numpy writes before the data of such an array
-        buffer = io.BytesIO()
-        npy.write_array_header_1_0(buffer, {"descr": "<f4" if itemsize == 4 else "<i2", "fortran_order": False,
-                                            "shape": tuple(t.shape)})
-        return len(buffer.getvalue())
-
     assert sum(t.numel() for t in state.values()) == trained  # what is sent is exactly what is trained
-    expected = sum(t.numel() * itemsize + header(t) + len(name) for name, t in state.items())
+    expected = sum(t.numel() * itemsize + len(name) for name, t in state.items())  # no per-tensor header
     assert to_record(state, wire).count_bytes() == expected
+    assert from_record(to_record(state, wire), metas(state), wire).keys() == state.keys()

@@ -8,6 +8,7 @@ peak while Ray workers come and go. ``/usr/bin/time`` would see only the driver.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import time
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ class Measured:
     peak_mb: float
     """Largest sum of RSS over the command's process tree seen at any sample."""
     returncode: int
+    cpu_s: float
+    """User + system CPU seconds of the tree's processes that were waited for (Ray's daemons and workers
+    included): far less sensitive to other jobs on the machine than the wall time."""
     load_before: float
     load_after: float
     """1-minute load average when the command started and ended: what else the machine was doing."""
@@ -41,6 +45,7 @@ def run_measured(argv: list[str], *, env: dict[str, str] | None = None, cwd: Pat
                  log: Path | None = None, interval: float = 0.2) -> Measured:
     """Run ``argv`` to completion (its output to ``log`` if given) while polling the tree's memory."""
     load_before = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     sink = open(log, "w") if log is not None else subprocess.DEVNULL
     try:
         start = time.perf_counter()
@@ -57,4 +62,6 @@ def run_measured(argv: list[str], *, env: dict[str, str] | None = None, cwd: Pat
     finally:
         if log is not None:
             sink.close()  # type: ignore[union-attr]
-    return Measured(wall, peak / 2**20, code, load_before, os.getloadavg()[0])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return Measured(wall, peak / 2**20, code, cpu, load_before, os.getloadavg()[0])

@@ -27,12 +27,14 @@ from treemem import Measured, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = (("round wall, mean (s)", "round_s", ".1f"), ("run wall, whole process (s)", "wall_s", ".1f"),
+        ("run CPU, process tree (s)", "cpu_s", ".0f"),
         ("peak memory, process tree (MB)", "peak_mb", ",.0f"), ("bytes up / client / round", "up", ",.0f"),
         ("bytes down / client / round", "down", ",.0f"), ("final accuracy", "accuracy", ".3f"))
 
 
 def _summary(measured: Measured, round_s: list[float], up: float, down: float, accuracy: float) -> dict:
     return {"round_s": sum(round_s) / len(round_s), "rounds": round_s, "wall_s": measured.wall_s,
+            "cpu_s": measured.cpu_s,
             "peak_mb": measured.peak_mb, "up": up, "down": down, "accuracy": accuracy,
             "load": (measured.load_before, measured.load_after)}
 
@@ -98,7 +100,8 @@ def main() -> None:
                 key = f"{name}{'-dp' if dp else ''}"
                 results[key] = run()
                 print(key, json.dumps(results[key]), flush=True)
-    print(f"\n{datetime.date.today()} · {platform.node()} · {os.cpu_count()} CPUs · {work} · fed overrides {args.set}")
+    print(f"\n{datetime.date.today()} · {platform.node()} · {os.cpu_count()} CPUs · {work} · "
+          f"fed overrides {args.set}")
     print("load average (1 min) at start/end: " + ", ".join(
         f"{k} {v['load'][0]:.1f}/{v['load'][1]:.1f}" for k, v in results.items()))
     print(table(results))

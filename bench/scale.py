@@ -42,7 +42,7 @@ def run_size(clients: int, args: argparse.Namespace, out: Path) -> dict:
     if measured.returncode != 0:
         raise SystemExit(f"{clients} clients: fed simulate exited {measured.returncode}; see {out}/n{clients}.log")
     lines = [json.loads(line) for line in (out / f"n{clients}" / "metrics.jsonl").read_text().splitlines()]
-    return {"clients": clients, "total_s": measured.wall_s, "peak_mb": measured.peak_mb,
+    return {"clients": clients, "total_s": measured.wall_s, "cpu_s": measured.cpu_s, "peak_mb": measured.peak_mb,
             "round_s": [line["wall_s"] for line in lines], "load": (measured.load_before, measured.load_after)}
 
 
@@ -63,10 +63,12 @@ def main() -> None:
             rows.append(run_size(n, args, out))
             print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["peak_mb"]
-    print(f"\n| clients | rounds (s) | total s | peak MB | peak / {rows[0]['clients']} clients | load (start, end) |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| clients | rounds (s) | total s | CPU s | peak MB | peak / {rows[0]['clients']} clients "
+          "| load (start, end) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['clients']:,} | {', '.join(f'{s:.1f}' for s in r['round_s'])} | {r['total_s']:.0f} | "
+              f"{r['cpu_s']:.0f} | "
               f"{r['peak_mb']:,.0f} | {r['peak_mb'] / base:.2f}x | {r['load'][0]:.1f}, {r['load'][1]:.1f} |")
 
 

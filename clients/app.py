@@ -3,8 +3,9 @@
 The base model stays loaded between rounds in the worker process (see ``fed.session``). The client
 owns its privacy: its policy comes from its own node config, never from the server; its ledger is a
 file in its state directory (node config ``state-dir``, else ``$FEDLORA_STATE_DIR``, else
-``~/.local/state/fedlora``), written atomically after every DP round, merged with the events the
-server returns, and never silently replaced: a ledger that cannot be read stops the client. A node
+``~/.local/state/fedlora``), written atomically once per DP round, with that round's event, before
+training; merged with the events the server returns, and never silently replaced: a ledger that
+cannot be read stops the client. A node
 may bring its own data file (node config ``data-path``); errors about it stay in the node's log.
 """
 
@@ -112,8 +113,11 @@ def train(msg: Message, context: Context) -> Message:
                       local_steps=cfg.train.local_steps, rounds=cfg.federation.rounds, round_=round_,
                       policy=Policy.from_node_config(context.node_config), run=msg.metadata.run_id)
     dp = cfg.dp.enabled or bool(ledger.events)
-    if dp:
-        write_atomic(path, ledger.to_json())  # the pin and any merged events, even if this round trains nothing
+    if plan.dp is not None and plan.steps > 0:  # booked before the first noisy step: a crash can only over-count
+        ledger.record(DpSgdEvent(round_, plan.dp.noise_multiplier, plan.dp.sample_rate, plan.steps,
+                                 msg.metadata.run_id))
+    if dp:  # once per round: the pin, any merged events and this round's event, even if it trains nothing
+        write_atomic(path, ledger.to_json())
     metrics: dict[str, int | float] = {"partition-id": pid, "round": round_, "num-examples": len(train_data),
                                        "fingerprint": session.adapter.fingerprint()}
     rank = client_rank(cfg.federation.client_ranks, pid, cfg.federation.num_clients, cfg.adapter.rank,
@@ -135,9 +139,6 @@ def train(msg: Message, context: Context) -> Message:
     if plan.dp is None:  # loss, timing and expert counts are private statistics outside DP-SGD
         metrics |= {"train_loss": result.loss, "train_wall_s": result.wall_s} | usage_metrics(result.usage)
     else:
-        ledger.record(DpSgdEvent(round_, plan.dp.noise_multiplier, plan.dp.sample_rate, plan.steps,
-                                 msg.metadata.run_id))
-        write_atomic(path, ledger.to_json())  # before the reply leaves: a crash can only over-count
         metrics |= {"epsilon": ledger.epsilon(), "dp-noise-multiplier": plan.dp.noise_multiplier,
                     "dp-sample-rate": plan.dp.sample_rate, "dp-steps": plan.steps,
                     "secure-rng": 1}  # noise and sampling came from fed.privacy.secure_rng
@@ -148,7 +149,7 @@ def train(msg: Message, context: Context) -> Message:
     if rank is not None:  # DP noise (and weight decay) also moved the masked components: never send that
         delta = restrict_rank(delta, session.adapter.structure().rank_axes, rank)
     # line-sparse tensors (RoseLoRA) travel as their kept entries and masks: post-processing of the update
-    arrays = to_sparse_record(delta, session.adapter.masks(), session.adapter.structure().lines)
+    arrays = to_sparse_record(delta, session.adapter.masks(), session.adapter.structure().lines, cfg.wire.dtype)
     gc.collect()  # Opacus hooks leave reference cycles; collect them so a long run's memory stays flat
     return _reply(msg, {**metrics, "steps": result.steps}, dp, arrays=arrays)
 

@@ -29,6 +29,7 @@ ROBUST_RULES = ("mean", "median", "trimmed-mean")
 WEIGHTINGS = ("capped", "examples", "uniform")
 CLIPS = ("adaptive", "auto", "fixed", "off")
 AGGREGATIONS = ("mean", "product")
+WIRE_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,9 @@ class FederationConfig:
     rounds: int = 3
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    eval_every: int = 1
+    """Evaluate the global adapter every this many rounds, and always after the last (0 = after the last only):
+    a round without evaluation sends no evaluate message at all."""
     server_lr: float = 1.0
     """Step size of the server update ``global += server_lr * weighted_mean(deltas)``."""
     min_replies: int = 1
@@ -167,6 +171,23 @@ class DPConfig:
 
 
 @dataclass(frozen=True)
+class WireConfig:
+    dtype: str = "float32"
+    """Transport dtype of the deltas clients send: ``float32``, or ``bfloat16`` (half the bytes up; every
+    value rounded to 8 significant bits, after any DP noise). The global adapter always travels in float32."""
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """How ``fed simulate`` lays its clients over this machine's cores (a deployment ignores it)."""
+
+    actors: int = 0
+    """Ray actors running clients side by side (0 = one per ``threads`` CPU cores). Each holds its own model."""
+    threads: int = 1
+    """Torch threads per actor (Ray reserves that many cores for it)."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     task: str = "classification"
     seed: int = 0
@@ -177,6 +198,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
@@ -242,6 +265,8 @@ _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "dp": DPConfig,
+    "wire": WireConfig,
+    "simulation": SimulationConfig,
 }
 
 
@@ -316,6 +341,7 @@ def _check_choices(c: RunConfig) -> list[str]:
         + ([] if c.strategy.aggregation != "product" or c.adapter.kind == "lora" else
            [f"strategy.aggregation='product' applies to adapter.kind='lora' only (got {c.adapter.kind!r}: ffa-lora "
             "is exact already, moslora always aggregates by product, mole and mor have no single B·A)"])
+        + _choice("wire.dtype", c.wire.dtype, WIRE_DTYPES)
     )
 
 
@@ -331,6 +357,7 @@ def _check_ranges(c: RunConfig) -> list[str]:
         + _at_least("federation.rounds", c.federation.rounds, 1)
         + _in_range("federation.fraction_train", c.federation.fraction_train, 0.0, 1.0)
         + _in_range("federation.fraction_evaluate", c.federation.fraction_evaluate, 0.0, 1.0, closed=True)
+        + _at_least("federation.eval_every", c.federation.eval_every, 0)
         + _at_least("federation.server_lr", c.federation.server_lr, 1e-12)
         + _in_range("strategy.trim_fraction", c.strategy.trim_fraction, 0.0, 0.49, closed=True)
         + _at_least("strategy.max_weight_ratio", c.strategy.max_weight_ratio, 1.0)
@@ -353,6 +380,8 @@ def _check_ranges(c: RunConfig) -> list[str]:
         + _at_least("train.micro_batch", c.train.micro_batch, 0)
         + _at_least("train.eval_batch_size", c.train.eval_batch_size, 1)
         + _at_least("train.max_eval_examples", c.train.max_eval_examples, 0)
+        + _at_least("simulation.actors", c.simulation.actors, 0)
+        + _at_least("simulation.threads", c.simulation.threads, 1)
     )
 
 

@@ -1,8 +1,9 @@
 """Flower ServerApp: build the adapter-aware strategy from the config, run the rounds, record the run.
 
 Each round's line (losses, accuracy, bytes, wall time) and a checkpoint of the global adapter are
-written as soon as the round ends; the privacy book is written as soon as a round's replies arrive,
-before aggregation, so a crash loses no DP event the server has seen.
+written as soon as the round ends; the privacy book is written once per round, as soon as the round's
+replies arrive, before aggregation, so a crash loses no DP event the server has seen. Mid-run it holds
+the run's accountant only; the RDP/PRV cross-check is added when the run ends (and by ``fed report``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 class RoundRecorder:
-    """Called by the strategy after each round's evaluation: writes the round's line, ledger, checkpoint."""
+    """Called by the strategy after each round's evaluation: writes the round's line and checkpoint (the
+    privacy book was written when the round's replies arrived)."""
 
     def __init__(self, strategy: AdapterFedAvg, book: LedgerBook, run_dir: RunDir,
                  on_round: RoundCallback | None) -> None:
@@ -75,8 +77,8 @@ class RoundRecorder:
                 "epsilon_max": self.book.max_epsilon(), "wall_s": round(now - self.started, 3)}
         self.started = now
         self.run_dir.append_metrics(line)
-        self.run_dir.write_privacy(self.book.report())
-        Checkpoint(round_, dict(arrays.to_torch_state_dict()), self.book.to_json()).save(self.run_dir.checkpoint)
+        global_ = from_record(arrays, self.strategy.expected)
+        Checkpoint(round_, global_, self.book.to_json()).save(self.run_dir.checkpoint)
         if self.on_round is not None:
             self.on_round(line)
         return None
@@ -100,10 +102,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
                          max_rank=cfg.adapter.rank if fed.client_ranks else 0,
                          ranks=planned_ranks(fed.client_ranks, fed.num_clients, cfg.adapter.rank) or ()),
         influence=cfg.strategy, lr=cfg.train.lr, book=book, on_privacy=lambda b: run_dir.write_privacy(b.report()),
-        fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+        fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate, eval_every=fed.eval_every,
         # the strategy waits for min_available_nodes before FedAvg sizes its sample (see _await_nodes)
         min_train_nodes=1, min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
-        min_available_nodes=fed.min_available or fed.num_clients, min_replies=fed.min_replies,
+        min_available_nodes=fed.min_available or fed.num_clients, min_replies=fed.min_replies, wire=cfg.wire.dtype,
         budgets=partial(round_budgets, {n: m.shape for n, m in metas(initial).items()}, adapter.structure().lines,
                         adapter.spec.keep_ratio, rounds=fed.rounds),
     )
@@ -113,7 +115,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
                             num_rounds=fed.rounds - strategy.round_offset,
                             timeout=fed.round_timeout, train_config=config_record(cfg),
                             evaluate_config=config_record(cfg), evaluate_fn=recorder)
-    run_dir.write_privacy(book.report())
+    run_dir.write_privacy(book.report(cross_check=True))
     if cfg.dp.enabled:
         write_report(run_dir.path)
     final = result.arrays if len(result.arrays) else to_record(initial)  # empty: no round aggregated anything

@@ -10,7 +10,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 import clients.app as honest
-from fed.wire import to_record
+from fed.wire import TensorMeta, config_from_record, from_record, to_record
 
 
 def hostile_client(scale: float, attackers: tuple[int, ...] = (0,), examples: int = 0) -> ClientApp:
@@ -22,8 +22,10 @@ def hostile_client(scale: float, attackers: tuple[int, ...] = (0,), examples: in
     def train(msg: Message, context: Context) -> Message:
         reply = honest.train(msg, context)
         if int(context.node_config.get("partition-id", 0)) in attackers and "arrays" in reply.content.array_records:
-            delta = reply.content.array_records["arrays"].to_torch_state_dict()
-            reply.content["arrays"] = to_record({name: scale * t for name, t in delta.items()})
+            wire = config_from_record(msg.content.config_records["config"]).wire.dtype
+            shapes = {name: TensorMeta(tuple(a.shape)) for name, a in msg.content.array_records["arrays"].items()}
+            delta = from_record(reply.content.array_records["arrays"], shapes, wire)
+            reply.content["arrays"] = to_record({name: scale * t for name, t in delta.items()}, wire)
             if examples:
                 reply.content.metric_records["metrics"]["num-examples"] = examples
         return reply

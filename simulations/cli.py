@@ -101,7 +101,7 @@ def _report(run_dir: str, console: Console) -> int:
     import json
     from pathlib import Path
 
-    from fed.reports.privacy import summary, write_report
+    from fed.reports.privacy import cross_checked, summary, write_report
 
     path = Path(run_dir)
     if not (path / "privacy.json").is_file():
@@ -109,7 +109,7 @@ def _report(run_dir: str, console: Console) -> int:
                       "or a deployed run")
         return 2
     out = write_report(path)
-    summary(json.loads((path / "privacy.json").read_text()), console)
+    summary(cross_checked(json.loads((path / "privacy.json").read_text())), console)
     console.print(f"report: [bold]{out}[/bold]")
     return 0
 

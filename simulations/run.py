@@ -23,7 +23,7 @@ from transformers.utils import logging as transformers_logging
 from clients.app import STATE_DIR_ENV
 from clients.app import app as client_app
 from fed.checkpoint import Checkpoint
-from fed.config import ConfigError, RunConfig
+from fed.config import ConfigError, RunConfig, SimulationConfig
 from fed.privacy.planner import delta_problems
 from fed.rundir import RunDir
 from fed.session import client_data, preflight, with_local_labels
@@ -70,6 +70,15 @@ def _describe(line: dict[str, Any]) -> str:
         parts.append(f"eps {line['epsilon_max']:.2f}")
     parts.append(f"{line['wall_s']:.0f}s")
     return " · ".join(parts)
+
+
+def backend_config(sim: SimulationConfig, verbose: bool) -> dict[str, Any]:
+    """Ray's resources for ``sim``: Flower starts (cores Ray may use) // (cores per client) actors, and Ray
+    sets each actor's OMP_NUM_THREADS (torch's thread count) to its cores."""
+    init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
+    if sim.actors:
+        init["num_cpus"] = sim.actors * sim.threads
+    return {"client_resources": {"num_cpus": sim.threads, "num_gpus": 0.0}, "init_args": init}
 
 
 def _check_delta(cfg: RunConfig) -> None:
@@ -130,9 +139,7 @@ def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", consol
         os.environ[STATE_DIR_ENV] = str((run_dir.path / "clients").resolve())
         try:
             run_simulation(server_app=server_app, client_app=client, num_supernodes=cfg.federation.num_clients,
-                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                           "init_args": {"include_dashboard": False, "log_to_driver": verbose}},
-                           verbose_logging=verbose)
+                           backend_config=backend_config(cfg.simulation, verbose), verbose_logging=verbose)
         finally:
             os.environ.pop(STATE_DIR_ENV, None)
     if not (run_dir.adapter / "fedlora.json").exists():

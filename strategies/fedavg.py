@@ -75,11 +75,16 @@ class AdapterFedAvg(FedAvg):
     def __init__(self, *, expected: Mapping[str, TensorMeta], structure: Structure, rules: ReplyRules,
                  server_lr: float = 1.0, products: Products | None = None, seed: int = 0,
                  influence: StrategyConfig = StrategyConfig(), lr: float = 0.0, book: LedgerBook | None = None,
-                 on_privacy: Callable[[LedgerBook], None] | None = None, min_replies: int = 1,
-                 budgets: Callable[[int], dict[str, int]] = lambda round_: {}, **fedavg: Any) -> None:
+                 on_privacy: Callable[[LedgerBook], None] | None = None, min_replies: int = 1, wire: str = "float32",
+                 eval_every: int = 1, budgets: Callable[[int], dict[str, int]] = lambda round_: {},
+                 **fedavg: Any) -> None:
         super().__init__(**fedavg)
         self.budgets = budgets
         """Per line-sparse tensor, the entries each line keeps at the end of a round (RoseLoRA's schedule)."""
+        self.eval_every = eval_every
+        """Evaluate after every k-th round of the run and after its last (``rules.rounds``); 0: the last only."""
+        self.wire = wire
+        """Transport dtype replies must use (``wire.dtype``); a reply in any other is dropped."""
         self.min_replies = min_replies
         """Fewest valid replies that may move the global adapter: a round left with fewer (crashed nodes,
         stragglers past the timeout, dropped replies) keeps the previous global."""
@@ -175,7 +180,8 @@ class AdapterFedAvg(FedAvg):
                 counts = read_usage(metrics, self.structure.slot_names)
                 arrays = msg.content.array_records["arrays"]
                 record.bytes_up += arrays.count_bytes()
-                delta, kept = from_sparse_record(arrays, self.expected, self._global, self.structure.lines, budgets)
+                delta, kept = from_sparse_record(arrays, self.expected, self._global, self.structure.lines, budgets,
+                                                  self.wire)
                 if rank is not None:
                     check_padding(delta, self.structure.rank_axes, rank)
                 deltas.append(delta)
@@ -242,10 +248,16 @@ class AdapterFedAvg(FedAvg):
             self.book.flag(f"round {server_round}: {who} (node {node}) was asked to train and sent no reply; it "
                            "may have spent budget the server never saw (its own ledger counts it)")
 
+    def evaluates(self, run_round: int) -> bool:
+        """Whether round ``run_round`` of the run (offset included) ends with an evaluation."""
+        last = run_round >= self.rules.rounds
+        return self.fraction_evaluate > 0 and (last or (self.eval_every > 0 and run_round % self.eval_every == 0))
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        if self.fraction_evaluate > 0:
-            self._await_nodes(grid)
+        if not self.evaluates(server_round + self.round_offset):
+            return []
+        self._await_nodes(grid)
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -51,3 +51,22 @@ def test_policy_refusal_is_in_the_reply_and_the_pin_survives(experiment, tmp_pat
     assert "requires DP" in reply.content.config_records["refusal"]["reason"]
     assert not reply.content.array_records  # nothing trained, nothing sent
     assert json.loads((tmp_path / "ledger-0.json").read_text())["policy"]["dp_required"] is True
+
+
+def test_one_ledger_write_per_dp_round_booking_the_round_before_it_trains(experiment, tmp_path, monkeypatch):
+    import clients.app as client_app
+
+    writes: list = []
+    real_write = client_app.write_atomic
+    monkeypatch.setattr(client_app, "write_atomic", lambda path, text: writes.append(path) or real_write(path, text))
+    data, node = experiment.canary.data(False), {"state-dir": str(tmp_path)}
+    experiment.ask(data, node, round_=1)
+    assert len(writes) == 1
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the node died mid-round")
+
+    monkeypatch.setattr(client_app, "train_round", crash)
+    with pytest.raises(RuntimeError, match="mid-round"):
+        experiment.ask(data, node, round_=2)
+    assert [e.round for e in _ledger(tmp_path).events] == [1, 2]  # a crash can only over-count

@@ -83,3 +83,16 @@ def test_cli_stops_on_a_bad_value_before_any_work(capsys):
     assert main(["simulate", "--set", "adapter.kind=dora", "--out", "/nonexistent/never-created"]) == 2
     err = capsys.readouterr().err
     assert "adapter.kind='dora' is not one of: lora, ffa-lora" in err
+
+
+def test_simulation_section_sizes_the_ray_actors():
+    from simulations.run import backend_config
+
+    default = backend_config(RunConfig().simulation, verbose=False)
+    assert default["client_resources"]["num_cpus"] == 1 and "num_cpus" not in default["init_args"]  # one per core
+    one_wide = RunConfig.from_flat({"simulation.actors": 1, "simulation.threads": 2}).simulation
+    sized = backend_config(one_wide, verbose=False)
+    assert sized["init_args"]["num_cpus"] // sized["client_resources"]["num_cpus"] == 1  # Flower's pool size
+    assert sized["client_resources"]["num_cpus"] == 2
+    with pytest.raises(ConfigError, match="simulation.threads=0"):
+        RunConfig.from_flat({"simulation.threads": 0})

@@ -80,7 +80,7 @@ def test_report_is_conservative_and_flags_disagreements():
     under = _dp_reply(13, 2, eps=0.01)
     strategy.rounds[1] = RoundLog(asked=[11, 12, 13, 14])  # as configure_train leaves it
     strategy.aggregate_train(1, [honest, over, under])
-    report = book.report()
+    report = book.report(cross_check=True)
     server = epsilon([DpSgdEvent(1, 1.1, 0.05, 10, 1)], DP.delta, "rdp")
     clients = report["clients"]
     assert clients["0"]["epsilon"] == pytest.approx(server) and clients["0"]["flags"] == []
@@ -89,7 +89,31 @@ def test_report_is_conservative_and_flags_disagreements():
     assert any("node 14" in f and "no reply" in f for f in report["flags"])
     assert clients["0"]["epsilon_prv"] < clients["0"]["epsilon_rdp"]
     assert "zero-out" in report["guarantee"] and report["rng"].startswith("os.urandom")
-    assert LedgerBook.from_json(book.to_json()).report() == report
+    assert LedgerBook.from_json(book.to_json()).report(cross_check=True) == report
+
+
+def test_mid_run_report_reaccounts_only_clients_with_new_events_and_only_the_runs_accountant(monkeypatch):
+    import fed.privacy.book as book_module
+
+    calls: list[tuple[int, str]] = []
+    real = book_module.epsilon
+    monkeypatch.setattr(book_module, "epsilon",
+                        lambda events, delta, acc: calls.append((len(list(events)), acc)) or real(events, delta, acc))
+    book = LedgerBook(DP)
+    reply = {"dp-steps": 10, "dp-noise-multiplier": 1.1, "dp-sample-rate": 0.05, "epsilon": 0.5}
+    for cid in range(3):
+        book.observe(1, {"partition-id": cid, **reply})
+    first = book.report()
+    assert sorted(calls) == [(1, "rdp")] * 3 and first["clients"]["0"]["epsilon_prv"] is None
+    calls.clear()
+    book.observe(2, {"partition-id": 1, **reply})  # only client 1 trains again
+    second = book.report()
+    assert calls == [(2, "rdp")]  # the other two are not re-accounted
+    assert second["clients"]["1"]["server_epsilon"] == pytest.approx(
+        real([DpSgdEvent(1, 1.1, 0.05, 10), DpSgdEvent(2, 1.1, 0.05, 10)], DP.delta, "rdp"))
+    final = book.report(cross_check=True)["clients"]["1"]
+    assert final["epsilon_prv"] == pytest.approx(real(book.events(1), DP.delta, "prv"))
+    assert final["epsilon_rdp"] == second["clients"]["1"]["epsilon_rdp"]
 
 
 def test_malformed_events_never_enter_a_ledger():

@@ -44,9 +44,11 @@ def test_html_is_self_contained_and_states_the_numbers():
 
 
 def test_fed_report_writes_the_page_and_refuses_a_folder_without_privacy_json(tmp_path, capsys):
-    (tmp_path / "privacy.json").write_text(json.dumps(_book().report()))
+    (tmp_path / "privacy.json").write_text(json.dumps(_book().report()))  # mid-run: RDP only, PRV null
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "report.html").is_file()
+    prv = epsilon([DpSgdEvent(1, 0.9, 0.04, 10), DpSgdEvent(2, 0.9, 0.04, 10)], 1e-5, "prv")
+    assert f"{prv:.4g}" in (tmp_path / "report.html").read_text()  # the cross-check, filled in by fed report
     assert main(["report", str(tmp_path / "nope")]) == 2
 
 

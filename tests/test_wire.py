@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fed.adapters import Aggregation, Structure
-from fed.wire import PayloadError, TensorMeta, from_record, metas, to_record
+from fed.wire import RAW, PayloadError, TensorMeta, from_record, metas, to_record
 from strategies.fedavg import AdapterFedAvg
 from strategies.validation import ReplyRules, check_reply
 from tests.conftest import reply_from
@@ -43,12 +43,37 @@ def test_bad_payloads_are_rejected_with_the_reason(record, reason):
     assert reason in str(err.value)
 
 
-def test_header_lying_about_its_shape_is_rejected():
-    lie = Array(dtype="float32", shape=(2,), stype="numpy.ndarray",
-                data=_record()["l.lora_B.weight"].data)  # a (3, 2) .npy body under a (2,) header
+def test_bfloat16_transport_halves_the_bytes_rounds_each_value_and_is_validated_like_float32():
+    tensors = {"l.lora_B.weight": torch.randn(3, 2, generator=torch.Generator().manual_seed(0)),
+               "head.bias": torch.tensor([1e-3, -7.5])}
+    half, full = to_record(tensors, "bfloat16"), to_record(tensors)
+    elements = sum(t.numel() for t in tensors.values())
+    assert full.count_bytes() - 4 * elements == half.count_bytes() - 2 * elements  # the key names
+    out = from_record(half, EXPECTED, "bfloat16")
+    for name, t in tensors.items():  # the receiver sees float32 equal to the value rounded to bfloat16
+        assert out[name].dtype == torch.float32
+        assert torch.equal(out[name], t.to(torch.bfloat16).float())
+        assert (out[name] - t).abs().max() <= 2**-8 * t.abs().max()
+    with pytest.raises(PayloadError, match="expected int16"):  # float32 where bfloat16 was agreed
+        from_record(full, EXPECTED, "bfloat16")
+    with pytest.raises(PayloadError, match="expected float32"):
+        from_record(half, EXPECTED)
+    inf = to_record({**tensors, "head.bias": torch.tensor([float("inf"), 1.0])}, "bfloat16")
+    with pytest.raises(PayloadError, match="NaN or Inf"):
+        from_record(inf, EXPECTED, "bfloat16")
+    with pytest.raises(ValueError, match="float16"):
+        to_record(tensors, "float16")
+
+
+def test_bytes_that_do_not_match_the_declared_shape_or_another_serialisation_are_rejected():
+    body = _record()["l.lora_B.weight"].data  # the 24 bytes of a (3, 2) float32 array
+    lie = Array(dtype="float32", shape=(2,), stype=RAW, data=body)  # ... declared as (2,)
     record = ArrayRecord({"l.lora_B.weight": _record()["l.lora_B.weight"], "head.bias": lie})
-    with pytest.raises(PayloadError, match="head.bias"):
+    with pytest.raises(PayloadError, match="head.bias: 24 bytes, a float32"):
         from_record(record, EXPECTED)
+    npy = ArrayRecord({"l.lora_B.weight": _record()["l.lora_B.weight"], "head.bias": Array(np.ones(2, np.float32))})
+    with pytest.raises(PayloadError, match="head.bias: serialisation 'numpy.ndarray'"):
+        from_record(npy, EXPECTED)
 
 
 def test_metrics_checks_round_examples_fingerprint_and_loss():
@@ -71,7 +96,9 @@ _NODES = iter(range(100, 10**6))
 
 def _reply(arrays: ArrayRecord, **metrics) -> Message:
     base = {"num-examples": 10, "fingerprint": FP, "train_loss": 1.0, "partition-id": 0, "round": 1, "steps": 1}
-    return reply_from(next(_NODES), arrays.to_torch_state_dict(), {**base, **metrics})  # each from its own node
+    msg = reply_from(next(_NODES), None, {**base, **metrics})  # each from its own node
+    msg.content["arrays"] = arrays
+    return msg
 
 
 def test_strategy_drops_bad_replies_and_averages_the_rest():
@@ -91,6 +118,33 @@ def test_strategy_drops_bad_replies_and_averages_the_rest():
     assert metrics["clients"] == 2 and metrics["dropped"] == 4
     reasons = " | ".join(strategy.rounds[1].dropped)
     assert "NaN" in reasons and "fingerprint" in reasons and "shape" in reasons and "expert counts" in reasons
+
+
+def test_strategy_under_bfloat16_transport_averages_the_rounded_deltas_and_drops_float32_ones():
+    strategy = AdapterFedAvg(expected=EXPECTED, structure=Structure({k: Aggregation.MEAN for k in GLOBAL}),
+                             rules=ReplyRules(fingerprint=FP), wire="bfloat16")
+    strategy._global = {k: v.clone() for k, v in GLOBAL.items()}
+    deltas = [{"l.lora_B.weight": torch.full((3, 2), v), "head.bias": torch.full((2,), v)} for v in (0.1, 0.3)]
+    replies = [_reply(to_record(d, "bfloat16")) for d in deltas] + [_reply(to_record(deltas[0]))]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = (torch.tensor(0.1).bfloat16().float() + torch.tensor(0.3).bfloat16().float()) / 2
+    torch.testing.assert_close(from_record(arrays, EXPECTED)["head.bias"], expected.expand(2))  # the global: float32
+    assert metrics["clients"] == 2 and "wire.dtype='bfloat16'" in strategy.rounds[1].dropped[0]
+
+
+def test_evaluation_every_k_rounds_and_always_after_the_last():
+    def strategy(every: int, offset: int = 0) -> AdapterFedAvg:
+        s = AdapterFedAvg(expected=EXPECTED, structure=Structure({k: Aggregation.MEAN for k in GLOBAL}),
+                          rules=ReplyRules(fingerprint=FP, rounds=7), eval_every=every)
+        s.round_offset = offset
+        return s
+
+    assert [r for r in range(1, 8) if strategy(3).evaluates(r)] == [3, 6, 7]
+    assert [r for r in range(1, 8) if strategy(1).evaluates(r)] == list(range(1, 8))
+    assert [r for r in range(1, 8) if strategy(0).evaluates(r)] == [7]
+    skipping = strategy(3, offset=2)  # a resumed run counts the run's rounds, not Flower's
+    assert skipping.configure_evaluate(2, to_record(GLOBAL), ConfigRecord({}), grid=None) == []  # run round 4
+    assert skipping.aggregate_evaluate(2, []) is None and 4 not in skipping.rounds
 
 
 def test_meta_sizes():
@@ -139,3 +193,16 @@ def test_a_round_with_fewer_valid_replies_than_min_replies_keeps_the_global():
     assert strategy.aggregate_train(1, [_reply(_record()), _reply(_record(), fingerprint=FP + 1)]) == (None, None)
     arrays, metrics = strategy.aggregate_train(1, [_reply(_record()), _reply(_record())])
     assert arrays is not None and metrics["clients"] == 2
+
+
+@pytest.mark.parametrize("row", ["lora", "ffa-lora", "moslora", "mole", "mor"])
+@pytest.mark.parametrize("wire, itemsize", [("float32", 4), ("bfloat16", 2)])
+def test_bytes_sent_are_the_trained_elements_plus_the_tensor_names(row, wire, itemsize):
+    from tests.test_adapters import make
+
+    state = make(row).sent_state()
+    trained = sum(p.numel() for p in make(row).trainable_parameters())
+    assert sum(t.numel() for t in state.values()) == trained  # what is sent is exactly what is trained
+    expected = sum(t.numel() * itemsize + len(name) for name, t in state.items())  # no per-tensor header
+    assert to_record(state, wire).count_bytes() == expected
+    assert from_record(to_record(state, wire), metas(state), wire).keys() == state.keys()

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from fed.config import DPConfig
+from fed.config import ACCOUNTANTS, DPConfig
 from fed.privacy import secure_rng
 from fed.privacy.ledger import DpSgdEvent, Ledger, epsilon
 from fed.privacy.planner import new_ledger
@@ -47,6 +47,9 @@ class LedgerBook:
     examples: dict[int, int] = field(default_factory=dict)
     """Each client's n (public under the zero-out adjacency the guarantee is stated for)."""
     flags: list[str] = field(default_factory=list)
+    _memo: dict[tuple[int, str], tuple[int, float]] = field(default_factory=dict, repr=False, compare=False)
+    """(client, accountant) -> (events seen, epsilon): a client's figure is recomputed only when it has new
+    events (they only ever grow), so a write with 1,000 clients re-accounts just the round's participants."""
 
     def observe(self, round_: int, metrics: Mapping[str, Any], run: int = 0) -> int | None:
         """Record the DP event in one client's reply (a reply without DP metrics spent nothing).
@@ -88,7 +91,13 @@ class LedgerBook:
         return list(self.ledgers[cid].events) if cid in self.ledgers else []
 
     def server_epsilon(self, cid: int, accountant: str | None = None) -> float:
-        return epsilon(self.events(cid), self.dp.delta, accountant or self.dp.accountant)
+        accountant = accountant or self.dp.accountant
+        events = self.ledgers[cid].events if cid in self.ledgers else []
+        seen, value = self._memo.get((cid, accountant), (-1, 0.0))
+        if seen != len(events):
+            value = epsilon(events, self.dp.delta, accountant)
+            self._memo[(cid, accountant)] = (len(events), value)
+        return value
 
     def epsilon(self, cid: int) -> float:
         """The conservative figure: the larger of the server's recomputation and the client's report."""
@@ -109,18 +118,24 @@ class LedgerBook:
         return [f"client reports epsilon {reported:.4g} < {server:.4g} recomputed from its own events: "
                 "it under-reports; the server's figure is reported"]
 
-    def report(self) -> dict[str, Any]:
-        """``privacy.json``: per client the conservative epsilon, the parameters behind it, and flags."""
+    def report(self, cross_check: bool = False) -> dict[str, Any]:
+        """``privacy.json``: per client the conservative epsilon, the parameters behind it, and flags.
+
+        Mid-run only the run's accountant is kept current (``epsilon_rdp`` / ``epsilon_prv`` of the other is
+        None): PRV costs about a second per client and history. ``cross_check`` fills both, as the end of
+        a run and ``fed report`` do.
+        """
         clients = {}
         for cid in sorted(self.ledgers.keys() | self.reported_epsilon.keys()):
             ledger = self.ledgers.get(cid, new_ledger(self.dp))
-            entry = ledger.to_dict()
+            entry = ledger.to_dict(epsilon=self.server_epsilon(cid))
             entry.pop("policy", None)  # the client's pin lives in its own ledger, not in the server's copy
             entry.pop("run", None)
             entry.update({
                 "epsilon": self.epsilon(cid), "server_epsilon": self.server_epsilon(cid),
                 "client_reported_epsilon": self.reported_epsilon.get(cid),
-                "epsilon_rdp": self.server_epsilon(cid, "rdp"), "epsilon_prv": self.server_epsilon(cid, "prv"),
+                **{f"epsilon_{acc}": (self.server_epsilon(cid, acc) if cross_check or acc == self.dp.accountant
+                                      else None) for acc in ACCOUNTANTS},
                 "remaining": (max(0.0, self.dp.target_epsilon - self.epsilon(cid))
                               if self.dp.target_epsilon > 0 else None),
                 "sample_rate": entry["events"][-1]["sample_rate"] if entry["events"] else None,
@@ -139,7 +154,8 @@ class LedgerBook:
 
     def to_json(self) -> str:
         """The book's whole state (for a checkpoint); ``from_json`` restores it."""
-        return json.dumps({"dp": asdict(self.dp), "ledgers": {str(c): led.to_dict() for c, led in self.ledgers.items()},
+        return json.dumps({"dp": asdict(self.dp), "ledgers": {str(c): led.to_dict(epsilon=self.server_epsilon(c))
+                                                                for c, led in self.ledgers.items()},
                            "reported_epsilon": {str(c): e for c, e in self.reported_epsilon.items()},
                            "secure_rng": {str(c): s for c, s in self.secure_rng.items()},
                            "examples": {str(c): n for c, n in self.examples.items()}, "flags": self.flags})

@@ -134,8 +134,10 @@ class Ledger:
         self.events = [*self.events, *missing]  # arrival order: run ids are random, so they do not sort runs
         return len(missing)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = {**asdict(self), "epsilon": self.epsilon(), "steps": self.steps}
+    def to_dict(self, epsilon: float | None = None) -> dict[str, Any]:
+        """Plain data; ``epsilon`` is this ledger's figure when the caller already holds it (the server's
+        book memoises it per client), else it is recomputed."""
+        data = {**asdict(self), "epsilon": self.epsilon() if epsilon is None else epsilon, "steps": self.steps}
         data["policy"] = self.policy.to_dict() if self.policy else None
         return data
 

@@ -3,6 +3,7 @@
 Everything is recomputed from ``privacy.json`` (the events are the accountant's whole state), so the
 page shows the numbers a reviewer can check: per-client epsilon over rounds, the remaining budget, the
 parameters behind each number, RDP against PRV, the guarantee in words and every flag the server raised.
+A ``privacy.json`` written mid-run carries only the run's accountant; ``cross_checked`` fills in the other.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from fed.config import ACCOUNTANTS  # noqa: E402
 from fed.privacy.ledger import DpSgdEvent, epsilon  # noqa: E402
 
 
@@ -37,6 +39,14 @@ def epsilon_by_round(entry: dict[str, Any], delta: float, accountant: str) -> li
         if i + 1 == len(events) or (events[i + 1].run, events[i + 1].round) != (event.run, event.round):
             points.append((event.round, epsilon(events[:i + 1], delta, accountant)))
     return points
+
+
+def cross_checked(privacy: dict[str, Any]) -> dict[str, Any]:
+    """``privacy`` with every client's missing RDP or PRV figure recomputed from its events (a copy)."""
+    clients = {cid: {**entry, **{f"epsilon_{acc}": epsilon(_events(entry), privacy["delta"], acc)
+                                 for acc in ACCOUNTANTS if entry.get(f"epsilon_{acc}") is None}}
+               for cid, entry in privacy["clients"].items()}
+    return {**privacy, "clients": clients}
 
 
 def _png(fig: Any) -> str:
@@ -65,8 +75,10 @@ def _plots(privacy: dict[str, Any]) -> list[tuple[str, str]]:
     curves = _png(fig)
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     names = [f"client {c}" for c in clients]
-    ax.bar(names, [e["epsilon_rdp"] for e in clients.values()], width=0.4, label="RDP", align="edge")
-    ax.bar(names, [e["epsilon_prv"] for e in clients.values()], width=-0.4, label="PRV", align="edge")
+    bars = {acc: [float("nan") if e.get(f"epsilon_{acc}") is None else e[f"epsilon_{acc}"] for e in clients.values()]
+            for acc in ACCOUNTANTS}  # a missing figure (mid-run file) draws no bar
+    ax.bar(names, bars["rdp"], width=0.4, label="RDP", align="edge")
+    ax.bar(names, bars["prv"], width=-0.4, label="PRV", align="edge")
     if target:
         ax.axhline(target, color="crimson", linestyle="--", label=f"target {target:g}")
     ax.set(ylabel="epsilon", title="final epsilon: RDP against PRV (same events)")
@@ -85,7 +97,7 @@ def _rows(privacy: dict[str, Any]) -> list[list[str]]:
         return "-" if value is None else format(value, fmt)
 
     return [[cid, num(e["epsilon"]), num(e["server_epsilon"]), num(e["client_reported_epsilon"]),
-             num(e["epsilon_rdp"]), num(e["epsilon_prv"]), num(e["remaining"]), num(e["noise_multiplier"]),
+             num(e.get("epsilon_rdp")), num(e.get("epsilon_prv")), num(e["remaining"]), num(e["noise_multiplier"]),
              num(e["sample_rate"]), str(e["steps"]), num(e["num_examples"], "d"),
              {True: "yes", False: "NO", None: "-"}[e["secure_rng"]], str(len(e["flags"]))]
             for cid, e in privacy["clients"].items()]
@@ -122,8 +134,8 @@ the client's own report.</p>
 
 
 def write_report(run_dir: Path) -> Path:
-    """``report.html`` next to ``privacy.json`` in ``run_dir``."""
-    privacy = json.loads((run_dir / "privacy.json").read_text())
+    """``report.html`` next to ``privacy.json`` in ``run_dir`` (RDP and PRV both, whatever the file holds)."""
+    privacy = cross_checked(json.loads((run_dir / "privacy.json").read_text()))
     out = run_dir / "report.html"
     out.write_text(render_html(privacy, f"Privacy report · {run_dir.name}"))
     return out
@@ -139,7 +151,8 @@ def summary(privacy: dict[str, Any], console: Console) -> None:
         table.add_column(column, justify="right", no_wrap=True)
     for cid, e in privacy["clients"].items():
         left = "-" if e["remaining"] is None else f"{e['remaining']:.3g}"
-        table.add_row(cid, f"{e['epsilon']:.4g}", f"{e['epsilon_prv']:.4g}", left, f"{e['noise_multiplier'] or 0:.3g}",
+        prv = "-" if e.get("epsilon_prv") is None else f"{e['epsilon_prv']:.4g}"
+        table.add_row(cid, f"{e['epsilon']:.4g}", prv, left, f"{e['noise_multiplier'] or 0:.3g}",
                       f"{e['sample_rate'] or 0:.3g}", str(e["steps"]), str(e["num_examples"] or "-"),
                       {True: "ok", False: "NO", None: "-"}[e["secure_rng"]], str(len(e["flags"])))
     console.print(table)

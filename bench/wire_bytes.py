@@ -1,0 +1,40 @@
+"""Bytes a client sends per round, per adapter family and transport dtype, against the physical minimum.
+
+The minimum is the trained-and-sent elements times the bytes per element (4 for float32, 2 for
+bfloat16); what travels is Flower's ArrayRecord, each tensor's raw bytes under its name, counted as
+``ArrayRecord.count_bytes()`` (the figure in ``metrics.jsonl``). The overhead is the tensor names.
+
+    python bench/wire_bytes.py [--model default] [--set adapter.rank=16 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fed.config import ADAPTER_KINDS, WIRE_DTYPES
+from fed.presets import resolve
+from fed.session import adapted_model
+from fed.wire import to_record
+
+ITEMSIZE = {"float32": 4, "bfloat16": 2}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    print("| family | tensors sent | elements | wire dtype | minimum bytes | bytes sent | overhead |")
+    print("|---|---|---|---|---|---|---|")
+    for kind in ADAPTER_KINDS:
+        cfg = resolve("quickstart", [f"model.name={args.model}", f"adapter.kind={kind}", *args.set])
+        state = adapted_model(cfg)[0].sent_state()
+        elements = sum(t.numel() for t in state.values())
+        for wire in WIRE_DTYPES:
+            minimum, sent = elements * ITEMSIZE[wire], to_record(state, wire).count_bytes()
+            print(f"| {kind} | {len(state)} | {elements:,} | {wire} | {minimum:,} | {sent:,} | "
+                  f"{100 * (sent - minimum) / minimum:.2f}% |")
+
+
+if __name__ == "__main__":
+    main()

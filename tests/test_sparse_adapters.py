@@ -85,7 +85,7 @@ def test_importance_under_dp_reads_the_released_parameters_only_never_a_gradient
     stepper = DpStepper(dp_side.model, optimizer, DpSettings(noise_multiplier=1.0, max_grad_norm=1.0,
                                                              sample_rate=0.05, num_examples=100))
     stepper.accumulate(task.per_example_loss(stepper.module, batch), len(batch["input_ids"]))
-    stepper.step()
+    stepper.optimizer.step()  # not stepper.step(), which also clears them: the raw gradients stay attached
     released = dp_side.sent_state()
     params = dict(dp_side.model.named_parameters())
     assert all(params[n].grad_sample is not None and params[n].grad is not None for n in dp_side.masks())

@@ -86,6 +86,9 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
                             yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in points],
                             marker="o", capsize=3, label=f"{a}, {sp}")
     ax.set_xticks(list(xs.values()), [("no DP" if e == "inf" else f"eps {e}") for e in xs])
+    top = max((r["accuracy"] for r in results), default=0.8)
+    ax.set_ylim(0.45, max(0.85, top + 0.02))  # a full scale: differences of a point are eval noise, not a trend
+    ax.axhline(0.53, color="grey", linestyle=":", linewidth=1, label="majority class")
     ax.set_ylabel("final eval accuracy")
     ax.set_title("private preset: accuracy against the per-client budget")
     ax.grid(alpha=0.3)

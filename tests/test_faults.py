@@ -18,6 +18,7 @@ from typing import Callable
 
 import psutil
 import pytest
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
 
 from fed.presets import resolve
 from fed.privacy.ledger import Ledger
@@ -80,7 +81,9 @@ def test_every_round_closes_with_the_replies_that_arrived(faulty):
     rounds = _rounds(run_dir)
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert [r["clients"] for r in rounds] == [2, 1, 1]
-    assert rounds[2]["wall_s"] >= TIMEOUT * 0.9  # the straggler was waited for up to the timeout, no longer
+    # the frozen straggler is waited for until the timeout, or until Flower declares it offline when its
+    # heartbeat lapses (every 30 s), whichever comes first; never longer, and never dropped at once
+    assert HEARTBEAT_DEFAULT_INTERVAL * 0.8 <= rounds[2]["wall_s"] <= TIMEOUT * 1.5
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -19,11 +19,8 @@ from that file (same arguments) without running anything, e.g. after an interrup
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import statistics
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,7 @@ from fed.presets import resolve
 from fed.models import load_model
 from fed.session import adapter_spec, num_labels
 
-from cells import mean_std, run_cell  # bench/ is on sys.path when a bench script runs
+from cells import bench_parser, mean_std, record, run_cell, settings, write_section  # bench/ is on sys.path when a bench script runs
 
 FAMILIES = ("lora", "ffa-lora", "moslora", "mole", "mor", "roselora", "dynamic-lora")
 SPLITS = {"mixed-domains": [], "iid": ["data.partition=iid"]}
@@ -81,17 +78,11 @@ def table(results: list[dict[str, Any]], params: dict[str, tuple[int, int]]) -> 
 
 
 def main() -> None:
-    warnings.filterwarnings("ignore", message="Full backward hook")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = bench_parser(__doc__, "runs/bench-adapters")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--dp", nargs="+", default=list(DP), choices=list(DP))
     parser.add_argument("--budget-rank", type=int, default=8, help="LoRA rank whose parameter count sets the budget")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--runs", default="runs/bench-adapters")
-    parser.add_argument("--doc", default="docs/benchmarks.md")
-    parser.add_argument("--render", action="store_true", help="only write the table from <runs>/results.jsonl")
     args = parser.parse_args()
     base = resolve("mixed-domains", args.overrides)
     budget = adapter_parameters(base.with_overrides({"adapter.kind": "lora", "adapter.rank": args.budget_rank}))
@@ -99,7 +90,6 @@ def main() -> None:
     print(f"budget: {budget:,} trainable adapter parameters (LoRA rank {args.budget_rank}); ranks: {params}")
     log = Path(args.runs) / "results.jsonl"
     if not args.render:
-        log.parent.mkdir(parents=True, exist_ok=True)
         for family in args.families:
             for split in args.splits:
                 for dp in args.dp:
@@ -108,22 +98,16 @@ def main() -> None:
                                                         f"adapter.kind={family}", f"adapter.rank={params[family][0]}",
                                                         f"seed={seed}"])
                         name = f"{family}-{split}-{'dp' if cfg.dp.enabled else 'plain'}-s{seed}"
-                        cell = {"family": family, "split": split, "dp": dp, "seed": seed,
-                                **run_cell(cfg, Path(args.runs), name)}
-                        with open(log, "a") as handle:
-                            handle.write(json.dumps(cell) + "\n")
-                        print(json.dumps(cell), flush=True)
+                        record(log, {"family": family, "split": split, "dp": dp, "seed": seed,
+                                     **run_cell(cfg, Path(args.runs), name)})
     results = [json.loads(line) for line in log.read_text().splitlines()]
-    settings = " ".join(f"`{o}`" for o in args.overrides) or "none"
-    section = (f"\n## Adapter families at equal budget ({datetime.date.today().isoformat()})\n\n"
-               f"`python bench/adapters_accuracy.py --seeds {' '.join(map(str, args.seeds))}` with overrides "
-               f"{settings}, on top of the `mixed-domains` preset (IID: the same data, `data.partition=iid`). "
-               f"Final-round accuracy, mean ± std over {len(args.seeds)} seed(s); the budget is LoRA rank "
-               f"{args.budget_rank} ({budget:,} parameters); DP targets epsilon 8 per client.\n\n"
-               f"{table(results, params)}\n")
-    doc = Path(args.doc)
-    doc.write_text((doc.read_text() if doc.exists() else "# Benchmarks\n") + section)
-    print(section)
+    body = (f"`python bench/adapters_accuracy.py --seeds {' '.join(map(str, args.seeds))}` with overrides "
+            f"{settings(args.overrides)}, on top of the `mixed-domains` preset (IID: the same data, "
+            f"`data.partition=iid`). Final-round accuracy, mean ± std over {len(args.seeds)} seed(s); the budget is "
+            f"LoRA rank {args.budget_rank} ({budget:,} parameters); DP targets epsilon 8 per client.\n\n"
+            f"{table(results, params)}")
+    write_section(Path(args.doc), "Adapter families at equal budget", body)
+    print(body)
 
 
 if __name__ == "__main__":

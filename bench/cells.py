@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,32 @@ from rich.console import Console
 
 from fed.config import RunConfig
 from fed.rundir import RunDir
+
+
+def bench_parser(description: str | None, runs: str, *, seeds: bool = True) -> argparse.ArgumentParser:
+    """The options every accuracy bench shares (overrides, where runs and the doc go, ``--render``, seeds)."""
+    warnings.filterwarnings("ignore", message="Full backward hook")
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if seeds:
+        parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--runs", default=runs, help="where the runs and their JSONL log go")
+    parser.add_argument("--doc", default="docs/benchmarks.md")
+    parser.add_argument("--render", action="store_true", help="only write the section from the runs' JSONL log")
+    return parser
+
+
+def record(log: Path, result: dict[str, Any]) -> None:
+    """Append one finished cell to the bench's JSONL log at once: a crash loses only the cell that was running."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as handle:
+        handle.write(json.dumps(result) + "\n")
+    print(json.dumps(result), flush=True)
+
+
+def settings(overrides: list[str]) -> str:
+    """The overrides a section was measured with, as Markdown."""
+    return " ".join(f"`{o}`" for o in overrides) or "none"
 
 
 def run_cell(cfg: RunConfig, runs: Path, name: str) -> dict[str, Any]:

@@ -15,10 +15,8 @@ Results are appended to ``<runs>/levers.jsonl``; the table goes to docs/benchmar
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from fed.precision import resolve_precision
 from fed.session import adapted_model, client_data, with_local_labels
 from fed.train import evaluate, train_round
 
-from cells import write_section  # bench/ is on sys.path when a bench script runs
+from cells import bench_parser, record, settings, write_section  # bench/ is on sys.path when a bench script runs
 
 LEVERS: dict[str, list[str]] = {
     "private preset": [],
@@ -91,28 +89,20 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    warnings.filterwarnings("ignore", message="Full backward hook")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "runs/bench-dp-levers", seeds=False)
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--eval-limit", type=int, default=600, help="held-out examples scored per round")
-    parser.add_argument("--runs", default="runs/bench-dp-levers")
-    parser.add_argument("--doc", default="docs/benchmarks.md")
-    parser.add_argument("--render", action="store_true", help="only write the table from <runs>/levers.jsonl")
     args = parser.parse_args()
     for item in args.overrides:
         parse_override(item)  # a typo stops here, before the first lever runs
     log = Path(args.runs) / "levers.jsonl"
-    log.parent.mkdir(parents=True, exist_ok=True)
     results = [json.loads(line) for line in log.read_text().splitlines()] if args.render else []
     for lever in [] if args.render else args.levers:
         print(lever, flush=True)
         result = {"lever": lever, **proxy([*args.overrides, *LEVERS[lever]], args.eval_limit)}
-        with open(log, "a") as handle:
-            handle.write(json.dumps(result) + "\n")
+        record(log, result)
         results.append(result)
-    settings = " ".join(f"`{o}`" for o in args.overrides) or "none"
-    body = (f"`python bench/dp_levers.py` with overrides {settings}: the `private` preset's client 0 alone (its "
+    body = (f"`python bench/dp_levers.py` with overrides {settings(args.overrides)}: the `private` preset's client 0 alone (its "
             f"split, its planned noise, no averaging over clients: a floor for the federated run), held-out "
             f"accuracy on {args.eval_limit} examples after each local round.\n\n{table(results)}")
     write_section(Path(args.doc), "DP levers, one at a time", body)

@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import warnings
 from pathlib import Path
 from typing import Any
 
 from fed.presets import resolve
 from fed.rundir import RunDir
 
-from cells import mean_std, run_cell, summarise, write_section  # bench/ is on sys.path when a bench script runs
+from cells import (  # bench/ is on sys.path when a bench script runs
+    bench_parser, mean_std, record, run_cell, settings, summarise, write_section)
 
 EPSILONS = {"inf": ["dp.enabled=false"], "8": ["dp.target_epsilon=8"], "3": ["dp.target_epsilon=3"],
             "1": ["dp.target_epsilon=1"]}
@@ -99,37 +99,25 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
 
 
 def main() -> None:
-    warnings.filterwarnings("ignore", message="Full backward hook")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = bench_parser(__doc__, "runs/bench-dp-utility")
     parser.add_argument("--adapters", nargs="+", default=list(ADAPTERS), choices=ADAPTERS)
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--epsilons", nargs="+", default=list(EPSILONS), choices=list(EPSILONS))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--runs", default="runs/bench-dp-utility")
-    parser.add_argument("--doc", default="docs/benchmarks.md")
-    parser.add_argument("--render", action="store_true", help="only write table and plot from <runs>/results.jsonl")
     parser.add_argument("--add", nargs="+", default=[], metavar="RUN_DIR", help="book finished private-preset runs")
     args = parser.parse_args()
     log = Path(args.runs) / "results.jsonl"
-    log.parent.mkdir(parents=True, exist_ok=True)
     for path in args.add:
         run = RunDir(Path(path))
-        with open(log, "a") as handle:
-            handle.write(json.dumps({**cell_of(run)[0], **summarise(run)}) + "\n")
+        record(log, {**cell_of(run)[0], **summarise(run)})
     if not args.render and not args.add:
         for labels, extra in cells(args):
             cfg = resolve("private", [*args.overrides, *extra])
             name = "-".join(str(v) for v in labels.values()).replace(" ", "_").replace("/", "_")[:60]
-            result = {**labels, **run_cell(cfg, Path(args.runs), name)}
-            with open(log, "a") as handle:
-                handle.write(json.dumps(result) + "\n")
-            print(json.dumps(result), flush=True)
+            record(log, {**labels, **run_cell(cfg, Path(args.runs), name)})
     results = [json.loads(line) for line in log.read_text().splitlines()]
-    settings = " ".join(f"`{o}`" for o in args.overrides) or "none"
     seeds = sorted({r["seed"] for r in results})
     plot(results, Path(args.doc).parent / "img" / "dp_utility.png")
-    body = (f"`python bench/dp_utility.py` with overrides {settings}, on top of the `private` preset. Final-round "
+    body = (f"`python bench/dp_utility.py` with overrides {settings(args.overrides)}, on top of the `private` preset. Final-round "
             f"eval accuracy, mean ± std over seeds {seeds}; epsilon per client, delta 1e-5, RDP.\n\n"
             f"{grid_table(results)}\n\n![accuracy against epsilon](img/dp_utility.png)")
     write_section(Path(args.doc), "Accuracy against the privacy budget", body)

@@ -9,6 +9,7 @@ Ratios, not seconds, are the result: the machine may be shared (see the load ave
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -22,12 +23,12 @@ from fed.session import client_session
 from fed.train import train_round
 
 
-def _median_step_s(session, *, steps: int, batch_size: int, dp: DpSettings | None) -> float:
+def _median_step_s(session, *, steps: int, batch_size: int, micro_batch: int, dp: DpSettings | None) -> float:
     times = []
     for _ in range(3):  # three repeats, one step each timed as a round of `steps` steps
         start = time.perf_counter()
         train_round(session.adapter, session.task, session.data.train, steps=steps, batch_size=batch_size,
-                    lr=1e-3, weight_decay=0.0, dp=dp, gen=torch.Generator().manual_seed(0))
+                    lr=1e-3, weight_decay=0.0, dp=dp, gen=torch.Generator().manual_seed(0), micro_batch=micro_batch)
         times.append((time.perf_counter() - start) / steps)
     return statistics.median(times)
 
@@ -47,9 +48,9 @@ def main() -> None:
         n, bs = len(session.data.train), cfg.train.batch_size
         dp = {mode: DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=bs / n, num_examples=n,
                                mode=mode) for mode in ("hooks", "ghost")}
-        plain = _median_step_s(session, steps=args.steps, batch_size=bs, dp=None)
-        hooks = _median_step_s(session, steps=args.steps, batch_size=bs, dp=dp["hooks"])
-        ghost = _median_step_s(session, steps=args.steps, batch_size=bs, dp=dp["ghost"])
+        time_step = functools.partial(_median_step_s, session, steps=args.steps, batch_size=bs,
+                                      micro_batch=cfg.train.micro_batch)  # ghost clipping runs whole batches
+        plain, hooks, ghost = time_step(dp=None), time_step(dp=dp["hooks"]), time_step(dp=dp["ghost"])
         print(f"{kind:10} {plain:12.3f} {hooks / plain:12.2f} {ghost / plain:12.2f} {ghost / hooks:12.2f}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 

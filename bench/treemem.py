@@ -8,7 +8,6 @@ peak while Ray workers come and go. ``/usr/bin/time`` would see only the driver.
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import time
 from dataclasses import dataclass
@@ -24,18 +23,23 @@ class Measured:
     """Largest sum of RSS over the command's process tree seen at any sample."""
     returncode: int
     cpu_s: float
-    """User + system CPU seconds of the tree's processes that were waited for (Ray's daemons and workers
-    included): far less sensitive to other jobs on the machine than the wall time."""
+    """User + system CPU seconds of every process seen in the tree (Ray's daemons and workers included, each
+    as last sampled, so up to ``interval`` s of each one's end is missed): far less sensitive to other jobs on
+    the machine than the wall time."""
     load_before: float
     load_after: float
     """1-minute load average when the command started and ended: what else the machine was doing."""
 
 
-def _tree_rss(root: psutil.Process) -> int:
+def _sample(root: psutil.Process, cpu: dict[tuple[int, float], float]) -> int:
+    """The tree's RSS now; each live process's CPU seconds so far go into ``cpu`` (keyed by pid and start)."""
     total = 0
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_info().rss
+            with proc.oneshot():
+                total += proc.memory_info().rss
+                times = proc.cpu_times()
+                cpu[(proc.pid, proc.create_time())] = times.user + times.system
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return total
@@ -45,7 +49,7 @@ def run_measured(argv: list[str], *, env: dict[str, str] | None = None, cwd: Pat
                  log: Path | None = None, interval: float = 0.2) -> Measured:
     """Run ``argv`` to completion (its output to ``log`` if given) while polling the tree's memory."""
     load_before = os.getloadavg()[0]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu: dict[tuple[int, float], float] = {}
     sink = open(log, "w") if log is not None else subprocess.DEVNULL
     try:
         start = time.perf_counter()
@@ -53,7 +57,7 @@ def run_measured(argv: list[str], *, env: dict[str, str] | None = None, cwd: Pat
         root, peak = psutil.Process(proc.pid), 0
         while proc.poll() is None:
             try:
-                peak = max(peak, _tree_rss(root))
+                peak = max(peak, _sample(root, cpu))
             except psutil.NoSuchProcess:
                 break
             time.sleep(interval)
@@ -62,6 +66,4 @@ def run_measured(argv: list[str], *, env: dict[str, str] | None = None, cwd: Pat
     finally:
         if log is not None:
             sink.close()  # type: ignore[union-attr]
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return Measured(wall, peak / 2**20, code, cpu, load_before, os.getloadavg()[0])
+    return Measured(wall, peak / 2**20, code, sum(cpu.values()), load_before, os.getloadavg()[0])

@@ -131,7 +131,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     """``adamw`` or ``sgd`` (with ``momentum``); the optimiser state starts fresh every round."""
     momentum: float = 0.9
-    micro_batch: int = 64
+    micro_batch: int = 8
     """Examples per forward pass: a larger batch is sorted by length and run in chunks of at most this many
     (one optimiser step per batch, the same gradient), so it pads less and holds less in memory (0 = whole)."""
     precision: str = "auto"

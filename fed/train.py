@@ -6,6 +6,7 @@ trained and sent. Evaluation lives here too because it shares the task's batchin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
@@ -76,6 +77,17 @@ def length_chunks(lengths: Sequence[int], indices: list[int], size: int) -> list
     return [ordered[k:k + size] for k in range(0, len(ordered), size)]
 
 
+@contextlib.contextmanager
+def dropout_seeded_from(gen: torch.Generator) -> Iterator[None]:
+    """Dropout draws from torch's global generator, whose state depends on whatever the process (a
+    simulation actor serving many clients) ran before. Seeded from ``gen`` for the round, a plain round's
+    masks follow the run seed alone; the global state is restored afterwards. (Under DP dropout is off.)"""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batch_size: int, lr: float,
                 weight_decay: float, dp: DpSettings | None, gen: torch.Generator, optimizer: str = "adamw",
                 momentum: float = 0.9, precision: torch.dtype = torch.float32, micro_batch: int = 0) -> RoundResult:
@@ -85,8 +97,9 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
     (``fed.precision``). ``micro_batch`` > 0 runs each batch as length-sorted chunks of at most that many
     examples (one optimiser step per batch either way): less padding, less activation memory.
 
-    ``gen`` orders the plain (non-private) batches only: under DP every random choice comes from the
-    OS CSPRNG, so nothing the server knows (the run seed) can reproduce it.
+    ``gen`` orders the plain (non-private) batches and seeds their dropout only: under DP every random
+    choice comes from the OS CSPRNG, so nothing the server knows (the run seed) can reproduce it, and
+    dropout is off.
     """
     start = time.perf_counter()
     model = adapter.model
@@ -104,7 +117,7 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
     release = dp is not None and dp.loss_noise_multiplier > 0
     usage: Counter[str] = Counter()
     size = micro_batch if stepper.chunkable else 0
-    try:
+    with dropout_seeded_from(gen) if dp is None else contextlib.nullcontext(), contextlib.closing(stepper):
         for indices in batches:
             if not indices:
                 stepper.empty_step()  # type: ignore[union-attr]  (only Poisson sampling yields empty batches)
@@ -128,8 +141,6 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
             if release:  # one noised release per step, over the whole sampled batch
                 released.append(dp.noised_loss_sum(batch_losses))  # type: ignore[union-attr]
             losses.append(float(batch_losses.mean()))
-    finally:
-        stepper.close()
     mean_loss = sum(losses) / len(losses) if losses else math.nan
     noised = sum(released) / (len(released) * dp.expected_batch_size) if released else None  # type: ignore[union-attr]
     return RoundResult(steps=steps, num_examples=len(data), loss=mean_loss, wall_s=time.perf_counter() - start,

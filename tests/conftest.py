@@ -33,12 +33,13 @@ def spec(row: str, targets: tuple[str, ...], **extra):
     return AdapterSpec(**{"kind": row, "rank": 4, "alpha": 8.0, "targets": targets, **MATRIX[row], **extra})
 
 
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = BertForSequenceClassification(BertConfig(
             vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+            max_position_embeddings=32, num_labels=2, hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout))
     model.requires_grad_(False)
     return model.train()
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fed.privacy.dpsgd import DpSettings, DpStepper, PlainStepper
-from fed.train import length_chunks
+from fed.train import length_chunks, train_round
 from fed.tasks import CausalLM, Classification
 from tests.conftest import MATRIX, randomise, spec, tiny_bert, tiny_llama
 
@@ -156,3 +156,26 @@ def test_length_chunks_cover_the_batch_once_in_length_order(lengths, size):
     assert all(len(c) <= size for c in chunks) if 0 < size < len(indices) else len(chunks) == 1
     if len(chunks) > 1:
         assert [length_of[i] for i in flat] == sorted(lengths)
+
+
+def _plain_round_with_dropout(batch: dict[str, torch.Tensor], seed: int, noise_before: int) -> dict[str, torch.Tensor]:
+    from tests.test_sparse_adapters import _Encoded, _Rows
+
+    adapter = build(tiny_bert(dropout=0.5), spec("lora", ("query", "value")), seed=3,
+                    head=("classifier.weight", "classifier.bias"))
+    torch.rand(noise_before)  # what else the process (a simulation actor) drew before this round
+    before = torch.get_rng_state()
+    train_round(adapter, _Encoded(_NoTokenizer(), 16), _Rows(batch), steps=3, batch_size=5, lr=0.1,
+                weight_decay=0.0, dp=None, gen=torch.Generator().manual_seed(seed))
+    assert torch.equal(torch.get_rng_state(), before)  # the round leaves the process's generator as it was
+    return {n: p.detach().clone() for n, p in adapter.model.named_parameters() if p.requires_grad}
+
+
+def test_a_plain_round_with_dropout_follows_the_run_seed_alone_and_leaves_the_global_generator_alone(batch):
+    """Batches are the same in every call here (one batch of all five rows), so only dropout can differ."""
+    first = _plain_round_with_dropout(batch, seed=1, noise_before=0)
+    again = _plain_round_with_dropout(batch, seed=1, noise_before=1000)
+    other = _plain_round_with_dropout(batch, seed=2, noise_before=0)
+    for name in first:
+        torch.testing.assert_close(again[name], first[name], rtol=0, atol=0)
+    assert any(not torch.equal(other[name], first[name]) for name in first)  # dropout is on: the seed matters

@@ -6,7 +6,7 @@ import pytest
 import torch
 from opacus.grad_sample.utils import prepare_module
 
-from fed.adapters import build
+from fed.adapters import Adapter, build
 from fed.adapters.mole import BlockRouter, MoleLinear
 from fed.privacy.dpsgd import DpSettings, DpStepper
 from fed.tasks import Classification
@@ -96,14 +96,20 @@ def test_balance_loss_is_per_example(batch):
         torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-5, atol=1e-6)
 
 
-def test_experts_are_weighted_by_routed_tokens_and_an_unused_expert_keeps_its_value():
-    server = make("mole")
-    global_ = server.sent_state()
-    deltas, weights = client_deltas(server, 2), [100.0, 1.0]
+def _skewed_usage_round(kind: str) -> tuple[Adapter, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Two clients (weights 100 and 1): the first routes 3 to expert 0, the second 1 to expert 0 and 2 to
+    expert 1; nobody uses expert 2. Returns the server's adapter, the deltas and their aggregate."""
+    server = make(kind)
+    deltas = client_deltas(server, 2)
     slots = server.structure().slot_names
     usage = [{s: (3.0 if s.endswith("/0") else 0.0) for s in slots},
              {s: (1.0 if s.endswith("/0") else 2.0 if s.endswith("/1") else 0.0) for s in slots}]
-    merged = aggregate(Replies(global_, deltas, weights, usage=usage), server.structure())
+    return server, deltas, aggregate(Replies(server.sent_state(), deltas, [100.0, 1.0], usage=usage),
+                                     server.structure())
+
+
+def test_experts_are_weighted_by_routed_tokens_and_an_unused_expert_keeps_its_value():
+    server, deltas, merged = _skewed_usage_round("mole")
     name0 = "bert.encoder.layer.1.attention.self.value.experts.0.lora_B.weight"
     torch.testing.assert_close(merged[name0], 0.75 * deltas[0][name0] + 0.25 * deltas[1][name0])
     name1 = name0.replace("experts.0", "experts.1")
@@ -112,7 +118,7 @@ def test_experts_are_weighted_by_routed_tokens_and_an_unused_expert_keeps_its_va
     router = "bert.encoder.layer.1.attention.self.query.router.gate.weight"
     torch.testing.assert_close(merged[router], (100 * deltas[0][router] + deltas[1][router]) / 101)
     # Without counts (DP) experts fall back to the example weights.
-    fallback = aggregate(Replies(global_, deltas, weights), server.structure())
+    fallback = aggregate(Replies(server.sent_state(), deltas, [100.0, 1.0]), server.structure())
     torch.testing.assert_close(fallback[name1], (100 * deltas[0][name1] + deltas[1][name1]) / 101)
 
 
@@ -171,13 +177,7 @@ def test_mor_products_are_the_per_expert_updates_of_the_forward(batch):
 
 
 def test_mor_scale_rows_are_weighted_by_each_clients_soft_usage_of_that_expert():
-    server = make("mor")
-    global_ = server.sent_state()
-    deltas, weights = client_deltas(server, 2), [100.0, 1.0]
-    slots = server.structure().slot_names
-    usage = [{s: (3.0 if s.endswith("/0") else 0.0) for s in slots},
-             {s: (1.0 if s.endswith("/0") else 2.0 if s.endswith("/1") else 0.0) for s in slots}]
-    merged = aggregate(Replies(global_, deltas, weights, usage=usage), server.structure())
+    _, deltas, merged = _skewed_usage_round("mor")
     for name in (n for n in merged if ".scale_" in n):
         torch.testing.assert_close(merged[name][0], 0.75 * deltas[0][name][0] + 0.25 * deltas[1][name][0])
         torch.testing.assert_close(merged[name][1], deltas[1][name][1])

@@ -1,7 +1,9 @@
 """Per-round ClientApp start-up in deployment: Flower starts a fresh ``flwr-clientapp`` process for every
 message, so each round pays the imports, the model build and the data load again.
 
-Runs what that process runs, in a fresh interpreter each time, and prints the phases:
+Runs what that process runs, in a fresh interpreter each time, and prints the phases, beside the floor:
+a fresh interpreter that only imports the libraries a DP client cannot do without (torch, transformers'
+modeling code, Opacus, datasets, Flower's ClientApp), which no change inside fedlora can go below:
 ``python bench/clientapp_startup.py [--model default] [--repeats 3]``. Record the machine's load with
 the figures (the script prints the 1-minute load average before and after): wall time grows with
 outside load, CPU time (user + system of the process) much less, so it estimates an idle machine.
@@ -35,6 +37,15 @@ print(json.dumps({"imports_s": t1 - t0, "build_s": t2 - t1, "total_s": t2 - t0, 
 """
 
 
+FLOOR = r"""
+import json, resource, time
+t0 = time.perf_counter()
+import torch, transformers.modeling_utils, opacus, datasets, flwr.app, flwr.clientapp
+use = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"floor_s": time.perf_counter() - t0, "floor_cpu_s": use.ru_utime + use.ru_stime}))
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default")
@@ -56,9 +67,14 @@ def main() -> None:
                                  capture_output=True, text=True, cwd=root).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
             print(runs[-1])
+        for _ in range(args.repeats):
+            out = subprocess.run([sys.executable, "-c", FLOOR], env=env, check=True, capture_output=True, text=True,
+                                 cwd=root).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+            print(runs[-1])
         print(f"load average after: {os.getloadavg()[0]:.2f}")
-        for key in ("imports_s", "build_s", "total_s", "imports_cpu_s", "total_cpu_s"):
-            values = sorted(r[key] for r in runs)
+        for key in ("imports_s", "build_s", "total_s", "imports_cpu_s", "total_cpu_s", "floor_s", "floor_cpu_s"):
+            values = sorted(r[key] for r in runs if key in r)
             print(f"{key}: median {values[len(values) // 2]:.2f} (min {values[0]:.2f}, max {values[-1]:.2f})")
 
 

@@ -1,8 +1,8 @@
 """Which Opacus clipping mode is fastest for our adapters? Times local steps side by side in one run.
 
-Prints, per adapter kind, the median step time of plain training and of DP-SGD with per-sample
-gradient hooks and with ghost clipping, as ratios to plain training. Run:
-    python bench/clipping_modes.py [--preset quickstart] [--steps 12] [--set key=value ...]
+Prints, per adapter kind (and per ``train.micro_batch`` asked for), the median step time of plain training
+and of DP-SGD with per-sample gradient hooks and with ghost clipping, as ratios to plain training. Run:
+    python bench/clipping_modes.py [--preset quickstart] [--steps 12] [--micro-batches 0 16 8 4] [--set key=value ...]
 Ratios, not seconds, are the result: the machine may be shared (see the load average printed).
 """
 
@@ -39,19 +39,24 @@ def main() -> None:
     parser.add_argument("--preset", default="quickstart")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--micro-batches", type=int, nargs="+", default=None,
+                        help="train.micro_batch values to time plain and hooks steps at (default: the preset's)")
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f}  torch threads: {torch.get_num_threads()}")
-    print(f"{'adapter':10} {'plain s/step':>12} {'hooks/plain':>12} {'ghost/plain':>12} {'ghost/hooks':>12}")
+    print(f"{'adapter':10} {'micro':>5} {'plain s/step':>12} {'hooks s/step':>12} {'hooks/plain':>12} "
+          f"{'ghost/plain':>12} {'ghost/hooks':>12}")
     for kind in ("lora", "ffa-lora"):
         cfg = resolve(args.preset, [*args.overrides, f"adapter.kind={kind}"])
         session = client_session(cfg, 0)
         n, bs = len(session.data.train), cfg.train.batch_size
         dp = {mode: DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=bs / n, num_examples=n,
                                mode=mode) for mode in ("hooks", "ghost")}
-        time_step = functools.partial(_median_step_s, session, steps=args.steps, batch_size=bs,
-                                      micro_batch=cfg.train.micro_batch)  # ghost clipping runs whole batches
-        plain, hooks, ghost = time_step(dp=None), time_step(dp=dp["hooks"]), time_step(dp=dp["ghost"])
-        print(f"{kind:10} {plain:12.3f} {hooks / plain:12.2f} {ghost / plain:12.2f} {ghost / hooks:12.2f}")
+        time_step = functools.partial(_median_step_s, session, steps=args.steps, batch_size=bs)
+        ghost = time_step(micro_batch=0, dp=dp["ghost"])  # ghost clipping runs whole batches
+        for micro in args.micro_batches or [cfg.train.micro_batch]:
+            plain, hooks = time_step(micro_batch=micro, dp=None), time_step(micro_batch=micro, dp=dp["hooks"])
+            print(f"{kind:10} {micro:5d} {plain:12.3f} {hooks:12.3f} {hooks / plain:12.2f} {ghost / plain:12.2f} "
+                  f"{ghost / hooks:12.2f}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

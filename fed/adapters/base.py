@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -283,8 +283,17 @@ class Adapter:
                          pairs=tuple(pair for g in sent for pair in g.pairs),
                          rank_axes={p: g.rank_axis for g in sent if g.rank_axis is not None for p in g.params})
 
+    def _having(self, role: type) -> list[tuple[str, Any]]:
+        """``(path, module)`` of the modules implementing ``role`` (a protocol), found once per adapter: the
+        module tree is fixed once built, and a runtime-checkable ``isinstance`` costs tens of microseconds,
+        which every step and chunk would otherwise pay for every module of the model."""
+        found: dict[type, list[tuple[str, Any]]] = self.__dict__.setdefault("_roles", {})
+        if role not in found:
+            found[role] = [(path, m) for path, m in self.model.named_modules() if isinstance(m, role)]
+        return found[role]
+
     def _hooks(self) -> list[tuple[str, StepHook]]:
-        return [(path, m) for path, m in self.model.named_modules() if isinstance(m, StepHook)]
+        return self._having(StepHook)
 
     def begin_round(self, clock: Clock) -> None:
         """Start a local round at ``clock`` (a no-op for families without step hooks)."""
@@ -305,15 +314,14 @@ class Adapter:
 
         Per example, so adding it to the per-example task loss keeps DP-SGD's per-sample bound.
         """
-        routers = [m for m in self.model.modules() if isinstance(m, TokenRouter)]
+        routers = [m for _, m in self._having(TokenRouter)]
         if not routers or self.spec.balance == 0:
             return None
         return self.spec.balance * sum(r.balance_loss(mask) for r in routers) / len(routers)
 
     def usage(self, mask: torch.Tensor) -> dict[str, float]:
         """How much the last forward used each expert slot (empty without routers): see ``UsageReporter``."""
-        return {slot: n for m in self.model.modules() if isinstance(m, UsageReporter)
-                for slot, n in m.counts(mask).items()}
+        return {slot: n for _, m in self._having(UsageReporter) for slot, n in m.counts(mask).items()}
 
     def set_rank(self, rank: int | None) -> None:
         """Run and train only the first ``rank`` components of every LoRA layer (None: the full rank).

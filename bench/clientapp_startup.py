@@ -2,8 +2,9 @@
 message, so each round pays the imports, the model build and the data load again.
 
 Runs what that process runs, in a fresh interpreter each time, and prints the phases, beside the floor:
-a fresh interpreter that only imports the libraries a DP client cannot do without (torch, transformers'
-modeling code, Opacus, datasets, Flower's ClientApp), which no change inside fedlora can go below:
+a fresh interpreter that only imports the libraries a DP client cannot do without (torch, the transformers
+classes that load a model and its tokenizer, Opacus, datasets, Flower's ClientApp), which no change inside
+fedlora can go below:
 ``python bench/clientapp_startup.py [--model default] [--repeats 3]``. Record the machine's load with
 the figures (the script prints the 1-minute load average before and after): wall time grows with
 outside load, CPU time (user + system of the process) much less, so it estimates an idle machine.
@@ -40,7 +41,8 @@ print(json.dumps({"imports_s": t1 - t0, "build_s": t2 - t1, "total_s": t2 - t0, 
 FLOOR = r"""
 import json, resource, time
 t0 = time.perf_counter()
-import torch, transformers.modeling_utils, opacus, datasets, flwr.app, flwr.clientapp
+import torch, opacus, datasets, flwr.app, flwr.clientapp
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 use = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"floor_s": time.perf_counter() - t0, "floor_cpu_s": use.ru_utime + use.ru_stime}))
 """

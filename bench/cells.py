@@ -65,11 +65,12 @@ def summarise(run: RunDir) -> dict[str, Any]:
 
 
 def mean_std(values: list[float]) -> str:
-    """``mean ± std`` over seeds (std 0 for one value), ``-`` for none."""
+    """``mean ± std (n)`` over seeds, the value alone for one seed (no spread to show), ``-`` for none."""
     if not values:
         return "-"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f} ({len(values)})"
 
 
 def write_section(doc: Path, title: str, body: str) -> None:

@@ -118,7 +118,8 @@ def main() -> None:
     seeds = sorted({r["seed"] for r in results})
     plot(results, Path(args.doc).parent / "img" / "dp_utility.png")
     body = (f"`python bench/dp_utility.py` with overrides {settings(args.overrides)}, on top of the `private` preset. Final-round "
-            f"eval accuracy, mean ± std over seeds {seeds}; epsilon per client, delta 1e-5, RDP.\n\n"
+            f"eval accuracy: mean ± std (number of seeds) where a cell ran several of seeds {seeds}, else its one "
+            f"run; epsilon per client, delta 1e-5, RDP.\n\n"
             f"{grid_table(results)}\n\n![accuracy against epsilon](img/dp_utility.png)")
     write_section(Path(args.doc), "Accuracy against the privacy budget", body)
     print(body)

@@ -42,7 +42,9 @@ def test_canary_audit_catches_the_loss_leak_and_passes_what_a_dp_client_now_send
     canary = Canary()
     experiment = Experiment(canary)
     claimed = canary.claimed_epsilon()
-    leaky = experiment.run(experiment.foundation_reply, runs=60)
+    # 100 runs a world (50 to choose, 50 to measure): the leak shows only when Poisson sampling drew the
+    # canary (about 0.59 of runs), and at 60 runs the bound missed the claim about once in 30 CI runs.
+    leaky = experiment.run(experiment.foundation_reply, runs=100)
     assert leaky.attack == "train_loss" and leaky.violates(claimed), leaky
     fixed = experiment.run(experiment.client_reply, runs=60)
     assert not fixed.violates(claimed), fixed

@@ -125,10 +125,11 @@ def test_empty_poisson_batch_is_a_noise_only_step():
     stepper.empty_step()
     stepper.close()
     after = adapter.state(names)
-    # noise std per coordinate = sigma * C / expected batch size = 1.0 (SGD, lr 1)
+    # noise std per coordinate = sigma * C / expected batch size = 1.0 (SGD, lr 1), pooled over every
+    # trained coordinate (one small tensor's sample std strays past a tight band too often)
+    noise = torch.cat([(after[n] - before[n]).flatten() for n in names])
+    assert len(noise) >= 256 and 0.85 < float(noise.std()) < 1.15  # 290 coordinates: 3.6 standard errors, (len(noise), float(noise.std()))
     for n in names:
-        if before[n].numel() >= 32:
-            assert 0.7 < float((after[n] - before[n]).std()) < 1.3, n
         assert not torch.equal(after[n], before[n]), n
 
 

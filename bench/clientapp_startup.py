@@ -64,16 +64,12 @@ def main() -> None:
                "TRANSFORMERS_VERBOSITY": "error", "OMP_WAIT_POLICY": "PASSIVE"}
         print(f"load average before: {os.getloadavg()[0]:.2f}")
         runs = []
-        for _ in range(args.repeats):
-            out = subprocess.run([sys.executable, "-c", PROBE, str(data), *overrides], env=env, check=True,
-                                 capture_output=True, text=True, cwd=root).stdout
-            runs.append(json.loads(out.strip().splitlines()[-1]))
-            print(runs[-1])
-        for _ in range(args.repeats):
-            out = subprocess.run([sys.executable, "-c", FLOOR], env=env, check=True, capture_output=True, text=True,
-                                 cwd=root).stdout
-            runs.append(json.loads(out.strip().splitlines()[-1]))
-            print(runs[-1])
+        for argv in ([PROBE, str(data), *overrides], [FLOOR]):  # fedlora's start-up, then the floor
+            for _ in range(args.repeats):
+                out = subprocess.run([sys.executable, "-c", *argv], env=env, check=True, capture_output=True,
+                                     text=True, cwd=root).stdout
+                runs.append(json.loads(out.strip().splitlines()[-1]))
+                print(runs[-1])
         print(f"load average after: {os.getloadavg()[0]:.2f}")
         for key in ("imports_s", "build_s", "total_s", "imports_cpu_s", "total_cpu_s", "floor_s", "floor_cpu_s"):
             values = sorted(r[key] for r in runs if key in r)

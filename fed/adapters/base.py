@@ -230,6 +230,8 @@ class Adapter:
     model: nn.Module
     groups: tuple[TensorGroup, ...]
     peft_compatible: bool
+    _roles: dict[type, list[tuple[str, Any]]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Modules found per role protocol (``_having``): the module tree is fixed once built."""
 
     def _named(self) -> dict[str, nn.Parameter]:
         return dict(self.model.named_parameters())
@@ -287,10 +289,9 @@ class Adapter:
         """``(path, module)`` of the modules implementing ``role`` (a protocol), found once per adapter: the
         module tree is fixed once built, and a runtime-checkable ``isinstance`` costs tens of microseconds,
         which every step and chunk would otherwise pay for every module of the model."""
-        found: dict[type, list[tuple[str, Any]]] = self.__dict__.setdefault("_roles", {})
-        if role not in found:
-            found[role] = [(path, m) for path, m in self.model.named_modules() if isinstance(m, role)]
-        return found[role]
+        if role not in self._roles:
+            self._roles[role] = [(path, m) for path, m in self.model.named_modules() if isinstance(m, role)]
+        return self._roles[role]
 
     def _hooks(self) -> list[tuple[str, StepHook]]:
         return self._having(StepHook)

@@ -13,13 +13,14 @@ round) is written with the date and the exact settings to docs/benchmarks.md; ra
     python bench/adapters_accuracy.py --seeds 0 --set federation.rounds=2 --set train.local_steps=3 \
         --set data.max_examples=800                        # a reduced grid
 
-Each finished cell is appended at once to ``<runs>/results.jsonl``; ``--render`` rewrites the table
-from that file (same arguments) without running anything, e.g. after an interrupted grid.
+Each finished cell is appended at once to ``<runs>/results.jsonl``, with its full config; the same command
+run again resumes an interrupted grid (cells the log holds with the same config are skipped; the cells
+run seed by seed, so a partial grid has every family's first seeds). ``--render`` rewrites the table
+from that file without running anything.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from fed.presets import resolve
 from fed.models import load_model
 from fed.session import adapter_spec, num_labels
 
-from cells import bench_parser, mean_std, record, run_cell, settings, write_section  # bench/ is on sys.path when a bench script runs
+from cells import bench_parser, finished, mean_std, run_grid, settings, write_section  # bench/ is on sys.path when a bench script runs
 
 FAMILIES = ("lora", "ffa-lora", "moslora", "mole", "mor", "roselora", "dynamic-lora")
 SPLITS = {"mixed-domains": [], "iid": ["data.partition=iid"]}
@@ -90,17 +91,12 @@ def main() -> None:
     print(f"budget: {budget:,} trainable adapter parameters (LoRA rank {args.budget_rank}); ranks: {params}")
     log = Path(args.runs) / "results.jsonl"
     if not args.render:
-        for family in args.families:
-            for split in args.splits:
-                for dp in args.dp:
-                    for seed in args.seeds:
-                        cfg = resolve("mixed-domains", [*args.overrides, *SPLITS[split], *DP[dp],
-                                                        f"adapter.kind={family}", f"adapter.rank={params[family][0]}",
-                                                        f"seed={seed}"])
-                        name = f"{family}-{split}-{'dp' if cfg.dp.enabled else 'plain'}-s{seed}"
-                        record(log, {"family": family, "split": split, "dp": dp, "seed": seed,
-                                     **run_cell(cfg, Path(args.runs), name)})
-    results = [json.loads(line) for line in log.read_text().splitlines()]
+        run_grid(log, Path(args.runs), [
+            ({"family": family, "split": split, "dp": dp, "seed": seed},
+             resolve("mixed-domains", [*args.overrides, *SPLITS[split], *DP[dp], f"adapter.kind={family}",
+                                       f"adapter.rank={params[family][0]}", f"seed={seed}"]))
+            for family in args.families for split in args.splits for dp in args.dp for seed in args.seeds])
+    results = finished(log)
     body = (f"`python bench/adapters_accuracy.py --seeds {' '.join(map(str, args.seeds))}` with overrides "
             f"{settings(args.overrides)}, on top of the `mixed-domains` preset (IID: the same data, "
             f"`data.partition=iid`). Final-round accuracy, mean ± std over {len(args.seeds)} seed(s); the budget is "

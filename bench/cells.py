@@ -37,6 +37,35 @@ def record(log: Path, result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)
 
 
+def finished(log: Path) -> list[dict[str, Any]]:
+    """Every cell ``log`` holds (none before the first)."""
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def run_grid(log: Path, runs: Path, grid: list[tuple[dict[str, Any], RunConfig]]) -> None:
+    """Run each (labels, config) cell of ``grid`` that ``log`` does not hold yet, and record it.
+
+    A cell counts as done when a line has the same labels and the same full config, so a grid
+    interrupted (a crash, a session's end) resumes where it stopped and never mixes settings. The
+    cells run seed by seed: an interrupted grid leaves every family's first seeds rather than
+    some families' all seeds.
+    """
+    done = finished(log)
+    todo = [(labels, flat) for labels, flat in ((labels, _flat(cfg)) for labels, cfg in grid)
+            if not any(r.get("config") == flat and all(r.get(k) == v for k, v in labels.items()) for r in done)]
+    todo.sort(key=lambda cell: cell[0].get("seed", 0))  # stable: the grid's order within a seed
+    print(f"{len(grid) - len(todo)} of {len(grid)} cells already in {log}; {len(todo)} to run", flush=True)
+    for i, (labels, flat) in enumerate(todo, 1):
+        name = "-".join(str(v) for v in labels.values()).replace(" ", "_").replace("/", "_")[:60]
+        print(f"[{i}/{len(todo)}] {labels}", flush=True)
+        record(log, {**labels, **run_cell(RunConfig.from_flat(flat), runs, name), "config": flat})
+
+
+def _flat(cfg: RunConfig) -> dict[str, Any]:
+    """``cfg`` as its JSON line holds it (tuples as lists), so a recorded config compares equal."""
+    return json.loads(json.dumps(cfg.to_flat()))
+
+
 def settings(overrides: list[str]) -> str:
     """The overrides a section was measured with, as Markdown."""
     return " ".join(f"`{o}`" for o in overrides) or "none"

@@ -16,7 +16,6 @@ that each is the preset with nothing changed but a cell's own settings.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from fed.presets import resolve
 from fed.rundir import RunDir
 
 from cells import (  # bench/ is on sys.path when a bench script runs
-    bench_parser, mean_std, record, run_cell, settings, summarise, write_section)
+    bench_parser, finished, mean_std, record, run_grid, settings, summarise, write_section)
 
 EPSILONS = {"inf": ["dp.enabled=false"], "8": ["dp.target_epsilon=8"], "3": ["dp.target_epsilon=3"],
             "1": ["dp.target_epsilon=1"]}
@@ -110,11 +109,9 @@ def main() -> None:
         run = RunDir(Path(path))
         record(log, {**cell_of(run)[0], **summarise(run)})
     if not args.render and not args.add:
-        for labels, extra in cells(args):
-            cfg = resolve("private", [*args.overrides, *extra])
-            name = "-".join(str(v) for v in labels.values()).replace(" ", "_").replace("/", "_")[:60]
-            record(log, {**labels, **run_cell(cfg, Path(args.runs), name)})
-    results = [json.loads(line) for line in log.read_text().splitlines()]
+        run_grid(log, Path(args.runs), [(labels, resolve("private", [*args.overrides, *extra]))
+                                        for labels, extra in cells(args)])
+    results = finished(log)
     seeds = sorted({r["seed"] for r in results})
     plot(results, Path(args.doc).parent / "img" / "dp_utility.png")
     body = (f"`python bench/dp_utility.py` with overrides {settings(args.overrides)}, on top of the `private` preset. Final-round "

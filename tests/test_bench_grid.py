@@ -1,0 +1,48 @@
+"""The accuracy benches' grid runner resumes an interrupted grid without re-running or mixing settings."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from fed.presets import resolve
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import cells  # noqa: E402  (bench/ is a folder of scripts, not a package)
+
+
+@pytest.fixture
+def ran(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Seeds of the cells run_cell was asked to run, in order; each 'run' scores its seed."""
+    seen: list[int] = []
+
+    def fake(cfg, runs, name):  # noqa: ANN001, ARG001
+        seen.append(cfg.seed)
+        return {"accuracy": cfg.seed / 10}
+
+    monkeypatch.setattr(cells, "run_cell", fake)
+    return seen
+
+
+def grid(seeds: list[int], families: list[str], extra: list[str] = []) -> list:  # noqa: B006
+    return [({"family": f, "seed": s}, resolve("mixed-domains", [*extra, f"adapter.kind={f}", f"seed={s}"]))
+            for f in families for s in seeds]
+
+
+def test_runs_seed_by_seed_and_resumes(tmp_path: Path, ran: list[int]) -> None:
+    log = tmp_path / "results.jsonl"
+    cells.run_grid(log, tmp_path, grid([0, 1], ["lora", "mor"]))
+    assert ran == [0, 0, 1, 1]  # every family's seed 0 before any seed 1
+    cells.run_grid(log, tmp_path, grid([0, 1, 2], ["lora", "mor"]))
+    assert ran == [0, 0, 1, 1, 2, 2]  # only the new seed ran
+    assert sorted((r["family"], r["seed"]) for r in cells.finished(log)) == [
+        (f, s) for f in ("lora", "mor") for s in (0, 1, 2)]
+
+
+def test_other_settings_are_other_cells(tmp_path: Path, ran: list[int]) -> None:
+    log = tmp_path / "results.jsonl"
+    cells.run_grid(log, tmp_path, grid([0], ["lora"]))
+    cells.run_grid(log, tmp_path, grid([0], ["lora"], ["federation.rounds=2"]))
+    assert ran == [0, 0]

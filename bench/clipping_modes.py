@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from fed.presets import resolve
-from fed.privacy.dpsgd import DpSettings
+from fed.privacy.mechanism import DpSettings
 from fed.session import client_session
 from fed.train import train_round
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fed.presets import parse_override, resolve
-from fed.privacy.dpsgd import DpSettings
+from fed.privacy.mechanism import DpSettings
 from fed.privacy.planner import sample_rate
 from fed.privacy.ledger import calibrate_noise
 from fed.precision import resolve_precision
@@ -42,6 +42,10 @@ LEVERS: dict[str, list[str]] = {
     "clipping norm 0.1 (lr x10)": ["dp.max_grad_norm=0.1", "train.lr=5.0"],
     "adapter: LoRA": ["adapter.kind=lora"],
     "rank 4": ["adapter.rank=4", "adapter.alpha=8"],
+    "rank 16": ["adapter.rank=16", "adapter.alpha=32"],
+    "targets: every projection (q, k, v, attention output, MLP)": ['adapter.targets=["query","key","value","dense"]'],
+    "per-layer clipping, head 1/2 of the bound": ["dp.head_clip_share=0.5"],
+    "per-layer clipping, head 1/10 of the bound": ["dp.head_clip_share=0.1"],
     "no DP": ["dp.enabled=false"],
 }
 
@@ -58,7 +62,8 @@ def proxy(overrides: list[str], eval_limit: int) -> dict[str, Any]:
     if cfg.dp.enabled:
         sigma = calibrate_noise(cfg.dp.target_epsilon, cfg.dp.delta, q, cfg.federation.rounds * t.local_steps,
                                 cfg.dp.accountant)
-        dp = DpSettings(sigma, cfg.dp.max_grad_norm, q, n, mode=cfg.dp.grad_sample_mode)
+        dp = DpSettings(sigma, cfg.dp.max_grad_norm, q, n, mode=cfg.dp.grad_sample_mode,
+                        head_clip_share=cfg.dp.head_clip_share)
     gen = torch.Generator().manual_seed(cfg.seed)
     precision = resolve_precision(t.precision)
     curve, start = [], time.perf_counter()

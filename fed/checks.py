@@ -112,6 +112,12 @@ def _check_dp(c: RunConfig) -> list[str]:
     problems += _at_least("dp.noise_multiplier", dp.noise_multiplier, 0.0)
     problems += _at_least("dp.loss_noise_multiplier", dp.loss_noise_multiplier, 0.0)
     problems += _at_least("dp.loss_clip", dp.loss_clip, 1e-12)
+    if not 0 <= dp.head_clip_share < 1:
+        problems.append(f"dp.head_clip_share={dp.head_clip_share!r} must be in [0, 1) (0: flat clipping; "
+                        "1 would leave the adapter no clipping budget)")
+    if dp.head_clip_share > 0 and dp.grad_sample_mode != "hooks":
+        problems.append(f"dp.head_clip_share={dp.head_clip_share} (per-layer clipping) needs "
+                        f"dp.grad_sample_mode='hooks' (got {dp.grad_sample_mode!r}: Opacus's ghost clipping is flat only)")
     if dp.enabled and 0 < dp.loss_noise_multiplier <= dp.noise_multiplier:
         problems.append(f"dp.loss_noise_multiplier={dp.loss_noise_multiplier} must exceed "
                         f"dp.noise_multiplier={dp.noise_multiplier} (the loss release shares its budget)")

@@ -152,6 +152,10 @@ class DPConfig:
     noise_multiplier: float = 0.0
     accountant: str = "rdp"
     grad_sample_mode: str = "hooks"
+    head_clip_share: float = 0.0
+    """0: flat clipping, one bound over every trained tensor. In (0, 1): per-layer clipping, the task head's
+    tensors sharing this fraction of max_grad_norm² and the adapter's the rest (equal parts per tensor). The
+    squares sum to max_grad_norm², so an example's sensitivity and the accounting do not change. Hooks only."""
     loss_noise_multiplier: float = 0.0
     """> 0: each DP step also releases its clipped loss sum with this noise, so a DP run has a training-loss
     curve; accounted jointly with the gradient (the gradient's own noise rises to keep the total)."""

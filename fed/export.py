@@ -30,10 +30,6 @@ NATIVE = "adapter.safetensors"
 DESCRIPTION = "fedlora.json"
 
 
-def _head_params(adapter: Adapter) -> list[str]:
-    return [name for g in adapter.groups if g.name == "head" for name in g.params]
-
-
 def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, pooling: str = "cls") -> Path:
     """Save every adapter tensor (sent or frozen-shared) and the config that describes it.
 
@@ -45,7 +41,7 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, p
     tensors = {k: v.contiguous() for k, v in adapter.state(adapter.names()).items()}
     spec = adapter.spec
     (out / DESCRIPTION).write_text(json.dumps({
-        "kind": spec.kind, "spec": dataclasses.asdict(spec), "head": _head_params(adapter),
+        "kind": spec.kind, "spec": dataclasses.asdict(spec), "head": adapter.head_names(),
         "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "task": task, "base_model": base_model,
         "base_model_name_or_path": loadable, "pooling": pooling,
         "groups": [{"name": g.name, "trainable": g.trainable, "sent": g.sent, "aggregation": g.aggregation.value,
@@ -57,7 +53,7 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, p
     lora = family(spec.kind).as_lora(tensors)  # type: ignore[attr-defined]  (every PEFT-compatible family has it)
     save_file({f"base_model.model.{k}": v.contiguous() for k, v in lora.items()},
               str(out / "adapter_model.safetensors"))
-    heads = sorted({name.rsplit(".", 1)[0] for name in _head_params(adapter)})
+    heads = sorted({name.rsplit(".", 1)[0] for name in adapter.head_names()})
     (out / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": PEFT_TASK_TYPES[task], "r": spec.rank, "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout, "target_modules": list(spec.targets), "bias": "none",

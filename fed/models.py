@@ -293,6 +293,8 @@ def load_model(name: str, task: str, *, num_labels: int | None = None, seed: int
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if pooling == "mean":
+        if getattr(model, "pooler", None) is not None:
+            model.pooler = None  # never read by the mean-pooled head: it would cost a matmul and catch a "dense" target
         model = MeanPooledClassifier(model, num_labels)  # type: ignore[arg-type]  (checked above)
     model.float().requires_grad_(False)
     return model.train()

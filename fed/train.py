@@ -11,16 +11,20 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from datasets import Dataset
+from torch import nn
 
 from fed.adapters import Adapter
 from fed.config import OPTIMIZERS
 from fed.precision import autocast
-from fed.privacy.dpsgd import DpSettings, DpStepper, PlainStepper, poisson_batches
+from fed.privacy.mechanism import DpSettings, poisson_batches
 from fed.tasks import Task
+
+if TYPE_CHECKING:
+    from fed.privacy.dpsgd import DpStepper
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,27 @@ class RoundResult:
     (routed families only; sent only without DP)."""
     released_loss: float | None = None
     """Under DP with a loss release: the noised mean loss, the only loss a DP client may send."""
+
+
+class PlainStepper:
+    """Non-private steps: the batch's mean loss (accumulated chunk by chunk), backward, step."""
+
+    chunkable = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.module = model
+        self.optimizer = optimizer
+
+    def accumulate(self, per_example_loss: torch.Tensor, batch_len: int) -> None:
+        """Backward of one chunk's share of the batch mean (its loss sum over the whole batch's size)."""
+        (per_example_loss.sum() / batch_len).backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        """Nothing to undo."""
 
 
 def _plain_batches(num_examples: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterator[list[int]]:
@@ -110,7 +135,12 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
         stepper: PlainStepper | DpStepper = PlainStepper(model, opt)
         batches = _plain_batches(len(data), min(batch_size, len(data)), steps, gen)
     else:
-        stepper = DpStepper(model, opt, dp)
+        head = set(adapter.head_names())
+        from fed.privacy.dpsgd import (
+            DpStepper,  # Opacus only in a process that trains privately
+        )
+
+        stepper = DpStepper(model, opt, dp, [n in head for n in adapter.names(trainable=True)])
         batches = poisson_batches(len(data), dp.sample_rate, steps)
     losses: list[float] = []
     released: list[float] = []

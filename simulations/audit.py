@@ -25,7 +25,7 @@ from fed.config import RunConfig
 from fed.presets import resolve
 from fed.data import ClientData
 from fed.privacy.audit import AuditResult, audit
-from fed.privacy.dpsgd import DpSettings
+from fed.privacy.mechanism import DpSettings
 from fed.privacy.ledger import DpSgdEvent, epsilon
 from fed.session import ClientSession, adapted_model
 from fed.train import train_round

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opacus.grad_sample.utils import prepare_module
 
 from fed.adapters import build
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fed.privacy.dpsgd import DpSettings, DpStepper, PlainStepper
-from fed.train import length_chunks, train_round
+from fed.privacy.dpsgd import DpStepper, per_sample_module
+from fed.privacy.mechanism import DpSettings, layer_bounds
+from fed.train import PlainStepper, length_chunks, train_round
 from fed.tasks import CausalLM, Classification
 from tests.conftest import MATRIX, randomise, spec, tiny_bert, tiny_llama
 
@@ -68,7 +68,7 @@ def test_opacus_per_sample_gradients_equal_a_naive_loop(kind, build_fn, batch_fn
     adapter, task = build_fn(kind)
     batch = batch_fn(batch)
     reference = _naive_grads(adapter, task, batch)
-    gsm = prepare_module(adapter.model, "hooks", batch_first=True, loss_reduction="sum")
+    gsm = per_sample_module(adapter.model, "hooks", loss_reduction="sum")
     _loss(adapter, task, gsm, batch).sum().backward()
     params = dict(adapter.model.named_parameters())
     for name in adapter.names(trainable=True):
@@ -113,6 +113,44 @@ def test_dp_step_without_noise_is_the_mean_of_clipped_per_example_gradients(kind
     for n in names:
         update = -(after[n] - before[n])
         torch.testing.assert_close(update, sum(c[n] for c in clipped) / expected_bs, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_layer_clipping_clips_each_tensor_to_its_share_of_the_bound(kind, batch):
+    """Head tensors clipped to C*sqrt(s/n_head) each, adapter tensors to C*sqrt((1-s)/n_adapter), then
+    summed and divided by the expected batch size; the noise stays scaled to C itself."""
+    adapter, task = _bert_adapter(kind)
+    names = adapter.names(trainable=True)
+    head = {"classifier.weight", "classifier.bias"}
+    clip, share, expected_bs = 0.05, 0.3, 4
+    n_head = len(head)
+    n_rest = len(names) - n_head
+    bound = {n: clip * (share / n_head if n in head else (1 - share) / n_rest) ** 0.5 for n in names}
+    reference = _naive_grads(adapter, task, batch)
+    expected = {n: sum(g[n] * min(1.0, bound[n] / (float(g[n].norm()) + 1e-6)) for g in reference) / expected_bs
+                for n in names}
+    before = adapter.state(names)
+    optimizer = torch.optim.SGD(adapter.trainable_parameters(), lr=1.0)
+    dp = DpSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=expected_bs / 100, num_examples=100,
+                    head_clip_share=share)
+    stepper = DpStepper(adapter.model, optimizer, dp, [n in head for n in names])
+    assert stepper.optimizer.max_grad_norm == clip  # the noise's scale: the whole example's sensitivity
+    stepper.accumulate(_loss(adapter, task, stepper.module, batch), len(batch["input_ids"]))
+    stepper.step()
+    stepper.close()
+    after = adapter.state(names)
+    for n in names:
+        torch.testing.assert_close(before[n] - after[n], expected[n], rtol=1e-4, atol=1e-7)
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=40), st.floats(0.01, 0.99), st.floats(0.01, 10.0))
+def test_layer_bounds_square_sum_to_the_clipping_norm(is_head, share, clip):
+    bounds = layer_bounds(is_head, clip, share)
+    assert len(bounds) == len(is_head)
+    assert abs(sum(b * b for b in bounds) - clip * clip) <= 1e-9 * clip * clip
+    if any(is_head) and not all(is_head):
+        head_sq = sum(b * b for b, h in zip(bounds, is_head) if h)
+        assert abs(head_sq - share * clip * clip) <= 1e-9 * clip * clip
 
 
 def test_empty_poisson_batch_is_a_noise_only_step():

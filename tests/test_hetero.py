@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from opacus.grad_sample.utils import prepare_module
 
 from fed.adapters.base import restrict_rank
 from fed.config import ConfigError, RunConfig
-from fed.privacy.dpsgd import DpSettings, DpStepper
+from fed.privacy.dpsgd import DpStepper, per_sample_module
+from fed.privacy.mechanism import DpSettings
 from fed.ranks import client_rank, planned_ranks
 from fed.wire import PayloadError
 from strategies.rules import Replies, aggregate, aggregation_error
@@ -71,7 +71,7 @@ def test_under_dp_masked_coordinates_get_zero_per_sample_gradients_and_their_noi
     adapter.set_rank(2)
     axes, names = adapter.structure().rank_axes, adapter.names(trainable=True)
     reference = _naive_grads(adapter, task, batch)
-    gsm = prepare_module(adapter.model, "hooks", batch_first=True, loss_reduction="sum")
+    gsm = per_sample_module(adapter.model, "hooks", loss_reduction="sum")
     _loss(adapter, task, gsm, batch).sum().backward()
     params = dict(adapter.model.named_parameters())
     for name in names:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opacus.grad_sample.utils import prepare_module
 
 from fed.adapters import Adapter, build
 from fed.adapters.mole import BlockRouter, MoleLinear
-from fed.privacy.dpsgd import DpSettings, DpStepper
+from fed.privacy.dpsgd import DpStepper, per_sample_module
+from fed.privacy.mechanism import DpSettings
 from fed.tasks import Classification
 from strategies.rules import Replies, aggregate, aggregation_error, renormalise
 from tests.conftest import randomise, spec, tiny_bert
@@ -64,7 +64,7 @@ def test_per_sample_gradients_with_an_expert_that_gets_no_token(mode, batch):
     reference = _naive_grads(adapter, task, batch)
     params = dict(adapter.model.named_parameters())
     if mode == "hooks":
-        gsm = prepare_module(adapter.model, "hooks", batch_first=True, loss_reduction="sum")
+        gsm = per_sample_module(adapter.model, "hooks", loss_reduction="sum")
         _loss(adapter, task, gsm, batch).sum().backward()
         for name in adapter.names(trainable=True):
             expected = torch.stack([r[name] for r in reference])

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from opacus.grad_sample.utils import prepare_module
 
+from fed.privacy.dpsgd import per_sample_module
 from fed.adapters import build
 from fed.config import ConfigError, RunConfig
 from fed.export import export_adapter, load_adapter
@@ -50,7 +50,7 @@ def test_per_sample_gradients_equal_a_naive_loop(kind, batch):
     randomise(adapter, 0.3)
     task = Classification(_NoTokenizer(), 16)
     reference = _naive_grads(adapter, task, batch)
-    gsm = prepare_module(model, "hooks", batch_first=True, loss_reduction="sum")
+    gsm = per_sample_module(model, "hooks", loss_reduction="sum")
     task.per_example_loss(gsm, batch).sum().backward()
     params = dict(model.named_parameters())
     for name in adapter.names(trainable=True):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opacus.grad_sample.utils import prepare_module
 from torch import nn
 
 from fed.precision import autocast, cpu_has_native_bf16, resolve_precision
+from fed.privacy.dpsgd import per_sample_module
 from tests.test_dpsgd import KINDS, _bert_adapter, _loss, _naive_grads
 
 
@@ -43,7 +43,7 @@ def test_per_sample_gradients_are_float32_and_match_a_naive_loop(kind, batch):
     adapter, task = _bert_adapter(kind)
     with autocast(adapter.model, torch.bfloat16):
         reference = _naive_grads(adapter, task, batch)
-    gsm = prepare_module(adapter.model, "hooks", batch_first=True, loss_reduction="sum")
+    gsm = per_sample_module(adapter.model, "hooks", loss_reduction="sum")
     with autocast(adapter.model, torch.bfloat16):
         loss = _loss(adapter, task, gsm, batch).sum()
     loss.backward()

@@ -9,7 +9,8 @@ import torch
 from scipy import stats
 
 from fed.privacy import secure_rng
-from fed.privacy.dpsgd import DpSettings, DpStepper, check_dp_compatible, poisson_batches
+from fed.privacy.dpsgd import DpStepper, check_dp_compatible
+from fed.privacy.mechanism import DpSettings, poisson_batches
 from tests.conftest import tiny_bert
 
 

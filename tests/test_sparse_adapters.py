@@ -13,7 +13,8 @@ from fed.adapters.base import Aggregation
 from fed.adapters.dynamic_lora import DynamicLinear, allocate_ranks
 from fed.adapters.roselora import BETA, RoseLinear, keep_fraction, line_budget, round_budgets
 from fed.config import DPConfig, StrategyConfig
-from fed.privacy.dpsgd import DpSettings, DpStepper
+from fed.privacy.dpsgd import DpStepper
+from fed.privacy.mechanism import DpSettings
 from fed.tasks import Classification
 from fed.wire import MASK_SUFFIX, PayloadError, from_record, from_sparse_record, metas, to_record, to_sparse_record
 from strategies.fedavg import AdapterFedAvg

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fed.adapters.base import Adapter, AdapterFamily, AdapterSpec, Aggregation, Clock, Structure, TensorGroup
+from fed.adapters.base import HEAD, Adapter, AdapterFamily, AdapterSpec, Aggregation, Clock, Structure, TensorGroup
 from fed.adapters.dynamic_lora import DynamicLora
 from fed.adapters.ffa_lora import FfaLora
 from fed.adapters.lora import Lora
@@ -36,7 +36,7 @@ def build(model: nn.Module, spec: AdapterSpec, seed: int, head: tuple[str, ...] 
         named = dict(model.named_parameters())
         for name in head:
             named[name].requires_grad_(True)
-        groups = (*groups, TensorGroup("head", tuple(head), trainable=True, sent=True))
+        groups = (*groups, TensorGroup(HEAD, tuple(head), trainable=True, sent=True))
     adapter = Adapter(spec=spec, model=model, groups=groups, peft_compatible=family(spec.kind).peft_compatible)
     private = sorted(set(adapter.names(trainable=True)) - set(adapter.names(sent=True)))
     if private:

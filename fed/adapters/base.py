@@ -222,6 +222,10 @@ class AdapterFamily(Protocol):
         ...
 
 
+HEAD = "head"
+"""Name of the tensor group that holds a task head (a classifier) beside the family's own groups."""
+
+
 @dataclass
 class Adapter:
     """A model with an adapter injected: the handle training, the wire and export work through."""
@@ -244,6 +248,10 @@ class Adapter:
             if (trainable is None or g.trainable == trainable) and (sent is None or g.sent == sent)
             for p in g.params
         ]
+
+    def head_names(self) -> list[str]:
+        """The task head's parameters (the ``HEAD`` group ``build`` adds), trained and sent with the adapter."""
+        return [p for g in self.groups if g.name == HEAD for p in g.params]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         named = self._named()

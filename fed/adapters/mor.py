@@ -24,7 +24,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
 from fed.adapters.base import AdapterSpec, Aggregation, Product, TensorGroup, replace_linears
@@ -41,12 +40,12 @@ class Scales(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h * self.weight
 
-
-@register_grad_sampler(Scales)
-def scales_grad_sample(layer: Scales, activations: list[torch.Tensor],
-                       backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradient of an elementwise scale: activation ⊙ backprop, summed over the sequence."""
-    return {layer.weight: torch.einsum("b...nm,b...nm->bnm", activations[0], backprops)}
+    @staticmethod
+    def grad_sampler(layer: Scales, activations: list[torch.Tensor],
+                     backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        """Per-sample gradient of an elementwise scale (Opacus has no rule for this layer; registered by
+        ``fed.privacy.dpsgd.per_sample_module``): activation ⊙ backprop, summed over the sequence."""
+        return {layer.weight: torch.einsum("b...nm,b...nm->bnm", activations[0], backprops)}
 
 
 class MorLinear(nn.Module):

@@ -11,10 +11,10 @@ generator; dropout is off while a DP step runs, so no other randomness touches t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Sequence
 
 import torch
+from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import get_optimizer_class
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
@@ -23,56 +23,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from fed.privacy import secure_rng
-
-
-@dataclass(frozen=True)
-class DpSettings:
-    """The mechanism of one local round; ``sample_rate`` is the Poisson rate the accountant sees.
-
-    Each step releases the noised sum of clipped gradients and, when ``loss_noise_multiplier`` > 0, the
-    noised sum of the batch's per-example losses clipped to [0, ``loss_clip``], from the same Poisson
-    batch. Together they are one Gaussian mechanism whose per-example sensitivity, in units of each
-    part's noise, is sqrt(1/sigma_g^2 + 1/sigma_l^2): exactly a single Gaussian of noise multiplier
-    ``noise_multiplier`` (what the accountant composes) when the gradient's own noise is
-    ``gradient_noise_multiplier``.
-    """
-
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    num_examples: int
-    mode: str = "hooks"
-    loss_noise_multiplier: float = 0.0
-    loss_clip: float = 0.0
-
-    @property
-    def expected_batch_size(self) -> int:
-        return max(1, round(self.sample_rate * self.num_examples))
-
-    @property
-    def gradient_noise_multiplier(self) -> float:
-        """The gradient's share: ``1/sigma^2 = 1/sigma_g^2 + 1/sigma_l^2`` solved for sigma_g."""
-        if self.loss_noise_multiplier <= 0:
-            return self.noise_multiplier
-        if self.loss_noise_multiplier <= self.noise_multiplier:
-            raise ValueError(f"dp.loss_noise_multiplier={self.loss_noise_multiplier:g} must exceed the accounted "
-                             f"noise multiplier {self.noise_multiplier:.4g}: the loss release would use the whole budget")
-        return (self.noise_multiplier ** -2 - self.loss_noise_multiplier ** -2) ** -0.5
-
-    def noised_loss_sum(self, per_example_loss: torch.Tensor | None) -> float:
-        """One step's loss release: the clipped losses of the batch summed, plus Gaussian noise (CSPRNG)."""
-        clipped = 0.0 if per_example_loss is None else float(per_example_loss.detach().clamp(0, self.loss_clip).sum())
-        return clipped + float(secure_rng.normal((1,), self.loss_noise_multiplier * self.loss_clip, torch.float64))
-
-
-def poisson_batches(num_examples: int, sample_rate: float, steps: int) -> Iterator[list[int]]:
-    """Index lists of Poisson-sampled batches (possibly empty): the sampling the accountant assumes.
-
-    Opacus's ``UniformWithReplacementSampler`` does the same with a ``torch.Generator``; we draw the
-    coins from the CSPRNG instead, because which examples a batch holds is part of the secret.
-    """
-    for _ in range(steps):
-        yield secure_rng.bernoulli_indices(num_examples, sample_rate)
+from fed.privacy.mechanism import DpSettings, layer_bounds
 
 
 class SecureNoise:
@@ -93,6 +44,21 @@ class SecureNoise:
             noise = secure_rng.normal(p.summed_grad.shape, sigma * self.max_grad_norm, p.summed_grad.dtype)
             p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
+
+
+def per_sample_module(model: nn.Module, mode: str, *, loss_reduction: str = "mean", **extra: object) -> nn.Module:
+    """Opacus's grad-sample wrapper of ``model`` (``hooks`` or ``ghost``), per-example ("mean") loss.
+
+    First registers the per-sample gradient rule of every module type in ``model`` that declares one
+    (a ``grad_sampler(layer, activations, backprops)`` static method: a layer a family defines, whose
+    parameters Opacus has no rule for). Registering here rather than at import keeps Opacus out of a
+    process that never trains privately.
+    """
+    for kind in {type(m) for m in model.modules()}:
+        rule = getattr(kind, "grad_sampler", None)
+        if rule is not None:
+            register_grad_sampler(kind)(rule)
+    return prepare_module(model, mode, batch_first=True, loss_reduction=loss_reduction, **extra)
 
 
 def check_dp_compatible(model: nn.Module) -> None:
@@ -122,27 +88,6 @@ class OneLogicalBatch:
                 p.grad /= self.expected_batch_size
 
 
-class PlainStepper:
-    """Non-private steps: the batch's mean loss (accumulated chunk by chunk), backward, step."""
-
-    chunkable = True
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.module = model
-        self.optimizer = optimizer
-
-    def accumulate(self, per_example_loss: torch.Tensor, batch_len: int) -> None:
-        """Backward of one chunk's share of the batch mean (its loss sum over the whole batch's size)."""
-        (per_example_loss.sum() / batch_len).backward()
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def close(self) -> None:
-        """Nothing to undo."""
-
-
 class DpStepper:
     """DP-SGD steps: per-sample clipping of the trainable tensors, Gaussian noise, expected-batch scaling.
 
@@ -150,18 +95,31 @@ class DpStepper:
     norms (ghost clipping) and a second backward, which saves memory on large layers.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dp: DpSettings) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dp: DpSettings,
+                 is_head: Sequence[bool] = ()) -> None:
+        """``is_head`` flags the optimizer's parameters that belong to the task head, in its order; it
+        matters only under per-layer clipping (``dp.head_clip_share`` > 0)."""
         check_dp_compatible(model)
         ghost = dp.mode == "ghost"
         extra = {"max_grad_norm": dp.max_grad_norm, "use_ghost_clipping": True} if ghost else {}
         self.dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
         for dropout in self.dropouts:
             dropout.eval()  # its masks would come from the process-global generator
-        self.module = prepare_module(model, dp.mode, batch_first=True, loss_reduction="mean", **extra)
-        base = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=dp.mode)
+        self.module = per_sample_module(model, dp.mode, **extra)
+        per_layer = dp.head_clip_share > 0
+        if per_layer and ghost:
+            raise ValueError("per-layer clipping (head_clip_share > 0) needs mode='hooks': ghost clipping is flat only")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        flags = list(is_head) or [False] * len(params)
+        if len(flags) != len(params):
+            raise ValueError(f"is_head flags {len(flags)} tensors, the optimizer holds {len(params)}")
+        bound = layer_bounds(flags, dp.max_grad_norm, dp.head_clip_share) if per_layer else dp.max_grad_norm
+        base = get_optimizer_class(clipping="per_layer" if per_layer else "flat", distributed=False,
+                                   grad_sample_mode=dp.mode)
         secure = type(f"Secure{base.__name__}", (SecureNoise, OneLogicalBatch, base), {})
-        self.optimizer = secure(optimizer, noise_multiplier=dp.gradient_noise_multiplier, max_grad_norm=dp.max_grad_norm,
+        self.optimizer = secure(optimizer, noise_multiplier=dp.gradient_noise_multiplier, max_grad_norm=bound,
                                 expected_batch_size=dp.expected_batch_size, loss_reduction="mean")
+        self.optimizer.max_grad_norm = dp.max_grad_norm  # the noise's scale, exactly (Opacus re-sums the bounds in float32)
         self.ghost = ghost
 
     @property

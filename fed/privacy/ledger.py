@@ -19,8 +19,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-from opacus.accountants import create_accountant
-
 from fed.privacy.policy import Policy
 
 
@@ -46,6 +44,10 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
     """Memoised: a ledger is re-accounted often (every reply, report and budget check) and rarely changes."""
     if not history:
         return 0.0
+    from opacus.accountants import (
+        create_accountant,  # Opacus on first use: a client that spends nothing never loads it
+    )
+
     acc = create_accountant(accountant)
     acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))

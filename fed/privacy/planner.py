@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 
 from fed.config import DPConfig
-from fed.privacy.dpsgd import DpSettings
 from fed.privacy.ledger import DpSgdEvent, Ledger, calibrate_noise, epsilon
+from fed.privacy.mechanism import DpSettings
 from fed.privacy.policy import Policy
 
 
@@ -86,6 +86,7 @@ def plan_round(dp: DPConfig, ledger: Ledger, *, num_examples: int, batch_size: i
     steps = ledger.affordable_steps(DpSgdEvent(round_, ledger.noise_multiplier, q, local_steps, run))
     settings = DpSettings(noise_multiplier=ledger.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                           sample_rate=q, num_examples=num_examples, mode=dp.grad_sample_mode,
+                          head_clip_share=dp.head_clip_share,
                           loss_noise_multiplier=dp.loss_noise_multiplier, loss_clip=dp.loss_clip)
     try:
         settings.gradient_noise_multiplier  # noqa: B018  (the loss release must leave the gradient some budget)

@@ -218,3 +218,38 @@ def test_a_plain_round_with_dropout_follows_the_run_seed_alone_and_leaves_the_gl
     for name in first:
         torch.testing.assert_close(again[name], first[name], rtol=0, atol=0)
     assert any(not torch.equal(other[name], first[name]) for name in first)  # dropout is on: the seed matters
+
+
+_PLAIN_ROUND = """
+import sys, torch
+from datasets import Dataset
+import clients.app, fed.privacy.ledger as ledger
+from fed.config import RunConfig
+from fed.session import adapted_model
+from fed.train import train_round
+
+cfg = RunConfig().with_overrides({"model.name": "tiny-bert", "adapter.kind": "mor", "model.max_length": 8})
+adapter, task = adapted_model(cfg)
+data = Dataset.from_dict({"text": ["good", "bad film", "fine", "awful"], "label": [1, 0, 1, 0]})
+dp = None
+if sys.argv[1] == "dp":
+    from fed.privacy.mechanism import DpSettings
+    dp = DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, num_examples=4)
+train_round(adapter, task, data, steps=2, batch_size=2, lr=0.1, weight_decay=0.0, dp=dp,
+            gen=torch.Generator().manual_seed(0))
+assert ledger.epsilon([], 1e-5, "rdp") == 0.0
+print(sorted({m.split(".")[0] for m in sys.modules} & {"opacus"}))
+"""
+
+
+@pytest.mark.parametrize("mode, expected", [("plain", "[]"), ("dp", "['opacus']")])
+def test_a_process_that_never_trains_privately_never_imports_opacus(mode, expected):
+    """A non-DP client (the client app, a plain round of the family that has its own grad sampler, an empty
+    ledger) starts about a second faster without Opacus; a DP round loads it (the check can tell)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", _PLAIN_ROUND, mode], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1])
+    assert out.stdout.strip().splitlines()[-1] == expected

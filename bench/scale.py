@@ -43,7 +43,8 @@ def run_size(clients: int, args: argparse.Namespace, out: Path) -> dict:
         raise SystemExit(f"{clients} clients: fed simulate exited {measured.returncode}; see {out}/n{clients}.log")
     lines = [json.loads(line) for line in (out / f"n{clients}" / "metrics.jsonl").read_text().splitlines()]
     return {"clients": clients, "total_s": measured.wall_s, "cpu_s": measured.cpu_s, "peak_mb": measured.peak_mb,
-            "round_s": [line["wall_s"] for line in lines], "load": (measured.load_before, measured.load_after)}
+            "round_s": [line["wall_s"] for line in lines], "load": (measured.load_before, measured.load_after),
+            "peak_parts_mb": {name: round(mb) for name, mb in measured.peak_parts.items()}}
 
 
 def main() -> None:

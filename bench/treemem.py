@@ -29,20 +29,30 @@ class Measured:
     load_before: float
     load_after: float
     """1-minute load average when the command started and ended: what else the machine was doing."""
+    peak_parts: dict[str, float]
+    """The peak sample's RSS (MB) by process, named by its command line's head (Ray names its workers
+    ``ray::<class>``): which part of the tree holds the memory."""
 
 
-def _sample(root: psutil.Process, cpu: dict[tuple[int, float], float]) -> int:
-    """The tree's RSS now; each live process's CPU seconds so far go into ``cpu`` (keyed by pid and start)."""
-    total = 0
+def _sample(root: psutil.Process, cpu: dict[tuple[int, float], float]) -> dict[str, int]:
+    """The tree's RSS now by process name (the command line's head); each live process's CPU seconds so
+    far go into ``cpu`` (keyed by pid and start)."""
+    parts: dict[str, int] = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
             with proc.oneshot():
-                total += proc.memory_info().rss
+                name = " ".join(proc.cmdline()[:3])[:60] or proc.name()
+                parts[name] = parts.get(name, 0) + proc.memory_info().rss
                 times = proc.cpu_times()
                 cpu[(proc.pid, proc.create_time())] = times.user + times.system
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total
+    return parts
+
+
+def parts_items(parts: dict[str, int]) -> list[tuple[str, int]]:
+    """Largest first."""
+    return sorted(parts.items(), key=lambda item: -item[1])
 
 
 def run_measured(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -54,16 +64,19 @@ def run_measured(argv: list[str], *, env: dict[str, str] | None = None, cwd: Pat
     try:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT)
-        root, peak = psutil.Process(proc.pid), 0
+        root, peak, peak_parts = psutil.Process(proc.pid), 0, {}
         while proc.poll() is None:
             try:
-                peak = max(peak, _sample(root, cpu))
+                parts = _sample(root, cpu)
             except psutil.NoSuchProcess:
                 break
+            if sum(parts.values()) > peak:
+                peak, peak_parts = sum(parts.values()), parts
             time.sleep(interval)
         code = proc.wait()
         wall = time.perf_counter() - start
     finally:
         if log is not None:
             sink.close()  # type: ignore[union-attr]
-    return Measured(wall, peak / 2**20, code, sum(cpu.values()), load_before, os.getloadavg()[0])
+    return Measured(wall, peak / 2**20, code, sum(cpu.values()), load_before, os.getloadavg()[0],
+                    {name: rss / 2**20 for name, rss in parts_items(peak_parts)})

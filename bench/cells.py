@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fed.config import RunConfig
+from fed.config import ConfigError, RunConfig
 from fed.rundir import RunDir
 
 
@@ -50,15 +50,24 @@ def run_grid(log: Path, runs: Path, grid: list[tuple[dict[str, Any], RunConfig]]
     cells run seed by seed: an interrupted grid leaves every family's first seeds rather than
     some families' all seeds.
     """
-    done = finished(log)
-    todo = [(labels, flat) for labels, flat in ((labels, _flat(cfg)) for labels, cfg in grid)
-            if not any(r.get("config") == flat and all(r.get(k) == v for k, v in labels.items()) for r in done)]
+    done = [(r, _recorded_config(r)) for r in finished(log)]
+    todo = [(labels, _flat(cfg)) for labels, cfg in grid
+            if not any(c == cfg and all(r.get(k) == v for k, v in labels.items()) for r, c in done)]
     todo.sort(key=lambda cell: cell[0].get("seed", 0))  # stable: the grid's order within a seed
     print(f"{len(grid) - len(todo)} of {len(grid)} cells already in {log}; {len(todo)} to run", flush=True)
     for i, (labels, flat) in enumerate(todo, 1):
         name = "-".join(str(v) for v in labels.values()).replace(" ", "_").replace("/", "_")[:60]
         print(f"[{i}/{len(todo)}] {labels}", flush=True)
         record(log, {**labels, **run_cell(RunConfig.from_flat(flat), runs, name), "config": flat})
+
+
+def _recorded_config(result: dict[str, Any]) -> RunConfig | None:
+    """The config a recorded cell ran with, read on today's defaults: a key added since (at its default)
+    leaves the cell done; a key that no longer exists, or none recorded, makes it not done."""
+    try:
+        return RunConfig.from_flat(result["config"]) if "config" in result else None
+    except ConfigError:
+        return None
 
 
 def _flat(cfg: RunConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -46,3 +47,14 @@ def test_other_settings_are_other_cells(tmp_path: Path, ran: list[int]) -> None:
     cells.run_grid(log, tmp_path, grid([0], ["lora"]))
     cells.run_grid(log, tmp_path, grid([0], ["lora"], ["federation.rounds=2"]))
     assert ran == [0, 0]
+
+
+def test_a_key_added_since_at_its_default_keeps_a_cell_done(tmp_path: Path, ran: list[int]) -> None:
+    """A grid resumed by newer code (its config has a key the log's lines lack) re-runs nothing."""
+    log = tmp_path / "results.jsonl"
+    cells.run_grid(log, tmp_path, grid([0], ["lora"]))
+    lines = cells.finished(log)
+    del lines[0]["config"]["dp.head_clip_share"]  # as written before that key existed
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cells.run_grid(log, tmp_path, grid([0], ["lora"]))
+    assert ran == [0]

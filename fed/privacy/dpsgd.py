@@ -100,19 +100,18 @@ class DpStepper:
         """``is_head`` flags the optimizer's parameters that belong to the task head, in its order; it
         matters only under per-layer clipping (``dp.head_clip_share`` > 0)."""
         check_dp_compatible(model)
-        ghost = dp.mode == "ghost"
-        extra = {"max_grad_norm": dp.max_grad_norm, "use_ghost_clipping": True} if ghost else {}
-        self.dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
-        for dropout in self.dropouts:
-            dropout.eval()  # its masks would come from the process-global generator
-        self.module = per_sample_module(model, dp.mode, **extra)
-        per_layer = dp.head_clip_share > 0
+        ghost, per_layer = dp.mode == "ghost", dp.head_clip_share > 0
         if per_layer and ghost:
             raise ValueError("per-layer clipping (head_clip_share > 0) needs mode='hooks': ghost clipping is flat only")
         params = [p for group in optimizer.param_groups for p in group["params"]]
         flags = list(is_head) or [False] * len(params)
         if len(flags) != len(params):
             raise ValueError(f"is_head flags {len(flags)} tensors, the optimizer holds {len(params)}")
+        extra = {"max_grad_norm": dp.max_grad_norm, "use_ghost_clipping": True} if ghost else {}
+        self.dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+        for dropout in self.dropouts:
+            dropout.eval()  # its masks would come from the process-global generator
+        self.module = per_sample_module(model, dp.mode, **extra)
         bound = layer_bounds(flags, dp.max_grad_norm, dp.head_clip_share) if per_layer else dp.max_grad_norm
         base = get_optimizer_class(clipping="per_layer" if per_layer else "flat", distributed=False,
                                    grad_sample_mode=dp.mode)

@@ -44,9 +44,8 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
     """Memoised: a ledger is re-accounted often (every reply, report and budget check) and rarely changes."""
     if not history:
         return 0.0
-    from opacus.accountants import (
-        create_accountant,  # Opacus on first use: a client that spends nothing never loads it
-    )
+    # Opacus on first use: a client that spends nothing never loads it
+    from opacus.accountants import create_accountant
 
     acc = create_accountant(accountant)
     acc.history = list(history)

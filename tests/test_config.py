@@ -26,11 +26,18 @@ def test_overrides_are_typed():
     ("federation.fraction_train=0", "federation.fraction_train=0.0 must be in (0.0, 1.0]"),
     ("adapter.rank=0", "adapter.rank=0 must be >= 1"),
     ("task=translation", "'translation' is not one of: classification, causal-lm"),
+    ("dp.head_clip_share=1", "dp.head_clip_share=1.0 must be in [0, 1)"),
 ])
 def test_bad_values_are_named_with_what_is_accepted(override, named):
     with pytest.raises(ConfigError) as err:
         resolve("quickstart", [override])
     assert named in str(err.value)
+
+
+def test_per_layer_clipping_needs_hooks():
+    with pytest.raises(ConfigError, match="needs dp.grad_sample_mode='hooks'"):
+        resolve("private", ["dp.head_clip_share=0.5", "dp.grad_sample_mode=ghost"])
+    assert resolve("private", ["dp.head_clip_share=0.5"]).dp.head_clip_share == 0.5
 
 
 def test_dp_needs_exactly_one_of_target_or_noise():

@@ -46,6 +46,10 @@ LEVERS: dict[str, list[str]] = {
     "targets: every projection (q, k, v, attention output, MLP)": ['adapter.targets=["query","key","value","dense"]'],
     "per-layer clipping, head 1/2 of the bound": ["dp.head_clip_share=0.5"],
     "per-layer clipping, head 1/10 of the bound": ["dp.head_clip_share=0.1"],
+    "adapter scale 0.5 (alpha 4)": ["adapter.alpha=4"],
+    "LoRA at scale 0.5 (alpha 4)": ["adapter.kind=lora", "adapter.alpha=4"],
+    "the mixed-domains recipe: LoRA scale 0.5, [CLS] head, AdamW 5e-3": [
+        "adapter.kind=lora", "adapter.alpha=4", "model.pooling=cls", "train.optimizer=adamw", "train.lr=5e-3"],
     "no DP": ["dp.enabled=false"],
 }
 
@@ -54,7 +58,6 @@ def proxy(overrides: list[str], eval_limit: int) -> dict[str, Any]:
     """Client 0 of the config alone: its planned mechanism, its rounds, its held-out accuracy per round."""
     cfg = with_local_labels(resolve("private", overrides))
     adapter, task = adapted_model(cfg)
-    initial = adapter.sent_state()
     data = client_data(cfg, 0)
     t, n = cfg.train, len(data.train)
     q = sample_rate(t.batch_size, n)
@@ -67,17 +70,14 @@ def proxy(overrides: list[str], eval_limit: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed)
     precision = resolve_precision(t.precision)
     curve, start = [], time.perf_counter()
-    try:
-        for _ in range(cfg.federation.rounds):
-            train_round(adapter, task, data.train, steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
-                        weight_decay=t.weight_decay, dp=dp, gen=gen, optimizer=t.optimizer, momentum=t.momentum,
-                        precision=precision, micro_batch=t.micro_batch)
-            scores = evaluate(adapter, task, data.test, batch_size=t.eval_batch_size, limit=eval_limit,
-                              precision=precision)
-            curve.append(round(scores["accuracy"], 3))
-            print(f"  round {len(curve)}: accuracy {curve[-1]:.3f}", flush=True)
-    finally:
-        adapter.load(initial)  # the model is cached per process: the next lever starts fresh
+    for _ in range(cfg.federation.rounds):  # adapted_model handed the cached model back as built
+        train_round(adapter, task, data.train, steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
+                    weight_decay=t.weight_decay, dp=dp, gen=gen, optimizer=t.optimizer, momentum=t.momentum,
+                    precision=precision, micro_batch=t.micro_batch)
+        scores = evaluate(adapter, task, data.test, batch_size=t.eval_batch_size, limit=eval_limit,
+                          precision=precision)
+        curve.append(round(scores["accuracy"], 3))
+        print(f"  round {len(curve)}: accuracy {curve[-1]:.3f}", flush=True)
     return {"accuracy": curve[-1], "curve": curve, "n": n, "sample_rate": q,
             "noise_multiplier": dp.noise_multiplier if dp else 0.0, "wall_s": time.perf_counter() - start}
 

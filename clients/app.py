@@ -87,8 +87,7 @@ def _receive(msg: Message, context: Context):
         log.error("%s", err)
         raise ValueError(err.public) from None
     global_ = from_record(msg.content.array_records["arrays"], metas(session.adapter.sent_state()))
-    session.adapter.load(global_)
-    session.adapter.set_rank(None)  # the cached model may have served a client of lower rank last
+    session.adapter.load(global_)  # client_session handed the cached model back at full rank
     return cfg, int(config["server-round"]), partition_id, session, global_
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import torch
+
 from fed.adapters import Adapter, AdapterSpec, build
 from fed.config import AdapterConfig, ConfigError, RunConfig
 from fed.data import ClientData, client_split, label_names, load_task_dataset
@@ -67,16 +69,25 @@ def adapter_spec(a: AdapterConfig, model: Any) -> AdapterSpec:
 
 
 @lru_cache(maxsize=2)
-def _build(key: ModelKey) -> tuple[Adapter, Any]:
+def _build(key: ModelKey) -> tuple[Adapter, Any, dict[str, torch.Tensor]]:
+    """The adapted model, its tokenizer and its sent tensors as built (the run's starting point)."""
     model = load_model(key.name, key.task, num_labels=key.num_labels, seed=key.seed, pooling=key.pooling)
     spec = adapter_spec(key.adapter, model)
     adapter = build(model, spec, key.seed, head=tuple(task_head_names(model)))
-    return adapter, load_tokenizer(key.name, key.task)
+    return adapter, load_tokenizer(key.name, key.task), adapter.sent_state()
 
 
 def adapted_model(cfg: RunConfig) -> tuple[Adapter, Task]:
-    """The base model with the adapter injected (cached per process) and the task that feeds it."""
-    adapter, tokenizer = _build(ModelKey.of(cfg))
+    """The base model with the adapter injected, its trained tensors at their initial values, and the task.
+
+    The model is cached per process, and whoever used it last may have left trained values in it (a
+    client's local round, the server loading a run's final adapter to export it). So each call resets
+    those tensors to their values as built: a second run in the same process (a benchmark grid, a test
+    session) must not start from the first run's result. Clients load the global adapter right after.
+    """
+    adapter, tokenizer, initial = _build(ModelKey.of(cfg))
+    adapter.load(initial)
+    adapter.set_rank(None)
     return adapter, make_task(cfg.task, tokenizer, cfg.model.max_length)
 
 

@@ -1,9 +1,14 @@
 """One of five clients sends sign-flipped, 20x scaled deltas every round, through a real simulation.
 
-With the server's defaults (capped weights, adaptive norm clipping) the run ends within a few points
-of the clean run; with them off, the damage is plain."""
+Every run starts from the same fresh adapter. With the server's defaults (capped weights, adaptive
+norm clipping) the attacker's reply is clipped, and the model stays at chance-level loss: the damage
+is bounded, but so is the learning, since the clipped reply still cancels most of the honest ones. A
+coordinate-wise median holds the attacker off: the run ends within a few points of the clean one.
+With the defaults off, the eval loss explodes."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
@@ -26,12 +31,14 @@ def _final(tmp_path, name: str, extra: list[str], attacked: bool) -> dict:
     return lines[-1]
 
 
-def test_defaults_hold_off_a_sign_flipping_scaling_attacker(tmp_path):
+def test_defaults_bound_the_attacker_and_the_median_holds_it_off(tmp_path):
     clean = _final(tmp_path, "clean", [], attacked=False)
     defended = _final(tmp_path, "defended", [], attacked=True)
+    median = _final(tmp_path, "median", ["strategy.rule=median"], attacked=True)
     undefended = _final(tmp_path, "undefended", ["strategy.weighting=examples", "strategy.clip=off"], attacked=True)
     assert clean["eval_accuracy"] > 0.8  # the task is learnable in this budget
-    assert defended["clipped"] == 1 and defended["eval_accuracy"] >= clean["eval_accuracy"] - 0.1
+    chance = math.log(2)  # the loss of a uniform prediction over the two classes
+    assert defended["clipped"] == 1 and defended["eval_loss"] < 1.1 * chance  # bounded, not taken over
+    assert median["eval_accuracy"] >= clean["eval_accuracy"] - 0.1
     assert undefended["clipped"] == 0
-    assert undefended["eval_accuracy"] <= clean["eval_accuracy"] - 0.2
-    assert undefended["eval_loss"] > 3 * clean["eval_loss"]
+    assert undefended["eval_loss"] > 3 * clean["eval_loss"] and undefended["eval_loss"] > 3 * chance

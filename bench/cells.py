@@ -51,14 +51,14 @@ def run_grid(log: Path, runs: Path, grid: list[tuple[dict[str, Any], RunConfig]]
     some families' all seeds.
     """
     done = [(r, _recorded_config(r)) for r in finished(log)]
-    todo = [(labels, _flat(cfg)) for labels, cfg in grid
+    todo = [(labels, cfg) for labels, cfg in grid
             if not any(c == cfg and all(r.get(k) == v for k, v in labels.items()) for r, c in done)]
     todo.sort(key=lambda cell: cell[0].get("seed", 0))  # stable: the grid's order within a seed
     print(f"{len(grid) - len(todo)} of {len(grid)} cells already in {log}; {len(todo)} to run", flush=True)
-    for i, (labels, flat) in enumerate(todo, 1):
+    for i, (labels, cfg) in enumerate(todo, 1):
         name = "-".join(str(v) for v in labels.values()).replace(" ", "_").replace("/", "_")[:60]
         print(f"[{i}/{len(todo)}] {labels}", flush=True)
-        record(log, {**labels, **run_cell(RunConfig.from_flat(flat), runs, name), "config": flat})
+        record(log, {**labels, **run_cell(cfg, runs, name), "config": _flat(cfg)})
 
 
 def _recorded_config(result: dict[str, Any]) -> RunConfig | None:
@@ -111,13 +111,22 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f} ({len(values)})"
 
 
+NOTES = "<!-- written by the bench above this line; notes below it are kept when the bench rewrites the section -->"
+
+
 def write_section(doc: Path, title: str, body: str) -> None:
-    """Put ``## title (date)`` + ``body`` into ``doc``, replacing an earlier section of the same title."""
+    """Put ``## title (date)`` + ``body`` into ``doc``: in place of an earlier section of the same title,
+    keeping what was written below its ``NOTES`` marker (the commentary on the numbers), else at the end."""
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     heading = f"\n## {title} ("
     start = text.find(heading)
-    if start >= 0:
+    if start < 0:
+        text = text.rstrip("\n") + "\n"
+        start = end = len(text)
+    else:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + (text[end:] if end >= 0 else "\n")
-    section = f"{heading}{datetime.date.today().isoformat()})\n\n{body}\n"
-    doc.write_text(text.rstrip("\n") + "\n" + section)
+        end = len(text) if end < 0 else end
+    notes = text[start:end].split(NOTES, 1)[1].rstrip("\n") if NOTES in text[start:end] else ""
+    section = f"{heading}{datetime.date.today().isoformat()})\n\n{body}\n\n{NOTES}{notes}\n"
+    rest = text[end:].lstrip("\n")
+    doc.write_text(text[:start] + section + ("\n" + rest if rest else ""))

@@ -50,11 +50,6 @@ def _sample(root: psutil.Process, cpu: dict[tuple[int, float], float]) -> dict[s
     return parts
 
 
-def parts_items(parts: dict[str, int]) -> list[tuple[str, int]]:
-    """Largest first."""
-    return sorted(parts.items(), key=lambda item: -item[1])
-
-
 def run_measured(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
                  log: Path | None = None, interval: float = 0.2) -> Measured:
     """Run ``argv`` to completion (its output to ``log`` if given) while polling the tree's memory."""
@@ -79,4 +74,4 @@ def run_measured(argv: list[str], *, env: dict[str, str] | None = None, cwd: Pat
         if log is not None:
             sink.close()  # type: ignore[union-attr]
     return Measured(wall, peak / 2**20, code, sum(cpu.values()), load_before, os.getloadavg()[0],
-                    {name: rss / 2**20 for name, rss in parts_items(peak_parts)})
+                    {name: rss / 2**20 for name, rss in sorted(peak_parts.items(), key=lambda item: -item[1])})

@@ -33,14 +33,21 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return any(flag in cpuinfo.split() for flag in _NATIVE_BF16_FLAGS)
 
 
-def resolve_precision(setting: str) -> torch.dtype:
-    """``train.precision`` as a dtype: ``auto`` is bfloat16 only where the CPU computes it natively."""
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live: batches are moved there and autocast runs for its device type."""
+    return next(model.parameters()).device
+
+
+def resolve_precision(setting: str, device_type: str = "cpu") -> torch.dtype:
+    """``train.precision`` as a dtype for a model on ``device_type``: ``auto`` is bfloat16 only where the
+    hardware computes it natively (a CUDA GPU that supports it, or a CPU with the flags above)."""
     if setting == "float32":
         return torch.float32
     if setting == "bfloat16":
         return torch.bfloat16
     if setting == "auto":
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        native = torch.cuda.is_bf16_supported() if device_type == "cuda" else cpu_has_native_bf16()
+        return torch.bfloat16 if native else torch.float32
     raise ValueError(f"unknown precision {setting!r}; accepted: {', '.join(PRECISIONS)}")
 
 
@@ -55,19 +62,20 @@ def autocast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
         yield
         return
     states: list[bool] = []
+    device = model_device(model).type
 
     def enter(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        states.append(torch.is_autocast_enabled("cpu"))
-        torch.set_autocast_enabled("cpu", False)
+        states.append(torch.is_autocast_enabled(device))
+        torch.set_autocast_enabled(device, False)
         return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
     def leave(*_: Any) -> None:
-        torch.set_autocast_enabled("cpu", states.pop())
+        torch.set_autocast_enabled(device, states.pop())
 
     handles = [h for m in _trained_modules(model)
                for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast(device, dtype=dtype):
             yield
     finally:
         for handle in handles:

@@ -19,7 +19,7 @@ from torch import nn
 
 from fed.adapters import Adapter
 from fed.config import OPTIMIZERS
-from fed.precision import autocast
+from fed.precision import autocast, model_device
 from fed.privacy.mechanism import DpSettings, poisson_batches
 from fed.tasks import Task
 
@@ -113,6 +113,11 @@ def dropout_seeded_from(gen: torch.Generator) -> Iterator[None]:
         yield
 
 
+def encode_on(task: Task, rows: dict[str, list], device: torch.device) -> dict[str, torch.Tensor]:
+    """``rows`` tokenised into a batch on ``device`` (the model's: the CPU here, a GPU where one is used)."""
+    return {name: tensor.to(device) for name, tensor in task.encode(rows).items()}
+
+
 def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batch_size: int, lr: float,
                 weight_decay: float, dp: DpSettings | None, gen: torch.Generator, optimizer: str = "adamw",
                 momentum: float = 0.9, precision: torch.dtype = torch.float32, micro_batch: int = 0) -> RoundResult:
@@ -129,6 +134,7 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
     start = time.perf_counter()
     model = adapter.model
     model.train()
+    device = model_device(model)
     opt = make_optimizer(adapter.trainable_parameters(), optimizer, lr=lr, weight_decay=weight_decay,
                          momentum=momentum)
     if dp is None:
@@ -158,7 +164,7 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
             chunk_losses: list[torch.Tensor] = []
             lengths = task.lengths(data[indices]) if 0 < size < len(indices) else []  # this batch's rows only
             for chunk in length_chunks(lengths, indices, size):
-                batch = task.encode(data[chunk])
+                batch = encode_on(task, data[chunk], device)
                 with autocast(model, precision):
                     loss = task.per_example_loss(stepper.module, batch)
                     aux = adapter.auxiliary_loss(batch["attention_mask"])  # per example: keeps the DP bound
@@ -183,12 +189,13 @@ def evaluate(adapter: Adapter, task: Task, data: Dataset, *, batch_size: int, li
     """Mean loss (and accuracy where the task has one) on up to ``limit`` examples (0 = all)."""
     model = adapter.model
     model.eval()
+    device = model_device(model)
     count = len(data) if limit <= 0 else min(limit, len(data))
     loss_sum, correct_sum = 0.0, 0.0
     try:  # batches of similar length: little padding
         for chunk in length_chunks(task.lengths(data[:count]), list(range(count)), batch_size):
             with autocast(model, precision):
-                loss, correct = task.score(model, task.encode(data[chunk]))
+                loss, correct = task.score(model, encode_on(task, data[chunk], device))
             loss_sum += float(loss.sum())
             correct_sum += float(correct.sum())
     finally:

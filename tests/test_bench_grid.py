@@ -58,3 +58,15 @@ def test_a_key_added_since_at_its_default_keeps_a_cell_done(tmp_path: Path, ran:
     log.write_text("".join(json.dumps(line) + "\n" for line in lines))
     cells.run_grid(log, tmp_path, grid([0], ["lora"]))
     assert ran == [0]
+
+
+def test_a_rewritten_section_keeps_its_notes_and_its_place(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    cells.write_section(doc, "First", "| a |")
+    cells.write_section(doc, "Second", "| b |")
+    doc.write_text(doc.read_text().replace(f"{cells.NOTES}\n\n## Second", f"{cells.NOTES}\n\nWhy a is low.\n\n## Second"))
+    cells.write_section(doc, "First", "| a, re-run |")
+    text = doc.read_text()
+    assert "| a |" not in text and "| a, re-run |" in text and "Why a is low." in text
+    assert text.index("## First") < text.index("Why a is low.") < text.index("## Second") < text.index("| b |")
+    assert text.count("## First") == 1 and "\n\n\n" not in text

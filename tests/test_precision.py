@@ -21,6 +21,20 @@ def test_auto_picks_bfloat16_only_with_native_cpu_support():
         resolve_precision("half")
 
 
+@pytest.mark.parametrize("gpu_bf16", [True, False])
+def test_auto_on_a_gpu_follows_the_gpus_bfloat16_support(monkeypatch, gpu_bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: gpu_bf16)
+    assert resolve_precision("auto", "cuda") == (torch.bfloat16 if gpu_bf16 else torch.float32)
+
+
+def test_roselora_masks_are_built_where_the_scores_live():
+    """A GPU run prunes on the GPU: the mask may not silently come back on the CPU (meta stands in here)."""
+    from fed.adapters.roselora import top_lines
+
+    mask = top_lines(torch.empty(3, 5, device="meta"), 1, 2)
+    assert mask.device.type == "meta" and mask.dtype == torch.bool
+
+
 def test_frozen_base_runs_in_bfloat16_and_trained_modules_in_float32(batch):
     adapter, task = _bert_adapter("lora")
     model = adapter.model

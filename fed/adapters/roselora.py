@@ -56,7 +56,7 @@ def line_budget(width: int, fraction: float) -> int:
 def top_lines(scores: torch.Tensor, axis: int, k: int) -> torch.Tensor:
     """Bool mask of the ``k`` largest ``scores`` of every line along ``axis``."""
     chosen = scores.topk(k, dim=axis).indices
-    return torch.zeros(scores.shape, dtype=torch.bool).scatter_(axis, chosen, True)
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(axis, chosen, True)
 
 
 def round_budgets(shapes: dict[str, tuple[int, ...]], lines: dict[str, int], keep: float, round_: int,
@@ -88,7 +88,7 @@ class RoseLinear(LoraLinear):
         factors = self._factors()
         self._before = {n: p.detach().clone() for n, p in factors.items()}
         self._ema = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in factors.items()}
-        self._masks = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in factors.items()}
+        self._masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in factors.items()}
 
     @torch.no_grad()
     def after_step(self) -> None:

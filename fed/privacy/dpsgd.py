@@ -42,6 +42,7 @@ class SecureNoise:
         for p in self.params:
             _check_processed_flag(p.summed_grad)
             noise = secure_rng.normal(p.summed_grad.shape, sigma * self.max_grad_norm, p.summed_grad.dtype)
+            noise = noise.to(p.summed_grad.device)  # drawn on the CPU (OS CSPRNG), added where the model lives
             p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
 
@@ -145,7 +146,7 @@ class DpStepper:
             if self.ghost:
                 p.grad = torch.zeros_like(p)
             else:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         self.step()
 
     def close(self) -> None:

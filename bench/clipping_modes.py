@@ -1,8 +1,10 @@
 """Which Opacus clipping mode is fastest for our adapters? Times local steps side by side in one run.
 
-Prints, per adapter kind (and per ``train.micro_batch`` asked for), the median step time of plain training
-and of DP-SGD with per-sample gradient hooks and with ghost clipping, as ratios to plain training. Run:
-    python bench/clipping_modes.py [--preset quickstart] [--steps 12] [--micro-batches 0 16 8 4] [--set key=value ...]
+Prints, per adapter kind (and per ``train.micro_batch`` asked for), the step time of plain training and of
+DP-SGD with per-sample gradient hooks and with ghost clipping, and their ratios to plain training: each
+repeat times one round of every mode back to back, and the ratio is the median of the per-repeat ratios.
+DP rounds draw Poisson batches (``batch_size`` examples on average) and run with dropout off. Run:
+    python bench/clipping_modes.py [--preset quickstart] [--steps 8] [--repeats 5] [--micro-batches 0 16 8 4] [--set key=value ...]
     python bench/clipping_modes.py --preset instruct         # SmolLM2-135M, causal LM
 The model runs on a CUDA GPU when one is present (``--device auto``, named in the output), in the precision
 ``train.precision`` resolves to there (``auto``: bfloat16 where the hardware computes it natively).
@@ -12,11 +14,11 @@ Ratios, not seconds, are the result: the machine may be shared (see the load ave
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import time
 import warnings
+from typing import Callable
 
 import torch
 
@@ -40,25 +42,42 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
 
 
-def _median_step_s(session, *, steps: int, batch_size: int, micro_batch: int, dp: DpSettings | None,
-                   precision: torch.dtype) -> float:
-    times = []
-    for _ in range(3):  # three repeats, one step each timed as a round of `steps` steps
-        start = time.perf_counter()
-        train_round(session.adapter, session.task, session.data.train, steps=steps, batch_size=batch_size,
-                    lr=1e-3, weight_decay=0.0, dp=dp, gen=torch.Generator().manual_seed(0), micro_batch=micro_batch,
-                    precision=precision)
-        if model_device(session.adapter.model).type == "cuda":
-            torch.cuda.synchronize()  # kernels run asynchronously: time them to their end
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
+def _step_s(session, *, steps: int, batch_size: int, micro_batch: int, dp: DpSettings | None,
+            precision: torch.dtype) -> float:
+    """Seconds per step of one local round of ``steps`` steps (the Opacus set-up of a DP round included)."""
+    start = time.perf_counter()
+    train_round(session.adapter, session.task, session.data.train, steps=steps, batch_size=batch_size,
+                lr=1e-3, weight_decay=0.0, dp=dp, gen=torch.Generator().manual_seed(0), micro_batch=micro_batch,
+                precision=precision)
+    if model_device(session.adapter.model).type == "cuda":
+        torch.cuda.synchronize()  # kernels run asynchronously: time them to their end
+    return (time.perf_counter() - start) / steps
+
+
+def paired(time_round: Callable[[DpSettings | None], float], modes: dict[str, DpSettings | None],
+           repeats: int) -> dict[str, list[float]]:
+    """Seconds per step of each mode, the modes interleaved within every repeat: a slow spell of a shared
+    machine then hits every mode of that repeat alike, and per-repeat ratios cancel it."""
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(repeats):
+        for mode, dp in modes.items():
+            times[mode].append(time_round(dp))
+    return times
+
+
+def ratio(times: dict[str, list[float]], mode: str) -> str:
+    """Median of the per-repeat ratios ``mode`` / plain, with their quartiles."""
+    ratios = sorted(t / p for t, p in zip(times[mode], times["plain"]))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return f"{statistics.median(ratios):.2f} [{q1:.2f}-{q3:.2f}]"
 
 
 def main() -> None:
     warnings.filterwarnings("ignore", message="Full backward hook")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quickstart")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="steps per timed round")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per mode, interleaved")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--micro-batches", type=int, nargs="+", default=None,
                         help="train.micro_batch values to time plain and hooks steps at (default: the preset's)")
@@ -66,8 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     device = pick_device(args.device)
     print(f"device: {device_name(device)}  load average before: {os.getloadavg()[0]:.2f}")
-    print(f"{'adapter':10} {'micro':>5} {'plain s/step':>12} {'hooks s/step':>12} {'hooks/plain':>12} "
-          f"{'ghost/plain':>12} {'ghost/hooks':>12}")
+    print("seconds per step: medians over the repeats; ratios: median [quartiles] of the per-repeat ratios")
+    print(f"{'adapter':10} {'micro':>5} {'plain':>7} {'hooks':>7} {'ghost':>7} {'hooks/plain':>18} {'ghost/plain':>18}")
     for kind in ("lora", "ffa-lora"):
         cfg = resolve(args.preset, [*args.overrides, f"adapter.kind={kind}"])
         session = client_session(cfg, 0)
@@ -77,12 +96,16 @@ def main() -> None:
         n, bs = len(session.data.train), cfg.train.batch_size
         dp = {mode: DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=bs / n, num_examples=n,
                                mode=mode) for mode in ("hooks", "ghost")}
-        time_step = functools.partial(_median_step_s, session, steps=args.steps, batch_size=bs, precision=precision)
-        ghost = time_step(micro_batch=0, dp=dp["ghost"])  # ghost clipping runs whole batches
         for micro in args.micro_batches or [cfg.train.micro_batch]:
-            plain, hooks = time_step(micro_batch=micro, dp=None), time_step(micro_batch=micro, dp=dp["hooks"])
-            print(f"{kind:10} {micro:5d} {plain:12.3f} {hooks:12.3f} {hooks / plain:12.2f} {ghost / plain:12.2f} "
-                  f"{ghost / hooks:12.2f}", flush=True)
+            def time_round(settings: DpSettings | None, micro: int = micro) -> float:
+                ghost = settings is not None and settings.mode == "ghost"  # ghost clipping runs whole batches
+                return _step_s(session, steps=args.steps, batch_size=bs, micro_batch=0 if ghost else micro,
+                               dp=settings, precision=precision)
+
+            times = paired(time_round, {"plain": None, **dp}, args.repeats)
+            med = {mode: statistics.median(t) for mode, t in times.items()}
+            print(f"{kind:10} {micro:5d} {med['plain']:7.3f} {med['hooks']:7.3f} {med['ghost']:7.3f} "
+                  f"{ratio(times, 'hooks'):>18} {ratio(times, 'ghost'):>18}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

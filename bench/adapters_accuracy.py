@@ -7,7 +7,8 @@ factors (so it runs at LoRA's rank, pruned to ``adapter.keep_ratio``); Dynamic L
 ``fed simulate`` run (the same code path as the command line), on the ``mixed-domains`` preset (one
 sentiment domain per client) and on the same data split IID, with and without DP-SGD, over several
 seeds. The table (final-round accuracy mean ± std over seeds, mean aggregation error, bytes up per
-round) is written with the date and the exact settings to docs/benchmarks.md; raw runs to --runs.
+round) is written with the date and the exact settings to docs/benchmarks.md; raw runs to --runs. The DP
+cells read the mean-pooled tokens (``model.pooling=mean``; see ``DP``).
 
     python bench/adapters_accuracy.py                      # the full grid: 7 families x 2 splits x 2 x 3 seeds
     python bench/adapters_accuracy.py --seeds 0 --set federation.rounds=2 --set train.local_steps=3 \
@@ -35,7 +36,10 @@ from cells import bench_parser, finished, mean_std, run_grid, settings, write_se
 
 FAMILIES = ("lora", "ffa-lora", "moslora", "mole", "mor", "roselora", "dynamic-lora")
 SPLITS = {"mixed-domains": [], "iid": ["data.partition=iid"]}
-DP = {"no DP": [], "DP eps 8": ["dp.enabled=true", "dp.target_epsilon=8"]}
+DP = {"no DP": [], "DP eps 8": ["dp.enabled=true", "dp.target_epsilon=8", "model.pooling=mean"]}
+"""Under DP the head reads MiniLM's mean-pooled tokens (zero-initialised): with the preset's BERT pooler over
+[CLS], every family's DP run stays at the majority class (docs/privacy.md, "Utility"), which says nothing
+about the families."""
 
 
 def adapter_parameters(cfg: RunConfig) -> int:
@@ -100,7 +104,8 @@ def main() -> None:
     body = (f"`python bench/adapters_accuracy.py --seeds {' '.join(map(str, args.seeds))}` with overrides "
             f"{settings(args.overrides)}, on top of the `mixed-domains` preset (IID: the same data, "
             f"`data.partition=iid`). Final-round accuracy, mean ± std over {len(args.seeds)} seed(s); the budget is "
-            f"LoRA rank {args.budget_rank} ({budget:,} parameters); DP targets epsilon 8 per client.\n\n"
+            f"LoRA rank {args.budget_rank} ({budget:,} parameters); DP targets epsilon 8 per client, with a "
+            f"mean-pooled head (`model.pooling=mean`).\n\n"
             f"{table(results, params)}")
     write_section(Path(args.doc), "Adapter families at equal budget", body)
     print(body)

@@ -32,7 +32,7 @@ from fed.presets import resolve
 from fed.models import load_model
 from fed.session import adapter_spec, num_labels
 
-from cells import bench_parser, finished, mean_std, run_grid, settings, write_section  # bench/ is on sys.path when a bench script runs
+from cells import bench_parser, held, mean_std, run_grid, settings, write_section  # bench/ is on sys.path when a bench script runs
 
 FAMILIES = ("lora", "ffa-lora", "moslora", "mole", "mor", "roselora", "dynamic-lora")
 SPLITS = {"mixed-domains": [], "iid": ["data.partition=iid"]}
@@ -94,13 +94,13 @@ def main() -> None:
     params = {f: matched_rank(base.with_overrides({"adapter.kind": f}), budget) for f in args.families}
     print(f"budget: {budget:,} trainable adapter parameters (LoRA rank {args.budget_rank}); ranks: {params}")
     log = Path(args.runs) / "results.jsonl"
-    if not args.render:
-        run_grid(log, Path(args.runs), [
-            ({"family": family, "split": split, "dp": dp, "seed": seed},
+    grid = [({"family": family, "split": split, "dp": dp, "seed": seed},
              resolve("mixed-domains", [*args.overrides, *SPLITS[split], *DP[dp], f"adapter.kind={family}",
                                        f"adapter.rank={params[family][0]}", f"seed={seed}"]))
-            for family in args.families for split in args.splits for dp in args.dp for seed in args.seeds])
-    results = finished(log)
+            for family in args.families for split in args.splits for dp in args.dp for seed in args.seeds]
+    if not args.render:
+        run_grid(log, Path(args.runs), grid)
+    results = [record for record in held(log, grid) if record is not None]
     body = (f"`python bench/adapters_accuracy.py --seeds {' '.join(map(str, args.seeds))}` with overrides "
             f"{settings(args.overrides)}, on top of the `mixed-domains` preset (IID: the same data, "
             f"`data.partition=iid`). Final-round accuracy, mean ± std over {len(args.seeds)} seed(s); the budget is "

@@ -50,15 +50,22 @@ def run_grid(log: Path, runs: Path, grid: list[tuple[dict[str, Any], RunConfig]]
     cells run seed by seed: an interrupted grid leaves every family's first seeds rather than
     some families' all seeds.
     """
-    done = [(r, _recorded_config(r)) for r in finished(log)]
-    todo = [(labels, cfg) for labels, cfg in grid
-            if not any(c == cfg and all(r.get(k) == v for k, v in labels.items()) for r, c in done)]
+    todo = [cell for cell, record in zip(grid, held(log, grid)) if record is None]
     todo.sort(key=lambda cell: cell[0].get("seed", 0))  # stable: the grid's order within a seed
     print(f"{len(grid) - len(todo)} of {len(grid)} cells already in {log}; {len(todo)} to run", flush=True)
     for i, (labels, cfg) in enumerate(todo, 1):
         name = "-".join(str(v) for v in labels.values()).replace(" ", "_").replace("/", "_")[:60]
         print(f"[{i}/{len(todo)}] {labels}", flush=True)
         record(log, {**labels, **run_cell(cfg, runs, name), "config": _flat(cfg)})
+
+
+def held(log: Path, grid: list[tuple[dict[str, Any], RunConfig]]) -> list[dict[str, Any] | None]:
+    """For each (labels, config) cell of ``grid``, the record ``log`` holds for it, or None. A record counts
+    when it has the cell's labels and its full config, so one made with other settings under the same labels
+    (an older version of the grid) neither counts as done nor enters a table."""
+    done = [(r, _recorded_config(r)) for r in finished(log)]
+    return [next((r for r, c in done if c == cfg and all(r.get(k) == v for k, v in labels.items())), None)
+            for labels, cfg in grid]
 
 
 def _recorded_config(result: dict[str, Any]) -> RunConfig | None:

@@ -56,19 +56,23 @@ def _step_s(session, *, steps: int, batch_size: int, micro_batch: int, dp: DpSet
 
 def paired(time_round: Callable[[DpSettings | None], float], modes: dict[str, DpSettings | None],
            repeats: int) -> dict[str, list[float]]:
-    """Seconds per step of each mode, the modes interleaved within every repeat: a slow spell of a shared
-    machine then hits every mode of that repeat alike, and per-repeat ratios cancel it."""
+    """Seconds per step of each mode, the modes interleaved within every repeat (in a rotating order, after
+    one untimed round each): a slow spell of a shared machine, or a first round's lazy set-up, then hits
+    every mode alike, and per-repeat ratios cancel it."""
+    order = list(modes)
+    for mode in order:
+        time_round(modes[mode])  # warm-up: lazy initialisation, allocator growth, a GPU's kernel selection
     times: dict[str, list[float]] = {mode: [] for mode in modes}
-    for _ in range(repeats):
-        for mode, dp in modes.items():
-            times[mode].append(time_round(dp))
+    for repeat in range(repeats):
+        for mode in order[repeat % len(order):] + order[:repeat % len(order)]:
+            times[mode].append(time_round(modes[mode]))
     return times
 
 
 def ratio(times: dict[str, list[float]], mode: str) -> str:
     """Median of the per-repeat ratios ``mode`` / plain, with their quartiles."""
     ratios = sorted(t / p for t, p in zip(times[mode], times["plain"]))
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
     return f"{statistics.median(ratios):.2f} [{q1:.2f}-{q3:.2f}]"
 
 
@@ -83,6 +87,8 @@ def main() -> None:
                         help="train.micro_batch values to time plain and hooks steps at (default: the preset's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args()
+    if args.repeats < 1 or args.steps < 1:
+        parser.error(f"--repeats {args.repeats} and --steps {args.steps}: each must be at least 1")
     device = pick_device(args.device)
     print(f"device: {device_name(device)}  load average before: {os.getloadavg()[0]:.2f}")
     print("seconds per step: medians over the repeats; ratios: median [quartiles] of the per-repeat ratios")

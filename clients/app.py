@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from fed.adapters import Clock
 from fed.adapters.base import restrict_rank
 from fed.nodedata import NodeDataError
-from fed.precision import resolve_precision
+from fed.precision import model_device, resolve_precision
 from fed.privacy.ledger import DpSgdEvent, Ledger, events_from_json, write_atomic
 from fed.privacy.planner import new_ledger, plan_round
 from fed.privacy.policy import Policy
@@ -133,7 +133,8 @@ def train(msg: Message, context: Context) -> Message:
     result = train_round(session.adapter, session.task, train_data, steps=plan.steps,
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                          optimizer=cfg.train.optimizer, momentum=cfg.train.momentum,
-                         precision=resolve_precision(cfg.train.precision), micro_batch=cfg.train.micro_batch,
+                         precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type),
+                         micro_batch=cfg.train.micro_batch,
                          dp=plan.dp, gen=generator(cfg.seed, "batches", pid, round_))
     if plan.dp is None:  # loss, timing and expert counts are private statistics outside DP-SGD
         metrics |= {"train_loss": result.loss, "train_wall_s": result.wall_s} | usage_metrics(result.usage)
@@ -157,6 +158,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     cfg, _, _, session, _ = _receive(msg, context)
     scores = evaluate(session.adapter, session.task, session.data.test, batch_size=cfg.train.eval_batch_size,
-                      limit=cfg.train.max_eval_examples, precision=resolve_precision(cfg.train.precision))
+                      limit=cfg.train.max_eval_examples,
+                      precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type))
     metrics = {"num-examples": int(scores.pop("num_examples"))} | {f"eval_{k}": v for k, v in scores.items()}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

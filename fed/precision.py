@@ -46,7 +46,7 @@ def resolve_precision(setting: str, device_type: str = "cpu") -> torch.dtype:
     if setting == "bfloat16":
         return torch.bfloat16
     if setting == "auto":
-        native = torch.cuda.is_bf16_supported() if device_type == "cuda" else cpu_has_native_bf16()
+        native = torch.cuda.is_bf16_supported(including_emulation=False) if device_type == "cuda" else cpu_has_native_bf16()
         return torch.bfloat16 if native else torch.float32
     raise ValueError(f"unknown precision {setting!r}; accepted: {', '.join(PRECISIONS)}")
 

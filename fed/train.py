@@ -103,12 +103,13 @@ def length_chunks(lengths: Sequence[int], indices: list[int], size: int) -> list
 
 
 @contextlib.contextmanager
-def dropout_seeded_from(gen: torch.Generator) -> Iterator[None]:
+def dropout_seeded_from(gen: torch.Generator, device: torch.device) -> Iterator[None]:
     """Dropout draws from torch's global generator, whose state depends on whatever the process (a
     simulation actor serving many clients) ran before. Seeded from ``gen`` for the round, a plain round's
-    masks follow the run seed alone; the global state is restored afterwards. (Under DP dropout is off.)"""
+    masks follow the run seed alone; the global state (the CPU's, and ``device``'s when it is a GPU) is
+    restored afterwards. (Under DP dropout is off.)"""
     seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
 
@@ -153,7 +154,7 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
     release = dp is not None and dp.loss_noise_multiplier > 0
     usage: Counter[str] = Counter()
     size = micro_batch if stepper.chunkable else 0
-    with dropout_seeded_from(gen) if dp is None else contextlib.nullcontext(), contextlib.closing(stepper):
+    with dropout_seeded_from(gen, device) if dp is None else contextlib.nullcontext(), contextlib.closing(stepper):
         for indices in batches:
             if not indices:
                 stepper.empty_step()  # type: ignore[union-attr]  (only Poisson sampling yields empty batches)

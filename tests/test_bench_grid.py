@@ -47,6 +47,8 @@ def test_other_settings_are_other_cells(tmp_path: Path, ran: list[int]) -> None:
     cells.run_grid(log, tmp_path, grid([0], ["lora"]))
     cells.run_grid(log, tmp_path, grid([0], ["lora"], ["federation.rounds=2"]))
     assert ran == [0, 0]
+    # a table of the second grid holds its own record only, not the first's under the same labels
+    assert [r["config"]["federation.rounds"] for r in cells.held(log, grid([0], ["lora"], ["federation.rounds=2"]))] == [2]
 
 
 def test_a_key_added_since_at_its_default_keeps_a_cell_done(tmp_path: Path, ran: list[int]) -> None:

@@ -103,7 +103,8 @@ def main() -> None:
     results = [record for record in held(log, grid) if record is not None]
     body = (f"`python bench/adapters_accuracy.py --seeds {' '.join(map(str, args.seeds))}` with overrides "
             f"{settings(args.overrides)}, on top of the `mixed-domains` preset (IID: the same data, "
-            f"`data.partition=iid`). Final-round accuracy, mean ± std over {len(args.seeds)} seed(s); the budget is "
+            f"`data.partition=iid`). Final-round accuracy, mean ± std (number of seeds) where a cell holds several "
+            f"of seeds {args.seeds}, else its one run (cells held so far: {len(results)} of {len(grid)}); the budget is "
             f"LoRA rank {args.budget_rank} ({budget:,} parameters); DP targets epsilon 8 per client, with a "
             f"mean-pooled head (`model.pooling=mean`).\n\n"
             f"{table(results, params)}")

@@ -6,6 +6,7 @@ import argparse
 import datetime
 import json
 import statistics
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,14 @@ def bench_parser(description: str | None, runs: str, *, seeds: bool = True) -> a
     return parser
 
 
-def record(log: Path, result: dict[str, Any]) -> None:
-    """Append one finished cell to the bench's JSONL log at once: a crash loses only the cell that was running."""
+def record(log: Path, labels: dict[str, Any], cfg: RunConfig, figures: dict[str, Any]) -> None:
+    """Append one finished cell (its labels, figures and full config) to the bench's JSONL log at once: a
+    crash loses only the cell that was running, and ``held`` can tell the cell from one with other settings."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({**labels, **figures, "config": _flat(cfg)})
     with open(log, "a") as handle:
-        handle.write(json.dumps(result) + "\n")
-    print(json.dumps(result), flush=True)
+        handle.write(line + "\n")
+    print(line, flush=True)
 
 
 def finished(log: Path) -> list[dict[str, Any]]:
@@ -56,7 +59,7 @@ def run_grid(log: Path, runs: Path, grid: list[tuple[dict[str, Any], RunConfig]]
     for i, (labels, cfg) in enumerate(todo, 1):
         name = "-".join(str(v) for v in labels.values()).replace(" ", "_").replace("/", "_")[:60]
         print(f"[{i}/{len(todo)}] {labels}", flush=True)
-        record(log, {**labels, **run_cell(cfg, runs, name), "config": _flat(cfg)})
+        record(log, labels, cfg, run_cell(cfg, runs, name))
 
 
 def held(log: Path, grid: list[tuple[dict[str, Any], RunConfig]]) -> list[dict[str, Any] | None]:
@@ -64,8 +67,20 @@ def held(log: Path, grid: list[tuple[dict[str, Any], RunConfig]]) -> list[dict[s
     when it has the cell's labels and its full config, so one made with other settings under the same labels
     (an older version of the grid) neither counts as done nor enters a table."""
     done = [(r, _recorded_config(r)) for r in finished(log)]
-    return [next((r for r, c in done if c == cfg and all(r.get(k) == v for k, v in labels.items())), None)
+    return [next((r for r, c in done if c is not None and same_cell(c, cfg)
+                  and all(r.get(k) == v for k, v in labels.items())), None)
             for labels, cfg in grid]
+
+
+EXECUTION_ONLY = ("train.micro_batch", "train.eval_batch_size")
+"""Settings that change how fast a cell runs, not what it measures: a batch run in chunks takes the same step
+(tests/test_dpsgd.py holds a chunked DP step to the per-example loop), and evaluation sums over its batches."""
+
+
+def same_cell(a: RunConfig, b: RunConfig) -> bool:
+    """Whether runs of ``a`` and ``b`` measure the same thing: equal configs up to ``EXECUTION_ONLY``."""
+    flat_a, flat_b = a.to_flat(), b.to_flat()
+    return all(flat_a[k] == flat_b[k] for k in flat_a.keys() | flat_b.keys() if k not in EXECUTION_ONLY)
 
 
 def _recorded_config(result: dict[str, Any]) -> RunConfig | None:
@@ -133,6 +148,8 @@ def write_section(doc: Path, title: str, body: str) -> None:
     else:
         end = text.find("\n## ", start + 1)
         end = len(text) if end < 0 else end
+    if start < end and NOTES not in text[start:end]:
+        print(f"warning: {doc}'s section {title!r} has no notes marker; all of it is replaced", file=sys.stderr)
     notes = text[start:end].split(NOTES, 1)[1].rstrip("\n") if NOTES in text[start:end] else ""
     section = f"{heading}{datetime.date.today().isoformat()})\n\n{body}\n\n{NOTES}{notes}\n"
     rest = text[end:].lstrip("\n")

@@ -104,9 +104,10 @@ def main() -> None:
     results = [json.loads(line) for line in log.read_text().splitlines()] if args.render else []
     for lever in [] if args.render else args.levers:
         print(lever, flush=True)
-        result = {"lever": lever, **proxy([*args.overrides, *LEVERS[lever]], args.eval_limit)}
-        record(log, result)
-        results.append(result)
+        overrides = [*args.overrides, *LEVERS[lever]]
+        figures = proxy(overrides, args.eval_limit)
+        record(log, {"lever": lever}, resolve("private", overrides), figures)
+        results.append({"lever": lever, **figures})
     body = (f"`python bench/dp_levers.py` with overrides {settings(args.overrides)}: the `private` preset's client 0 alone (its "
             f"split, its planned noise, no averaging over clients: a floor for the federated run), held-out "
             f"accuracy on {args.eval_limit} examples after each local round.\n\n{table(results)}")

@@ -24,7 +24,7 @@ from fed.presets import resolve
 from fed.rundir import RunDir
 
 from cells import (  # bench/ is on sys.path when a bench script runs
-    bench_parser, finished, mean_std, record, run_grid, settings, summarise, write_section)
+    EXECUTION_ONLY, bench_parser, held, mean_std, record, run_grid, same_cell, settings, summarise, write_section)
 
 EPSILONS = {"inf": ["dp.enabled=false"], "8": ["dp.target_epsilon=8"], "3": ["dp.target_epsilon=3"],
             "1": ["dp.target_epsilon=1"]}
@@ -37,8 +37,9 @@ def cells(args: argparse.Namespace) -> list[tuple[dict[str, Any], list[str]]]:
             for a in args.adapters for sp in args.splits for e in args.epsilons for s in args.seeds]
 
 
-def cell_of(run: RunDir) -> tuple[dict[str, Any], list[str]]:
-    """The grid cell a finished run belongs to, refused unless its config is exactly that cell's."""
+def cell_of(run: RunDir) -> dict[str, Any]:
+    """The labels of the grid cell a finished run belongs to, refused unless its config is that cell's (up to
+    settings that change only its speed)."""
     cfg = run.config()
     split = "iid" if cfg.data.partition == "iid" else f"{cfg.data.partition}-{cfg.data.alpha:g}"
     eps = "inf" if not cfg.dp.enabled else f"{cfg.dp.target_epsilon:g}"
@@ -46,9 +47,10 @@ def cell_of(run: RunDir) -> tuple[dict[str, Any], list[str]]:
     if split not in SPLITS or eps not in EPSILONS or cfg.adapter.kind not in ADAPTERS:
         raise ValueError(f"{run.path} is not a grid cell: {labels}")
     overrides = [f"adapter.kind={cfg.adapter.kind}", *SPLITS[split], *EPSILONS[eps], f"seed={cfg.seed}"]
-    if cfg != resolve("private", overrides):
-        raise ValueError(f"{run.path} is not the private preset with only {overrides} changed")
-    return labels, overrides
+    if not same_cell(cfg, resolve("private", overrides)):
+        raise ValueError(f"{run.path} is not the private preset with only {overrides} changed "
+                         f"(or one of {', '.join(EXECUTION_ONLY)})")
+    return labels
 
 
 def grid_table(results: list[dict[str, Any]]) -> str:
@@ -107,11 +109,11 @@ def main() -> None:
     log = Path(args.runs) / "results.jsonl"
     for path in args.add:
         run = RunDir(Path(path))
-        record(log, {**cell_of(run)[0], **summarise(run)})
+        record(log, cell_of(run), run.config(), summarise(run))
+    grid = [(labels, resolve("private", [*args.overrides, *extra])) for labels, extra in cells(args)]
     if not args.render and not args.add:
-        run_grid(log, Path(args.runs), [(labels, resolve("private", [*args.overrides, *extra]))
-                                        for labels, extra in cells(args)])
-    results = finished(log)
+        run_grid(log, Path(args.runs), grid)
+    results = [r for r in held(log, grid) if r is not None]  # only this grid's settings enter the table
     seeds = sorted({r["seed"] for r in results})
     plot(results, Path(args.doc).parent / "img" / "dp_utility.png")
     body = (f"`python bench/dp_utility.py` with overrides {settings(args.overrides)}, on top of the `private` preset. Final-round "

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fed.presets import resolve
+from fed.rundir import RunDir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import cells  # noqa: E402  (bench/ is a folder of scripts, not a package)
@@ -72,3 +73,37 @@ def test_a_rewritten_section_keeps_its_notes_and_its_place(tmp_path: Path) -> No
     assert "| a |" not in text and "| a, re-run |" in text and "Why a is low." in text
     assert text.index("## First") < text.index("Why a is low.") < text.index("## Second") < text.index("| b |")
     assert text.count("## First") == 1 and "\n\n\n" not in text
+
+
+def test_a_booked_run_is_its_grid_cell_and_is_not_run_again(tmp_path: Path, ran: list[int]) -> None:
+    """A run made by hand and booked with ``dp_utility.py --add`` counts as the grid's cell: the resumed grid
+    skips it and its table holds it."""
+    import dp_utility
+
+    overrides = ["adapter.kind=ffa-lora", "data.partition=iid", "dp.target_epsilon=3", "seed=1"]
+    made = resolve("private", [*overrides, "train.micro_batch=8"])  # another speed, the same cell
+    run = RunDir.create(tmp_path / "runs", made, name="by-hand")
+    run.append_metrics({"round": 1, "eval_accuracy": 0.7, "epsilon_max": 3.0, "bytes_up": 8, "clients": 4})
+    labels = dp_utility.cell_of(run)
+    log = tmp_path / "results.jsonl"
+    cells.record(log, labels, run.config(), cells.summarise(run))
+    grid = [(labels, resolve("private", overrides)), ({**labels, "seed": 2}, resolve("private", [*overrides[:3], "seed=2"]))]
+    assert [r is not None for r in cells.held(log, grid)] == [True, False]
+    cells.run_grid(log, tmp_path, grid)
+    assert ran == [2]
+
+
+def test_a_section_without_its_marker_warns_before_it_is_replaced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## First (2026-01-01)\n\n| a |\n\nHand-written reading.\n")
+    cells.write_section(doc, "First", "| a, re-run |")
+    assert "no notes marker" in capsys.readouterr().err
+    cells.write_section(doc, "First", "| a, again |")
+    assert "no notes marker" not in capsys.readouterr().err
+
+
+def test_a_setting_that_changes_the_figures_is_another_cell() -> None:
+    base = resolve("private")
+    assert cells.same_cell(base, base.with_overrides({"train.micro_batch": 8, "train.eval_batch_size": 16}))
+    assert not cells.same_cell(base, base.with_overrides({"train.batch_size": 128}))
+    assert not cells.same_cell(base, base.with_overrides({"dp.target_epsilon": 3.0}))

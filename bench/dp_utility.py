@@ -10,7 +10,9 @@ plot (accuracy against epsilon) go to docs/benchmarks.md and docs/img/dp_utility
 
 Finished cells are appended to ``<runs>/results.jsonl`` at once; ``--render`` redraws table and plot from it;
 ``--add RUN_DIR ...`` books runs made by hand (``fed simulate --preset private ...``) as cells, after checking
-that each is the preset with nothing changed but a cell's own settings.
+that each is the preset with nothing changed but a cell's own settings (and settings of speed only, such as
+``train.micro_batch``: ``cells.EXECUTION_ONLY``). Each booked line carries the run's full config, so a resumed
+grid skips the cell.
 """
 
 from __future__ import annotations

@@ -79,8 +79,8 @@ EXECUTION_ONLY = ("train.micro_batch", "train.eval_batch_size")
 
 def same_cell(a: RunConfig, b: RunConfig) -> bool:
     """Whether runs of ``a`` and ``b`` measure the same thing: equal configs up to ``EXECUTION_ONLY``."""
-    flat_a, flat_b = a.to_flat(), b.to_flat()
-    return all(flat_a[k] == flat_b[k] for k in flat_a.keys() | flat_b.keys() if k not in EXECUTION_ONLY)
+    other = b.to_flat()  # the same keys: both are read on today's RunConfig
+    return all(value == other[key] for key, value in a.to_flat().items() if key not in EXECUTION_ONLY)
 
 
 def _recorded_config(result: dict[str, Any]) -> RunConfig | None:

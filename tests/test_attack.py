@@ -3,8 +3,8 @@
 Every run starts from the same fresh adapter. With the server's defaults (capped weights, adaptive
 norm clipping) the attacker's reply is clipped, and the model stays at chance-level loss: the damage
 is bounded, but so is the learning, since the clipped reply still cancels most of the honest ones. A
-coordinate-wise median holds the attacker off: the run ends within a few points of the clean one.
-With the defaults off, the eval loss explodes."""
+coordinate-wise median holds the attacker off: the run still learns the task (above 0.8 accuracy; chance
+is 0.5). With the defaults off, the eval loss explodes."""
 
 from __future__ import annotations
 
@@ -23,22 +23,21 @@ TINY = ["model.name=tiny-bert", "data.name=synthetic", "data.max_examples=0", "f
         "train.lr=3e-2"]
 
 
-def _final(tmp_path, name: str, extra: list[str], attacked: bool) -> dict:
+def _final(tmp_path, name: str, extra: list[str]) -> dict:
+    """The last round of a run in which client 0 sends -20 times its delta."""
     cfg = resolve("quickstart", [*TINY, *extra])
-    run = simulate(cfg, tmp_path, name=name, **({"client": hostile_client(-20.0)} if attacked else {}))
+    run = simulate(cfg, tmp_path, name=name, client=hostile_client(-20.0))
     lines = run.metrics()
     assert all(line["clients"] == 5 for line in lines)  # every round hears all five, the attacker included
     return lines[-1]
 
 
 def test_defaults_bound_the_attacker_and_the_median_holds_it_off(tmp_path):
-    clean = _final(tmp_path, "clean", [], attacked=False)
-    defended = _final(tmp_path, "defended", [], attacked=True)
-    median = _final(tmp_path, "median", ["strategy.rule=median"], attacked=True)
-    undefended = _final(tmp_path, "undefended", ["strategy.weighting=examples", "strategy.clip=off"], attacked=True)
-    assert clean["eval_accuracy"] > 0.8  # the task is learnable in this budget
+    defended = _final(tmp_path, "defended", [])
+    median = _final(tmp_path, "median", ["strategy.rule=median"])
+    undefended = _final(tmp_path, "undefended", ["strategy.weighting=examples", "strategy.clip=off"])
     chance = math.log(2)  # the loss of a uniform prediction over the two classes
     assert defended["clipped"] == 1 and defended["eval_loss"] < 1.1 * chance  # bounded, not taken over
-    assert median["eval_accuracy"] >= clean["eval_accuracy"] - 0.1
+    assert median["eval_accuracy"] > 0.8  # learns despite the attacker (chance: 0.5)
     assert undefended["clipped"] == 0
-    assert undefended["eval_loss"] > 3 * clean["eval_loss"] and undefended["eval_loss"] > 3 * chance
+    assert undefended["eval_loss"] > 3 * median["eval_loss"] and undefended["eval_loss"] > 3 * chance

@@ -51,6 +51,17 @@ LEVERS: dict[str, list[str]] = {
     "the mixed-domains recipe: LoRA scale 0.5, [CLS] head, AdamW 5e-3": [
         "adapter.kind=lora", "adapter.alpha=4", "model.pooling=cls", "train.optimizer=adamw", "train.lr=5e-3"],
     "no DP": ["dp.enabled=false"],
+    "adapter scale 8 (alpha 64)": ["adapter.alpha=64"],
+    "adapter scale 32 (alpha 256)": ["adapter.alpha=256"],
+    "LoRA at scale 8 (alpha 64)": ["adapter.kind=lora", "adapter.alpha=64"],
+    "optimiser: AdamW, lr 1e-3, with LoRA": ["adapter.kind=lora", "train.optimizer=adamw", "train.lr=1e-3"],
+    "4x the steps: batch 64, 24 a round, lr 0.25": ["train.batch_size=64", "train.local_steps=24", "train.lr=0.25"],
+    "4x the steps at scale 8 (alpha 64)": ["train.batch_size=64", "train.local_steps=24", "train.lr=0.25",
+                                           "adapter.alpha=64"],
+    "8x the steps: batch 32, 48 a round, lr 0.1": ["train.batch_size=32", "train.local_steps=48", "train.lr=0.1"],
+    "no-DP ceiling: all the data on one client, LoRA, AdamW 1e-3, 6 x 100 steps of batch 32": [
+        "federation.num_clients=1", "dp.enabled=false", "adapter.kind=lora", "train.optimizer=adamw", "train.lr=1e-3",
+        "train.batch_size=32", "train.local_steps=100", "federation.rounds=6", "train.micro_batch=0"],
 }
 
 

@@ -35,10 +35,10 @@ from fed.train import evaluate, train_round
 from fed.wire import config_from_record, from_record, metas, to_sparse_record, usage_metrics
 
 app = ClientApp()
-log = logging.getLogger("flwr")
+log = logging.getLogger("flwr")  # Flower's logger: what the SuperNode's operator sees
 gc.freeze()  # what is imported by now (torch, transformers, Flower: ~470k objects) lives as long as the process
 # Frozen, it is skipped by every collection: the one after each reply (below) scans what rounds allocate,
-# ~1 ms, instead of every object in the process, ~0.3 s a reply.  # Flower's logger: what the SuperNode's operator sees
+# ~1 ms, instead of every object in the process, ~0.3 s a reply.
 KNOWN_EVENTS = "known-events"
 """Config key under which the server returns the DP events it holds for the receiving client."""
 STATE_DIR_ENV = "FEDLORA_STATE_DIR"

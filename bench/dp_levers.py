@@ -28,7 +28,7 @@ from fed.privacy.planner import sample_rate
 from fed.privacy.ledger import calibrate_noise
 from fed.precision import resolve_precision
 from fed.session import adapted_model, client_data, with_local_labels
-from fed.train import evaluate, train_round
+from fed.train import evaluate, round_lr, train_round
 
 from cells import bench_parser, record, settings, write_section  # bench/ is on sys.path when a bench script runs
 
@@ -81,8 +81,9 @@ def proxy(overrides: list[str], eval_limit: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed)
     precision = resolve_precision(t.precision)
     curve, start = [], time.perf_counter()
-    for _ in range(cfg.federation.rounds):  # adapted_model handed the cached model back as built
-        train_round(adapter, task, data.train, steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
+    for round_ in range(1, cfg.federation.rounds + 1):  # adapted_model handed the cached model back as built
+        lr = round_lr(t.lr, t.lr_schedule, round_, cfg.federation.rounds)
+        train_round(adapter, task, data.train, steps=t.local_steps, batch_size=t.batch_size, lr=lr,
                     weight_decay=t.weight_decay, dp=dp, gen=gen, optimizer=t.optimizer, momentum=t.momentum,
                     precision=precision, micro_batch=t.micro_batch)
         scores = evaluate(adapter, task, data.test, batch_size=t.eval_batch_size, limit=eval_limit,

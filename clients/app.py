@@ -31,7 +31,7 @@ from fed.privacy.release import public_metrics
 from fed.ranks import client_rank
 from fed.seeding import generator
 from fed.session import client_session
-from fed.train import evaluate, train_round
+from fed.train import evaluate, round_lr, train_round
 from fed.wire import config_from_record, from_record, metas, to_sparse_record, usage_metrics
 
 app = ClientApp()
@@ -134,7 +134,8 @@ def train(msg: Message, context: Context) -> Message:
     session.adapter.begin_round(Clock(round_, cfg.federation.rounds, plan.steps))
     session.adapter.set_rank(rank)  # masks the components beyond this client's rank (fed/ranks.py)
     result = train_round(session.adapter, session.task, train_data, steps=plan.steps,
-                         batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                         batch_size=cfg.train.batch_size, weight_decay=cfg.train.weight_decay,
+                         lr=round_lr(cfg.train.lr, cfg.train.lr_schedule, round_, cfg.federation.rounds),
                          optimizer=cfg.train.optimizer, momentum=cfg.train.momentum,
                          precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type),
                          micro_batch=cfg.train.micro_batch,

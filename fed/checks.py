@@ -18,6 +18,7 @@ ADAPTER_KINDS = ("lora", "ffa-lora", "moslora", "mole", "mor", "roselora", "dyna
 PARTITIONS = ("iid", "dirichlet", "pathological", "natural")
 ACCOUNTANTS = ("rdp", "prv")
 OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "float32", "bfloat16")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 ROBUST_RULES = ("mean", "median", "trimmed-mean")
@@ -50,6 +51,7 @@ def _check_choices(c: RunConfig) -> list[str]:
         + _choice("dp.accountant", c.dp.accountant, ACCOUNTANTS)
         + _choice("model.pooling", c.model.pooling, POOLINGS)
         + _choice("train.optimizer", c.train.optimizer, OPTIMIZERS)
+        + _choice("train.lr_schedule", c.train.lr_schedule, LR_SCHEDULES)
         + _choice("train.precision", c.train.precision, PRECISIONS)
         + ([] if c.model.pooling == "cls" or c.task == "classification"
            else [f"model.pooling={c.model.pooling!r} builds a classification head; task {c.task!r} needs 'cls'"])
@@ -93,6 +95,7 @@ def _check_ranges(c: RunConfig) -> list[str]:
         + _in_range("data.test_fraction", c.data.test_fraction, 0.0, 0.9)
         + _at_least("data.max_examples", c.data.max_examples, 0)
         + _at_least("model.max_length", c.model.max_length, 4)
+        + _at_least("model.layers", c.model.layers, 0)
         + _at_least("train.local_steps", c.train.local_steps, 1)
         + _at_least("train.batch_size", c.train.batch_size, 1)
         + _at_least("train.lr", c.train.lr, 1e-12)

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 import tomli_w
 
 from fed.checks import (  # noqa: F401  (the accepted values are re-exported: callers import them from here)
-    ACCOUNTANTS, ADAPTER_KINDS, AGGREGATIONS, CLIPS, GRAD_SAMPLE_MODES, OPTIMIZERS, PARTITIONS, POOLINGS,
-    PRECISIONS, ROBUST_RULES, TASKS, WEIGHTINGS, WIRE_DTYPES, problems,
+    ACCOUNTANTS, ADAPTER_KINDS, AGGREGATIONS, CLIPS, GRAD_SAMPLE_MODES, LR_SCHEDULES, OPTIMIZERS, PARTITIONS,
+    POOLINGS, PRECISIONS, ROBUST_RULES, TASKS, WEIGHTINGS, WIRE_DTYPES, problems,
 )
 
 
@@ -34,6 +34,10 @@ class ModelConfig:
     pooling: str = "cls"
     """Classification head: ``cls`` is the model's own (BERT: pooler over [CLS]); ``mean`` a zero-initialised
     linear head over the mean of the real tokens, how sentence-embedding models such as MiniLM are read."""
+    layers: int = 0
+    """Transformer blocks of the trunk kept, counted from the input (0 = all): the head then reads the top kept
+    block. A sentence-embedding model's last blocks are tuned for similarity, and its middle blocks can hold more
+    of a task's signal (MiniLM's block 4 of 6 for sentiment); the dropped blocks also cost nothing to run."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,10 @@ class TrainConfig:
     local_steps: int = 10
     batch_size: int = 32
     lr: float = 5e-3
+    lr_schedule: str = "constant"
+    """``constant``, or ``cosine``: round r of R trains at ``lr * (1 + cos(pi * (r - 1) / R)) / 2``, so the last
+    rounds take small steps and the final adapter carries less of the late rounds' DP noise. A function of the
+    round number alone: it rescales the update after the noise, so the privacy accounting does not change."""
     weight_decay: float = 0.0
     optimizer: str = "adamw"
     """``adamw`` or ``sgd`` (with ``momentum``); the optimiser state starts fresh every round."""

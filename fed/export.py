@@ -5,12 +5,13 @@ plus PEFT's LoRA format where the family reduces to LoRA.
 file alone rebuilds the adapter) and ``fedlora.json`` the spec and tensor groups; ``load_adapter``
 reads these two for any family, including those with no PEFT equivalent (MoLE, MoR). Families that
 reduce to LoRA (LoRA, FFA-LoRA, MoSLoRA with its mixer folded into B), on a model whose head is the
-model's own (``model.pooling = "cls"``), also get
+model's own (``model.pooling = "cls"``) and whole (``model.layers = 0``), also get
 ``adapter_model.safetensors`` + ``adapter_config.json``: PEFT keys are ``base_model.model.<name>`` and
 our LoRA layers name their factors as PEFT does, so ``peft.PeftModel.from_pretrained(base, dir)``
 loads it; the task head travels as a ``modules_to_save`` entry. A mean-pooled head
-(``fed.models.MeanPooledClassifier``) has no PEFT equivalent: rebuild the model with
-``load_model(..., pooling="mean")`` and use ``load_adapter``.
+(``fed.models.MeanPooledClassifier``) or a trunk cut to its first blocks has no PEFT equivalent (PEFT
+would rebuild the whole model with the [CLS] head): rebuild the model with
+``load_model(..., pooling=..., layers=...)`` as ``fedlora.json`` records them and use ``load_adapter``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ NATIVE = "adapter.safetensors"
 DESCRIPTION = "fedlora.json"
 
 
-def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, pooling: str = "cls") -> Path:
+def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, pooling: str = "cls",
+                   layers: int = 0) -> Path:
     """Save every adapter tensor (sent or frozen-shared) and the config that describes it.
 
     ``adapter_config.json`` names the base model by an identifier PEFT can load (hub id or absolute path);
@@ -44,11 +46,12 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, p
         "kind": spec.kind, "spec": dataclasses.asdict(spec), "head": adapter.head_names(),
         "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "task": task, "base_model": base_model,
         "base_model_name_or_path": loadable, "pooling": pooling,
+        "layers": layers,
         "groups": [{"name": g.name, "trainable": g.trainable, "sent": g.sent, "aggregation": g.aggregation.value,
                     "params": list(g.params)} for g in adapter.groups],
     }, indent=2))
     save_file(tensors, str(out / NATIVE))
-    if not adapter.peft_compatible or pooling != "cls":
+    if not adapter.peft_compatible or pooling != "cls" or layers:
         return out
     lora = family(spec.kind).as_lora(tensors)  # type: ignore[attr-defined]  (every PEFT-compatible family has it)
     save_file({f"base_model.model.{k}": v.contiguous() for k, v in lora.items()},

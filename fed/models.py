@@ -260,13 +260,36 @@ def _check_pooling(task: str, pooling: str) -> None:
         raise ValueError(f"pooling={pooling!r} builds a classification head; task {task!r} has none (use 'cls')")
 
 
+def keep_blocks(model: nn.Module, layers: int) -> None:
+    """Keep the first ``layers`` transformer blocks of ``model`` (0 keeps all), in place.
+
+    The blocks are the ``nn.ModuleList`` a Hugging Face trunk runs in order (BERT's ``encoder.layer``,
+    Llama's ``layers``); the config is cut to match so the trunk's own bookkeeping (per-layer types, caches)
+    agrees. Everything above the cut, and the adapter targets there, no longer exist.
+    """
+    total = model.config.num_hidden_layers
+    if layers == 0 or layers == total:
+        return
+    if not 0 < layers < total:
+        raise ValueError(f"model.layers={layers} is out of range; accepted: 0 (all) or 1..{total}, this model's blocks")
+    path = next(n for n, m in model.named_modules()
+                if isinstance(m, nn.ModuleList) and len(m) == total and n.rsplit(".", 1)[-1] in ("layer", "layers"))
+    parent, _, leaf = path.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    setattr(owner, leaf, nn.ModuleList(list(getattr(owner, leaf))[:layers]))
+    model.config.num_hidden_layers = layers
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:layers]
+
+
 def load_model(name: str, task: str, *, num_labels: int | None = None, seed: int = 0,
-               pooling: str = "cls") -> nn.Module:
+               pooling: str = "cls", layers: int = 0) -> nn.Module:
     """A fresh fp32 model, all parameters frozen, in train mode; ``num_labels`` sizes a classifier head.
 
     ``seed`` fixes everything random (tiny weights, a new head) without touching the global RNG, so
     server and clients build identical heads. ``pooling="mean"`` puts a zero-initialised linear head over
     the mean of the real tokens (``MeanPooledClassifier``) instead of the model's own classification head.
+    ``layers`` > 0 keeps only the trunk's first ``layers`` blocks (``keep_blocks``), before the head is added.
     """
     resolved = resolve_model_name(name, task)
     _check_pooling(task, pooling)
@@ -290,6 +313,7 @@ def load_model(name: str, task: str, *, num_labels: int | None = None, seed: int
         else:
             model = auto.from_pretrained(_source(resolved), local_files_only=True, dtype=torch.float32, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
+    keep_blocks(model, layers)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if pooling == "mean":

@@ -55,10 +55,12 @@ class ModelKey:
     adapter: AdapterConfig
     seed: int
     pooling: str = "cls"
+    layers: int = 0
 
     @classmethod
     def of(cls, cfg: RunConfig) -> ModelKey:
-        return cls(cfg.model.name, cfg.task, num_labels(cfg), cfg.adapter, cfg.seed, cfg.model.pooling)
+        m = cfg.model
+        return cls(m.name, cfg.task, num_labels(cfg), cfg.adapter, cfg.seed, m.pooling, m.layers)
 
 
 def adapter_spec(a: AdapterConfig, model: Any) -> AdapterSpec:
@@ -71,7 +73,8 @@ def adapter_spec(a: AdapterConfig, model: Any) -> AdapterSpec:
 @lru_cache(maxsize=2)
 def _build(key: ModelKey) -> tuple[Adapter, Any, dict[str, torch.Tensor]]:
     """The adapted model, its tokenizer and its sent tensors as built (the run's starting point)."""
-    model = load_model(key.name, key.task, num_labels=key.num_labels, seed=key.seed, pooling=key.pooling)
+    model = load_model(key.name, key.task, num_labels=key.num_labels, seed=key.seed, pooling=key.pooling,
+                       layers=key.layers)
     spec = adapter_spec(key.adapter, model)
     adapter = build(model, spec, key.seed, head=tuple(task_head_names(model)))
     return adapter, load_tokenizer(key.name, key.task), adapter.sent_state()

@@ -18,7 +18,7 @@ from datasets import Dataset
 from torch import nn
 
 from fed.adapters import Adapter
-from fed.config import OPTIMIZERS
+from fed.config import LR_SCHEDULES, OPTIMIZERS
 from fed.precision import autocast, model_device
 from fed.privacy.mechanism import DpSettings, poisson_batches
 from fed.tasks import Task
@@ -70,6 +70,15 @@ def _plain_batches(num_examples: int, batch_size: int, steps: int, gen: torch.Ge
             order += torch.randperm(num_examples, generator=gen).tolist()
         batch, order = order[:batch_size], order[batch_size:]
         yield batch
+
+
+def round_lr(lr: float, schedule: str, round_: int, rounds: int) -> float:
+    """The learning rate of round ``round_`` (1-based) of ``rounds`` under ``schedule`` (``train.lr_schedule``)."""
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr * (1 + math.cos(math.pi * (min(max(round_, 1), rounds) - 1) / rounds)) / 2
+    raise ValueError(f"unknown lr schedule {schedule!r}; accepted: {', '.join(LR_SCHEDULES)}")
 
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str, *, lr: float, weight_decay: float,

@@ -121,7 +121,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
     final = result.arrays if len(result.arrays) else to_record(initial)  # empty: no round aggregated anything
     adapter.load(from_record(final, metas(initial)))
     export_adapter(adapter, run_dir.adapter, task=cfg.task, base_model=cfg.model.name,
-                   pooling=cfg.model.pooling)
+                   pooling=cfg.model.pooling, layers=cfg.model.layers)
     plot_curves(run_dir.metrics(), run_dir.path / "curves.png",
                 title=f"{cfg.adapter.kind} · {cfg.data.name} · {fed.num_clients} clients"
                       + (f" · DP target eps {cfg.dp.target_epsilon:g}" if cfg.dp.target_epsilon else ""))

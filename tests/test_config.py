@@ -27,6 +27,8 @@ def test_overrides_are_typed():
     ("adapter.rank=0", "adapter.rank=0 must be >= 1"),
     ("task=translation", "'translation' is not one of: classification, causal-lm"),
     ("dp.head_clip_share=1", "dp.head_clip_share=1.0 must be in [0, 1)"),
+    ("train.lr_schedule=step", "train.lr_schedule='step' is not one of: constant, cosine"),
+    ("model.layers=-2", "model.layers=-2 must be >= 0"),
 ])
 def test_bad_values_are_named_with_what_is_accepted(override, named):
     with pytest.raises(ConfigError) as err:

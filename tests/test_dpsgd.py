@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from fed.privacy.dpsgd import DpStepper, per_sample_module
 from fed.privacy.mechanism import DpSettings, layer_bounds
-from fed.train import PlainStepper, length_chunks, train_round
+from fed.train import PlainStepper, length_chunks, round_lr, train_round
 from fed.tasks import CausalLM, Classification
 from tests.conftest import MATRIX, randomise, spec, tiny_bert, tiny_llama
 
@@ -253,3 +253,17 @@ def test_a_process_that_never_trains_privately_never_imports_opacus(mode, expect
     out = subprocess.run([sys.executable, "-c", _PLAIN_ROUND, mode], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[1])
     assert out.stdout.strip().splitlines()[-1] == expected
+
+
+@pytest.mark.parametrize("rounds", [1, 5, 16])
+def test_the_cosine_schedule_matches_torchs_cosine_annealing_round_by_round(rounds):
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.7)
+    torchs = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=rounds)
+    for round_ in range(1, rounds + 1):
+        assert round_lr(0.7, "cosine", round_, rounds) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        assert round_lr(0.7, "constant", round_, rounds) == 0.7
+        opt.step()
+        torchs.step()
+    with pytest.raises(ValueError, match="unknown lr schedule 'step'; accepted: constant, cosine"):
+        round_lr(0.7, "step", 1, rounds)

@@ -9,13 +9,12 @@ floor for the federated run; what it is for is comparing levers side by side in 
     python bench/dp_levers.py                              # every lever, seed 0
     python bench/dp_levers.py --levers "private preset" "adapter: LoRA" --set dp.target_epsilon=3
 
-Results are appended to ``<runs>/levers.jsonl``; the table goes to docs/benchmarks.md with the date
-(``--render`` rewrites it from that file, e.g. after an interrupted run).
+Results are appended to ``<runs>/levers.jsonl``; the table, every lever that file holds, goes to
+docs/benchmarks.md with the date (``--render`` rewrites it from the file alone).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from fed.precision import resolve_precision
 from fed.session import adapted_model, client_data, with_local_labels
 from fed.train import evaluate, round_lr, train_round
 
-from cells import bench_parser, record, settings, write_section  # bench/ is on sys.path when a bench script runs
+from cells import bench_parser, finished, record, settings, write_section  # bench/ is on sys.path when a bench script runs
 
 LEVERS: dict[str, list[str]] = {
     "private preset": [],
@@ -62,6 +61,10 @@ LEVERS: dict[str, list[str]] = {
     "no-DP ceiling: all the data on one client, LoRA, AdamW 1e-3, 6 x 100 steps of batch 32": [
         "federation.num_clients=1", "dp.enabled=false", "adapter.kind=lora", "train.optimizer=adamw", "train.lr=1e-3",
         "train.batch_size=32", "train.local_steps=100", "federation.rounds=6", "train.micro_batch=0"],
+    "the last block, lr 0.5 (the preset until 2026-12-02)": ["model.layers=0", "train.lr=0.5"],
+    "the last block (model.layers=0)": ["model.layers=0"],
+    "SGD lr 0.5": ["train.lr=0.5"],
+    "cosine lr schedule over 16 rounds": ["federation.rounds=16", "train.lr_schedule=cosine"],
 }
 
 
@@ -113,13 +116,11 @@ def main() -> None:
     for item in args.overrides:
         parse_override(item)  # a typo stops here, before the first lever runs
     log = Path(args.runs) / "levers.jsonl"
-    results = [json.loads(line) for line in log.read_text().splitlines()] if args.render else []
     for lever in [] if args.render else args.levers:
         print(lever, flush=True)
         overrides = [*args.overrides, *LEVERS[lever]]
-        figures = proxy(overrides, args.eval_limit)
-        record(log, {"lever": lever}, resolve("private", overrides), figures)
-        results.append({"lever": lever, **figures})
+        record(log, {"lever": lever}, resolve("private", overrides), proxy(overrides, args.eval_limit))
+    results = finished(log)  # the table holds every lever the log has, not only this call's
     body = (f"`python bench/dp_levers.py` with overrides {settings(args.overrides)}: the `private` preset's client 0 alone (its "
             f"split, its planned noise, no averaging over clients: a floor for the federated run), held-out "
             f"accuracy on {args.eval_limit} examples after each local round.\n\n{table(results)}")

@@ -62,9 +62,7 @@ LEVERS: dict[str, list[str]] = {
         "federation.num_clients=1", "dp.enabled=false", "adapter.kind=lora", "train.optimizer=adamw", "train.lr=1e-3",
         "train.batch_size=32", "train.local_steps=100", "federation.rounds=6", "train.micro_batch=0"],
     "the last block, lr 0.5 (the preset until 2026-12-02)": ["model.layers=0", "train.lr=0.5"],
-    "the last block (model.layers=0)": ["model.layers=0"],
     "SGD lr 0.5": ["train.lr=0.5"],
-    "cosine lr schedule over 16 rounds": ["federation.rounds=16", "train.lr_schedule=cosine"],
 }
 
 

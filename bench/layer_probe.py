@@ -35,7 +35,9 @@ from cells import bench_parser, settings, write_section  # bench/ is on sys.path
 
 @torch.no_grad()
 def block_features(model: MeanPooledClassifier, task: Task, rows: Dataset, precision: torch.dtype) -> torch.Tensor:
-    """(blocks + 1, examples, hidden): the mean over real tokens of every hidden state, row by row."""
+    """(blocks + 1, examples, hidden): the mean over real tokens of every hidden state, row by row, with
+    dropout off (as a DP step and an evaluation run it)."""
+    model.eval()
     out: list[torch.Tensor | None] = [None] * len(rows)
     device = model_device(model)
     for chunk in length_chunks(task.lengths(rows[:]), list(range(len(rows))), 128):

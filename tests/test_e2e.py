@@ -102,3 +102,21 @@ def test_mole_run_sends_expert_counts_and_exports_a_loadable_adapter(tmp_path):
     model = load_model("tiny-bert", "classification", num_labels=2, seed=cfg.seed)
     adapter = load_adapter(model, run.adapter)
     assert adapter.spec.kind == "mole" and adapter.spec.experts == 4
+
+
+def test_a_cut_mean_pooled_trunk_runs_and_exports_what_its_own_build_reloads(tmp_path):
+    """``model.layers`` travels to every client and to the server's export: the run trains a 1-block trunk
+    under a cosine schedule, and ``fedlora.json`` records the cut, so the adapter reloads into that build."""
+    from fed.export import load_adapter
+    from fed.models import load_model
+
+    cfg = resolve("quickstart", [*TINY, "model.layers=1", "model.pooling=mean", "train.lr_schedule=cosine"])
+    run = simulate(cfg, tmp_path, name="cut")
+    assert [line["round"] for line in run.metrics()] == [1, 2]
+    description = json.loads((run.adapter / "fedlora.json").read_text())
+    assert description["layers"] == 1 and description["pooling"] == "mean"
+    assert not (run.adapter / "adapter_config.json").exists()
+    model = load_model("tiny-bert", "classification", num_labels=2, seed=cfg.seed, pooling="mean", layers=1)
+    adapter = load_adapter(model, run.adapter)
+    assert all(".layer.0." in name for name in adapter.names() if ".layer." in name)
+    assert torch.count_nonzero(adapter.state(["classifier.weight"])["classifier.weight"]) > 0  # trained

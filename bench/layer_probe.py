@@ -75,6 +75,8 @@ def probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor, y_test
 def main() -> None:
     parser = bench_parser(__doc__, "runs/bench-layer-probe", seeds=False)
     args = parser.parse_args()
+    if args.render:
+        raise SystemExit("layer_probe keeps no log to render from: run it without --render (about 2 minutes)")
     cfg = with_local_labels(resolve("private", [*args.overrides, "model.layers=0"]))  # every block, to probe each
     adapter, task = adapted_model(cfg)
     model = adapter.model

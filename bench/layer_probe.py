@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, concatenate_datasets
 
-from fed.models import MeanPooledClassifier
+from fed.models import MeanPooledClassifier, mean_over_tokens
 from fed.precision import autocast, model_device, resolve_precision
 from fed.presets import resolve
 from fed.session import adapted_model, client_data, with_local_labels
@@ -45,8 +45,7 @@ def block_features(model: MeanPooledClassifier, task: Task, rows: Dataset, preci
         with autocast(model, precision):
             states = model.trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  output_hidden_states=True).hidden_states
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        pooled = torch.stack([(h.float() * mask).sum(1) / mask.sum(1) for h in states], 1)
+        pooled = torch.stack([mean_over_tokens(h.float(), batch["attention_mask"]) for h in states], 1)
         for k, i in enumerate(chunk):
             out[i] = pooled[k].cpu()
     return torch.stack(out).transpose(0, 1)  # type: ignore[arg-type]  (every row filled)

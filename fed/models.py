@@ -220,6 +220,12 @@ def _tiny_config(name: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedCon
                        eos_token_id=tokenizer.eos_token_id or tokenizer.sep_token_id)
 
 
+def mean_over_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden): the mean of ``hidden`` over each example's real tokens, so padding never enters."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 class MeanPooledClassifier(nn.Module):
     """A linear head over the mask-weighted mean of the trunk's last hidden states.
 
@@ -248,9 +254,7 @@ class MeanPooledClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object) -> SequenceClassifierOutput:
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return SequenceClassifierOutput(logits=self.classifier(pooled))
+        return SequenceClassifierOutput(logits=self.classifier(mean_over_tokens(hidden, attention_mask)))
 
 
 def _check_pooling(task: str, pooling: str) -> None:
@@ -272,8 +276,12 @@ def keep_blocks(model: nn.Module, layers: int) -> None:
         return
     if not 0 < layers < total:
         raise ValueError(f"model.layers={layers} is out of range; accepted: 0 (all) or 1..{total}, this model's blocks")
-    path = next(n for n, m in model.named_modules()
-                if isinstance(m, nn.ModuleList) and len(m) == total and n.rsplit(".", 1)[-1] in ("layer", "layers"))
+    path = next((n for n, m in model.named_modules()
+                 if isinstance(m, nn.ModuleList) and len(m) == total and n.rsplit(".", 1)[-1] in ("layer", "layers")),
+                None)
+    if path is None:
+        raise ValueError(f"model.layers={layers}: {type(model).__name__} has no list of {total} blocks named 'layer' "
+                         "or 'layers' to cut; use 0 (all blocks)")
     parent, _, leaf = path.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     setattr(owner, leaf, nn.ModuleList(list(getattr(owner, leaf))[:layers]))

@@ -33,6 +33,9 @@ EPSILONS = {"inf": ["dp.enabled=false", "train.lr=0.5"], "8": ["dp.target_epsilo
             "1": ["dp.target_epsilon=1"]}
 SPLITS = {"iid": ["data.partition=iid"], "dirichlet-0.5": ["data.partition=dirichlet", "data.alpha=0.5"]}
 ADAPTERS = ("lora", "ffa-lora")
+TARGETS = {"8": 0.80, "3": 0.78, "1": 0.76}
+"""The final accuracy the private preset aims for at each epsilon (docs/privacy.md, "Utility"), drawn on the
+round-by-round plot so a run's distance to it shows."""
 def cells(args: argparse.Namespace) -> list[tuple[dict[str, Any], list[str]]]:
     """(labels, overrides) of every cell the arguments ask for."""
     return [({"adapter": a, "split": sp, "epsilon_target": e, "seed": s},
@@ -70,13 +73,18 @@ def grid_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def plot(results: list[dict[str, Any]], out: Path) -> None:
-    """Accuracy against epsilon (no DP drawn at the right edge), one line per adapter and split."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(results: list[dict[str, Any]], out: Path) -> None:
+    """Accuracy against epsilon (no DP drawn at the right edge), one line per adapter and split."""
+    plt = _pyplot()
     eps = [e for e in EPSILONS if any(r.get("epsilon_target") == e for r in results)]
     xs = {e: (i + 1) for i, e in enumerate(sorted(eps, key=lambda e: float(e)))}
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -102,6 +110,34 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+def plot_curves(results: list[dict[str, Any]], out: Path) -> None:
+    """Accuracy by round, one panel per adapter and split, one line per epsilon (the mean over its seeds,
+    shaded from the lowest seed to the highest; dotted: its target): where a run levels off, and whether
+    epsilon moves the level or only the climb."""
+    plt = _pyplot()
+    panels = [(a, sp) for a in ADAPTERS for sp in SPLITS
+              if any((r.get("adapter"), r.get("split")) == (a, sp) for r in results)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), sharey=True, squeeze=False)
+    for ax, (a, sp) in zip(axes[0], panels):
+        for i, e in enumerate(EPSILONS):
+            curves = [r["curve"] for r in results if (r.get("adapter"), r.get("split"), r.get("epsilon_target")) == (a, sp, e)]
+            if curves:
+                rounds = range(1, min(len(c) for c in curves) + 1)
+                by_round = [[c[i - 1] for c in curves] for i in rounds]
+                ax.plot(rounds, [statistics.fmean(v) for v in by_round], marker=".", color=f"C{i}",
+                        label=("no DP" if e == "inf" else f"eps {e}") + f" ({len(curves)})")
+                ax.fill_between(rounds, [min(v) for v in by_round], [max(v) for v in by_round], color=f"C{i}", alpha=0.15)
+                if e in TARGETS:
+                    ax.axhline(TARGETS[e], color=f"C{i}", linestyle=":", linewidth=1)
+        ax.set_title(f"{a}, {sp}")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("eval accuracy")
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main() -> None:
     parser = bench_parser(__doc__, "runs/bench-dp-utility")
     parser.add_argument("--adapters", nargs="+", default=list(ADAPTERS), choices=ADAPTERS)
@@ -119,10 +155,14 @@ def main() -> None:
     results = [r for r in held(log, grid) if r is not None]  # only this grid's settings enter the table
     seeds = sorted({r["seed"] for r in results})
     plot(results, Path(args.doc).parent / "img" / "dp_utility.png")
+    plot_curves(results, Path(args.doc).parent / "img" / "dp_utility_rounds.png")
     body = (f"`python bench/dp_utility.py` with overrides {settings(args.overrides)}, on top of the `private` preset. Final-round "
             f"eval accuracy: mean ± std (number of seeds) where a cell ran several of seeds {seeds}, else its one "
             f"run; epsilon per client, delta 1e-5, RDP.\n\n"
-            f"{grid_table(results)}\n\n![accuracy against epsilon](img/dp_utility.png)")
+            f"{grid_table(results)}\n\n![accuracy against epsilon](img/dp_utility.png)\n\n"
+            f"Accuracy by round (mean over seeds, shaded from the lowest seed to the highest; "
+            f"dotted, in the same colour: the target at that epsilon):\n\n"
+            f"![accuracy by round](img/dp_utility_rounds.png)")
     write_section(Path(args.doc), "Accuracy against the privacy budget", body)
     print(body)
 

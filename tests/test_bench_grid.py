@@ -107,3 +107,25 @@ def test_a_setting_that_changes_the_figures_is_another_cell() -> None:
     assert cells.same_cell(base, base.with_overrides({"train.micro_batch": 8, "train.eval_batch_size": 16}))
     assert not cells.same_cell(base, base.with_overrides({"train.batch_size": 128}))
     assert not cells.same_cell(base, base.with_overrides({"dp.target_epsilon": 3.0}))
+
+
+def test_the_round_plot_averages_each_epsilons_seeds_round_by_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each line of the round-by-round plot is the per-round mean of that epsilon's seeds, its band their
+    range, in one panel per adapter and split that has cells."""
+    import dp_utility
+
+    drawn: dict[str, list[list[float]]] = {}
+    bands: list[tuple[list[float], list[float]]] = []
+    real = dp_utility._pyplot()
+    monkeypatch.setattr(real.Axes, "plot", lambda ax, x, y, **kw: drawn.setdefault(kw["label"], []).append(list(y)))
+    monkeypatch.setattr(real.Axes, "fill_between", lambda ax, x, lo, hi, **kw: bands.append((list(lo), list(hi))))
+    cell = {"adapter": "ffa-lora", "split": "iid"}
+    results = [{**cell, "epsilon_target": "8", "seed": 0, "curve": [0.6, 0.7, 0.8]},
+               {**cell, "epsilon_target": "8", "seed": 1, "curve": [0.4, 0.7, 0.6]},
+               {**cell, "epsilon_target": "inf", "seed": 0, "curve": [0.5, 0.5, 0.9]},
+               {"adapter": "lora", "split": "iid", "epsilon_target": "1", "seed": 0, "curve": [0.5, 0.6]}]
+    dp_utility.plot_curves(results, tmp_path / "rounds.png")
+    assert drawn["eps 8 (2)"] == [[pytest.approx(0.5), pytest.approx(0.7), pytest.approx(0.7)]]
+    assert drawn["no DP (1)"] == [[0.5, 0.5, 0.9]] and drawn["eps 1 (1)"] == [[0.5, 0.6]]
+    assert ([0.4, 0.7, 0.6], [0.6, 0.7, 0.8]) in bands
+    assert (tmp_path / "rounds.png").stat().st_size > 0

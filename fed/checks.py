@@ -55,6 +55,12 @@ def _check_choices(c: RunConfig) -> list[str]:
         + _choice("train.precision", c.train.precision, PRECISIONS)
         + ([] if c.model.pooling == "cls" or c.task == "classification"
            else [f"model.pooling={c.model.pooling!r} builds a classification head; task {c.task!r} needs 'cls'"])
+        + ([] if not c.model.center or c.model.pooling == "mean"
+           else [f"model.center={c.model.center!r} centres the mean-pooled head's features; it needs "
+                 f"model.pooling='mean' (got {c.model.pooling!r})"])
+        + ([] if c.model.center != c.data.name
+           else [f"model.center={c.model.center!r} is the clients' own dataset (data.name): its texts are private; "
+                 "name public text the clients do not hold, e.g. 'sms-spam'"])
         + _choice("dp.grad_sample_mode", c.dp.grad_sample_mode, GRAD_SAMPLE_MODES)
         + _choice("strategy.rule", c.strategy.rule, ROBUST_RULES)
         + _choice("strategy.weighting", c.strategy.weighting, WEIGHTINGS)

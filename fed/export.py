@@ -12,6 +12,8 @@ loads it; the task head travels as a ``modules_to_save`` entry. A mean-pooled he
 (``fed.models.MeanPooledClassifier``) or a trunk cut to its first blocks has no PEFT equivalent (PEFT
 would rebuild the whole model with the [CLS] head): rebuild the model with
 ``load_model(..., pooling=..., layers=...)`` as ``fedlora.json`` records them and use ``load_adapter``.
+A head centred on public text (``model.center``) also gets ``center.safetensors``, its mean feature,
+which ``load_adapter`` puts back.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,6 +32,7 @@ from fed.models import loadable_name
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 NATIVE = "adapter.safetensors"
 DESCRIPTION = "fedlora.json"
+CENTER = "center.safetensors"
 
 
 def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, pooling: str = "cls",
@@ -41,16 +45,20 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, p
     out.mkdir(parents=True, exist_ok=True)
     loadable = loadable_name(base_model, task)
     tensors = {k: v.contiguous() for k, v in adapter.state(adapter.names()).items()}
+    center = getattr(adapter.model, "center", None)
+    centred = isinstance(center, torch.Tensor) and bool(center.any())
     spec = adapter.spec
     (out / DESCRIPTION).write_text(json.dumps({
         "kind": spec.kind, "spec": dataclasses.asdict(spec), "head": adapter.head_names(),
         "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "task": task, "base_model": base_model,
         "base_model_name_or_path": loadable, "pooling": pooling,
-        "layers": layers,
+        "layers": layers, "center": CENTER if centred else None,
         "groups": [{"name": g.name, "trainable": g.trainable, "sent": g.sent, "aggregation": g.aggregation.value,
                     "params": list(g.params)} for g in adapter.groups],
     }, indent=2))
     save_file(tensors, str(out / NATIVE))
+    if centred:
+        save_file({"center": center.contiguous()}, str(out / CENTER))
     if not adapter.peft_compatible or pooling != "cls" or layers:
         return out
     lora = family(spec.kind).as_lora(tensors)  # type: ignore[attr-defined]  (every PEFT-compatible family has it)
@@ -82,4 +90,8 @@ def load_adapter(model: nn.Module, folder: str | Path) -> Adapter:
     if missing:
         raise ValueError(f"{folder / NATIVE} lacks adapter tensors {missing[:3]}; it does not match {spec.kind!r}")
     adapter.load(tensors)
+    if description.get("center"):
+        if not isinstance(getattr(model, "center", None), torch.Tensor):
+            raise ValueError(f"{folder} holds a centred mean-pooled head; build the model with pooling='mean'")
+        model.center.copy_(load_file(str(folder / CENTER))["center"])
     return adapter

@@ -236,6 +236,8 @@ class MeanPooledClassifier(nn.Module):
     would couple the examples of a DP batch. The head starts at zero (uniform predictions), so it does
     not spend the first steps' clipping budget on undoing random logits. The trunk sits under its
     ``base_model_prefix`` so adapter parameter names match the HF classifier's (``bert.encoder...``).
+    The ``center`` buffer is subtracted from the pooled feature first: zero, unless ``model.center`` names
+    public text whose mean feature ``fed.centring`` puts there.
     """
 
     def __init__(self, trunk: PreTrainedModel, num_labels: int) -> None:
@@ -247,6 +249,7 @@ class MeanPooledClassifier(nn.Module):
         self.classifier = nn.Linear(trunk.config.hidden_size, num_labels)
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
+        self.register_buffer("center", torch.zeros(trunk.config.hidden_size))  # public mean; fed.centring sets it
 
     @property
     def trunk(self) -> PreTrainedModel:
@@ -254,7 +257,8 @@ class MeanPooledClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object) -> SequenceClassifierOutput:
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return SequenceClassifierOutput(logits=self.classifier(mean_over_tokens(hidden, attention_mask)))
+        pooled = mean_over_tokens(hidden, attention_mask) - self.center
+        return SequenceClassifierOutput(logits=self.classifier(pooled))
 
 
 def _check_pooling(task: str, pooling: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fed.adapters import Adapter, AdapterSpec, build
+from fed.centring import centre_on
 from fed.config import AdapterConfig, ConfigError, RunConfig
 from fed.data import ClientData, client_split, label_names, load_task_dataset
 from fed.models import default_targets, load_model, load_tokenizer, task_head_names
@@ -56,11 +57,14 @@ class ModelKey:
     seed: int
     pooling: str = "cls"
     layers: int = 0
+    center: str = ""
+    max_length: int = 64  # the token budget the public mean is read with
 
     @classmethod
     def of(cls, cfg: RunConfig) -> ModelKey:
         m = cfg.model
-        return cls(m.name, cfg.task, num_labels(cfg), cfg.adapter, cfg.seed, m.pooling, m.layers)
+        return cls(m.name, cfg.task, num_labels(cfg), cfg.adapter, cfg.seed, m.pooling, m.layers, m.center,
+                   m.max_length)
 
 
 def adapter_spec(a: AdapterConfig, model: Any) -> AdapterSpec:
@@ -75,9 +79,12 @@ def _build(key: ModelKey) -> tuple[Adapter, Any, dict[str, torch.Tensor]]:
     """The adapted model, its tokenizer and its sent tensors as built (the run's starting point)."""
     model = load_model(key.name, key.task, num_labels=key.num_labels, seed=key.seed, pooling=key.pooling,
                        layers=key.layers)
+    tokenizer = load_tokenizer(key.name, key.task)
+    if key.center:
+        centre_on(model, tokenizer, key.center, key.max_length)  # on the base trunk, before the adapter
     spec = adapter_spec(key.adapter, model)
     adapter = build(model, spec, key.seed, head=tuple(task_head_names(model)))
-    return adapter, load_tokenizer(key.name, key.task), adapter.sent_state()
+    return adapter, tokenizer, adapter.sent_state()
 
 
 def adapted_model(cfg: RunConfig) -> tuple[Adapter, Task]:

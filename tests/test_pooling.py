@@ -46,7 +46,11 @@ def test_the_head_starts_at_zero_and_is_the_only_head_trained(batch):
 
 @pytest.mark.parametrize("kind", ["lora", "ffa-lora"])
 def test_per_sample_gradients_equal_a_naive_loop(kind, batch):
-    model = _pooled()
+    check_per_sample_gradients(_pooled(), kind, batch)
+
+
+def check_per_sample_gradients(model, kind: str, batch) -> None:
+    """Opacus's per-example gradients of every trained tensor against one backward pass per example."""
     adapter = build(model, spec(kind, ("query", "value")), seed=3, head=tuple(task_head_names(model)))
     randomise(adapter, 0.3)
     task = Classification(_NoTokenizer(), 16)

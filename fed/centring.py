@@ -17,13 +17,11 @@ the model.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from fed.checkpoint import save_atomic
 from fed.data import load_task_dataset
 from fed.models import MeanPooledClassifier, cache_root, mean_over_tokens
 
@@ -57,19 +55,6 @@ def _mean_feature(model: MeanPooledClassifier, tokenizer, texts: list[str], max_
     return (total / len(texts)).float()
 
 
-def _store(path: Path, mean: torch.Tensor) -> None:
-    """Write atomically: a reader sees the whole file or none (processes of one run race here)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"mean": mean.contiguous()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def public_mean(model: MeanPooledClassifier, tokenizer, source: str, max_length: int) -> torch.Tensor:
     """The mean pooled feature of ``source``'s first ``TEXTS`` texts under ``model``'s current trunk."""
     texts = list(load_task_dataset(source, "classification")["text"][:TEXTS])
@@ -79,7 +64,7 @@ def public_mean(model: MeanPooledClassifier, tokenizer, source: str, max_length:
     if path.is_file():
         return load_file(str(path))["mean"]
     mean = _mean_feature(model, tokenizer, texts, max_length)
-    _store(path, mean)
+    save_atomic(path, {"mean": mean})  # processes of one run race here
     return mean
 
 

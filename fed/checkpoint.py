@@ -21,6 +21,22 @@ from safetensors.torch import save_file
 FORMAT = "fedlora-checkpoint/1"
 
 
+def save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file by write-then-rename, so a crash or a racing writer leaves the old file or
+    the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     round: int
@@ -32,18 +48,8 @@ class Checkpoint:
     """Strategy state beyond the global adapter (server optimiser moments, masks...); empty for FedAvg."""
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in self.arrays.items()}, tmp, metadata={
-                "format": FORMAT, "round": str(self.round), "book": self.book, "strategy": json.dumps(self.strategy)})
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_atomic(path, self.arrays, {"format": FORMAT, "round": str(self.round), "book": self.book,
+                                        "strategy": json.dumps(self.strategy)})
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint:

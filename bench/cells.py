@@ -72,9 +72,10 @@ def held(log: Path, grid: list[tuple[dict[str, Any], RunConfig]]) -> list[dict[s
             for labels, cfg in grid]
 
 
-EXECUTION_ONLY = ("train.micro_batch", "train.eval_batch_size")
+EXECUTION_ONLY = ("train.micro_batch", "train.eval_batch_size", "train.max_eval_examples")
 """Settings that change how fast a cell runs, not what it measures: a batch run in chunks takes the same step
-(tests/test_dpsgd.py holds a chunked DP step to the per-example loop), and evaluation sums over its batches."""
+(tests/test_dpsgd.py holds a chunked DP step to the per-example loop), evaluation sums over its batches, and the
+cap on the rows scored per round leaves the last round's score alone (it counts every held-out row)."""
 
 
 def same_cell(a: RunConfig, b: RunConfig) -> bool:

@@ -160,9 +160,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    cfg, _, _, session, _ = _receive(msg, context)
+    cfg, round_, _, session, _ = _receive(msg, context)
+    last = round_ >= cfg.federation.rounds  # the run's final score counts every held-out row
     scores = evaluate(session.adapter, session.task, session.data.test, batch_size=cfg.train.eval_batch_size,
-                      limit=cfg.train.max_eval_examples,
+                      limit=0 if last else cfg.train.max_eval_examples,
                       precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type))
     metrics = {"num-examples": int(scores.pop("num_examples"))} | {f"eval_{k}": v for k, v in scores.items()}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -58,6 +58,9 @@ def _check_choices(c: RunConfig) -> list[str]:
         + ([] if not c.model.center or c.model.pooling == "mean"
            else [f"model.center={c.model.center!r} centres the mean-pooled head's features; it needs "
                  f"model.pooling='mean' (got {c.model.pooling!r})"])
+        + ([] if not c.model.scale or c.model.center
+           else ["model.scale=true divides by the public texts' standard deviation; it needs model.center to name "
+                 "them (e.g. 'sms-spam')"])
         + ([] if c.model.center != c.data.name
            else [f"model.center={c.model.center!r} is the clients' own dataset (data.name): its texts are private; "
                  "name public text the clients do not hold, e.g. 'sms-spam'"])

@@ -12,7 +12,8 @@ loads it; the task head travels as a ``modules_to_save`` entry. A mean-pooled he
 (``fed.models.MeanPooledClassifier``) or a trunk cut to its first blocks has no PEFT equivalent (PEFT
 would rebuild the whole model with the [CLS] head): rebuild the model with
 ``load_model(..., pooling=..., layers=...)`` as ``fedlora.json`` records them and use ``load_adapter``.
-A head centred on public text (``model.center``) also gets ``center.safetensors``, its mean feature,
+A head centred on public text (``model.center``) also gets ``center.safetensors``, its mean feature
+(``center``) and the divisor (``scale``: the public standard deviation with ``model.scale``, else ones),
 which ``load_adapter`` puts back.
 """
 
@@ -45,8 +46,8 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, p
     out.mkdir(parents=True, exist_ok=True)
     loadable = loadable_name(base_model, task)
     tensors = {k: v.contiguous() for k, v in adapter.state(adapter.names()).items()}
-    center = getattr(adapter.model, "center", None)
-    centred = isinstance(center, torch.Tensor) and bool(center.any())
+    center, scale = getattr(adapter.model, "center", None), getattr(adapter.model, "scale", None)
+    centred = isinstance(center, torch.Tensor) and isinstance(scale, torch.Tensor) and bool(center.any())
     spec = adapter.spec
     (out / DESCRIPTION).write_text(json.dumps({
         "kind": spec.kind, "spec": dataclasses.asdict(spec), "head": adapter.head_names(),
@@ -58,7 +59,7 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, p
     }, indent=2))
     save_file(tensors, str(out / NATIVE))
     if centred:
-        save_file({"center": center.contiguous()}, str(out / CENTER))
+        save_file({"center": center.contiguous(), "scale": scale.contiguous()}, str(out / CENTER))
     if not adapter.peft_compatible or pooling != "cls" or layers:
         return out
     lora = family(spec.kind).as_lora(tensors)  # type: ignore[attr-defined]  (every PEFT-compatible family has it)
@@ -93,5 +94,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> Adapter:
     if description.get("center"):
         if not isinstance(getattr(model, "center", None), torch.Tensor):
             raise ValueError(f"{folder} holds a centred mean-pooled head; build the model with pooling='mean'")
-        model.center.copy_(load_file(str(folder / CENTER))["center"])
+        head_input = load_file(str(folder / CENTER))
+        model.center.copy_(head_input["center"])
+        model.scale.copy_(head_input.get("scale", torch.ones_like(model.scale)))  # older files: the mean only
     return adapter

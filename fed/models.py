@@ -236,8 +236,9 @@ class MeanPooledClassifier(nn.Module):
     would couple the examples of a DP batch. The head starts at zero (uniform predictions), so it does
     not spend the first steps' clipping budget on undoing random logits. The trunk sits under its
     ``base_model_prefix`` so adapter parameter names match the HF classifier's (``bert.encoder...``).
-    The ``center`` buffer is subtracted from the pooled feature first: zero, unless ``model.center`` names
-    public text whose mean feature ``fed.centring`` puts there.
+    The ``center`` buffer is subtracted from the pooled feature first and the ``scale`` buffer divides it:
+    zero and one, unless ``model.center`` (and ``model.scale``) name public text whose mean feature (and
+    per-dimension standard deviation) ``fed.centring`` puts there.
     """
 
     def __init__(self, trunk: PreTrainedModel, num_labels: int) -> None:
@@ -250,6 +251,7 @@ class MeanPooledClassifier(nn.Module):
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
         self.register_buffer("center", torch.zeros(trunk.config.hidden_size))  # public mean; fed.centring sets it
+        self.register_buffer("scale", torch.ones(trunk.config.hidden_size))  # public std; fed.centring sets it
 
     @property
     def trunk(self) -> PreTrainedModel:
@@ -257,7 +259,7 @@ class MeanPooledClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object) -> SequenceClassifierOutput:
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pooled = mean_over_tokens(hidden, attention_mask) - self.center
+        pooled = (mean_over_tokens(hidden, attention_mask) - self.center) / self.scale
         return SequenceClassifierOutput(logits=self.classifier(pooled))
 
 

@@ -58,13 +58,14 @@ class ModelKey:
     pooling: str = "cls"
     layers: int = 0
     center: str = ""
-    max_length: int = 64  # the token budget the public mean is read with
+    scale: bool = False
+    max_length: int = 64  # the token budget the public statistics are read with
 
     @classmethod
     def of(cls, cfg: RunConfig) -> ModelKey:
         m = cfg.model
         return cls(m.name, cfg.task, num_labels(cfg), cfg.adapter, cfg.seed, m.pooling, m.layers, m.center,
-                   m.max_length)
+                   m.scale, m.max_length)
 
 
 def adapter_spec(a: AdapterConfig, model: Any) -> AdapterSpec:
@@ -81,7 +82,7 @@ def _build(key: ModelKey) -> tuple[Adapter, Any, dict[str, torch.Tensor]]:
                        layers=key.layers)
     tokenizer = load_tokenizer(key.name, key.task)
     if key.center:
-        centre_on(model, tokenizer, key.center, key.max_length)  # on the base trunk, before the adapter
+        centre_on(model, tokenizer, key.center, key.max_length, scale=key.scale)  # base trunk, before the adapter
     spec = adapter_spec(key.adapter, model)
     adapter = build(model, spec, key.seed, head=tuple(task_head_names(model)))
     return adapter, tokenizer, adapter.sent_state()

@@ -70,7 +70,8 @@ class RoundRecorder:
             return None
         now = time.perf_counter()
         line = {"round": round_, "train_loss": log.train_loss, "eval_loss": log.evaluate.get("eval_loss"),
-                "eval_accuracy": log.evaluate.get("eval_accuracy"), "bytes_up": log.bytes_up,
+                "eval_accuracy": log.evaluate.get("eval_accuracy"),
+                "eval_examples": log.evaluate.get("eval_examples"), "bytes_up": log.bytes_up,
                 "bytes_down": log.bytes_down, "aggregation_error": log.aggregation_error,
                 "clients": len(log.accepted), "dropped": log.dropped,
                 "capped": log.capped, "clipped": log.clipped, "delta_norm_bound": log.norm_bound,

@@ -261,7 +261,12 @@ class AdapterFedAvg(FedAvg):
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, replies)
+        """Flower's example-weighted mean of the scores, plus how many held-out examples they cover (what
+        the round's accuracy was measured on: every held-out row after the last round)."""
+        replies = list(replies)
+        metrics = super().aggregate_evaluate(server_round, replies)  # checks every reply carries the count
         if metrics is not None:
-            self.rounds.setdefault(server_round + self.round_offset, RoundLog()).evaluate = dict(metrics)
+            examples = sum(int(m.content["metrics"][self.weighted_by_key]) for m in replies if not m.has_error())
+            self.rounds.setdefault(server_round + self.round_offset, RoundLog()).evaluate = {
+                **metrics, "eval_examples": examples}
         return metrics

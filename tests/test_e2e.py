@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from fed.presets import resolve
+from fed.session import client_data
 from simulations.run import simulate
 
 pytestmark = pytest.mark.slow
@@ -21,7 +22,7 @@ TINY = ["model.name=tiny-bert", "data.name=synthetic", "data.max_examples=0", "f
 def dp_run(tmp_path_factory):
     # Client ranks 3, 6, 8 (``linear``): replies state their rank, pass the padding check, stay exact under DP.
     cfg = resolve("quickstart", [*TINY, "adapter.kind=ffa-lora", "dp.enabled=true", "dp.target_epsilon=4",
-                                 "federation.client_ranks=linear"])
+                                 "federation.client_ranks=linear", "train.max_eval_examples=16"])
     return cfg, simulate(cfg, tmp_path_factory.mktemp("runs"), name="ffa-dp")
 
 
@@ -37,6 +38,9 @@ def test_run_directory_is_complete(dp_run):
         assert line["clients"] == 3 and line["dropped"] == []
         assert line["bytes_up"] > 0 and line["bytes_down"] > 0
         assert 0 <= line["aggregation_error"] < 1e-5  # FFA-LoRA aggregates exactly, DP noise or not
+    held_out = sum(len(client_data(cfg, c).test) for c in range(3))
+    assert held_out > 3 * 16
+    assert [line["eval_examples"] for line in lines] == [3 * 16, held_out]  # capped, then every row at the end
 
 
 def test_privacy_ledger_is_per_client_and_within_target(dp_run):

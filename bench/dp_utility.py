@@ -36,11 +36,12 @@ ADAPTERS = ("lora", "ffa-lora")
 TARGETS = {"8": 0.80, "3": 0.78, "1": 0.76}
 """The final accuracy the private preset aims for at each epsilon (docs/privacy.md, "Utility"), drawn on the
 round-by-round plot so a run's distance to it shows."""
-def cells(args: argparse.Namespace) -> list[tuple[dict[str, Any], list[str]]]:
-    """(labels, overrides) of every cell the arguments ask for."""
+def cells(adapters: list[str], splits: list[str], epsilons: list[str],
+          seeds: list[int]) -> list[tuple[dict[str, Any], list[str]]]:
+    """(labels, overrides) of every cell of that grid."""
     return [({"adapter": a, "split": sp, "epsilon_target": e, "seed": s},
              [f"adapter.kind={a}", *SPLITS[sp], *EPSILONS[e], f"seed={s}"])
-            for a in args.adapters for sp in args.splits for e in args.epsilons for s in args.seeds]
+            for a in adapters for sp in splits for e in epsilons for s in seeds]
 
 
 def cell_of(run: RunDir) -> dict[str, Any]:
@@ -149,10 +150,15 @@ def main() -> None:
     for path in args.add:
         run = RunDir(Path(path))
         record(log, cell_of(run), run.config(), summarise(run))
-    grid = [(labels, resolve("private", [*args.overrides, *extra])) for labels, extra in cells(args)]
+    def grid(*axes: list) -> list[tuple[dict[str, Any], Any]]:
+        return [(labels, resolve("private", [*args.overrides, *extra])) for labels, extra in cells(*axes)]
+
     if not args.render and not args.add:
-        run_grid(log, Path(args.runs), grid)
-    results = [r for r in held(log, grid) if r is not None]  # only this grid's settings enter the table
+        run_grid(log, Path(args.runs), grid(args.adapters, args.splits, args.epsilons, args.seeds))
+    # the table holds every cell of the whole grid the log has, whatever subset this call ran: a one-row
+    # call must not shrink it; only these settings enter it
+    everything = grid(list(ADAPTERS), list(SPLITS), list(EPSILONS), args.seeds)
+    results = [r for r in held(log, everything) if r is not None]
     seeds = sorted({r["seed"] for r in results})
     plot(results, Path(args.doc).parent / "img" / "dp_utility.png")
     plot_curves(results, Path(args.doc).parent / "img" / "dp_utility_rounds.png")
@@ -161,7 +167,9 @@ def main() -> None:
             f"run; epsilon per client, delta 1e-5, RDP.\n\n"
             f"{grid_table(results)}\n\n![accuracy against epsilon](img/dp_utility.png)\n\n"
             f"Accuracy by round (mean over seeds, shaded from the lowest seed to the highest; "
-            f"dotted, in the same colour: the target at that epsilon):\n\n"
+            f"dotted, in the same colour: the target at that epsilon). Each round scores up to "
+            f"`train.max_eval_examples` held-out rows per client, the last round every one, so the last point "
+            f"can step away from the others by about their standard error:\n\n"
             f"![accuracy by round](img/dp_utility_rounds.png)")
     write_section(Path(args.doc), "Accuracy against the privacy budget", body)
     print(body)

@@ -129,3 +129,21 @@ def test_the_round_plot_averages_each_epsilons_seeds_round_by_round(tmp_path: Pa
     assert drawn["no DP (1)"] == [[0.5, 0.5, 0.9]] and drawn["eps 1 (1)"] == [[0.5, 0.6]]
     assert ([0.4, 0.7, 0.6], [0.6, 0.7, 0.8]) in bands
     assert (tmp_path / "rounds.png").stat().st_size > 0
+
+
+def test_a_call_for_part_of_the_grid_renders_every_cell_the_log_holds(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-row call (``--splits iid``) must not shrink the table to its row: the log's other cells stay."""
+    import dp_utility
+
+    log = tmp_path / "results.jsonl"
+    for split, extra in dp_utility.SPLITS.items():
+        labels = {"adapter": "ffa-lora", "split": split, "epsilon_target": "8", "seed": 0}
+        cfg = resolve("private", ["adapter.kind=ffa-lora", *extra, "dp.target_epsilon=8", "seed=0"])
+        cells.record(log, labels, cfg, {"accuracy": 0.7, "wall_s": 60.0, "curve": [0.6, 0.7], "epsilon": 8.0})
+    doc = tmp_path / "benchmarks.md"
+    monkeypatch.setattr(sys, "argv", ["dp_utility.py", "--render", "--splits", "iid", "--seeds", "0",
+                                      "--runs", str(tmp_path), "--doc", str(doc)])
+    dp_utility.main()
+    table = doc.read_text()
+    assert "| ffa-lora | iid |" in table and "| ffa-lora | dirichlet-0.5 |" in table

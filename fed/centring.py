@@ -14,8 +14,8 @@ clients compute the same vector from the same shipped files.
 ``model.scale`` also divides each centred dimension by its standard deviation over the same public texts.
 Clipped SGD on a linear head moves fastest along the features' widest directions and slowest along the
 narrowest, and the step budget of a private run ends before the narrow ones are learned: with the DP noise
-unchanged, a head over MiniLM's block 4 ends about 0.015 higher with the public scale (a head-only replay of
-the preset, docs/benchmarks.md). The public and private standard deviations agree within a factor of 0.65
+unchanged, a head over MiniLM's block 4 ends 0.010-0.015 higher with the public scale (``bench/head_replay.py``,
+docs/benchmarks.md). The public and private standard deviations agree within a factor of 0.65
 to 1.27 per dimension there; the public ones are free, the private ones would cost budget.
 
 Both vectors are cached on disk under a digest of the base weights, the texts and the token budget, so one

@@ -115,7 +115,7 @@ def main() -> None:
         adapter.load(final.arrays)
         rows += step_rows(cfg, f"{label}: after round {final.round}", adapter, task)
     cfg = RunDir(Path(args.run_dirs[0])).config()
-    body = (f"`python bench/dp_snr.py` on {len(args.run_dirs)} run(s): one batch of {cfg.train.batch_size} of "
+    body = (f"`python bench/dp_snr.py` on the finished runs below: one batch of {cfg.train.batch_size} of "
             f"client 0's training rows, each example's gradient by autograd alone, clipped flat to "
             f"{cfg.dp.max_grad_norm:g}; noise at the multiplier each epsilon calibrates for "
             f"{cfg.federation.rounds} x {cfg.train.local_steps} steps; the best case multiplies the per-step "

@@ -45,8 +45,9 @@ EPSILONS = (8.0, 3.0, 1.0)
 
 def clipped_mean(adapter: Adapter, task: Task, batch: dict[str, torch.Tensor], clip: float
                  ) -> tuple[dict[str, torch.Tensor], list[float], list[float]]:
-    """The mean over an encoded ``batch`` of each example's gradient clipped flat to ``clip`` (per trained
-    tensor), and each example's unclipped gradient norm over the head's tensors and over the adapter's."""
+    """The mean over an encoded ``batch`` of each example's gradient (of the loss ``fed.train`` minimises)
+    clipped flat to ``clip`` (per trained tensor), and each example's unclipped gradient norm over the head's
+    tensors and over the adapter's."""
     names = adapter.names(trainable=True)
     head = set(adapter.head_names())
     params = dict(adapter.model.named_parameters())
@@ -54,8 +55,10 @@ def clipped_mean(adapter: Adapter, task: Task, batch: dict[str, torch.Tensor], c
     head_norms, adapter_norms = [], []
     for i in range(len(batch["input_ids"])):
         one = {k: v[i:i + 1] for k, v in batch.items()}
-        grads = dict(zip(names, torch.autograd.grad(task.per_example_loss(adapter.model, one).sum(),
-                                                    [params[n] for n in names])))
+        loss = task.per_example_loss(adapter.model, one)
+        aux = adapter.auxiliary_loss(one["attention_mask"])  # as training adds it (a mixture's balance loss)
+        loss = loss if aux is None else loss + aux
+        grads = dict(zip(names, torch.autograd.grad(loss.sum(), [params[n] for n in names])))
         h = math.sqrt(sum(float(g.pow(2).sum()) for n, g in grads.items() if n in head))
         a = math.sqrt(sum(float(g.pow(2).sum()) for n, g in grads.items() if n not in head))
         factor = min(1.0, clip / max(math.hypot(h, a), 1e-12))

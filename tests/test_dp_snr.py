@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fed.adapters import build
@@ -22,23 +23,31 @@ class _NoTokenizer:
     pad_token_id = 0
 
 
-def _adapter():
+def _adapter(kind: str):
     """Its large scale (alpha 200, rank 4) gives the adapter a tenth or more of each example's gradient norm, so
     clipping on the head's norm alone, or on the adapter's, would show."""
-    adapter = build(tiny_bert(), spec("ffa-lora", ("query", "value"), alpha=200.0), seed=3,
+    adapter = build(tiny_bert(), spec(kind, ("query", "value"), alpha=200.0), seed=3,
                     head=("classifier.weight", "classifier.bias"))
     randomise(adapter, 0.3)
     return adapter, Classification(_NoTokenizer(), 16)
 
 
-def test_the_clipped_mean_is_the_noiseless_dp_step_and_the_norms_opacus_per_sample_norms(batch) -> None:
-    adapter, task = _adapter()
+def _loss(adapter, task, model, batch) -> torch.Tensor:
+    """What ``fed.train`` minimises per example: the task loss plus a mixture's balance loss."""
+    loss = task.per_example_loss(model, batch)
+    aux = adapter.auxiliary_loss(batch["attention_mask"])  # reads the forward just run
+    return loss if aux is None else loss + aux
+
+
+@pytest.mark.parametrize("kind", ["ffa-lora", "mole"])  # mole: a balance loss on top of the task's
+def test_the_clipped_mean_is_the_noiseless_dp_step_and_the_norms_opacus_per_sample_norms(kind: str, batch) -> None:
+    adapter, task = _adapter(kind)
     names = adapter.names(trainable=True)
     clip = 0.05
     mean, head_norms, adapter_norms = dp_snr.clipped_mean(adapter, task, batch, clip)
 
     gsm = per_sample_module(adapter.model, "hooks", loss_reduction="sum")
-    task.per_example_loss(gsm, batch).sum().backward()
+    _loss(adapter, task, gsm, batch).sum().backward()
     params = dict(adapter.model.named_parameters())
     head = set(adapter.head_names())
     for group, got in ((True, head_norms), (False, adapter_norms)):
@@ -53,7 +62,7 @@ def test_the_clipped_mean_is_the_noiseless_dp_step_and_the_norms_opacus_per_samp
     size = len(batch["input_ids"])
     stepper = DpStepper(adapter.model, torch.optim.SGD(adapter.trainable_parameters(), lr=1.0),
                         DpSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=size / 100, num_examples=100))
-    stepper.accumulate(task.per_example_loss(stepper.module, batch), size)
+    stepper.accumulate(_loss(adapter, task, stepper.module, batch), size)
     stepper.step()
     stepper.close()
     after = adapter.state(names)

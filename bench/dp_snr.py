@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from fed.privacy.planner import sample_rate
 from fed.rundir import RunDir
 from fed.session import adapted_model, client_data, with_local_labels
 from fed.tasks import Task
+from fed.train import per_example_losses
 
 from cells import write_section  # bench/ is on sys.path when a bench script runs
 
@@ -55,10 +57,8 @@ def clipped_mean(adapter: Adapter, task: Task, batch: dict[str, torch.Tensor], c
     head_norms, adapter_norms = [], []
     for i in range(len(batch["input_ids"])):
         one = {k: v[i:i + 1] for k, v in batch.items()}
-        loss = task.per_example_loss(adapter.model, one)
-        aux = adapter.auxiliary_loss(one["attention_mask"])  # as training adds it (a mixture's balance loss)
-        loss = loss if aux is None else loss + aux
-        grads = dict(zip(names, torch.autograd.grad(loss.sum(), [params[n] for n in names])))
+        objective = per_example_losses(adapter, task, adapter.model, one)[1]
+        grads = dict(zip(names, torch.autograd.grad(objective.sum(), [params[n] for n in names])))
         h = math.sqrt(sum(float(g.pow(2).sum()) for n, g in grads.items() if n in head))
         a = math.sqrt(sum(float(g.pow(2).sum()) for n, g in grads.items() if n not in head))
         factor = min(1.0, clip / max(math.hypot(h, a), 1e-12))
@@ -70,29 +70,44 @@ def clipped_mean(adapter: Adapter, task: Task, batch: dict[str, torch.Tensor], c
     return {n: t / count for n, t in total.items()}, head_norms, adapter_norms
 
 
-def step_rows(cfg: RunConfig, state: str, adapter: Adapter, task: Task) -> list[str]:
-    """The table's rows (head, adapter) for ``adapter``'s current state under ``cfg``'s DP recipe."""
-    data = client_data(cfg, 0).train
-    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train.batch_size]
-    clip = cfg.dp.max_grad_norm
+@dataclass(frozen=True)
+class Probe:
+    """What a run's DP recipe fixes for every state measured: the batch, and the noise norm per coordinate
+    group at each epsilon."""
+
+    batch: dict[str, torch.Tensor]
+    clip: float
+    sigmas: list[float]
+    expected_batch: float
+    best_case: float
+    """sqrt(steps x clients): the most a run's steps can add a signal of fixed direction over the noise."""
+
+    @classmethod
+    def of(cls, cfg: RunConfig, task: Task) -> Probe:
+        data = client_data(cfg, 0).train
+        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train.batch_size]
+        q = sample_rate(cfg.train.batch_size, len(data))
+        steps = cfg.federation.rounds * cfg.train.local_steps
+        return cls(batch=task.encode(data[pick.tolist()]), clip=cfg.dp.max_grad_norm,
+                   sigmas=[calibrate_noise(e, cfg.dp.delta, q, steps, cfg.dp.accountant) for e in EPSILONS],
+                   expected_batch=q * len(data), best_case=math.sqrt(steps * cfg.federation.num_clients))
+
+
+def step_rows(probe: Probe, state: str, adapter: Adapter, task: Task) -> list[str]:
+    """The table's rows (head, adapter) for ``adapter``'s current state under the run's DP recipe."""
     adapter.model.eval()  # as under DP: dropout off
-    mean, head_norms, adapter_norms = clipped_mean(adapter, task, task.encode(data[pick.tolist()]), clip)
-    q = sample_rate(cfg.train.batch_size, len(data))
-    steps = cfg.federation.rounds * cfg.train.local_steps
-    sigmas = [calibrate_noise(e, cfg.dp.delta, q, steps, cfg.dp.accountant) for e in EPSILONS]
-    expected = q * len(data)
+    mean, head_norms, adapter_norms = clipped_mean(adapter, task, probe.batch, probe.clip)
     head = set(adapter.head_names())
     rows = []
     for group, norms, mine in (("head", head_norms, lambda n: n in head),
                                ("adapter", adapter_norms, lambda n: n not in head)):
         d = sum(t.numel() for n, t in mean.items() if mine(n))
         signal = math.sqrt(sum(float(t.pow(2).sum()) for n, t in mean.items() if mine(n)))
-        noise = [s * clip / expected * math.sqrt(d) for s in sigmas]
-        best = math.sqrt(steps * cfg.federation.num_clients)
+        noise = [s * probe.clip / probe.expected_batch * math.sqrt(d) for s in probe.sigmas]
         rows.append(f"| {state} | {group} | {d:,} | {statistics.median(norms):.3f} | {signal:.4f} | "
                     + " / ".join(f"{n:.3f}" for n in noise) + " | "
                     + " / ".join(f"{signal / n:.3f}" for n in noise) + " | "
-                    + " / ".join(f"{best * signal / n:.2f}" for n in noise) + " |")
+                    + " / ".join(f"{probe.best_case * signal / n:.2f}" for n in noise) + " |")
         print(rows[-1], flush=True)
     return rows
 
@@ -100,24 +115,24 @@ def step_rows(cfg: RunConfig, state: str, adapter: Adapter, task: Task) -> list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doc", default="docs/benchmarks.md")
-    parser.add_argument("run_dirs", nargs="+", help="finished runs (their config and final checkpoint)")
+    parser.add_argument("run_dirs", nargs="+", help="finished runs of one DP recipe (their config and checkpoint)")
     args = parser.parse_args()
     rows = ["| state | group | coordinates | median per-example norm | clipped mean's norm | noise norm, eps "
             + " / ".join(f"{e:g}" for e in EPSILONS) + " | SNR per step | best case over the run |",
             "|---|---|---|---|---|---|---|---|"]
-    for path in args.run_dirs:
-        run = RunDir(Path(path))
-        cfg = with_local_labels(run.config())
+    configs = [with_local_labels(RunDir(Path(path)).config()) for path in args.run_dirs]
+    for path, cfg in zip(args.run_dirs, configs):
         if not cfg.dp.enabled or cfg.dp.head_clip_share:
             raise SystemExit(f"{path}: the bench replays flat DP clipping; this run has dp.enabled="
                              f"{cfg.dp.enabled}, dp.head_clip_share={cfg.dp.head_clip_share}")
         adapter, task = adapted_model(cfg)
-        final = Checkpoint.load(run.checkpoint)
+        probe = Probe.of(cfg, task)
+        final = Checkpoint.load(RunDir(Path(path)).checkpoint)
         label = f"{cfg.adapter.kind}, eps {cfg.dp.target_epsilon:g}, seed {cfg.seed}"
-        rows += step_rows(cfg, f"{label}: start", adapter, task)
+        rows += step_rows(probe, f"{label}: start", adapter, task)
         adapter.load(final.arrays)
-        rows += step_rows(cfg, f"{label}: after round {final.round}", adapter, task)
-    cfg = RunDir(Path(args.run_dirs[0])).config()
+        rows += step_rows(probe, f"{label}: after round {final.round}", adapter, task)
+    cfg = configs[0]
     body = (f"`python bench/dp_snr.py` on the finished runs below: one batch of {cfg.train.batch_size} of "
             f"client 0's training rows, each example's gradient by autograd alone, clipped flat to "
             f"{cfg.dp.max_grad_norm:g}; noise at the multiplier each epsilon calibrates for "

@@ -128,6 +128,17 @@ def encode_on(task: Task, rows: dict[str, list], device: torch.device) -> dict[s
     return {name: tensor.to(device) for name, tensor in task.encode(rows).items()}
 
 
+def per_example_losses(adapter: Adapter, task: Task, model: nn.Module, batch: dict[str, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's task loss, and what training minimises: that loss plus the adapter's auxiliary (a
+    mixture's balance) loss. The auxiliary loss is per example, so DP's bound holds, and it is read after
+    the forward because the router records its gates during it. ``model`` is the adapter's model or
+    Opacus's wrapper of it."""
+    loss = task.per_example_loss(model, batch)
+    aux = adapter.auxiliary_loss(batch["attention_mask"])
+    return loss, loss if aux is None else loss + aux
+
+
 def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batch_size: int, lr: float,
                 weight_decay: float, dp: DpSettings | None, gen: torch.Generator, optimizer: str = "adamw",
                 momentum: float = 0.9, precision: torch.dtype = torch.float32, micro_batch: int = 0) -> RoundResult:
@@ -176,9 +187,8 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
             for chunk in length_chunks(lengths, indices, size):
                 batch = encode_on(task, data[chunk], device)
                 with autocast(model, precision):
-                    loss = task.per_example_loss(stepper.module, batch)
-                    aux = adapter.auxiliary_loss(batch["attention_mask"])  # per example: keeps the DP bound
-                stepper.accumulate(loss if aux is None else loss + aux, len(indices))
+                    loss, objective = per_example_losses(adapter, task, stepper.module, batch)
+                stepper.accumulate(objective, len(indices))
                 chunk_losses.append(loss.detach())
                 usage.update(adapter.usage(batch["attention_mask"]))
             stepper.step()

@@ -13,6 +13,7 @@ from fed.adapters import build
 from fed.privacy.dpsgd import DpStepper, per_sample_module
 from fed.privacy.mechanism import DpSettings
 from fed.tasks import Classification
+from fed.train import per_example_losses
 from tests.conftest import randomise, spec, tiny_bert
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -32,12 +33,6 @@ def _adapter(kind: str):
     return adapter, Classification(_NoTokenizer(), 16)
 
 
-def _loss(adapter, task, model, batch) -> torch.Tensor:
-    """What ``fed.train`` minimises per example: the task loss plus a mixture's balance loss."""
-    loss = task.per_example_loss(model, batch)
-    aux = adapter.auxiliary_loss(batch["attention_mask"])  # reads the forward just run
-    return loss if aux is None else loss + aux
-
 
 @pytest.mark.parametrize("kind", ["ffa-lora", "mole"])  # mole: a balance loss on top of the task's
 def test_the_clipped_mean_is_the_noiseless_dp_step_and_the_norms_opacus_per_sample_norms(kind: str, batch) -> None:
@@ -47,7 +42,7 @@ def test_the_clipped_mean_is_the_noiseless_dp_step_and_the_norms_opacus_per_samp
     mean, head_norms, adapter_norms = dp_snr.clipped_mean(adapter, task, batch, clip)
 
     gsm = per_sample_module(adapter.model, "hooks", loss_reduction="sum")
-    _loss(adapter, task, gsm, batch).sum().backward()
+    per_example_losses(adapter, task, gsm, batch)[1].sum().backward()
     params = dict(adapter.model.named_parameters())
     head = set(adapter.head_names())
     for group, got in ((True, head_norms), (False, adapter_norms)):
@@ -62,7 +57,7 @@ def test_the_clipped_mean_is_the_noiseless_dp_step_and_the_norms_opacus_per_samp
     size = len(batch["input_ids"])
     stepper = DpStepper(adapter.model, torch.optim.SGD(adapter.trainable_parameters(), lr=1.0),
                         DpSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=size / 100, num_examples=100))
-    stepper.accumulate(_loss(adapter, task, stepper.module, batch), size)
+    stepper.accumulate(per_example_losses(adapter, task, stepper.module, batch)[1], size)
     stepper.step()
     stepper.close()
     after = adapter.state(names)

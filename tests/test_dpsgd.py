@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from fed.privacy.dpsgd import DpStepper, per_sample_module
 from fed.privacy.mechanism import DpSettings, layer_bounds
-from fed.train import PlainStepper, length_chunks, round_lr, train_round
+from fed.train import PlainStepper, length_chunks, per_example_losses, round_lr, train_round
 from fed.tasks import CausalLM, Classification
 from tests.conftest import MATRIX, randomise, spec, tiny_bert, tiny_llama
 
@@ -42,13 +42,6 @@ def _lm_batch(batch):
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
 
 
-def _loss(adapter, task, model, batch):
-    """What training minimises per example: the task loss plus the adapter's auxiliary (balance) loss."""
-    loss = task.per_example_loss(model, batch)
-    aux = adapter.auxiliary_loss(batch["attention_mask"])
-    return loss if aux is None else loss + aux
-
-
 def _naive_grads(adapter, task, batch):
     """One forward/backward per example: the reference per-example gradients."""
     names = adapter.names(trainable=True)
@@ -56,7 +49,8 @@ def _naive_grads(adapter, task, batch):
     out = []
     for i in range(len(batch["input_ids"])):
         one = {k: v[i:i + 1] for k, v in batch.items()}
-        grads = torch.autograd.grad(_loss(adapter, task, adapter.model, one).sum(), [params[n] for n in names])
+        objective = per_example_losses(adapter, task, adapter.model, one)[1]  # what training minimises
+        grads = torch.autograd.grad(objective.sum(), [params[n] for n in names])
         out.append(dict(zip(names, grads)))
     return out
 
@@ -69,7 +63,7 @@ def test_opacus_per_sample_gradients_equal_a_naive_loop(kind, build_fn, batch_fn
     batch = batch_fn(batch)
     reference = _naive_grads(adapter, task, batch)
     gsm = per_sample_module(adapter.model, "hooks", loss_reduction="sum")
-    _loss(adapter, task, gsm, batch).sum().backward()
+    per_example_losses(adapter, task, gsm, batch)[1].sum().backward()
     params = dict(adapter.model.named_parameters())
     for name in adapter.names(trainable=True):
         per_sample = params[name].grad_sample
@@ -106,7 +100,7 @@ def test_dp_step_without_noise_is_the_mean_of_clipped_per_example_gradients(kind
                     mode=mode)
     stepper = DpStepper(adapter.model, optimizer, dp)
     for chunk in _chunks(batch, parts):
-        stepper.accumulate(_loss(adapter, task, stepper.module, chunk), len(batch["input_ids"]))
+        stepper.accumulate(per_example_losses(adapter, task, stepper.module, chunk)[1], len(batch["input_ids"]))
     stepper.step()
     stepper.close()
     after = adapter.state(names)
@@ -135,7 +129,7 @@ def test_per_layer_clipping_clips_each_tensor_to_its_share_of_the_bound(kind, ba
                     head_clip_share=share)
     stepper = DpStepper(adapter.model, optimizer, dp, [n in head for n in names])
     assert stepper.optimizer.max_grad_norm == clip  # the noise's scale: the whole example's sensitivity
-    stepper.accumulate(_loss(adapter, task, stepper.module, batch), len(batch["input_ids"]))
+    stepper.accumulate(per_example_losses(adapter, task, stepper.module, batch)[1], len(batch["input_ids"]))
     stepper.step()
     stepper.close()
     after = adapter.state(names)
@@ -166,7 +160,8 @@ def test_empty_poisson_batch_is_a_noise_only_step():
     # noise std per coordinate = sigma * C / expected batch size = 1.0 (SGD, lr 1), pooled over every
     # trained coordinate (one small tensor's sample std strays past a tight band too often)
     noise = torch.cat([(after[n] - before[n]).flatten() for n in names])
-    assert len(noise) >= 256 and 0.85 < float(noise.std()) < 1.15  # 290 coordinates: 3.6 standard errors, (len(noise), float(noise.std()))
+    # 290 coordinates: the band is 3.6 standard errors wide on each side
+    assert len(noise) >= 256 and 0.85 < float(noise.std()) < 1.15, (len(noise), float(noise.std()))
     for n in names:
         assert not torch.equal(after[n], before[n]), n
 
@@ -178,7 +173,7 @@ def test_plain_step_on_chunks_equals_the_step_on_the_whole_batch(batch):
         names = adapter.names(trainable=True)
         stepper = PlainStepper(adapter.model, torch.optim.SGD(adapter.trainable_parameters(), lr=1.0))
         for chunk in _chunks(batch, parts):
-            stepper.accumulate(_loss(adapter, task, adapter.model, chunk), len(batch["input_ids"]))
+            stepper.accumulate(per_example_losses(adapter, task, adapter.model, chunk)[1], len(batch["input_ids"]))
         stepper.step()
         states.append(adapter.state(names))
     for name in states[0]:

@@ -143,13 +143,14 @@ def main() -> None:
             "|" + "---|" * (len(args.seeds) + 4)]
     ceilings: dict[tuple[str, int], float] = {}
     for lever, changes in LEVERS.items():
+        lever_cfg = resolve("private", [*args.overrides, *changes])
+        if lever_cfg.model.layers != base.model.layers or lever_cfg.model.name != base.model.name:
+            raise SystemExit(f"{lever!r} changes the block the head reads; the replay reads one")
+        x = head_input(lever_cfg, pooled)  # the lever's model settings fix it: split and seed leave it alone
         for split, split_changes in SPLITS.items():
             finals = []
             for seed in args.seeds:
                 cfg = resolve("private", [*args.overrides, *changes, *split_changes, f"seed={seed}"])
-                if cfg.model.layers != base.model.layers or cfg.model.name != base.model.name:
-                    raise SystemExit(f"{lever!r} changes the block the head reads; the replay reads one")
-                x = head_input(cfg, pooled)
                 clients, held_out, y = split_rows(cfg, position)
                 finals.append(replay(cfg, x, y, clients, held_out)[-1])
                 if (split, seed) not in ceilings:  # the probe standardises: the head's transform is moot

@@ -13,12 +13,13 @@ from fed.config import ConfigError, RunConfig
 from fed.privacy.dpsgd import DpStepper, per_sample_module
 from fed.privacy.mechanism import DpSettings
 from fed.ranks import client_rank, planned_ranks
+from fed.train import per_example_losses
 from fed.wire import PayloadError
 from strategies.rules import Replies, aggregate, aggregation_error
 from strategies.validation import ReplyRules, check_padding, check_rank
 from tests.conftest import randomise
 from tests.test_adapters import _layers, client_deltas, make
-from tests.test_dpsgd import _bert_adapter, _loss, _naive_grads
+from tests.test_dpsgd import _bert_adapter, _naive_grads
 
 
 def _rank_deltas(adapter, ranks, seed=0, scale=1.0):
@@ -72,7 +73,7 @@ def test_under_dp_masked_coordinates_get_zero_per_sample_gradients_and_their_noi
     axes, names = adapter.structure().rank_axes, adapter.names(trainable=True)
     reference = _naive_grads(adapter, task, batch)
     gsm = per_sample_module(adapter.model, "hooks", loss_reduction="sum")
-    _loss(adapter, task, gsm, batch).sum().backward()
+    per_example_losses(adapter, task, gsm, batch)[1].sum().backward()
     params = dict(adapter.model.named_parameters())
     for name in names:
         per_sample = params[name].grad_sample
@@ -84,7 +85,7 @@ def test_under_dp_masked_coordinates_get_zero_per_sample_gradients_and_their_noi
     before = adapter.sent_state()
     dp = DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.05, num_examples=100)
     stepper = DpStepper(adapter.model, torch.optim.SGD(adapter.trainable_parameters(), lr=1.0), dp)
-    stepper.accumulate(_loss(adapter, task, stepper.module, batch), len(batch["input_ids"]))
+    stepper.accumulate(per_example_losses(adapter, task, stepper.module, batch)[1], len(batch["input_ids"]))
     stepper.step()
     stepper.close()
     delta = {n: t - before[n] for n, t in adapter.sent_state().items()}

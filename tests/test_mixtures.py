@@ -10,10 +10,11 @@ from fed.adapters.mole import BlockRouter, MoleLinear
 from fed.privacy.dpsgd import DpStepper, per_sample_module
 from fed.privacy.mechanism import DpSettings
 from fed.tasks import Classification
+from fed.train import per_example_losses
 from strategies.rules import Replies, aggregate, aggregation_error, renormalise
 from tests.conftest import randomise, spec, tiny_bert
 from tests.test_adapters import HEAD, client_deltas, make
-from tests.test_dpsgd import _NoTokenizer, _loss, _naive_grads
+from tests.test_dpsgd import _NoTokenizer, _naive_grads
 
 
 def _mole(experts: int = 3):
@@ -65,7 +66,7 @@ def test_per_sample_gradients_with_an_expert_that_gets_no_token(mode, batch):
     params = dict(adapter.model.named_parameters())
     if mode == "hooks":
         gsm = per_sample_module(adapter.model, "hooks", loss_reduction="sum")
-        _loss(adapter, task, gsm, batch).sum().backward()
+        per_example_losses(adapter, task, gsm, batch)[1].sum().backward()
         for name in adapter.names(trainable=True):
             expected = torch.stack([r[name] for r in reference])
             torch.testing.assert_close(params[name].grad_sample, expected, rtol=1e-4, atol=1e-6)
@@ -76,7 +77,7 @@ def test_per_sample_gradients_with_an_expert_that_gets_no_token(mode, batch):
     dp = DpSettings(noise_multiplier=0.0, max_grad_norm=1e6, sample_rate=0.05, num_examples=100, mode=mode)
     stepper = DpStepper(adapter.model, optimizer, dp)
     before = adapter.state(adapter.names(trainable=True))
-    stepper.accumulate(_loss(adapter, task, stepper.module, batch), len(batch["input_ids"]))
+    stepper.accumulate(per_example_losses(adapter, task, stepper.module, batch)[1], len(batch["input_ids"]))
     stepper.step()
     stepper.close()
     after = adapter.state(list(before))

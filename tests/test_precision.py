@@ -8,7 +8,8 @@ from torch import nn
 
 from fed.precision import autocast, cpu_has_native_bf16, resolve_precision
 from fed.privacy.dpsgd import per_sample_module
-from tests.test_dpsgd import KINDS, _bert_adapter, _loss, _naive_grads
+from fed.train import per_example_losses
+from tests.test_dpsgd import KINDS, _bert_adapter, _naive_grads
 
 
 def test_auto_picks_bfloat16_only_with_native_cpu_support():
@@ -59,7 +60,7 @@ def test_per_sample_gradients_are_float32_and_match_a_naive_loop(kind, batch):
         reference = _naive_grads(adapter, task, batch)
     gsm = per_sample_module(adapter.model, "hooks", loss_reduction="sum")
     with autocast(adapter.model, torch.bfloat16):
-        loss = _loss(adapter, task, gsm, batch).sum()
+        loss = per_example_losses(adapter, task, gsm, batch)[1].sum()
     loss.backward()
     params = dict(adapter.model.named_parameters())
     for name in adapter.names(trainable=True):

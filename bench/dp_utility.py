@@ -62,15 +62,17 @@ def cell_of(run: RunDir) -> dict[str, Any]:
 
 
 def grid_table(results: list[dict[str, Any]]) -> str:
+    """Accuracy per adapter, split and epsilon, and each row's median wall: a median, since a run that
+    shared the cores with another job would pull a mean far past what a run takes alone."""
     eps = [e for e in EPSILONS if any(r.get("epsilon_target") == e for r in results)]
-    rows = ["| adapter | split | " + " | ".join(f"eps {e}" for e in eps) + " | wall / run |",
+    rows = ["| adapter | split | " + " | ".join(f"eps {e}" for e in eps) + " | median wall / run |",
             "|" + "---|" * (len(eps) + 3)]
     for a in ADAPTERS:
         for sp in SPLITS:
             mine = [r for r in results if r.get("adapter") == a and r.get("split") == sp]
             if mine:
                 accs = [mean_std([r["accuracy"] for r in mine if r["epsilon_target"] == e]) for e in eps]
-                wall = statistics.fmean(r["wall_s"] for r in mine) / 60
+                wall = statistics.median(r["wall_s"] for r in mine) / 60
                 rows.append(f"| {a} | {sp} | " + " | ".join(accs) + f" | {wall:.1f} min |")
     return "\n".join(rows)
 

@@ -10,8 +10,8 @@ seeds. The table (final-round accuracy mean ± std over seeds, mean aggregation 
 round) is written with the date and the exact settings to docs/benchmarks.md; raw runs to --runs. The DP
 cells read the mean-pooled tokens (``model.pooling=mean``; see ``DP``).
 
-    python bench/adapters_accuracy.py                      # the full grid: 7 families x 2 splits x 2 x 3 seeds
-    python bench/adapters_accuracy.py --seeds 0 --set federation.rounds=2 --set train.local_steps=3 \
+    python -m bench.adapters_accuracy                      # the full grid: 7 families x 2 splits x 2 x 3 seeds
+    python -m bench.adapters_accuracy --seeds 0 --set federation.rounds=2 --set train.local_steps=3 \
         --set data.max_examples=800                        # a reduced grid
 
 Each finished cell is appended at once to ``<runs>/results.jsonl``, with its full config; the same command
@@ -28,11 +28,11 @@ from typing import Any
 
 from fed.adapters import build
 from fed.config import RunConfig
-from fed.presets import resolve
+from fed.config.sources import resolve
 from fed.models import load_model
 from fed.session import adapter_spec, num_labels
 
-from cells import bench_parser, held, mean_std, run_grid, settings, write_section  # bench/ is on sys.path when a bench script runs
+from bench.cells import bench_parser, held, mean_std, run_grid, settings, write_section
 
 FAMILIES = ("lora", "ffa-lora", "moslora", "mole", "mor", "roselora", "dynamic-lora")
 SPLITS = {"mixed-domains": [], "iid": ["data.partition=iid"]}
@@ -101,7 +101,7 @@ def main() -> None:
     if not args.render:
         run_grid(log, Path(args.runs), grid)
     results = [record for record in held(log, grid) if record is not None]
-    body = (f"`python bench/adapters_accuracy.py --seeds {' '.join(map(str, args.seeds))}` with overrides "
+    body = (f"`python -m bench.adapters_accuracy --seeds {' '.join(map(str, args.seeds))}` with overrides "
             f"{settings(args.overrides)}, on top of the `mixed-domains` preset (IID: the same data, "
             f"`data.partition=iid`). Final-round accuracy, mean ± std (number of seeds) where a cell holds several "
             f"of seeds {args.seeds}, else its one run (cells held so far: {len(results)} of {len(grid)}); the budget is "

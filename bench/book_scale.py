@@ -6,7 +6,7 @@ clients' accountant caches), and times what the server does with them per round:
 ``report()`` writes (``--writes`` per round) and ``max_epsilon()`` for the metrics line. The clients'
 own epsilon is not computed here (it would warm the server's cache); they report 0.
 
-    python bench/book_scale.py --clients 1000 --rounds 2 [--writes 2]
+    python -m bench.book_scale --clients 1000 --rounds 2 [--writes 2]
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 
 from fed.config import ConfigError, RunConfig
-from fed.rundir import RunDir
+from fed.run.rundir import RunDir
 
 
 def bench_parser(description: str | None, runs: str, *, seeds: bool = True) -> argparse.ArgumentParser:

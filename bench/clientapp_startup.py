@@ -5,7 +5,7 @@ Runs what that process runs, in a fresh interpreter each time, and prints the ph
 a fresh interpreter that only imports the libraries a DP client cannot do without (torch, the transformers
 classes that load a model and its tokenizer, Opacus, datasets, Flower's ClientApp), which no change inside
 fedlora can go below:
-``python bench/clientapp_startup.py [--model default] [--repeats 3]``. Record the machine's load with
+``python -m bench.clientapp_startup [--model default] [--repeats 3]``. Record the machine's load with
 the figures (the script prints the 1-minute load average before and after): wall time grows with
 outside load, CPU time (user + system of the process) much less, so it estimates an idle machine.
 """
@@ -28,7 +28,7 @@ def cpu():
 t0, c0 = time.perf_counter(), cpu()
 import clients.app  # what flwr-clientapp imports: the ClientApp module and everything it pulls in
 t1, c1 = time.perf_counter(), cpu()
-from fed.presets import resolve
+from fed.config.sources import resolve
 from fed.session import client_session
 cfg = resolve("quickstart", sys.argv[2:])
 session = client_session(cfg, 0, sys.argv[1])

@@ -4,8 +4,8 @@ Prints, per adapter kind (and per ``train.micro_batch`` asked for), the step tim
 DP-SGD with per-sample gradient hooks and with ghost clipping, and their ratios to plain training: each
 repeat times one round of every mode back to back, and the ratio is the median of the per-repeat ratios.
 DP rounds draw Poisson batches (``batch_size`` examples on average) and run with dropout off. Run:
-    python bench/clipping_modes.py [--preset quickstart] [--steps 8] [--repeats 5] [--micro-batches 0 16 8 4] [--set key=value ...]
-    python bench/clipping_modes.py --preset instruct         # SmolLM2-135M, causal LM
+    python -m bench.clipping_modes [--preset quickstart] [--steps 8] [--repeats 5] [--micro-batches 0 16 8 4] [--set key=value ...]
+    python -m bench.clipping_modes --preset instruct         # SmolLM2-135M, causal LM
 The model runs on a CUDA GPU when one is present (``--device auto``, named in the output), in the precision
 ``train.precision`` resolves to there (``auto``: bfloat16 where the hardware computes it natively).
 Ratios, not seconds, are the result: the machine may be shared (see the load average printed).
@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from fed.precision import model_device, resolve_precision
-from fed.presets import resolve
+from fed.config.sources import resolve
 from fed.privacy.mechanism import DpSettings
 from fed.session import client_session
 from fed.train import train_round

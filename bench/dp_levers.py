@@ -6,8 +6,8 @@ preset's epsilon), the same local rounds back to back, and its own held-out spli
 round. It leaves out the averaging over clients (which only lowers the noise), so its accuracies are a
 floor for the federated run; what it is for is comparing levers side by side in minutes, not hours.
 
-    python bench/dp_levers.py                              # every lever, seed 0
-    python bench/dp_levers.py --levers "private preset" "adapter: LoRA" --set dp.target_epsilon=3
+    python -m bench.dp_levers                              # every lever, seed 0
+    python -m bench.dp_levers --levers "private preset" "adapter: LoRA" --set dp.target_epsilon=3
 
 Results are appended to ``<runs>/levers.jsonl``; the table, every lever that file holds, goes to
 docs/benchmarks.md with the date (``--render`` rewrites it from the file alone).
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fed.presets import parse_override, resolve
+from fed.config.sources import parse_override, resolve
 from fed.privacy.mechanism import DpSettings
 from fed.privacy.planner import sample_rate
 from fed.privacy.ledger import calibrate_noise
@@ -29,7 +29,7 @@ from fed.precision import resolve_precision
 from fed.session import adapted_model, client_data, with_local_labels
 from fed.train import evaluate, round_lr, train_round
 
-from cells import bench_parser, finished, record, settings, write_section  # bench/ is on sys.path when a bench script runs
+from bench.cells import bench_parser, finished, record, settings, write_section
 
 LEVERS: dict[str, list[str]] = {
     "private preset": [],
@@ -119,7 +119,7 @@ def main() -> None:
         overrides = [*args.overrides, *LEVERS[lever]]
         record(log, {"lever": lever}, resolve("private", overrides), proxy(overrides, args.eval_limit))
     results = finished(log)  # the table holds every lever the log has, not only this call's
-    body = (f"`python bench/dp_levers.py` with overrides {settings(args.overrides)}: the `private` preset's client 0 alone (its "
+    body = (f"`python -m bench.dp_levers` with overrides {settings(args.overrides)}: the `private` preset's client 0 alone (its "
             f"split, its planned noise, no averaging over clients: a floor for the federated run), held-out "
             f"accuracy on {args.eval_limit} examples after each local round.\n\n{table(results)}")
     write_section(Path(args.doc), "DP levers, one at a time", body)

@@ -17,7 +17,7 @@ group (head, adapter):
 It measures at the run's start (a zero head passes no gradient back, so the adapter's is exactly zero) and at
 the global state a finished run's checkpoint holds.
 
-    python bench/dp_snr.py runs/<a finished run of the private preset> [...]
+    python -m bench.dp_snr runs/<a finished run of the private preset> [...]
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ from pathlib import Path
 import torch
 
 from fed.adapters.base import Adapter
-from fed.checkpoint import Checkpoint
+from fed.run.checkpoint import Checkpoint
 from fed.config import RunConfig
 from fed.privacy.ledger import calibrate_noise
 from fed.privacy.planner import sample_rate
-from fed.rundir import RunDir
+from fed.run.rundir import RunDir
 from fed.session import adapted_model, client_data, with_local_labels
 from fed.tasks import Task
 from fed.train import per_example_losses
 
-from cells import write_section  # bench/ is on sys.path when a bench script runs
+from bench.cells import write_section
 
 EPSILONS = (8.0, 3.0, 1.0)
 
@@ -133,7 +133,7 @@ def main() -> None:
         adapter.load(final.arrays)
         rows += step_rows(probe, f"{label}: after round {final.round}", adapter, task)
     cfg = configs[0]
-    body = (f"`python bench/dp_snr.py` on the finished runs below: one batch of {cfg.train.batch_size} of "
+    body = (f"`python -m bench.dp_snr` on the finished runs below: one batch of {cfg.train.batch_size} of "
             f"client 0's training rows, each example's gradient by autograd alone, clipped flat to "
             f"{cfg.dp.max_grad_norm:g}; noise at the multiplier each epsilon calibrates for "
             f"{cfg.federation.rounds} x {cfg.train.local_steps} steps; the best case multiplies the per-step "

@@ -7,8 +7,8 @@ lr 1, nothing clips the steps and it diverges: the scaled features give the head
 norm about 15 at the start, and lr 0.5 diverged too). The table (final-round accuracy, mean ± std over seeds) and a
 plot (accuracy against epsilon) go to docs/benchmarks.md and docs/img/dp_utility.png with the date.
 
-    python bench/dp_utility.py                                  # the full grid: 2 adapters x 2 splits x 4 eps x 3 seeds
-    python bench/dp_utility.py --adapters ffa-lora --splits iid --seeds 0      # one row
+    python -m bench.dp_utility                                  # the full grid: 2 adapters x 2 splits x 4 eps x 3 seeds
+    python -m bench.dp_utility --adapters ffa-lora --splits iid --seeds 0      # one row
 
 Finished cells are appended to ``<runs>/results.jsonl`` at once; ``--render`` redraws table and plot from it;
 ``--add RUN_DIR ...`` books runs made by hand (``fed simulate --preset private ...``) as cells, after checking
@@ -24,10 +24,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fed.presets import resolve
-from fed.rundir import RunDir
+from fed.config.sources import resolve
+from fed.run.rundir import RunDir
 
-from cells import (  # bench/ is on sys.path when a bench script runs
+from bench.cells import (
     EXECUTION_ONLY, bench_parser, held, mean_std, record, run_grid, same_cell, settings, summarise, write_section)
 
 EPSILONS = {"inf": ["dp.enabled=false", "train.lr=0.02"], "8": ["dp.target_epsilon=8"], "3": ["dp.target_epsilon=3"],
@@ -165,7 +165,7 @@ def main() -> None:
     seeds = sorted({r["seed"] for r in results})
     plot(results, Path(args.doc).parent / "img" / "dp_utility.png")
     plot_curves(results, Path(args.doc).parent / "img" / "dp_utility_rounds.png")
-    body = (f"`python bench/dp_utility.py` with overrides {settings(args.overrides)}, on top of the `private` preset. Final-round "
+    body = (f"`python -m bench.dp_utility` with overrides {settings(args.overrides)}, on top of the `private` preset. Final-round "
             f"eval accuracy: mean ± std (number of seeds) where a cell ran several of seeds {seeds}, else its one "
             f"run; epsilon per client, delta 1e-5, RDP.\n\n"
             f"{grid_table(results)}\n\n![accuracy against epsilon](img/dp_utility.png)\n\n"

@@ -13,8 +13,8 @@ server's step on the mean delta (weights as ``strategy.weighting``; the server's
 about one reply a round at most in the preset's runs, is left out). It scores every held-out row after each
 round. The ceiling is the converged non-private probe of ``bench/layer_probe.py`` fitted on the same split.
 
-    python bench/head_replay.py                                  # the preset and its levers, seeds 0-2
-    python bench/head_replay.py --set dp.target_epsilon=3
+    python -m bench.head_replay                                  # the preset and its levers, seeds 0-2
+    python -m bench.head_replay --set dp.target_epsilon=3
 
 The table goes to docs/benchmarks.md with the date.
 """
@@ -31,15 +31,15 @@ from datasets import Dataset
 from fed.config import RunConfig
 from fed.models import MeanPooledClassifier
 from fed.precision import model_device, resolve_precision
-from fed.presets import resolve
+from fed.config.sources import resolve
 from fed.privacy.ledger import calibrate_noise
 from fed.privacy.planner import sample_rate
 from fed.session import adapted_model, client_data, dataset, with_local_labels
 from fed.train import round_lr
 from strategies.rules import bounded_weights
 
-from cells import bench_parser, settings, write_section  # bench/ is on sys.path when a bench script runs
-from layer_probe import block_features, probe
+from bench.cells import bench_parser, settings, write_section
+from bench.layer_probe import block_features, probe
 
 LEVERS: dict[str, list[str]] = {
     "private preset": [],
@@ -160,7 +160,7 @@ def main() -> None:
             rows.append(f"| {lever} | {split} | " + " | ".join(f"{a:.3f}" for a in finals)
                         + f" | {statistics.fmean(finals):.3f} | {ceiling:.3f} |")
             print(rows[-1], flush=True)
-    body = (f"`python bench/head_replay.py` with overrides {settings(args.overrides)} (epsilon "
+    body = (f"`python -m bench.head_replay` with overrides {settings(args.overrides)} (epsilon "
             f"{base.dp.target_epsilon:g} unless overridden, {(time.perf_counter() - start) / 60:.1f} min): the "
             f"`private` preset's federation replayed on its linear head alone over the frozen block "
             f"{base.model.layers or 'last'} features, final accuracy on every held-out row; the ceiling is the "

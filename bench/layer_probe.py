@@ -8,8 +8,8 @@ split, then a logistic regression fitted to convergence (L-BFGS, a small L2 pena
 scored on all held-out rows. No federation and no noise: an upper bound for what a head over that block
 can reach, which is what ``model.layers`` picks.
 
-    python bench/layer_probe.py                      # the private preset's data, every block
-    python bench/layer_probe.py --set data.max_examples=4000
+    python -m bench.layer_probe                      # the private preset's data, every block
+    python -m bench.layer_probe --set data.max_examples=4000
 
 The table goes to docs/benchmarks.md with the date.
 """
@@ -25,12 +25,12 @@ from datasets import Dataset, concatenate_datasets
 
 from fed.models import MeanPooledClassifier, mean_over_tokens
 from fed.precision import autocast, model_device, resolve_precision
-from fed.presets import resolve
+from fed.config.sources import resolve
 from fed.session import adapted_model, client_data, with_local_labels
 from fed.tasks import Task
 from fed.train import encode_on, length_chunks
 
-from cells import bench_parser, settings, write_section  # bench/ is on sys.path when a bench script runs
+from bench.cells import bench_parser, settings, write_section
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def main() -> None:
         name = "embeddings" if block == 0 else f"block {block}" + (" (last)" if block == x_train.shape[0] - 1 else "")
         rows.append(f"| {name} | {accuracy:.3f} |")
         print(rows[-1], flush=True)
-    body = (f"`python bench/layer_probe.py` with overrides {settings(args.overrides)}: the `private` preset's "
+    body = (f"`python -m bench.layer_probe` with overrides {settings(args.overrides)}: the `private` preset's "
             f"data ({len(train)} training rows, {len(test)} held-out rows, all clients), the frozen trunk's "
             f"mean-pooled tokens after each block, an L2-penalised logistic regression fitted to convergence "
             f"without DP ({(time.perf_counter() - start) / 60:.1f} min). One standard error is about "

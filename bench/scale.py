@@ -5,8 +5,8 @@ per round for training and for evaluation, 2 local steps each, DP-SGD on (sigma 
 share of data per client (``--rows`` examples each, from the 23k-row sentiment set), so that what grows
 with the number of clients is the federation's own bookkeeping, not the training work per client:
 
-    python bench/scale.py                        # 10, 100, 1000 clients, 2 rounds, tiny-bert
-    python bench/scale.py --clients 10 100 --model default --set train.precision=bf16
+    python -m bench.scale                        # 10, 100, 1000 clients, 2 rounds, tiny-bert
+    python -m bench.scale --clients 10 100 --model default --set train.precision=bf16
 
 The model defaults to the tiny random BERT: with it a round is mostly the per-client overhead (messages,
 ledgers, privacy accounting, data splits) this bench exists to watch. Peak memory is the whole process
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from treemem import run_measured
+from bench.treemem import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,8 @@
 """fedlora against the reference recipe (``bench/baseline/``), back to back, same workload, one table.
 
-    python bench/vs_baseline.py                  # MiniLM, 4 clients x 3 rounds x 10 local steps, batch 32
-    python bench/vs_baseline.py --quick          # smoke test: 2 rounds x 3 steps on 800 examples
-    python bench/vs_baseline.py --set train.precision=bf16     # extra fed overrides (fedlora only)
+    python -m bench.vs_baseline                  # MiniLM, 4 clients x 3 rounds x 10 local steps, batch 32
+    python -m bench.vs_baseline --quick          # smoke test: 2 rounds x 3 steps on 800 examples
+    python -m bench.vs_baseline --set train.precision=bf16     # extra fed overrides (fedlora only)
 
 Each of the four runs (baseline and fedlora, without and with DP-SGD at sigma = 1) is its own process,
 measured from outside: wall time and the peak memory of its whole process tree (driver, Ray daemons and
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from treemem import Measured, run_measured
+from bench.treemem import Measured, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = (("round wall, mean (s)", "round_s", ".1f"), ("run wall, whole process (s)", "wall_s", ".1f"),

@@ -4,7 +4,7 @@ The minimum is the trained-and-sent elements times the bytes per element (4 for 
 bfloat16); what travels is Flower's ArrayRecord, each tensor's raw bytes under its name, counted as
 ``ArrayRecord.count_bytes()`` (the figure in ``metrics.jsonl``). The overhead is the tensor names.
 
-    python bench/wire_bytes.py [--model default] [--set adapter.rank=16 ...]
+    python -m bench.wire_bytes [--model default] [--set adapter.rank=16 ...]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from fed.config import ADAPTER_KINDS, WIRE_DTYPES
-from fed.presets import resolve
+from fed.config.sources import resolve
 from fed.session import adapted_model
 from fed.wire import to_record
 

@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 
 from fed.adapters import Clock
 from fed.adapters.base import restrict_rank
-from fed.nodedata import NodeDataError
+from fed.data.node import NodeDataError
 from fed.precision import model_device, resolve_precision
 from fed.privacy.ledger import DpSgdEvent, Ledger, events_from_json, write_atomic
 from fed.privacy.planner import new_ledger, plan_round

@@ -238,7 +238,7 @@ class MeanPooledClassifier(nn.Module):
     ``base_model_prefix`` so adapter parameter names match the HF classifier's (``bert.encoder...``).
     The ``center`` buffer is subtracted from the pooled feature first and the ``scale`` buffer divides it:
     zero and one, unless ``model.center`` (and ``model.scale``) name public text whose mean feature (and
-    per-dimension standard deviation) ``fed.centring`` puts there.
+    per-dimension standard deviation) ``fed.data.centring`` puts there.
     """
 
     def __init__(self, trunk: PreTrainedModel, num_labels: int) -> None:
@@ -250,8 +250,8 @@ class MeanPooledClassifier(nn.Module):
         self.classifier = nn.Linear(trunk.config.hidden_size, num_labels)
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
-        self.register_buffer("center", torch.zeros(trunk.config.hidden_size))  # public mean; fed.centring sets it
-        self.register_buffer("scale", torch.ones(trunk.config.hidden_size))  # public std; fed.centring sets it
+        self.register_buffer("center", torch.zeros(trunk.config.hidden_size))  # public mean; fed.data.centring sets it
+        self.register_buffer("scale", torch.ones(trunk.config.hidden_size))  # public std; fed.data.centring sets it
 
     @property
     def trunk(self) -> PreTrainedModel:

@@ -17,15 +17,15 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fed.adapters.roselora import round_budgets
-from fed.checkpoint import Checkpoint
+from fed.run.checkpoint import Checkpoint
 from fed.config import RunConfig
-from fed.presets import from_run_config
+from fed.config.sources import from_run_config
 from fed.ranks import planned_ranks
-from fed.export import export_adapter
+from fed.run.export import export_adapter
 from fed.privacy.book import LedgerBook
 from fed.reports.curves import plot_curves
 from fed.reports.privacy import write_report
-from fed.rundir import RunDir
+from fed.run.rundir import RunDir
 from fed.session import adapted_model, server_preflight
 from fed.wire import config_record, from_record, metas, to_record
 from strategies.fedavg import AdapterFedAvg

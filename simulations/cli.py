@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fed.config import ConfigError
-from fed.presets import preset_names, resolve
-from simulations import deploy_cli
+from fed.config.sources import preset_names, resolve
+from deploy import cli as deploy_cli
 
 
 def _parser() -> argparse.ArgumentParser:

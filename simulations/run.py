@@ -22,10 +22,10 @@ from transformers.utils import logging as transformers_logging
 
 from clients.app import STATE_DIR_ENV
 from clients.app import app as client_app
-from fed.checkpoint import Checkpoint
+from fed.run.checkpoint import Checkpoint
 from fed.config import ConfigError, RunConfig, SimulationConfig
 from fed.privacy.planner import delta_problems
-from fed.rundir import RunDir
+from fed.run.rundir import RunDir
 from fed.session import client_data, preflight, with_local_labels
 from server.app import run_federation
 

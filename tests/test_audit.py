@@ -37,7 +37,7 @@ def test_canary_audit_catches_the_loss_leak_and_passes_what_a_dp_client_now_send
     """One mislabelled canary, sigma 2, q ~ 0.2, 4 steps (claimed eps 0.77 at delta 1e-3). The foundation's
     DP reply carried the raw training loss: the audit's lower bound exceeds the claim. The client's
     whole reply today (noised update + public metrics) stays under it."""
-    from simulations.audit import Canary, Experiment
+    from bench.security.canary import Canary, Experiment
 
     canary = Canary()
     experiment = Experiment(canary)
@@ -54,7 +54,7 @@ def test_canary_audit_catches_the_loss_leak_and_passes_what_a_dp_client_now_send
 def test_a_privatised_training_loss_keeps_the_claim():
     """The same canary, with the client releasing its clipped, noised loss (sigma_l = 4) inside the accounted
     mechanism: the claim (still sigma = 2 overall) survives an audit that sees the released loss."""
-    from simulations.audit import Canary, Experiment
+    from bench.security.canary import Canary, Experiment
 
     canary = Canary(loss_noise_multiplier=4.0)
     experiment = Experiment(canary)

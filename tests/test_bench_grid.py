@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fed.presets import resolve
-from fed.rundir import RunDir
+from fed.config.sources import resolve
+from fed.run.rundir import RunDir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import cells  # noqa: E402  (bench/ is a folder of scripts, not a package)
+from bench import cells
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import torch
 from fed import centring
 from fed.adapters import build
 from fed.config import ConfigError, RunConfig
-from fed.data import load_task_dataset
-from fed.export import export_adapter, load_adapter
+from fed.data.datasets import load_task_dataset
+from fed.run.export import export_adapter, load_adapter
 from fed.models import load_model, load_tokenizer, task_head_names
 from fed.session import adapted_model
 from tests.conftest import randomise, spec

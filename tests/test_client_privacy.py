@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fed.privacy.ledger import Ledger, events_to_json
-from simulations.audit import Canary, Experiment
+from bench.security.canary import Canary, Experiment
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 
 from fed.config import ConfigError, RunConfig
-from fed.presets import from_run_config, load_preset, parse_override, preset_names, resolve
+from fed.config.sources import from_run_config, load_preset, parse_override, preset_names, resolve
 
 
 def test_presets_resolve_and_round_trip():
@@ -78,7 +78,7 @@ def test_flower_app_declares_every_config_key():
 
     import tomllib
 
-    from fed.presets import flatten
+    from fed.config.sources import flatten
 
     declared = flatten(tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
                        ["tool"]["flwr"]["app"]["config"])

@@ -1,4 +1,4 @@
-"""fed.data: the shipped datasets parse as documented and client shares are disjoint and deterministic."""
+"""fed.data.datasets: the shipped datasets parse as documented and client shares are disjoint and deterministic."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fed import data  # noqa: E402
-from fed.presets import resolve  # noqa: E402
-from fed.data import DATASETS, ClientData, client_split, label_names, load_task_dataset  # noqa: E402
+from fed.config.sources import resolve  # noqa: E402
+from fed.data.datasets import DATASETS, ClientData, client_split, label_names, load_task_dataset  # noqa: E402
 
 
 def _rows(split: ClientData) -> list[int]:
@@ -134,7 +134,7 @@ def test_shares_are_the_same_when_rebuilt_from_scratch():
 
 def test_separate_processes_agree():
     """What simulated clients do: each process partitions on its own, with its own hash seed."""
-    code = ("from fed.data import *; ds = load_task_dataset('trec', 'classification');"
+    code = ("from fed.data.datasets import *; ds = load_task_dataset('trec', 'classification');"
             "s = client_split(ds, num_clients=3, client_id=1, partition='dirichlet', alpha=0.5, seed=7);"
             "print(sorted(s.train['row_id'])[:50], sorted(s.test['row_id'])[:50])")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.getcwd(),

@@ -3,7 +3,6 @@ the DP step Opacus takes without noise and Opacus's own per-sample gradients."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,7 @@ from fed.tasks import Classification
 from fed.train import per_example_losses
 from tests.conftest import randomise, spec, tiny_bert
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import dp_snr  # noqa: E402  (bench/ is a folder of scripts, not a package)
+from bench import dp_snr
 
 
 class _NoTokenizer:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fed.presets import resolve
+from fed.config.sources import resolve
 from fed.session import client_data
 from simulations.run import simulate
 
@@ -93,7 +93,7 @@ def test_data_dependent_mistake_stops_before_any_worker(tmp_path):
 def test_mole_run_sends_expert_counts_and_exports_a_loadable_adapter(tmp_path):
     """Without DP, MoLE clients send routed-token counts through Flower's MetricRecord; the server accepts
     them, logs an aggregation error, and the non-PEFT export reloads into a fresh base model."""
-    from fed.export import load_adapter
+    from fed.run.export import load_adapter
     from fed.models import load_model
 
     cfg = resolve("mixed-domains", ["model.name=tiny-bert", "data.max_examples=400", "federation.rounds=2",
@@ -111,7 +111,7 @@ def test_mole_run_sends_expert_counts_and_exports_a_loadable_adapter(tmp_path):
 def test_a_cut_mean_pooled_trunk_runs_and_exports_what_its_own_build_reloads(tmp_path):
     """``model.layers`` travels to every client and to the server's export: the run trains a 1-block trunk
     under a cosine schedule, and ``fedlora.json`` records the cut, so the adapter reloads into that build."""
-    from fed.export import load_adapter
+    from fed.run.export import load_adapter
     from fed.models import load_model
 
     cfg = resolve("quickstart", [*TINY, "model.layers=1", "model.pooling=mean", "train.lr_schedule=cosine"])

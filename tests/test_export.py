@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fed.adapters import AdapterSpec, build
-from fed.export import export_adapter, load_adapter
+from fed.run.export import export_adapter, load_adapter
 from fed.models import load_model
 from tests.conftest import MATRIX, randomise, spec, tiny_llama
 

@@ -3,15 +3,13 @@ autograd one example at a time."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import head_replay  # noqa: E402  (bench/ is a folder of scripts, not a package)
+from bench import head_replay
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.5, 100.0])

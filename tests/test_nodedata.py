@@ -7,11 +7,11 @@ import json
 import pandas as pd
 import pytest
 
-import fed.data
+import fed.data.datasets
 import fed.session
 from fed.config import ConfigError
-from fed.presets import resolve
-from fed.nodedata import NodeDataError, node_data, run_labels
+from fed.config.sources import resolve
+from fed.data.node import NodeDataError, node_data, run_labels
 from fed.session import adapted_model, server_preflight
 
 LABELS = ("pos", "neg", "meh")  # deliberately not sorted: a node must not re-encode by its own order
@@ -41,7 +41,7 @@ def test_server_builds_the_head_without_any_data(monkeypatch):
         raise AssertionError("the server read client data")
 
     monkeypatch.setattr(fed.session, "load_task_dataset", no_data)
-    monkeypatch.setattr(fed.data, "load_task_dataset", no_data)
+    monkeypatch.setattr(fed.data.datasets, "load_task_dataset", no_data)
     cfg = _cfg("data.name=/nowhere/on/the/server.csv")
     server_preflight(cfg)
     adapter, _ = adapted_model(cfg)

@@ -12,7 +12,7 @@ import torch
 from fed.privacy.dpsgd import per_sample_module
 from fed.adapters import build
 from fed.config import ConfigError, RunConfig
-from fed.export import export_adapter, load_adapter
+from fed.run.export import export_adapter, load_adapter
 from fed.models import load_model, task_head_names
 from fed.tasks import Classification
 from tests.conftest import randomise, spec

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fed.checkpoint import Checkpoint
+from fed.run.checkpoint import Checkpoint
 from fed.config import DPConfig
-from fed.presets import resolve
+from fed.config.sources import resolve
 from fed.privacy.book import LedgerBook
-from fed.rundir import RunDir
+from fed.run.rundir import RunDir
 
 SMALL = ["model.name=tiny-bert", "data.name=synthetic", "federation.num_clients=2", "federation.rounds=2",
          "federation.fraction_evaluate=0", "train.local_steps=4", "train.batch_size=16", "adapter.kind=lora"]

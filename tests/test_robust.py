@@ -205,7 +205,7 @@ def test_fuzzed_configs_raise_only_config_errors(flat):
        suffix=st.sampled_from([".csv", ".json", ".jsonl"]))
 def test_fuzzed_data_files_load_or_fail_with_a_value_error(tmp_path, body, suffix):
     """Whatever a local data file holds, loading it yields a dataset or a ValueError naming the file."""
-    from fed.data import load_task_dataset
+    from fed.data.datasets import load_task_dataset
 
     path = tmp_path / f"data{abs(hash((body, suffix)))}{suffix}"
     path.write_text(body)
@@ -245,7 +245,7 @@ def test_expert_counts_are_capped_like_example_counts():
 
 
 def test_texts_longer_than_the_model_takes_are_reported_before_a_simulation():
-    from fed.presets import resolve
+    from fed.config.sources import resolve
     from fed.session import preflight
 
     base = ["model.name=tiny-bert", "data.name=synthetic", "data.max_examples=0", "federation.num_clients=2"]

@@ -6,7 +6,7 @@ import torch
 
 from fed.adapters import build
 from fed.models import load_model, task_head_names
-from fed.presets import resolve
+from fed.config.sources import resolve
 from fed.session import adapted_model, adapter_spec
 
 

@@ -253,7 +253,7 @@ def test_the_row_and_column_budget_holds_after_every_round_through_the_strategy(
 
 def test_peft_loads_a_pruned_roselora_adapter(batch, tmp_path):
     peft = pytest.importorskip("peft")
-    from fed.export import export_adapter
+    from fed.run.export import export_adapter
     from fed.models import load_model
 
     model = load_model("tiny-bert", "classification", num_labels=2, seed=5)

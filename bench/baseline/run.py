@@ -1,6 +1,6 @@
 """Run the reference recipe (``bench/baseline/app.py``) in Flower's simulation and print what it measured.
 
-    python bench/baseline/run.py [--dp] [--rounds 3] [--steps 10] [--clients 4] [--examples 4000] --out result.json
+    python -m bench.baseline.run [--dp] [--rounds 3] [--steps 10] [--clients 4] [--examples 4000] --out result.json
 
 The JSON holds per-round wall times (from the server, between the ends of consecutive rounds), bytes
 up and down (all clients, all rounds) and the final accuracy.

@@ -210,7 +210,7 @@ class AdapterFamily(Protocol):
     """A family: wraps the targets of ``model`` in place and declares its tensor groups.
 
     A family with ``peft_compatible = True`` also has ``as_lora(tensors) -> tensors``, its adapter in
-    PEFT's LoRA layout (used by ``fed.export``). Its wrapped layers implement ``AdapterLayer``; a
+    PEFT's LoRA layout (used by ``fed.run.export``). Its wrapped layers implement ``AdapterLayer``; a
     routed family's routers implement ``UsageReporter`` (and ``TokenRouter`` with a balance loss); a
     family whose groups declare a ``rank_axis`` has ``RankMasked`` layers.
     """

@@ -1,6 +1,6 @@
 """Empirical privacy audit, larger than the CI test: more runs per world, optionally several noise levels.
 
-    python bench/privacy_audit.py [--runs 200] [--sigma 2 1]
+    python -m bench.security.privacy_audit [--runs 200] [--sigma 2 1]
 
 For each noise multiplier: the epsilon the client's ledger claims for one round, and the lower bound
 the canary experiment proves (Clopper-Pearson, 95%) against the foundation's DP reply (update + raw
@@ -14,7 +14,7 @@ import argparse
 import time
 import warnings
 
-from simulations.audit import Canary, Experiment
+from bench.security.canary import Canary, Experiment
 
 
 def main() -> None:

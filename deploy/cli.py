@@ -1,4 +1,4 @@
-"""``fed deploy ...``: the command-line face of :mod:`simulations.deploy` (see docs/deploy.md).
+"""``fed deploy ...``: the command-line face of :mod:`deploy.launcher` (see docs/deploy.md).
 
 ``keys`` / ``superlink`` / ``register`` / ``supernode`` / ``run`` are the steps of a deployment across
 machines; ``local`` does all of them on this machine's loopback and tears everything down afterwards.
@@ -13,9 +13,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fed.presets import resolve
-from simulations import deploy
-from simulations.pki import make_pki
+from fed.config.sources import resolve
+from deploy import launcher as deploy
+from deploy.pki import make_pki
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

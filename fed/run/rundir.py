@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fed.checkpoint import Checkpoint
+from fed.run.checkpoint import Checkpoint
 from fed.config import RunConfig
-from fed.presets import flatten
+from fed.config.sources import flatten
 from fed.privacy.ledger import write_atomic
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 from datasets import ClassLabel, Dataset, Features
 
 from fed.config import ConfigError, RunConfig
-from fed.data import BUILTIN_LABELS, FILE_FORMATS, ClientData, hold_out, label_names, load_task_dataset
+from fed.data.datasets import BUILTIN_LABELS, FILE_FORMATS, ClientData, hold_out, label_names, load_task_dataset
 
 
 class NodeDataError(ValueError):

@@ -1,6 +1,6 @@
 """The attack test at full size: MiniLM on the 4-domain sentiment set, 5 clients, one attacker.
 
-    python bench/attack.py [--scale -20] [--rounds 3] [--set key=value ...]
+    python -m bench.security.attack [--scale -20] [--rounds 3] [--set key=value ...]
 
 Runs the same federation three times, back to back: clean, attacked with the server's defaults
 (capped weights, adaptive norm clipping), attacked with them off. The attacker multiplies its delta
@@ -14,8 +14,8 @@ import argparse
 import tempfile
 import time
 
-from fed.presets import resolve
-from simulations.attack import hostile_client
+from fed.config.sources import resolve
+from bench.security.redteam import hostile_client
 from simulations.run import simulate
 
 

@@ -39,8 +39,8 @@ def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def preset_names() -> list[str]:
-    """Names of the presets that ship in ``simulations/presets``."""
-    return sorted(p.name.removesuffix(".toml") for p in resources.files("simulations.presets").iterdir()
+    """Names of the presets that ship in ``fed/config/presets``."""
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("fed.config.presets").iterdir()
                   if p.name.endswith(".toml"))
 
 
@@ -50,7 +50,7 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     if path.suffix == ".toml" and path.is_file():
         text = path.read_text()
     elif name_or_path in preset_names():
-        text = resources.files("simulations.presets").joinpath(f"{name_or_path}.toml").read_text()
+        text = resources.files("fed.config.presets").joinpath(f"{name_or_path}.toml").read_text()
     else:
         raise ConfigError(f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())} "
                           "(or give a path to a .toml file)")

@@ -22,8 +22,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import clients.app as client_app
 from fed.config import RunConfig
-from fed.presets import resolve
-from fed.data import ClientData
+from fed.config.sources import resolve
+from fed.data.datasets import ClientData
 from fed.privacy.audit import AuditResult, audit
 from fed.privacy.mechanism import DpSettings
 from fed.privacy.ledger import DpSgdEvent, epsilon

@@ -1,6 +1,6 @@
 """A red-team ClientApp: the real client, except that chosen partitions send hostile deltas.
 
-Used by the attack test and ``bench/attack.py`` to show what the server's defaults (capped weights,
+Used by the attack test and ``bench/security/attack.py`` to show what the server's defaults (capped weights,
 adaptive norm clipping) hold off: scaled updates (``scale`` > 1), sign flips (``scale`` < 0), or both.
 """
 

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import tomli_w
 
 from fed.config import RunConfig
-from simulations.pki import Pki
+from deploy.pki import Pki
 
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower App: pyproject.toml's [tool.flwr.app]
@@ -262,7 +262,7 @@ class Cluster:
 def deploy_local(cfg: RunConfig, data_paths: Sequence[str], root: Path, *, insecure: bool = False,
                  name: str = "run", timeout: float = 3600.0) -> Path:
     """Keys, a SuperLink, one SuperNode per data file (each registered), the run, and teardown."""
-    from simulations.pki import make_pki
+    from deploy.pki import make_pki
 
     layout = Layout(Path(root))
     cfg = cfg.with_overrides({"federation.num_clients": len(data_paths)})

@@ -1,7 +1,7 @@
 """One typed, validated run configuration: TOML preset -> ``--set key=value`` -> Flower run-config.
 
 Every knob of a run lives here, in nested frozen dataclasses (where a config comes from, presets and
-overrides, is ``fed.presets``; what each key accepts, ``fed.checks``). A run is described by a *flat* mapping
+overrides, is ``fed.config.sources``; what each key accepts, ``fed.config.checks``). A run is described by a *flat* mapping
 of dotted keys (``adapter.rank = 8``) because that is what Flower's run-config and the command line
 carry; :meth:`RunConfig.from_flat` is the single door through which such a mapping becomes a typed
 object, and it reports every bad key or value at once, naming what is accepted, before any work.
@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import tomli_w
 
-from fed.checks import (  # noqa: F401  (the accepted values are re-exported: callers import them from here)
+from fed.config.checks import (  # noqa: F401  (the accepted values are re-exported: callers import them from here)
     ACCOUNTANTS, ADAPTER_KINDS, AGGREGATIONS, CLIPS, GRAD_SAMPLE_MODES, LR_SCHEDULES, OPTIMIZERS, PARTITIONS,
     POOLINGS, PRECISIONS, ROBUST_RULES, TASKS, WEIGHTINGS, WIRE_DTYPES, problems,
 )
@@ -40,11 +40,11 @@ class ModelConfig:
     of a task's signal (MiniLM's block 4 of 6 for sentiment); the dropped blocks also cost nothing to run."""
     center: str = ""
     """A public built-in dataset (``sms-spam``, ``trec``, ...) whose texts' mean pooled feature the mean-pooled head
-    subtracts before its linear layer (``fed.centring``), "" for none. It removes the direction every feature shares,
+    subtracts before its linear layer (``fed.data.centring``), "" for none. It removes the direction every feature shares,
     which a linear head otherwise learns as a fast second bias; it reads no client data, so it costs no privacy."""
     scale: bool = False
     """With ``center``: also divide each centred dimension by its standard deviation over the same public texts, so
-    the head's few clipped steps learn its narrow directions as fast as its wide ones (``fed.centring``)."""
+    the head's few clipped steps learn its narrow directions as fast as its wide ones (``fed.data.centring``)."""
 
 
 @dataclass(frozen=True)

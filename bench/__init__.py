@@ -1,0 +1,1 @@
+"""Benchmarks: performance, accuracy, security and finished studies; results as JSON."""

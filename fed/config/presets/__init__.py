@@ -1,0 +1,1 @@
+"""The shipped presets (TOML), read as package data by ``fed.config.sources``."""

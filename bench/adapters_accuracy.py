@@ -26,7 +26,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fed.adapters import build
+from fed.adapters import build, kinds
 from fed.config import RunConfig
 from fed.config.sources import resolve
 from fed.models import load_model
@@ -34,7 +34,7 @@ from fed.session import adapter_spec, num_labels
 
 from bench.cells import bench_parser, held, mean_std, run_grid, settings, write_section
 
-FAMILIES = ("lora", "ffa-lora", "moslora", "mole", "mor", "roselora", "dynamic-lora")
+FAMILIES = kinds()
 SPLITS = {"mixed-domains": [], "iid": ["data.partition=iid"]}
 DP = {"no DP": [], "DP eps 8": ["dp.enabled=true", "dp.target_epsilon=8", "model.pooling=mean"]}
 """Under DP the head reads MiniLM's mean-pooled tokens (zero-initialised): with the preset's BERT pooler over

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from fed.config import ADAPTER_KINDS, WIRE_DTYPES
+from fed.adapters import kinds
+from fed.config import WIRE_DTYPES
 from fed.config.sources import resolve
 from fed.session import adapted_model
 from fed.wire import to_record
@@ -26,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     print("| family | tensors sent | elements | wire dtype | minimum bytes | bytes sent | overhead |")
     print("|---|---|---|---|---|---|---|")
-    for kind in ADAPTER_KINDS:
+    for kind in kinds():
         cfg = resolve("quickstart", [f"model.name={args.model}", f"adapter.kind={kind}", *args.set])
         state = adapted_model(cfg)[0].sent_state()
         elements = sum(t.numel() for t in state.values())

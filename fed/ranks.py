@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+from fed.adapters import registry
+
 RULES = ("linear", "node")
-RANKED_KINDS = ("lora", "ffa-lora")
 NODE_KEY = "max-rank"
 """The node config key under which a node states the rank it can afford (rule ``node``)."""
 
@@ -31,8 +32,8 @@ def problems(spec: Sequence[str], num_clients: int, max_rank: int, kind: str) ->
     if not spec:
         return []
     given = f"federation.client_ranks={list(spec)}"
-    if kind not in RANKED_KINDS:
-        return [f"{given} needs adapter.kind in {', '.join(RANKED_KINDS)} (a rank axis to mask); got {kind!r}"]
+    if kind not in registry.ranked_kinds():
+        return [f"{given} needs adapter.kind in {', '.join(registry.ranked_kinds())} (a rank axis to mask); got {kind!r}"]
     if len(spec) == 1 and spec[0] in RULES:
         return []
     if not all(s.strip().isdigit() for s in spec):

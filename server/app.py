@@ -16,7 +16,7 @@ from typing import Any, Callable
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fed.adapters.roselora import round_budgets
+from fed.adapters.families.roselora import round_budgets
 from fed.run.checkpoint import Checkpoint
 from fed.config import RunConfig
 from fed.config.sources import from_run_config

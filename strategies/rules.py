@@ -21,8 +21,8 @@ from scipy.stats import trim_mean
 
 from fed.adapters import Aggregation, Structure
 from fed.adapters.base import Products
-from fed.adapters.dynamic_lora import allocate_ranks
-from fed.adapters.roselora import top_lines
+from fed.adapters.families.dynamic_lora import allocate_ranks
+from fed.adapters.families.roselora import top_lines
 from fed.seeding import generator
 
 Tensors = dict[str, torch.Tensor]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fed.adapters import AdapterSpec, Aggregation, build
-from fed.adapters.lora import LoraLinear
+from fed.adapters.families.lora import LoraLinear
 from strategies.rules import Replies, aggregate
 from tests.conftest import MATRIX, spec, tiny_bert
 

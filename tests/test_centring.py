@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from fed import centring
+from fed.data import centring
 from fed.adapters import build
 from fed.config import ConfigError, RunConfig
 from fed.data.datasets import load_task_dataset

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fed.adapters import Adapter, build
-from fed.adapters.mole import BlockRouter, MoleLinear
+from fed.adapters.families.mole import BlockRouter, MoleLinear
 from fed.privacy.dpsgd import DpStepper, per_sample_module
 from fed.privacy.mechanism import DpSettings
 from fed.tasks import Classification

@@ -10,8 +10,8 @@ import torch
 
 from fed.adapters import Clock, Structure, build
 from fed.adapters.base import Aggregation
-from fed.adapters.dynamic_lora import DynamicLinear, allocate_ranks
-from fed.adapters.roselora import BETA, RoseLinear, keep_fraction, line_budget, round_budgets
+from fed.adapters.families.dynamic_lora import DynamicLinear, allocate_ranks
+from fed.adapters.families.roselora import BETA, RoseLinear, keep_fraction, line_budget, round_budgets
 from fed.config import DPConfig, StrategyConfig
 from fed.privacy.dpsgd import DpStepper
 from fed.privacy.mechanism import DpSettings

@@ -5,24 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from fed.adapters.base import HEAD, Adapter, AdapterFamily, AdapterSpec, Aggregation, Clock, Structure, TensorGroup
-from fed.adapters.dynamic_lora import DynamicLora
-from fed.adapters.ffa_lora import FfaLora
-from fed.adapters.lora import Lora
-from fed.adapters.mole import Mole
-from fed.adapters.mor import Mor
-from fed.adapters.moslora import MosLora
-from fed.adapters.roselora import RoseLora
-
-FAMILIES: dict[str, AdapterFamily] = {f.kind: f for f in (Lora(), FfaLora(), MosLora(), Mole(), Mor(), RoseLora(),
-                                                         DynamicLora())}
-
-
-def family(kind: str) -> AdapterFamily:
-    """The registered family called ``kind``; unknown names are refused with the known ones listed."""
-    try:
-        return FAMILIES[kind]
-    except KeyError:
-        raise ValueError(f"unknown adapter kind {kind!r}; known: {', '.join(FAMILIES)}") from None
+from fed.adapters.registry import family, kinds, ranked_kinds, register_family
 
 
 def build(model: nn.Module, spec: AdapterSpec, seed: int, head: tuple[str, ...] = ()) -> Adapter:
@@ -46,4 +29,5 @@ def build(model: nn.Module, spec: AdapterSpec, seed: int, head: tuple[str, ...] 
     return adapter
 
 
-__all__ = ["Adapter", "AdapterSpec", "Aggregation", "Clock", "FAMILIES", "Structure", "TensorGroup", "build", "family"]
+__all__ = ["Adapter", "AdapterSpec", "Aggregation", "Clock", "Structure", "TensorGroup", "build", "family", "kinds",
+           "ranked_kinds", "register_family"]

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import tomli_w
 
 from fed.config.checks import (  # noqa: F401  (the accepted values are re-exported: callers import them from here)
-    ACCOUNTANTS, ADAPTER_KINDS, AGGREGATIONS, CLIPS, GRAD_SAMPLE_MODES, LR_SCHEDULES, OPTIMIZERS, PARTITIONS,
+    ACCOUNTANTS, AGGREGATIONS, CLIPS, GRAD_SAMPLE_MODES, LR_SCHEDULES, OPTIMIZERS, PARTITIONS,
     POOLINGS, PRECISIONS, ROBUST_RULES, TASKS, WEIGHTINGS, WIRE_DTYPES, problems,
 )
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from fed import ranks
+from fed.adapters import registry
 
 if TYPE_CHECKING:
     from fed.config import RunConfig
 
 TASKS = ("classification", "causal-lm")
 POOLINGS = ("cls", "mean")
-ADAPTER_KINDS = ("lora", "ffa-lora", "moslora", "mole", "mor", "roselora", "dynamic-lora")
 PARTITIONS = ("iid", "dirichlet", "pathological", "natural")
 ACCOUNTANTS = ("rdp", "prv")
 OPTIMIZERS = ("adamw", "sgd")
@@ -46,7 +46,7 @@ def _in_range(name: str, value: float, low: float, high: float, *, closed: bool 
 def _check_choices(c: RunConfig) -> list[str]:
     return (
         _choice("task", c.task, TASKS)
-        + _choice("adapter.kind", c.adapter.kind, ADAPTER_KINDS)
+        + _choice("adapter.kind", c.adapter.kind, registry.kinds())
         + _choice("data.partition", c.data.partition, PARTITIONS)
         + _choice("dp.accountant", c.dp.accountant, ACCOUNTANTS)
         + _choice("model.pooling", c.model.pooling, POOLINGS)

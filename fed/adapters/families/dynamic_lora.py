@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fed.adapters.base import Aggregation, AdapterSpec, Product, TensorGroup, replace_linears
+from fed.adapters.registry import register_family
 from fed.seeding import generator
 
 
@@ -81,6 +82,7 @@ def allocate_ranks(scores: list[float], total: int, cap: int) -> list[int]:
     return ranks
 
 
+@register_family
 class DynamicLora:
     kind = "dynamic-lora"
     peft_compatible = False  # the input gate has no PEFT form; exported in the fedlora format

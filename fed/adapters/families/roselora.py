@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from fed.adapters.base import Aggregation, AdapterSpec, Clock, TensorGroup, replace_linears
-from fed.adapters.lora import Lora, LoraLinear
+from fed.adapters.registry import register_family
+from fed.adapters.families.lora import Lora, LoraLinear
 from fed.seeding import generator
 
 WARMUP, FINAL = 0.1, 0.8
@@ -111,11 +112,13 @@ class RoseLinear(LoraLinear):
         return dict(self._masks)
 
 
+@register_family
 class RoseLora(Lora):
     """A and B trained, pruned and sent sparse; the server takes a masked mean (``masked``)."""
 
     kind = "roselora"
     peft_compatible = True  # pruned entries are zeros: the factors are plain LoRA factors
+    ranked = False  # client ranks are not defined on line-sparse factors
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
         paths = replace_linears(model, spec.targets,

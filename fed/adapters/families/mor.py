@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fed.adapters.base import AdapterSpec, Aggregation, Product, TensorGroup, replace_linears
+from fed.adapters.registry import register_family
 from fed.seeding import generator
 
 
@@ -97,6 +98,7 @@ class MorLinear(nn.Module):
                 for i, slot in enumerate(self.slots())}
 
 
+@register_family
 class Mor:
     kind = "mor"
     peft_compatible = False

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fed.adapters.base import AdapterSpec, Product, TensorGroup, replace_linears
+from fed.adapters.registry import register_family
 from fed.seeding import generator
 
 
@@ -60,11 +61,13 @@ def inject_lora(model: nn.Module, spec: AdapterSpec, seed: int) -> list[str]:
     return replace_linears(model, spec.targets, wrap)
 
 
+@register_family
 class Lora:
     """Both factors trained and sent; the server averages each factor (``mean``)."""
 
     kind = "lora"
     peft_compatible = True
+    ranked = True  # layers mask components beyond a client's rank (federation.client_ranks)
 
     def as_lora(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tensors in PEFT's LoRA layout: already are."""

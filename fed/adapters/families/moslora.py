@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from fed.adapters.base import AdapterSpec, Aggregation, Product, TensorGroup, replace_linears
-from fed.adapters.lora import LoraLinear
+from fed.adapters.registry import register_family
+from fed.adapters.families.lora import LoraLinear
 from fed.seeding import generator
 
 
@@ -42,6 +43,7 @@ class MosLoraLinear(LoraLinear):
         return {"": (self.scaling * get("lora_B.weight") @ get("lora_AB.weight") @ get("lora_A.weight"), None)}
 
 
+@register_family
 class MosLora:
     kind = "moslora"
     peft_compatible = True

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fed.adapters.base import AdapterSpec, Aggregation, Product, TensorGroup, replace_linears
+from fed.adapters.registry import register_family
 from fed.seeding import generator
 
 
@@ -127,6 +128,7 @@ class MoleLinear(nn.Module):
                                   slots[k]) for k in range(len(self.experts))}
 
 
+@register_family
 class Mole:
     kind = "mole"
     peft_compatible = False

@@ -36,7 +36,7 @@ from fed.privacy.ledger import calibrate_noise
 from fed.privacy.planner import sample_rate
 from fed.session import adapted_model, client_data, dataset, with_local_labels
 from fed.train import round_lr
-from strategies.rules import bounded_weights
+from strategies.influence import bounded_weights
 
 from bench.cells import bench_parser, settings, write_section
 from bench.layer_probe import block_features, probe

@@ -16,7 +16,6 @@ from typing import Any, Callable
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fed.adapters.families.roselora import round_budgets
 from fed.run.checkpoint import Checkpoint
 from fed.config import RunConfig
 from fed.config.sources import from_run_config
@@ -107,8 +106,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
         # the strategy waits for min_available_nodes before FedAvg sizes its sample (see _await_nodes)
         min_train_nodes=1, min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.min_available or fed.num_clients, min_replies=fed.min_replies, wire=cfg.wire.dtype,
-        budgets=partial(round_budgets, {n: m.shape for n, m in metas(initial).items()}, adapter.structure().lines,
-                        adapter.spec.keep_ratio, rounds=fed.rounds),
+        budgets=partial(adapter.round_budgets, rounds=fed.rounds), server_step=adapter.after_aggregate,
     )
     strategy.round_offset = 0 if resume is None else resume.round
     recorder = RoundRecorder(strategy, book, run_dir, on_round)

@@ -29,8 +29,8 @@ from fed.privacy.ledger import events_to_json
 from fed.privacy.release import public_metrics
 from fed.seeding import derive_seed
 from fed.wire import PayloadError, TensorMeta, from_record, from_sparse_record, read_usage, to_record
-from strategies.rules import (Replies, adaptive_bound, aggregate, aggregation_error, apply_update, bounded_weights,
-                              clip_deltas, delta_norm, honest_step_bound, reallocate, renormalise)
+from strategies.influence import adaptive_bound, bounded_weights, clip_deltas, delta_norm, honest_step_bound
+from strategies.kinds import Replies, aggregate, aggregation_error, apply_update
 from strategies.validation import ReplyRules, check_padding, check_rank, check_reply
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,11 @@ class AdapterFedAvg(FedAvg):
                  influence: StrategyConfig = StrategyConfig(), lr: float = 0.0, book: LedgerBook | None = None,
                  on_privacy: Callable[[LedgerBook], None] | None = None, min_replies: int = 1, wire: str = "float32",
                  eval_every: int = 1, budgets: Callable[[int], dict[str, int]] = lambda round_: {},
+                 server_step: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda before, after: dict(after),
                  **fedavg: Any) -> None:
         super().__init__(**fedavg)
         self.budgets = budgets
+        self.server_step = server_step
         """Per line-sparse tensor, the entries each line keeps at the end of a round (RoseLoRA's schedule)."""
         self.eval_every = eval_every
         """Evaluate after every k-th round of the run and after its last (``rules.rounds``); 0: the last only."""
@@ -206,8 +208,7 @@ class AdapterFedAvg(FedAvg):
                            aggregation=self.influence.aggregation)
         if self.products is not None:
             record.aggregation_error = aggregation_error(self.products, replies, merged)
-        new_global = reallocate(self._global, renormalise(apply_update(self._global, merged, self.server_lr),
-                                                          self.structure), self.structure)
+        new_global = self.server_step(self._global, apply_update(self._global, merged, self.server_lr))
         key = "dp-train-loss" if self.dp else "train_loss"  # under DP only the privatised release travels
         losses = [(w, float(m[key])) for w, m in zip(examples, record.accepted) if key in m]
         if losses:

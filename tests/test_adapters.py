@@ -7,7 +7,7 @@ import torch
 
 from fed.adapters import AdapterSpec, Aggregation, build
 from fed.adapters.families.lora import LoraLinear
-from strategies.rules import Replies, aggregate
+from strategies.kinds import Replies, aggregate
 from tests.conftest import MATRIX, spec, tiny_bert
 
 HEAD = ("classifier.weight", "classifier.bias")

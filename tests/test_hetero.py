@@ -15,7 +15,7 @@ from fed.privacy.mechanism import DpSettings
 from fed.ranks import client_rank, planned_ranks
 from fed.train import per_example_losses
 from fed.wire import PayloadError
-from strategies.rules import Replies, aggregate, aggregation_error
+from strategies.kinds import Replies, aggregate, aggregation_error
 from strategies.validation import ReplyRules, check_padding, check_rank
 from tests.conftest import randomise
 from tests.test_adapters import _layers, client_deltas, make
@@ -160,7 +160,7 @@ def test_client_ranks_rules_and_their_errors():
             RunConfig.from_flat({**base, "federation.client_ranks": ranks})
     with pytest.raises(ConfigError, match="needs adapter.kind in lora, ffa-lora"):
         RunConfig.from_flat({**base, "adapter.kind": "mole", "federation.client_ranks": "linear"})
-    with pytest.raises(ConfigError, match="applies to adapter.kind='lora' only"):
+    with pytest.raises(ConfigError, match=r"applies to adapter.kind in \['lora'\] only"):
         RunConfig.from_flat({**base, "strategy.aggregation": "product"})
     with pytest.raises(ConfigError, match="strategy.aggregation='sum' is not one of: mean, product"):
         RunConfig.from_flat({**base, "adapter.kind": "lora", "strategy.aggregation": "sum"})

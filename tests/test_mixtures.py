@@ -11,7 +11,7 @@ from fed.privacy.dpsgd import DpStepper, per_sample_module
 from fed.privacy.mechanism import DpSettings
 from fed.tasks import Classification
 from fed.train import per_example_losses
-from strategies.rules import Replies, aggregate, aggregation_error, renormalise
+from strategies.kinds import Replies, aggregate, aggregation_error
 from tests.conftest import randomise, spec, tiny_bert
 from tests.test_adapters import HEAD, client_deltas, make
 from tests.test_dpsgd import _NoTokenizer, _naive_grads
@@ -153,7 +153,7 @@ def test_mor_gauge_renormalisation_keeps_the_function_and_centres_the_scales(bat
     with torch.no_grad():
         before = adapter.model(**args).logits
         products_before = adapter.products({})
-        fixed = renormalise(adapter.sent_state(), adapter.structure())
+        fixed = adapter.after_aggregate(adapter.sent_state(), adapter.sent_state())
         adapter.load(fixed)
         after = adapter.model(**args).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)

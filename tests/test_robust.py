@@ -16,8 +16,9 @@ from fed.adapters import Aggregation, Structure
 from fed.config import DPConfig, StrategyConfig
 from fed.wire import PayloadError, from_record, metas
 from strategies.fedavg import AdapterFedAvg
-from strategies.rules import (Replies, aggregate, bounded_weights, clip_deltas, coordinate_median, delta_norm,
-                              honest_step_bound, trimmed_mean)
+from strategies.influence import bounded_weights, clip_deltas, delta_norm, honest_step_bound
+from strategies.kinds import Replies, aggregate
+from strategies.kinds.mean import coordinate_median, trimmed_mean
 from strategies.validation import ReplyRules, check_reply
 from tests.conftest import reply_from
 
@@ -175,10 +176,10 @@ def test_fuzzed_rounds_never_leave_the_bound(scales, counts):
 
 
 def test_rules_refuse_an_unknown_kind_and_keep_structural_kinds_apart(monkeypatch):
-    import strategies.rules
+    import strategies.kinds
 
     deltas = _deltas(3)
-    monkeypatch.delitem(strategies.rules.RULES, Aggregation.MASKED)  # every declared kind has a rule: drop one
+    monkeypatch.delitem(strategies.kinds.RULES, Aggregation.MASKED)  # every declared kind has a rule: drop one
     with pytest.raises(ValueError, match="no aggregation rule"):
         aggregate(Replies(GLOBAL, deltas, [1, 1, 1]), Structure({"head.bias": Aggregation.MASKED}), rule="median")
 

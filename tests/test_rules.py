@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from strategies.rules import Replies, aggregate, aggregation_error
+from strategies.kinds import Replies, aggregate, aggregation_error
 from tests.test_adapters import _dense, _layers, client_deltas, make
 
 

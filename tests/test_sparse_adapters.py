@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from fed.adapters import Clock, Structure, build
-from fed.adapters.base import Aggregation
-from fed.adapters.families.dynamic_lora import DynamicLinear, allocate_ranks
-from fed.adapters.families.roselora import BETA, RoseLinear, keep_fraction, line_budget, round_budgets
+from fed.adapters.base import Aggregation, MaskedParams
+from fed.adapters.families.dynamic_lora import DynamicLinear, allocate_ranks, reallocate
+from fed.adapters.families.roselora import BETA, RoseLinear, keep_fraction, line_budget
 from fed.config import DPConfig, StrategyConfig
 from fed.privacy.dpsgd import DpStepper
 from fed.privacy.mechanism import DpSettings
 from fed.tasks import Classification
 from fed.wire import MASK_SUFFIX, PayloadError, from_record, from_sparse_record, metas, to_record, to_sparse_record
 from strategies.fedavg import AdapterFedAvg
-from strategies.rules import Replies, aggregate, reallocate
+from strategies.kinds import Replies, aggregate
 from strategies.validation import ReplyRules
 from tests.conftest import randomise, reply_from, spec, tiny_bert
 from tests.test_adapters import HEAD
@@ -48,8 +48,10 @@ def test_cubic_schedule_and_budgets():
     assert keep_fraction(4.5, 10, 0.1) == pytest.approx(0.1 + 0.9 * (1 - (4.5 - 1) / 7) ** 3)
     assert keep_fraction(8.0, 10, 0.1) == keep_fraction(10, 10, 0.1) == 0.1
     assert line_budget(384, 0.1) == 39 and line_budget(16, 0.01) == 1
-    budgets = round_budgets({"a": (4, 384), "b": (384, 4)}, {"a": 1, "b": 0}, 0.1, 2, 2)
-    assert budgets == {"a": 39, "b": 39}
+    adapter = _rose(keep=0.1)  # MiniLM-free tiny BERT: A is (r, 16), B is (16, r)
+    widths = {n: adapter.model.get_parameter(n).shape[axis] for n, axis in adapter.structure().lines.items()}
+    assert adapter.round_budgets(2, 2) == {n: line_budget(w, 0.1) for n, w in widths.items()}
+    assert adapter.round_budgets(1, 10) == widths  # round 1 of 10 ends inside the dense warm-up
 
 
 def test_pruning_keeps_each_lines_top_k_by_ema_of_w_times_its_step():
@@ -193,7 +195,7 @@ def test_sparse_wire_refuses_masks_that_break_the_budget():
 def test_masked_mean_is_the_mean_over_the_clients_that_kept_each_entry_then_the_line_budget():
     g = torch.Generator().manual_seed(2)
     global_ = {"A": torch.randn(3, 10, generator=g), "B": torch.randn(10, 3, generator=g)}
-    structure = Structure({n: Aggregation.MASKED for n in global_}, lines={"A": 1, "B": 0})
+    structure = Structure({n: Aggregation.MASKED for n in global_}, rules=((("A",), MaskedParams(1)), (("B",), MaskedParams(0))))
     weights = [1.0, 2.0, 3.0]
     masks = [{n: _top_k_reference(torch.rand(t.shape, generator=g), structure.lines[n], 4) for n, t in global_.items()}
              for _ in weights]
@@ -229,11 +231,11 @@ def test_the_row_and_column_budget_holds_after_every_round_through_the_strategy(
     structure = server.structure()
     strategy = AdapterFedAvg(expected=metas(global_), structure=structure, products=server.products,
                              rules=ReplyRules(fingerprint=server.fingerprint()), influence=StrategyConfig(clip="off"),
-                             budgets=lambda r: round_budgets(shapes, structure.lines, 0.1, r, rounds))
+                             budgets=lambda r: server.round_budgets(r, rounds))
     g = torch.Generator().manual_seed(4)
     for round_ in range(1, rounds + 1):
         strategy._global = global_
-        budgets = round_budgets(shapes, structure.lines, 0.1, round_, rounds)
+        budgets = server.round_budgets(round_, rounds)
         replies = []
         for _ in range(3):
             masks = {n: _top_k_reference(torch.rand(shapes[n], generator=g), a, budgets[n])
@@ -285,22 +287,23 @@ def test_allocate_ranks_is_highest_averages_apportionment():
 
 def test_reallocation_moves_rank_to_the_layer_the_round_changed_and_keeps_the_budget():
     adapter = build(tiny_bert(), spec("dynamic-lora", ("query", "value")), seed=3, head=HEAD)
-    structure = adapter.structure()
+    layers = list(zip(*(adapter.group(name).params for name in ("rank_mask", "lora_B", "lora_A"))))
     before = adapter.sent_state()
     g = torch.Generator().manual_seed(0)
     after = dict(before)
-    busy_mask, busy_b, busy_a = structure.layers[0]
-    for mask, b, a in structure.layers:  # every layer moves a little, the first a lot
+    busy_mask, busy_b, busy_a = layers[0]
+    for mask, b, a in layers:  # every layer moves a little, the first a lot
         after[b] = before[b] + (1.0 if b == busy_b else 0.01) * torch.randn(before[b].shape, generator=g)
-    new = reallocate(before, after, structure)
-    ranks = [int(new[m].sum()) for m, _, _ in structure.layers]
-    assert sum(ranks) == sum(int(before[m].sum()) for m, _, _ in structure.layers) == 4 * len(ranks)
+    new = reallocate(before, after, layers)
+    assert adapter.after_aggregate(before, after).keys() == new.keys()
+    ranks = [int(new[m].sum()) for m, _, _ in layers]
+    assert sum(ranks) == sum(int(before[m].sum()) for m, _, _ in layers) == 4 * len(ranks)
     assert ranks[0] == 8 and all(1 <= r < 4 for r in ranks[1:])
-    for mask, b, _ in structure.layers:
+    for mask, b, _ in layers:
         assert torch.count_nonzero(new[b][:, new[mask] == 0]) == 0  # inactive slots hold a zero column of B
     # the busy layer grew: its old slots are kept as they were, the new ones start at zero, so its update is too
     torch.testing.assert_close(new[busy_b] * new[busy_mask], after[busy_b] * before[busy_mask])
-    assert reallocate(before, before, structure) == before  # no change, no reshuffle
+    assert reallocate(before, before, layers) == before  # no change, no reshuffle
 
 
 def test_dynamic_layer_is_the_gated_masked_low_rank_update(batch):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from fed.adapters.base import HEAD, Adapter, AdapterFamily, AdapterSpec, Aggregation, Clock, Structure, TensorGroup
+from fed.adapters.base import (HEAD, Adapter, AdapterFamily, AdapterSpec, Aggregation, Clock, MaskedParams, PairParams,
+                               ProductParams, Structure, TensorGroup, UsageParams)
 from fed.adapters.registry import family, kinds, ranked_kinds, register_family
 
 
@@ -20,7 +21,7 @@ def build(model: nn.Module, spec: AdapterSpec, seed: int, head: tuple[str, ...] 
         for name in head:
             named[name].requires_grad_(True)
         groups = (*groups, TensorGroup(HEAD, tuple(head), trainable=True, sent=True))
-    adapter = Adapter(spec=spec, model=model, groups=groups, peft_compatible=family(spec.kind).peft_compatible)
+    adapter = Adapter(spec=spec, model=model, groups=groups, family=family(spec.kind))
     private = sorted(set(adapter.names(trainable=True)) - set(adapter.names(sent=True)))
     if private:
         # Every trained tensor is overwritten from the global state each round, which is what lets one
@@ -29,5 +30,5 @@ def build(model: nn.Module, spec: AdapterSpec, seed: int, head: tuple[str, ...] 
     return adapter
 
 
-__all__ = ["Adapter", "AdapterSpec", "Aggregation", "Clock", "Structure", "TensorGroup", "build", "family", "kinds",
+__all__ = ["Adapter", "AdapterFamily", "AdapterSpec", "MaskedParams", "PairParams", "ProductParams", "UsageParams", "Aggregation", "Clock", "Structure", "TensorGroup", "build", "family", "kinds",
            "ranked_kinds", "register_family"]

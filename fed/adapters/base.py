@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Mapping, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
@@ -63,6 +63,42 @@ class AdapterSpec:
 
 
 @dataclass(frozen=True)
+class UsageParams:
+    """``usage`` groups: which expert slot weights each param. A param is either one expert's tensor
+    (``slots``: its slot, aligned with the group's params) or a table whose rows are experts (``rows``: per
+    param, the slot of each row)."""
+
+    slots: tuple[str, ...] = ()
+    rows: tuple[tuple[str, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class ProductParams:
+    """``product`` groups: per layer the factors ``(outer, mixer[, inner])`` whose product is aggregated."""
+
+    chains: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class MaskedParams:
+    """``masked`` groups: the axis along which each line keeps its top-k entries (1: rows of A, 0: columns of B)."""
+
+    axis: int
+
+
+@dataclass(frozen=True)
+class PairParams:
+    """A ``mean`` group that may also be aggregated by product (``strategy.aggregation = "product"``): per layer
+    the factors ``(B, A)`` whose product is averaged instead."""
+
+    pairs: tuple[tuple[str, str], ...]
+
+
+GroupParams = UsageParams | ProductParams | MaskedParams | PairParams
+"""The one typed value a group carries for its aggregation kind's rule."""
+
+
+@dataclass(frozen=True)
 class TensorGroup:
     """Named model parameters that share a role and an aggregation kind."""
 
@@ -71,46 +107,39 @@ class TensorGroup:
     trainable: bool
     sent: bool
     aggregation: Aggregation = Aggregation.MEAN
-    slots: tuple[str, ...] = ()
-    """``usage`` groups: the expert slot (router + expert index) of each param, aligned with ``params``."""
-    chains: tuple[tuple[str, ...], ...] = ()
-    """``product`` groups: per layer the factors ``(outer, mixer[, inner])`` whose product is aggregated."""
-    gauges: tuple[str, ...] = ()
-    """Scale groups: per param (an N×m scale table) the factor whose m rows absorb its mean after aggregation."""
-    lines: int | None = None
-    """``masked`` groups: the axis along which each line keeps its top-k entries (1: rows of A, 0: columns of B)."""
-    layers: tuple[tuple[str, str, str], ...] = ()
-    """``allocation`` groups: per param (a rank mask) the layer's ``(mask, B, A)``, whose update ranks the layer."""
-    row_slots: tuple[tuple[str, ...], ...] = ()
-    """``usage`` groups whose rows are experts (MoR's scale tables): per param, the slot of each row."""
-    pairs: tuple[tuple[str, str], ...] = ()
-    """LoRA: per layer ``(B, A)``, the factors whose product ``strategy.aggregation = "product"`` averages."""
+    rule: GroupParams | None = None
+    """What the aggregation kind's rule needs to know of this group (None: nothing, e.g. ``mean``)."""
     rank_axis: int | None = None
     """The axis of every param along which the rank components lie (B: 1, A: 0), for client ranks."""
 
 
+P = TypeVar("P", UsageParams, ProductParams, MaskedParams, PairParams)
+
+
 @dataclass(frozen=True)
 class Structure:
-    """What a strategy needs to know of an adapter besides tensor shapes: pure data, read off the groups."""
+    """What a strategy needs to know of an adapter besides tensor shapes: pure data, read off the sent groups."""
 
     kinds: dict[str, Aggregation]
-    slots: dict[str, str] = field(default_factory=dict)
-    chains: tuple[tuple[str, ...], ...] = ()
-    gauges: dict[str, str] = field(default_factory=dict)
-    lines: dict[str, int] = field(default_factory=dict)
-    """Line-sparse tensors (RoseLoRA) and the axis their lines run along: what the wire encodes sparsely."""
-    layers: tuple[tuple[str, str, str], ...] = ()
-    """Rank-masked layers ``(mask, B, A)`` (Dynamic LoRA) among which the server reallocates the rank budget."""
-    row_slots: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    pairs: tuple[tuple[str, str], ...] = ()
+    rules: tuple[tuple[tuple[str, ...], GroupParams], ...] = ()
+    """Each sent group's params and its rule parameters."""
     rank_axes: dict[str, int] = field(default_factory=dict)
     """Sent tensors with a rank axis: what a client of lower rank leaves at zero beyond its rank."""
+
+    def of(self, kind: type[P]) -> list[tuple[tuple[str, ...], P]]:
+        """``(params, rule parameters)`` of every group whose rule parameters are of type ``kind``."""
+        return [(names, rule) for names, rule in self.rules if isinstance(rule, kind)]
+
+    @property
+    def lines(self) -> dict[str, int]:
+        """Line-sparse tensors and the axis their lines run along: what the wire encodes sparsely."""
+        return {name: rule.axis for names, rule in self.of(MaskedParams) for name in names}
 
     @property
     def slot_names(self) -> tuple[str, ...]:
         """Every expert slot, in a stable order: the usage counts a client may report."""
-        rows = {slot for slots in self.row_slots.values() for slot in slots}
-        return tuple(sorted(set(self.slots.values()) | rows))
+        slots = {slot for _, rule in self.of(UsageParams) for slot in (*rule.slots, *(s for r in rule.rows for s in r))}
+        return tuple(sorted(slots))
 
 
 def restrict_rank(tensors: Mapping[str, torch.Tensor], axes: Mapping[str, int], rank: int) -> dict[str, torch.Tensor]:
@@ -206,20 +235,42 @@ class RankMasked(Protocol):
         ...
 
 
-class AdapterFamily(Protocol):
-    """A family: wraps the targets of ``model`` in place and declares its tensor groups.
+class AdapterFamily:
+    """A family: wraps the targets of ``model`` in place, declares its tensor groups, and owns what only it
+    knows: its export form and its server-side steps, each a no-op here unless the family overrides it.
 
-    A family with ``peft_compatible = True`` also has ``as_lora(tensors) -> tensors``, its adapter in
-    PEFT's LoRA layout (used by ``fed.run.export``). Its wrapped layers implement ``AdapterLayer``; a
-    routed family's routers implement ``UsageReporter`` (and ``TokenRouter`` with a balance loss); a
-    family whose groups declare a ``rank_axis`` has ``RankMasked`` layers.
+    Its wrapped layers implement ``AdapterLayer``; a routed family's routers implement ``UsageReporter``
+    (and ``TokenRouter`` with a balance loss); a ``ranked`` family's layers implement ``RankMasked``.
+    Subclass it and decorate with ``fed.adapters.registry.register_family``.
     """
 
-    kind: str
-    peft_compatible: bool
+    kind: ClassVar[str]
+    peft_compatible: ClassVar[bool] = False
+    """Whether ``as_lora`` gives the adapter in PEFT's LoRA layout (used by ``fed.run.export``)."""
+    ranked: ClassVar[bool] = False
+    """Whether clients may train fewer rank components than the global adapter (``federation.client_ranks``)."""
+    product_pairs: ClassVar[bool] = False
+    """Whether its groups declare ``(B, A)`` pairs that ``strategy.aggregation = "product"`` can average."""
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
-        ...
+        raise NotImplementedError(f"family {self.kind!r} must implement inject")
+
+    def as_lora(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter's tensors in PEFT's LoRA layout (only for ``peft_compatible`` families)."""
+        raise NotImplementedError(f"family {self.kind!r} has no PEFT LoRA form")
+
+    def config_problems(self, settings: Mapping[str, Any]) -> list[str]:
+        """What the family cannot run with in a run's flat settings (``adapter.rank`` → value): each a sentence."""
+        return []
+
+    def round_budgets(self, adapter: Adapter, round_: int, rounds: int) -> dict[str, int]:
+        """Per line-sparse tensor, the entries each line keeps at the end of ``round_`` (none by default)."""
+        return {}
+
+    def after_aggregate(self, adapter: Adapter, before: Mapping[str, torch.Tensor],
+                        after: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The server's step on the new global state after aggregation (none by default)."""
+        return dict(after)
 
 
 HEAD = "head"
@@ -233,7 +284,11 @@ class Adapter:
     spec: AdapterSpec
     model: nn.Module
     groups: tuple[TensorGroup, ...]
-    peft_compatible: bool
+    family: AdapterFamily
+
+    @property
+    def peft_compatible(self) -> bool:
+        return self.family.peft_compatible
     _roles: dict[type, list[tuple[str, Any]]] = field(default_factory=dict, init=False, repr=False, compare=False)
     """Modules found per role protocol (``_having``): the module tree is fixed once built."""
 
@@ -281,17 +336,27 @@ class Adapter:
         return {p: g.aggregation for g in self.groups if g.sent for p in g.params}
 
     def structure(self) -> Structure:
-        """Kinds, expert slots, product chains and scale gauges of the sent tensors, for the strategy."""
+        """Kinds, rule parameters and rank axes of the sent tensors, for the strategy and the wire."""
         sent = [g for g in self.groups if g.sent]
         return Structure(kinds=self.aggregation_of(),
-                         slots={p: s for g in sent for p, s in zip(g.params, g.slots)},
-                         chains=tuple(c for g in sent for c in g.chains),
-                         gauges={p: f for g in sent for p, f in zip(g.params, g.gauges)},
-                         lines={p: g.lines for g in sent if g.lines is not None for p in g.params},
-                         layers=tuple(layer for g in sent for layer in g.layers),
-                         row_slots={p: s for g in sent for p, s in zip(g.params, g.row_slots)},
-                         pairs=tuple(pair for g in sent for pair in g.pairs),
+                         rules=tuple((g.params, g.rule) for g in sent if g.rule is not None),
                          rank_axes={p: g.rank_axis for g in sent if g.rank_axis is not None for p in g.params})
+
+    def group(self, name: str) -> TensorGroup:
+        """The group called ``name`` (a family reads its own groups back in its server-side steps)."""
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no tensor group {name!r}; groups: {[g.name for g in self.groups]}")
+
+    def round_budgets(self, round_: int, rounds: int) -> dict[str, int]:
+        """Per line-sparse tensor, the entries each line keeps at the end of ``round_`` (the family's schedule)."""
+        return self.family.round_budgets(self, round_, rounds)
+
+    def after_aggregate(self, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]
+                        ) -> dict[str, torch.Tensor]:
+        """The family's server-side step on the new global state (a gauge fixed, ranks reallocated, or none)."""
+        return self.family.after_aggregate(self, before, after)
 
     def _having(self, role: type) -> list[tuple[str, Any]]:
         """``(path, module)`` of the modules implementing ``role`` (a protocol), found once per adapter: the
@@ -374,6 +439,13 @@ class Adapter:
             digest.update(name.encode())
             digest.update(tensor.numpy().tobytes())
         return int(digest.hexdigest()[:15], 16)
+
+
+def top_lines(scores: torch.Tensor, axis: int, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest ``scores`` of every line along ``axis``: how a ``masked`` group's lines
+    keep their entries, on the client (pruning) and on the server (re-projection) alike."""
+    chosen = scores.topk(k, dim=axis).indices
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(axis, chosen, True)
 
 
 def replace_linears(model: nn.Module, targets: tuple[str, ...], wrap) -> list[str]:

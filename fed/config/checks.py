@@ -69,9 +69,6 @@ def _check_choices(c: RunConfig) -> list[str]:
         + _choice("strategy.weighting", c.strategy.weighting, WEIGHTINGS)
         + _choice("strategy.clip", c.strategy.clip, CLIPS)
         + _choice("strategy.aggregation", c.strategy.aggregation, AGGREGATIONS)
-        + ([] if c.strategy.aggregation != "product" or c.adapter.kind == "lora" else
-           [f"strategy.aggregation='product' applies to adapter.kind='lora' only (got {c.adapter.kind!r}: ffa-lora "
-            "is exact already, moslora always aggregates by product, mole and mor have no single B·A)"])
         + _choice("wire.dtype", c.wire.dtype, WIRE_DTYPES)
     )
 
@@ -161,13 +158,23 @@ def _check_federation(c: RunConfig) -> list[str]:
         if getattr(f, name) > f.num_clients:
             problems.append(f"federation.{name}={getattr(f, name)} exceeds federation.num_clients={f.num_clients}: "
                             "the run would wait forever")
-    if c.adapter.kind == "roselora" and f.server_lr != 1.0:
-        problems.append(f"federation.server_lr={f.server_lr} with adapter.kind='roselora': only 1.0 is accepted "
-                        "(a partial step would leave pruned entries non-zero and break the row/column budget)")
     return problems
 
 
-_CHECKS = (_check_choices, _check_ranges, _check_dp, _check_labels, _check_federation)
+def _check_family(c: RunConfig) -> list[str]:
+    """What the chosen family refuses (its own checks), and product aggregation where it declares no (B, A) pairs."""
+    if c.adapter.kind not in registry.kinds():
+        return []  # reported by _check_choices
+    fam = registry.family(c.adapter.kind)
+    problems = fam.config_problems(c.to_flat())
+    if c.strategy.aggregation == "product" and not fam.product_pairs:
+        accepted = [k for k in registry.kinds() if registry.family(k).product_pairs]
+        problems.append(f"strategy.aggregation='product' applies to adapter.kind in {accepted} only (got "
+                        f"{c.adapter.kind!r}: its factors have no single B·A pair to average, or are exact already)")
+    return problems
+
+
+_CHECKS = (_check_choices, _check_ranges, _check_dp, _check_labels, _check_federation, _check_family)
 
 
 def problems(c: RunConfig) -> list[str]:

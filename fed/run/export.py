@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fed.adapters import Adapter, AdapterSpec, build, family
+from fed.adapters import Adapter, AdapterSpec, build
 from fed.models import loadable_name
 
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
@@ -62,7 +62,7 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, p
         save_file({"center": center.contiguous(), "scale": scale.contiguous()}, str(out / CENTER))
     if not adapter.peft_compatible or pooling != "cls" or layers:
         return out
-    lora = family(spec.kind).as_lora(tensors)  # type: ignore[attr-defined]  (every PEFT-compatible family has it)
+    lora = adapter.family.as_lora(tensors)
     save_file({f"base_model.model.{k}": v.contiguous() for k, v in lora.items()},
               str(out / "adapter_model.safetensors"))
     heads = sorted({name.rsplit(".", 1)[0] for name in adapter.head_names()})

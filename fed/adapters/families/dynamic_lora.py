@@ -10,7 +10,7 @@ by their importance, and adapting to the input. Our federated formulation (docs/
   Every layer starts with ``rank`` slots on; the total ``rank × layers`` is the budget.
 - The mask is **server-owned**: the server scores each layer by the change the round's aggregated
   update made to its dense update, per active slot, and reallocates the budget between rounds
-  (``allocate_ranks``, applied by ``strategies.rules.reallocate``). Clients read it and never train
+  (``allocate_ranks``, applied by ``DynamicLora.after_aggregate``). Clients read it and never train
   it. The scores are computed from aggregated deltas only (under DP: post-processing), so nothing a
   client computes from its activations leaves it except through the DP-SGD update.
 - The gate ``w`` is an ``nn.Linear(d_in, 1)`` trained on the client like A and B (zero init: g = 1,
@@ -22,11 +22,12 @@ by their importance, and adapting to the input. Our federated formulation (docs/
 from __future__ import annotations
 
 import math
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from fed.adapters.base import Aggregation, AdapterSpec, Product, TensorGroup, replace_linears
+from fed.adapters.base import Adapter, AdapterFamily, AdapterSpec, Aggregation, Product, TensorGroup, replace_linears
 from fed.adapters.registry import register_family
 from fed.seeding import generator
 
@@ -82,8 +83,53 @@ def allocate_ranks(scores: list[float], total: int, cap: int) -> list[int]:
     return ranks
 
 
+Layer = tuple[str, str, str]
+"""A rank-masked layer's ``(mask, B, A)`` parameter names."""
+
+
+def layer_scores(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor],
+                 layers: Sequence[Layer]) -> list[float]:
+    """Each layer's ``‖ΔW‖_F / r``: the change the round made to its dense update ``B·diag(m)·A``, per active
+    slot (so a layer is not rewarded for the rank it already holds)."""
+    scores = []
+    for mask, b, a in layers:
+        m = before[mask].to(torch.float64)
+        old = (before[b].to(torch.float64) * m) @ before[a].to(torch.float64)
+        new = (after[b].to(torch.float64) * m) @ after[a].to(torch.float64)
+        scores.append(float(torch.linalg.norm(new - old)) / max(float(m.sum()), 1.0))
+    return scores
+
+
+def reallocate(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor],
+               layers: Sequence[Layer]) -> dict[str, torch.Tensor]:
+    """Between rounds: move the rank budget towards the layers the round changed most (``layer_scores``).
+
+    The budget (the sum of the masks, constant) is split by ``allocate_ranks``. A shrinking layer keeps
+    its slots with the largest ``‖B_j‖·‖A_j‖``; a growing one switches on its free slots in order.
+    B's column is kept only for slots that were on this round and stay on: a slot switched on starts
+    at zero (the layer's function is unchanged by it), and whatever a DP client's noise put in a slot
+    that was off never counts. Without any change (every score 0) the allocation stays as it is.
+    """
+    out = dict(after)
+    scores = layer_scores(before, after, layers)
+    if not layers or not any(scores):
+        return out
+    total = round(sum(float(before[mask].sum()) for mask, _, _ in layers))
+    cap = min(before[mask].numel() for mask, _, _ in layers)
+    for (mask, b, a), rank in zip(layers, allocate_ranks(scores, total, cap)):
+        active = before[mask] > 0
+        weight = (torch.linalg.norm(after[b], dim=0) * torch.linalg.norm(after[a], dim=1)).tolist()
+        on = sorted(torch.nonzero(active).flatten().tolist(), key=lambda j: -weight[j])  # strongest first
+        off = torch.nonzero(~active).flatten().tolist()  # in slot order
+        keep = torch.zeros_like(before[mask])
+        keep[(on + off)[:rank]] = 1
+        out[mask] = keep
+        out[b] = after[b] * ((keep > 0) & active)  # a slot that was off this round holds only noise or drift
+    return out
+
+
 @register_family
-class DynamicLora:
+class DynamicLora(AdapterFamily):
     kind = "dynamic-lora"
     peft_compatible = False  # the input gate has no PEFT form; exported in the fedlora format
 
@@ -99,6 +145,11 @@ class DynamicLora:
             TensorGroup("lora_A", a, trainable=True, sent=True),
             TensorGroup("lora_B", b, trainable=True, sent=True),
             TensorGroup("gate", names("gate.weight"), trainable=True, sent=True),
-            TensorGroup("rank_mask", masks, trainable=False, sent=True, aggregation=Aggregation.ALLOCATION,
-                        layers=tuple(zip(masks, b, a))),
+            TensorGroup("rank_mask", masks, trainable=False, sent=True, aggregation=Aggregation.ALLOCATION),
         )
+
+    def after_aggregate(self, adapter: Adapter, before: Mapping[str, torch.Tensor],
+                        after: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Reallocate the rank budget across layers by the change the round's aggregate made (``reallocate``)."""
+        parts = (adapter.group(name).params for name in ("rank_mask", "lora_B", "lora_A"))
+        return reallocate(before, after, list(zip(*parts)))

@@ -22,6 +22,7 @@ from fed.adapters.families.lora import Lora, inject_lora
 @register_family
 class FfaLora(Lora):
     kind = "ffa-lora"
+    product_pairs = False  # A is shared and frozen: the mean of B is exact already
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
         paths = inject_lora(model, spec, seed)

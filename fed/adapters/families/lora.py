@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from fed.adapters.base import AdapterSpec, Product, TensorGroup, replace_linears
+from fed.adapters.base import AdapterFamily, AdapterSpec, PairParams, Product, TensorGroup, replace_linears
 from fed.adapters.registry import register_family
 from fed.seeding import generator
 
@@ -62,12 +62,13 @@ def inject_lora(model: nn.Module, spec: AdapterSpec, seed: int) -> list[str]:
 
 
 @register_family
-class Lora:
+class Lora(AdapterFamily):
     """Both factors trained and sent; the server averages each factor (``mean``)."""
 
     kind = "lora"
     peft_compatible = True
-    ranked = True  # layers mask components beyond a client's rank (federation.client_ranks)
+    ranked = True
+    product_pairs = True
 
     def as_lora(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tensors in PEFT's LoRA layout: already are."""
@@ -78,5 +79,5 @@ class Lora:
         a, b = (tuple(f"{p}.{part}.weight" for p in paths) for part in ("lora_A", "lora_B"))
         return (
             TensorGroup("lora_A", a, trainable=True, sent=True, rank_axis=0),
-            TensorGroup("lora_B", b, trainable=True, sent=True, rank_axis=1, pairs=tuple(zip(b, a))),
+            TensorGroup("lora_B", b, trainable=True, sent=True, rank_axis=1, rule=PairParams(tuple(zip(b, a)))),
         )

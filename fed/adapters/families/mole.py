@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fed.adapters.base import AdapterSpec, Aggregation, Product, TensorGroup, replace_linears
+from fed.adapters.base import AdapterFamily, AdapterSpec, Aggregation, Product, TensorGroup, UsageParams, replace_linears
 from fed.adapters.registry import register_family
 from fed.seeding import generator
 
@@ -129,7 +129,7 @@ class MoleLinear(nn.Module):
 
 
 @register_family
-class Mole:
+class Mole(AdapterFamily):
     kind = "mole"
     peft_compatible = False
 
@@ -151,5 +151,5 @@ class Mole:
         return (
             TensorGroup("router", tuple(f"{p}.router.gate.weight" for p in owners), trainable=True, sent=True),
             TensorGroup("experts", tuple(n for n, _ in experts), trainable=True, sent=True,
-                        aggregation=Aggregation.USAGE, slots=tuple(s for _, s in experts)),
+                        aggregation=Aggregation.USAGE, rule=UsageParams(slots=tuple(s for _, s in experts))),
         )

@@ -14,19 +14,20 @@ Aggregation: the shared A, B and the router by example-weighted mean; the scale 
 (row i is expert i) by ``usage``: each client's row i weighted by its soft usage of expert i, the sum
 over its real tokens of the router probability ``G_i(x)`` (sent only without DP, like MoLE's counts;
 under DP the example-weighted mean). Then the scale gauge is renormalised on the server
-(``Structure.gauges``): ``Ω[:, j]`` is divided by its mean over experts and A's (B's) row j multiplied
+(``Mor.after_aggregate``): ``Ω[:, j]`` is divided by its mean over experts and A's (B's) row j multiplied
 by it, which leaves every ``D_i`` unchanged but stops clients drifting between equivalent scalings.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fed.adapters.base import AdapterSpec, Aggregation, Product, TensorGroup, replace_linears
+from fed.adapters.base import Adapter, AdapterFamily, AdapterSpec, Aggregation, Product, TensorGroup, UsageParams, replace_linears
 from fed.adapters.registry import register_family
 from fed.seeding import generator
 
@@ -99,7 +100,7 @@ class MorLinear(nn.Module):
 
 
 @register_family
-class Mor:
+class Mor(AdapterFamily):
     kind = "mor"
     peft_compatible = False
 
@@ -115,7 +116,24 @@ class Mor:
             TensorGroup("lora_B", names("lora_B"), trainable=True, sent=True),
             TensorGroup("router", names("router"), trainable=True, sent=True),
             TensorGroup("scale_A", names("scale_A"), trainable=True, sent=True, aggregation=Aggregation.USAGE,
-                        gauges=names("lora_A"), row_slots=rows),
+                        rule=UsageParams(rows=rows)),
             TensorGroup("scale_B", names("scale_B"), trainable=True, sent=True, aggregation=Aggregation.USAGE,
-                        gauges=names("lora_B"), row_slots=rows),
+                        rule=UsageParams(rows=rows)),
         )
+
+    def after_aggregate(self, adapter: Adapter, before: Mapping[str, torch.Tensor],
+                        after: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fix the scale gauge of the scale tables Ω: each column's mean over experts becomes 1.
+
+        ``Ω[:, j] / c_j`` with the shared factor's row ``j`` times ``c_j`` leaves every expert's update unchanged,
+        so clients that drifted into different scales of the same function start the next round from one
+        gauge. Columns whose mean is (near) zero are left alone rather than divided by it.
+        """
+        out = dict(after)
+        for table, factor in (("scale_A", "lora_A"), ("scale_B", "lora_B")):
+            for scale, shared in zip(adapter.group(table).params, adapter.group(factor).params):
+                c = out[scale].mean(0)
+                c = torch.where(c.abs() > 1e-6, c, torch.ones_like(c))
+                out[scale] = out[scale] / c
+                out[shared] = out[shared] * c[:, None]
+        return out

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from fed.adapters.base import AdapterSpec, Aggregation, Product, TensorGroup, replace_linears
+from fed.adapters.base import AdapterFamily, AdapterSpec, Aggregation, Product, ProductParams, TensorGroup, replace_linears
 from fed.adapters.registry import register_family
 from fed.adapters.families.lora import LoraLinear
 from fed.seeding import generator
@@ -44,7 +44,7 @@ class MosLoraLinear(LoraLinear):
 
 
 @register_family
-class MosLora:
+class MosLora(AdapterFamily):
     kind = "moslora"
     peft_compatible = True
 
@@ -75,4 +75,4 @@ class MosLora:
             frozen = ()
             factors = names["lora_B"] + names["lora_AB"] + names["lora_A"]
         return (*frozen, TensorGroup("factors", factors, trainable=True, sent=True,
-                                     aggregation=Aggregation.PRODUCT, chains=chains))
+                                     aggregation=Aggregation.PRODUCT, rule=ProductParams(chains)))

@@ -12,7 +12,7 @@ Federated form (our choices, see docs/architecture.md):
   at the budget the server expects for that round, and the server checks it on the wire.
 - Masks are client-local: each client prunes after every local step by its own importance and
   sends, per line, the kept deltas and a bit mask (``fed.wire.to_sparse_record``). The server takes
-  a masked mean and re-projects every line to the budget (``strategies.rules.masked_mean``).
+  a masked mean and re-projects every line to the budget (the ``masked`` kind's rule).
 - Importance is ``|w · Δw|``, ``Δw`` the change one optimizer step made to ``w`` (with plain SGD this
   is ``lr·|w·∇w|``, the paper's score; with Adam, the preconditioned gradient). It is computed from
   parameter values only, never from a gradient: under DP-SGD the parameters after a step are an
@@ -22,11 +22,12 @@ Federated form (our choices, see docs/architecture.md):
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from fed.adapters.base import Aggregation, AdapterSpec, Clock, TensorGroup, replace_linears
+from fed.adapters.base import Adapter, AdapterSpec, Aggregation, Clock, MaskedParams, TensorGroup, replace_linears, top_lines
 from fed.adapters.registry import register_family
 from fed.adapters.families.lora import Lora, LoraLinear
 from fed.seeding import generator
@@ -52,19 +53,6 @@ def keep_fraction(progress: float, rounds: int, keep: float) -> float:
 def line_budget(width: int, fraction: float) -> int:
     """Entries a line of ``width`` keeps at ``fraction`` (at least one)."""
     return max(1, min(width, math.ceil(fraction * width - 1e-9)))
-
-
-def top_lines(scores: torch.Tensor, axis: int, k: int) -> torch.Tensor:
-    """Bool mask of the ``k`` largest ``scores`` of every line along ``axis``."""
-    chosen = scores.topk(k, dim=axis).indices
-    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(axis, chosen, True)
-
-
-def round_budgets(shapes: dict[str, tuple[int, ...]], lines: dict[str, int], keep: float, round_: int,
-                  rounds: int) -> dict[str, int]:
-    """Per line-sparse tensor, the entries each line keeps at the end of ``round_``: what the server expects."""
-    fraction = keep_fraction(round_, rounds, keep)
-    return {name: line_budget(shapes[name][axis], fraction) for name, axis in lines.items()}
 
 
 class RoseLinear(LoraLinear):
@@ -119,10 +107,26 @@ class RoseLora(Lora):
     kind = "roselora"
     peft_compatible = True  # pruned entries are zeros: the factors are plain LoRA factors
     ranked = False  # client ranks are not defined on line-sparse factors
+    product_pairs = False
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
         paths = replace_linears(model, spec.targets,
                                 lambda path, linear: RoseLinear(linear, spec, generator(seed, "lora_A", path)))
         return tuple(TensorGroup(part, tuple(f"{p}.{part}.weight" for p in paths), trainable=True, sent=True,
-                                 aggregation=Aggregation.MASKED, lines=AXES[f"{part}.weight"])
+                                 aggregation=Aggregation.MASKED, rule=MaskedParams(AXES[f"{part}.weight"]))
                      for part in ("lora_A", "lora_B"))
+
+    def round_budgets(self, adapter: Adapter, round_: int, rounds: int) -> dict[str, int]:
+        """Per line-sparse tensor, the entries each line keeps at the end of ``round_``: what the server expects
+        every client's reply to keep, on the schedule the clients prune by."""
+        fraction = keep_fraction(round_, rounds, adapter.spec.keep_ratio)
+        shapes = {name: tuple(p.shape) for name, p in adapter.model.named_parameters()}
+        return {name: line_budget(shapes[name][axis], fraction)
+                for name, axis in adapter.structure().lines.items()}
+
+    def config_problems(self, settings: Mapping[str, Any]) -> list[str]:
+        server_lr = settings.get("federation.server_lr", 1.0)
+        if server_lr == 1.0:
+            return []
+        return [f"federation.server_lr={server_lr} with adapter.kind='roselora': only 1.0 is accepted "
+                "(a partial step would leave pruned entries non-zero and break the row/column budget)"]

@@ -43,7 +43,7 @@ def family(kind: str) -> AdapterFamily:
 
 
 def kinds() -> tuple[str, ...]:
-    """Every registered kind, shipped ones first in their declared order."""
+    """Every registered kind, in the order the families registered (shipped ones first)."""
     return tuple(_registry())
 
 

@@ -1,9 +1,8 @@
-"""The shipped adapter families, one module each; importing this package registers them in this order."""
+"""The shipped adapter families, one module each: importing this package imports every module in it, and each
+registers its family (``@register_family``), so adding a family is adding its module."""
 
 import importlib
+import pkgutil
 
-SHIPPED = ("lora", "ffa_lora", "moslora", "mole", "mor", "roselora", "dynamic_lora")
-"""Module names, in the order ``fed config --list``, errors and the docs list the kinds."""
-
-for _module in SHIPPED:
-    importlib.import_module(f"{__name__}.{_module}")
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -19,7 +19,6 @@ grid skips the cell.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 from typing import Any

@@ -7,13 +7,14 @@ factors from the run seed. Builds are cached per process: a simulation worker se
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
 
-from fed.adapters import Adapter, AdapterSpec, build
+from fed.adapters import Adapter, AdapterSpec, build, family_options, make_spec
 from fed.data.centring import centre_on
 from fed.config import AdapterConfig, ConfigError, RunConfig
 from fed.data.datasets import ClientData, client_split, label_names, load_task_dataset
@@ -70,9 +71,8 @@ class ModelKey:
 
 def adapter_spec(a: AdapterConfig, model: Any) -> AdapterSpec:
     """The config's adapter section as a spec; empty targets become the model family's defaults."""
-    return AdapterSpec(kind=a.kind, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
-                       targets=a.targets or tuple(default_targets(model)), freeze_a=a.freeze_a,
-                       experts=a.experts, balance=a.balance, keep_ratio=a.keep_ratio)
+    return make_spec(a.kind, a.rank, a.alpha, a.targets or tuple(default_targets(model)), a.dropout,
+                     **family_options(a.kind, dataclasses.asdict(a)))
 
 
 @lru_cache(maxsize=2)

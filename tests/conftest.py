@@ -30,9 +30,9 @@ MATRIX: dict[str, dict] = _matrix()
 
 def spec(row: str, targets: tuple[str, ...], **extra):
     """The AdapterSpec of a matrix row (rank 4, alpha 8) on ``targets``."""
-    from fed.adapters import AdapterSpec
+    from fed.adapters import make_spec
 
-    return AdapterSpec(**{"kind": row, "rank": 4, "alpha": 8.0, "targets": targets, **MATRIX[row], **extra})
+    return make_spec(**{"kind": row, "rank": 4, "alpha": 8.0, "targets": targets, **MATRIX[row], **extra})
 
 
 def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:

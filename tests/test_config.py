@@ -19,7 +19,7 @@ def test_overrides_are_typed():
 
 
 @pytest.mark.parametrize("override, named", [
-    ("adapter.kind=dora", "'dora' is not one of: lora, ffa-lora"),
+    ("adapter.kind=dora", "'dora' is not one of: lora, dynamic-lora, ffa-lora"),
     ("data.partition=random", "'random' is not one of: iid, dirichlet, pathological"),
     ("adapter.rnak=4", "unknown key 'adapter.rnak'"),
     ("train.lr=fast", "train.lr='fast'"),
@@ -91,7 +91,7 @@ def test_cli_stops_on_a_bad_value_before_any_work(capsys):
 
     assert main(["simulate", "--set", "adapter.kind=dora", "--out", "/nonexistent/never-created"]) == 2
     err = capsys.readouterr().err
-    assert "adapter.kind='dora' is not one of: lora, ffa-lora" in err
+    assert "adapter.kind='dora' is not one of: lora, dynamic-lora, ffa-lora" in err
 
 
 def test_simulation_section_sizes_the_ray_actors():

@@ -3,7 +3,6 @@ the DP step Opacus takes without noise and Opacus's own per-sample gradients."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

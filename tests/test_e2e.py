@@ -105,7 +105,7 @@ def test_mole_run_sends_expert_counts_and_exports_a_loadable_adapter(tmp_path):
     assert not (run.adapter / "adapter_config.json").exists()  # MoLE has no PEFT form
     model = load_model("tiny-bert", "classification", num_labels=2, seed=cfg.seed)
     adapter = load_adapter(model, run.adapter)
-    assert adapter.spec.kind == "mole" and adapter.spec.experts == 4
+    assert adapter.spec.kind == "mole" and adapter.spec.options.experts == 4
 
 
 def test_a_cut_mean_pooled_trunk_runs_and_exports_what_its_own_build_reloads(tmp_path):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fed.adapters import AdapterSpec, build
+from fed.adapters import AdapterSpec, build, make_spec
 from fed.run.export import export_adapter, load_adapter
 from fed.models import load_model
 from tests.conftest import MATRIX, randomise, spec, tiny_llama
@@ -21,7 +21,7 @@ peft = pytest.importorskip("peft")
 def test_peft_loads_classification_adapter_with_head(kind, extra, batch, tmp_path):
     """MoSLoRA exports as LoRA with its mixer folded into B (B·M): PEFT has no mixer, yet outputs match."""
     model = load_model("tiny-bert", "classification", num_labels=2, seed=5)
-    adapter = build(model, AdapterSpec(kind=kind, rank=4, alpha=8.0, targets=("query", "value"), **extra), seed=1,
+    adapter = build(model, make_spec(kind=kind, rank=4, alpha=8.0, targets=("query", "value"), **extra), seed=1,
                     head=("classifier.weight", "classifier.bias"))
     randomise(adapter, 0.2)
     export_adapter(adapter, tmp_path, task="classification", base_model="tiny-bert")

@@ -3,7 +3,6 @@ autograd one example at a time."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

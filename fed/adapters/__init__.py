@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Mapping
+
 from torch import nn
 
 from fed.adapters.base import (HEAD, Adapter, AdapterFamily, AdapterSpec, Aggregation, Clock, MaskedParams, PairParams,
                                ProductParams, Structure, TensorGroup, UsageParams)
 from fed.adapters.registry import family, kinds, ranked_kinds, register_family
+
+
+def make_spec(kind: str, rank: int, alpha: float, targets: tuple[str, ...], dropout: float = 0.0,
+              **options: Any) -> AdapterSpec:
+    """A spec whose options are ``kind``'s own (``AdapterFamily.Options``); an option it lacks is refused by name."""
+    accepted = {f.name for f in dataclasses.fields(family(kind).Options)}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"adapter options {unknown} do not apply to kind {kind!r}; its options: "
+                         f"{sorted(accepted) or 'none'}")
+    return AdapterSpec(kind, rank, alpha, targets, dropout, family(kind).Options(**options))
+
+
+def family_options(kind: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that are options of ``kind`` (a config holds every family's option keys)."""
+    return {f.name: values[f.name] for f in dataclasses.fields(family(kind).Options) if f.name in values}
 
 
 def build(model: nn.Module, spec: AdapterSpec, seed: int, head: tuple[str, ...] = ()) -> Adapter:
@@ -15,6 +34,8 @@ def build(model: nn.Module, spec: AdapterSpec, seed: int, head: tuple[str, ...] 
     ``head`` names task-head parameters (a classifier) that train and travel with the adapter; they are
     unfrozen here so that every family treats them the same way.
     """
+    if spec.options is None:
+        spec = dataclasses.replace(spec, options=family(spec.kind).Options())
     groups = family(spec.kind).inject(model, spec, seed)
     if head:
         named = dict(model.named_parameters())
@@ -30,5 +51,5 @@ def build(model: nn.Module, spec: AdapterSpec, seed: int, head: tuple[str, ...] 
     return adapter
 
 
-__all__ = ["Adapter", "AdapterFamily", "AdapterSpec", "MaskedParams", "PairParams", "ProductParams", "UsageParams", "Aggregation", "Clock", "Structure", "TensorGroup", "build", "family", "kinds",
+__all__ = ["Adapter", "AdapterFamily", "AdapterSpec", "family_options", "make_spec", "MaskedParams", "PairParams", "ProductParams", "UsageParams", "Aggregation", "Clock", "Structure", "TensorGroup", "build", "family", "kinds",
            "ranked_kinds", "register_family"]

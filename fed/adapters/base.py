@@ -36,30 +36,23 @@ class AdapterSpec:
     alpha: float
     targets: tuple[str, ...]
     dropout: float = 0.0
-    freeze_a: bool = False
-    """MoSLoRA: keep A at its seeded init (never sent); only the mixer and B train."""
-    experts: int = 4
-    """MoLE: LoRA experts per layer; MoR: rank experts (scaling vectors) per layer."""
-    balance: float = 0.01
-    """MoLE: weight of the per-example load-balancing loss (0 turns it off)."""
-    keep_ratio: float = 0.1
-    """RoseLoRA: share of each row of A (column of B) kept once the sparsity schedule ends."""
+    options: Any = None
+    """The family's own options (an instance of its ``Options`` dataclass; ``fed.adapters.make_spec`` builds it)."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"adapter rank={self.rank} must be >= 1")
         if not self.targets:
             raise ValueError("adapter targets are empty; name at least one nn.Linear leaf (e.g. 'query')")
-        if self.experts < 1:
-            raise ValueError(f"adapter experts={self.experts} must be >= 1")
-        if self.balance < 0:
-            raise ValueError(f"adapter balance={self.balance} must be >= 0")
-        if not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"adapter keep_ratio={self.keep_ratio} must be in (0, 1]")
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a family that has none beyond the common rank, alpha, dropout and targets."""
 
 
 @dataclass(frozen=True)
@@ -210,7 +203,10 @@ class StepHook(Protocol):
 
 @runtime_checkable
 class TokenRouter(Protocol):
-    """A hard router (MoLE): reports, for the batch it last routed, a per-example balance loss."""
+    """A hard router (MoLE): reports, for the batch it last routed, a per-example balance loss, and its weight."""
+
+    balance: float
+    """Weight of the router's balance loss in the training loss (0: off)."""
 
     def balance_loss(self, mask: torch.Tensor) -> torch.Tensor:
         """Per-example load-balancing loss ``[batch]``; ``mask`` ``[batch, seq]`` marks real tokens."""
@@ -251,6 +247,9 @@ class AdapterFamily:
     """Whether clients may train fewer rank components than the global adapter (``federation.client_ranks``)."""
     product_pairs: ClassVar[bool] = False
     """Whether its groups declare ``(B, A)`` pairs that ``strategy.aggregation = "product"`` can average."""
+    Options: ClassVar[type] = NoOptions
+    """The family's options: a frozen dataclass whose fields are ``adapter.<name>`` keys of the run config and
+    whose ``__post_init__`` refuses a bad value by name."""
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
         raise NotImplementedError(f"family {self.kind!r} must implement inject")
@@ -384,14 +383,14 @@ class Adapter:
         return {f"{path}.{local}": mask for path, hook in self._hooks() for local, mask in hook.masks().items()}
 
     def auxiliary_loss(self, mask: torch.Tensor) -> torch.Tensor | None:
-        """``spec.balance`` × the routers' mean per-example balance loss for the last forward (None: no router).
+        """The routers' mean weighted per-example balance loss for the last forward (None: no weighted router).
 
         Per example, so adding it to the per-example task loss keeps DP-SGD's per-sample bound.
         """
         routers = [m for _, m in self._having(TokenRouter)]
-        if not routers or self.spec.balance == 0:
+        if not routers or not any(r.balance > 0 for r in routers):
             return None
-        return self.spec.balance * sum(r.balance_loss(mask) for r in routers) / len(routers)
+        return sum(r.balance * r.balance_loss(mask) for r in routers) / len(routers)
 
     def usage(self, mask: torch.Tensor) -> dict[str, float]:
         """How much the last forward used each expert slot (empty without routers): see ``UsageReporter``."""

@@ -22,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fed.adapters import Adapter, AdapterSpec, build
+from fed.adapters import Adapter, AdapterSpec, build, family_options, make_spec
 from fed.models import loadable_name
 
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
@@ -75,6 +76,14 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, p
     return out
 
 
+def _spec(fields: dict[str, Any]) -> AdapterSpec:
+    """The spec ``fedlora.json`` records; files written before families owned their options hold them flat."""
+    common = ("kind", "rank", "alpha", "targets", "dropout")
+    options = fields.get("options") or family_options(fields["kind"], {k: v for k, v in fields.items() if k not in common})
+    return make_spec(fields["kind"], fields["rank"], fields["alpha"], tuple(fields["targets"]), fields["dropout"],
+                     **options)
+
+
 def load_adapter(model: nn.Module, folder: str | Path) -> Adapter:
     """Inject the adapter described in ``folder`` into ``model`` (in place) with its exported values.
 
@@ -83,8 +92,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> Adapter:
     """
     folder = Path(folder)
     description = json.loads((folder / DESCRIPTION).read_text())
-    fields = dict(description["spec"])
-    spec = AdapterSpec(**{**fields, "targets": tuple(fields["targets"])})
+    spec = _spec(description["spec"])
     adapter = build(model, spec, seed=0, head=tuple(description["head"]))
     tensors = load_file(str(folder / NATIVE))
     missing = sorted(set(adapter.names()) - set(tensors))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,12 @@ def block_of(path: str) -> str:
 class BlockRouter(nn.Module):
     """Top-1 token router of one block; remembers the routing of its last call for its block's layers."""
 
-    def __init__(self, block: str, in_features: int, experts: int, gen: torch.Generator, dtype: torch.dtype) -> None:
+    def __init__(self, block: str, in_features: int, experts: int, gen: torch.Generator, dtype: torch.dtype,
+                 balance: float = 0.0) -> None:
         super().__init__()
         self.block = block
+        self.balance = balance
+        """Weight of this router's balance loss in the training loss (``adapter.balance``)."""
         self.gate = nn.Linear(in_features, experts, bias=False, dtype=dtype)
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.gate.weight, a=math.sqrt(5), generator=gen)
@@ -97,7 +101,7 @@ class MoleLinear(nn.Module):
         super().__init__()
         self.base_layer = base
         self.experts = nn.ModuleList(Expert(base, spec.rank, generator(seed, "lora_A", path, k))
-                                     for k in range(spec.experts))
+                                     for k in range(spec.options.experts))
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.scaling = spec.scaling
         if owner:
@@ -128,9 +132,24 @@ class MoleLinear(nn.Module):
                                   slots[k]) for k in range(len(self.experts))}
 
 
+@dataclass(frozen=True)
+class MoleOptions:
+    experts: int = 4
+    """LoRA experts per layer, one chosen per token (top-1)."""
+    balance: float = 0.01
+    """Weight of the per-example load-balancing loss that keeps tokens spread over the experts (0 turns it off)."""
+
+    def __post_init__(self) -> None:
+        if self.experts < 1:
+            raise ValueError(f"adapter experts={self.experts} must be >= 1")
+        if self.balance < 0:
+            raise ValueError(f"adapter balance={self.balance} must be >= 0")
+
+
 @register_family
 class Mole(AdapterFamily):
     kind = "mole"
+    Options = MoleOptions
     peft_compatible = False
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
@@ -140,14 +159,15 @@ class Mole(AdapterFamily):
         def wrap(path: str, linear: nn.Linear) -> MoleLinear:
             block = block_of(path)
             if block not in routers:
-                routers[block] = BlockRouter(block, linear.in_features, spec.experts, generator(seed, "router", block),
-                                             linear.weight.dtype)
+                routers[block] = BlockRouter(block, linear.in_features, spec.options.experts,
+                                             generator(seed, "router", block), linear.weight.dtype,
+                                             spec.options.balance)
                 owners.append(path)
             return MoleLinear(linear, spec, routers[block], path in owners, seed, path)
 
         paths = replace_linears(model, spec.targets, wrap)
         experts = [(f"{p}.experts.{k}.{f}.weight", f"{block_of(p)}/{k}")
-                   for p in paths for k in range(spec.experts) for f in ("lora_A", "lora_B")]
+                   for p in paths for k in range(spec.options.experts) for f in ("lora_A", "lora_B")]
         return (
             TensorGroup("router", tuple(f"{p}.router.gate.weight" for p in owners), trainable=True, sent=True),
             TensorGroup("experts", tuple(n for n, _ in experts), trainable=True, sent=True,

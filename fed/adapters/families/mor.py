@@ -21,6 +21,7 @@ by it, which leaves every ``D_i`` unchanged but stops clients drifting between e
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -55,7 +56,7 @@ class MorLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, spec: AdapterSpec, seed: int, path: str) -> None:
         super().__init__()
-        dtype, n = base.weight.dtype, spec.experts
+        dtype, n = base.weight.dtype, spec.options.experts
         self.base_layer = base
         self.lora_A = nn.Linear(base.in_features, spec.rank, bias=False, dtype=dtype)
         self.lora_B = nn.Linear(spec.rank, base.out_features, bias=False, dtype=dtype)
@@ -99,9 +100,20 @@ class MorLinear(nn.Module):
                 for i, slot in enumerate(self.slots())}
 
 
+@dataclass(frozen=True)
+class MorOptions:
+    experts: int = 4
+    """Rank experts per layer: scaling vectors over one shared (A, B) pair, mixed per token by a soft router."""
+
+    def __post_init__(self) -> None:
+        if self.experts < 1:
+            raise ValueError(f"adapter experts={self.experts} must be >= 1")
+
+
 @register_family
 class Mor(AdapterFamily):
     kind = "mor"
+    Options = MorOptions
     peft_compatible = False
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:

@@ -16,6 +16,7 @@ shows in ``aggregation_error``). The export folds the mixer into B (``B·M``), w
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -43,9 +44,16 @@ class MosLoraLinear(LoraLinear):
         return {"": (self.scaling * get("lora_B.weight") @ get("lora_AB.weight") @ get("lora_A.weight"), None)}
 
 
+@dataclass(frozen=True)
+class MosLoraOptions:
+    freeze_a: bool = False
+    """Keep A at its seeded init (never sent): only the mixer and B train, and aggregation is exact."""
+
+
 @register_family
 class MosLora(AdapterFamily):
     kind = "moslora"
+    Options = MosLoraOptions
     peft_compatible = True
 
     def as_lora(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,7 +72,7 @@ class MosLora(AdapterFamily):
 
         paths = replace_linears(model, spec.targets, wrap)
         names = {part: tuple(f"{p}.{part}.weight" for p in paths) for part in ("lora_A", "lora_AB", "lora_B")}
-        if spec.freeze_a:
+        if spec.options.freeze_a:
             for name in names["lora_A"]:
                 model.get_parameter(name).requires_grad_(False)
             chains = tuple(zip(names["lora_B"], names["lora_AB"]))

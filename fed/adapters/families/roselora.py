@@ -22,6 +22,7 @@ Federated form (our choices, see docs/architecture.md):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -60,7 +61,7 @@ class RoseLinear(LoraLinear):
 
     def __init__(self, base: nn.Linear, spec: AdapterSpec, gen: torch.Generator) -> None:
         super().__init__(base, spec.rank, spec.alpha, spec.dropout, gen)
-        self.keep_ratio = spec.keep_ratio
+        self.keep_ratio = spec.options.keep_ratio
         # Plain attributes, not buffers: Opacus refuses trainable layers with buffers, and none of this
         # is model state (it is rebuilt every round, so a cached model carries nothing between clients).
         self._clock = Clock(1, 1, 1)
@@ -100,11 +101,22 @@ class RoseLinear(LoraLinear):
         return dict(self._masks)
 
 
+@dataclass(frozen=True)
+class RoseLoraOptions:
+    keep_ratio: float = 0.1
+    """Share of each row of A (column of B) kept once the cubic sparsity schedule ends."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"adapter keep_ratio={self.keep_ratio} must be in (0, 1]")
+
+
 @register_family
 class RoseLora(Lora):
     """A and B trained, pruned and sent sparse; the server takes a masked mean (``masked``)."""
 
     kind = "roselora"
+    Options = RoseLoraOptions
     peft_compatible = True  # pruned entries are zeros: the factors are plain LoRA factors
     ranked = False  # client ranks are not defined on line-sparse factors
     product_pairs = False
@@ -119,7 +131,7 @@ class RoseLora(Lora):
     def round_budgets(self, adapter: Adapter, round_: int, rounds: int) -> dict[str, int]:
         """Per line-sparse tensor, the entries each line keeps at the end of ``round_``: what the server expects
         every client's reply to keep, on the schedule the clients prune by."""
-        fraction = keep_fraction(round_, rounds, adapter.spec.keep_ratio)
+        fraction = keep_fraction(round_, rounds, adapter.spec.options.keep_ratio)
         shapes = {name: tuple(p.shape) for name, p in adapter.model.named_parameters()}
         return {name: line_budget(shapes[name][axis], fraction)
                 for name, axis in adapter.structure().lines.items()}

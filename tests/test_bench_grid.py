@@ -77,7 +77,7 @@ def test_a_rewritten_section_keeps_its_notes_and_its_place(tmp_path: Path) -> No
 def test_a_booked_run_is_its_grid_cell_and_is_not_run_again(tmp_path: Path, ran: list[int]) -> None:
     """A run made by hand and booked with ``dp_utility.py --add`` counts as the grid's cell: the resumed grid
     skips it and its table holds it."""
-    import dp_utility
+    from bench import dp_utility
 
     overrides = ["adapter.kind=ffa-lora", "data.partition=iid", "dp.target_epsilon=3", "seed=1"]
     made = resolve("private", [*overrides, "train.micro_batch=8"])  # another speed, the same cell
@@ -111,7 +111,7 @@ def test_a_setting_that_changes_the_figures_is_another_cell() -> None:
 def test_the_round_plot_averages_each_epsilons_seeds_round_by_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each line of the round-by-round plot is the per-round mean of that epsilon's seeds, its band their
     range, in one panel per adapter and split that has cells."""
-    import dp_utility
+    from bench import dp_utility
 
     drawn: dict[str, list[list[float]]] = {}
     bands: list[tuple[list[float], list[float]]] = []
@@ -133,7 +133,7 @@ def test_the_round_plot_averages_each_epsilons_seeds_round_by_round(tmp_path: Pa
 def test_a_call_for_part_of_the_grid_renders_every_cell_the_log_holds(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A one-row call (``--splits iid``) must not shrink the table to its row: the log's other cells stay."""
-    import dp_utility
+    from bench import dp_utility
 
     log = tmp_path / "results.jsonl"
     for split, extra in dp_utility.SPLITS.items():

@@ -440,7 +440,7 @@ class RunConfig:
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
         """Build from dotted keys (``{"adapter.rank": 8}``) on top of the defaults; validate all."""
         problems: list[str] = []
-        sections: dict[str, dict[str, Any]] = {}
+        by_section: dict[str, dict[str, Any]] = {}
         top: dict[str, Any] = {}
         known = keys()
         for name, raw in flat.items():
@@ -453,12 +453,12 @@ class RunConfig:
                 problems.append(f"{name}={raw!r}: {err}")
                 continue
             section, _, leaf = name.rpartition(".")
-            (sections.setdefault(section, {}) if section else top)[leaf] = value
+            (by_section.setdefault(section, {}) if section else top)[leaf] = value
         if problems:
             raise ConfigError(_bullets(problems))
         kwargs: dict[str, Any] = dict(top)
-        for section, values in sections.items():
-            kwargs[section] = _sections()[section](**values)
+        for section, values in by_section.items():
+            kwargs[section] = sections()[section](**values)
         config = cls(**kwargs)
         config.validate()
         return config
@@ -490,7 +490,7 @@ class RunConfig:
         section's own checks, then the checks that read several sections."""
         flat = self.to_flat()
         return ([problem for name, key in keys().items() for problem in key.choice_problems(flat[name])]
-                + [problem for section in _sections() for problem in getattr(self, section).problems()]
+                + [problem for section in sections() for problem in getattr(self, section).problems()]
                 + self._cross_section_problems())
 
     def validate(self) -> None:
@@ -554,10 +554,10 @@ class Key:
 
 
 @functools.cache
-def _sections() -> dict[str, type]:
-    """Section name -> its dataclass, read off ``RunConfig``'s fields (every field whose default is a dataclass)."""
-    return {f.name: f.default_factory for f in dataclasses.fields(RunConfig)  # type: ignore[misc]
-            if f.default_factory is not dataclasses.MISSING}
+def sections() -> Mapping[str, type]:
+    """Section name -> its dataclass, read off ``RunConfig``'s fields (those built by a default factory)."""
+    return MappingProxyType({f.name: f.default_factory for f in dataclasses.fields(RunConfig)  # type: ignore[misc]
+                             if f.default_factory is not dataclasses.MISSING})
 
 
 def _class_keys(cls: type, prefix: str) -> dict[str, Key]:
@@ -572,7 +572,7 @@ def keys() -> Mapping[str, Key]:
     """Every accepted dotted key in declaration order: the top-level ones, then each section's (read-only:
     it is computed once and shared)."""
     found = _class_keys(RunConfig, "")
-    for section, cls in _sections().items():
+    for section, cls in sections().items():
         found.update(_class_keys(cls, f"{section}."))
     return MappingProxyType(found)
 

@@ -10,9 +10,10 @@ bfloat16); what travels is Flower's ArrayRecord, each tensor's raw bytes under i
 from __future__ import annotations
 
 import argparse
+from typing import get_args
 
 from fed.adapters import kinds
-from fed.config import WIRE_DTYPES
+from fed.config import WireDtype
 from fed.config.sources import resolve
 from fed.session import adapted_model
 from fed.wire import to_record
@@ -31,7 +32,7 @@ def main() -> None:
         cfg = resolve("quickstart", [f"model.name={args.model}", f"adapter.kind={kind}", *args.set])
         state = adapted_model(cfg)[0].sent_state()
         elements = sum(t.numel() for t in state.values())
-        for wire in WIRE_DTYPES:
+        for wire in get_args(WireDtype):
             minimum, sent = elements * ITEMSIZE[wire], to_record(state, wire).count_bytes()
             print(f"| {kind} | {len(state)} | {elements:,} | {wire} | {minimum:,} | {sent:,} | "
                   f"{100 * (sent - minimum) / minimum:.2f}% |")

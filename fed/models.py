@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 from fed.assets import package_file
-from fed.config import POOLINGS, TASKS
+from fed.config import Pooling, TaskName
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Embedded:
     module: str  # import name, only used to locate the directory
     path: str  # file or folder inside the package
     kind: str  # "dir" (HF checkpoint), "gguf" (converted once to a plain checkpoint), "tiny" (random)
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = get_args(TaskName)
     aliases: tuple[str, ...] = ()
 
 
@@ -69,8 +69,8 @@ _SEQ_CLS = set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values())
 
 
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
+    if task not in get_args(TaskName):
+        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(get_args(TaskName))}")
 
 
 def _accepted() -> str:
@@ -264,8 +264,8 @@ class MeanPooledClassifier(nn.Module):
 
 
 def _check_pooling(task: str, pooling: str) -> None:
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; accepted: {', '.join(POOLINGS)}")
+    if pooling not in get_args(Pooling):
+        raise ValueError(f"unknown pooling {pooling!r}; accepted: {', '.join(get_args(Pooling))}")
     if pooling != "cls" and task != "classification":
         raise ValueError(f"pooling={pooling!r} builds a classification head; task {task!r} has none (use 'cls')")
 

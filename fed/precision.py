@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, get_args
 
 import torch
 from torch import nn
 
-from fed.config import PRECISIONS
+from fed.config import Precision
 
 _NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -48,7 +48,7 @@ def resolve_precision(setting: str, device_type: str = "cpu") -> torch.dtype:
     if setting == "auto":
         native = torch.cuda.is_bf16_supported(including_emulation=False) if device_type == "cuda" else cpu_has_native_bf16()
         return torch.bfloat16 if native else torch.float32
-    raise ValueError(f"unknown precision {setting!r}; accepted: {', '.join(PRECISIONS)}")
+    raise ValueError(f"unknown precision {setting!r}; accepted: {', '.join(get_args(Precision))}")
 
 
 def _trained_modules(model: nn.Module) -> list[nn.Module]:

@@ -11,14 +11,14 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence, get_args
 
 import torch
 from datasets import Dataset
 from torch import nn
 
 from fed.adapters import Adapter
-from fed.config import LR_SCHEDULES, OPTIMIZERS
+from fed.config import LrSchedule, OptimizerName
 from fed.precision import autocast, model_device
 from fed.privacy.mechanism import DpSettings, poisson_batches
 from fed.tasks import Task
@@ -78,7 +78,7 @@ def round_lr(lr: float, schedule: str, round_: int, rounds: int) -> float:
         return lr
     if schedule == "cosine":
         return lr * (1 + math.cos(math.pi * (min(max(round_, 1), rounds) - 1) / rounds)) / 2
-    raise ValueError(f"unknown lr schedule {schedule!r}; accepted: {', '.join(LR_SCHEDULES)}")
+    raise ValueError(f"unknown lr schedule {schedule!r}; accepted: {', '.join(get_args(LrSchedule))}")
 
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str, *, lr: float, weight_decay: float,
@@ -93,7 +93,7 @@ def make_optimizer(params: list[torch.nn.Parameter], name: str, *, lr: float, we
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
-    raise ValueError(f"unknown optimizer {name!r}; accepted: {', '.join(OPTIMIZERS)}")
+    raise ValueError(f"unknown optimizer {name!r}; accepted: {', '.join(get_args(OptimizerName))}")
 
 
 def length_chunks(lengths: Sequence[int], indices: list[int], size: int) -> list[list[int]]:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, get_args
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fed.config import WIRE_DTYPES, RunConfig
+from fed.config import RunConfig, WireDtype
 
 
 class PayloadError(ValueError):
@@ -55,8 +55,8 @@ def _raw(array: np.ndarray) -> Array:
 
 def to_record(tensors: Mapping[str, torch.Tensor], wire: str = "float32") -> ArrayRecord:
     """``tensors`` as an ArrayRecord, in the transport dtype ``wire`` (see the module docstring)."""
-    if wire not in WIRE_DTYPES:
-        raise ValueError(f"wire dtype {wire!r} is not one of: {', '.join(WIRE_DTYPES)}")
+    if wire not in get_args(WireDtype):
+        raise ValueError(f"wire dtype {wire!r} is not one of: {', '.join(get_args(WireDtype))}")
     if wire in _CARRIER:
         half, bits, _ = _CARRIER[wire]
         tensors = {name: t.detach().cpu().to(half).view(bits) for name, t in tensors.items()}
@@ -65,8 +65,8 @@ def to_record(tensors: Mapping[str, torch.Tensor], wire: str = "float32") -> Arr
 
 def _on_wire(meta: TensorMeta, wire: str) -> TensorMeta:
     """What a tensor described by ``meta`` looks like in transit when sent as ``wire``."""
-    if wire not in WIRE_DTYPES:
-        raise ValueError(f"wire dtype {wire!r} is not one of: {', '.join(WIRE_DTYPES)}")
+    if wire not in get_args(WireDtype):
+        raise ValueError(f"wire dtype {wire!r} is not one of: {', '.join(get_args(WireDtype))}")
     if wire in _CARRIER and meta.dtype == "float32":
         return TensorMeta(meta.shape, _CARRIER[wire][2])
     return meta

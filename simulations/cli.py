@@ -1,4 +1,5 @@
-"""The ``fed`` command: ``fed simulate``, ``fed plan`` (the DP schedule before training) and ``fed report``."""
+"""The ``fed`` command: ``fed simulate``, ``fed plan`` (the DP schedule before training), ``fed report`` and
+``fed config`` (every config key, its default and what it accepts)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from fed.config import ConfigError
 from fed.config.sources import preset_names, resolve
@@ -36,6 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a run directory (holds privacy.json)")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last completed round "
                      "(with its own config; --preset and --set are ignored)")
+    config = commands.add_parser("config", help="every config key: default, accepted values, meaning")
+    shown = config.add_mutually_exclusive_group(required=True)
+    shown.add_argument("--list", action="store_true", help="a table of every key (with --preset: its values)")
+    shown.add_argument("--markdown", action="store_true", help="the reference page (docs/configuration.md)")
+    shown.add_argument("--pyproject", action="store_true",
+                       help="the [tool.flwr.app.config] block pyproject.toml must declare for Flower")
+    config.add_argument("--preset", default=None, help="show this preset's resolved values (name or .toml path)")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --preset: override a config key (repeatable)")
     deploy_cli.add_commands(commands)
     return parser
 
@@ -114,9 +125,35 @@ def _report(run_dir: str, console: Console) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace, console: Console) -> int:
+    """``fed config``: the generated key reference, as a terminal table or as the text of a generated file."""
+    from fed.config import reference
+
+    if args.markdown or args.pyproject:
+        print(reference.markdown() if args.markdown else reference.flower_block(), end="")
+        return 0
+    preset = args.preset or ("quickstart" if args.overrides else None)
+    try:
+        values = resolve(preset, args.overrides).to_flat() if preset else {}
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    table = Table(title=f"config keys, with preset {preset}" if preset else "config keys")
+    table.add_column("key", no_wrap=True)  # a folded key could not be copied into --set
+    for column in ("default", *([preset] if preset else []), "accepts", "meaning"):
+        table.add_column(column, overflow="fold")
+    for key, default, accepted, meaning in reference.rows():
+        shown = [reference.value_text(values[key])] if preset else []
+        table.add_row(*(Text(cell) for cell in (key, default, *shown, accepted, meaning)))
+    Console().print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
+    if args.command == "config":
+        return _config(args, console)
     if args.command == "report":
         return _report(args.run_dir, Console())
     if args.command == "deploy":

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 
 from fed.config import ConfigError, RunConfig
 from fed.config.sources import from_run_config, load_preset, parse_override, preset_names, resolve
+
+ROOT = Path(__file__).parents[1]
 
 
 def test_presets_resolve_and_round_trip():
@@ -73,17 +77,70 @@ def test_override_syntax():
 
 
 def test_flower_app_declares_every_config_key():
-    """Flower refuses run-config keys the app does not declare; pyproject must list them all."""
-    from pathlib import Path
-
+    """Flower refuses run-config keys the app does not declare; pyproject must list them all, as generated."""
     import tomllib
 
+    from fed.config.reference import flower_block
     from fed.config.sources import flatten
 
-    declared = flatten(tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-                       ["tool"]["flwr"]["app"]["config"])
+    text = (ROOT / "pyproject.toml").read_text()
+    declared = flatten(tomllib.loads(text)["tool"]["flwr"]["app"]["config"])
     assert set(declared) == set(RunConfig().to_flat()) | {"preset", "out", "name", "resume"}
     assert from_run_config(declared) == resolve("quickstart")
+    start = text.index("[tool.flwr.app.config]\n")
+    block = text[start:_block_end(text, start)]
+    assert block.rstrip() + "\n" == flower_block(), "pyproject's run-config declarations drifted: paste `fed config --pyproject`"
+
+
+def _block_end(text: str, start: int) -> int:
+    """Where the tables under [tool.flwr.app.config] that begin at ``start`` end: the next other table."""
+    position = start
+    while (position := text.find("\n[", position + 1)) != -1:
+        if not text.startswith("\n[tool.flwr.app.config", position):
+            return position
+    return len(text)
+
+
+def test_reference_page_is_generated_from_the_dataclasses():
+    from fed.config.reference import MARKDOWN_PATH, markdown
+
+    assert (ROOT / MARKDOWN_PATH).read_text() == markdown(), \
+        "docs/configuration.md drifted: run fed config --markdown > docs/configuration.md"
+
+
+def test_every_key_and_section_has_a_docstring():
+    from fed.config import keys, sections
+    from fed.config.reference import docs
+
+    assert set(keys()) | set(sections()) <= {name for name, doc in docs().items() if doc}
+
+
+def test_choices_come_from_the_field_types():
+    from fed.adapters import registry
+    from fed.config import keys
+
+    assert keys()["wire.dtype"].choices == ("float32", "bfloat16") and keys()["wire.dtype"].kind is str
+    assert keys()["adapter.kind"].choices == registry.kinds()
+    assert keys()["adapter.targets"].kind is tuple and not keys()["adapter.targets"].choices
+    assert resolve("quickstart", ["train.optimizer=sgd", "strategy.clip=off"]).train.optimizer == "sgd"
+
+
+def test_each_section_checks_its_own_values():
+    from fed.config import DPConfig, StrategyConfig
+
+    assert StrategyConfig(clip="fixed").problems() == ["strategy.clip='fixed' needs strategy.max_delta_norm > 0"]
+    assert DPConfig().problems() == [] and "needs dp.target_epsilon" in DPConfig(enabled=True).problems()[0]
+
+
+def test_fed_config_lists_every_key_with_a_preset(capsys, monkeypatch):
+    from fed.config import keys
+    from simulations.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")  # rich's width off a terminal; 80 would fold the values
+
+    assert main(["config", "--list", "--preset", "private"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in keys()) and '"sms-spam"' in out
 
 
 def test_cli_stops_on_a_bad_value_before_any_work(capsys):
@@ -105,3 +162,20 @@ def test_simulation_section_sizes_the_ray_actors():
     assert sized["client_resources"]["num_cpus"] == 2
     with pytest.raises(ConfigError, match="simulation.threads=0"):
         RunConfig.from_flat({"simulation.threads": 0})
+
+
+def test_the_adapter_sections_option_keys_are_the_families_own():
+    """Every ``adapter.*`` key beyond the common ones is an option some family declares, with the same default;
+    and every option a family declares is a key (else no config could set it)."""
+    import dataclasses
+
+    from fed.adapters import family, kinds
+    from fed.config import AdapterConfig
+
+    common = {"kind", "rank", "alpha", "dropout", "targets"}
+    config = {f.name: f.default for f in dataclasses.fields(AdapterConfig) if f.name not in common}
+    declared: dict[str, object] = {}
+    for kind in kinds():
+        for option in dataclasses.fields(family(kind).Options):
+            assert declared.setdefault(option.name, option.default) == option.default, (kind, option.name)
+    assert config == declared

@@ -13,6 +13,9 @@ import tomllib
 
 from fed.config import ConfigError, RunConfig
 
+APP_KEYS: dict[str, str] = {"preset": "quickstart", "out": "runs", "name": "", "resume": ""}
+"""Flower run-config keys that say which run to start rather than how it trains, with their declared defaults."""
+
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` from the command line; the value is read as TOML when it parses, else as a string."""
@@ -73,8 +76,5 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     declares every key with ``""``, meaning "keep the preset's value".
     """
     values = {k: v for k, v in run_config.items() if v != ""}
-    preset = str(values.pop("preset", "quickstart"))
-    values.pop("out", None)
-    values.pop("name", None)
-    values.pop("resume", None)
-    return resolve(preset, values)
+    preset = str(values.get("preset", APP_KEYS["preset"]))
+    return resolve(preset, {k: v for k, v in values.items() if k not in APP_KEYS})

@@ -18,14 +18,14 @@ import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, get_args
 
 import datasets
 import yaml
 from datasets import ClassLabel, Dataset, Features, Value
 
 from fed.assets import package_file
-from fed.config import PARTITIONS, TASKS
+from fed.config import Partition, TaskName
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
@@ -257,8 +257,8 @@ def load_task_dataset(name: str, task: str, *, text_column: str = "text", label_
     Cached in-process (keyed on the arguments and, for files, the modification time) because every
     simulated client in a process asks for the same data. ``max_examples > 0`` keeps a seeded subset.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; accepted: {list(TASKS)}")
+    if task not in get_args(TaskName):
+        raise ValueError(f"unknown task {task!r}; accepted: {list(get_args(TaskName))}")
     if max_examples < 0:
         raise ValueError(f"max_examples must be >= 0 (0 = all), got {max_examples}")
     stamp = None
@@ -331,8 +331,8 @@ def client_split(dataset: Dataset, *, num_clients: int, client_id: int, partitio
 
     Deterministic in ``seed``: clients that each build this independently get disjoint shares.
     """
-    if partition not in PARTITIONS:
-        raise ValueError(f"unknown partition {partition!r}; accepted: {list(PARTITIONS)}")
+    if partition not in get_args(Partition):
+        raise ValueError(f"unknown partition {partition!r}; accepted: {list(get_args(Partition))}")
     if not 1 <= num_clients <= len(dataset) // 2:
         raise ValueError(f"num_clients={num_clients} must be in [1, {len(dataset) // 2}] for {len(dataset)} rows "
                          f"(each client needs at least one train and one test row)")

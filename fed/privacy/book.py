@@ -13,9 +13,9 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, get_args
 
-from fed.config import ACCOUNTANTS, DPConfig
+from fed.config import Accountant, DPConfig
 from fed.privacy import secure_rng
 from fed.privacy.ledger import DpSgdEvent, Ledger, epsilon
 from fed.privacy.planner import new_ledger
@@ -135,7 +135,7 @@ class LedgerBook:
                 "epsilon": self.epsilon(cid), "server_epsilon": self.server_epsilon(cid),
                 "client_reported_epsilon": self.reported_epsilon.get(cid),
                 **{f"epsilon_{acc}": (self.server_epsilon(cid, acc) if cross_check or acc == self.dp.accountant
-                                      else None) for acc in ACCOUNTANTS},
+                                      else None) for acc in get_args(Accountant)},
                 "remaining": (max(0.0, self.dp.target_epsilon - self.epsilon(cid))
                               if self.dp.target_epsilon > 0 else None),
                 "sample_rate": entry["events"][-1]["sample_rate"] if entry["events"] else None,

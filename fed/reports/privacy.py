@@ -13,7 +13,7 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import matplotlib
 
@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from fed.config import ACCOUNTANTS  # noqa: E402
+from fed.config import Accountant  # noqa: E402
 from fed.privacy.ledger import DpSgdEvent, epsilon  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def epsilon_by_round(entry: dict[str, Any], delta: float, accountant: str) -> li
 def cross_checked(privacy: dict[str, Any]) -> dict[str, Any]:
     """``privacy`` with every client's missing RDP or PRV figure recomputed from its events (a copy)."""
     clients = {cid: {**entry, **{f"epsilon_{acc}": epsilon(_events(entry), privacy["delta"], acc)
-                                 for acc in ACCOUNTANTS if entry.get(f"epsilon_{acc}") is None}}
+                                 for acc in get_args(Accountant) if entry.get(f"epsilon_{acc}") is None}}
                for cid, entry in privacy["clients"].items()}
     return {**privacy, "clients": clients}
 
@@ -76,7 +76,7 @@ def _plots(privacy: dict[str, Any]) -> list[tuple[str, str]]:
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     names = [f"client {c}" for c in clients]
     bars = {acc: [float("nan") if e.get(f"epsilon_{acc}") is None else e[f"epsilon_{acc}"] for e in clients.values()]
-            for acc in ACCOUNTANTS}  # a missing figure (mid-run file) draws no bar
+            for acc in get_args(Accountant)}  # a missing figure (mid-run file) draws no bar
     ax.bar(names, bars["rdp"], width=0.4, label="RDP", align="edge")
     ax.bar(names, bars["prv"], width=-0.4, label="PRV", align="edge")
     if target:

@@ -141,9 +141,9 @@ class MoleOptions:
 
     def __post_init__(self) -> None:
         if self.experts < 1:
-            raise ValueError(f"adapter experts={self.experts} must be >= 1")
+            raise ValueError(f"adapter.experts={self.experts} must be >= 1")
         if self.balance < 0:
-            raise ValueError(f"adapter balance={self.balance} must be >= 0")
+            raise ValueError(f"adapter.balance={self.balance} must be >= 0")
 
 
 @register_family

@@ -107,7 +107,7 @@ class MorOptions:
 
     def __post_init__(self) -> None:
         if self.experts < 1:
-            raise ValueError(f"adapter experts={self.experts} must be >= 1")
+            raise ValueError(f"adapter.experts={self.experts} must be >= 1")
 
 
 @register_family

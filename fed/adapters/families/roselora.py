@@ -108,7 +108,7 @@ class RoseLoraOptions:
 
     def __post_init__(self) -> None:
         if not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"adapter keep_ratio={self.keep_ratio} must be in (0, 1]")
+            raise ValueError(f"adapter.keep_ratio={self.keep_ratio} must be in (0, 1]")
 
 
 @register_family

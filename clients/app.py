@@ -1,37 +1,31 @@
 """Flower ClientApp: decode the global adapter -> train locally (DP-SGD if enabled) -> send the delta.
 
 The base model stays loaded between rounds in the worker process (see ``fed.session``). The client
-owns its privacy: its policy comes from its own node config, never from the server; its ledger is a
-file in its state directory (node config ``state-dir``, else ``$FEDLORA_STATE_DIR``, else
-``~/.local/state/fedlora``), written atomically once per DP round, with that round's event, before
-training; merged with the events the server returns, and never silently replaced: a ledger that
-cannot be read stops the client. A node
-may bring its own data file (node config ``data-path``); errors about it stay in the node's log.
+owns its privacy: ``fed.privacy.client`` reads its policy and ledger, plans and books each round
+before training, and filters what a reply may carry. A node may bring its own data file (node config
+``data-path``); errors about it stay in the node's log.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
-from pathlib import Path
-from typing import Any, Mapping
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed.adapters import Clock
 from fed.adapters.base import restrict_rank
+from fed.config import RunConfig
 from fed.data.node import NodeDataError
 from fed.precision import model_device, resolve_precision
-from fed.privacy.ledger import DpSgdEvent, Ledger, events_from_json, write_atomic
-from fed.privacy.planner import new_ledger, plan_round
-from fed.privacy.policy import Policy
-from fed.privacy.release import public_metrics
+from fed.privacy.client import KNOWN_EVENTS, Metrics, PrivateRound
+from fed.privacy.planner import RoundPlan
 from fed.ranks import client_rank
 from fed.seeding import generator
-from fed.session import client_session
-from fed.train import evaluate, round_lr, train_round
+from fed.session import ClientSession, client_session
+from fed.train import RoundResult, evaluate, round_lr, train_round
 from fed.wire import config_from_record, from_record, metas, to_sparse_record, usage_metrics
 
 app = ClientApp()
@@ -39,38 +33,6 @@ log = logging.getLogger("flwr")  # Flower's logger: what the SuperNode's operato
 gc.freeze()  # what is imported by now (torch, transformers, Flower: ~470k objects) lives as long as the process
 # Frozen, it is skipped by every collection: the one after each reply (below) scans what came later (the
 # model, Opacus, the data, the round: ~34k objects), ~20 ms, instead of every object in the process, ~0.3 s.
-KNOWN_EVENTS = "known-events"
-"""Config key under which the server returns the DP events it holds for the receiving client."""
-STATE_DIR_ENV = "FEDLORA_STATE_DIR"
-"""Where simulated clients keep their state (a simulation gives no per-node config): set by ``fed simulate``."""
-
-
-def state_dir(node_config: Mapping[str, Any]) -> Path:
-    """This node's state directory: chosen by whoever runs the node, never by the server."""
-    explicit = node_config.get("state-dir") or os.environ.get(STATE_DIR_ENV)
-    if explicit:
-        return Path(str(explicit))
-    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "fedlora"
-
-
-def load_ledger(path: Path, fresh: Ledger, server_events: str) -> Ledger:
-    """The client's ledger file (else ``fresh``), with the server's copy of its events merged in.
-
-    A file that exists but cannot be read raises: starting from zero would spend the budget again.
-    """
-    ledger = fresh
-    if path.is_file():
-        try:
-            ledger = Ledger.from_json(path.read_text())
-        except (ValueError, KeyError, TypeError) as err:
-            raise RuntimeError(f"privacy ledger {path} is unreadable ({err}); refusing to train rather than "
-                               "start a fresh budget. Repair or restore the file.") from err
-    if server_events:
-        try:
-            ledger.merge(events_from_json(server_events))
-        except (ValueError, KeyError, TypeError) as err:  # only ever adds events: ignoring it is safe
-            log.warning("ignoring the server's malformed copy of this client's events: %s", err)
-    return ledger
 
 
 def _receive(msg: Message, context: Context):
@@ -94,9 +56,9 @@ def _receive(msg: Message, context: Context):
     return cfg, int(config["server-round"]), partition_id, session, global_
 
 
-def _reply(msg: Message, metrics: dict[str, int | float], dp: bool, arrays: ArrayRecord | None = None,
-           reason: str = "") -> Message:
-    content = RecordDict({"metrics": MetricRecord(public_metrics(metrics, dp))})
+def _reply(msg: Message, metrics: Metrics, arrays: ArrayRecord | None = None, reason: str = "") -> Message:
+    """The train reply: ``metrics`` as released by the privacy layer, the delta if trained, a refusal's reason."""
+    content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
         content["arrays"] = arrays
     if reason:
@@ -104,58 +66,52 @@ def _reply(msg: Message, metrics: dict[str, int | float], dp: bool, arrays: Arra
     return Message(content, reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg, round_, pid, session, global_ = _receive(msg, context)
-    train_data = session.data.train
-    config = msg.content.config_records["config"]
-    path = state_dir(context.node_config) / f"ledger-{pid}.json"
-    ledger = load_ledger(path, new_ledger(cfg.dp), str(config.get(KNOWN_EVENTS, "")))
-    plan = plan_round(cfg.dp, ledger, num_examples=len(train_data), batch_size=cfg.train.batch_size,
-                      local_steps=cfg.train.local_steps, rounds=cfg.federation.rounds, round_=round_,
-                      policy=Policy.from_node_config(context.node_config), run=msg.metadata.run_id)
-    dp = cfg.dp.enabled or bool(ledger.events)
-    if plan.dp is not None and plan.steps > 0:  # booked before the first noisy step: a crash can only over-count
-        ledger.record(DpSgdEvent(round_, plan.dp.noise_multiplier, plan.dp.sample_rate, plan.steps,
-                                 msg.metadata.run_id))
-    if dp:  # once per round: the pin, any merged events and this round's event, even if it trains nothing
-        write_atomic(path, ledger.to_json())
-    metrics: dict[str, int | float] = {"partition-id": pid, "round": round_, "num-examples": len(train_data),
-                                       "fingerprint": session.adapter.fingerprint()}
-    rank = client_rank(cfg.federation.client_ranks, pid, cfg.federation.num_clients, cfg.adapter.rank,
-                       context.node_config)
-    if rank is not None:
-        metrics["rank"] = rank
-    if plan.refused:
-        return _reply(msg, {**metrics, "refused": 1, "epsilon": ledger.epsilon()}, dp, reason=plan.refused)
-    if plan.steps == 0:
-        return _reply(msg, {**metrics, "declined": 1, "epsilon": ledger.epsilon()}, dp)
+def _train_locally(cfg: RunConfig, session: ClientSession, plan: RoundPlan, round_: int, pid: int,
+                   rank: int | None) -> RoundResult:
+    """``plan.steps`` local steps (DP-SGD under ``plan.dp``) of this client's adapter, masked to its rank."""
     # the run's shared clock: sparsity schedules end every client's round at the budget the server expects
     session.adapter.begin_round(Clock(round_, cfg.federation.rounds, plan.steps))
     session.adapter.set_rank(rank)  # masks the components beyond this client's rank (fed/ranks.py)
-    result = train_round(session.adapter, session.task, train_data, steps=plan.steps,
-                         batch_size=cfg.train.batch_size, weight_decay=cfg.train.weight_decay,
-                         lr=round_lr(cfg.train.lr, cfg.train.lr_schedule, round_, cfg.federation.rounds),
-                         optimizer=cfg.train.optimizer, momentum=cfg.train.momentum,
-                         precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type),
-                         micro_batch=cfg.train.micro_batch,
-                         dp=plan.dp, gen=generator(cfg.seed, "batches", pid, round_))
-    if plan.dp is None:  # loss, timing and expert counts are private statistics outside DP-SGD
-        metrics |= {"train_loss": result.loss, "train_wall_s": result.wall_s} | usage_metrics(result.usage)
-    else:
-        metrics |= {"epsilon": ledger.epsilon(), "dp-noise-multiplier": plan.dp.noise_multiplier,
-                    "dp-sample-rate": plan.dp.sample_rate, "dp-steps": plan.steps,
-                    "secure-rng": 1}  # noise and sampling came from fed.privacy.secure_rng
-        if result.released_loss is not None:  # privatised and inside the accounted mechanism
-            metrics["dp-train-loss"] = result.released_loss
+    return train_round(session.adapter, session.task, session.data.train, steps=plan.steps,
+                       batch_size=cfg.train.batch_size, weight_decay=cfg.train.weight_decay,
+                       lr=round_lr(cfg.train.lr, cfg.train.lr_schedule, round_, cfg.federation.rounds),
+                       optimizer=cfg.train.optimizer, momentum=cfg.train.momentum,
+                       precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type),
+                       micro_batch=cfg.train.micro_batch, dp=plan.dp, gen=generator(cfg.seed, "batches", pid, round_))
+
+
+def _delta(cfg: RunConfig, session: ClientSession, global_: dict[str, torch.Tensor], rank: int | None) -> ArrayRecord:
+    """The trained adapter minus the global one, as it travels."""
     local = session.adapter.sent_state()
     delta = {name: local[name] - global_[name] for name in global_}
     if rank is not None:  # DP noise (and weight decay) also moved the masked components: never send that
         delta = restrict_rank(delta, session.adapter.structure().rank_axes, rank)
     # line-sparse tensors (RoseLoRA) travel as their kept entries and masks: post-processing of the update
-    arrays = to_sparse_record(delta, session.adapter.masks(), session.adapter.structure().lines, cfg.wire.dtype)
+    return to_sparse_record(delta, session.adapter.masks(), session.adapter.structure().lines, cfg.wire.dtype)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, round_, pid, session, global_ = _receive(msg, context)
+    num_examples = len(session.data.train)
+    private = PrivateRound.open(cfg, context.node_config, partition_id=pid, round_=round_, run=msg.metadata.run_id,
+                                num_examples=num_examples,
+                                server_events=str(msg.content.config_records["config"].get(KNOWN_EVENTS, "")))
+    metrics: Metrics = {"partition-id": pid, "round": round_, "num-examples": num_examples,
+                        "fingerprint": session.adapter.fingerprint()}
+    rank = client_rank(cfg.federation.client_ranks, pid, cfg.federation.num_clients, cfg.adapter.rank,
+                       context.node_config)
+    if rank is not None:
+        metrics["rank"] = rank
+    if (verdict := private.verdict()) is not None:  # refused by the node's policy, or no budget left
+        return _reply(msg, private.release(metrics | verdict), reason=private.plan.refused)
+    result = _train_locally(cfg, session, private.plan, round_, pid, rank)
+    # loss, timing and expert counts are private statistics outside DP-SGD
+    metrics |= private.trained({"train_loss": result.loss, "train_wall_s": result.wall_s}
+                               | usage_metrics(result.usage), result.released_loss)
+    arrays = _delta(cfg, session, global_, rank)
     gc.collect()  # Opacus hooks leave reference cycles; collect them so a long run's memory stays flat
-    return _reply(msg, {**metrics, "steps": result.steps}, dp, arrays=arrays)
+    return _reply(msg, private.release({**metrics, "steps": result.steps}), arrays=arrays)
 
 
 @app.evaluate()

@@ -20,10 +20,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers.utils import logging as transformers_logging
 
-from clients.app import STATE_DIR_ENV
 from clients.app import app as client_app
 from fed.run.checkpoint import Checkpoint
 from fed.config import ConfigError, RunConfig, SimulationConfig
+from fed.privacy.client import STATE_DIR_ENV
 from fed.privacy.planner import delta_problems
 from fed.run.rundir import RunDir
 from fed.session import client_data, preflight, with_local_labels

@@ -55,10 +55,12 @@ def test_policy_refusal_is_in_the_reply_and_the_pin_survives(experiment, tmp_pat
 
 def test_one_ledger_write_per_dp_round_booking_the_round_before_it_trains(experiment, tmp_path, monkeypatch):
     import clients.app as client_app
+    import fed.privacy.client as client_privacy
 
     writes: list = []
-    real_write = client_app.write_atomic
-    monkeypatch.setattr(client_app, "write_atomic", lambda path, text: writes.append(path) or real_write(path, text))
+    real_write = client_privacy.write_atomic
+    monkeypatch.setattr(client_privacy, "write_atomic",
+                        lambda path, text: writes.append(path) or real_write(path, text))
     data, node = experiment.canary.data(False), {"state-dir": str(tmp_path)}
     experiment.ask(data, node, round_=1)
     assert len(writes) == 1

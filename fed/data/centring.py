@@ -29,7 +29,7 @@ import hashlib
 import torch
 from safetensors.torch import load_file
 
-from fed.run.checkpoint import save_atomic
+from fed.atomic import save_atomic
 from fed.data.datasets import load_task_dataset
 from fed.models import MeanPooledClassifier, cache_root, mean_over_tokens
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fed.config import RunConfig
-from fed.privacy.ledger import DpSgdEvent, Ledger, events_from_json, write_atomic
+from fed.atomic import write_atomic
+from fed.privacy.ledger import DpSgdEvent, Ledger, events_from_json
 from fed.privacy.planner import RoundPlan, new_ledger, plan_round
 from fed.privacy.policy import Policy
 from fed.privacy.release import public_metrics

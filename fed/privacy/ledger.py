@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterable
 
 from fed.privacy.policy import Policy
@@ -176,14 +173,3 @@ def events_from_json(text: str) -> list[DpSgdEvent]:
             raise ValueError(f"impossible DP event: {item!r}")
         events.append(event)
     return events
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename, so a crash leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

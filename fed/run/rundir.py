@@ -18,7 +18,7 @@ from typing import Any
 from fed.run.checkpoint import Checkpoint
 from fed.config import RunConfig
 from fed.config.sources import flatten
-from fed.privacy.ledger import write_atomic
+from fed.atomic import write_atomic
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -13,11 +14,14 @@ from fed.adapters.base import Aggregation
 from fed.adapters.families.dynamic_lora import DynamicLinear, allocate_ranks
 from fed.adapters.families.roselora import BETA, RoseLinear, keep_fraction, line_budget, round_budgets
 from fed.config import DPConfig, StrategyConfig
+from fed.privacy.book import LedgerBook
 from fed.privacy.dpsgd import DpStepper
 from fed.privacy.mechanism import DpSettings
 from fed.tasks import Classification
 from fed.wire import MASK_SUFFIX, PayloadError, from_record, from_sparse_record, metas, to_record, to_sparse_record
-from strategies.fedavg import AdapterFedAvg
+from strategies.build import influence_stages, reply_stages
+from strategies.core import AdapterStrategy, ServerUpdate
+from strategies.pipeline import AdapterModel
 from strategies.rules import Replies, aggregate, reallocate
 from strategies.validation import ReplyRules
 from tests.conftest import randomise, reply_from, spec, tiny_bert
@@ -227,9 +231,11 @@ def test_the_row_and_column_budget_holds_after_every_round_through_the_strategy(
     rounds, global_ = 3, server.sent_state()
     shapes = {n: m.shape for n, m in metas(global_).items()}
     structure = server.structure()
-    strategy = AdapterFedAvg(expected=metas(global_), structure=structure, products=server.products,
-                             rules=ReplyRules(fingerprint=server.fingerprint()), influence=StrategyConfig(clip="off"),
-                             budgets=lambda r: round_budgets(shapes, structure.lines, 0.1, r, rounds))
+    model = AdapterModel(metas(global_), structure, server.products)
+    strategy = AdapterStrategy(
+        model=model, update=ServerUpdate(budgets=lambda r: round_budgets(shapes, structure.lines, 0.1, r, rounds)),
+        stages=[*reply_stages(model, ReplyRules(fingerprint=server.fingerprint()), LedgerBook(DPConfig())),
+                *influence_stages(StrategyConfig(clip="off"), math.inf)])
     g = torch.Generator().manual_seed(4)
     for round_ in range(1, rounds + 1):
         strategy._global = global_

@@ -9,26 +9,24 @@ the run's accountant only; the RDP/PRV cross-check is added when the run ends (a
 from __future__ import annotations
 
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fed.run.checkpoint import Checkpoint
 from fed.config import RunConfig
 from fed.config.sources import from_run_config
-from fed.ranks import planned_ranks
-from fed.run.export import export_adapter
 from fed.privacy.book import LedgerBook
 from fed.reports.curves import plot_curves
 from fed.reports.privacy import write_report
+from fed.run.checkpoint import Checkpoint
+from fed.run.export import export_adapter
 from fed.run.rundir import RunDir
 from fed.session import adapted_model, server_preflight
 from fed.wire import config_record, from_record, metas, to_record
-from strategies.fedavg import AdapterFedAvg
-from strategies.validation import ReplyRules
+from strategies.build import build_strategy
+from strategies.core import AdapterStrategy
 
 app = ServerApp()
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -54,7 +52,7 @@ class RoundRecorder:
     """Called by the strategy after each round's evaluation: writes the round's line and checkpoint (the
     privacy book was written when the round's replies arrived)."""
 
-    def __init__(self, strategy: AdapterFedAvg, book: LedgerBook, run_dir: RunDir,
+    def __init__(self, strategy: AdapterStrategy, book: LedgerBook, run_dir: RunDir,
                  on_round: RoundCallback | None) -> None:
         self.strategy, self.book, self.run_dir, self.on_round = strategy, book, run_dir, on_round
         self.started = time.perf_counter()
@@ -77,7 +75,7 @@ class RoundRecorder:
                 "epsilon_max": self.book.max_epsilon(), "wall_s": round(now - self.started, 3)}
         self.started = now
         self.run_dir.append_metrics(line)
-        global_ = from_record(arrays, self.strategy.expected)
+        global_ = from_record(arrays, self.strategy.model.expected)
         Checkpoint(round_, global_, self.book.to_json()).save(self.run_dir.checkpoint)
         if self.on_round is not None:
             self.on_round(line)
@@ -94,21 +92,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
         initial = from_record(to_record(resume.arrays), metas(initial))
     fed = cfg.federation
     book = LedgerBook(cfg.dp) if resume is None else LedgerBook.from_json(resume.book)
-    strategy = AdapterFedAvg(
-        expected=metas(initial), structure=adapter.structure(), products=adapter.products, seed=cfg.seed,
-        server_lr=fed.server_lr,
-        rules=ReplyRules(fingerprint=adapter.fingerprint(), local_steps=cfg.train.local_steps,
-                         batch_size=cfg.train.batch_size, rounds=fed.rounds, dp=cfg.dp,
-                         max_rank=cfg.adapter.rank if fed.client_ranks else 0,
-                         ranks=planned_ranks(fed.client_ranks, fed.num_clients, cfg.adapter.rank) or ()),
-        influence=cfg.strategy, lr=cfg.train.lr, book=book, on_privacy=lambda b: run_dir.write_privacy(b.report()),
-        fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate, eval_every=fed.eval_every,
-        # the strategy waits for min_available_nodes before FedAvg sizes its sample (see _await_nodes)
-        min_train_nodes=1, min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
-        min_available_nodes=fed.min_available or fed.num_clients, min_replies=fed.min_replies, wire=cfg.wire.dtype,
-        budgets=partial(adapter.round_budgets, rounds=fed.rounds), server_step=adapter.after_aggregate,
-    )
-    strategy.round_offset = 0 if resume is None else resume.round
+    strategy = build_strategy(cfg, adapter, book, on_privacy=lambda b: run_dir.write_privacy(b.report()),
+                              round_offset=0 if resume is None else resume.round)
     recorder = RoundRecorder(strategy, book, run_dir, on_round)
     result = strategy.start(grid=grid, initial_arrays=to_record(initial),
                             num_rounds=fed.rounds - strategy.round_offset,

@@ -1,17 +1,21 @@
-"""Bounded influence: what limits one reply's pull on the global adapter before any rule sees it.
+"""Bounded influence as stages: no single reply may buy the average, however large its claims or its delta.
 
-Example counts are self-reported, so weights are capped; a delta's norm is clipped to a fixed, automatic or
-adaptive bound."""
+Both act on the accepted batch before any rule sees it, so the robust rules and the structural ones
+(experts, products) combine bounded replies too.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from strategies.kinds.base import Tensors
+from strategies.kinds import Replies, Tensors
+from strategies.pipeline import RoundState, Stage
+
 
 def bounded_weights(examples: Sequence[float], weighting: str, max_ratio: float) -> tuple[list[float], int]:
     """Each reply's weight, and how many were capped.
@@ -58,3 +62,55 @@ def adaptive_bound(norms: Sequence[float], multiplier: float, ceiling: float) ->
     """``multiplier`` x the median norm of the round (robust while fewer than half the replies are
     hostile), never above ``ceiling``."""
     return min(ceiling, multiplier * float(np.median(norms)))
+
+
+CLIPS = ("fixed", "auto", "adaptive")
+
+
+class CappedWeights(Stage):
+    """Self-reported weights capped: example counts, and each client's total of expert token counts.
+
+    ``capped`` limits each to ``max_ratio`` x the round's median, ``uniform`` weighs replies alike
+    (``bounded_weights``)."""
+
+    def __init__(self, weighting: str, max_ratio: float) -> None:
+        self.weighting, self.max_ratio = weighting, max_ratio
+
+    def bound(self, state: RoundState, batch: Replies) -> Replies:
+        weights, capped = bounded_weights(batch.weights, self.weighting, self.max_ratio)
+        usage, capped_usage = (None, 0) if batch.usage is None else self._usage(batch.usage)
+        state.log.capped = capped + capped_usage
+        return replace(batch, weights=weights, usage=usage)
+
+    def _usage(self, usage: Sequence[Mapping[str, float]]) -> tuple[list[dict[str, float]], int]:
+        """Each client's counts scaled so their total is within the cap (its mix over experts kept)."""
+        totals = [sum(u.values()) for u in usage]
+        caps, capped = bounded_weights(totals, self.weighting, self.max_ratio)
+        return [{slot: n * (cap / total if total > 0 else 1.0) for slot, n in u.items()}
+                for u, total, cap in zip(usage, totals, caps)], capped
+
+
+class NormClip(Stage):
+    """Each reply's delta scaled down to the round's norm bound: ``fixed`` (``max_norm``), ``auto`` (the
+    largest step an honest client can take, ``ceiling``) or ``adaptive`` (``multiplier`` x the round's
+    median norm, never above ``ceiling``)."""
+
+    def __init__(self, clip: str, max_norm: float, multiplier: float, ceiling: float) -> None:
+        if clip not in CLIPS:
+            raise ValueError(f"clip={clip!r} is not one of: {', '.join(CLIPS)} (off: leave out the NormClip stage)")
+        self.clip, self.max_norm, self.multiplier, self.ceiling = clip, max_norm, multiplier, ceiling
+
+    def bound(self, state: RoundState, batch: Replies) -> Replies:
+        bound = self._bound(batch)
+        if not math.isfinite(bound):
+            return batch
+        deltas, state.log.clipped = clip_deltas(batch.deltas, bound)
+        state.log.norm_bound = bound
+        return replace(batch, deltas=deltas)
+
+    def _bound(self, batch: Replies) -> float:
+        if self.clip == "fixed":
+            return self.max_norm
+        if self.clip == "auto":
+            return self.ceiling
+        return adaptive_bound([delta_norm(d) for d in batch.deltas], self.multiplier, self.ceiling)

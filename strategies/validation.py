@@ -4,7 +4,8 @@ The payload's tensors are checked by ``fed.wire.from_record`` (keys, dtypes, sha
 values); this module checks everything else a reply claims: which round it answers, its example
 count, its frozen-factor fingerprint, its step count, its training loss (non-DP replies), and, in a DP
 run, that its DP event matches the plan the client was given. Each failure names the value and what
-was accepted. The caller counts a failed reply as dropped, with its reason; it is never aggregated.
+was accepted. The two stages at the end apply them to each arriving reply: a failed reply is dropped,
+with its reason, and never aggregated.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
+from flwr.app import Message
 
 from fed.config import DPConfig
 from fed.privacy.ledger import calibrate_noise
 from fed.privacy.planner import sample_rate
-from fed.wire import PayloadError
+from fed.wire import PayloadError, from_sparse_record, read_usage
+from strategies.pipeline import AdapterModel, Reply, RoundState, Stage
 
 MAX_EXAMPLES = 10**9
 """No client trains on more rows than this in one federation; a larger claim is a lie or a bug."""
@@ -38,6 +41,8 @@ class ReplyRules:
     """With client ranks: the adapter's rank, the most a client may train (0: no client ranks in this run)."""
     ranks: tuple[int, ...] = ()
     """With client ranks fixed by the config: each partition id's rank (empty: the nodes choose, ``node``)."""
+    wire: str = "float32"
+    """Transport dtype replies must use (``wire.dtype``); a reply in any other is dropped."""
 
 
 def _int_in(metrics: Mapping[str, Any], key: str, low: int, high: int) -> int:
@@ -122,3 +127,51 @@ def check_padding(delta: Mapping[str, torch.Tensor], axes: Mapping[str, int], ra
         if torch.count_nonzero(tail):
             raise PayloadError(f"{name}: non-zero values beyond the reply's rank {rank} (a client of rank r trains "
                                "only the first r components)")
+
+
+class OneReplyPerNode(Stage):
+    """A node answers a round once: its second reply is dropped before any stage reads it, so it neither
+    counts twice in the aggregate nor books a second DP event."""
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+
+    def arrive(self, state: RoundState, reply: Reply) -> None:
+        if reply.node in self._seen:
+            raise PayloadError("a second reply from the same node in this round")
+        self._seen.add(reply.node)
+
+    def received(self, state: RoundState, replies: Sequence[Message]) -> None:
+        """The next batch of replies starts afresh."""
+        self._seen.clear()
+
+
+def _check_willing(reply: Reply) -> None:
+    """A client that refused the round or declined to train sent metrics, not an update."""
+    if reply.metrics.get("refused"):
+        why = reply.message.content.config_records.get("refusal", {}).get("reason", "no reason given")
+        raise PayloadError(f"client refused the round under its privacy policy: {why}")
+    if reply.metrics.get("declined"):
+        raise PayloadError("client declined to train (privacy budget exhausted)")
+
+
+class ReplyValidation(Stage):
+    """Every claim of a reply checked against the run's ``ReplyRules``, then its payload decoded (sparse
+    lines at the round's budgets, the run's wire dtype) into the delta, expert counts and masks the
+    core aggregates."""
+
+    def __init__(self, model: AdapterModel, rules: ReplyRules) -> None:
+        self.model, self.rules = model, rules
+
+    def arrive(self, state: RoundState, reply: Reply) -> None:
+        _check_willing(reply)
+        reply.weight = check_reply(reply.metrics, self.rules, state.number)
+        rank = check_rank(reply.metrics, self.rules)
+        structure = self.model.structure
+        reply.usage = read_usage(reply.metrics, structure.slot_names)
+        arrays = reply.message.content.array_records["arrays"]
+        state.log.bytes_up += arrays.count_bytes()
+        reply.delta, reply.mask = from_sparse_record(arrays, self.model.expected, state.global_, structure.lines,
+                                                     state.budgets, self.rules.wire)
+        if rank is not None:
+            check_padding(reply.delta, structure.rank_axes, rank)

@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from fed.config.sources import resolve
 from bench.security.redteam import hostile_client
+from fed.config.sources import resolve
 from simulations.run import simulate
 
 pytestmark = pytest.mark.slow

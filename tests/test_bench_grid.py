@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from bench import cells
 from fed.config.sources import resolve
 from fed.run.rundir import RunDir
-
-from bench import cells
 
 
 @pytest.fixture

@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 
-from fed.data import centring
 from fed.adapters import build
 from fed.config import ConfigError, RunConfig
+from fed.data import centring
 from fed.data.datasets import load_task_dataset
-from fed.run.export import export_adapter, load_adapter
 from fed.models import load_model, load_tokenizer, task_head_names
+from fed.run.export import export_adapter, load_adapter
 from fed.session import adapted_model
 from tests.conftest import randomise, spec
 from tests.test_pooling import check_per_sample_gradients

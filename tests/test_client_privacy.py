@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from fed.privacy.ledger import Ledger, events_to_json
 from bench.security.canary import Canary, Experiment
+from fed.privacy.ledger import Ledger, events_to_json
 
 
 @pytest.fixture(scope="module")

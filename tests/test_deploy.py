@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from deploy.launcher import Cluster, Layout
+from deploy.pki import add_node_key, make_pki
 from fed.config.sources import resolve
 from fed.models import load_tokenizer
 from fed.privacy.ledger import Ledger
-from deploy.launcher import Cluster, Layout
-from deploy.pki import add_node_key, make_pki
 
 pytestmark = pytest.mark.slow
 WORDS = (("bad", "awful", "poor"), ("good", "great", "nice"))

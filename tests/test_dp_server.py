@@ -4,18 +4,22 @@ not), each client's events go back to it, and privacy.json is conservative and f
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fed.adapters import Aggregation, Structure
-from fed.config import DPConfig
+from fed.config import DPConfig, StrategyConfig
 from fed.privacy.book import LedgerBook
 from fed.privacy.ledger import DpSgdEvent, epsilon, events_from_json
 from fed.privacy.release import PUBLIC_UNDER_DP
 from fed.wire import metas, to_record
-from strategies.fedavg import AdapterFedAvg, RoundLog
+from strategies.build import influence_stages, reply_stages
+from strategies.core import AdapterStrategy, RoundPlan
+from strategies.pipeline import AdapterModel, RoundLog
+from strategies.privacy import PrivacyBookkeeping
 from strategies.validation import ReplyRules
 from tests.conftest import reply_from
 
@@ -36,9 +40,11 @@ def _dp_reply(node: int, cid: int, *, steps: int = 10, eps: float | None = None,
     return reply_from(node, {"l.lora_B.weight": torch.ones(3, 2)}, metrics)
 
 
-def _strategy(book: LedgerBook, written: list) -> AdapterFedAvg:
-    s = AdapterFedAvg(expected=metas(GLOBAL), structure=Structure({"l.lora_B.weight": Aggregation.MEAN}),
-                      rules=ReplyRules(fingerprint=FP, dp=DP), book=book, on_privacy=lambda b: written.append(b.report()))
+def _strategy(book: LedgerBook, written: list) -> AdapterStrategy:
+    model = AdapterModel(metas(GLOBAL), Structure({"l.lora_B.weight": Aggregation.MEAN}))
+    s = AdapterStrategy(model=model, plan=RoundPlan(loss_metric="dp-train-loss"), stages=[
+        *reply_stages(model, ReplyRules(fingerprint=FP, dp=DP), book, lambda b: written.append(b.report())),
+        *influence_stages(StrategyConfig(), math.inf)])
     s._global = {k: v.clone() for k, v in GLOBAL.items()}
     return s
 
@@ -63,7 +69,8 @@ def test_each_client_gets_its_own_events_back():
     strategy = _strategy(book, [])
     strategy.aggregate_train(1, [_dp_reply(11, 0, steps=10), _dp_reply(12, 1, steps=7)])
     record = RecordDict({"arrays": to_record(GLOBAL), "config": ConfigRecord({"server-round": 2})})
-    messages = [strategy._with_known_events(Message(record, dst_node_id=n, message_type="train"))
+    privacy, = (s for s in strategy.stages if isinstance(s, PrivacyBookkeeping))
+    messages = [privacy.with_known_events(Message(record, dst_node_id=n, message_type="train"))
                 for n in (11, 12, 13)]
     got = [m.content.config_records["config"].get("known-events") for m in messages]
     assert [e.steps for e in events_from_json(got[0])] == [10]

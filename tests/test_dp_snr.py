@@ -3,18 +3,16 @@ the DP step Opacus takes without noise and Opacus's own per-sample gradients."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
+from bench import dp_snr
 from fed.adapters import build
 from fed.privacy.dpsgd import DpStepper, per_sample_module
 from fed.privacy.mechanism import DpSettings
 from fed.tasks import Classification
 from fed.train import per_example_losses
 from tests.conftest import randomise, spec, tiny_bert
-
-from bench import dp_snr
 
 
 class _NoTokenizer:

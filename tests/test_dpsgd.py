@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from fed.adapters import build
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fed.adapters import build
 from fed.privacy.dpsgd import DpStepper, per_sample_module
 from fed.privacy.mechanism import DpSettings, layer_bounds
-from fed.train import PlainStepper, length_chunks, per_example_losses, round_lr, train_round
 from fed.tasks import CausalLM, Classification
+from fed.train import PlainStepper, length_chunks, per_example_losses, round_lr, train_round
 from tests.conftest import MATRIX, randomise, spec, tiny_bert, tiny_llama
 
 KINDS = list(MATRIX)

@@ -93,8 +93,8 @@ def test_data_dependent_mistake_stops_before_any_worker(tmp_path):
 def test_mole_run_sends_expert_counts_and_exports_a_loadable_adapter(tmp_path):
     """Without DP, MoLE clients send routed-token counts through Flower's MetricRecord; the server accepts
     them, logs an aggregation error, and the non-PEFT export reloads into a fresh base model."""
-    from fed.run.export import load_adapter
     from fed.models import load_model
+    from fed.run.export import load_adapter
 
     cfg = resolve("mixed-domains", ["model.name=tiny-bert", "data.max_examples=400", "federation.rounds=2",
                                     "train.local_steps=2", "train.batch_size=8", "train.max_eval_examples=32"])
@@ -111,8 +111,8 @@ def test_mole_run_sends_expert_counts_and_exports_a_loadable_adapter(tmp_path):
 def test_a_cut_mean_pooled_trunk_runs_and_exports_what_its_own_build_reloads(tmp_path):
     """``model.layers`` travels to every client and to the server's export: the run trains a 1-block trunk
     under a cosine schedule, and ``fedlora.json`` records the cut, so the adapter reloads into that build."""
-    from fed.run.export import load_adapter
     from fed.models import load_model
+    from fed.run.export import load_adapter
 
     cfg = resolve("quickstart", [*TINY, "model.layers=1", "model.pooling=mean", "train.lr_schedule=cosine"])
     run = simulate(cfg, tmp_path, name="cut")

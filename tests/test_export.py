@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fed.adapters import AdapterSpec, build, make_spec
-from fed.run.export import export_adapter, load_adapter
 from fed.models import load_model
+from fed.run.export import export_adapter, load_adapter
 from tests.conftest import MATRIX, randomise, spec, tiny_llama
 
 peft = pytest.importorskip("peft")

@@ -20,9 +20,9 @@ import psutil
 import pytest
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
 
+from deploy.launcher import Cluster, Layout
 from fed.config.sources import resolve
 from fed.privacy.ledger import Ledger
-from deploy.launcher import Cluster, Layout
 from tests.test_deploy import _node_files, tiny_model_dir  # noqa: F401  (the fixture is reused)
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,6 @@ autograd one example at a time."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

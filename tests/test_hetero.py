@@ -179,16 +179,20 @@ def test_the_server_checks_each_replys_rank_against_the_plan():
 
 @pytest.mark.usefixtures("flower_identity")
 def test_the_strategy_drops_replies_off_their_rank_and_aggregates_the_rest_in_product_space():
-    from fed.config import StrategyConfig
+    from fed.config import DPConfig, StrategyConfig
+    from fed.privacy.book import LedgerBook
     from fed.wire import from_record, metas
-    from strategies.fedavg import AdapterFedAvg
+    from strategies.build import influence_stages, reply_stages
+    from strategies.core import AdapterStrategy, MergeRule
+    from strategies.pipeline import AdapterModel
     from tests.conftest import reply_from
 
     server = make("lora")
     global_ = server.sent_state()
-    strategy = AdapterFedAvg(expected=metas(global_), structure=server.structure(), products=server.products,
-                             rules=ReplyRules(fingerprint=server.fingerprint(), max_rank=4, ranks=(2, 4, 4)),
-                             influence=StrategyConfig(aggregation="product", clip="off"))
+    model = AdapterModel(metas(global_), server.structure(), server.products)
+    rules = ReplyRules(fingerprint=server.fingerprint(), max_rank=4, ranks=(2, 4, 4))
+    strategy = AdapterStrategy(model=model, merge=MergeRule(aggregation="product"), stages=[
+        *reply_stages(model, rules, LedgerBook(DPConfig())), *influence_stages(StrategyConfig(clip="off"), math.inf)])
     strategy._global = global_
     good = _rank_deltas(server, (2, 4))
     unpadded = client_deltas(server, 1, seed=5)[0]

@@ -14,7 +14,7 @@ from fed.train import per_example_losses
 from strategies.kinds import Replies, aggregate, aggregation_error
 from tests.conftest import randomise, spec, tiny_bert
 from tests.test_adapters import HEAD, client_deltas, make
-from tests.test_dpsgd import _NoTokenizer, _naive_grads
+from tests.test_dpsgd import _naive_grads, _NoTokenizer
 
 
 def _mole(experts: int = 3):

@@ -116,6 +116,7 @@ def test_bad_node_files_say_what_is_wrong(tmp_path, content, suffix, pattern):
 def test_a_bad_node_replies_with_the_public_reason_only(tmp_path, flower_identity):
     """What Flower sends back is the exception's text: it must name the kind of problem, not the data."""
     from flwr.app import Context, Message, RecordDict
+
     from clients.app import train
     from fed.wire import config_record
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import ipaddress
 import stat
-import tomllib
 
+import tomllib
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from flwr.common.config import parse_config_args
 
-from fed.config.sources import flatten, from_run_config, resolve
 from deploy.launcher import Layout, node_config, run_config_file, superlink_command, supernode_command
 from deploy.pki import make_pki
+from fed.config.sources import flatten, from_run_config, resolve
 
 
 def test_ca_signs_a_server_certificate_valid_for_the_address(tmp_path):

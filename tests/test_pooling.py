@@ -9,14 +9,14 @@ import json
 import pytest
 import torch
 
-from fed.privacy.dpsgd import per_sample_module
 from fed.adapters import build
 from fed.config import ConfigError, RunConfig
-from fed.run.export import export_adapter, load_adapter
 from fed.models import load_model, task_head_names
+from fed.privacy.dpsgd import per_sample_module
+from fed.run.export import export_adapter, load_adapter
 from fed.tasks import Classification
 from tests.conftest import randomise, spec
-from tests.test_dpsgd import _NoTokenizer, _naive_grads
+from tests.test_dpsgd import _naive_grads, _NoTokenizer
 
 
 def _pooled(seed: int = 5):

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fed.run.checkpoint import Checkpoint
 from fed.config import DPConfig
 from fed.config.sources import resolve
 from fed.privacy.book import LedgerBook
+from fed.run.checkpoint import Checkpoint
 from fed.run.rundir import RunDir
 
 SMALL = ["model.name=tiny-bert", "data.name=synthetic", "federation.num_clients=2", "federation.rounds=2",

@@ -14,11 +14,14 @@ from hypothesis import strategies as st
 
 from fed.adapters import Aggregation, Structure
 from fed.config import DPConfig, StrategyConfig
+from fed.privacy.book import LedgerBook
 from fed.wire import PayloadError, from_record, metas
-from strategies.fedavg import AdapterFedAvg
+from strategies.build import honest_ceiling, influence_stages, reply_stages
+from strategies.core import AdapterStrategy, MergeRule
 from strategies.influence import bounded_weights, clip_deltas, delta_norm, honest_step_bound
 from strategies.kinds import Replies, aggregate
 from strategies.kinds.mean import coordinate_median, trimmed_mean
+from strategies.pipeline import AdapterModel
 from strategies.validation import ReplyRules, check_reply
 from tests.conftest import reply_from
 
@@ -59,15 +62,17 @@ def _reply(delta: dict[str, torch.Tensor], **metrics) -> Message:
     return reply_from(next(_NODES), delta, {**base, **metrics})
 
 
-def _strategy(influence: StrategyConfig = StrategyConfig(), dp: DPConfig = DPConfig()) -> AdapterFedAvg:
-    s = AdapterFedAvg(expected=metas(GLOBAL), structure=Structure({n: Aggregation.MEAN for n in GLOBAL}),
-                      influence=influence,
-                      rules=ReplyRules(fingerprint=FP, local_steps=5, batch_size=10, rounds=3, dp=dp), lr=1e-2)
+def _strategy(influence: StrategyConfig = StrategyConfig(), dp: DPConfig = DPConfig()) -> AdapterStrategy:
+    model = AdapterModel(metas(GLOBAL), Structure({n: Aggregation.MEAN for n in GLOBAL}))
+    rules = ReplyRules(fingerprint=FP, local_steps=5, batch_size=10, rounds=3, dp=dp)
+    s = AdapterStrategy(model=model, merge=MergeRule(rule=influence.rule),
+                        stages=[*reply_stages(model, rules, LedgerBook(DPConfig())),
+                                *influence_stages(influence, honest_ceiling(model.expected, 1e-2, 5))])
     s._global = {n: t.clone() for n, t in GLOBAL.items()}
     return s
 
 
-def _global_after(strategy: AdapterFedAvg, replies: list[Message]) -> dict[str, torch.Tensor]:
+def _global_after(strategy: AdapterStrategy, replies: list[Message]) -> dict[str, torch.Tensor]:
     arrays, _ = strategy.aggregate_train(1, replies)
     return from_record(arrays, metas(GLOBAL))
 
@@ -172,7 +177,7 @@ def test_fuzzed_rounds_never_leave_the_bound(scales, counts):
         assert not good
         return
     out = from_record(arrays, metas(GLOBAL))
-    assert delta_norm(out) <= strategy.ceiling * (1 + 1e-5)
+    assert delta_norm(out) <= honest_ceiling(metas(GLOBAL), 1e-2, 5) * (1 + 1e-5)
 
 
 def test_rules_refuse_an_unknown_kind_and_keep_structural_kinds_apart(monkeypatch):
@@ -225,8 +230,10 @@ def test_expert_counts_are_capped_like_example_counts():
 
     server = make("mole")
     global_ = server.sent_state()
-    strategy = AdapterFedAvg(expected=metas(global_), structure=server.structure(), products=server.products,
-                             rules=ReplyRules(fingerprint=server.fingerprint()), influence=StrategyConfig(clip="off"))
+    model = AdapterModel(metas(global_), server.structure(), server.products)
+    strategy = AdapterStrategy(model=model, stages=[
+        *reply_stages(model, ReplyRules(fingerprint=server.fingerprint()), LedgerBook(DPConfig())),
+        *influence_stages(StrategyConfig(clip="off"), math.inf)])
     strategy._global = global_
     slots = server.structure().slot_names
     honest = {s: 10 for s in slots}

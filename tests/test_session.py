@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from fed.adapters import build
-from fed.models import load_model, task_head_names
 from fed.config.sources import resolve
+from fed.models import load_model, task_head_names
 from fed.session import adapted_model, adapter_spec
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -13,12 +14,15 @@ from fed.adapters.base import Aggregation, MaskedParams
 from fed.adapters.families.dynamic_lora import DynamicLinear, allocate_ranks, reallocate
 from fed.adapters.families.roselora import BETA, RoseLinear, keep_fraction, line_budget
 from fed.config import DPConfig, StrategyConfig
+from fed.privacy.book import LedgerBook
 from fed.privacy.dpsgd import DpStepper
 from fed.privacy.mechanism import DpSettings
 from fed.tasks import Classification
 from fed.wire import MASK_SUFFIX, PayloadError, from_record, from_sparse_record, metas, to_record, to_sparse_record
-from strategies.fedavg import AdapterFedAvg
+from strategies.build import influence_stages, reply_stages
+from strategies.core import AdapterStrategy, ServerUpdate
 from strategies.kinds import Replies, aggregate
+from strategies.pipeline import AdapterModel
 from strategies.validation import ReplyRules
 from tests.conftest import randomise, reply_from, spec, tiny_bert
 from tests.test_adapters import HEAD
@@ -229,9 +233,11 @@ def test_the_row_and_column_budget_holds_after_every_round_through_the_strategy(
     rounds, global_ = 3, server.sent_state()
     shapes = {n: m.shape for n, m in metas(global_).items()}
     structure = server.structure()
-    strategy = AdapterFedAvg(expected=metas(global_), structure=structure, products=server.products,
-                             rules=ReplyRules(fingerprint=server.fingerprint()), influence=StrategyConfig(clip="off"),
-                             budgets=lambda r: server.round_budgets(r, rounds))
+    model = AdapterModel(metas(global_), structure, server.products)
+    strategy = AdapterStrategy(
+        model=model, update=ServerUpdate(budgets=lambda r: server.round_budgets(r, rounds)),
+        stages=[*reply_stages(model, ReplyRules(fingerprint=server.fingerprint()), LedgerBook(DPConfig())),
+                *influence_stages(StrategyConfig(clip="off"), math.inf)])
     g = torch.Generator().manual_seed(4)
     for round_ in range(1, rounds + 1):
         strategy._global = global_
@@ -255,8 +261,8 @@ def test_the_row_and_column_budget_holds_after_every_round_through_the_strategy(
 
 def test_peft_loads_a_pruned_roselora_adapter(batch, tmp_path):
     peft = pytest.importorskip("peft")
-    from fed.run.export import export_adapter
     from fed.models import load_model
+    from fed.run.export import export_adapter
 
     model = load_model("tiny-bert", "classification", num_labels=2, seed=5)
     adapter = build(model, spec("roselora", ("query", "value"), keep_ratio=0.25), seed=1, head=HEAD)

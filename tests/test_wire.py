@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fed.adapters import Aggregation, Structure
+from fed.config import DPConfig, StrategyConfig
+from fed.privacy.book import LedgerBook
 from fed.wire import RAW, PayloadError, TensorMeta, from_record, metas, to_record
-from strategies.fedavg import AdapterFedAvg
+from strategies.build import influence_stages, reply_stages
+from strategies.core import AdapterStrategy, RoundPlan, ServerUpdate
+from strategies.pipeline import AdapterModel
 from strategies.validation import ReplyRules, check_reply
 from tests.conftest import reply_from
 
@@ -101,9 +107,14 @@ def _reply(arrays: ArrayRecord, **metrics) -> Message:
     return msg
 
 
+def _strategy(model: AdapterModel = AdapterModel(EXPECTED, Structure({k: Aggregation.MEAN for k in GLOBAL})),
+              rules: ReplyRules = ReplyRules(fingerprint=FP), **settings) -> AdapterStrategy:
+    stages = [*reply_stages(model, rules, LedgerBook(DPConfig())), *influence_stages(StrategyConfig(), math.inf)]
+    return AdapterStrategy(model=model, stages=stages, **settings)
+
+
 def test_strategy_drops_bad_replies_and_averages_the_rest():
-    strategy = AdapterFedAvg(expected=EXPECTED, structure=Structure({k: Aggregation.MEAN for k in GLOBAL}),
-                             rules=ReplyRules(fingerprint=FP), server_lr=0.5)
+    strategy = _strategy(update=ServerUpdate(server_lr=0.5))
     strategy._global = {k: v.clone() for k, v in GLOBAL.items()}
     good_1 = _reply(_record(), **{"num-examples": 10})
     good_3 = _reply(_record(**{"l.lora_B.weight": 3 * torch.ones(3, 2), "head.bias": 3 * torch.ones(2)}),
@@ -121,8 +132,7 @@ def test_strategy_drops_bad_replies_and_averages_the_rest():
 
 
 def test_strategy_under_bfloat16_transport_averages_the_rounded_deltas_and_drops_float32_ones():
-    strategy = AdapterFedAvg(expected=EXPECTED, structure=Structure({k: Aggregation.MEAN for k in GLOBAL}),
-                             rules=ReplyRules(fingerprint=FP), wire="bfloat16")
+    strategy = _strategy(rules=ReplyRules(fingerprint=FP, wire="bfloat16"))
     strategy._global = {k: v.clone() for k, v in GLOBAL.items()}
     deltas = [{"l.lora_B.weight": torch.full((3, 2), v), "head.bias": torch.full((2,), v)} for v in (0.1, 0.3)]
     replies = [_reply(to_record(d, "bfloat16")) for d in deltas] + [_reply(to_record(deltas[0]))]
@@ -133,11 +143,8 @@ def test_strategy_under_bfloat16_transport_averages_the_rounded_deltas_and_drops
 
 
 def test_evaluation_every_k_rounds_and_always_after_the_last():
-    def strategy(every: int, offset: int = 0) -> AdapterFedAvg:
-        s = AdapterFedAvg(expected=EXPECTED, structure=Structure({k: Aggregation.MEAN for k in GLOBAL}),
-                          rules=ReplyRules(fingerprint=FP, rounds=7), eval_every=every)
-        s.round_offset = offset
-        return s
+    def strategy(every: int, offset: int = 0) -> AdapterStrategy:
+        return _strategy(plan=RoundPlan(rounds=7, offset=offset, eval_every=every))
 
     assert [r for r in range(1, 8) if strategy(3).evaluates(r)] == [3, 6, 7]
     assert [r for r in range(1, 8) if strategy(1).evaluates(r)] == list(range(1, 8))
@@ -169,8 +176,8 @@ def test_strategy_weights_experts_by_the_counts_in_replies_and_logs_the_aggregat
 
     server = make("mole")
     global_ = server.sent_state()
-    strategy = AdapterFedAvg(expected=metas(global_), structure=server.structure(), products=server.products,
-                             rules=ReplyRules(fingerprint=server.fingerprint()))
+    strategy = _strategy(AdapterModel(metas(global_), server.structure(), server.products),
+                         ReplyRules(fingerprint=server.fingerprint()))
     strategy._global = global_
     deltas = client_deltas(server, 2)
     slots = server.structure().slot_names
@@ -187,8 +194,7 @@ def test_strategy_weights_experts_by_the_counts_in_replies_and_logs_the_aggregat
 
 
 def test_a_round_with_fewer_valid_replies_than_min_replies_keeps_the_global():
-    strategy = AdapterFedAvg(expected=EXPECTED, structure=Structure({k: Aggregation.MEAN for k in GLOBAL}),
-                             rules=ReplyRules(fingerprint=FP), min_replies=2)
+    strategy = _strategy(plan=RoundPlan(min_replies=2))
     strategy._global = {k: v.clone() for k, v in GLOBAL.items()}
     assert strategy.aggregate_train(1, [_reply(_record()), _reply(_record(), fingerprint=FP + 1)]) == (None, None)
     arrays, metrics = strategy.aggregate_train(1, [_reply(_record()), _reply(_record())])

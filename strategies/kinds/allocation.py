@@ -9,6 +9,7 @@ import torch
 from fed.adapters.base import Structure
 from strategies.kinds.base import Replies, Tensors
 
+
 def server_owned(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
     """Tensors only the server sets (Dynamic LoRA's rank masks): clients' deltas are ignored."""
     return {n: torch.zeros_like(replies.global_[n]) for n in names}

@@ -9,6 +9,7 @@ import torch
 from fed.adapters.base import Structure, top_lines
 from strategies.kinds.base import Replies, Tensors
 
+
 def masked_mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
     """Line-sparse tensors (RoseLoRA): each entry averaged over the clients that kept it, then each line
     re-projected to the budget.

@@ -13,6 +13,7 @@ from scipy.stats import trim_mean
 from fed.adapters.base import Structure
 from strategies.kinds.base import Replies, Rule, Tensors, weighted_mean
 
+
 def _mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
     return weighted_mean(replies.deltas, replies.weights, names)
 

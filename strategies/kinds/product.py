@@ -11,6 +11,7 @@ from fed.adapters.base import PairParams, ProductParams, Structure
 from fed.seeding import generator
 from strategies.kinds.base import Replies, Tensors, _as_deltas
 
+
 def random_orthogonal(size: int, seed: int, purpose: str) -> torch.Tensor:
     """A seeded Haar-random orthogonal matrix (QR of a Gaussian, signs fixed), float64."""
     gaussian = torch.randn(size, size, generator=generator(seed, "orthogonal", purpose), dtype=torch.float64)

@@ -9,6 +9,7 @@ import torch
 from fed.adapters.base import Structure, UsageParams
 from strategies.kinds.base import Replies, Tensors, slot_weights, weighted_mean
 
+
 def usage_mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
     """Experts: each client's delta weighted by how much it used that expert.
 

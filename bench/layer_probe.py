@@ -48,7 +48,7 @@ def block_features(model: MeanPooledClassifier, task: Task, rows: Dataset, preci
         pooled = torch.stack([mean_over_tokens(h.float(), batch["attention_mask"]) for h in states], 1)
         for k, i in enumerate(chunk):
             out[i] = pooled[k].cpu()
-    return torch.stack(out).transpose(0, 1)  # type: ignore[arg-type]  (every row filled)
+    return torch.stack(out).transpose(0, 1)  # type: ignore[arg-type]  # the loop filled every row
 
 
 def probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor, y_test: torch.Tensor,

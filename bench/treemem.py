@@ -71,7 +71,7 @@ def run_measured(argv: list[str], *, env: dict[str, str] | None = None, cwd: Pat
         code = proc.wait()
         wall = time.perf_counter() - start
     finally:
-        if log is not None:
-            sink.close()  # type: ignore[union-attr]
+        if not isinstance(sink, int):  # a file we opened, not subprocess.DEVNULL
+            sink.close()
     return Measured(wall, peak / 2**20, code, sum(cpu.values()), load_before, os.getloadavg()[0],
                     {name: rss / 2**20 for name, rss in sorted(peak_parts.items(), key=lambda item: -item[1])})

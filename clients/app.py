@@ -12,7 +12,7 @@ import gc
 import logging
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed.adapters import Clock
@@ -53,12 +53,16 @@ def _receive(msg: Message, context: Context):
         raise ValueError(err.public) from None
     global_ = from_record(msg.content.array_records["arrays"], metas(session.adapter.sent_state()))
     session.adapter.load(global_)  # client_session handed the cached model back at full rank
-    return cfg, int(config["server-round"]), partition_id, session, global_
+    server_round = config["server-round"]
+    if not isinstance(server_round, int):  # Flower's strategies send the round number
+        raise ValueError(f"the server sent server-round={server_round!r}, not a round number")
+    return cfg, server_round, partition_id, session, global_
 
 
 def _reply(msg: Message, metrics: Metrics, arrays: ArrayRecord | None = None, reason: str = "") -> Message:
     """The train reply: ``metrics`` as released by the privacy layer, the delta if trained, a refusal's reason."""
-    content = RecordDict({"metrics": MetricRecord(metrics)})
+    record: dict[str, MetricRecordValues] = dict(metrics)  # MetricRecord takes its own (invariant) value type
+    content = RecordDict({"metrics": MetricRecord(record)})
     if arrays is not None:
         content["arrays"] = arrays
     if reason:
@@ -121,5 +125,6 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     scores = evaluate(session.adapter, session.task, session.data.test, batch_size=cfg.train.eval_batch_size,
                       limit=0 if last else cfg.train.max_eval_examples,
                       precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type))
-    metrics = {"num-examples": int(scores.pop("num_examples"))} | {f"eval_{k}": v for k, v in scores.items()}
+    metrics: dict[str, MetricRecordValues] = {"num-examples": int(scores.pop("num_examples")),
+                                              **{f"eval_{k}": v for k, v in scores.items()}}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

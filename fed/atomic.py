@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 
-def _replace(path: Path, write: Callable[[str], None]) -> None:
+def _replace(path: Path, write: Callable[[str], object]) -> None:
     """Write ``path`` through ``write(tmp)`` on a temporary sibling, synced to disk, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

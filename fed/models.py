@@ -241,6 +241,9 @@ class MeanPooledClassifier(nn.Module):
     per-dimension standard deviation) ``fed.data.centring`` puts there.
     """
 
+    center: torch.Tensor  # buffers, registered in __init__
+    scale: torch.Tensor
+
     def __init__(self, trunk: PreTrainedModel, num_labels: int) -> None:
         super().__init__()
         self.base_model_prefix = trunk.base_model_prefix
@@ -270,7 +273,7 @@ def _check_pooling(task: str, pooling: str) -> None:
         raise ValueError(f"pooling={pooling!r} builds a classification head; task {task!r} has none (use 'cls')")
 
 
-def keep_blocks(model: nn.Module, layers: int) -> None:
+def keep_blocks(model: PreTrainedModel, layers: int) -> None:
     """Keep the first ``layers`` transformer blocks of ``model`` (0 keeps all), in place.
 
     The blocks are the ``nn.ModuleList`` a Hugging Face trunk runs in order (BERT's ``encoder.layer``,
@@ -307,6 +310,7 @@ def load_model(name: str, task: str, *, num_labels: int | None = None, seed: int
     """
     resolved = resolve_model_name(name, task)
     _check_pooling(task, pooling)
+    auto: type[AutoModel | AutoModelForSequenceClassification | AutoModelForCausalLM]
     if task == "classification":
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
             raise ValueError(f"classification needs num_labels >= 2, got {num_labels!r}")
@@ -333,7 +337,8 @@ def load_model(name: str, task: str, *, num_labels: int | None = None, seed: int
     if pooling == "mean":
         if getattr(model, "pooler", None) is not None:
             model.pooler = None  # never read by the mean-pooled head: it would cost a matmul and catch a "dense" target
-        model = MeanPooledClassifier(model, num_labels)  # type: ignore[arg-type]  (checked above)
+        assert num_labels is not None  # mean pooling is for classification only (_check_pooling), which checked it
+        model = MeanPooledClassifier(model, num_labels)
     model.float().requires_grad_(False)
     return model.train()
 

@@ -7,6 +7,7 @@ gradient depends on the length of another (a batch-coupled loss would void the c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -118,7 +119,7 @@ class CausalLM:
 
 def make_task(task: str, tokenizer: Any, max_length: int) -> Task:
     """The task object for a config's ``task`` value."""
-    kinds = {"classification": Classification, "causal-lm": CausalLM}
+    kinds: dict[str, Callable[[Any, int], Task]] = {"classification": Classification, "causal-lm": CausalLM}
     if task not in kinds:
         raise ValueError(f"unknown task {task!r}; accepted: {', '.join(kinds)}")
     return kinds[task](tokenizer, max_length)

@@ -171,16 +171,17 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
         batches = poisson_batches(len(data), dp.sample_rate, steps)
     losses: list[float] = []
     released: list[float] = []
-    release = dp is not None and dp.loss_noise_multiplier > 0
+    releaser = dp if dp is not None and dp.loss_noise_multiplier > 0 else None  # the noised loss, when released
     usage: Counter[str] = Counter()
     size = micro_batch if stepper.chunkable else 0
     with dropout_seeded_from(gen, device) if dp is None else contextlib.nullcontext(), contextlib.closing(stepper):
         for indices in batches:
             if not indices:
-                stepper.empty_step()  # type: ignore[union-attr]  (only Poisson sampling yields empty batches)
+                assert not isinstance(stepper, PlainStepper)  # only Poisson sampling (DP) yields empty batches
+                stepper.empty_step()
                 adapter.after_step()  # a noise-only step is still a step of the schedule
-                if release:
-                    released.append(dp.noised_loss_sum(None))  # type: ignore[union-attr]
+                if releaser is not None:
+                    released.append(releaser.noised_loss_sum(None))
                 continue
             chunk_losses: list[torch.Tensor] = []
             lengths = task.lengths(data[indices]) if 0 < size < len(indices) else []  # this batch's rows only
@@ -194,11 +195,12 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
             stepper.step()
             adapter.after_step()  # step hooks (RoseLoRA's pruning) read parameters only: post-processing under DP
             batch_losses = torch.cat(chunk_losses)
-            if release:  # one noised release per step, over the whole sampled batch
-                released.append(dp.noised_loss_sum(batch_losses))  # type: ignore[union-attr]
+            if releaser is not None:  # one noised release per step, over the whole sampled batch
+                released.append(releaser.noised_loss_sum(batch_losses))
             losses.append(float(batch_losses.mean()))
     mean_loss = sum(losses) / len(losses) if losses else math.nan
-    noised = sum(released) / (len(released) * dp.expected_batch_size) if released else None  # type: ignore[union-attr]
+    noised = (sum(released) / (len(released) * releaser.expected_batch_size)
+              if releaser is not None and released else None)
     return RoundResult(steps=steps, num_examples=len(data), loss=mean_loss, wall_s=time.perf_counter() - start,
                        usage=dict(usage), released_loss=noised)
 

@@ -58,8 +58,8 @@ COLUMNS = {"round": "round", "train_loss": "train loss", "eval_loss": "eval loss
 def _cell(key: str, value: object) -> str:
     if value is None:
         return "-"
-    if key.startswith("bytes"):
-        return f"{value / 1e6:.2f}"  # type: ignore[operator]
+    if key.startswith("bytes") and isinstance(value, (int, float)):
+        return f"{value / 1e6:.2f}"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 

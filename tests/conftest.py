@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
+# before transformers is imported (below)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from flwr.app import Message  # imported where used, so collecting the tests does not load Flower
 
 VOCAB = 50
 # The test matrix: one row per registered adapter family (derived from the registry), with the options that
@@ -86,7 +91,7 @@ def flower_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, key, 1, raising=False)
 
 
-def reply_from(node: int, arrays: dict[str, torch.Tensor] | None, metrics: dict) -> "Message":  # noqa: F821
+def reply_from(node: int, arrays: dict[str, torch.Tensor] | None, metrics: dict) -> Message:
     """A train reply as the server receives it from ``node`` (Flower's metadata has no public setter)."""
     from flwr.app import Message, MetricRecord, RecordDict
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ def ran(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Seeds of the cells run_cell was asked to run, in order; each 'run' scores its seed."""
     seen: list[int] = []
 
-    def fake(cfg, runs, name):  # noqa: ANN001, ARG001
+    def fake(cfg, runs, name):
         seen.append(cfg.seed)
         return {"accuracy": cfg.seed / 10}
 
@@ -26,7 +27,7 @@ def ran(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return seen
 
 
-def grid(seeds: list[int], families: list[str], extra: list[str] = []) -> list:  # noqa: B006
+def grid(seeds: list[int], families: list[str], extra: Sequence[str] = ()) -> list:
     return [({"family": f, "seed": s}, resolve("mixed-domains", [*extra, f"adapter.kind={f}", f"seed={s}"]))
             for f in families for s in seeds]
 

@@ -12,12 +12,13 @@ from collections import Counter
 import pytest
 from datasets import ClassLabel
 
+# before datasets and transformers are imported (below)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fed.config.sources import resolve  # noqa: E402
-from fed.data import datasets as data  # noqa: E402
-from fed.data.datasets import DATASETS, ClientData, client_split, label_names, load_task_dataset  # noqa: E402
+from fed.config.sources import resolve
+from fed.data import datasets as data
+from fed.data.datasets import DATASETS, ClientData, client_split, label_names, load_task_dataset
 
 
 def _rows(split: ClientData) -> list[int]:

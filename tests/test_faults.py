@@ -55,7 +55,7 @@ def _rounds(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def faulty(tmp_path_factory, tiny_model_dir):  # noqa: F811
+def faulty(tmp_path_factory, tiny_model_dir):  # noqa: F811  (pytest injects the fixture imported above)
     root = tmp_path_factory.mktemp("faults")
     files = _node_files(root)
     layout = Layout(root)
@@ -105,7 +105,7 @@ def test_ledgers_neither_lose_nor_repeat_an_event(faulty):
 
 
 @pytest.fixture(scope="module")
-def server_killed(tmp_path_factory, tiny_model_dir):  # noqa: F811
+def server_killed(tmp_path_factory, tiny_model_dir):  # noqa: F811  (pytest injects the fixture imported above)
     root = tmp_path_factory.mktemp("server-killed")
     files = _node_files(root)
     layout = Layout(root)

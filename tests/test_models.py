@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported (below)
 
-from safetensors import safe_open  # noqa: E402
+from safetensors import safe_open
 
-from fed import models  # noqa: E402
-from fed.config import TaskName  # noqa: E402
-from fed.models import EMBEDDED, default_targets, load_model, load_tokenizer, resolve_model_name, task_head_names  # noqa: E402
+from fed import models
+from fed.config import TaskName
+from fed.models import EMBEDDED, default_targets, load_model, load_tokenizer, resolve_model_name, task_head_names
 
 
 def same_state(a: nn.Module, b: nn.Module) -> bool:

@@ -85,10 +85,10 @@ def test_server_book_recomposes_events_and_ignores_malformed_ones():
 
 # --- the client owns its privacy: policy, pin, persistent ledger, stale files, lost files ---------------
 
-from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402  (this section's imports open it)
 
-from fed.privacy.ledger import events_from_json, events_to_json  # noqa: E402
-from fed.privacy.policy import Policy, PolicyError  # noqa: E402
+from fed.privacy.ledger import events_from_json, events_to_json  # noqa: E402  (this section's imports open it)
+from fed.privacy.policy import Policy, PolicyError  # noqa: E402  (this section's imports open it)
 
 PLAN = dict(num_examples=800, batch_size=32, local_steps=10, rounds=5)
 

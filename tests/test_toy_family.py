@@ -4,6 +4,7 @@ wire, strategy, export. Adding a family touches its own module and, for tests, o
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ class ScaledLinear(nn.Module):
         out = nn.functional.linear(x, self.base_layer.weight)
         return out * (1 + self.toy_scale) + (bias if bias is not None else 0)
 
-    def products(self, get) -> dict[str, Product]:  # noqa: ANN001  (the AdapterLayer protocol's getter)
+    def products(self, get: Callable[[str], torch.Tensor]) -> dict[str, Product]:
         """The weight update ``diag(s)·W0``: linear in s, so the example-weighted mean is exact."""
         return {"": (get("toy_scale")[:, None] * self.base_layer.weight.detach(), None)}
 

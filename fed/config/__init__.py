@@ -18,7 +18,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Annotated, Any, Literal, Mapping, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Mapping, cast, get_args, get_origin, get_type_hints
 
 import tomli_w
 
@@ -575,7 +575,8 @@ class Key:
 @functools.cache
 def sections() -> Mapping[str, type]:
     """Section name -> its dataclass, read off ``RunConfig``'s fields (those built by a default factory)."""
-    return MappingProxyType({f.name: f.default_factory for f in dataclasses.fields(RunConfig)  # type: ignore[misc]
+    # every section is declared ``field(default_factory=TheSectionClass)``, so the factory is the class itself
+    return MappingProxyType({f.name: cast(type, f.default_factory) for f in dataclasses.fields(RunConfig)
                              if f.default_factory is not dataclasses.MISSING})
 
 

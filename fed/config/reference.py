@@ -28,7 +28,9 @@ MARKDOWN_PATH = "docs/configuration.md"
 def _attribute_docs(cls: type) -> dict[str, str]:
     """A class's attribute docstrings (the string right below each annotated field), which Python keeps
     only in the source, so they are read back from it."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(node, ast.ClassDef)  # the source of a class is its class statement
+    body = node.body
     return {stmt.target.id: inspect.cleandoc(doc.value.value)
             for stmt, doc in zip(body, body[1:])
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)

@@ -28,6 +28,8 @@ import hashlib
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from fed.atomic import save_atomic
 from fed.data.datasets import load_task_dataset
@@ -50,7 +52,7 @@ def _digest(model: MeanPooledClassifier, texts: list[str], max_length: int) -> s
 
 
 @torch.no_grad()
-def _feature_stats(model: MeanPooledClassifier, tokenizer, texts: list[str],
+def _feature_stats(model: MeanPooledClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str],
                    max_length: int) -> dict[str, torch.Tensor]:
     """The mean and the (population) standard deviation over ``texts`` of the pooled feature the head
     reads, dropout off, summed in float64."""
@@ -71,7 +73,8 @@ def _feature_stats(model: MeanPooledClassifier, tokenizer, texts: list[str],
     return {"mean": mean.float(), "std": std.float()}
 
 
-def public_stats(model: MeanPooledClassifier, tokenizer, source: str, max_length: int) -> dict[str, torch.Tensor]:
+def public_stats(model: MeanPooledClassifier, tokenizer: PreTrainedTokenizerBase, source: str,
+                 max_length: int) -> dict[str, torch.Tensor]:
     """``mean`` and ``std``: the pooled features of ``source``'s first ``TEXTS`` texts under ``model``'s
     current trunk, per dimension."""
     texts = list(load_task_dataset(source, "classification")["text"][:TEXTS])
@@ -85,7 +88,8 @@ def public_stats(model: MeanPooledClassifier, tokenizer, source: str, max_length
     return stats
 
 
-def centre_on(model: MeanPooledClassifier, tokenizer, source: str, max_length: int, *, scale: bool = False) -> None:
+def centre_on(model: nn.Module, tokenizer: PreTrainedTokenizerBase, source: str, max_length: int, *,
+              scale: bool = False) -> None:
     """Make ``model``'s head subtract ``source``'s public mean feature and, with ``scale``, divide by its
     public standard deviation (in place; before any adapter). A dimension the public texts barely move is
     divided by at least ``SCALE_FLOOR`` of the mean deviation, so it cannot blow up."""

@@ -18,7 +18,7 @@ import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, get_args
+from typing import TYPE_CHECKING, Callable, TypeVar, get_args
 
 import datasets
 import yaml
@@ -55,10 +55,18 @@ def _package_dir(package: str) -> Path:
     return package_file(package, _PIP[package])
 
 
-def _dedupe(rows: list[tuple]) -> list[tuple]:
+Row = TypeVar("Row", bound=tuple)
+
+
+def _dedupe(rows: list[Row]) -> list[Row]:
     """Keep the first row for each distinct first field (text or prompt)."""
     seen: set[str] = set()
-    return [row for row in rows if not (row[0] in seen or seen.add(row[0]))]
+    kept: list[Row] = []
+    for row in rows:
+        if row[0] not in seen:
+            seen.add(row[0])
+            kept.append(row)
+    return kept
 
 
 def _classification(rows: list[tuple], names: list[str], extra: tuple[str, ...] = ()) -> Dataset:
@@ -136,7 +144,8 @@ _KEYWORDS = (("bad", "awful", "sad", "poor"), ("good", "great", "happy", "nice")
 
 def _synthetic_classification() -> Dataset:
     """600 short texts; exactly one keyword decides the label, so a tiny model learns it in a few steps."""
-    rng, rows = random.Random(0), []
+    rng = random.Random(0)
+    rows: list[tuple[str, int]] = []  # (text, label)
     while len(rows) < 600:
         label = len(rows) % 2
         words = rng.choices(_FILLER, k=rng.randint(3, 6))
@@ -156,7 +165,8 @@ _SKILLS: dict[str, tuple[str, Callable[[list[str]], str]]] = {
 
 def _synthetic_instructions() -> Dataset:
     """600 instruction pairs (120 per skill, e.g. ``Repeat: x y z`` -> ``x y z``), label = skill."""
-    rng, rows, names = random.Random(0), [], list(_SKILLS)
+    rng, names = random.Random(0), list(_SKILLS)
+    rows: list[tuple[str, str, str]] = []  # (prompt, response, skill)
     while len(rows) < 600:
         skill = names[len(rows) % len(names)]
         verb, answer = _SKILLS[skill]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample import AbstractGradSampleModule, register_grad_sampler
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import get_optimizer_class
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
@@ -40,14 +40,22 @@ class SecureNoise:
     def add_noise(self) -> None:
         sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            noise = secure_rng.normal(p.summed_grad.shape, sigma * self.max_grad_norm, p.summed_grad.dtype)
-            noise = noise.to(p.summed_grad.device)  # drawn on the CPU (OS CSPRNG), added where the model lives
-            p.grad = (p.summed_grad + noise).view_as(p)
-            _mark_as_processed(p.summed_grad)
+            summed = _summed_grad(p)
+            _check_processed_flag(summed)
+            noise = secure_rng.normal(summed.shape, sigma * self.max_grad_norm, summed.dtype)
+            noise = noise.to(summed.device)  # drawn on the CPU (OS CSPRNG), added where the model lives
+            p.grad = (summed + noise).view_as(p)
+            _mark_as_processed(summed)
 
 
-def per_sample_module(model: nn.Module, mode: str, *, loss_reduction: str = "mean", **extra: object) -> nn.Module:
+def _summed_grad(p: nn.Parameter) -> torch.Tensor:
+    """The clipped per-sample gradient sum that Opacus's ``clip_and_accumulate`` attaches to ``p``."""
+    summed: torch.Tensor = p.summed_grad  # type: ignore[attr-defined]  # Opacus sets it; torch does not declare it
+    return summed
+
+
+def per_sample_module(model: nn.Module, mode: str, *, loss_reduction: str = "mean",
+                      **extra: object) -> AbstractGradSampleModule:
     """Opacus's grad-sample wrapper of ``model`` (``hooks`` or ``ghost``), per-example ("mean") loss.
 
     First registers the per-sample gradient rule of every module type in ``model`` that declares one
@@ -86,6 +94,7 @@ class OneLogicalBatch:
     def scale_grad(self) -> None:
         if self.loss_reduction == "mean":
             for p in self.params:
+                assert p.grad is not None  # add_noise has just set it
                 p.grad /= self.expected_batch_size
 
 
@@ -108,11 +117,11 @@ class DpStepper:
         flags = list(is_head) or [False] * len(params)
         if len(flags) != len(params):
             raise ValueError(f"is_head flags {len(flags)} tensors, the optimizer holds {len(params)}")
-        extra = {"max_grad_norm": dp.max_grad_norm, "use_ghost_clipping": True} if ghost else {}
+        extra: dict[str, object] = {"max_grad_norm": dp.max_grad_norm, "use_ghost_clipping": True} if ghost else {}
         self.dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
         for dropout in self.dropouts:
             dropout.eval()  # its masks would come from the process-global generator
-        self.module = per_sample_module(model, dp.mode, **extra)
+        self.module = per_sample_module(model, dp.mode, loss_reduction="mean", **extra)
         bound = layer_bounds(flags, dp.max_grad_norm, dp.head_clip_share) if per_layer else dp.max_grad_norm
         base = get_optimizer_class(clipping="per_layer" if per_layer else "flat", distributed=False,
                                    grad_sample_mode=dp.mode)

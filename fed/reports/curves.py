@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # headless: runs write files, they never open windows
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _series(lines: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

@@ -17,13 +17,13 @@ from typing import Any, get_args
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+matplotlib.use("Agg")  # headless, and chosen before pyplot is imported
+import matplotlib.pyplot as plt
+from rich.console import Console
+from rich.table import Table
 
-from fed.config import Accountant  # noqa: E402
-from fed.privacy.ledger import DpSgdEvent, epsilon  # noqa: E402
+from fed.config import Accountant
+from fed.privacy.ledger import DpSgdEvent, epsilon
 
 
 def _events(entry: dict[str, Any]) -> list[DpSgdEvent]:
@@ -110,7 +110,7 @@ def render_html(privacy: dict[str, Any], title: str) -> str:
     table = "".join(f"<tr>{''.join(f'<td>{esc(cell)}</td>' for cell in row)}</tr>" for row in _rows(privacy))
     figures = "".join(f'<figure><img alt="{esc(c)}" src="data:image/png;base64,{p}"><figcaption>{esc(c)}'
                       "</figcaption></figure>" for c, p in _plots(privacy)) if privacy["clients"] else ""
-    items = lambda xs: "".join(f"<li>{esc(x)}</li>" for x in xs)  # noqa: E731
+    items = lambda xs: "".join(f"<li>{esc(x)}</li>" for x in xs)  # noqa: E731  (a one-line helper of the template below)
     status = "ok" if not flags else "flagged"
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}

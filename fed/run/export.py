@@ -48,19 +48,21 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, p
     loadable = loadable_name(base_model, task)
     tensors = {k: v.contiguous() for k, v in adapter.state(adapter.names()).items()}
     center, scale = getattr(adapter.model, "center", None), getattr(adapter.model, "scale", None)
-    centred = isinstance(center, torch.Tensor) and isinstance(scale, torch.Tensor) and bool(center.any())
+    head_input = ({"center": center, "scale": scale}
+                  if isinstance(center, torch.Tensor) and isinstance(scale, torch.Tensor) and bool(center.any())
+                  else None)  # a centred mean-pooled head's public mean and std
     spec = adapter.spec
     (out / DESCRIPTION).write_text(json.dumps({
         "kind": spec.kind, "spec": dataclasses.asdict(spec), "head": adapter.head_names(),
         "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "task": task, "base_model": base_model,
         "base_model_name_or_path": loadable, "pooling": pooling,
-        "layers": layers, "center": CENTER if centred else None,
+        "layers": layers, "center": CENTER if head_input is not None else None,
         "groups": [{"name": g.name, "trainable": g.trainable, "sent": g.sent, "aggregation": g.aggregation.value,
                     "params": list(g.params)} for g in adapter.groups],
     }, indent=2))
     save_file(tensors, str(out / NATIVE))
-    if centred:
-        save_file({"center": center.contiguous(), "scale": scale.contiguous()}, str(out / CENTER))
+    if head_input is not None:
+        save_file({k: v.contiguous() for k, v in head_input.items()}, str(out / CENTER))
     if not adapter.peft_compatible or pooling != "cls" or layers:
         return out
     lora = adapter.family.as_lora(tensors)
@@ -100,9 +102,10 @@ def load_adapter(model: nn.Module, folder: str | Path) -> Adapter:
         raise ValueError(f"{folder / NATIVE} lacks adapter tensors {missing[:3]}; it does not match {spec.kind!r}")
     adapter.load(tensors)
     if description.get("center"):
-        if not isinstance(getattr(model, "center", None), torch.Tensor):
+        center, scale = getattr(model, "center", None), getattr(model, "scale", None)
+        if not (isinstance(center, torch.Tensor) and isinstance(scale, torch.Tensor)):
             raise ValueError(f"{folder} holds a centred mean-pooled head; build the model with pooling='mean'")
         head_input = load_file(str(folder / CENTER))
-        model.center.copy_(head_input["center"])
-        model.scale.copy_(head_input.get("scale", torch.ones_like(model.scale)))  # older files: the mean only
+        center.copy_(head_input["center"])
+        scale.copy_(head_input.get("scale", torch.ones_like(scale)))  # older files: the mean only
     return adapter

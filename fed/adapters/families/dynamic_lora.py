@@ -22,6 +22,7 @@ by their importance, and adapting to the input. Our federated formulation (docs/
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Mapping, Sequence
 
 import torch
@@ -61,7 +62,7 @@ class DynamicLinear(nn.Module):
         gate = 1 + torch.tanh(self.gate(u))
         return self.base_layer(x) + self.scaling * gate * self.lora_B(self.lora_A(u) * self.rank_mask)
 
-    def products(self, get) -> dict[str, Product]:
+    def products(self, get: Callable[[str], torch.Tensor]) -> dict[str, Product]:
         """``s·B·diag(m)·A``: the update at gate 1 (the gate scales it per token, ``1 + tanh`` in (0, 2))."""
         return {"": (self.scaling * (get("lora_B.weight") * get("rank_mask")) @ get("lora_A.weight"), None)}
 

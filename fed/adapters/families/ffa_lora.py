@@ -27,7 +27,7 @@ class FfaLora(Lora):
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
         paths = inject_lora(model, spec, seed)
         for path in paths:
-            model.get_submodule(path).lora_A.weight.requires_grad_(False)
+            model.get_parameter(f"{path}.lora_A.weight").requires_grad_(False)
         return (
             TensorGroup("lora_A", tuple(f"{p}.lora_A.weight" for p in paths), trainable=False, sent=False),
             TensorGroup("lora_B", tuple(f"{p}.lora_B.weight" for p in paths), trainable=True, sent=True, rank_axis=1),

@@ -8,6 +8,7 @@ so the exported adapter loads with ``peft.PeftModel.from_pretrained``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ class LoraLinear(nn.Module):
     def set_rank(self, rank: int | None) -> None:
         self.active_rank = None if rank is None or rank >= self.lora_A.out_features else rank
 
-    def products(self, get) -> dict[str, Product]:
+    def products(self, get: Callable[[str], torch.Tensor]) -> dict[str, Product]:
         """The layer's weight update ``s·B·A`` for given factor values (see ``Adapter.products``)."""
         return {"": (self.scaling * get("lora_B.weight") @ get("lora_A.weight"), None)}
 

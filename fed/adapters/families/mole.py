@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -123,10 +125,11 @@ class MoleLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = self._gates(x)
         h = self.dropout(x)
-        update = sum(gates[..., k:k + 1] * e.lora_B(e.lora_A(h)) for k, e in enumerate(self.experts))
+        experts = cast("Iterable[Expert]", self.experts)  # __init__ fills the ModuleList with Experts only
+        update = sum(gates[..., k:k + 1] * e.lora_B(e.lora_A(h)) for k, e in enumerate(experts))
         return self.base_layer(x) + self.scaling * update
 
-    def products(self, get) -> dict[str, Product]:
+    def products(self, get: Callable[[str], torch.Tensor]) -> dict[str, Product]:
         slots = self._shared[0].slots()
         return {f".experts.{k}": (self.scaling * get(f"experts.{k}.lora_B.weight") @ get(f"experts.{k}.lora_A.weight"),
                                   slots[k]) for k in range(len(self.experts))}

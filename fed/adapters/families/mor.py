@@ -21,6 +21,7 @@ by it, which leaves every ``D_i`` unchanged but stops clients drifting between e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -93,7 +94,7 @@ class MorLinear(nn.Module):
         used = (self.gates * mask.to(self.gates.dtype).reshape(*self.gates.shape[:-1], 1)).flatten(0, -2).sum(0)
         return dict(zip(self.slots(), used.tolist()))
 
-    def products(self, get) -> dict[str, Product]:
+    def products(self, get: Callable[[str], torch.Tensor]) -> dict[str, Product]:
         a, b, omega_a, omega_b = (get(n) for n in ("lora_A.weight", "lora_B.weight", "scale_A.weight",
                                                    "scale_B.weight"))
         return {f".experts.{i}": (self.scaling * (omega_b[i][:, None] * b) @ (omega_a[i][:, None] * a), slot)
@@ -122,7 +123,12 @@ class Mor(AdapterFamily):
         def names(part: str) -> tuple[str, ...]:
             return tuple(f"{p}.{part}.weight" for p in paths)
 
-        rows = tuple(tuple(model.get_submodule(p).slots()) for p in paths)
+        def slots(path: str) -> tuple[str, ...]:
+            layer = model.get_submodule(path)
+            assert isinstance(layer, MorLinear)  # replace_linears just installed it there
+            return tuple(layer.slots())
+
+        rows = tuple(slots(p) for p in paths)
         return (
             TensorGroup("lora_A", names("lora_A"), trainable=True, sent=True),
             TensorGroup("lora_B", names("lora_B"), trainable=True, sent=True),

@@ -16,6 +16,7 @@ shows in ``aggregation_error``). The export folds the mixer into B (``B·M``), w
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,7 @@ class MosLoraLinear(LoraLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.lora_B(self.lora_AB(self.lora_A(self.dropout(x)))) * self.scaling
 
-    def products(self, get) -> dict[str, Product]:
+    def products(self, get: Callable[[str], torch.Tensor]) -> dict[str, Product]:
         return {"": (self.scaling * get("lora_B.weight") @ get("lora_AB.weight") @ get("lora_A.weight"), None)}
 
 
@@ -72,6 +73,8 @@ class MosLora(AdapterFamily):
 
         paths = replace_linears(model, spec.targets, wrap)
         names = {part: tuple(f"{p}.{part}.weight" for p in paths) for part in ("lora_A", "lora_AB", "lora_B")}
+        chains: tuple[tuple[str, ...], ...]
+        frozen: tuple[TensorGroup, ...]
         if spec.options.freeze_a:
             for name in names["lora_A"]:
                 model.get_parameter(name).requires_grad_(False)

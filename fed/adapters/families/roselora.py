@@ -70,7 +70,7 @@ class RoseLinear(LoraLinear):
         self._ema: dict[str, torch.Tensor] = {}
         self._masks: dict[str, torch.Tensor] = {}
 
-    def _factors(self) -> dict[str, nn.Parameter]:
+    def _factors(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
 
     def begin_round(self, clock: Clock) -> None:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, MetricRecordValues
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -194,15 +194,24 @@ class AdapterStrategy(FedAvg):
         replies = list(replies)
         metrics = super().aggregate_evaluate(server_round, replies)  # checks every reply carries the count
         if metrics is not None:
-            examples = sum(int(m.content["metrics"][self.weighted_by_key]) for m in replies if not m.has_error())
+            examples = sum(_count(m, self.weighted_by_key) for m in replies if not m.has_error())
             self.rounds.setdefault(server_round + self.round_offset, RoundLog()).evaluate = {
-                **metrics, "eval_examples": examples}
+                **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, "eval_examples": examples}
         return metrics
+
+
+def _count(reply: Message, key: str) -> int:
+    """An evaluate reply's example count (Flower's mean has checked that it is there and a number)."""
+    value = reply.content.metric_records["metrics"][key]
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"evaluate reply's {key}={value!r} is not a number")
+    return int(value)
 
 
 def _summary(record: RoundLog, clients: int, loss: float | None) -> MetricRecord:
     """What Flower keeps of a train round (the metrics line is written from the ``RoundLog``)."""
-    return MetricRecord({"clients": clients, "dropped": len(record.dropped), "bytes_up": record.bytes_up,
-                         "capped": record.capped, "clipped": record.clipped,
-                         "aggregation_error": record.aggregation_error}
-                        | ({"train_loss": loss} if loss is not None else {}))
+    values: dict[str, MetricRecordValues] = {"clients": clients, "dropped": len(record.dropped),
+                                             "bytes_up": record.bytes_up, "capped": record.capped,
+                                             "clipped": record.clipped, "aggregation_error": record.aggregation_error}
+    return MetricRecord(values | ({"train_loss": loss} if loss is not None else {}))
+

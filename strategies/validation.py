@@ -65,9 +65,11 @@ def check_dp_event(metrics: Mapping[str, Any], rules: ReplyRules, examples: int)
     if "dp-steps" not in metrics:
         raise PayloadError("a DP run's reply carries no DP event: the client trained without DP")
     steps = _int_in(metrics, "dp-steps", 0, rules.local_steps or 10**9)
-    sigma, rate, eps = (metrics.get(k) for k in ("dp-noise-multiplier", "dp-sample-rate", "epsilon"))
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (sigma, rate, eps)):
-        raise PayloadError(f"DP event fields must be finite numbers: noise {sigma!r}, rate {rate!r}, epsilon {eps!r}")
+    fields = ("dp-noise-multiplier", "dp-sample-rate", "epsilon")
+    if not all(isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k]) for k in fields):
+        noise, rate_, eps_ = (metrics.get(k) for k in fields)
+        raise PayloadError(f"DP event fields must be finite numbers: noise {noise!r}, rate {rate_!r}, epsilon {eps_!r}")
+    sigma, rate, eps = (float(metrics[k]) for k in fields)
     if rules.batch_size and not math.isclose(rate, sample_rate(rules.batch_size, examples), rel_tol=1e-9):
         raise PayloadError(f"dp-sample-rate={rate} contradicts the plan: batch {rules.batch_size} / "
                            f"num-examples {examples} = {sample_rate(rules.batch_size, examples):.6g}")
@@ -149,7 +151,8 @@ class OneReplyPerNode(Stage):
 def _check_willing(reply: Reply) -> None:
     """A client that refused the round or declined to train sent metrics, not an update."""
     if reply.metrics.get("refused"):
-        why = reply.message.content.config_records.get("refusal", {}).get("reason", "no reason given")
+        refusal = reply.message.content.config_records.get("refusal")
+        why = str(refusal["reason"]) if refusal is not None and "reason" in refusal else "no reason given"
         raise PayloadError(f"client refused the round under its privacy policy: {why}")
     if reply.metrics.get("declined"):
         raise PayloadError("client declined to train (privacy budget exhausted)")

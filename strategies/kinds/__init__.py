@@ -9,7 +9,7 @@ import torch
 
 from fed.adapters.base import Aggregation, Products, Structure
 from strategies.kinds.allocation import server_owned
-from strategies.kinds.base import Replies, Rule, Tensors, apply_update, slot_weights, weighted_mean
+from strategies.kinds.base import Replies, Rule, Tensors, apply_update, slot_weights, total_of, weighted_mean
 from strategies.kinds.masked import masked_mean
 from strategies.kinds.mean import _mean, robust_mean
 from strategies.kinds.product import pairs_of, product_mean
@@ -71,7 +71,7 @@ def aggregation_error(products: Products, replies: Replies, merged: Mapping[str,
         if total <= 0:
             continue
         base64 = base.to(torch.float64)
-        target = sum(w / total * (c[name][0].to(torch.float64) - base64) for w, c in zip(weights, clients))
+        target = total_of(w / total * (c[name][0].to(torch.float64) - base64) for w, c in zip(weights, clients))
         got = after[name][0].to(torch.float64) - base64
         err += float((target - got).pow(2).sum())
         ref += float(target.pow(2).sum())

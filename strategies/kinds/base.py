@@ -6,8 +6,9 @@ global state); rules are pure functions over named tensors and weights, with no 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -32,13 +33,18 @@ class Replies:
     """Per client, the kept entries of each line-sparse tensor (RoseLoRA), as decoded from the wire."""
 
 
+def total_of(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of one or more tensors (``sum()`` would start from the integer 0)."""
+    return functools.reduce(torch.add, terms)
+
+
 def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
                   names: Sequence[str]) -> Tensors:
     """``sum_k w_k delta_k / sum_k w_k`` for each name (FedAvg's example-weighted mean)."""
     total = float(sum(weights))
     if not deltas or total <= 0:
         raise ValueError(f"need at least one client with positive weight; got weights {list(weights)}")
-    return {n: sum(w / total * d[n].to(torch.float64) for d, w in zip(deltas, weights)).to(deltas[0][n].dtype)
+    return {n: total_of(w / total * d[n].to(torch.float64) for d, w in zip(deltas, weights)).to(deltas[0][n].dtype)
             for n in names}
 
 

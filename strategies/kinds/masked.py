@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from fed.adapters.base import Structure, top_lines
-from strategies.kinds.base import Replies, Tensors
+from strategies.kinds.base import Replies, Tensors, total_of
 
 
 def masked_mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tensors:
@@ -27,9 +27,9 @@ def masked_mean(replies: Replies, structure: Structure, names: Sequence[str]) ->
     for name in names:
         global_ = replies.global_[name].to(torch.float64)
         kept = [m[name].to(torch.float64) for m in replies.masks]
-        cover = sum(w * k for w, k in zip(replies.weights, kept))
-        total = sum(w * k * (global_ + d[name].to(torch.float64))
-                    for w, k, d in zip(replies.weights, kept, replies.deltas))
+        cover = total_of(w * k for w, k in zip(replies.weights, kept))
+        total = total_of(w * k * (global_ + d[name].to(torch.float64))
+                         for w, k, d in zip(replies.weights, kept, replies.deltas))
         mean = torch.where(cover > 0, total / torch.where(cover > 0, cover, 1.0), 0.0)
         axis = structure.lines[name]
         budget = max(int(m[name].sum(axis).max()) for m in replies.masks)

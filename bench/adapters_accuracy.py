@@ -26,13 +26,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.cells import bench_parser, held, mean_std, run_grid, settings, write_section
 from fed.adapters import build, kinds
 from fed.config import RunConfig
 from fed.config.sources import resolve
 from fed.models import load_model
 from fed.session import adapter_spec, num_labels
-
-from bench.cells import bench_parser, held, mean_std, run_grid, settings, write_section
 
 FAMILIES = kinds()
 SPLITS = {"mixed-domains": [], "iid": ["data.partition=iid"]}

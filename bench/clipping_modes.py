@@ -18,12 +18,12 @@ import os
 import statistics
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from fed.precision import model_device, resolve_precision
 from fed.config.sources import resolve
+from fed.precision import model_device, resolve_precision
 from fed.privacy.mechanism import DpSettings
 from fed.session import client_session
 from fed.train import train_round

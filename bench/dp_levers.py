@@ -21,15 +21,14 @@ from typing import Any
 
 import torch
 
+from bench.cells import bench_parser, finished, record, settings, write_section
 from fed.config.sources import parse_override, resolve
+from fed.precision import resolve_precision
+from fed.privacy.ledger import calibrate_noise
 from fed.privacy.mechanism import DpSettings
 from fed.privacy.planner import sample_rate
-from fed.privacy.ledger import calibrate_noise
-from fed.precision import resolve_precision
 from fed.session import adapted_model, client_data, with_local_labels
 from fed.train import evaluate, round_lr, train_round
-
-from bench.cells import bench_parser, finished, record, settings, write_section
 
 LEVERS: dict[str, list[str]] = {
     "private preset": [],

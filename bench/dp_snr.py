@@ -30,17 +30,16 @@ from pathlib import Path
 
 import torch
 
+from bench.cells import write_section
 from fed.adapters.base import Adapter
-from fed.run.checkpoint import Checkpoint
 from fed.config import RunConfig
 from fed.privacy.ledger import calibrate_noise
 from fed.privacy.planner import sample_rate
+from fed.run.checkpoint import Checkpoint
 from fed.run.rundir import RunDir
 from fed.session import adapted_model, client_data, with_local_labels
 from fed.tasks import Task
 from fed.train import per_example_losses
-
-from bench.cells import write_section
 
 EPSILONS = (8.0, 3.0, 1.0)
 

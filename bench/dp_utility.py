@@ -23,11 +23,20 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.cells import (
+    EXECUTION_ONLY,
+    bench_parser,
+    held,
+    mean_std,
+    record,
+    run_grid,
+    same_cell,
+    settings,
+    summarise,
+    write_section,
+)
 from fed.config.sources import resolve
 from fed.run.rundir import RunDir
-
-from bench.cells import (
-    EXECUTION_ONLY, bench_parser, held, mean_std, record, run_grid, same_cell, settings, summarise, write_section)
 
 EPSILONS = {"inf": ["dp.enabled=false", "train.lr=0.02"], "8": ["dp.target_epsilon=8"], "3": ["dp.target_epsilon=3"],
             "1": ["dp.target_epsilon=1"]}

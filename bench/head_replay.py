@@ -28,18 +28,17 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
+from bench.cells import bench_parser, settings, write_section
+from bench.layer_probe import block_features, probe
 from fed.config import RunConfig
+from fed.config.sources import resolve
 from fed.models import MeanPooledClassifier
 from fed.precision import model_device, resolve_precision
-from fed.config.sources import resolve
 from fed.privacy.ledger import calibrate_noise
 from fed.privacy.planner import sample_rate
 from fed.session import adapted_model, client_data, dataset, with_local_labels
 from fed.train import round_lr
 from strategies.influence import bounded_weights
-
-from bench.cells import bench_parser, settings, write_section
-from bench.layer_probe import block_features, probe
 
 LEVERS: dict[str, list[str]] = {
     "private preset": [],

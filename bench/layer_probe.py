@@ -23,14 +23,13 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, concatenate_datasets
 
+from bench.cells import bench_parser, settings, write_section
+from fed.config.sources import resolve
 from fed.models import MeanPooledClassifier, mean_over_tokens
 from fed.precision import autocast, model_device, resolve_precision
-from fed.config.sources import resolve
 from fed.session import adapted_model, client_data, with_local_labels
 from fed.tasks import Task
 from fed.train import encode_on, length_chunks
-
-from bench.cells import bench_parser, settings, write_section
 
 
 @torch.no_grad()

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fed.config.sources import resolve
 from deploy import launcher as deploy
 from deploy.pki import make_pki
+from fed.config.sources import resolve
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

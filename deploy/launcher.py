@@ -17,14 +17,15 @@ import ssl
 import subprocess
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import tomli_w
 
-from fed.config import RunConfig
 from deploy.pki import Pki
+from fed.config import RunConfig
 
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower App: pyproject.toml's [tool.flwr.app]

@@ -14,10 +14,11 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, get_args
+from typing import get_args
 
 import torch
 from torch import nn

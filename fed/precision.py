@@ -11,9 +11,10 @@ DP guarantee, stays exact. On a CPU without native bfloat16 autocast is several 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, get_args
+from typing import Any, get_args
 
 import torch
 from torch import nn

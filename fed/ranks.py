@@ -18,7 +18,8 @@ Only families whose layers are LoRA layers with a rank axis take client ranks (`
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fed.adapters import registry
 

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from fed.adapters import Adapter, AdapterSpec, build, family_options, make_spec
-from fed.data.centring import centre_on
 from fed.config import AdapterConfig, ConfigError, RunConfig
+from fed.data.centring import centre_on
 from fed.data.datasets import ClientData, client_split, label_names, load_task_dataset
-from fed.models import default_targets, load_model, load_tokenizer, task_head_names
 from fed.data.node import align_labels, node_data, run_labels
+from fed.models import default_targets, load_model, load_tokenizer, task_head_names
 from fed.tasks import Task, make_task
 
 

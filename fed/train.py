@@ -10,8 +10,9 @@ import contextlib
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence, get_args
+from typing import TYPE_CHECKING, get_args
 
 import torch
 from datasets import Dataset

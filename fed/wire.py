@@ -14,8 +14,9 @@ The receiver expects exactly that carrier and widens back to float32 before chec
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, get_args
+from typing import Any, get_args
 
 import numpy as np
 import torch

@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from deploy import cli as deploy_cli
 from fed.config import ConfigError
 from fed.config.sources import preset_names, resolve
-from deploy import cli as deploy_cli
 
 
 def _parser() -> argparse.ArgumentParser:

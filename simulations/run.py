@@ -21,10 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers.utils import logging as transformers_logging
 
 from clients.app import app as client_app
-from fed.run.checkpoint import Checkpoint
 from fed.config import ConfigError, RunConfig, SimulationConfig
 from fed.privacy.client import STATE_DIR_ENV
 from fed.privacy.planner import delta_problems
+from fed.run.checkpoint import Checkpoint
 from fed.run.rundir import RunDir
 from fed.session import client_data, preflight, with_local_labels
 from server.app import run_federation

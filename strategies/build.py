@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from fed.adapters import Adapter
 from fed.config import FederationConfig, RunConfig, StrategyConfig

@@ -7,8 +7,8 @@ Both act on the accepted batch before any rule sees it, so the robust rules and 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch

@@ -7,7 +7,7 @@ persisted once the round's replies are in, before aggregation, so a crash loses 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from flwr.app import ConfigRecord, Message, RecordDict
 

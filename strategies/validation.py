@@ -11,9 +11,10 @@ with its reason, and never aggregated.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from flwr.app import Message

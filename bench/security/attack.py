@@ -14,8 +14,8 @@ import argparse
 import tempfile
 import time
 
-from fed.config.sources import resolve
 from bench.security.redteam import hostile_client
+from fed.config.sources import resolve
 from simulations.run import simulate
 
 

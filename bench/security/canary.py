@@ -11,8 +11,8 @@ gradient. ``fed.privacy.audit.audit`` turns the scores into a lower bound on eps
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from unittest import mock
 
 import torch
@@ -25,8 +25,8 @@ from fed.config import RunConfig
 from fed.config.sources import resolve
 from fed.data.datasets import ClientData
 from fed.privacy.audit import AuditResult, audit
-from fed.privacy.mechanism import DpSettings
 from fed.privacy.ledger import DpSgdEvent, epsilon
+from fed.privacy.mechanism import DpSettings
 from fed.session import ClientSession, adapted_model
 from fed.train import train_round
 from fed.wire import config_record, from_record, metas, to_record

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
-from fed.adapters.base import (HEAD, Adapter, AdapterFamily, AdapterSpec, Aggregation, Clock, MaskedParams, PairParams,
-                               ProductParams, Structure, TensorGroup, UsageParams)
+from fed.adapters.base import (
+    HEAD,
+    Adapter,
+    AdapterFamily,
+    AdapterSpec,
+    Aggregation,
+    Clock,
+    MaskedParams,
+    PairParams,
+    ProductParams,
+    Structure,
+    TensorGroup,
+    UsageParams,
+)
 from fed.adapters.registry import family, kinds, ranked_kinds, register_family
 
 
@@ -51,5 +64,23 @@ def build(model: nn.Module, spec: AdapterSpec, seed: int, head: tuple[str, ...] 
     return adapter
 
 
-__all__ = ["Adapter", "AdapterFamily", "AdapterSpec", "family_options", "make_spec", "MaskedParams", "PairParams", "ProductParams", "UsageParams", "Aggregation", "Clock", "Structure", "TensorGroup", "build", "family", "kinds",
-           "ranked_kinds", "register_family"]
+__all__ = [
+    "Adapter",
+    "AdapterFamily",
+    "AdapterSpec",
+    "Aggregation",
+    "Clock",
+    "MaskedParams",
+    "PairParams",
+    "ProductParams",
+    "Structure",
+    "TensorGroup",
+    "UsageParams",
+    "build",
+    "family",
+    "family_options",
+    "kinds",
+    "make_spec",
+    "ranked_kinds",
+    "register_family",
+]

@@ -5,9 +5,10 @@ through which a config is typed and validated (``fed.config``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import tomllib
 

@@ -16,9 +16,10 @@ import functools
 import math
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar, get_args
+from typing import TYPE_CHECKING, TypeVar, get_args
 
 import datasets
 import yaml
@@ -289,12 +290,12 @@ def label_names(dataset: Dataset) -> list[str]:
     return list(feature.names)
 
 
-_PARTITIONERS: dict[tuple, tuple["Partitioner", threading.Lock]] = {}
+_PARTITIONERS: dict[tuple, tuple[Partitioner, threading.Lock]] = {}
 _PARTITIONERS_LOCK = threading.Lock()
 
 
 def _partitioner(dataset: Dataset, num_clients: int, partition: str, alpha: float, classes_per_client: int,
-                 seed: int, partition_by: str = "") -> tuple["Partitioner", threading.Lock]:
+                 seed: int, partition_by: str = "") -> tuple[Partitioner, threading.Lock]:
     """One partitioner per configuration and process, so the whole split is computed once.
 
     The rows are shuffled with ``seed`` first: IidPartitioner cuts contiguous shards and the label
@@ -303,8 +304,12 @@ def _partitioner(dataset: Dataset, num_clients: int, partition: str, alpha: floa
     """
     # Imported here: flwr-datasets pulls in matplotlib, and a deployed node reading its own file never
     # partitions, yet pays every import again in each round's fresh ClientApp process.
-    from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, NaturalIdPartitioner,
-                                           PathologicalPartitioner)
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+    )
 
     if partition == "iid":
         alpha, classes_per_client = 0.0, 0

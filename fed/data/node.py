@@ -8,8 +8,8 @@ encoded their own label strings would otherwise disagree on what class 0 means, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from datasets import ClassLabel, Dataset, Features
 

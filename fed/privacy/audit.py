@@ -10,8 +10,8 @@ claimed epsilon below it is a broken guarantee (Jagielski et al. 2020, Nasr et a
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from scipy.stats import beta
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, get_args
+from typing import Any, get_args
 
 from fed.config import Accountant, DPConfig
 from fed.privacy import secure_rng

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from fed.config import RunConfig
 from fed.atomic import write_atomic
+from fed.config import RunConfig
 from fed.privacy.ledger import DpSgdEvent, Ledger, events_from_json
 from fed.privacy.planner import RoundPlan, new_ledger, plan_round
 from fed.privacy.policy import Policy

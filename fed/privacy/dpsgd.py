@@ -11,7 +11,7 @@ generator; dropout is off while a DP step runs, so no other randomness touches t
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from opacus.grad_sample import AbstractGradSampleModule, register_grad_sampler

@@ -8,8 +8,8 @@ that never trains privately never imports Opacus (about a second of a client's s
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 

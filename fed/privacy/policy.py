@@ -10,8 +10,9 @@ node states its floor in its own node config (``dp-required``, ``max-epsilon``, 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from fed.config import DPConfig
 

@@ -15,7 +15,8 @@ released parameters, and Dynamic LoRA's layer importance is computed by the serv
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 log = logging.getLogger(__name__)
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import math
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fed.run.checkpoint import Checkpoint
+import tomllib
+
+from fed.atomic import write_atomic
 from fed.config import RunConfig
 from fed.config.sources import flatten
-from fed.atomic import write_atomic
+from fed.run.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)

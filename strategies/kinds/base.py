@@ -7,8 +7,8 @@ global state); rules are pure functions over named tensors and weights, with no 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 

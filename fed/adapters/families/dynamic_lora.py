@@ -22,8 +22,7 @@ by their importance, and adapting to the input. Our federated formulation (docs/
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn

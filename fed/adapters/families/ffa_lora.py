@@ -15,8 +15,8 @@ from __future__ import annotations
 from torch import nn
 
 from fed.adapters.base import AdapterSpec, TensorGroup
-from fed.adapters.registry import register_family
 from fed.adapters.families.lora import Lora, inject_lora
+from fed.adapters.registry import register_family
 
 
 @register_family

@@ -29,7 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fed.adapters.base import AdapterFamily, AdapterSpec, Aggregation, Product, TensorGroup, UsageParams, replace_linears
+from fed.adapters.base import (
+    AdapterFamily,
+    AdapterSpec,
+    Aggregation,
+    Product,
+    TensorGroup,
+    UsageParams,
+    replace_linears,
+)
 from fed.adapters.registry import register_family
 from fed.seeding import generator
 

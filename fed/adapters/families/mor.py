@@ -21,15 +21,23 @@ by it, which leaves every ``D_i`` unchanged but stops clients drifting between e
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fed.adapters.base import Adapter, AdapterFamily, AdapterSpec, Aggregation, Product, TensorGroup, UsageParams, replace_linears
+from fed.adapters.base import (
+    Adapter,
+    AdapterFamily,
+    AdapterSpec,
+    Aggregation,
+    Product,
+    TensorGroup,
+    UsageParams,
+    replace_linears,
+)
 from fed.adapters.registry import register_family
 from fed.seeding import generator
 

@@ -22,9 +22,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fed.adapters.base import AdapterFamily, AdapterSpec, Aggregation, Product, ProductParams, TensorGroup, replace_linears
-from fed.adapters.registry import register_family
+from fed.adapters.base import (
+    AdapterFamily,
+    AdapterSpec,
+    Aggregation,
+    Product,
+    ProductParams,
+    TensorGroup,
+    replace_linears,
+)
 from fed.adapters.families.lora import LoraLinear
+from fed.adapters.registry import register_family
 from fed.seeding import generator
 
 

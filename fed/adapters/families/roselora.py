@@ -22,15 +22,25 @@ Federated form (our choices, see docs/architecture.md):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from fed.adapters.base import Adapter, AdapterSpec, Aggregation, Clock, MaskedParams, TensorGroup, replace_linears, top_lines
-from fed.adapters.registry import register_family
+from fed.adapters.base import (
+    Adapter,
+    AdapterSpec,
+    Aggregation,
+    Clock,
+    MaskedParams,
+    TensorGroup,
+    replace_linears,
+    top_lines,
+)
 from fed.adapters.families.lora import Lora, LoraLinear
+from fed.adapters.registry import register_family
 from fed.seeding import generator
 
 WARMUP, FINAL = 0.1, 0.8

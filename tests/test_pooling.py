@@ -12,11 +12,8 @@ import torch
 from fed.adapters import build
 from fed.config import ConfigError, RunConfig
 from fed.models import load_model, task_head_names
-from fed.privacy.dpsgd import per_sample_module
 from fed.run.export import export_adapter, load_adapter
-from fed.tasks import Classification
-from tests.conftest import randomise, spec
-from tests.test_dpsgd import _naive_grads, _NoTokenizer
+from tests.helpers import check_per_sample_gradients, randomise, spec
 
 
 def _pooled(seed: int = 5):
@@ -47,21 +44,6 @@ def test_the_head_starts_at_zero_and_is_the_only_head_trained(batch):
 @pytest.mark.parametrize("kind", ["lora", "ffa-lora"])
 def test_per_sample_gradients_equal_a_naive_loop(kind, batch):
     check_per_sample_gradients(_pooled(), kind, batch)
-
-
-def check_per_sample_gradients(model, kind: str, batch) -> None:
-    """Opacus's per-example gradients of every trained tensor against one backward pass per example."""
-    adapter = build(model, spec(kind, ("query", "value")), seed=3, head=tuple(task_head_names(model)))
-    randomise(adapter, 0.3)
-    task = Classification(_NoTokenizer(), 16)
-    reference = _naive_grads(adapter, task, batch)
-    gsm = per_sample_module(model, "hooks", loss_reduction="sum")
-    task.per_example_loss(gsm, batch).sum().backward()
-    params = dict(model.named_parameters())
-    for name in adapter.names(trainable=True):
-        expected = torch.stack([r[name] for r in reference])
-        torch.testing.assert_close(params[name].grad_sample, expected, rtol=1e-4, atol=1e-6)
-    gsm._close()
 
 
 def test_export_has_no_peft_files_and_load_adapter_reproduces_outputs(batch, tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 from fed.precision import autocast, cpu_has_native_bf16, resolve_precision
 from fed.privacy.dpsgd import per_sample_module
 from fed.train import per_example_losses
-from tests.test_dpsgd import KINDS, _bert_adapter, _naive_grads
+from tests.helpers import KINDS, _bert_adapter, _naive_grads
 
 
 def test_auto_picks_bfloat16_only_with_native_cpu_support():

@@ -17,7 +17,7 @@ from strategies.build import influence_stages, reply_stages
 from strategies.core import AdapterStrategy, RoundPlan, ServerUpdate
 from strategies.pipeline import AdapterModel
 from strategies.validation import ReplyRules, check_reply
-from tests.conftest import reply_from
+from tests.helpers import reply_from
 
 GLOBAL = {"l.lora_B.weight": torch.zeros(3, 2), "head.bias": torch.zeros(2)}
 EXPECTED = metas(GLOBAL)
@@ -172,7 +172,7 @@ def test_expert_counts_are_read_only_when_complete_and_well_formed():
 
 def test_strategy_weights_experts_by_the_counts_in_replies_and_logs_the_aggregation_error():
     from fed.wire import usage_metrics
-    from tests.test_adapters import client_deltas, make
+    from tests.helpers import client_deltas, make
 
     server = make("mole")
     global_ = server.sent_state()
@@ -204,7 +204,7 @@ def test_a_round_with_fewer_valid_replies_than_min_replies_keeps_the_global():
 @pytest.mark.parametrize("row", ["lora", "ffa-lora", "moslora", "mole", "mor"])
 @pytest.mark.parametrize("wire, itemsize", [("float32", 4), ("bfloat16", 2)])
 def test_bytes_sent_are_the_trained_elements_plus_the_tensor_names(row, wire, itemsize):
-    from tests.test_adapters import make
+    from tests.helpers import make
 
     state = make(row).sent_state()
     trained = sum(p.numel() for p in make(row).trainable_parameters())

@@ -12,11 +12,7 @@ from fed.privacy.dpsgd import DpStepper, per_sample_module
 from fed.privacy.mechanism import DpSettings
 from fed.tasks import Classification
 from fed.train import per_example_losses
-from tests.conftest import randomise, spec, tiny_bert
-
-
-class _NoTokenizer:
-    pad_token_id = 0
+from tests.helpers import _NoTokenizer, randomise, spec, tiny_bert
 
 
 def _adapter(kind: str):
@@ -26,7 +22,6 @@ def _adapter(kind: str):
                     head=("classifier.weight", "classifier.bias"))
     randomise(adapter, 0.3)
     return adapter, Classification(_NoTokenizer(), 16)
-
 
 
 @pytest.mark.parametrize("kind", ["ffa-lora", "mole"])  # mole: a balance loss on top of the task's

@@ -9,43 +9,15 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pandas as pd
 import pytest
-import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from deploy.launcher import Cluster, Layout
 from deploy.pki import add_node_key, make_pki
 from fed.config.sources import resolve
-from fed.models import load_tokenizer
 from fed.privacy.ledger import Ledger
+from tests.helpers import _node_files
 
 pytestmark = pytest.mark.slow
-WORDS = (("bad", "awful", "poor"), ("good", "great", "nice"))
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny BERT + tokenizer saved as a plain checkpoint: a model any process can load by path."""
-    path = tmp_path_factory.mktemp("model")
-    tokenizer = load_tokenizer("tiny-bert", "classification")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = BertForSequenceClassification(BertConfig(
-            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def _node_files(root) -> list[str]:
-    """Node 0 holds a CSV with string labels, node 1 a parquet file with integer labels."""
-    rows = [{"text": f"a {WORDS[i % 2][i % 3]} film number {i}", "label": ("neg", "pos")[i % 2]} for i in range(40)]
-    frame = pd.DataFrame(rows)
-    frame.iloc[:20].to_csv(root / "node0.csv", index=False)
-    frame.iloc[20:].assign(label=[i % 2 for i in range(20, 40)]).to_parquet(root / "node1.parquet")
-    return [str(root / "node0.csv"), str(root / "node1.parquet")]
 
 
 @pytest.fixture(scope="module")

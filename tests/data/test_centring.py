@@ -17,8 +17,7 @@ from fed.data.datasets import load_task_dataset
 from fed.models import load_model, load_tokenizer, task_head_names
 from fed.run.export import export_adapter, load_adapter
 from fed.session import adapted_model
-from tests.conftest import randomise, spec
-from tests.test_pooling import check_per_sample_gradients
+from tests.helpers import check_per_sample_gradients, randomise, spec
 
 
 @pytest.fixture(autouse=True)

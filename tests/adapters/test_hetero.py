@@ -17,9 +17,7 @@ from fed.train import per_example_losses
 from fed.wire import PayloadError
 from strategies.kinds import Replies, aggregate, aggregation_error
 from strategies.validation import ReplyRules, check_padding, check_rank
-from tests.conftest import randomise
-from tests.test_adapters import _layers, client_deltas, make
-from tests.test_dpsgd import _bert_adapter, _naive_grads
+from tests.helpers import _bert_adapter, _layers, _naive_grads, client_deltas, make, randomise
 
 
 def _rank_deltas(adapter, ranks, seed=0, scale=1.0):
@@ -185,7 +183,7 @@ def test_the_strategy_drops_replies_off_their_rank_and_aggregates_the_rest_in_pr
     from strategies.build import influence_stages, reply_stages
     from strategies.core import AdapterStrategy, MergeRule
     from strategies.pipeline import AdapterModel
-    from tests.conftest import reply_from
+    from tests.helpers import reply_from
 
     server = make("lora")
     global_ = server.sent_state()

@@ -15,7 +15,7 @@ from strategies.influence import CappedWeights, NormClip
 from strategies.pipeline import AdapterModel, Reply, RoundState, Stage
 from strategies.privacy import PrivacyBookkeeping
 from strategies.validation import OneReplyPerNode, ReplyValidation
-from tests.conftest import reply_from
+from tests.helpers import reply_from
 
 GLOBAL = {"l.lora_B.weight": torch.zeros(3, 2), "head.bias": torch.ones(2)}
 MODEL = AdapterModel(metas(GLOBAL), Structure({n: Aggregation.MEAN for n in GLOBAL}))
@@ -68,7 +68,7 @@ def test_one_reply_per_node_drops_the_second_with_its_reason():
     ("off", [OneReplyPerNode, PrivacyBookkeeping, ReplyValidation, CappedWeights]),
 ])
 def test_the_builder_stacks_a_norm_clip_unless_clipping_is_off(clip, stack):
-    from tests.test_adapters import make
+    from tests.helpers import make
 
     cfg = RunConfig.from_flat({"strategy.clip": clip})
     strategy = build_strategy(cfg, make("lora"), LedgerBook(DPConfig()), round_offset=2)

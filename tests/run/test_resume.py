@@ -73,7 +73,7 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     cfg = resolve("quickstart", SMALL)
     whole = simulate(cfg, tmp_path, name="whole")
     cut = RunDir(tmp_path / "cut")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     args = [a for s in SMALL for a in ("--set", s)]
     proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", *args, "--out", str(tmp_path),
                              "--name", "cut"], env=env, start_new_session=True,

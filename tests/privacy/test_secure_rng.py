@@ -11,7 +11,7 @@ from scipy import stats
 from fed.privacy import secure_rng
 from fed.privacy.dpsgd import DpStepper, check_dp_compatible
 from fed.privacy.mechanism import DpSettings, poisson_batches
-from tests.conftest import tiny_bert
+from tests.helpers import tiny_bert
 
 
 def regenerable_from_32_bits(draw) -> bool:

@@ -8,13 +8,11 @@ import re
 import pytest
 from opacus.accountants.utils import get_noise_multiplier
 
-from fed.config import DPConfig
 from fed.privacy.book import LedgerBook
 from fed.privacy.ledger import DpSgdEvent, epsilon
 from fed.reports.privacy import epsilon_by_round, render_html
 from simulations.cli import main
-
-DP = DPConfig(enabled=True, target_epsilon=8.0, delta=1e-5)
+from tests.helpers import DP
 
 
 def _book() -> LedgerBook:

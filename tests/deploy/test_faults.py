@@ -23,7 +23,7 @@ from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
 from deploy.launcher import Cluster, Layout
 from fed.config.sources import resolve
 from fed.privacy.ledger import Ledger
-from tests.test_deploy import _node_files, tiny_model_dir  # noqa: F401  (the fixture is reused)
+from tests.helpers import _node_files
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 60.0
@@ -55,7 +55,7 @@ def _rounds(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def faulty(tmp_path_factory, tiny_model_dir):  # noqa: F811  (pytest injects the fixture imported above)
+def faulty(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("faults")
     files = _node_files(root)
     layout = Layout(root)
@@ -105,7 +105,7 @@ def test_ledgers_neither_lose_nor_repeat_an_event(faulty):
 
 
 @pytest.fixture(scope="module")
-def server_killed(tmp_path_factory, tiny_model_dir):  # noqa: F811  (pytest injects the fixture imported above)
+def server_killed(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("server-killed")
     files = _node_files(root)
     layout = Layout(root)

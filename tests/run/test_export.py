@@ -10,7 +10,7 @@ import torch
 from fed.adapters import AdapterSpec, build, make_spec
 from fed.models import load_model
 from fed.run.export import export_adapter, load_adapter
-from tests.conftest import MATRIX, randomise, spec, tiny_llama
+from tests.helpers import MATRIX, randomise, spec, tiny_llama
 
 peft = pytest.importorskip("peft")
 

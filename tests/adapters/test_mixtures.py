@@ -12,9 +12,7 @@ from fed.privacy.mechanism import DpSettings
 from fed.tasks import Classification
 from fed.train import per_example_losses
 from strategies.kinds import Replies, aggregate, aggregation_error
-from tests.conftest import randomise, spec, tiny_bert
-from tests.test_adapters import HEAD, client_deltas, make
-from tests.test_dpsgd import _naive_grads, _NoTokenizer
+from tests.helpers import HEAD, _naive_grads, _NoTokenizer, client_deltas, make, randomise, spec, tiny_bert
 
 
 def _mole(experts: int = 3):

@@ -23,7 +23,7 @@ from strategies.kinds import Replies, aggregate
 from strategies.kinds.mean import coordinate_median, trimmed_mean
 from strategies.pipeline import AdapterModel
 from strategies.validation import ReplyRules, check_reply
-from tests.conftest import reply_from
+from tests.helpers import reply_from
 
 GLOBAL = {"l.lora_B.weight": torch.zeros(4, 3), "head.bias": torch.zeros(2)}
 FP = 3
@@ -226,7 +226,7 @@ def test_fuzzed_data_files_load_or_fail_with_a_value_error(tmp_path, body, suffi
 def test_expert_counts_are_capped_like_example_counts():
     """A client claiming 10^9 routed tokens gets at most max_weight_ratio x the median total."""
     from fed.wire import usage_metrics
-    from tests.test_adapters import client_deltas, make
+    from tests.helpers import client_deltas, make
 
     server = make("mole")
     global_ = server.sent_state()

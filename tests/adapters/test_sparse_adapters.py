@@ -24,9 +24,7 @@ from strategies.core import AdapterStrategy, ServerUpdate
 from strategies.kinds import Replies, aggregate
 from strategies.pipeline import AdapterModel
 from strategies.validation import ReplyRules
-from tests.conftest import randomise, reply_from, spec, tiny_bert
-from tests.test_adapters import HEAD
-from tests.test_dpsgd import _NoTokenizer
+from tests.helpers import HEAD, _Encoded, _NoTokenizer, _Rows, randomise, reply_from, spec, tiny_bert
 
 LATE = Clock(round_=5, rounds=5, steps=1)
 """A clock at the end of the run: the schedule is at ``keep_ratio``."""
@@ -112,24 +110,6 @@ def test_importance_under_dp_reads_the_released_parameters_only_never_a_gradient
         for name, mask in dp_side.masks().items():
             assert torch.equal(other.masks()[name], mask)
             torch.testing.assert_close(named[name].detach(), params[name].detach(), rtol=0, atol=0)
-
-
-class _Rows:
-    """A five-row 'dataset' whose rows are already tensors."""
-
-    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
-        self.batch = batch
-
-    def __len__(self) -> int:
-        return len(self.batch["labels"])
-
-    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return {k: v[indices] for k, v in self.batch.items()}
-
-
-class _Encoded(Classification):
-    def encode(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return rows
 
 
 def test_a_dp_round_ends_at_the_rounds_budget_on_every_line(batch):

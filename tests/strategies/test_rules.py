@@ -7,7 +7,7 @@ import math
 import pytest
 
 from strategies.kinds import Replies, aggregate, aggregation_error
-from tests.test_adapters import _dense, _layers, client_deltas, make
+from tests.helpers import _dense, _layers, client_deltas, make
 
 
 def _error(row: str, scale: float = 1.0) -> tuple[float, float]:

@@ -6,21 +6,8 @@ import pytest
 import torch
 
 from fed.adapters import AdapterSpec, Aggregation, build
-from fed.adapters.families.lora import LoraLinear
 from strategies.kinds import Replies, aggregate
-from tests.conftest import MATRIX, spec, tiny_bert
-
-HEAD = ("classifier.weight", "classifier.bias")
-
-
-def make(row: str, seed: int = 7, model_seed: int = 0, **extra):
-    return build(tiny_bert(model_seed), spec(row, ("query", "value"), **extra), seed, head=HEAD)
-
-
-def client_deltas(adapter, count: int, scale: float = 1.0, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return [{n: scale * torch.randn(t.shape, generator=g) for n, t in adapter.sent_state().items()}
-            for _ in range(count)]
+from tests.helpers import HEAD, MATRIX, _dense, _layers, client_deltas, make, tiny_bert
 
 
 def merge(adapter, deltas, weights):
@@ -93,18 +80,6 @@ def test_unknown_targets_and_kinds_are_named():
         build(tiny_bert(), AdapterSpec(kind="lora", rank=2, alpha=2, targets=("qury",)), 0)
     with pytest.raises(ValueError, match="unknown adapter kind 'dora'; known: .*ffa-lora.*roselora"):
         build(tiny_bert(), AdapterSpec(kind="dora", rank=2, alpha=2, targets=("query",)), 0)
-
-
-def _layers(adapter):
-    return [(p, m) for p, m in adapter.model.named_modules() if isinstance(m, LoraLinear)]
-
-
-def _dense(layer, path, tensors):
-    """s·B·(M)·A from explicit tensors, the frozen A taken from the layer: an independent product."""
-    a = tensors.get(f"{path}.lora_A.weight", layer.lora_A.weight.detach())
-    mixer = tensors.get(f"{path}.lora_AB.weight")
-    b = tensors[f"{path}.lora_B.weight"]
-    return layer.scaling * (b @ mixer @ a if mixer is not None else b @ a)
 
 
 @pytest.mark.parametrize("row", ["ffa-lora", "moslora-frozen-a"])

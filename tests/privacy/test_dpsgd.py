@@ -10,21 +10,9 @@ from hypothesis import strategies as st
 from fed.adapters import build
 from fed.privacy.dpsgd import DpStepper, per_sample_module
 from fed.privacy.mechanism import DpSettings, layer_bounds
-from fed.tasks import CausalLM, Classification
+from fed.tasks import CausalLM
 from fed.train import PlainStepper, length_chunks, per_example_losses, round_lr, train_round
-from tests.conftest import MATRIX, randomise, spec, tiny_bert, tiny_llama
-
-KINDS = list(MATRIX)
-
-
-class _NoTokenizer:
-    pad_token_id = 0
-
-
-def _bert_adapter(kind: str):
-    adapter = build(tiny_bert(), spec(kind, ("query", "value")), seed=3, head=("classifier.weight", "classifier.bias"))
-    randomise(adapter, 0.3)
-    return adapter, Classification(_NoTokenizer(), 16)
+from tests.helpers import KINDS, _bert_adapter, _naive_grads, _NoTokenizer, randomise, spec, tiny_bert, tiny_llama
 
 
 def _llama_adapter(kind: str):
@@ -39,19 +27,6 @@ def _lm_batch(batch):
     labels[:, :2] = -100  # prompt tokens are not scored
     labels[batch["attention_mask"] == 0] = -100
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
-
-
-def _naive_grads(adapter, task, batch):
-    """One forward/backward per example: the reference per-example gradients."""
-    names = adapter.names(trainable=True)
-    params = dict(adapter.model.named_parameters())
-    out = []
-    for i in range(len(batch["input_ids"])):
-        one = {k: v[i:i + 1] for k, v in batch.items()}
-        objective = per_example_losses(adapter, task, adapter.model, one)[1]  # what training minimises
-        grads = torch.autograd.grad(objective.sum(), [params[n] for n in names])
-        out.append(dict(zip(names, grads)))
-    return out
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -192,7 +167,7 @@ def test_length_chunks_cover_the_batch_once_in_length_order(lengths, size):
 
 
 def _plain_round_with_dropout(batch: dict[str, torch.Tensor], seed: int, noise_before: int) -> dict[str, torch.Tensor]:
-    from tests.test_sparse_adapters import _Encoded, _Rows
+    from tests.helpers import _Encoded, _Rows
 
     adapter = build(tiny_bert(dropout=0.5), spec("lora", ("query", "value")), seed=3,
                     head=("classifier.weight", "classifier.bias"))
@@ -245,7 +220,7 @@ def test_a_process_that_never_trains_privately_never_imports_opacus(mode, expect
     from pathlib import Path
 
     out = subprocess.run([sys.executable, "-c", _PLAIN_ROUND, mode], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1])
+                         cwd=Path(__file__).parents[2])
     assert out.stdout.strip().splitlines()[-1] == expected
 
 

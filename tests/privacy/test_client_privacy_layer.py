@@ -116,5 +116,5 @@ def test_an_unreadable_ledger_names_the_file_and_stops_the_round(tmp_path):
 def test_the_layer_imports_no_flower():
     code = "import sys, fed.privacy.client; print('flwr' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1])
+                         cwd=Path(__file__).parents[2])
     assert out.stdout.strip() == "False"

@@ -11,7 +11,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fed.adapters import Aggregation, Structure
-from fed.config import DPConfig, StrategyConfig
+from fed.config import StrategyConfig
 from fed.privacy.book import LedgerBook
 from fed.privacy.ledger import DpSgdEvent, epsilon, events_from_json
 from fed.privacy.release import PUBLIC_UNDER_DP
@@ -21,11 +21,10 @@ from strategies.core import AdapterStrategy, RoundPlan
 from strategies.pipeline import AdapterModel, RoundLog
 from strategies.privacy import PrivacyBookkeeping
 from strategies.validation import ReplyRules
-from tests.conftest import reply_from
+from tests.helpers import DP, reply_from
 
 GLOBAL = {"l.lora_B.weight": torch.zeros(3, 2)}
 FP = 7
-DP = DPConfig(enabled=True, target_epsilon=8.0, delta=1e-5)
 
 
 pytestmark = pytest.mark.usefixtures("flower_identity")

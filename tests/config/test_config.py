@@ -5,7 +5,7 @@ import pytest
 from fed.config import ConfigError, RunConfig
 from fed.config.sources import from_run_config, load_preset, parse_override, preset_names, resolve
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def test_presets_resolve_and_round_trip():

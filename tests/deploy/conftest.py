@@ -1,0 +1,24 @@
+"""The deployment tests' shared fixture: a tiny model saved where every process can load it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from fed.models import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny BERT + tokenizer saved as a plain checkpoint: a model any process can load by path."""
+    path = tmp_path_factory.mktemp("model")
+    tokenizer = load_tokenizer("tiny-bert", "classification")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -74,7 +74,7 @@ def held(log: Path, grid: list[tuple[dict[str, Any], RunConfig]]) -> list[dict[s
 
 EXECUTION_ONLY = ("train.micro_batch", "train.eval_batch_size", "train.max_eval_examples")
 """Settings that change how fast a cell runs, not what it measures: a batch run in chunks takes the same step
-(tests/test_dpsgd.py holds a chunked DP step to the per-example loop), evaluation sums over its batches, and the
+(tests/privacy/test_dpsgd.py holds a chunked DP step to the per-example loop), evaluation sums over its batches, and the
 cap on the rows scored per round leaves the last round's score alone (it counts every held-out row)."""
 
 

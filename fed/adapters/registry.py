@@ -47,6 +47,11 @@ def kinds() -> tuple[str, ...]:
     return tuple(_registry())
 
 
+def shipped_kinds() -> tuple[str, ...]:
+    """The kinds that ship with fedlora (what the docs list); plug-ins may register more at run time."""
+    return tuple(kind for kind, fam in _registry().items() if type(fam).__module__.startswith(f"{_SHIPPED}."))
+
+
 def ranked_kinds() -> tuple[str, ...]:
     """Kinds whose layers can train fewer rank components than the global adapter (client ranks)."""
     return tuple(kind for kind, fam in _registry().items() if getattr(fam, "ranked", False))

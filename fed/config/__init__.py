@@ -102,7 +102,7 @@ class ModelConfig:
 class AdapterConfig:
     """The trained adapter injected into the frozen model: its family and size."""
 
-    kind: Annotated[str, registry.kinds] = "lora"
+    kind: Annotated[str, registry.kinds, registry.shipped_kinds] = "lora"
     """Adapter family (docs/architecture.md): ``lora``, ``ffa-lora`` (A frozen and never sent: exact aggregation,
     half the bytes, a natural fit for DP), and the other registered families. The accepted names come from the
     adapter registry, so a newly registered family is accepted without touching the config."""
@@ -544,7 +544,8 @@ class Key:
 
     name: str
     hint: Any
-    """The field's resolved annotation (``Literal[...]``, ``Annotated[str, source]``, ``tuple[str, ...]``, ``int``...)."""
+    """The field's resolved annotation (``Literal[...]``, ``Annotated[str, accepted[, documented]]``, ``tuple[str, ...]``,
+    ``int``...)."""
     default: Any
 
     @property
@@ -564,6 +565,14 @@ class Key:
         if get_origin(self.hint) is Annotated:
             return tuple(get_args(self.hint)[1]())
         return ()
+
+    @property
+    def documented(self) -> tuple[str, ...]:
+        """The choices the reference lists: an ``Annotated`` key's second source when it has one (the shipped
+        families, where plug-ins may add kinds at run time), else its choices."""
+        if get_origin(self.hint) is Annotated and len(get_args(self.hint)) > 2:
+            return tuple(get_args(self.hint)[2]())
+        return self.choices
 
     def choice_problems(self, value: Any) -> list[str]:
         """The problem of a value outside this key's choices, naming them all (none: [])."""

@@ -58,8 +58,8 @@ def value_text(value: Any) -> str:
 
 def accepts(key: Key) -> str:
     """What a key accepts, in words: its choices, else its type's name."""
-    if key.choices:
-        return ", ".join(key.choices)
+    if key.documented:
+        return ", ".join(key.documented)
     return "list of str" if key.kind is tuple else key.kind.__name__
 
 
@@ -81,7 +81,7 @@ def _table(names: list[str]) -> list[str]:
     defaults = RunConfig().to_flat()
     for name in names:
         key = keys()[name]
-        accepted = ", ".join(f"`{c}`" for c in key.choices) if key.choices else accepts(key)
+        accepted = ", ".join(f"`{c}`" for c in key.documented) if key.documented else accepts(key)
         lines.append(f"| `{name}` | {_cell(accepted)} | `{_cell(value_text(defaults[name]))}` | {_cell(docs()[name])} |")
     return lines
 
@@ -92,7 +92,7 @@ def markdown() -> str:
         "# Configuration reference",
         "",
         "<!-- Generated from the dataclasses in fed/config/__init__.py: edit them, then run",
-        "     fed config --markdown > docs/configuration.md (tests/test_config.py compares the two). -->",
+        "     fed config --markdown > docs/configuration.md (tests/config/test_config.py compares the two). -->",
         "",
         "A run is configured by a preset (`fed/config/presets/*.toml`, or a path to a TOML file), then `--set key=value`",
         "overrides or Flower's run-config. A bad key or value stops the run before any work, naming it and what is",

@@ -56,8 +56,10 @@ def matched_rank(cfg: RunConfig, budget: int, max_rank: int = 64) -> tuple[int, 
     """
     one, two = (adapter_parameters(cfg.with_overrides({"adapter.rank": r})) for r in (1, 2))
     guess = min(range(1, max_rank + 1), key=lambda r: abs(one + (two - one) * (r - 1) - budget))
-    exact = {r: adapter_parameters(cfg.with_overrides({"adapter.rank": r}))
-             for r in range(max(1, guess - 2), min(max_rank, guess + 2) + 1)}
+    exact = {
+        r: adapter_parameters(cfg.with_overrides({"adapter.rank": r}))
+        for r in range(max(1, guess - 2), min(max_rank, guess + 2) + 1)
+    }
     rank = min(exact, key=lambda r: abs(exact[r] - budget))
     return rank, exact[rank]
 
@@ -76,8 +78,11 @@ def table(results: list[dict[str, Any]], params: dict[str, tuple[int, int]]) -> 
             continue
         accs = [mean_std([r["accuracy"] for r in cells.get((family, s, d), [])]) for s, d in columns]
         errors = [r["aggregation_error"] for r in mine if r["aggregation_error"] is not None]
-        rows.append(f"| {family} | {rank} | {count:,} | " + " | ".join(accs)
-                    + f" | {statistics.fmean(errors):.2e} | {int(statistics.fmean(r['bytes_up'] for r in mine)):,} |")
+        rows.append(
+            f"| {family} | {rank} | {count:,} | "
+            + " | ".join(accs)
+            + f" | {statistics.fmean(errors):.2e} | {int(statistics.fmean(r['bytes_up'] for r in mine)):,} |"
+        )
     return "\n".join(rows)
 
 
@@ -93,20 +98,38 @@ def main() -> None:
     params = {f: matched_rank(base.with_overrides({"adapter.kind": f}), budget) for f in args.families}
     print(f"budget: {budget:,} trainable adapter parameters (LoRA rank {args.budget_rank}); ranks: {params}")
     log = Path(args.runs) / "results.jsonl"
-    grid = [({"family": family, "split": split, "dp": dp, "seed": seed},
-             resolve("mixed-domains", [*args.overrides, *SPLITS[split], *DP[dp], f"adapter.kind={family}",
-                                       f"adapter.rank={params[family][0]}", f"seed={seed}"]))
-            for family in args.families for split in args.splits for dp in args.dp for seed in args.seeds]
+    grid = [
+        (
+            {"family": family, "split": split, "dp": dp, "seed": seed},
+            resolve(
+                "mixed-domains",
+                [
+                    *args.overrides,
+                    *SPLITS[split],
+                    *DP[dp],
+                    f"adapter.kind={family}",
+                    f"adapter.rank={params[family][0]}",
+                    f"seed={seed}",
+                ],
+            ),
+        )
+        for family in args.families
+        for split in args.splits
+        for dp in args.dp
+        for seed in args.seeds
+    ]
     if not args.render:
         run_grid(log, Path(args.runs), grid)
     results = [record for record in held(log, grid) if record is not None]
-    body = (f"`python -m bench.adapters_accuracy --seeds {' '.join(map(str, args.seeds))}` with overrides "
-            f"{settings(args.overrides)}, on top of the `mixed-domains` preset (IID: the same data, "
-            f"`data.partition=iid`). Final-round accuracy, mean ± std (number of seeds) where a cell holds several "
-            f"of seeds {args.seeds}, else its one run (cells held so far: {len(results)} of {len(grid)}); the budget is "
-            f"LoRA rank {args.budget_rank} ({budget:,} parameters); DP targets epsilon 8 per client, with a "
-            f"mean-pooled head (`model.pooling=mean`).\n\n"
-            f"{table(results, params)}")
+    body = (
+        f"`python -m bench.adapters_accuracy --seeds {' '.join(map(str, args.seeds))}` with overrides "
+        f"{settings(args.overrides)}, on top of the `mixed-domains` preset (IID: the same data, "
+        f"`data.partition=iid`). Final-round accuracy, mean ± std (number of seeds) where a cell holds several "
+        f"of seeds {args.seeds}, else its one run (cells held so far: {len(results)} of {len(grid)}); the budget is "
+        f"LoRA rank {args.budget_rank} ({budget:,} parameters); DP targets epsilon 8 per client, with a "
+        f"mean-pooled head (`model.pooling=mean`).\n\n"
+        f"{table(results, params)}"
+    )
     write_section(Path(args.doc), "Adapter families at equal budget", body)
     print(body)
 

@@ -32,15 +32,28 @@ def main() -> None:
     mid_run = {"cross_check": False} if "cross_check" in inspect.signature(book.report).parameters else {}
     for round_ in range(1, args.rounds + 1):
         for cid in rng.sample(range(args.clients), max(1, args.clients // 10)):
-            book.observe(round_, {"partition-id": cid, "dp-steps": 2, "dp-noise-multiplier": 1.0,
-                                  "dp-sample-rate": 32 / sizes[cid], "num-examples": sizes[cid], "secure-rng": 1,
-                                  "epsilon": 0.0}, run=1)
+            book.observe(
+                round_,
+                {
+                    "partition-id": cid,
+                    "dp-steps": 2,
+                    "dp-noise-multiplier": 1.0,
+                    "dp-sample-rate": 32 / sizes[cid],
+                    "num-examples": sizes[cid],
+                    "secure-rng": 1,
+                    "epsilon": 0.0,
+                },
+                run=1,
+            )
         start = time.perf_counter()
         for _ in range(args.writes):
             book.report(**mid_run)
         book.max_epsilon()
-        print(f"round {round_}: server bookkeeping {time.perf_counter() - start:.2f} s "
-              f"({len(book.ledgers)} clients in the book)", flush=True)
+        print(
+            f"round {round_}: server bookkeeping {time.perf_counter() - start:.2f} s "
+            f"({len(book.ledgers)} clients in the book)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

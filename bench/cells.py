@@ -67,9 +67,17 @@ def held(log: Path, grid: list[tuple[dict[str, Any], RunConfig]]) -> list[dict[s
     when it has the cell's labels and its full config, so one made with other settings under the same labels
     (an older version of the grid) neither counts as done nor enters a table."""
     done = [(r, _recorded_config(r)) for r in finished(log)]
-    return [next((r for r, c in done if c is not None and same_cell(c, cfg)
-                  and all(r.get(k) == v for k, v in labels.items())), None)
-            for labels, cfg in grid]
+    return [
+        next(
+            (
+                r
+                for r, c in done
+                if c is not None and same_cell(c, cfg) and all(r.get(k) == v for k, v in labels.items())
+            ),
+            None,
+        )
+        for labels, cfg in grid
+    ]
 
 
 EXECUTION_ONLY = ("train.micro_batch", "train.eval_batch_size", "train.max_eval_examples")
@@ -118,11 +126,15 @@ def summarise(run: RunDir) -> dict[str, Any]:
         raise ValueError(f"{run.path} has no finished round in metrics.jsonl")
     last = lines[-1]
     errors = [line["aggregation_error"] for line in lines if line.get("aggregation_error") is not None]
-    return {"accuracy": last["eval_accuracy"], "epsilon": last["epsilon_max"],
-            "curve": [line.get("eval_accuracy") for line in lines],
-            "aggregation_error": statistics.fmean(errors) if errors else None,
-            "bytes_up": statistics.fmean(line["bytes_up"] / max(line["clients"], 1) for line in lines),
-            "wall_s": sum(line.get("wall_s", 0.0) for line in lines), "run": str(run.path)}
+    return {
+        "accuracy": last["eval_accuracy"],
+        "epsilon": last["epsilon_max"],
+        "curve": [line.get("eval_accuracy") for line in lines],
+        "aggregation_error": statistics.fmean(errors) if errors else None,
+        "bytes_up": statistics.fmean(line["bytes_up"] / max(line["clients"], 1) for line in lines),
+        "wall_s": sum(line.get("wall_s", 0.0) for line in lines),
+        "run": str(run.path),
+    }
 
 
 def mean_std(values: list[float]) -> str:

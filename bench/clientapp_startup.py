@@ -56,18 +56,31 @@ def main() -> None:
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "node.csv"
-        data.write_text("text,label\n" + "".join(f"sample text number {i},{'neg' if i % 2 else 'pos'}\n"
-                                                 for i in range(200)))
-        overrides = [f"model.name={args.model}", "data.labels=neg,pos", "adapter.kind=ffa-lora", "dp.enabled=true",
-                     "dp.target_epsilon=8"]
-        env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TRANSFORMERS_VERBOSITY": "error", "OMP_WAIT_POLICY": "PASSIVE"}
+        data.write_text(
+            "text,label\n" + "".join(f"sample text number {i},{'neg' if i % 2 else 'pos'}\n" for i in range(200))
+        )
+        overrides = [
+            f"model.name={args.model}",
+            "data.labels=neg,pos",
+            "adapter.kind=ffa-lora",
+            "dp.enabled=true",
+            "dp.target_epsilon=8",
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(root),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "OMP_WAIT_POLICY": "PASSIVE",
+        }
         print(f"load average before: {os.getloadavg()[0]:.2f}")
         runs = []
         for argv in ([PROBE, str(data), *overrides], [FLOOR]):  # fedlora's start-up, then the floor
             for _ in range(args.repeats):
-                out = subprocess.run([sys.executable, "-c", *argv], env=env, check=True, capture_output=True,
-                                     text=True, cwd=root).stdout
+                out = subprocess.run(
+                    [sys.executable, "-c", *argv], env=env, check=True, capture_output=True, text=True, cwd=root
+                ).stdout
                 runs.append(json.loads(out.strip().splitlines()[-1]))
                 print(runs[-1])
         print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -4,7 +4,8 @@ Prints, per adapter kind (and per ``train.micro_batch`` asked for), the step tim
 DP-SGD with per-sample gradient hooks and with ghost clipping, and their ratios to plain training: each
 repeat times one round of every mode back to back, and the ratio is the median of the per-repeat ratios.
 DP rounds draw Poisson batches (``batch_size`` examples on average) and run with dropout off. Run:
-    python -m bench.clipping_modes [--preset quickstart] [--steps 8] [--repeats 5] [--micro-batches 0 16 8 4] [--set key=value ...]
+    python -m bench.clipping_modes [--preset quickstart] [--steps 8] [--repeats 5] [--micro-batches 0 16 8 4] \
+        [--set key=value ...]
     python -m bench.clipping_modes --preset instruct         # SmolLM2-135M, causal LM
 The model runs on a CUDA GPU when one is present (``--device auto``, named in the output), in the precision
 ``train.precision`` resolves to there (``auto``: bfloat16 where the hardware computes it natively).
@@ -42,20 +43,32 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
 
 
-def _step_s(session, *, steps: int, batch_size: int, micro_batch: int, dp: DpSettings | None,
-            precision: torch.dtype) -> float:
+def _step_s(
+    session, *, steps: int, batch_size: int, micro_batch: int, dp: DpSettings | None, precision: torch.dtype
+) -> float:
     """Seconds per step of one local round of ``steps`` steps (the Opacus set-up of a DP round included)."""
     start = time.perf_counter()
-    train_round(session.adapter, session.task, session.data.train, steps=steps, batch_size=batch_size,
-                lr=1e-3, weight_decay=0.0, dp=dp, gen=torch.Generator().manual_seed(0), micro_batch=micro_batch,
-                precision=precision)
+    train_round(
+        session.adapter,
+        session.task,
+        session.data.train,
+        steps=steps,
+        batch_size=batch_size,
+        lr=1e-3,
+        weight_decay=0.0,
+        dp=dp,
+        gen=torch.Generator().manual_seed(0),
+        micro_batch=micro_batch,
+        precision=precision,
+    )
     if model_device(session.adapter.model).type == "cuda":
         torch.cuda.synchronize()  # kernels run asynchronously: time them to their end
     return (time.perf_counter() - start) / steps
 
 
-def paired(time_round: Callable[[DpSettings | None], float], modes: dict[str, DpSettings | None],
-           repeats: int) -> dict[str, list[float]]:
+def paired(
+    time_round: Callable[[DpSettings | None], float], modes: dict[str, DpSettings | None], repeats: int
+) -> dict[str, list[float]]:
     """Seconds per step of each mode, the modes interleaved within every repeat (in a rotating order, after
     one untimed round each): a slow spell of a shared machine, or a first round's lazy set-up, then hits
     every mode alike, and per-repeat ratios cancel it."""
@@ -64,7 +77,7 @@ def paired(time_round: Callable[[DpSettings | None], float], modes: dict[str, Dp
         time_round(modes[mode])  # warm-up: lazy initialisation, allocator growth, a GPU's kernel selection
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for repeat in range(repeats):
-        for mode in order[repeat % len(order):] + order[:repeat % len(order)]:
+        for mode in order[repeat % len(order) :] + order[: repeat % len(order)]:
             times[mode].append(time_round(modes[mode]))
     return times
 
@@ -83,8 +96,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per mode, interleaved")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--micro-batches", type=int, nargs="+", default=None,
-                        help="train.micro_batch values to time plain and hooks steps at (default: the preset's)")
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train.micro_batch values to time plain and hooks steps at (default: the preset's)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args()
     if args.repeats < 1 or args.steps < 1:
@@ -100,18 +118,32 @@ def main() -> None:
         precision = resolve_precision(cfg.train.precision, device.type)
         print(f"{kind}: {cfg.model.name}, base in {precision}", flush=True)
         n, bs = len(session.data.train), cfg.train.batch_size
-        dp = {mode: DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=bs / n, num_examples=n,
-                               mode=mode) for mode in ("hooks", "ghost")}
+        dp = {
+            mode: DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=bs / n, num_examples=n, mode=mode)
+            for mode in ("hooks", "ghost")
+        }
         for micro in args.micro_batches or [cfg.train.micro_batch]:
-            def time_round(settings: DpSettings | None, micro: int = micro) -> float:
+
+            def time_round(
+                settings: DpSettings | None, micro: int = micro, session=session, bs: int = bs, precision=precision
+            ) -> float:
                 ghost = settings is not None and settings.mode == "ghost"  # ghost clipping runs whole batches
-                return _step_s(session, steps=args.steps, batch_size=bs, micro_batch=0 if ghost else micro,
-                               dp=settings, precision=precision)
+                return _step_s(
+                    session,
+                    steps=args.steps,
+                    batch_size=bs,
+                    micro_batch=0 if ghost else micro,
+                    dp=settings,
+                    precision=precision,
+                )
 
             times = paired(time_round, {"plain": None, **dp}, args.repeats)
             med = {mode: statistics.median(t) for mode, t in times.items()}
-            print(f"{kind:10} {micro:5d} {med['plain']:7.3f} {med['hooks']:7.3f} {med['ghost']:7.3f} "
-                  f"{ratio(times, 'hooks'):>18} {ratio(times, 'ghost'):>18}", flush=True)
+            print(
+                f"{kind:10} {micro:5d} {med['plain']:7.3f} {med['hooks']:7.3f} {med['ghost']:7.3f} "
+                f"{ratio(times, 'hooks'):>18} {ratio(times, 'ghost'):>18}",
+                flush=True,
+            )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -47,19 +47,36 @@ LEVERS: dict[str, list[str]] = {
     "adapter scale 0.5 (alpha 4)": ["adapter.alpha=4"],
     "LoRA at scale 0.5 (alpha 4)": ["adapter.kind=lora", "adapter.alpha=4"],
     "the mixed-domains recipe: LoRA scale 0.5, [CLS] head, AdamW 5e-3": [
-        "adapter.kind=lora", "adapter.alpha=4", "model.pooling=cls", "train.optimizer=adamw", "train.lr=5e-3"],
+        "adapter.kind=lora",
+        "adapter.alpha=4",
+        "model.pooling=cls",
+        "train.optimizer=adamw",
+        "train.lr=5e-3",
+    ],
     "no DP": ["dp.enabled=false"],
     "adapter scale 8 (alpha 64)": ["adapter.alpha=64"],
     "adapter scale 32 (alpha 256)": ["adapter.alpha=256"],
     "LoRA at scale 8 (alpha 64)": ["adapter.kind=lora", "adapter.alpha=64"],
     "optimiser: AdamW, lr 1e-3, with LoRA": ["adapter.kind=lora", "train.optimizer=adamw", "train.lr=1e-3"],
     "4x the steps: batch 64, 24 a round, lr 0.25": ["train.batch_size=64", "train.local_steps=24", "train.lr=0.25"],
-    "4x the steps at scale 8 (alpha 64)": ["train.batch_size=64", "train.local_steps=24", "train.lr=0.25",
-                                           "adapter.alpha=64"],
+    "4x the steps at scale 8 (alpha 64)": [
+        "train.batch_size=64",
+        "train.local_steps=24",
+        "train.lr=0.25",
+        "adapter.alpha=64",
+    ],
     "8x the steps: batch 32, 48 a round, lr 0.1": ["train.batch_size=32", "train.local_steps=48", "train.lr=0.1"],
     "no-DP ceiling: all the data on one client, LoRA, AdamW 1e-3, 6 x 100 steps of batch 32": [
-        "federation.num_clients=1", "dp.enabled=false", "adapter.kind=lora", "train.optimizer=adamw", "train.lr=1e-3",
-        "train.batch_size=32", "train.local_steps=100", "federation.rounds=6", "train.micro_batch=0"],
+        "federation.num_clients=1",
+        "dp.enabled=false",
+        "adapter.kind=lora",
+        "train.optimizer=adamw",
+        "train.lr=1e-3",
+        "train.batch_size=32",
+        "train.local_steps=100",
+        "federation.rounds=6",
+        "train.micro_batch=0",
+    ],
     "the last block, lr 0.5 (the preset until 2026-12-02)": ["model.layers=0", "train.lr=0.5"],
     "SGD lr 0.5": ["train.lr=0.5"],
 }
@@ -74,34 +91,58 @@ def proxy(overrides: list[str], eval_limit: int) -> dict[str, Any]:
     q = sample_rate(t.batch_size, n)
     dp = None
     if cfg.dp.enabled:
-        sigma = calibrate_noise(cfg.dp.target_epsilon, cfg.dp.delta, q, cfg.federation.rounds * t.local_steps,
-                                cfg.dp.accountant)
-        dp = DpSettings(sigma, cfg.dp.max_grad_norm, q, n, mode=cfg.dp.grad_sample_mode,
-                        head_clip_share=cfg.dp.head_clip_share)
+        sigma = calibrate_noise(
+            cfg.dp.target_epsilon, cfg.dp.delta, q, cfg.federation.rounds * t.local_steps, cfg.dp.accountant
+        )
+        dp = DpSettings(
+            sigma, cfg.dp.max_grad_norm, q, n, mode=cfg.dp.grad_sample_mode, head_clip_share=cfg.dp.head_clip_share
+        )
     gen = torch.Generator().manual_seed(cfg.seed)
     precision = resolve_precision(t.precision)
     curve, start = [], time.perf_counter()
     for round_ in range(1, cfg.federation.rounds + 1):  # adapted_model handed the cached model back as built
         lr = round_lr(t.lr, t.lr_schedule, round_, cfg.federation.rounds)
-        train_round(adapter, task, data.train, steps=t.local_steps, batch_size=t.batch_size, lr=lr,
-                    weight_decay=t.weight_decay, dp=dp, gen=gen, optimizer=t.optimizer, momentum=t.momentum,
-                    precision=precision, micro_batch=t.micro_batch)
-        scores = evaluate(adapter, task, data.test, batch_size=t.eval_batch_size, limit=eval_limit,
-                          precision=precision)
+        train_round(
+            adapter,
+            task,
+            data.train,
+            steps=t.local_steps,
+            batch_size=t.batch_size,
+            lr=lr,
+            weight_decay=t.weight_decay,
+            dp=dp,
+            gen=gen,
+            optimizer=t.optimizer,
+            momentum=t.momentum,
+            precision=precision,
+            micro_batch=t.micro_batch,
+        )
+        scores = evaluate(adapter, task, data.test, batch_size=t.eval_batch_size, limit=eval_limit, precision=precision)
         curve.append(round(scores["accuracy"], 3))
         print(f"  round {len(curve)}: accuracy {curve[-1]:.3f}", flush=True)
-    return {"accuracy": curve[-1], "curve": curve, "n": n, "sample_rate": q,
-            "noise_multiplier": dp.noise_multiplier if dp else 0.0, "wall_s": time.perf_counter() - start}
+    return {
+        "accuracy": curve[-1],
+        "curve": curve,
+        "n": n,
+        "sample_rate": q,
+        "noise_multiplier": dp.noise_multiplier if dp else 0.0,
+        "wall_s": time.perf_counter() - start,
+    }
 
 
 def table(results: list[dict[str, Any]]) -> str:
     base = next((r["accuracy"] for r in results if r["lever"] == "private preset"), None)
-    rows = ["| lever (one change from the preset) | final accuracy | vs preset | accuracy by round | noise multiplier |"
-            " wall |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| lever (one change from the preset) | final accuracy | vs preset | accuracy by round | noise multiplier |"
+        " wall |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         gap = f"{r['accuracy'] - base:+.3f}" if base is not None else "-"
-        rows.append(f"| {r['lever']} | {r['accuracy']:.3f} | {gap} | {', '.join(f'{a:.2f}' for a in r['curve'])} | "
-                    f"{r['noise_multiplier']:.3f} | {r['wall_s'] / 60:.1f} min |")
+        rows.append(
+            f"| {r['lever']} | {r['accuracy']:.3f} | {gap} | {', '.join(f'{a:.2f}' for a in r['curve'])} | "
+            f"{r['noise_multiplier']:.3f} | {r['wall_s'] / 60:.1f} min |"
+        )
     return "\n".join(rows)
 
 
@@ -118,11 +159,15 @@ def main() -> None:
         overrides = [*args.overrides, *LEVERS[lever]]
         record(log, {"lever": lever}, resolve("private", overrides), proxy(overrides, args.eval_limit))
     results = finished(log)  # the table holds every lever the log has, not only this call's
-    body = (f"`python -m bench.dp_levers` with overrides {settings(args.overrides)}: the `private` preset's client 0 alone (its "
-            f"split, its planned noise, no averaging over clients: a floor for the federated run), held-out "
-            f"accuracy on {args.eval_limit} examples after each local round.\n\n{table(results)}")
+    body = (
+        f"`python -m bench.dp_levers` with overrides {settings(args.overrides)}: the `private` preset's client 0 "
+        f"alone (its "
+        f"split, its planned noise, no averaging over clients: a floor for the federated run), held-out "
+        f"accuracy on {args.eval_limit} examples after each local round.\n\n{table(results)}"
+    )
     write_section(Path(args.doc), "DP levers, one at a time", body)
     print(body)
+
 
 if __name__ == "__main__":
     main()

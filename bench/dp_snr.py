@@ -44,8 +44,9 @@ from fed.train import per_example_losses
 EPSILONS = (8.0, 3.0, 1.0)
 
 
-def clipped_mean(adapter: Adapter, task: Task, batch: dict[str, torch.Tensor], clip: float
-                 ) -> tuple[dict[str, torch.Tensor], list[float], list[float]]:
+def clipped_mean(
+    adapter: Adapter, task: Task, batch: dict[str, torch.Tensor], clip: float
+) -> tuple[dict[str, torch.Tensor], list[float], list[float]]:
     """The mean over an encoded ``batch`` of each example's gradient (of the loss ``fed.train`` minimises)
     clipped flat to ``clip`` (per trained tensor), and each example's unclipped gradient norm over the head's
     tensors and over the adapter's."""
@@ -55,7 +56,7 @@ def clipped_mean(adapter: Adapter, task: Task, batch: dict[str, torch.Tensor], c
     total = {n: torch.zeros_like(params[n]) for n in names}
     head_norms, adapter_norms = [], []
     for i in range(len(batch["input_ids"])):
-        one = {k: v[i:i + 1] for k, v in batch.items()}
+        one = {k: v[i : i + 1] for k, v in batch.items()}
         objective = per_example_losses(adapter, task, adapter.model, one)[1]
         grads = dict(zip(names, torch.autograd.grad(objective.sum(), [params[n] for n in names])))
         h = math.sqrt(sum(float(g.pow(2).sum()) for n, g in grads.items() if n in head))
@@ -84,12 +85,16 @@ class Probe:
     @classmethod
     def of(cls, cfg: RunConfig, task: Task) -> Probe:
         data = client_data(cfg, 0).train
-        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train.batch_size]
+        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train.batch_size]
         q = sample_rate(cfg.train.batch_size, len(data))
         steps = cfg.federation.rounds * cfg.train.local_steps
-        return cls(batch=task.encode(data[pick.tolist()]), clip=cfg.dp.max_grad_norm,
-                   sigmas=[calibrate_noise(e, cfg.dp.delta, q, steps, cfg.dp.accountant) for e in EPSILONS],
-                   expected_batch=q * len(data), best_case=math.sqrt(steps * cfg.federation.num_clients))
+        return cls(
+            batch=task.encode(data[pick.tolist()]),
+            clip=cfg.dp.max_grad_norm,
+            sigmas=[calibrate_noise(e, cfg.dp.delta, q, steps, cfg.dp.accountant) for e in EPSILONS],
+            expected_batch=q * len(data),
+            best_case=math.sqrt(steps * cfg.federation.num_clients),
+        )
 
 
 def step_rows(probe: Probe, state: str, adapter: Adapter, task: Task) -> list[str]:
@@ -98,15 +103,22 @@ def step_rows(probe: Probe, state: str, adapter: Adapter, task: Task) -> list[st
     mean, head_norms, adapter_norms = clipped_mean(adapter, task, probe.batch, probe.clip)
     head = set(adapter.head_names())
     rows = []
-    for group, norms, mine in (("head", head_norms, lambda n: n in head),
-                               ("adapter", adapter_norms, lambda n: n not in head)):
+    for group, norms, mine in (
+        ("head", head_norms, lambda n: n in head),
+        ("adapter", adapter_norms, lambda n: n not in head),
+    ):
         d = sum(t.numel() for n, t in mean.items() if mine(n))
         signal = math.sqrt(sum(float(t.pow(2).sum()) for n, t in mean.items() if mine(n)))
         noise = [s * probe.clip / probe.expected_batch * math.sqrt(d) for s in probe.sigmas]
-        rows.append(f"| {state} | {group} | {d:,} | {statistics.median(norms):.3f} | {signal:.4f} | "
-                    + " / ".join(f"{n:.3f}" for n in noise) + " | "
-                    + " / ".join(f"{signal / n:.3f}" for n in noise) + " | "
-                    + " / ".join(f"{probe.best_case * signal / n:.2f}" for n in noise) + " |")
+        rows.append(
+            f"| {state} | {group} | {d:,} | {statistics.median(norms):.3f} | {signal:.4f} | "
+            + " / ".join(f"{n:.3f}" for n in noise)
+            + " | "
+            + " / ".join(f"{signal / n:.3f}" for n in noise)
+            + " | "
+            + " / ".join(f"{probe.best_case * signal / n:.2f}" for n in noise)
+            + " |"
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -116,14 +128,19 @@ def main() -> None:
     parser.add_argument("--doc", default="docs/benchmarks.md")
     parser.add_argument("run_dirs", nargs="+", help="finished runs of one DP recipe (their config and checkpoint)")
     args = parser.parse_args()
-    rows = ["| state | group | coordinates | median per-example norm | clipped mean's norm | noise norm, eps "
-            + " / ".join(f"{e:g}" for e in EPSILONS) + " | SNR per step | best case over the run |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| state | group | coordinates | median per-example norm | clipped mean's norm | noise norm, eps "
+        + " / ".join(f"{e:g}" for e in EPSILONS)
+        + " | SNR per step | best case over the run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     configs = [with_local_labels(RunDir(Path(path)).config()) for path in args.run_dirs]
     for path, cfg in zip(args.run_dirs, configs):
         if not cfg.dp.enabled or cfg.dp.head_clip_share:
-            raise SystemExit(f"{path}: the bench replays flat DP clipping; this run has dp.enabled="
-                             f"{cfg.dp.enabled}, dp.head_clip_share={cfg.dp.head_clip_share}")
+            raise SystemExit(
+                f"{path}: the bench replays flat DP clipping; this run has dp.enabled="
+                f"{cfg.dp.enabled}, dp.head_clip_share={cfg.dp.head_clip_share}"
+            )
         adapter, task = adapted_model(cfg)
         probe = Probe.of(cfg, task)
         final = Checkpoint.load(RunDir(Path(path)).checkpoint)
@@ -132,11 +149,13 @@ def main() -> None:
         adapter.load(final.arrays)
         rows += step_rows(probe, f"{label}: after round {final.round}", adapter, task)
     cfg = configs[0]
-    body = (f"`python -m bench.dp_snr` on the finished runs below: one batch of {cfg.train.batch_size} of "
-            f"client 0's training rows, each example's gradient by autograd alone, clipped flat to "
-            f"{cfg.dp.max_grad_norm:g}; noise at the multiplier each epsilon calibrates for "
-            f"{cfg.federation.rounds} x {cfg.train.local_steps} steps; the best case multiplies the per-step "
-            f"SNR by sqrt(steps x {cfg.federation.num_clients} clients).\n\n" + "\n".join(rows))
+    body = (
+        f"`python -m bench.dp_snr` on the finished runs below: one batch of {cfg.train.batch_size} of "
+        f"client 0's training rows, each example's gradient by autograd alone, clipped flat to "
+        f"{cfg.dp.max_grad_norm:g}; noise at the multiplier each epsilon calibrates for "
+        f"{cfg.federation.rounds} x {cfg.train.local_steps} steps; the best case multiplies the per-step "
+        f"SNR by sqrt(steps x {cfg.federation.num_clients} clients).\n\n" + "\n".join(rows)
+    )
     write_section(Path(args.doc), "Signal and noise of one DP step, head and adapter", body)
     print(body)
 

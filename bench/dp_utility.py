@@ -38,19 +38,33 @@ from bench.cells import (
 from fed.config.sources import resolve
 from fed.run.rundir import RunDir
 
-EPSILONS = {"inf": ["dp.enabled=false", "train.lr=0.02"], "8": ["dp.target_epsilon=8"], "3": ["dp.target_epsilon=3"],
-            "1": ["dp.target_epsilon=1"]}
+EPSILONS = {
+    "inf": ["dp.enabled=false", "train.lr=0.02"],
+    "8": ["dp.target_epsilon=8"],
+    "3": ["dp.target_epsilon=3"],
+    "1": ["dp.target_epsilon=1"],
+}
 SPLITS = {"iid": ["data.partition=iid"], "dirichlet-0.5": ["data.partition=dirichlet", "data.alpha=0.5"]}
 ADAPTERS = ("lora", "ffa-lora")
 TARGETS = {"8": 0.80, "3": 0.78, "1": 0.76}
 """The final accuracy the private preset aims for at each epsilon (docs/privacy.md, "Utility"), drawn on the
 round-by-round plot so a run's distance to it shows."""
-def cells(adapters: list[str], splits: list[str], epsilons: list[str],
-          seeds: list[int]) -> list[tuple[dict[str, Any], list[str]]]:
+
+
+def cells(
+    adapters: list[str], splits: list[str], epsilons: list[str], seeds: list[int]
+) -> list[tuple[dict[str, Any], list[str]]]:
     """(labels, overrides) of every cell of that grid."""
-    return [({"adapter": a, "split": sp, "epsilon_target": e, "seed": s},
-             [f"adapter.kind={a}", *SPLITS[sp], *EPSILONS[e], f"seed={s}"])
-            for a in adapters for sp in splits for e in epsilons for s in seeds]
+    return [
+        (
+            {"adapter": a, "split": sp, "epsilon_target": e, "seed": s},
+            [f"adapter.kind={a}", *SPLITS[sp], *EPSILONS[e], f"seed={s}"],
+        )
+        for a in adapters
+        for sp in splits
+        for e in epsilons
+        for s in seeds
+    ]
 
 
 def cell_of(run: RunDir) -> dict[str, Any]:
@@ -64,8 +78,10 @@ def cell_of(run: RunDir) -> dict[str, Any]:
         raise ValueError(f"{run.path} is not a grid cell: {labels}")
     overrides = [f"adapter.kind={cfg.adapter.kind}", *SPLITS[split], *EPSILONS[eps], f"seed={cfg.seed}"]
     if not same_cell(cfg, resolve("private", overrides)):
-        raise ValueError(f"{run.path} is not the private preset with only {overrides} changed "
-                         f"(or one of {', '.join(EXECUTION_ONLY)})")
+        raise ValueError(
+            f"{run.path} is not the private preset with only {overrides} changed "
+            f"(or one of {', '.join(EXECUTION_ONLY)})"
+        )
     return labels
 
 
@@ -73,8 +89,10 @@ def grid_table(results: list[dict[str, Any]]) -> str:
     """Accuracy per adapter, split and epsilon, and each row's median wall: a median, since a run that
     shared the cores with another job would pull a mean far past what a run takes alone."""
     eps = [e for e in EPSILONS if any(r.get("epsilon_target") == e for r in results)]
-    rows = ["| adapter | split | " + " | ".join(f"eps {e}" for e in eps) + " | median wall / run |",
-            "|" + "---|" * (len(eps) + 3)]
+    rows = [
+        "| adapter | split | " + " | ".join(f"eps {e}" for e in eps) + " | median wall / run |",
+        "|" + "---|" * (len(eps) + 3),
+    ]
     for a in ADAPTERS:
         for sp in SPLITS:
             mine = [r for r in results if r.get("adapter") == a and r.get("split") == sp]
@@ -102,13 +120,27 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for a in ADAPTERS:
         for sp in SPLITS:
-            points = [(xs[e], [r["accuracy"] for r in results if (r.get("adapter"), r.get("split"),
-                                                                 r.get("epsilon_target")) == (a, sp, e)]) for e in eps]
+            points = [
+                (
+                    xs[e],
+                    [
+                        r["accuracy"]
+                        for r in results
+                        if (r.get("adapter"), r.get("split"), r.get("epsilon_target")) == (a, sp, e)
+                    ],
+                )
+                for e in eps
+            ]
             points = sorted((x, v) for x, v in points if v)
             if points:
-                ax.errorbar([x for x, _ in points], [statistics.fmean(v) for _, v in points],
-                            yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in points],
-                            marker="o", capsize=3, label=f"{a}, {sp}")
+                ax.errorbar(
+                    [x for x, _ in points],
+                    [statistics.fmean(v) for _, v in points],
+                    yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in points],
+                    marker="o",
+                    capsize=3,
+                    label=f"{a}, {sp}",
+                )
     ax.set_xticks(list(xs.values()), [("no DP" if e == "inf" else f"eps {e}") for e in xs])
     top = max((r["accuracy"] for r in results), default=0.8)
     ax.set_ylim(0.45, max(0.85, top + 0.02))  # a full scale: differences of a point are eval noise, not a trend
@@ -127,18 +159,31 @@ def plot_curves(results: list[dict[str, Any]], out: Path) -> None:
     shaded from the lowest seed to the highest; dotted: its target): where a run levels off, and whether
     epsilon moves the level or only the climb."""
     plt = _pyplot()
-    panels = [(a, sp) for a in ADAPTERS for sp in SPLITS
-              if any((r.get("adapter"), r.get("split")) == (a, sp) for r in results)]
+    panels = [
+        (a, sp)
+        for a in ADAPTERS
+        for sp in SPLITS
+        if any((r.get("adapter"), r.get("split")) == (a, sp) for r in results)
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), sharey=True, squeeze=False)
     for ax, (a, sp) in zip(axes[0], panels):
         for i, e in enumerate(EPSILONS):
-            curves = [r["curve"] for r in results if (r.get("adapter"), r.get("split"), r.get("epsilon_target")) == (a, sp, e)]
+            curves = [
+                r["curve"] for r in results if (r.get("adapter"), r.get("split"), r.get("epsilon_target")) == (a, sp, e)
+            ]
             if curves:
                 rounds = range(1, min(len(c) for c in curves) + 1)
                 by_round = [[c[i - 1] for c in curves] for i in rounds]
-                ax.plot(rounds, [statistics.fmean(v) for v in by_round], marker=".", color=f"C{i}",
-                        label=("no DP" if e == "inf" else f"eps {e}") + f" ({len(curves)})")
-                ax.fill_between(rounds, [min(v) for v in by_round], [max(v) for v in by_round], color=f"C{i}", alpha=0.15)
+                ax.plot(
+                    rounds,
+                    [statistics.fmean(v) for v in by_round],
+                    marker=".",
+                    color=f"C{i}",
+                    label=("no DP" if e == "inf" else f"eps {e}") + f" ({len(curves)})",
+                )
+                ax.fill_between(
+                    rounds, [min(v) for v in by_round], [max(v) for v in by_round], color=f"C{i}", alpha=0.15
+                )
                 if e in TARGETS:
                     ax.axhline(TARGETS[e], color=f"C{i}", linestyle=":", linewidth=1)
         ax.set_title(f"{a}, {sp}")
@@ -161,6 +206,7 @@ def main() -> None:
     for path in args.add:
         run = RunDir(Path(path))
         record(log, cell_of(run), run.config(), summarise(run))
+
     def grid(*axes: list) -> list[tuple[dict[str, Any], Any]]:
         return [(labels, resolve("private", [*args.overrides, *extra])) for labels, extra in cells(*axes)]
 
@@ -173,17 +219,21 @@ def main() -> None:
     seeds = sorted({r["seed"] for r in results})
     plot(results, Path(args.doc).parent / "img" / "dp_utility.png")
     plot_curves(results, Path(args.doc).parent / "img" / "dp_utility_rounds.png")
-    body = (f"`python -m bench.dp_utility` with overrides {settings(args.overrides)}, on top of the `private` preset. Final-round "
-            f"eval accuracy: mean ± std (number of seeds) where a cell ran several of seeds {seeds}, else its one "
-            f"run; epsilon per client, delta 1e-5, RDP.\n\n"
-            f"{grid_table(results)}\n\n![accuracy against epsilon](img/dp_utility.png)\n\n"
-            f"Accuracy by round (mean over seeds, shaded from the lowest seed to the highest; "
-            f"dotted, in the same colour: the target at that epsilon). Each round scores up to "
-            f"`train.max_eval_examples` held-out rows per client, the last round every one, so the last point "
-            f"can step away from the others by about their standard error:\n\n"
-            f"![accuracy by round](img/dp_utility_rounds.png)")
+    body = (
+        f"`python -m bench.dp_utility` with overrides {settings(args.overrides)}, on top of the `private` preset. "
+        f"Final-round "
+        f"eval accuracy: mean ± std (number of seeds) where a cell ran several of seeds {seeds}, else its one "
+        f"run; epsilon per client, delta 1e-5, RDP.\n\n"
+        f"{grid_table(results)}\n\n![accuracy against epsilon](img/dp_utility.png)\n\n"
+        f"Accuracy by round (mean over seeds, shaded from the lowest seed to the highest; "
+        f"dotted, in the same colour: the target at that epsilon). Each round scores up to "
+        f"`train.max_eval_examples` held-out rows per client, the last round every one, so the last point "
+        f"can step away from the others by about their standard error:\n\n"
+        f"![accuracy by round](img/dp_utility_rounds.png)"
+    )
     write_section(Path(args.doc), "Accuracy against the privacy budget", body)
     print(body)
+
 
 if __name__ == "__main__":
     main()

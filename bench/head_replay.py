@@ -85,20 +85,22 @@ def split_rows(cfg: RunConfig, position: dict[int, int]) -> tuple[list[torch.Ten
     return clients, torch.tensor(held_out), y
 
 
-def clipped_gradient_sum(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                         clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_gradient_sum(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The sum over examples of each example's cross-entropy gradient (weight, bias), each clipped to
     ``clip`` in L2 over both (0 = no clipping, as without DP)."""
     error = torch.softmax(x @ weight.T + bias, 1)
     error[torch.arange(len(y)), y] -= 1
     if clip:  # the gradient (e, e x^T) of one example has norm |e| sqrt(|x|^2 + 1)
-        norms = error.norm(dim=1) * torch.sqrt((x ** 2).sum(1) + 1)
+        norms = error.norm(dim=1) * torch.sqrt((x**2).sum(1) + 1)
         error = error * torch.clamp(clip / (norms + 1e-12), max=1.0)[:, None]
     return error.T @ x, error.sum(0)
 
 
-def replay(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, clients: list[torch.Tensor],
-           held_out: torch.Tensor) -> list[float]:
+def replay(
+    cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, clients: list[torch.Tensor], held_out: torch.Tensor
+) -> list[float]:
     """Held-out accuracy after each round of the preset's federation on a linear head alone."""
     t, dp, fed = cfg.train, cfg.dp, cfg.federation
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -110,8 +112,11 @@ def replay(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, clients: list[torch
         deltas = []
         for rows in clients:
             q = sample_rate(t.batch_size, len(rows))
-            sigma = (calibrate_noise(dp.target_epsilon, dp.delta, q, fed.rounds * t.local_steps, dp.accountant)
-                     if dp.enabled else 0.0)
+            sigma = (
+                calibrate_noise(dp.target_epsilon, dp.delta, q, fed.rounds * t.local_steps, dp.accountant)
+                if dp.enabled
+                else 0.0
+            )
             w, b = weight.clone(), bias.clone()
             vw, vb = torch.zeros_like(w), torch.zeros_like(b)
             for _ in range(t.local_steps):
@@ -138,8 +143,10 @@ def main() -> None:
     start = time.perf_counter()
     base = resolve("private", args.overrides)
     pooled, position = pooled_features(base)
-    rows = ["| lever | split | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | ceiling (mean) |",
-            "|" + "---|" * (len(args.seeds) + 4)]
+    rows = [
+        "| lever | split | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | ceiling (mean) |",
+        "|" + "---|" * (len(args.seeds) + 4),
+    ]
     ceilings: dict[tuple[str, int], float] = {}
     for lever, changes in LEVERS.items():
         lever_cfg = resolve("private", [*args.overrides, *changes])
@@ -156,16 +163,22 @@ def main() -> None:
                     train = torch.cat(clients)
                     ceilings[split, seed] = probe(pooled[train], y[train], pooled[held_out], y[held_out])
             ceiling = statistics.fmean(ceilings[split, s] for s in args.seeds)
-            rows.append(f"| {lever} | {split} | " + " | ".join(f"{a:.3f}" for a in finals)
-                        + f" | {statistics.fmean(finals):.3f} | {ceiling:.3f} |")
+            rows.append(
+                f"| {lever} | {split} | "
+                + " | ".join(f"{a:.3f}" for a in finals)
+                + f" | {statistics.fmean(finals):.3f} | {ceiling:.3f} |"
+            )
             print(rows[-1], flush=True)
-    body = (f"`python -m bench.head_replay` with overrides {settings(args.overrides)} (epsilon "
-            f"{base.dp.target_epsilon:g} unless overridden, {(time.perf_counter() - start) / 60:.1f} min): the "
-            f"`private` preset's federation replayed on its linear head alone over the frozen block "
-            f"{base.model.layers or 'last'} features, final accuracy on every held-out row; the ceiling is the "
-            f"converged non-private linear probe of the same features on the same split. Per-seed ceilings: "
-            + ", ".join(f"{sp} seed {s} {c:.3f}" for (sp, s), c in sorted(ceilings.items())) + ".\n\n"
-            + "\n".join(rows))
+    body = (
+        f"`python -m bench.head_replay` with overrides {settings(args.overrides)} (epsilon "
+        f"{base.dp.target_epsilon:g} unless overridden, {(time.perf_counter() - start) / 60:.1f} min): the "
+        f"`private` preset's federation replayed on its linear head alone over the frozen block "
+        f"{base.model.layers or 'last'} features, final accuracy on every held-out row; the ceiling is the "
+        f"converged non-private linear probe of the same features on the same split. Per-seed ceilings: "
+        + ", ".join(f"{sp} seed {s} {c:.3f}" for (sp, s), c in sorted(ceilings.items()))
+        + ".\n\n"
+        + "\n".join(rows)
+    )
     write_section(Path(args.doc), "The head alone: a replay of the private preset's DP recipe", body)
     print(body)
 

@@ -42,16 +42,18 @@ def block_features(model: MeanPooledClassifier, task: Task, rows: Dataset, preci
     for chunk in length_chunks(task.lengths(rows[:]), list(range(len(rows))), 128):
         batch = encode_on(task, rows[chunk], device)
         with autocast(model, precision):
-            states = model.trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 output_hidden_states=True).hidden_states
+            states = model.trunk(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+            ).hidden_states
         pooled = torch.stack([mean_over_tokens(h.float(), batch["attention_mask"]) for h in states], 1)
         for k, i in enumerate(chunk):
             out[i] = pooled[k].cpu()
     return torch.stack(out).transpose(0, 1)  # type: ignore[arg-type]  # the loop filled every row
 
 
-def probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor, y_test: torch.Tensor,
-          l2: float = 1e-4) -> float:
+def probe(
+    train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor, y_test: torch.Tensor, l2: float = 1e-4
+) -> float:
     """Held-out accuracy of an L2-penalised logistic regression fitted to convergence on standardised features."""
     mean, std = train.mean(0), train.std(0) + 1e-6
     train, test = (train - mean) / std, (test - mean) / std
@@ -61,7 +63,7 @@ def probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor, y_test
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(train @ weight + bias, y_train) + l2 * (weight ** 2).sum()
+        loss = F.cross_entropy(train @ weight + bias, y_train) + l2 * (weight**2).sum()
         loss.backward()
         return loss
 
@@ -93,11 +95,13 @@ def main() -> None:
         name = "embeddings" if block == 0 else f"block {block}" + (" (last)" if block == x_train.shape[0] - 1 else "")
         rows.append(f"| {name} | {accuracy:.3f} |")
         print(rows[-1], flush=True)
-    body = (f"`python -m bench.layer_probe` with overrides {settings(args.overrides)}: the `private` preset's "
-            f"data ({len(train)} training rows, {len(test)} held-out rows, all clients), the frozen trunk's "
-            f"mean-pooled tokens after each block, an L2-penalised logistic regression fitted to convergence "
-            f"without DP ({(time.perf_counter() - start) / 60:.1f} min). One standard error is about "
-            f"{(0.25 / len(test)) ** 0.5:.3f}.\n\n" + "\n".join(rows))
+    body = (
+        f"`python -m bench.layer_probe` with overrides {settings(args.overrides)}: the `private` preset's "
+        f"data ({len(train)} training rows, {len(test)} held-out rows, all clients), the frozen trunk's "
+        f"mean-pooled tokens after each block, an L2-penalised logistic regression fitted to convergence "
+        f"without DP ({(time.perf_counter() - start) / 60:.1f} min). One standard error is about "
+        f"{(0.25 / len(test)) ** 0.5:.3f}.\n\n" + "\n".join(rows)
+    )
     write_section(Path(args.doc), "Which block the head should read: linear probes", body)
     print(body)
 

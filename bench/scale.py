@@ -28,23 +28,51 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def overrides(clients: int, args: argparse.Namespace) -> list[str]:
-    return [f"model.name={args.model}", "data.name=sentiment", "data.partition=iid",
-            f"data.max_examples={clients * args.rows}", f"federation.num_clients={clients}",
-            f"federation.rounds={args.rounds}", "federation.fraction_train=0.1", "federation.fraction_evaluate=0.1",
-            "train.local_steps=2", "train.batch_size=8", "dp.enabled=true", "dp.noise_multiplier=1.0", *args.set]
+    return [
+        f"model.name={args.model}",
+        "data.name=sentiment",
+        "data.partition=iid",
+        f"data.max_examples={clients * args.rows}",
+        f"federation.num_clients={clients}",
+        f"federation.rounds={args.rounds}",
+        "federation.fraction_train=0.1",
+        "federation.fraction_evaluate=0.1",
+        "train.local_steps=2",
+        "train.batch_size=8",
+        "dp.enabled=true",
+        "dp.noise_multiplier=1.0",
+        *args.set,
+    ]
 
 
 def run_size(clients: int, args: argparse.Namespace, out: Path) -> dict:
-    argv = [sys.executable, "-m", "simulations.cli", "simulate", "--preset", "quickstart", "--out", str(out),
-            "--name", f"n{clients}", *[a for o in overrides(clients, args) for a in ("--set", o)]]
+    argv = [
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "simulate",
+        "--preset",
+        "quickstart",
+        "--out",
+        str(out),
+        "--name",
+        f"n{clients}",
+        *[a for o in overrides(clients, args) for a in ("--set", o)],
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     measured = run_measured(argv, env=env, cwd=ROOT, log=out / f"n{clients}.log")
     if measured.returncode != 0:
         raise SystemExit(f"{clients} clients: fed simulate exited {measured.returncode}; see {out}/n{clients}.log")
     lines = [json.loads(line) for line in (out / f"n{clients}" / "metrics.jsonl").read_text().splitlines()]
-    return {"clients": clients, "total_s": measured.wall_s, "cpu_s": measured.cpu_s, "peak_mb": measured.peak_mb,
-            "round_s": [line["wall_s"] for line in lines], "load": (measured.load_before, measured.load_after),
-            "peak_parts_mb": {name: round(mb) for name, mb in measured.peak_parts.items()}}
+    return {
+        "clients": clients,
+        "total_s": measured.wall_s,
+        "cpu_s": measured.cpu_s,
+        "peak_mb": measured.peak_mb,
+        "round_s": [line["wall_s"] for line in lines],
+        "load": (measured.load_before, measured.load_after),
+        "peak_parts_mb": {name: round(mb) for name, mb in measured.peak_parts.items()},
+    }
 
 
 def main() -> None:
@@ -64,13 +92,17 @@ def main() -> None:
             rows.append(run_size(n, args, out))
             print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["peak_mb"]
-    print(f"\n| clients | rounds (s) | total s | CPU s | peak MB | peak / {rows[0]['clients']} clients "
-          "| load (start, end) |")
+    print(
+        f"\n| clients | rounds (s) | total s | CPU s | peak MB | peak / {rows[0]['clients']} clients "
+        "| load (start, end) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['clients']:,} | {', '.join(f'{s:.1f}' for s in r['round_s'])} | {r['total_s']:.0f} | "
-              f"{r['cpu_s']:.0f} | "
-              f"{r['peak_mb']:,.0f} | {r['peak_mb'] / base:.2f}x | {r['load'][0]:.1f}, {r['load'][1]:.1f} |")
+        print(
+            f"| {r['clients']:,} | {', '.join(f'{s:.1f}' for s in r['round_s'])} | {r['total_s']:.0f} | "
+            f"{r['cpu_s']:.0f} | "
+            f"{r['peak_mb']:,.0f} | {r['peak_mb'] / base:.2f}x | {r['load'][0]:.1f}, {r['load'][1]:.1f} |"
+        )
 
 
 if __name__ == "__main__":

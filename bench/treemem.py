@@ -50,12 +50,18 @@ def _sample(root: psutil.Process, cpu: dict[tuple[int, float], float]) -> dict[s
     return parts
 
 
-def run_measured(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
-                 log: Path | None = None, interval: float = 0.2) -> Measured:
+def run_measured(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    log: Path | None = None,
+    interval: float = 0.2,
+) -> Measured:
     """Run ``argv`` to completion (its output to ``log`` if given) while polling the tree's memory."""
     load_before = os.getloadavg()[0]
     cpu: dict[tuple[int, float], float] = {}
-    sink = open(log, "w") if log is not None else subprocess.DEVNULL
+    sink = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115  (closed in the finally below)
     try:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT)
@@ -73,5 +79,12 @@ def run_measured(argv: list[str], *, env: dict[str, str] | None = None, cwd: Pat
     finally:
         if not isinstance(sink, int):  # a file we opened, not subprocess.DEVNULL
             sink.close()
-    return Measured(wall, peak / 2**20, code, sum(cpu.values()), load_before, os.getloadavg()[0],
-                    {name: rss / 2**20 for name, rss in sorted(peak_parts.items(), key=lambda item: -item[1])})
+    return Measured(
+        wall,
+        peak / 2**20,
+        code,
+        sum(cpu.values()),
+        load_before,
+        os.getloadavg()[0],
+        {name: rss / 2**20 for name, rss in sorted(peak_parts.items(), key=lambda item: -item[1])},
+    )

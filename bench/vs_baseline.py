@@ -26,24 +26,48 @@ from pathlib import Path
 from bench.treemem import Measured, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = (("round wall, mean (s)", "round_s", ".1f"), ("run wall, whole process (s)", "wall_s", ".1f"),
-        ("run CPU, process tree (s)", "cpu_s", ".0f"),
-        ("peak memory, process tree (MB)", "peak_mb", ",.0f"), ("bytes up / client / round", "up", ",.0f"),
-        ("bytes down / client / round", "down", ",.0f"), ("final accuracy", "accuracy", ".3f"))
+ROWS = (
+    ("round wall, mean (s)", "round_s", ".1f"),
+    ("run wall, whole process (s)", "wall_s", ".1f"),
+    ("run CPU, process tree (s)", "cpu_s", ".0f"),
+    ("peak memory, process tree (MB)", "peak_mb", ",.0f"),
+    ("bytes up / client / round", "up", ",.0f"),
+    ("bytes down / client / round", "down", ",.0f"),
+    ("final accuracy", "accuracy", ".3f"),
+)
 
 
 def _summary(measured: Measured, round_s: list[float], up: float, down: float, accuracy: float) -> dict:
-    return {"round_s": sum(round_s) / len(round_s), "rounds": round_s, "wall_s": measured.wall_s,
-            "cpu_s": measured.cpu_s,
-            "peak_mb": measured.peak_mb, "up": up, "down": down, "accuracy": accuracy,
-            "load": (measured.load_before, measured.load_after)}
+    return {
+        "round_s": sum(round_s) / len(round_s),
+        "rounds": round_s,
+        "wall_s": measured.wall_s,
+        "cpu_s": measured.cpu_s,
+        "peak_mb": measured.peak_mb,
+        "up": up,
+        "down": down,
+        "accuracy": accuracy,
+        "load": (measured.load_before, measured.load_after),
+    }
 
 
 def baseline(dp: bool, work: dict, out: Path) -> dict:
     result = out / f"baseline{'-dp' if dp else ''}.json"
-    argv = [sys.executable, str(ROOT / "bench" / "baseline" / "run.py"), "--out", str(result),
-            "--rounds", str(work["rounds"]), "--steps", str(work["steps"]), "--examples", str(work["examples"]),
-            "--clients", str(work["clients"]), *(["--dp", "--sigma", "1.0"] if dp else [])]
+    argv = [
+        sys.executable,
+        str(ROOT / "bench" / "baseline" / "run.py"),
+        "--out",
+        str(result),
+        "--rounds",
+        str(work["rounds"]),
+        "--steps",
+        str(work["steps"]),
+        "--examples",
+        str(work["examples"]),
+        "--clients",
+        str(work["clients"]),
+        *(["--dp", "--sigma", "1.0"] if dp else []),
+    ]
     log = result.with_suffix(".log")
     measured = run_measured(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, log=log)
     if measured.returncode != 0:
@@ -55,11 +79,28 @@ def baseline(dp: bool, work: dict, out: Path) -> dict:
 
 def fedlora(dp: bool, work: dict, extra: list[str], out: Path) -> dict:
     name = f"fedlora{'-dp' if dp else ''}"
-    sets = [f"federation.num_clients={work['clients']}", f"federation.rounds={work['rounds']}",
-            f"train.local_steps={work['steps']}", "train.batch_size=32", f"data.max_examples={work['examples']}",
-            *(["dp.enabled=true", "dp.noise_multiplier=1.0"] if dp else []), *extra]
-    argv = [sys.executable, "-m", "simulations.cli", "simulate", "--preset", "quickstart", "--out", str(out),
-            "--name", name, *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        f"federation.num_clients={work['clients']}",
+        f"federation.rounds={work['rounds']}",
+        f"train.local_steps={work['steps']}",
+        "train.batch_size=32",
+        f"data.max_examples={work['examples']}",
+        *(["dp.enabled=true", "dp.noise_multiplier=1.0"] if dp else []),
+        *extra,
+    ]
+    argv = [
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "simulate",
+        "--preset",
+        "quickstart",
+        "--out",
+        str(out),
+        "--name",
+        name,
+        *[a for s in sets for a in ("--set", s)],
+    ]
     measured = run_measured(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, log=out / f"{name}.log")
     if measured.returncode != 0:
         raise SystemExit(f"fed simulate exited {measured.returncode}; see {out / name}.log")
@@ -88,22 +129,28 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra fed override")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     args = parser.parse_args()
-    work = ({"clients": 4, "rounds": 2, "steps": 3, "examples": 800} if args.quick
-            else {"clients": 4, "rounds": 3, "steps": 10, "examples": 4000})
+    work = (
+        {"clients": 4, "rounds": 2, "steps": 3, "examples": 800}
+        if args.quick
+        else {"clients": 4, "rounds": 3, "steps": 10, "examples": 4000}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         results = {}
         for dp in (False, True):
-            for name, run in (("baseline", lambda: baseline(dp, work, out)),
-                              ("fedlora", lambda: fedlora(dp, work, args.set, out))):
+            for name, run in (
+                ("baseline", lambda dp=dp: baseline(dp, work, out)),
+                ("fedlora", lambda dp=dp: fedlora(dp, work, args.set, out)),
+            ):
                 key = f"{name}{'-dp' if dp else ''}"
                 results[key] = run()
                 print(key, json.dumps(results[key]), flush=True)
-    print(f"\n{datetime.date.today()} · {platform.node()} · {os.cpu_count()} CPUs · {work} · "
-          f"fed overrides {args.set}")
-    print("load average (1 min) at start/end: " + ", ".join(
-        f"{k} {v['load'][0]:.1f}/{v['load'][1]:.1f}" for k, v in results.items()))
+    print(f"\n{datetime.date.today()} · {platform.node()} · {os.cpu_count()} CPUs · {work} · fed overrides {args.set}")
+    print(
+        "load average (1 min) at start/end: "
+        + ", ".join(f"{k} {v['load'][0]:.1f}/{v['load'][1]:.1f}" for k, v in results.items())
+    )
     print(table(results))
 
 

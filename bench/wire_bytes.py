@@ -34,8 +34,10 @@ def main() -> None:
         elements = sum(t.numel() for t in state.values())
         for wire in get_args(WireDtype):
             minimum, sent = elements * ITEMSIZE[wire], to_record(state, wire).count_bytes()
-            print(f"| {kind} | {len(state)} | {elements:,} | {wire} | {minimum:,} | {sent:,} | "
-                  f"{100 * (sent - minimum) / minimum:.2f}% |")
+            print(
+                f"| {kind} | {len(state)} | {elements:,} | {wire} | {minimum:,} | {sent:,} | "
+                f"{100 * (sent - minimum) / minimum:.2f}% |"
+            )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,11 @@ def _receive(msg: Message, context: Context):
     data_path = str(context.node_config.get("data-path", "")) or None  # the node's own file, if it has one
     partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
     if data_path is None and partitions != cfg.federation.num_clients:
-        raise ValueError(f"this node is one of num-partitions={partitions}, but the run config says "
-                         f"federation.num_clients={cfg.federation.num_clients}; make them equal "
-                         "(e.g. flwr run --federation-config num-supernodes=N with federation.num_clients=N)")
+        raise ValueError(
+            f"this node is one of num-partitions={partitions}, but the run config says "
+            f"federation.num_clients={cfg.federation.num_clients}; make them equal "
+            "(e.g. flwr run --federation-config num-supernodes=N with federation.num_clients=N)"
+        )
     try:
         session = client_session(cfg, partition_id, data_path)
     except NodeDataError as err:  # details (they may quote the private file) stay in this node's log
@@ -70,18 +72,28 @@ def _reply(msg: Message, metrics: Metrics, arrays: ArrayRecord | None = None, re
     return Message(content, reply_to=msg)
 
 
-def _train_locally(cfg: RunConfig, session: ClientSession, plan: RoundPlan, round_: int, pid: int,
-                   rank: int | None) -> RoundResult:
+def _train_locally(
+    cfg: RunConfig, session: ClientSession, plan: RoundPlan, round_: int, pid: int, rank: int | None
+) -> RoundResult:
     """``plan.steps`` local steps (DP-SGD under ``plan.dp``) of this client's adapter, masked to its rank."""
     # the run's shared clock: sparsity schedules end every client's round at the budget the server expects
     session.adapter.begin_round(Clock(round_, cfg.federation.rounds, plan.steps))
     session.adapter.set_rank(rank)  # masks the components beyond this client's rank (fed/ranks.py)
-    return train_round(session.adapter, session.task, session.data.train, steps=plan.steps,
-                       batch_size=cfg.train.batch_size, weight_decay=cfg.train.weight_decay,
-                       lr=round_lr(cfg.train.lr, cfg.train.lr_schedule, round_, cfg.federation.rounds),
-                       optimizer=cfg.train.optimizer, momentum=cfg.train.momentum,
-                       precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type),
-                       micro_batch=cfg.train.micro_batch, dp=plan.dp, gen=generator(cfg.seed, "batches", pid, round_))
+    return train_round(
+        session.adapter,
+        session.task,
+        session.data.train,
+        steps=plan.steps,
+        batch_size=cfg.train.batch_size,
+        weight_decay=cfg.train.weight_decay,
+        lr=round_lr(cfg.train.lr, cfg.train.lr_schedule, round_, cfg.federation.rounds),
+        optimizer=cfg.train.optimizer,
+        momentum=cfg.train.momentum,
+        precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type),
+        micro_batch=cfg.train.micro_batch,
+        dp=plan.dp,
+        gen=generator(cfg.seed, "batches", pid, round_),
+    )
 
 
 def _delta(cfg: RunConfig, session: ClientSession, global_: dict[str, torch.Tensor], rank: int | None) -> ArrayRecord:
@@ -98,21 +110,33 @@ def _delta(cfg: RunConfig, session: ClientSession, global_: dict[str, torch.Tens
 def train(msg: Message, context: Context) -> Message:
     cfg, round_, pid, session, global_ = _receive(msg, context)
     num_examples = len(session.data.train)
-    private = PrivateRound.open(cfg, context.node_config, partition_id=pid, round_=round_, run=msg.metadata.run_id,
-                                num_examples=num_examples,
-                                server_events=str(msg.content.config_records["config"].get(KNOWN_EVENTS, "")))
-    metrics: Metrics = {"partition-id": pid, "round": round_, "num-examples": num_examples,
-                        "fingerprint": session.adapter.fingerprint()}
-    rank = client_rank(cfg.federation.client_ranks, pid, cfg.federation.num_clients, cfg.adapter.rank,
-                       context.node_config)
+    private = PrivateRound.open(
+        cfg,
+        context.node_config,
+        partition_id=pid,
+        round_=round_,
+        run=msg.metadata.run_id,
+        num_examples=num_examples,
+        server_events=str(msg.content.config_records["config"].get(KNOWN_EVENTS, "")),
+    )
+    metrics: Metrics = {
+        "partition-id": pid,
+        "round": round_,
+        "num-examples": num_examples,
+        "fingerprint": session.adapter.fingerprint(),
+    }
+    rank = client_rank(
+        cfg.federation.client_ranks, pid, cfg.federation.num_clients, cfg.adapter.rank, context.node_config
+    )
     if rank is not None:
         metrics["rank"] = rank
     if (verdict := private.verdict()) is not None:  # refused by the node's policy, or no budget left
         return _reply(msg, private.release(metrics | verdict), reason=private.plan.refused)
     result = _train_locally(cfg, session, private.plan, round_, pid, rank)
     # loss, timing and expert counts are private statistics outside DP-SGD
-    metrics |= private.trained({"train_loss": result.loss, "train_wall_s": result.wall_s}
-                               | usage_metrics(result.usage), result.released_loss)
+    metrics |= private.trained(
+        {"train_loss": result.loss, "train_wall_s": result.wall_s} | usage_metrics(result.usage), result.released_loss
+    )
     arrays = _delta(cfg, session, global_, rank)
     gc.collect()  # Opacus hooks leave reference cycles; collect them so a long run's memory stays flat
     return _reply(msg, private.release({**metrics, "steps": result.steps}), arrays=arrays)
@@ -122,9 +146,16 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     cfg, round_, _, session, _ = _receive(msg, context)
     last = round_ >= cfg.federation.rounds  # the run's final score counts every held-out row
-    scores = evaluate(session.adapter, session.task, session.data.test, batch_size=cfg.train.eval_batch_size,
-                      limit=0 if last else cfg.train.max_eval_examples,
-                      precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type))
-    metrics: dict[str, MetricRecordValues] = {"num-examples": int(scores.pop("num_examples")),
-                                              **{f"eval_{k}": v for k, v in scores.items()}}
+    scores = evaluate(
+        session.adapter,
+        session.task,
+        session.data.test,
+        batch_size=cfg.train.eval_batch_size,
+        limit=0 if last else cfg.train.max_eval_examples,
+        precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type),
+    )
+    metrics: dict[str, MetricRecordValues] = {
+        "num-examples": int(scores.pop("num_examples")),
+        **{f"eval_{k}": v for k, v in scores.items()},
+    }
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -23,14 +23,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _insecure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--insecure", action="store_true",
-                        help="no TLS and no node authentication (debugging on a trusted loopback only)")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no node authentication (debugging on a trusted loopback only)",
+    )
 
 
 def _config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="quickstart", help="shipped preset or a path to a .toml file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable); a node-data run needs data.labels")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable); a node-data run needs data.labels",
+    )
     parser.add_argument("--name", default="run", help="run directory name under <dir>/runs (default: run)")
 
 
@@ -41,8 +50,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     keys = steps.add_parser("keys", help="private CA, SuperLink certificate (SAN) and one key pair per node")
     _common(keys)
     keys.add_argument("--nodes", type=int, required=True, help="number of SuperNode key pairs")
-    keys.add_argument("--host", action="append", default=[], help="SuperLink name or IP for the certificate's SAN "
-                      "(repeatable; default 127.0.0.1 and localhost)")
+    keys.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="SuperLink name or IP for the certificate's SAN (repeatable; default 127.0.0.1 and localhost)",
+    )
     link = steps.add_parser("superlink", help="start the SuperLink in the foreground")
     _common(link)
     _insecure(link)
@@ -62,8 +75,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     run = steps.add_parser("run", help="launch a run on the SuperLink (flwr run) and stream its log")
     _common(run)
     _config(run)
-    run.add_argument("--resume", action="store_true",
-                     help="continue <dir>/runs/<name> from its last checkpoint (with the config it started with)")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue <dir>/runs/<name> from its last checkpoint (with the config it started with)",
+    )
     local = steps.add_parser("local", help="keys, SuperLink, one SuperNode per --data file, the run, teardown")
     _common(local)
     _config(local)
@@ -105,8 +121,9 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
     cfg = resolve(args.preset, args.overrides)
     if args.step == "run":
         with deploy.Cluster(layout) as cluster:  # only to launch and wait; the SuperLink runs elsewhere
-            run_dir = cluster.run(cfg, args.name, timeout=cfg.federation.round_timeout * cfg.federation.rounds * 2,
-                                  resume=args.resume)
+            run_dir = cluster.run(
+                cfg, args.name, timeout=cfg.federation.round_timeout * cfg.federation.rounds * 2, resume=args.resume
+            )
     else:
         run_dir = deploy.deploy_local(cfg, args.data, layout.root, insecure=args.insecure, name=args.name)
     console.print(f"run directory: [bold]{run_dir}[/bold]")

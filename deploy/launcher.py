@@ -30,12 +30,21 @@ from fed.config import RunConfig
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower App: pyproject.toml's [tool.flwr.app]
 CONNECTION = "fedlora"
-INSECURE_WARNING = ("INSECURE deployment: traffic is not encrypted and any process can join as a node. "
-                    "Use it only on a trusted loopback for debugging.")
-QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
-             "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
-             "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+INSECURE_WARNING = (
+    "INSECURE deployment: traffic is not encrypted and any process can join as a node. "
+    "Use it only on a trusted loopback for debugging."
+)
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
 
 
 @dataclass(frozen=True)
@@ -80,8 +89,16 @@ def superlink_command(layout: Layout, host: str, port: int, *, insecure: bool) -
     if insecure:
         return [*cmd, "--insecure"]
     pki = layout.pki
-    return [*cmd, "--ssl-ca-certfile", str(pki.ca), "--ssl-certfile", str(pki.server_cert),
-            "--ssl-keyfile", str(pki.server_key), "--enable-supernode-auth"]
+    return [
+        *cmd,
+        "--ssl-ca-certfile",
+        str(pki.ca),
+        "--ssl-certfile",
+        str(pki.server_cert),
+        "--ssl-keyfile",
+        str(pki.server_key),
+        "--enable-supernode-auth",
+    ]
 
 
 def node_config(node: int, data_path: str | None, state_dir: Path, num_nodes: int) -> str:
@@ -92,14 +109,20 @@ def node_config(node: int, data_path: str | None, state_dir: Path, num_nodes: in
     return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in pairs.items())
 
 
-def supernode_command(layout: Layout, node: int, superlink: str, port: int, config: str, *,
-                      insecure: bool, key: Path | None = None) -> list[str]:
+def supernode_command(
+    layout: Layout, node: int, superlink: str, port: int, config: str, *, insecure: bool, key: Path | None = None
+) -> list[str]:
     """``flower-supernode`` for ``node``: its own runtime port, node config and (with TLS) its key."""
     cmd = ["flower-supernode", "--superlink", superlink, "--port", str(port), "--node-config", config]
     if insecure:
         return [*cmd, "--insecure"]
-    return [*cmd, "--root-certificates", str(layout.pki.ca),
-            "--auth-supernode-private-key", str(key or layout.pki.node_key(node))]
+    return [
+        *cmd,
+        "--root-certificates",
+        str(layout.pki.ca),
+        "--auth-supernode-private-key",
+        str(key or layout.pki.node_key(node)),
+    ]
 
 
 def run_config_file(cfg: RunConfig, out: Path, name: str, path: Path, resume: Path | None = None) -> Path:
@@ -107,8 +130,11 @@ def run_config_file(cfg: RunConfig, out: Path, name: str, path: Path, resume: Pa
     comma-separated strings (Flower's run-config holds scalars only). With ``resume`` the server continues
     that run directory with the config it started with."""
     flat: dict[str, Any] = {k: ",".join(v) if isinstance(v, list) else v for k, v in cfg.to_flat().items()}
-    nested: dict[str, Any] = {"out": str(out.resolve()), "name": name,
-                              "resume": str(resume.resolve()) if resume is not None else ""}
+    nested: dict[str, Any] = {
+        "out": str(out.resolve()),
+        "name": name,
+        "resume": str(resume.resolve()) if resume is not None else "",
+    }
     for key, value in flat.items():
         section, _, leaf = key.rpartition(".")
         (nested.setdefault(section, {}) if section else nested)[leaf] = value
@@ -140,8 +166,14 @@ def wait_healthy(host: str, port: int, ca: Path | None, timeout: float = 60.0) -
 
 def register(layout: Layout, public_key: Path, environ: Mapping[str, str]) -> None:
     """``flwr supernode register``: the SuperLink admits a node only after its public key is registered."""
-    done = subprocess.run(["flwr", "supernode", "register", str(public_key), CONNECTION], env=dict(environ),
-                          capture_output=True, text=True, timeout=60, cwd=layout.root)
+    done = subprocess.run(
+        ["flwr", "supernode", "register", str(public_key), CONNECTION],
+        env=dict(environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=layout.root,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"registering {public_key} failed (exit {done.returncode}): {done.stdout}{done.stderr}")
 
@@ -153,12 +185,14 @@ class Processes:
 
     started: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def start(self, name: str, cmd: Sequence[str], environ: Mapping[str, str], log_file: Path,
-              cwd: Path | None = None) -> subprocess.Popen:
+    def start(
+        self, name: str, cmd: Sequence[str], environ: Mapping[str, str], log_file: Path, cwd: Path | None = None
+    ) -> subprocess.Popen:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "ab") as handle:
-            proc = subprocess.Popen(list(cmd), env=dict(environ), stdout=handle, stderr=subprocess.STDOUT,
-                                    start_new_session=True, cwd=cwd)
+            proc = subprocess.Popen(
+                list(cmd), env=dict(environ), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
+            )
         self.started[name] = proc
         return proc
 
@@ -215,25 +249,39 @@ class Cluster:
         if self.insecure:
             log.warning(INSECURE_WARNING)
         elif not self.layout.pki.ca.is_file():
-            raise FileNotFoundError(f"no CA in {self.layout.pki.root}; run `fed deploy keys` first "
-                                    "(or ask for --insecure)")
+            raise FileNotFoundError(
+                f"no CA in {self.layout.pki.root}; run `fed deploy keys` first (or ask for --insecure)"
+            )
         self.port = self.port or free_port()
         write_connection(self.layout.flwr_home, self.address, self.ca)
-        self.procs.start("superlink", superlink_command(self.layout, self.host, self.port, insecure=self.insecure),
-                         self.cli_env, self.layout.log("superlink"), cwd=self.layout.root)
+        self.procs.start(
+            "superlink",
+            superlink_command(self.layout, self.host, self.port, insecure=self.insecure),
+            self.cli_env,
+            self.layout.log("superlink"),
+            cwd=self.layout.root,
+        )
         wait_healthy(self.host, self.port, self.ca)
 
     def register(self, node: int) -> None:
         if not self.insecure:
             register(self.layout, self.layout.pki.node_public(node), self.cli_env)
 
-    def start_node(self, node: int, data_path: str | None, num_nodes: int, key: Path | None = None,
-                   name: str = "") -> subprocess.Popen:
+    def start_node(
+        self, node: int, data_path: str | None, num_nodes: int, key: Path | None = None, name: str = ""
+    ) -> subprocess.Popen:
         """Start SuperNode ``node`` on its own data file, with its own state directory and Flower home."""
         state = self.layout.node_dir(node)
         state.mkdir(parents=True, exist_ok=True)
-        cmd = supernode_command(self.layout, node, self.address, free_port(),
-                                node_config(node, data_path, state, num_nodes), insecure=self.insecure, key=key)
+        cmd = supernode_command(
+            self.layout,
+            node,
+            self.address,
+            free_port(),
+            node_config(node, data_path, state, num_nodes),
+            insecure=self.insecure,
+            key=key,
+        )
         name = name or f"node-{node}"
         return self.procs.start(name, cmd, env(state / "flwr-home"), self.layout.log(name), cwd=state)
 
@@ -241,10 +289,15 @@ class Cluster:
         """``flwr run <app> fedlora --stream`` with the resolved config; the run directory is runs/<name>
         (continued from its last checkpoint with ``resume``)."""
         runs = self.layout.root / "runs"
-        config = run_config_file(cfg, runs, name, self.layout.root / f"{name}.run-config.toml",
-                                 resume=runs / name if resume else None)
-        return self.procs.start("flwr-run", ["flwr", "run", str(APP_DIR), CONNECTION, "--stream", "--run-config",
-                                             str(config)], self.cli_env, self.layout.log(f"flwr-run-{name}"))
+        config = run_config_file(
+            cfg, runs, name, self.layout.root / f"{name}.run-config.toml", resume=runs / name if resume else None
+        )
+        return self.procs.start(
+            "flwr-run",
+            ["flwr", "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(config)],
+            self.cli_env,
+            self.layout.log(f"flwr-run-{name}"),
+        )
 
     def run(self, cfg: RunConfig, name: str, timeout: float, resume: bool = False) -> Path:
         """Launch and wait; the finished run directory, or RuntimeError pointing at the logs."""
@@ -260,8 +313,15 @@ class Cluster:
         return run_dir
 
 
-def deploy_local(cfg: RunConfig, data_paths: Sequence[str], root: Path, *, insecure: bool = False,
-                 name: str = "run", timeout: float = 3600.0) -> Path:
+def deploy_local(
+    cfg: RunConfig,
+    data_paths: Sequence[str],
+    root: Path,
+    *,
+    insecure: bool = False,
+    name: str = "run",
+    timeout: float = 3600.0,
+) -> Path:
     """Keys, a SuperLink, one SuperNode per data file (each registered), the run, and teardown."""
     from deploy.pki import make_pki
 

@@ -59,8 +59,9 @@ def _private(path: Path, data: bytes) -> None:
 
 
 def _pem_key(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
 
 
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
@@ -75,12 +76,16 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
 
 def _certificate(subject: str, public_key, issuer: str, signer, *, ca: bool, hosts: list[str]) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-               .public_key(public_key).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if hosts:
         builder = builder.add_extension(_san(hosts), critical=False)
     return builder.sign(signer, hashes.SHA256())
@@ -111,8 +116,13 @@ def make_pki(root: Path, hosts: list[str], nodes: int) -> Pki:
 def add_node_key(pki: Pki, node: int) -> Path:
     """Write an EC P-384 key pair for ``node`` in OpenSSH format; returns the public key's path."""
     key = ec.generate_private_key(ec.SECP384R1())
-    _private(pki.node_key(node), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                   serialization.NoEncryption()))
-    pki.node_public(node).write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                                    serialization.PublicFormat.OpenSSH) + b"\n")
+    _private(
+        pki.node_key(node),
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
+    pki.node_public(node).write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    )
     return pki.node_public(node)

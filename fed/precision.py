@@ -47,7 +47,9 @@ def resolve_precision(setting: str, device_type: str = "cpu") -> torch.dtype:
     if setting == "bfloat16":
         return torch.bfloat16
     if setting == "auto":
-        native = torch.cuda.is_bf16_supported(including_emulation=False) if device_type == "cuda" else cpu_has_native_bf16()
+        native = (
+            torch.cuda.is_bf16_supported(including_emulation=False) if device_type == "cuda" else cpu_has_native_bf16()
+        )
         return torch.bfloat16 if native else torch.float32
     raise ValueError(f"unknown precision {setting!r}; accepted: {', '.join(get_args(Precision))}")
 
@@ -73,8 +75,9 @@ def autocast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     def leave(*_: Any) -> None:
         torch.set_autocast_enabled(device, states.pop())
 
-    handles = [h for m in _trained_modules(model)
-               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    handles = [
+        h for m in _trained_modules(model) for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))
+    ]
     try:
         with torch.autocast(device, dtype=dtype):
             yield

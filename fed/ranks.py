@@ -34,7 +34,9 @@ def problems(spec: Sequence[str], num_clients: int, max_rank: int, kind: str) ->
         return []
     given = f"federation.client_ranks={list(spec)}"
     if kind not in registry.ranked_kinds():
-        return [f"{given} needs adapter.kind in {', '.join(registry.ranked_kinds())} (a rank axis to mask); got {kind!r}"]
+        return [
+            f"{given} needs adapter.kind in {', '.join(registry.ranked_kinds())} (a rank axis to mask); got {kind!r}"
+        ]
     if len(spec) == 1 and spec[0] in RULES:
         return []
     if not all(s.strip().isdigit() for s in spec):
@@ -57,8 +59,9 @@ def planned_ranks(spec: Sequence[str], num_clients: int, max_rank: int) -> tuple
     return tuple(int(s) for s in spec)
 
 
-def client_rank(spec: Sequence[str], partition_id: int, num_clients: int, max_rank: int,
-                node_config: Mapping[str, Any]) -> int | None:
+def client_rank(
+    spec: Sequence[str], partition_id: int, num_clients: int, max_rank: int, node_config: Mapping[str, Any]
+) -> int | None:
     """The rank this client trains (None: no client ranks in this run, the full rank, nothing to report)."""
     if not spec:
         return None

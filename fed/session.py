@@ -26,8 +26,14 @@ from fed.tasks import Task, make_task
 def dataset(cfg: RunConfig):  # -> datasets.Dataset
     """The whole labelled dataset of the run (partitioned later, per client)."""
     d = cfg.data
-    return load_task_dataset(d.name, cfg.task, text_column=d.text_column, label_column=d.label_column,
-                             max_examples=d.max_examples, seed=cfg.seed)
+    return load_task_dataset(
+        d.name,
+        cfg.task,
+        text_column=d.text_column,
+        label_column=d.label_column,
+        max_examples=d.max_examples,
+        seed=cfg.seed,
+    )
 
 
 def num_labels(cfg: RunConfig) -> int | None:
@@ -65,21 +71,38 @@ class ModelKey:
     @classmethod
     def of(cls, cfg: RunConfig) -> ModelKey:
         m = cfg.model
-        return cls(m.name, cfg.task, num_labels(cfg), cfg.adapter, cfg.seed, m.pooling, m.layers, m.center,
-                   m.scale, m.max_length)
+        return cls(
+            m.name,
+            cfg.task,
+            num_labels(cfg),
+            cfg.adapter,
+            cfg.seed,
+            m.pooling,
+            m.layers,
+            m.center,
+            m.scale,
+            m.max_length,
+        )
 
 
 def adapter_spec(a: AdapterConfig, model: Any) -> AdapterSpec:
     """The config's adapter section as a spec; empty targets become the model family's defaults."""
-    return make_spec(a.kind, a.rank, a.alpha, a.targets or tuple(default_targets(model)), a.dropout,
-                     **family_options(a.kind, dataclasses.asdict(a)))
+    return make_spec(
+        a.kind,
+        a.rank,
+        a.alpha,
+        a.targets or tuple(default_targets(model)),
+        a.dropout,
+        **family_options(a.kind, dataclasses.asdict(a)),
+    )
 
 
 @lru_cache(maxsize=2)
 def _build(key: ModelKey) -> tuple[Adapter, Any, dict[str, torch.Tensor]]:
     """The adapted model, its tokenizer and its sent tensors as built (the run's starting point)."""
-    model = load_model(key.name, key.task, num_labels=key.num_labels, seed=key.seed, pooling=key.pooling,
-                       layers=key.layers)
+    model = load_model(
+        key.name, key.task, num_labels=key.num_labels, seed=key.seed, pooling=key.pooling, layers=key.layers
+    )
     tokenizer = load_tokenizer(key.name, key.task)
     if key.center:
         centre_on(model, tokenizer, key.center, key.max_length, scale=key.scale)  # base trunk, before the adapter
@@ -122,9 +145,17 @@ def client_data(cfg: RunConfig, partition_id: int) -> ClientData:
     d = cfg.data
     names = run_labels(cfg)
     full = dataset(cfg) if names is None else align_labels(dataset(cfg), names, f"data.name={d.name!r}")
-    return client_split(full, num_clients=cfg.federation.num_clients, client_id=partition_id,
-                        partition=d.partition, alpha=d.alpha, classes_per_client=d.classes_per_client,
-                        test_fraction=d.test_fraction, seed=cfg.seed, partition_by=d.partition_by)
+    return client_split(
+        full,
+        num_clients=cfg.federation.num_clients,
+        client_id=partition_id,
+        partition=d.partition,
+        alpha=d.alpha,
+        classes_per_client=d.classes_per_client,
+        test_fraction=d.test_fraction,
+        seed=cfg.seed,
+        partition_by=d.partition_by,
+    )
 
 
 def server_preflight(cfg: RunConfig) -> None:
@@ -156,5 +187,7 @@ def preflight(cfg: RunConfig) -> list[str]:
     long = sum(task.overlong(s.train[:]) for s in splits)
     if not long:
         return []
-    return [f"{long} of {rows} training texts are longer than model.max_length={cfg.model.max_length} tokens and "
-            "will be truncated; raise model.max_length to keep them whole"]
+    return [
+        f"{long} of {rows} training texts are longer than model.max_length={cfg.model.max_length} tokens and "
+        "will be truncated; raise model.max_length to keep them whole"
+    ]

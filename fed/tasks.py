@@ -42,10 +42,14 @@ class Classification:
     max_length: int
 
     def encode(self, rows: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(rows["text"]), padding="longest", truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "labels": torch.as_tensor(rows["label"], dtype=torch.long)}
+        enc = self.tokenizer(
+            list(rows["text"]), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": torch.as_tensor(rows["label"], dtype=torch.long),
+        }
 
     def overlong(self, rows: dict[str, list[Any]]) -> int:
         return sum(len(ids) > self.max_length for ids in self.tokenizer(list(rows["text"]))["input_ids"])
@@ -74,8 +78,9 @@ class CausalLM:
 
     def _prompt(self, prompt: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
         return f"### Instruction:\n{prompt}\n### Response:\n"
 
     def overlong(self, rows: dict[str, list[Any]]) -> int:
@@ -92,7 +97,7 @@ class CausalLM:
         for prompt, response in zip(rows["prompt"], rows["response"]):
             p = self.tokenizer(self._prompt(prompt), add_special_tokens=False)["input_ids"]
             r = self.tokenizer(response + eos, add_special_tokens=False)["input_ids"]
-            p = p[-(self.max_length // 2):]  # keep the end of a long prompt, where the question is
+            p = p[-(self.max_length // 2) :]  # keep the end of a long prompt, where the question is
             r = r[: self.max_length - len(p)]
             ids.append(p + r)
             labels.append([IGNORE] * len(p) + r)
@@ -107,8 +112,9 @@ class CausalLM:
     def per_example_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         targets = batch["labels"][:, 1:]
-        token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none",
-                                     ignore_index=IGNORE)  # [batch, seq-1]
+        token_loss = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, reduction="none", ignore_index=IGNORE
+        )  # [batch, seq-1]
         counted = (targets != IGNORE).sum(1).clamp(min=1)
         return token_loss.sum(1) / counted
 

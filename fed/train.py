@@ -82,8 +82,9 @@ def round_lr(lr: float, schedule: str, round_: int, rounds: int) -> float:
     raise ValueError(f"unknown lr schedule {schedule!r}; accepted: {', '.join(get_args(LrSchedule))}")
 
 
-def make_optimizer(params: list[torch.nn.Parameter], name: str, *, lr: float, weight_decay: float,
-                   momentum: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.nn.Parameter], name: str, *, lr: float, weight_decay: float, momentum: float
+) -> torch.optim.Optimizer:
     """AdamW, or SGD with (heavy-ball) momentum.
 
     Under DP the choice matters: Adam divides every coordinate by its own running scale, so a
@@ -109,7 +110,7 @@ def length_chunks(lengths: Sequence[int], indices: list[int], size: int) -> list
     if size <= 0 or len(indices) <= size:
         return [indices]
     ordered = [i for _, i in sorted(zip(lengths, indices))]
-    return [ordered[k:k + size] for k in range(0, len(ordered), size)]
+    return [ordered[k : k + size] for k in range(0, len(ordered), size)]
 
 
 @contextlib.contextmanager
@@ -129,8 +130,9 @@ def encode_on(task: Task, rows: dict[str, list], device: torch.device) -> dict[s
     return {name: tensor.to(device) for name, tensor in task.encode(rows).items()}
 
 
-def per_example_losses(adapter: Adapter, task: Task, model: nn.Module, batch: dict[str, torch.Tensor]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def per_example_losses(
+    adapter: Adapter, task: Task, model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each example's task loss, and what training minimises: that loss plus the adapter's auxiliary (a
     mixture's balance) loss. The auxiliary loss is per example, so DP's bound holds, and it is read after
     the forward because the router records its gates during it. ``model`` is the adapter's model or
@@ -140,9 +142,22 @@ def per_example_losses(adapter: Adapter, task: Task, model: nn.Module, batch: di
     return loss, loss if aux is None else loss + aux
 
 
-def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batch_size: int, lr: float,
-                weight_decay: float, dp: DpSettings | None, gen: torch.Generator, optimizer: str = "adamw",
-                momentum: float = 0.9, precision: torch.dtype = torch.float32, micro_batch: int = 0) -> RoundResult:
+def train_round(
+    adapter: Adapter,
+    task: Task,
+    data: Dataset,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    dp: DpSettings | None,
+    gen: torch.Generator,
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
+    precision: torch.dtype = torch.float32,
+    micro_batch: int = 0,
+) -> RoundResult:
     """Run ``steps`` local steps on ``data``; with ``dp``, Poisson batches at ``dp.sample_rate``.
 
     ``precision`` is the frozen base's autocast dtype; the trained tensors and DP arithmetic stay float32
@@ -157,8 +172,7 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
     model = adapter.model
     model.train()
     device = model_device(model)
-    opt = make_optimizer(adapter.trainable_parameters(), optimizer, lr=lr, weight_decay=weight_decay,
-                         momentum=momentum)
+    opt = make_optimizer(adapter.trainable_parameters(), optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
     if dp is None:
         stepper: PlainStepper | DpStepper = PlainStepper(model, opt)
         batches = _plain_batches(len(data), min(batch_size, len(data)), steps, gen)
@@ -200,15 +214,29 @@ def train_round(adapter: Adapter, task: Task, data: Dataset, *, steps: int, batc
                 released.append(releaser.noised_loss_sum(batch_losses))
             losses.append(float(batch_losses.mean()))
     mean_loss = sum(losses) / len(losses) if losses else math.nan
-    noised = (sum(released) / (len(released) * releaser.expected_batch_size)
-              if releaser is not None and released else None)
-    return RoundResult(steps=steps, num_examples=len(data), loss=mean_loss, wall_s=time.perf_counter() - start,
-                       usage=dict(usage), released_loss=noised)
+    noised = (
+        sum(released) / (len(released) * releaser.expected_batch_size) if releaser is not None and released else None
+    )
+    return RoundResult(
+        steps=steps,
+        num_examples=len(data),
+        loss=mean_loss,
+        wall_s=time.perf_counter() - start,
+        usage=dict(usage),
+        released_loss=noised,
+    )
 
 
 @torch.no_grad()
-def evaluate(adapter: Adapter, task: Task, data: Dataset, *, batch_size: int, limit: int = 0,
-             precision: torch.dtype = torch.float32) -> dict[str, float]:
+def evaluate(
+    adapter: Adapter,
+    task: Task,
+    data: Dataset,
+    *,
+    batch_size: int,
+    limit: int = 0,
+    precision: torch.dtype = torch.float32,
+) -> dict[str, float]:
     """Mean loss (and accuracy where the task has one) on up to ``limit`` examples (0 = all)."""
     model = adapter.model
     model.eval()

@@ -73,8 +73,9 @@ def _on_wire(meta: TensorMeta, wire: str) -> TensorMeta:
     return meta
 
 
-def from_record(record: ArrayRecord, expected: Mapping[str, TensorMeta],
-                wire: str = "float32") -> dict[str, torch.Tensor]:
+def from_record(
+    record: ArrayRecord, expected: Mapping[str, TensorMeta], wire: str = "float32"
+) -> dict[str, torch.Tensor]:
     """Validate ``record`` against ``expected`` (as sent in transport dtype ``wire``) and only then decode
     it to tensors of the expected dtype.
 
@@ -84,14 +85,18 @@ def from_record(record: ArrayRecord, expected: Mapping[str, TensorMeta],
     keys = set(record.keys())
     missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
     if missing or extra:
-        raise PayloadError(f"wrong keys: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                           f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+        raise PayloadError(
+            f"wrong keys: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for name, logical in expected.items():
         meta, array = _on_wire(logical, wire), record[name]
         if array.dtype != meta.dtype:
-            raise PayloadError(f"{name}: dtype {array.dtype}, expected {meta.dtype}"
-                               + (f" (wire.dtype={wire!r})" if meta != logical else ""))
+            raise PayloadError(
+                f"{name}: dtype {array.dtype}, expected {meta.dtype}"
+                + (f" (wire.dtype={wire!r})" if meta != logical else "")
+            )
         if tuple(array.shape) != meta.shape:
             raise PayloadError(f"{name}: shape {tuple(array.shape)}, expected {meta.shape}")
         if array.stype != RAW:
@@ -118,8 +123,12 @@ def _as_lines(tensor: torch.Tensor, axis: int) -> torch.Tensor:
     return tensor if axis == 1 else tensor.T
 
 
-def to_sparse_record(deltas: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
-                     lines: Mapping[str, int], wire: str = "float32") -> ArrayRecord:
+def to_sparse_record(
+    deltas: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    lines: Mapping[str, int],
+    wire: str = "float32",
+) -> ArrayRecord:
     """Deltas as a record; a line-sparse tensor (``lines``: its axis) travels as its kept entries only.
 
     Such a tensor ``X`` becomes ``X`` = the deltas of the kept entries, ``(lines, k)`` in index order
@@ -138,9 +147,14 @@ def to_sparse_record(deltas: Mapping[str, torch.Tensor], masks: Mapping[str, tor
     return to_record(out, wire)
 
 
-def from_sparse_record(record: ArrayRecord, expected: Mapping[str, TensorMeta], global_: Mapping[str, torch.Tensor],
-                       lines: Mapping[str, int], budgets: Mapping[str, int], wire: str = "float32"
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def from_sparse_record(
+    record: ArrayRecord,
+    expected: Mapping[str, TensorMeta],
+    global_: Mapping[str, torch.Tensor],
+    lines: Mapping[str, int],
+    budgets: Mapping[str, int],
+    wire: str = "float32",
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Validate a reply of ``to_sparse_record`` and decode it to dense deltas and the clients' masks.
 
     Every line of a line-sparse tensor must keep exactly ``budgets[name]`` entries (the round's budget,
@@ -194,8 +208,11 @@ def read_usage(metrics: Mapping[str, Any], slots: tuple[str, ...]) -> dict[str, 
         return None
     if set(sent) != set(slots):
         raise PayloadError(f"expert counts for slots {sorted(sent)[:3]}..., expected exactly {list(slots)[:3]}...")
-    bad = {k: v for k, v in sent.items()
-           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}
+    bad = {
+        k: v
+        for k, v in sent.items()
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+    }
     if bad:
         raise PayloadError(f"expert usage must be finite non-negative numbers; got {dict(list(bad.items())[:3])}")
     return {k: float(v) for k, v in sent.items()}

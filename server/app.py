@@ -53,8 +53,9 @@ class RoundRecorder:
     """Called by the strategy after each round's evaluation: writes the round's line and checkpoint (the
     privacy book was written when the round's replies arrived)."""
 
-    def __init__(self, strategy: AdapterStrategy, book: LedgerBook, run_dir: RunDir,
-                 on_round: RoundCallback | None) -> None:
+    def __init__(
+        self, strategy: AdapterStrategy, book: LedgerBook, run_dir: RunDir, on_round: RoundCallback | None
+    ) -> None:
         self.strategy, self.book, self.run_dir, self.on_round = strategy, book, run_dir, on_round
         self.started = time.perf_counter()
 
@@ -67,13 +68,23 @@ class RoundRecorder:
         if log is None:
             return None
         now = time.perf_counter()
-        line = {"round": round_, "train_loss": log.train_loss, "eval_loss": log.evaluate.get("eval_loss"),
-                "eval_accuracy": log.evaluate.get("eval_accuracy"),
-                "eval_examples": log.evaluate.get("eval_examples"), "bytes_up": log.bytes_up,
-                "bytes_down": log.bytes_down, "aggregation_error": log.aggregation_error,
-                "clients": len(log.accepted), "dropped": log.dropped,
-                "capped": log.capped, "clipped": log.clipped, "delta_norm_bound": log.norm_bound,
-                "epsilon_max": self.book.max_epsilon(), "wall_s": round(now - self.started, 3)}
+        line = {
+            "round": round_,
+            "train_loss": log.train_loss,
+            "eval_loss": log.evaluate.get("eval_loss"),
+            "eval_accuracy": log.evaluate.get("eval_accuracy"),
+            "eval_examples": log.evaluate.get("eval_examples"),
+            "bytes_up": log.bytes_up,
+            "bytes_down": log.bytes_down,
+            "aggregation_error": log.aggregation_error,
+            "clients": len(log.accepted),
+            "dropped": log.dropped,
+            "capped": log.capped,
+            "clipped": log.clipped,
+            "delta_norm_bound": log.norm_bound,
+            "epsilon_max": self.book.max_epsilon(),
+            "wall_s": round(now - self.started, 3),
+        }
         self.started = now
         self.run_dir.append_metrics(line)
         global_ = from_record(arrays, self.strategy.model.expected)
@@ -83,8 +94,9 @@ class RoundRecorder:
         return None
 
 
-def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundCallback | None = None,
-                   resume: Checkpoint | None = None) -> RunDir:
+def run_federation(
+    grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundCallback | None = None, resume: Checkpoint | None = None
+) -> RunDir:
     """All rounds of ``cfg`` on ``grid`` (those after ``resume``'s round when given); leaves metrics,
     privacy ledger, a checkpoint per round and the final adapter in ``run_dir``."""
     adapter, _ = adapted_model(cfg)
@@ -93,21 +105,40 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundC
         initial = from_record(to_record(resume.arrays), metas(initial))
     fed = cfg.federation
     book = LedgerBook(cfg.dp) if resume is None else LedgerBook.from_json(resume.book)
-    strategy = build_strategy(cfg, adapter, book, on_privacy=lambda b: run_dir.write_privacy(b.report()),
-                              round_offset=0 if resume is None else resume.round)
+    strategy = build_strategy(
+        cfg,
+        adapter,
+        book,
+        on_privacy=lambda b: run_dir.write_privacy(b.report()),
+        round_offset=0 if resume is None else resume.round,
+    )
     recorder = RoundRecorder(strategy, book, run_dir, on_round)
-    result = strategy.start(grid=grid, initial_arrays=to_record(initial),
-                            num_rounds=fed.rounds - strategy.round_offset,
-                            timeout=fed.round_timeout, train_config=config_record(cfg),
-                            evaluate_config=config_record(cfg), evaluate_fn=recorder)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_record(initial),
+        num_rounds=fed.rounds - strategy.round_offset,
+        timeout=fed.round_timeout,
+        train_config=config_record(cfg),
+        evaluate_config=config_record(cfg),
+        evaluate_fn=recorder,
+    )
     run_dir.write_privacy(book.report(cross_check=True))
     if cfg.dp.enabled:
         write_report(run_dir.path)
     final = result.arrays if len(result.arrays) else to_record(initial)  # empty: no round aggregated anything
     adapter.load(from_record(final, metas(initial)))
-    export_adapter(adapter, run_dir.adapter, task=cfg.task, base_model=cfg.model.name,
-                   pooling=cfg.model.pooling, layers=cfg.model.layers)
-    plot_curves(run_dir.metrics(), run_dir.path / "curves.png",
-                title=f"{cfg.adapter.kind} · {cfg.data.name} · {fed.num_clients} clients"
-                      + (f" · DP target eps {cfg.dp.target_epsilon:g}" if cfg.dp.target_epsilon else ""))
+    export_adapter(
+        adapter,
+        run_dir.adapter,
+        task=cfg.task,
+        base_model=cfg.model.name,
+        pooling=cfg.model.pooling,
+        layers=cfg.model.layers,
+    )
+    plot_curves(
+        run_dir.metrics(),
+        run_dir.path / "curves.png",
+        title=f"{cfg.adapter.kind} · {cfg.data.name} · {fed.num_clients} clients"
+        + (f" · DP target eps {cfg.dp.target_epsilon:g}" if cfg.dp.target_epsilon else ""),
+    )
     return run_dir

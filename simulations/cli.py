@@ -19,40 +19,81 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fed", description="Federated adapter fine-tuning under DP-SGD.")
     commands = parser.add_subparsers(dest="command", required=True)
     sim = commands.add_parser("simulate", help="run a local multi-client simulation")
-    sim.add_argument("--preset", default="quickstart",
-                     help=f"shipped preset ({', '.join(preset_names())}) or a path to a .toml file")
-    sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set adapter.kind=ffa-lora (repeatable)")
+    sim.add_argument(
+        "--preset", default="quickstart", help=f"shipped preset ({', '.join(preset_names())}) or a path to a .toml file"
+    )
+    sim.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set adapter.kind=ffa-lora (repeatable)",
+    )
     sim.add_argument("--out", default="runs", help="parent folder of the run directory (default: runs)")
     sim.add_argument("--name", default="", help="run directory name (default: time and adapter)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     plan = commands.add_parser("plan", help="noise multiplier and epsilon per round of a DP config, before training")
     plan.add_argument("--preset", default="quickstart", help="preset name or .toml path (as for simulate)")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config key, e.g. --set dp.target_epsilon=3 (repeatable)")
-    plan.add_argument("--examples", type=int, default=0,
-                      help="a client's training examples n (default: the smallest client of the config's data)")
-    plan.add_argument("--participation", type=float, default=None,
-                      help="expected fraction of rounds a client joins (default: federation.fraction_train)")
+    plan.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set dp.target_epsilon=3 (repeatable)",
+    )
+    plan.add_argument(
+        "--examples",
+        type=int,
+        default=0,
+        help="a client's training examples n (default: the smallest client of the config's data)",
+    )
+    plan.add_argument(
+        "--participation",
+        type=float,
+        default=None,
+        help="expected fraction of rounds a client joins (default: federation.fraction_train)",
+    )
     report = commands.add_parser("report", help="privacy report of a finished run: report.html + terminal summary")
     report.add_argument("run_dir", help="a run directory (holds privacy.json)")
-    sim.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last completed round "
-                     "(with its own config; --preset and --set are ignored)")
+    sim.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its last completed round (with its own config; --preset and --set are ignored)",
+    )
     config = commands.add_parser("config", help="every config key: default, accepted values, meaning")
     shown = config.add_mutually_exclusive_group(required=True)
     shown.add_argument("--list", action="store_true", help="a table of every key (with --preset: its values)")
     shown.add_argument("--markdown", action="store_true", help="the reference page (docs/configuration.md)")
-    shown.add_argument("--pyproject", action="store_true",
-                       help="the [tool.flwr.app.config] block pyproject.toml must declare for Flower")
+    shown.add_argument(
+        "--pyproject",
+        action="store_true",
+        help="the [tool.flwr.app.config] block pyproject.toml must declare for Flower",
+    )
     config.add_argument("--preset", default=None, help="show this preset's resolved values (name or .toml path)")
-    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="with --preset: override a config key (repeatable)")
+    config.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --preset: override a config key (repeatable)",
+    )
     deploy_cli.add_commands(commands)
     return parser
 
 
-COLUMNS = {"round": "round", "train_loss": "train loss", "eval_loss": "eval loss", "eval_accuracy": "acc",
-           "epsilon_max": "eps", "bytes_up": "up MB", "bytes_down": "down MB", "wall_s": "s"}
+COLUMNS = {
+    "round": "round",
+    "train_loss": "train loss",
+    "eval_loss": "eval loss",
+    "eval_accuracy": "acc",
+    "epsilon_max": "eps",
+    "bytes_up": "up MB",
+    "bytes_down": "down MB",
+    "wall_s": "s",
+}
 
 
 def _cell(key: str, value: object) -> str:
@@ -89,19 +130,27 @@ def _plan(cfg, args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]error:[/red] --participation={participation} must be in (0, 1]")
         return 2
     t = cfg.train
-    schedule = plan_schedule(cfg.dp, num_examples=n, batch_size=t.batch_size, local_steps=t.local_steps,
-                             rounds=cfg.federation.rounds, participation=participation)
+    schedule = plan_schedule(
+        cfg.dp,
+        num_examples=n,
+        batch_size=t.batch_size,
+        local_steps=t.local_steps,
+        rounds=cfg.federation.rounds,
+        participation=participation,
+    )
     table = Table(title=f"epsilon per round at delta {cfg.dp.delta:g} (participation {participation:g})")
     for column in ("round", "steps", "eps RDP", "eps PRV"):
         table.add_column(column, justify="right")
     for row in schedule.rows:
         table.add_row(str(row.round), str(row.steps), f"{row.epsilon_rdp:.3f}", f"{row.epsilon_prv:.3f}")
     goal = f"target epsilon {cfg.dp.target_epsilon:g}" if cfg.dp.target_epsilon else "fixed noise"
-    console.print(f"client with n={n} examples, batch {t.batch_size} -> Poisson rate q={schedule.sample_rate:.4g}; "
-                  f"{goal} over {cfg.federation.rounds} rounds x {t.local_steps} steps "
-                  f"({cfg.dp.accountant.upper()}) -> noise multiplier [bold]{schedule.noise_multiplier:.4g}[/bold]"
-                  f" (noise std per coordinate of the mean gradient: "
-                  f"{schedule.noise_multiplier * cfg.dp.max_grad_norm / t.batch_size:.3g})")
+    console.print(
+        f"client with n={n} examples, batch {t.batch_size} -> Poisson rate q={schedule.sample_rate:.4g}; "
+        f"{goal} over {cfg.federation.rounds} rounds x {t.local_steps} steps "
+        f"({cfg.dp.accountant.upper()}) -> noise multiplier [bold]{schedule.noise_multiplier:.4g}[/bold]"
+        f" (noise std per coordinate of the mean gradient: "
+        f"{schedule.noise_multiplier * cfg.dp.max_grad_norm / t.batch_size:.3g})"
+    )
     console.print(table)
     for problem in schedule.delta_problems:
         console.print(f"[red]error:[/red] {problem}")
@@ -116,8 +165,10 @@ def _report(run_dir: str, console: Console) -> int:
 
     path = Path(run_dir)
     if not (path / "privacy.json").is_file():
-        console.print(f"[red]error:[/red] {path} holds no privacy.json; give a run directory made by fed simulate "
-                      "or a deployed run")
+        console.print(
+            f"[red]error:[/red] {path} holds no privacy.json; give a run directory made by fed simulate "
+            "or a deployed run"
+        )
         return 2
     out = write_report(path)
     summary(cross_checked(json.loads((path / "privacy.json").read_text())), console)

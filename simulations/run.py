@@ -29,11 +29,19 @@ from fed.run.rundir import RunDir
 from fed.session import client_data, preflight, with_local_labels
 from server.app import run_federation
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE",
-               "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-               "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "TRANSFORMERS_VERBOSITY": "error",
-               "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
 
 
 class _DropRunSimulationDeprecation(logging.Filter):
@@ -102,8 +110,16 @@ def resume(path: str | Path, *, console: Console | None = None, verbose: bool = 
     return simulate(cfg, console=console, verbose=verbose, resume_from=run_dir)
 
 
-def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", console: Console | None = None,
-             verbose: bool = False, resume_from: RunDir | None = None, client: ClientApp = client_app) -> RunDir:
+def simulate(
+    cfg: RunConfig,
+    out: str | Path = "runs",
+    *,
+    name: str = "",
+    console: Console | None = None,
+    verbose: bool = False,
+    resume_from: RunDir | None = None,
+    client: ClientApp = client_app,
+) -> RunDir:
     """Run ``cfg`` with ``cfg.federation.num_clients`` simulated clients; returns the finished run dir.
 
     Simulated clients keep their ledgers in ``<run dir>/clients`` (the simulation's stand-in for each
@@ -120,11 +136,17 @@ def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", consol
         console.print(f"[yellow]warning:[/yellow] {warning}")
     run_dir = resume_from or RunDir.create(out, cfg, name)
     checkpoint = None if resume_from is None else run_dir.resume_point()
-    columns = (TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.description}"))
+    columns = (
+        TextColumn("[bold]federated rounds"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("starting clients…", total=cfg.federation.rounds,
-                                 completed=0 if checkpoint is None else checkpoint.round)
+        task = progress.add_task(
+            "starting clients…", total=cfg.federation.rounds, completed=0 if checkpoint is None else checkpoint.round
+        )
 
         def on_round(line: dict[str, Any]) -> None:
             progress.update(task, advance=1, description=_describe(line))
@@ -138,11 +160,15 @@ def simulate(cfg: RunConfig, out: str | Path = "runs", *, name: str = "", consol
         # Ray starts afresh for each simulation and its workers inherit this process's environment.
         os.environ[STATE_DIR_ENV] = str((run_dir.path / "clients").resolve())
         try:
-            run_simulation(server_app=server_app, client_app=client, num_supernodes=cfg.federation.num_clients,
-                           backend_config=backend_config(cfg.simulation, verbose), verbose_logging=verbose)
+            run_simulation(
+                server_app=server_app,
+                client_app=client,
+                num_supernodes=cfg.federation.num_clients,
+                backend_config=backend_config(cfg.simulation, verbose),
+                verbose_logging=verbose,
+            )
         finally:
             os.environ.pop(STATE_DIR_ENV, None)
     if not (run_dir.adapter / "fedlora.json").exists():
         raise RuntimeError(f"the simulation ended without finishing the run; see the log and {run_dir.path}")
     return run_dir
-

@@ -19,26 +19,45 @@ from strategies.privacy import PrivacyBookkeeping
 from strategies.validation import OneReplyPerNode, ReplyRules, ReplyValidation
 
 
-def build_strategy(cfg: RunConfig, adapter: Adapter, book: LedgerBook,
-                   on_privacy: Callable[[LedgerBook], None] | None = None, round_offset: int = 0) -> AdapterStrategy:
+def build_strategy(
+    cfg: RunConfig,
+    adapter: Adapter,
+    book: LedgerBook,
+    on_privacy: Callable[[LedgerBook], None] | None = None,
+    round_offset: int = 0,
+) -> AdapterStrategy:
     """The strategy for ``cfg``'s run of ``adapter``, booking DP events in ``book`` (persisted by
     ``on_privacy``) and numbering rounds after ``round_offset`` (a resumed run's last round)."""
     fed, limits = cfg.federation, cfg.strategy
     model = AdapterModel(metas(adapter.sent_state()), adapter.structure(), adapter.products)
-    stages = [*reply_stages(model, _reply_rules(cfg, adapter), book, on_privacy),
-              *influence_stages(limits, honest_ceiling(model.expected, cfg.train.lr, cfg.train.local_steps))]
+    stages = [
+        *reply_stages(model, _reply_rules(cfg, adapter), book, on_privacy),
+        *influence_stages(limits, honest_ceiling(model.expected, cfg.train.lr, cfg.train.local_steps)),
+    ]
     return AdapterStrategy(
-        model=model, stages=stages,
+        model=model,
+        stages=stages,
         merge=MergeRule(rule=limits.rule, trim=limits.trim_fraction, aggregation=limits.aggregation),
-        update=ServerUpdate(server_lr=fed.server_lr, server_step=adapter.after_aggregate,
-                            budgets=partial(adapter.round_budgets, rounds=fed.rounds)),
-        plan=RoundPlan(rounds=fed.rounds, offset=round_offset, eval_every=fed.eval_every, min_replies=fed.min_replies,
-                       seed=cfg.seed, loss_metric="dp-train-loss" if cfg.dp.enabled else "train_loss"),
-        **_sampling(fed))
+        update=ServerUpdate(
+            server_lr=fed.server_lr,
+            server_step=adapter.after_aggregate,
+            budgets=partial(adapter.round_budgets, rounds=fed.rounds),
+        ),
+        plan=RoundPlan(
+            rounds=fed.rounds,
+            offset=round_offset,
+            eval_every=fed.eval_every,
+            min_replies=fed.min_replies,
+            seed=cfg.seed,
+            loss_metric="dp-train-loss" if cfg.dp.enabled else "train_loss",
+        ),
+        **_sampling(fed),
+    )
 
 
-def reply_stages(model: AdapterModel, rules: ReplyRules, book: LedgerBook,
-                 on_privacy: Callable[[LedgerBook], None] | None = None) -> list[Stage]:
+def reply_stages(
+    model: AdapterModel, rules: ReplyRules, book: LedgerBook, on_privacy: Callable[[LedgerBook], None] | None = None
+) -> list[Stage]:
     """How each reply is read, in order: a node's second reply goes before its DP event could be booked
     twice; every other reply is booked before validation may drop it (it spent budget all the same)."""
     return [OneReplyPerNode(), PrivacyBookkeeping(book, on_privacy), ReplyValidation(model, rules)]
@@ -66,16 +85,25 @@ def honest_ceiling(expected: Mapping[str, TensorMeta], lr: float, local_steps: i
 def _reply_rules(cfg: RunConfig, adapter: Adapter) -> ReplyRules:
     """What a train reply of this run must satisfy (``strategies.validation``)."""
     fed = cfg.federation
-    return ReplyRules(fingerprint=adapter.fingerprint(), local_steps=cfg.train.local_steps,
-                      batch_size=cfg.train.batch_size, rounds=fed.rounds, dp=cfg.dp,
-                      max_rank=cfg.adapter.rank if fed.client_ranks else 0,
-                      ranks=planned_ranks(fed.client_ranks, fed.num_clients, cfg.adapter.rank) or (),
-                      wire=cfg.wire.dtype)
+    return ReplyRules(
+        fingerprint=adapter.fingerprint(),
+        local_steps=cfg.train.local_steps,
+        batch_size=cfg.train.batch_size,
+        rounds=fed.rounds,
+        dp=cfg.dp,
+        max_rank=cfg.adapter.rank if fed.client_ranks else 0,
+        ranks=planned_ranks(fed.client_ranks, fed.num_clients, cfg.adapter.rank) or (),
+        wire=cfg.wire.dtype,
+    )
 
 
 def _sampling(fed: FederationConfig) -> dict[str, Any]:
     """Flower FedAvg's sampling. The strategy waits for ``min_available_nodes`` itself before FedAvg sizes
     its sample (``AdapterStrategy._await_nodes``), so FedAvg's own minimums stay at one node."""
-    return {"fraction_train": fed.fraction_train, "fraction_evaluate": fed.fraction_evaluate,
-            "min_train_nodes": 1, "min_evaluate_nodes": 1 if fed.fraction_evaluate > 0 else 0,
-            "min_available_nodes": fed.min_available or fed.num_clients}
+    return {
+        "fraction_train": fed.fraction_train,
+        "fraction_evaluate": fed.fraction_evaluate,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1 if fed.fraction_evaluate > 0 else 0,
+        "min_available_nodes": fed.min_available or fed.num_clients,
+    }

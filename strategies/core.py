@@ -96,8 +96,16 @@ def _train_loss(accepted: Sequence[Reply], metric: str) -> float | None:
 class AdapterStrategy(FedAvg):
     """FedAvg over adapter deltas: per-kind aggregation, a server learning rate, the family's server step."""
 
-    def __init__(self, *, model: AdapterModel, stages: Sequence[Stage], merge: MergeRule = MergeRule(),
-                 update: ServerUpdate = ServerUpdate(), plan: RoundPlan = RoundPlan(), **fedavg: Any) -> None:
+    def __init__(
+        self,
+        *,
+        model: AdapterModel,
+        stages: Sequence[Stage],
+        merge: MergeRule = MergeRule(),
+        update: ServerUpdate = ServerUpdate(),
+        plan: RoundPlan = RoundPlan(),
+        **fedavg: Any,
+    ) -> None:
         super().__init__(**fedavg)
         self.model, self.stages, self.merge, self.update, self.plan = model, tuple(stages), merge, update, plan
         self.round_offset = plan.offset
@@ -110,34 +118,47 @@ class AdapterStrategy(FedAvg):
         while len(list(grid.get_node_ids())) < self.min_available_nodes:
             time.sleep(1.0)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._await_nodes(grid)
         server_round += self.round_offset
         self._global = from_record(arrays, self.model.expected)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         for stage in self.stages:
             messages = stage.outgoing(messages)
-        self.rounds[server_round] = RoundLog(bytes_down=arrays.count_bytes() * len(messages),
-                                             asked=[m.metadata.dst_node_id for m in messages])
+        self.rounds[server_round] = RoundLog(
+            bytes_down=arrays.count_bytes() * len(messages), asked=[m.metadata.dst_node_id for m in messages]
+        )
         return messages
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         run_round = server_round + self.round_offset
-        state = RoundState(run_round, self.rounds.setdefault(run_round, RoundLog()), self._global,
-                           self.update.budgets(run_round))
+        state = RoundState(
+            run_round, self.rounds.setdefault(run_round, RoundLog()), self._global, self.update.budgets(run_round)
+        )
         accepted = self._read(state, replies)
         for stage in self.stages:
             stage.received(state, replies)
         if len(accepted) < self.plan.min_replies:
-            log.warning("round %d: %d valid replies, fewer than min_replies=%d; the global adapter is unchanged",
-                        run_round, len(accepted), self.plan.min_replies)
+            log.warning(
+                "round %d: %d valid replies, fewer than min_replies=%d; the global adapter is unchanged",
+                run_round,
+                len(accepted),
+                self.plan.min_replies,
+            )
             return None, None
-        batch = Replies(state.global_, [r.delta for r in accepted], [r.weight for r in accepted],
-                        usage=_all_or_none([r.usage for r in accepted], run_round),
-                        seed=derive_seed(self.plan.seed, "server", run_round), masks=[r.mask for r in accepted])
+        batch = Replies(
+            state.global_,
+            [r.delta for r in accepted],
+            [r.weight for r in accepted],
+            usage=_all_or_none([r.usage for r in accepted], run_round),
+            seed=derive_seed(self.plan.seed, "server", run_round),
+            masks=[r.mask for r in accepted],
+        )
         for stage in self.stages:
             batch = stage.bound(state, batch)
         new_global = self._step(state, batch)
@@ -170,8 +191,9 @@ class AdapterStrategy(FedAvg):
 
     def _step(self, state: RoundState, batch: Replies) -> Tensors:
         """The next global: the batch merged group by group, applied at ``server_lr``, then the family's step."""
-        merged = aggregate(batch, self.model.structure, rule=self.merge.rule, trim=self.merge.trim,
-                           aggregation=self.merge.aggregation)
+        merged = aggregate(
+            batch, self.model.structure, rule=self.merge.rule, trim=self.merge.trim, aggregation=self.merge.aggregation
+        )
         if self.model.products is not None:
             state.log.aggregation_error = aggregation_error(self.model.products, batch, merged)
         return self.update.server_step(state.global_, apply_update(state.global_, merged, self.update.server_lr))
@@ -182,8 +204,9 @@ class AdapterStrategy(FedAvg):
         every = self.plan.eval_every
         return self.fraction_evaluate > 0 and (last or (every > 0 and run_round % every == 0))
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         if not self.evaluates(server_round + self.round_offset):
             return []
         self._await_nodes(grid)
@@ -197,7 +220,9 @@ class AdapterStrategy(FedAvg):
         if metrics is not None:
             examples = sum(_count(m, self.weighted_by_key) for m in replies if not m.has_error())
             self.rounds.setdefault(server_round + self.round_offset, RoundLog()).evaluate = {
-                **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, "eval_examples": examples}
+                **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                "eval_examples": examples,
+            }
         return metrics
 
 
@@ -211,8 +236,12 @@ def _count(reply: Message, key: str) -> int:
 
 def _summary(record: RoundLog, clients: int, loss: float | None) -> MetricRecord:
     """What Flower keeps of a train round (the metrics line is written from the ``RoundLog``)."""
-    values: dict[str, MetricRecordValues] = {"clients": clients, "dropped": len(record.dropped),
-                                             "bytes_up": record.bytes_up, "capped": record.capped,
-                                             "clipped": record.clipped, "aggregation_error": record.aggregation_error}
+    values: dict[str, MetricRecordValues] = {
+        "clients": clients,
+        "dropped": len(record.dropped),
+        "bytes_up": record.bytes_up,
+        "capped": record.capped,
+        "clipped": record.clipped,
+        "aggregation_error": record.aggregation_error,
+    }
     return MetricRecord(values | ({"train_loss": loss} if loss is not None else {}))
-

@@ -86,8 +86,10 @@ class CappedWeights(Stage):
         """Each client's counts scaled so their total is within the cap (its mix over experts kept)."""
         totals = [sum(u.values()) for u in usage]
         caps, capped = bounded_weights(totals, self.weighting, self.max_ratio)
-        return [{slot: n * (cap / total if total > 0 else 1.0) for slot, n in u.items()}
-                for u, total, cap in zip(usage, totals, caps)], capped
+        return [
+            {slot: n * (cap / total if total > 0 else 1.0) for slot, n in u.items()}
+            for u, total, cap in zip(usage, totals, caps)
+        ], capped
 
 
 class NormClip(Stage):

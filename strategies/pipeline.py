@@ -35,7 +35,8 @@ class RoundLog:
     norm_bound: float | None = None
     train_loss: float = float("nan")
     aggregation_error: float = float("nan")
-    """How far the aggregated adapter's weight update is from the mean of the clients' (``strategies.kinds.aggregation_error``)."""
+    """How far the aggregated adapter's weight update is from the mean of the clients'
+    (``strategies.kinds.aggregation_error``)."""
     evaluate: dict[str, float] = field(default_factory=dict)
 
 

@@ -41,8 +41,11 @@ class PrivacyBookkeeping(Stage):
         records = dict(message.content.items())  # a new record: the message shares the others' arrays
         for key, config in message.content.config_records.items():
             records[key] = ConfigRecord({**config, "known-events": events_to_json(events)})
-        return Message(content=RecordDict(records), message_type=message.metadata.message_type,
-                       dst_node_id=message.metadata.dst_node_id)
+        return Message(
+            content=RecordDict(records),
+            message_type=message.metadata.message_type,
+            dst_node_id=message.metadata.dst_node_id,
+        )
 
     def arrive(self, state: RoundState, reply: Reply) -> None:
         """Narrow the reply to its public metrics and book its DP event at once."""
@@ -63,5 +66,7 @@ class PrivacyBookkeeping(Stage):
             return
         for node in sorted(set(state.log.asked) - replied):
             who = f"client {self.clients[node]}" if node in self.clients else "a client not yet identified"
-            self.book.flag(f"round {state.number}: {who} (node {node}) was asked to train and sent no reply; it "
-                           "may have spent budget the server never saw (its own ledger counts it)")
+            self.book.flag(
+                f"round {state.number}: {who} (node {node}) was asked to train and sent no reply; it "
+                "may have spent budget the server never saw (its own ledger counts it)"
+            )

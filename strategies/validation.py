@@ -72,21 +72,25 @@ def check_dp_event(metrics: Mapping[str, Any], rules: ReplyRules, examples: int)
         raise PayloadError(f"DP event fields must be finite numbers: noise {noise!r}, rate {rate_!r}, epsilon {eps_!r}")
     sigma, rate, eps = (float(metrics[k]) for k in fields)
     if rules.batch_size and not math.isclose(rate, sample_rate(rules.batch_size, examples), rel_tol=1e-9):
-        raise PayloadError(f"dp-sample-rate={rate} contradicts the plan: batch {rules.batch_size} / "
-                           f"num-examples {examples} = {sample_rate(rules.batch_size, examples):.6g}")
+        raise PayloadError(
+            f"dp-sample-rate={rate} contradicts the plan: batch {rules.batch_size} / "
+            f"num-examples {examples} = {sample_rate(rules.batch_size, examples):.6g}"
+        )
     if dp.target_epsilon > 0:
         if eps > dp.target_epsilon * (1 + 1e-6):
             raise PayloadError(f"epsilon={eps} exceeds the run's target {dp.target_epsilon}")
         if steps and rules.rounds and sigma < _least_noise(dp, rate, rules.rounds * rules.local_steps) * (1 - 2e-3):
-            raise PayloadError(f"dp-noise-multiplier={sigma} is below the noise the plan calibrates for this "
-                               "client's sample rate")
+            raise PayloadError(
+                f"dp-noise-multiplier={sigma} is below the noise the plan calibrates for this client's sample rate"
+            )
     elif sigma < dp.noise_multiplier * (1 - 1e-9):
         raise PayloadError(f"dp-noise-multiplier={sigma} is below the run's {dp.noise_multiplier}")
     if eps < 0:
         raise PayloadError(f"epsilon={eps} must be >= 0")
     released = metrics.get("dp-train-loss")
-    if released is not None and not (dp.loss_noise_multiplier > 0 and isinstance(released, (int, float))
-                                     and math.isfinite(released)):
+    if released is not None and not (
+        dp.loss_noise_multiplier > 0 and isinstance(released, (int, float)) and math.isfinite(released)
+    ):
         raise PayloadError(f"dp-train-loss={released!r}: a finite number, and only when the run releases the loss")
 
 
@@ -97,8 +101,10 @@ def check_reply(metrics: Mapping[str, Any], rules: ReplyRules, server_round: int
         raise PayloadError(f"reply answers round {answered!r}, but this is round {server_round}")
     examples = _int_in(metrics, "num-examples", 1, MAX_EXAMPLES)
     if metrics.get("fingerprint") != rules.fingerprint:
-        raise PayloadError(f"frozen-factor fingerprint {metrics.get('fingerprint')!r} differs from the "
-                           f"server's {rules.fingerprint!r}: the client derived different frozen adapter tensors")
+        raise PayloadError(
+            f"frozen-factor fingerprint {metrics.get('fingerprint')!r} differs from the "
+            f"server's {rules.fingerprint!r}: the client derived different frozen adapter tensors"
+        )
     _int_in(metrics, "steps", 0, rules.local_steps or 10**9)
     if rules.dp.enabled:
         check_dp_event(metrics, rules, examples)
@@ -118,8 +124,9 @@ def check_rank(metrics: Mapping[str, Any], rules: ReplyRules) -> int | None:
     if rules.ranks:
         pid = _int_in(metrics, "partition-id", 0, len(rules.ranks) - 1)
         if rank != rules.ranks[pid]:
-            raise PayloadError(f"rank={rank} differs from federation.client_ranks' {rules.ranks[pid]} for "
-                               f"partition {pid}")
+            raise PayloadError(
+                f"rank={rank} differs from federation.client_ranks' {rules.ranks[pid]} for partition {pid}"
+            )
     return rank
 
 
@@ -128,8 +135,10 @@ def check_padding(delta: Mapping[str, torch.Tensor], axes: Mapping[str, int], ra
     for name, axis in axes.items():
         tail = delta[name].narrow(axis, rank, delta[name].shape[axis] - rank)
         if torch.count_nonzero(tail):
-            raise PayloadError(f"{name}: non-zero values beyond the reply's rank {rank} (a client of rank r trains "
-                               "only the first r components)")
+            raise PayloadError(
+                f"{name}: non-zero values beyond the reply's rank {rank} (a client of rank r trains "
+                "only the first r components)"
+            )
 
 
 class OneReplyPerNode(Stage):
@@ -175,7 +184,8 @@ class ReplyValidation(Stage):
         reply.usage = read_usage(reply.metrics, structure.slot_names)
         arrays = reply.message.content.array_records["arrays"]
         state.log.bytes_up += arrays.count_bytes()
-        reply.delta, reply.mask = from_sparse_record(arrays, self.model.expected, state.global_, structure.lines,
-                                                     state.budgets, self.rules.wire)
+        reply.delta, reply.mask = from_sparse_record(
+            arrays, self.model.expected, state.global_, structure.lines, state.budgets, self.rules.wire
+        )
         if rank is not None:
             check_padding(reply.delta, structure.rank_axes, rank)

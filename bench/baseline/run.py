@@ -15,8 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "FLWR_TELEMETRY_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "TRANSFORMERS_VERBOSITY": "error"}
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
 
 
 def main() -> None:
@@ -35,12 +42,19 @@ def main() -> None:
 
     from bench.baseline import app
 
-    app.SETTINGS.update(clients=args.clients, rounds=args.rounds, steps=args.steps, examples=args.examples,
-                        dp=args.dp, sigma=args.sigma)
+    app.SETTINGS.update(
+        clients=args.clients, rounds=args.rounds, steps=args.steps, examples=args.examples, dp=args.dp, sigma=args.sigma
+    )
     start = time.perf_counter()
-    run_simulation(server_app=app.server, client_app=app.client, num_supernodes=args.clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"include_dashboard": False, "log_to_driver": False}})
+    run_simulation(
+        server_app=app.server,
+        client_app=app.client,
+        num_supernodes=args.clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False, "log_to_driver": False},
+        },
+    )
     result = {**app.RESULT, "wall_s": time.perf_counter() - start, "clients": args.clients, "rounds": args.rounds}
     args.out.write_text(json.dumps(result))
     print(json.dumps(result))

@@ -26,22 +26,31 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     base = ["federation.num_clients=5", f"federation.rounds={args.rounds}", *args.overrides]
-    runs = [("clean", [], False), ("attacked, defaults", [], True),
-            ("attacked, defaults off", ["strategy.weighting=examples", "strategy.clip=off"], True)]
+    runs = [
+        ("clean", [], False),
+        ("attacked, defaults", [], True),
+        ("attacked, defaults off", ["strategy.weighting=examples", "strategy.clip=off"], True),
+    ]
     results = {}
     with tempfile.TemporaryDirectory() as out:
         for name, extra, attacked in runs:
             cfg = resolve("quickstart", [*base, *extra])
             start = time.perf_counter()
-            run = simulate(cfg, out, name=name.replace(" ", "-").replace(",", ""),
-                           **({"client": hostile_client(args.scale)} if attacked else {}))
+            run = simulate(
+                cfg,
+                out,
+                name=name.replace(" ", "-").replace(",", ""),
+                **({"client": hostile_client(args.scale)} if attacked else {}),
+            )
             results[name] = (run.metrics()[-1], time.perf_counter() - start)
     clean = results["clean"][0]["eval_accuracy"]
     print(f"MiniLM quickstart, 5 clients, {args.rounds} rounds, client 0 sends {args.scale:g} x its delta")
     print(f"{'run':<24} {'accuracy':>8} {'vs clean':>8} {'eval loss':>9} {'clipped':>7} {'wall s':>6}")
     for name, (line, wall) in results.items():
-        print(f"{name:<24} {line['eval_accuracy']:8.3f} {line['eval_accuracy'] - clean:+8.3f} "
-              f"{line['eval_loss']:9.3f} {line['clipped']:7d} {wall:6.0f}")
+        print(
+            f"{name:<24} {line['eval_accuracy']:8.3f} {line['eval_accuracy'] - clean:+8.3f} "
+            f"{line['eval_loss']:9.3f} {line['clipped']:7d} {wall:6.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -47,12 +47,24 @@ class Canary:
     """> 0: the client also releases its privatised training loss (inside the same accounted mechanism)."""
 
     def config(self) -> RunConfig:
-        return resolve("quickstart", [
-            f"model.name={self.model}", "data.name=synthetic", "adapter.kind=ffa-lora", "adapter.rank=4",
-            "federation.num_clients=1", "federation.rounds=1", f"train.local_steps={self.steps}",
-            f"train.batch_size={self.batch_size}", f"train.lr={self.lr}", "dp.enabled=true",
-            f"dp.noise_multiplier={self.noise_multiplier}", f"dp.delta={self.delta}",
-            f"dp.loss_noise_multiplier={self.loss_noise_multiplier}"])
+        return resolve(
+            "quickstart",
+            [
+                f"model.name={self.model}",
+                "data.name=synthetic",
+                "adapter.kind=ffa-lora",
+                "adapter.rank=4",
+                "federation.num_clients=1",
+                "federation.rounds=1",
+                f"train.local_steps={self.steps}",
+                f"train.batch_size={self.batch_size}",
+                f"train.lr={self.lr}",
+                "dp.enabled=true",
+                f"dp.noise_multiplier={self.noise_multiplier}",
+                f"dp.delta={self.delta}",
+                f"dp.loss_noise_multiplier={self.loss_noise_multiplier}",
+            ],
+        )
 
     def claimed_epsilon(self) -> float:
         """What the client's ledger says this one round costs (the guarantee under audit)."""
@@ -82,38 +94,62 @@ class Experiment:
     def scores(self, reply: Reply) -> dict[str, float]:
         metrics, delta = reply
         update = -sum(float((delta[n] * self.canary_grad[n]).sum()) for n in delta)
-        return {"update·(-canary gradient)": update,
-                **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
+        return {
+            "update·(-canary gradient)": update,
+            **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        }
 
     def client_reply(self, data: Dataset) -> Reply:
         """One fresh client (a new state directory) answering a train message through the real ClientApp."""
         with tempfile.TemporaryDirectory() as state:
             reply = self.ask(data, {"state-dir": state})
-        return dict(reply.content.metric_records["metrics"]), from_record(reply.content.array_records["arrays"],
-                                                                          metas(self.global_))
+        return dict(reply.content.metric_records["metrics"]), from_record(
+            reply.content.array_records["arrays"], metas(self.global_)
+        )
 
-    def ask(self, data: Dataset, node_config: dict, cfg: RunConfig | None = None, round_: int = 1,
-            known_events: str = "") -> Message:
+    def ask(
+        self, data: Dataset, node_config: dict, cfg: RunConfig | None = None, round_: int = 1, known_events: str = ""
+    ) -> Message:
         """The ClientApp's reply to a train message of ``cfg`` (default: the canary's) for ``round_``."""
         self.adapter.load(self.global_)
         session = ClientSession(self.adapter, self.task, ClientData(train=data, test=data))
         extra = {"server-round": round_} | ({"known-events": known_events} if known_events else {})
         content = RecordDict({"arrays": to_record(self.global_), "config": config_record(cfg or self.cfg, **extra)})
-        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1, **node_config},
-                          state=RecordDict(), run_config={})
+        context = Context(
+            run_id=1,
+            node_id=1,
+            node_config={"partition-id": 0, "num-partitions": 1, **node_config},
+            state=RecordDict(),
+            run_config={},
+        )
         identity = {"_run_id": 1, "_node_id": 1, "_task_id": 1}  # what a Flower process would have set
-        with mock.patch.multiple(TaskIdentity, **identity), \
-                mock.patch.object(client_app, "client_session", lambda cfg, pid, path=None: session):
+        with (
+            mock.patch.multiple(TaskIdentity, **identity),
+            mock.patch.object(client_app, "client_session", lambda cfg, pid, path=None: session),
+        ):
             return client_app.train(Message(content, dst_node_id=1, message_type="train"), context)
 
     def foundation_reply(self, data: Dataset) -> Reply:
         """What the foundation's client sent under DP: the same update plus the raw training loss."""
         self.adapter.load(self.global_)
         c = self.canary
-        dp = DpSettings(noise_multiplier=c.noise_multiplier, max_grad_norm=1.0, sample_rate=c.batch_size / len(data),
-                        num_examples=len(data))
-        result = train_round(self.adapter, self.task, data, steps=c.steps, batch_size=c.batch_size, lr=c.lr,
-                             weight_decay=0.0, dp=dp, gen=torch.Generator())
+        dp = DpSettings(
+            noise_multiplier=c.noise_multiplier,
+            max_grad_norm=1.0,
+            sample_rate=c.batch_size / len(data),
+            num_examples=len(data),
+        )
+        result = train_round(
+            self.adapter,
+            self.task,
+            data,
+            steps=c.steps,
+            batch_size=c.batch_size,
+            lr=c.lr,
+            weight_decay=0.0,
+            dp=dp,
+            gen=torch.Generator(),
+        )
         local = self.adapter.sent_state()
         return {"train_loss": result.loss}, {n: local[n] - self.global_[n] for n in self.global_}
 

@@ -23,8 +23,10 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, nargs="+", default=[2.0], help="noise multipliers to audit")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    print(f"{'sigma':>5} {'claimed eps':>11} {'reply':>10} {'attack':>26} {'TPR':>5} {'FPR':>5} {'eps lower':>9} "
-          f"{'verdict':>8} {'s':>5}")
+    print(
+        f"{'sigma':>5} {'claimed eps':>11} {'reply':>10} {'attack':>26} {'TPR':>5} {'FPR':>5} {'eps lower':>9} "
+        f"{'verdict':>8} {'s':>5}"
+    )
     for sigma in args.sigma:
         canary = Canary(noise_multiplier=sigma)
         experiment = Experiment(canary)
@@ -33,8 +35,11 @@ def main() -> None:
             start = time.perf_counter()
             result = experiment.run(reply, args.runs)
             verdict = "VIOLATED" if result.violates(claimed) else "holds"
-            print(f"{sigma:5.2f} {claimed:11.3f} {name:>10} {result.attack:>26} {result.tpr:5.2f} {result.fpr:5.2f} "
-                  f"{result.epsilon_lower:9.3f} {verdict:>8} {time.perf_counter() - start:5.0f}", flush=True)
+            print(
+                f"{sigma:5.2f} {claimed:11.3f} {name:>10} {result.attack:>26} {result.tpr:5.2f} {result.fpr:5.2f} "
+                f"{result.epsilon_lower:9.3f} {verdict:>8} {time.perf_counter() - start:5.0f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

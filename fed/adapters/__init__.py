@@ -25,14 +25,16 @@ from fed.adapters.base import (
 from fed.adapters.registry import family, kinds, ranked_kinds, register_family
 
 
-def make_spec(kind: str, rank: int, alpha: float, targets: tuple[str, ...], dropout: float = 0.0,
-              **options: Any) -> AdapterSpec:
+def make_spec(
+    kind: str, rank: int, alpha: float, targets: tuple[str, ...], dropout: float = 0.0, **options: Any
+) -> AdapterSpec:
     """A spec whose options are ``kind``'s own (``AdapterFamily.Options``); an option it lacks is refused by name."""
     accepted = {f.name for f in dataclasses.fields(family(kind).Options)}
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(f"adapter options {unknown} do not apply to kind {kind!r}; its options: "
-                         f"{sorted(accepted) or 'none'}")
+        raise ValueError(
+            f"adapter options {unknown} do not apply to kind {kind!r}; its options: {sorted(accepted) or 'none'}"
+        )
     return AdapterSpec(kind, rank, alpha, targets, dropout, family(kind).Options(**options))
 
 

@@ -194,8 +194,7 @@ class StepHook(Protocol):
         """Forget the previous round's state (a cached model serves several clients) and set the clock."""
         ...
 
-    def after_step(self) -> None:
-        ...
+    def after_step(self) -> None: ...
 
     def masks(self) -> dict[str, torch.Tensor]:
         """``{local name: bool mask of the kept entries}`` after the last step."""
@@ -267,8 +266,9 @@ class AdapterFamily:
         """Per line-sparse tensor, the entries each line keeps at the end of ``round_`` (none by default)."""
         return {}
 
-    def after_aggregate(self, adapter: Adapter, before: Mapping[str, torch.Tensor],
-                        after: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def after_aggregate(
+        self, adapter: Adapter, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """The server's step on the new global state after aggregation (none by default)."""
         return dict(after)
 
@@ -289,6 +289,7 @@ class Adapter:
     @property
     def peft_compatible(self) -> bool:
         return self.family.peft_compatible
+
     _roles: dict[type, list[tuple[str, Any]]] = field(default_factory=dict, init=False, repr=False, compare=False)
     """Modules found per role protocol (``_having``): the module tree is fixed once built."""
 
@@ -338,9 +339,11 @@ class Adapter:
     def structure(self) -> Structure:
         """Kinds, rule parameters and rank axes of the sent tensors, for the strategy and the wire."""
         sent = [g for g in self.groups if g.sent]
-        return Structure(kinds=self.aggregation_of(),
-                         rules=tuple((g.params, g.rule) for g in sent if g.rule is not None),
-                         rank_axes={p: g.rank_axis for g in sent if g.rank_axis is not None for p in g.params})
+        return Structure(
+            kinds=self.aggregation_of(),
+            rules=tuple((g.params, g.rule) for g in sent if g.rule is not None),
+            rank_axes={p: g.rank_axis for g in sent if g.rank_axis is not None for p in g.params},
+        )
 
     def group(self, name: str) -> TensorGroup:
         """The group called ``name`` (a family reads its own groups back in its server-side steps)."""
@@ -353,8 +356,9 @@ class Adapter:
         """Per line-sparse tensor, the entries each line keeps at the end of ``round_`` (the family's schedule)."""
         return self.family.round_budgets(self, round_, rounds)
 
-    def after_aggregate(self, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]
-                        ) -> dict[str, torch.Tensor]:
+    def after_aggregate(
+        self, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """The family's server-side step on the new global state (a gauge fixed, ranks reallocated, or none)."""
         return self.family.after_aggregate(self, before, after)
 
@@ -421,9 +425,11 @@ class Adapter:
         out: dict[str, Product] = {}
         for path, module in self.model.named_modules():
             if isinstance(module, AdapterLayer):
+
                 def get(local: str, prefix: str = path) -> torch.Tensor:
                     key = f"{prefix}.{local}"
                     return tensors[key] if key in tensors else named[key].detach()
+
                 out.update({f"{path}{suffix}": p for suffix, p in module.products(get).items()})
         return out
 

@@ -78,7 +78,8 @@ class ModelConfig:
     of a task's signal; the dropped blocks also cost nothing to run (the model is then not PEFT-exportable)."""
     center: str = ""
     """A public built-in dataset (``sms-spam``, ``trec``, ...) whose texts' mean pooled feature the mean-pooled head
-    subtracts before its linear layer (``fed.data.centring``), "" for none. It removes the direction every feature shares,
+    subtracts before its linear layer (``fed.data.centring``), "" for none. It removes the direction every feature
+    shares,
     which a linear head otherwise learns as a fast second bias; it reads no client data, so it costs no privacy."""
     scale: bool = False
     """With ``center``: also divide each centred dimension by its standard deviation over the same public texts, so
@@ -89,12 +90,22 @@ class ModelConfig:
         return (
             _at_least("model.max_length", self.max_length, 4)
             + _at_least("model.layers", self.layers, 0)
-            + ([] if not self.center or self.pooling == "mean"
-               else [f"model.center={self.center!r} centres the mean-pooled head's features; it needs "
-                     f"model.pooling='mean' (got {self.pooling!r})"])
-            + ([] if not self.scale or self.center
-               else ["model.scale=true divides by the public texts' standard deviation; it needs model.center to name "
-                     "them (e.g. 'sms-spam')"])
+            + (
+                []
+                if not self.center or self.pooling == "mean"
+                else [
+                    f"model.center={self.center!r} centres the mean-pooled head's features; it needs "
+                    f"model.pooling='mean' (got {self.pooling!r})"
+                ]
+            )
+            + (
+                []
+                if not self.scale or self.center
+                else [
+                    "model.scale=true divides by the public texts' standard deviation; it needs model.center to name "
+                    "them (e.g. 'sms-spam')"
+                ]
+            )
         )
 
 
@@ -192,8 +203,10 @@ class FederationConfig:
         )
         for name in ("min_replies", "min_available"):
             if getattr(self, name) > self.num_clients:
-                found.append(f"federation.{name}={getattr(self, name)} exceeds federation.num_clients="
-                             f"{self.num_clients}: the run would wait forever")
+                found.append(
+                    f"federation.{name}={getattr(self, name)} exceeds federation.num_clients="
+                    f"{self.num_clients}: the run would wait forever"
+                )
         return found
 
 
@@ -232,8 +245,11 @@ class StrategyConfig:
             + _at_least("strategy.max_weight_ratio", self.max_weight_ratio, 1.0)
             + _at_least("strategy.clip_multiplier", self.clip_multiplier, 1.0)
             + _at_least("strategy.max_delta_norm", self.max_delta_norm, 0.0)
-            + ([] if self.clip != "fixed" or self.max_delta_norm > 0
-               else ["strategy.clip='fixed' needs strategy.max_delta_norm > 0"])
+            + (
+                []
+                if self.clip != "fixed" or self.max_delta_norm > 0
+                else ["strategy.clip='fixed' needs strategy.max_delta_norm > 0"]
+            )
         )
 
 
@@ -280,7 +296,9 @@ class DataConfig:
         if len(set(self.labels)) != len(self.labels):
             found.append(f"data.labels={list(self.labels)} repeats a name; give each class once")
         if self.labels and self.num_labels and self.num_labels != len(self.labels):
-            found.append(f"data.num_labels={self.num_labels} but data.labels names {len(self.labels)} classes; give one")
+            found.append(
+                f"data.num_labels={self.num_labels} but data.labels names {len(self.labels)} classes; give one"
+            )
         if 0 < len(self.labels) < 2 or self.num_labels == 1:
             found.append("a classification run needs at least 2 classes in data.labels / data.num_labels")
         return found
@@ -373,17 +391,24 @@ class DPConfig:
         found += _at_least("dp.loss_noise_multiplier", self.loss_noise_multiplier, 0.0)
         found += _at_least("dp.loss_clip", self.loss_clip, 1e-12)
         if not 0 <= self.head_clip_share < 1:
-            found.append(f"dp.head_clip_share={self.head_clip_share!r} must be in [0, 1) (0: flat clipping; "
-                         "1 would leave the adapter no clipping budget)")
+            found.append(
+                f"dp.head_clip_share={self.head_clip_share!r} must be in [0, 1) (0: flat clipping; "
+                "1 would leave the adapter no clipping budget)"
+            )
         if self.head_clip_share > 0 and self.grad_sample_mode != "hooks":
-            found.append(f"dp.head_clip_share={self.head_clip_share} (per-layer clipping) needs "
-                         f"dp.grad_sample_mode='hooks' (got {self.grad_sample_mode!r}: Opacus's ghost clipping is flat only)")
+            found.append(
+                f"dp.head_clip_share={self.head_clip_share} (per-layer clipping) needs "
+                f"dp.grad_sample_mode='hooks' (got {self.grad_sample_mode!r}: Opacus's ghost clipping is flat only)"
+            )
         if self.enabled and 0 < self.loss_noise_multiplier <= self.noise_multiplier:
-            found.append(f"dp.loss_noise_multiplier={self.loss_noise_multiplier} must exceed "
-                         f"dp.noise_multiplier={self.noise_multiplier} (the loss release shares its budget)")
+            found.append(
+                f"dp.loss_noise_multiplier={self.loss_noise_multiplier} must exceed "
+                f"dp.noise_multiplier={self.noise_multiplier} (the loss release shares its budget)"
+            )
         if self.enabled and self.target_epsilon > 0 and self.noise_multiplier > 0:
             found.append(
-                f"dp.target_epsilon={self.target_epsilon} and dp.noise_multiplier={self.noise_multiplier} are both set; "
+                f"dp.target_epsilon={self.target_epsilon} and dp.noise_multiplier={self.noise_multiplier} are both "
+                "set; "
                 "give one (the other stays 0)"
             )
         if self.enabled and self.target_epsilon == 0 and self.noise_multiplier == 0:
@@ -500,9 +525,11 @@ class RunConfig:
         """Every value that is not accepted, each named with what is: choices (from the field types), each
         section's own checks, then the checks that read several sections."""
         flat = self.to_flat()
-        return ([problem for name, key in keys().items() for problem in key.choice_problems(flat[name])]
-                + [problem for section in sections() for problem in getattr(self, section).problems()]
-                + self._cross_section_problems())
+        return (
+            [problem for name, key in keys().items() for problem in key.choice_problems(flat[name])]
+            + [problem for section in sections() for problem in getattr(self, section).problems()]
+            + self._cross_section_problems()
+        )
 
     def validate(self) -> None:
         """Check every value against what is accepted; raise one ConfigError listing all problems."""
@@ -514,11 +541,19 @@ class RunConfig:
         """Values accepted on their own that another section's value rules out."""
         model, adapter, federation = self.model, self.adapter, self.federation
         return (
-            ([] if model.pooling == "cls" or self.task == "classification"
-             else [f"model.pooling={model.pooling!r} builds a classification head; task {self.task!r} needs 'cls'"])
-            + ([] if model.center != self.data.name
-               else [f"model.center={model.center!r} is the clients' own dataset (data.name): its texts are private; "
-                     "name public text the clients do not hold, e.g. 'sms-spam'"])
+            (
+                []
+                if model.pooling == "cls" or self.task == "classification"
+                else [f"model.pooling={model.pooling!r} builds a classification head; task {self.task!r} needs 'cls'"]
+            )
+            + (
+                []
+                if model.center != self.data.name
+                else [
+                    f"model.center={model.center!r} is the clients' own dataset (data.name): its texts are private; "
+                    "name public text the clients do not hold, e.g. 'sms-spam'"
+                ]
+            )
             + ranks.problems(federation.client_ranks, federation.num_clients, adapter.rank, adapter.kind)
             + self._family_problems()
         )
@@ -533,8 +568,10 @@ class RunConfig:
         problems = family.config_problems(self.to_flat())
         if self.strategy.aggregation == "product" and not family.product_pairs:
             accepted = [k for k in registry.kinds() if registry.family(k).product_pairs]
-            problems.append(f"strategy.aggregation='product' applies to adapter.kind in {accepted} only (got "
-                            f"{kind!r}: its factors have no single B·A pair to average, or are exact already)")
+            problems.append(
+                f"strategy.aggregation='product' applies to adapter.kind in {accepted} only (got "
+                f"{kind!r}: its factors have no single B·A pair to average, or are exact already)"
+            )
         return problems
 
 
@@ -544,7 +581,8 @@ class Key:
 
     name: str
     hint: Any
-    """The field's resolved annotation (``Literal[...]``, ``Annotated[str, accepted[, documented]]``, ``tuple[str, ...]``,
+    """The field's resolved annotation (``Literal[...]``, ``Annotated[str, accepted[, documented]]``,
+    ``tuple[str, ...]``,
     ``int``...)."""
     default: Any
 
@@ -586,15 +624,23 @@ class Key:
 def sections() -> Mapping[str, type]:
     """Section name -> its dataclass, read off ``RunConfig``'s fields (those built by a default factory)."""
     # every section is declared ``field(default_factory=TheSectionClass)``, so the factory is the class itself
-    return MappingProxyType({f.name: cast(type, f.default_factory) for f in dataclasses.fields(RunConfig)
-                             if f.default_factory is not dataclasses.MISSING})
+    return MappingProxyType(
+        {
+            f.name: cast(type, f.default_factory)
+            for f in dataclasses.fields(RunConfig)
+            if f.default_factory is not dataclasses.MISSING
+        }
+    )
 
 
 def _class_keys(cls: type, prefix: str) -> dict[str, Key]:
     """The keys of one dataclass's plain fields, named ``prefix + field``."""
     hints = get_type_hints(cls, include_extras=True)
-    return {f"{prefix}{f.name}": Key(f"{prefix}{f.name}", hints[f.name], f.default)
-            for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    return {
+        f"{prefix}{f.name}": Key(f"{prefix}{f.name}", hints[f.name], f.default)
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING
+    }
 
 
 @functools.cache

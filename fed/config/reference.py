@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import itertools
 import re
 import textwrap
 from typing import Any
@@ -31,10 +32,15 @@ def _attribute_docs(cls: type) -> dict[str, str]:
     node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
     assert isinstance(node, ast.ClassDef)  # the source of a class is its class statement
     body = node.body
-    return {stmt.target.id: inspect.cleandoc(doc.value.value)
-            for stmt, doc in zip(body, body[1:])
-            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-            and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+    return {
+        stmt.target.id: inspect.cleandoc(doc.value.value)
+        for stmt, doc in itertools.pairwise(body)
+        if isinstance(stmt, ast.AnnAssign)
+        and isinstance(stmt.target, ast.Name)
+        and isinstance(doc, ast.Expr)
+        and isinstance(doc.value, ast.Constant)
+        and isinstance(doc.value.value, str)
+    }
 
 
 @functools.cache
@@ -66,8 +72,10 @@ def accepts(key: Key) -> str:
 def rows() -> list[tuple[str, str, str, str]]:
     """(key, default, accepts, one-line doc) per key, as plain text for a terminal."""
     defaults = RunConfig().to_flat()
-    return [(name, value_text(defaults[name]), accepts(key), summary(docs()[name]).replace("``", ""))
-            for name, key in keys().items()]
+    return [
+        (name, value_text(defaults[name]), accepts(key), summary(docs()[name]).replace("``", ""))
+        for name, key in keys().items()
+    ]
 
 
 def _cell(text: str) -> str:
@@ -82,7 +90,9 @@ def _table(names: list[str]) -> list[str]:
     for name in names:
         key = keys()[name]
         accepted = ", ".join(f"`{c}`" for c in key.documented) if key.documented else accepts(key)
-        lines.append(f"| `{name}` | {_cell(accepted)} | `{_cell(value_text(defaults[name]))}` | {_cell(docs()[name])} |")
+        lines.append(
+            f"| `{name}` | {_cell(accepted)} | `{_cell(value_text(defaults[name]))}` | {_cell(docs()[name])} |"
+        )
     return lines
 
 
@@ -94,7 +104,8 @@ def markdown() -> str:
         "<!-- Generated from the dataclasses in fed/config/__init__.py: edit them, then run",
         "     fed config --markdown > docs/configuration.md (tests/config/test_config.py compares the two). -->",
         "",
-        "A run is configured by a preset (`fed/config/presets/*.toml`, or a path to a TOML file), then `--set key=value`",
+        "A run is configured by a preset (`fed/config/presets/*.toml`, or a path to a TOML file), then "
+        "`--set key=value`",
         "overrides or Flower's run-config. A bad key or value stops the run before any work, naming it and what is",
         "accepted. Defaults below are the dataclasses'; a preset may set others: `fed config --list --preset NAME`",
         "shows a preset's values.",
@@ -104,8 +115,14 @@ def markdown() -> str:
         *_table([name for name in keys() if "." not in name]),
     ]
     for section in sections():
-        lines += ["", f"## `{section}`", "", docs()[section], "",
-                  *_table([name for name in keys() if name.startswith(f"{section}.")])]
+        lines += [
+            "",
+            f"## `{section}`",
+            "",
+            docs()[section],
+            "",
+            *_table([name for name in keys() if name.startswith(f"{section}.")]),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -113,10 +130,15 @@ def flower_block() -> str:
     """The ``[tool.flwr.app.config]`` tables pyproject.toml must hold: Flower refuses undeclared run-config
     keys, so every config key is declared, with ``""`` meaning "keep the preset's value"."""
     top = {**APP_KEYS, **{name: "" for name in keys() if "." not in name}}
-    lines = ["[tool.flwr.app.config]",
-             '# Flower accepts only run-config keys declared here. "" = take the value from the preset.',
-             *(f"{name} = {value_text(value)}" for name, value in top.items())]
+    lines = [
+        "[tool.flwr.app.config]",
+        '# Flower accepts only run-config keys declared here. "" = take the value from the preset.',
+        *(f"{name} = {value_text(value)}" for name, value in top.items()),
+    ]
     for section in sections():
-        lines += ["", f"[tool.flwr.app.config.{section}]",
-                  *(f'{name.partition(".")[2]} = ""' for name in keys() if name.startswith(f"{section}."))]
+        lines += [
+            "",
+            f"[tool.flwr.app.config.{section}]",
+            *(f'{name.partition(".")[2]} = ""' for name in keys() if name.startswith(f"{section}.")),
+        ]
     return "\n".join(lines) + "\n"

@@ -44,8 +44,11 @@ def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def preset_names() -> list[str]:
     """Names of the presets that ship in ``fed/config/presets``."""
-    return sorted(p.name.removesuffix(".toml") for p in resources.files("fed.config.presets").iterdir()
-                  if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml")
+        for p in resources.files("fed.config.presets").iterdir()
+        if p.name.endswith(".toml")
+    )
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
@@ -56,17 +59,16 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     elif name_or_path in preset_names():
         text = resources.files("fed.config.presets").joinpath(f"{name_or_path}.toml").read_text()
     else:
-        raise ConfigError(f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())} "
-                          "(or give a path to a .toml file)")
+        raise ConfigError(
+            f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())} "
+            "(or give a path to a .toml file)"
+        )
     return flatten(tomllib.loads(text))
 
 
 def resolve(preset: str = "quickstart", overrides: Mapping[str, Any] | Sequence[str] = ()) -> RunConfig:
     """Preset, then overrides (``key=value`` strings or a mapping): the one way every entry point builds a config."""
-    if isinstance(overrides, Mapping):
-        pairs = dict(overrides)
-    else:
-        pairs = dict(parse_override(text) for text in overrides)
+    pairs = dict(overrides) if isinstance(overrides, Mapping) else dict(parse_override(t) for t in overrides)
     return RunConfig.from_flat({**load_preset(preset), **pairs})
 
 

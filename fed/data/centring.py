@@ -52,8 +52,9 @@ def _digest(model: MeanPooledClassifier, texts: list[str], max_length: int) -> s
 
 
 @torch.no_grad()
-def _feature_stats(model: MeanPooledClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str],
-                   max_length: int) -> dict[str, torch.Tensor]:
+def _feature_stats(
+    model: MeanPooledClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+) -> dict[str, torch.Tensor]:
     """The mean and the (population) standard deviation over ``texts`` of the pooled feature the head
     reads, dropout off, summed in float64."""
     was_training = model.training
@@ -61,20 +62,22 @@ def _feature_stats(model: MeanPooledClassifier, tokenizer: PreTrainedTokenizerBa
     total = torch.zeros(model.classifier.in_features, dtype=torch.float64)
     squares = torch.zeros_like(total)
     for start in range(0, len(texts), BATCH):
-        batch = tokenizer(texts[start:start + BATCH], truncation=True, max_length=max_length, padding=True,
-                          return_tensors="pt")
+        batch = tokenizer(
+            texts[start : start + BATCH], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
         hidden = model.trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         pooled = mean_over_tokens(hidden, batch["attention_mask"]).double()
         total += pooled.sum(0)
-        squares += (pooled ** 2).sum(0)
+        squares += (pooled**2).sum(0)
     model.train(was_training)
     mean = total / len(texts)
-    std = (squares / len(texts) - mean ** 2).clamp(min=0).sqrt()
+    std = (squares / len(texts) - mean**2).clamp(min=0).sqrt()
     return {"mean": mean.float(), "std": std.float()}
 
 
-def public_stats(model: MeanPooledClassifier, tokenizer: PreTrainedTokenizerBase, source: str,
-                 max_length: int) -> dict[str, torch.Tensor]:
+def public_stats(
+    model: MeanPooledClassifier, tokenizer: PreTrainedTokenizerBase, source: str, max_length: int
+) -> dict[str, torch.Tensor]:
     """``mean`` and ``std``: the pooled features of ``source``'s first ``TEXTS`` texts under ``model``'s
     current trunk, per dimension."""
     texts = list(load_task_dataset(source, "classification")["text"][:TEXTS])
@@ -88,14 +91,16 @@ def public_stats(model: MeanPooledClassifier, tokenizer: PreTrainedTokenizerBase
     return stats
 
 
-def centre_on(model: nn.Module, tokenizer: PreTrainedTokenizerBase, source: str, max_length: int, *,
-              scale: bool = False) -> None:
+def centre_on(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, source: str, max_length: int, *, scale: bool = False
+) -> None:
     """Make ``model``'s head subtract ``source``'s public mean feature and, with ``scale``, divide by its
     public standard deviation (in place; before any adapter). A dimension the public texts barely move is
     divided by at least ``SCALE_FLOOR`` of the mean deviation, so it cannot blow up."""
     if not isinstance(model, MeanPooledClassifier):
-        raise ValueError(f"model.center={source!r} needs the mean-pooled head (model.pooling='mean'), "
-                         f"not {type(model).__name__}")
+        raise ValueError(
+            f"model.center={source!r} needs the mean-pooled head (model.pooling='mean'), not {type(model).__name__}"
+        )
     stats = public_stats(model, tokenizer, source, max_length)
     model.center.copy_(stats["mean"])
     if scale:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
+import itertools
 import math
 import random
 import threading
@@ -82,8 +83,10 @@ def _instructions(rows: list[tuple[str, str, str]], names: list[str]) -> Dataset
     """``rows`` are ``(prompt, response, category)``; a repeated prompt keeps its first response."""
     rows = _dedupe([(p.strip(), r.strip(), c) for p, r, c in rows if p.strip() and r.strip()])
     features = Features({"prompt": Value("string"), "response": Value("string"), "label": ClassLabel(names=names)})
-    return Dataset.from_dict({"prompt": [r[0] for r in rows], "response": [r[1] for r in rows],
-                              "label": [names.index(r[2]) for r in rows]}, features=features)
+    return Dataset.from_dict(
+        {"prompt": [r[0] for r in rows], "response": [r[1] for r in rows], "label": [names.index(r[2]) for r in rows]},
+        features=features,
+    )
 
 
 def _sentiment() -> Dataset:
@@ -134,12 +137,28 @@ def _chatterbot() -> Dataset:
     for path in files:
         for turns in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
             if isinstance(turns, list):  # trivia.yml holds one malformed entry: a bare string
-                rows += [(str(a), str(b), path.stem) for a, b in zip(turns, turns[1:])]
+                rows += [(str(a), str(b), path.stem) for a, b in itertools.pairwise(turns)]
     return _instructions(rows, [p.stem for p in files])
 
 
-_FILLER = ("the", "a", "cat", "dog", "bird", "sees", "likes", "near", "big", "small", "red", "blue", "old",
-           "park", "house", "tree")
+_FILLER = (
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "bird",
+    "sees",
+    "likes",
+    "near",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "old",
+    "park",
+    "house",
+    "tree",
+)
 _KEYWORDS = (("bad", "awful", "sad", "poor"), ("good", "great", "happy", "nice"))
 
 
@@ -151,7 +170,7 @@ def _synthetic_classification() -> Dataset:
         label = len(rows) % 2
         words = rng.choices(_FILLER, k=rng.randint(3, 6))
         words.insert(rng.randrange(len(words) + 1), rng.choice(_KEYWORDS[label]))
-        rows = _dedupe(rows + [(" ".join(words), label)])
+        rows = _dedupe([*rows, (" ".join(words), label)])
     return _classification(rows, list(BUILTIN_LABELS["synthetic"]))
 
 
@@ -172,7 +191,7 @@ def _synthetic_instructions() -> Dataset:
         skill = names[len(rows) % len(names)]
         verb, answer = _SKILLS[skill]
         words = rng.choices(_FILLER, k=rng.randint(2, 5))
-        rows = _dedupe(rows + [(f"{verb}: {' '.join(words)}", answer(words), skill)])
+        rows = _dedupe([*rows, (f"{verb}: {' '.join(words)}", answer(words), skill)])
     return _instructions(rows, names)
 
 
@@ -215,8 +234,10 @@ def _from_file(path: str, task: str, text_column: str, label_column: str) -> Dat
     try:
         ds = datasets.load_dataset(FILE_FORMATS[Path(path).suffix.lower()], data_files=path, split="train")
     except Exception as err:  # the parsers raise their own kinds (DatasetGenerationError, ArrowInvalid, ...)
-        raise ValueError(f"{path}: cannot be read as {Path(path).suffix.lower()[1:]}: "
-                         f"{str(err).splitlines()[0][:200] if str(err) else type(err).__name__}") from err
+        raise ValueError(
+            f"{path}: cannot be read as {Path(path).suffix.lower()[1:]}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else type(err).__name__}"
+        ) from err
     if len(ds) == 0:
         raise ValueError(f"{path}: the file holds no rows")
     if task == "classification":
@@ -253,16 +274,24 @@ def _parse(name: str, task: str, text_column: str, label_column: str, stamp: int
 
 
 @functools.lru_cache(maxsize=32)
-def _load(name: str, task: str, text_column: str, label_column: str, max_examples: int, seed: int,
-          stamp: int | None) -> Dataset:
+def _load(
+    name: str, task: str, text_column: str, label_column: str, max_examples: int, seed: int, stamp: int | None
+) -> Dataset:
     full = _parse(name, task, text_column, label_column, stamp)
     if 0 < max_examples < len(full):
         return full.shuffle(seed=seed).select(range(max_examples))
     return full
 
 
-def load_task_dataset(name: str, task: str, *, text_column: str = "text", label_column: str = "label",
-                      max_examples: int = 0, seed: int = 0) -> Dataset:
+def load_task_dataset(
+    name: str,
+    task: str,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    max_examples: int = 0,
+    seed: int = 0,
+) -> Dataset:
     """The dataset ``name`` (a registered name or a local .csv/.json/.jsonl/.parquet) shaped for ``task``.
 
     Cached in-process (keyed on the arguments and, for files, the modification time) because every
@@ -276,8 +305,10 @@ def load_task_dataset(name: str, task: str, *, text_column: str = "text", label_
     if name not in _BUILTIN:
         path = Path(name)
         if not (path.is_file() and path.suffix.lower() in FILE_FORMATS):
-            raise ValueError(f"unknown dataset {name!r}: not one of {list(DATASETS)} nor an existing file ending in "
-                             f"{', '.join(FILE_FORMATS)}")
+            raise ValueError(
+                f"unknown dataset {name!r}: not one of {list(DATASETS)} nor an existing file ending in "
+                f"{', '.join(FILE_FORMATS)}"
+            )
         name, stamp = str(path.resolve()), path.stat().st_mtime_ns
     return _load(name, task, text_column, label_column, max_examples, seed, stamp)
 
@@ -294,8 +325,15 @@ _PARTITIONERS: dict[tuple, tuple[Partitioner, threading.Lock]] = {}
 _PARTITIONERS_LOCK = threading.Lock()
 
 
-def _partitioner(dataset: Dataset, num_clients: int, partition: str, alpha: float, classes_per_client: int,
-                 seed: int, partition_by: str = "") -> tuple[Partitioner, threading.Lock]:
+def _partitioner(
+    dataset: Dataset,
+    num_clients: int,
+    partition: str,
+    alpha: float,
+    classes_per_client: int,
+    seed: int,
+    partition_by: str = "",
+) -> tuple[Partitioner, threading.Lock]:
     """One partitioner per configuration and process, so the whole split is computed once.
 
     The rows are shuffled with ``seed`` first: IidPartitioner cuts contiguous shards and the label
@@ -323,12 +361,22 @@ def _partitioner(dataset: Dataset, num_clients: int, partition: str, alpha: floa
             elif partition == "dirichlet":
                 # min 2 = one train + one test row; a larger minimum makes small alphas fail to sample
                 # (flwr redraws 10 times, then gives up); self-balancing stops one client taking most rows.
-                p = DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=float(alpha),
-                                         seed=seed, min_partition_size=2, self_balancing=True)
+                p = DirichletPartitioner(
+                    num_partitions=num_clients,
+                    partition_by="label",
+                    alpha=float(alpha),
+                    seed=seed,
+                    min_partition_size=2,
+                    self_balancing=True,
+                )
             else:
-                p = PathologicalPartitioner(num_partitions=num_clients, partition_by="label", seed=seed,
-                                            num_classes_per_partition=classes_per_client,
-                                            class_assignment_mode="first-deterministic")
+                p = PathologicalPartitioner(
+                    num_partitions=num_clients,
+                    partition_by="label",
+                    seed=seed,
+                    num_classes_per_partition=classes_per_client,
+                    class_assignment_mode="first-deterministic",
+                )
             p.dataset = dataset.shuffle(seed=seed)
             if len(_PARTITIONERS) >= 16:
                 _PARTITIONERS.pop(next(iter(_PARTITIONERS)))
@@ -336,9 +384,18 @@ def _partitioner(dataset: Dataset, num_clients: int, partition: str, alpha: floa
         return _PARTITIONERS[key]
 
 
-def client_split(dataset: Dataset, *, num_clients: int, client_id: int, partition: str, alpha: float = 0.5,
-                 classes_per_client: int = 2, test_fraction: float = 0.2, seed: int = 0,
-                 partition_by: str = "domain") -> ClientData:
+def client_split(
+    dataset: Dataset,
+    *,
+    num_clients: int,
+    client_id: int,
+    partition: str,
+    alpha: float = 0.5,
+    classes_per_client: int = 2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    partition_by: str = "domain",
+) -> ClientData:
     """Client ``client_id``'s share of ``dataset``, split into its own train and held-out test rows.
 
     ``natural``: one client per distinct value of the ``partition_by`` column (e.g. the sentiment set's
@@ -349,20 +406,25 @@ def client_split(dataset: Dataset, *, num_clients: int, client_id: int, partitio
     if partition not in get_args(Partition):
         raise ValueError(f"unknown partition {partition!r}; accepted: {list(get_args(Partition))}")
     if not 1 <= num_clients <= len(dataset) // 2:
-        raise ValueError(f"num_clients={num_clients} must be in [1, {len(dataset) // 2}] for {len(dataset)} rows "
-                         f"(each client needs at least one train and one test row)")
+        raise ValueError(
+            f"num_clients={num_clients} must be in [1, {len(dataset) // 2}] for {len(dataset)} rows "
+            f"(each client needs at least one train and one test row)"
+        )
     if not 0 <= client_id < num_clients:
         raise ValueError(f"client_id={client_id} out of range: accepted 0..{num_clients - 1} for {num_clients} clients")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction} must lie strictly between 0 and 1")
     if partition == "natural":
         if partition_by not in dataset.column_names:
-            raise ValueError(f"the natural partition needs a {partition_by!r} column; the dataset has "
-                             f"{dataset.column_names}")
+            raise ValueError(
+                f"the natural partition needs a {partition_by!r} column; the dataset has {dataset.column_names}"
+            )
         values = sorted(dataset.unique(partition_by))
         if len(values) != num_clients:
-            raise ValueError(f"the natural partition by {partition_by!r} makes one client per value, "
-                             f"{len(values)} clients ({values[:8]}), but num_clients={num_clients}")
+            raise ValueError(
+                f"the natural partition by {partition_by!r} makes one client per value, "
+                f"{len(values)} clients ({values[:8]}), but num_clients={num_clients}"
+            )
     elif partition != "iid":
         classes = len(label_names(dataset))
         if partition == "dirichlet" and not alpha > 0:
@@ -374,12 +436,16 @@ def client_split(dataset: Dataset, *, num_clients: int, client_id: int, partitio
         try:
             share = partitioner.load_partition(client_id)
         except ValueError as err:
-            raise ValueError(f"{partition!r} partition of {len(dataset)} rows into {num_clients} clients "
-                             f"(alpha={alpha}, seed={seed}) failed: {err}; "
-                             f"use fewer clients or a larger alpha") from err
+            raise ValueError(
+                f"{partition!r} partition of {len(dataset)} rows into {num_clients} clients "
+                f"(alpha={alpha}, seed={seed}) failed: {err}; "
+                f"use fewer clients or a larger alpha"
+            ) from err
     if len(share) < 2:
-        raise ValueError(f"client {client_id} got {len(share)} row(s) under the {partition!r} partition; it needs >= 2 "
-                         f"to hold out a test row: use fewer clients, more data, or a milder partition")
+        raise ValueError(
+            f"client {client_id} got {len(share)} row(s) under the {partition!r} partition; it needs >= 2 "
+            f"to hold out a test row: use fewer clients, more data, or a milder partition"
+        )
     return hold_out(share, test_fraction, seed)
 
 

@@ -39,9 +39,11 @@ def run_labels(cfg: RunConfig) -> tuple[str, ...] | None:
         return tuple(str(i) for i in range(d.num_labels))
     if d.name in BUILTIN_LABELS:
         return BUILTIN_LABELS[d.name]
-    raise ConfigError(f"data.name={d.name!r} is not a built-in dataset, so the run's classes are unknown without "
-                      "reading client data; set data.labels (class names, e.g. data.labels=\"neg,pos\") or "
-                      "data.num_labels (labels 0..K-1)")
+    raise ConfigError(
+        f"data.name={d.name!r} is not a built-in dataset, so the run's classes are unknown without "
+        'reading client data; set data.labels (class names, e.g. data.labels="neg,pos") or '
+        "data.num_labels (labels 0..K-1)"
+    )
 
 
 def align_labels(ds: Dataset, names: Sequence[str], source: str) -> Dataset:
@@ -60,12 +62,18 @@ def align_labels(ds: Dataset, names: Sequence[str], source: str) -> Dataset:
         else:
             outside.append(label)
     if outside:
-        raise NodeDataError(f"{source}: label(s) {outside} are outside the run's label set {names} (data.labels); "
-                            f"accepted: those names or their indices 0..{len(names) - 1}",
-                            f"labels outside the run's label set {names}")
+        raise NodeDataError(
+            f"{source}: label(s) {outside} are outside the run's label set {names} (data.labels); "
+            f"accepted: those names or their indices 0..{len(names) - 1}",
+            f"labels outside the run's label set {names}",
+        )
     features = Features({**ds.features, "label": ClassLabel(names=names)})
-    return ds.map(lambda batch: {"label": [mapping[y] for y in batch["label"]]}, batched=True,
-                  features=features, keep_in_memory=True)
+    return ds.map(
+        lambda batch: {"label": [mapping[y] for y in batch["label"]]},
+        batched=True,
+        features=features,
+        keep_in_memory=True,
+    )
 
 
 def node_data(cfg: RunConfig, path: str) -> ClientData:
@@ -76,21 +84,31 @@ def node_data(cfg: RunConfig, path: str) -> ClientData:
     if not file.is_file():
         raise NodeDataError(f"data-path={path!r} is not a file on this node", "data-path is not a file")
     if file.suffix.lower() not in FILE_FORMATS:
-        raise NodeDataError(f"data-path={path!r}: unsupported file type {file.suffix!r}; "
-                            f"accepted: {', '.join(FILE_FORMATS)}",
-                            f"unsupported file type; accepted: {', '.join(FILE_FORMATS)}")
+        raise NodeDataError(
+            f"data-path={path!r}: unsupported file type {file.suffix!r}; accepted: {', '.join(FILE_FORMATS)}",
+            f"unsupported file type; accepted: {', '.join(FILE_FORMATS)}",
+        )
     d = cfg.data
     try:
-        ds = load_task_dataset(str(file), cfg.task, text_column=d.text_column, label_column=d.label_column,
-                               max_examples=d.max_examples, seed=cfg.seed)
+        ds = load_task_dataset(
+            str(file),
+            cfg.task,
+            text_column=d.text_column,
+            label_column=d.label_column,
+            max_examples=d.max_examples,
+            seed=cfg.seed,
+        )
     except Exception as err:  # pyarrow, pandas and datasets each raise their own types for a malformed file
-        raise NodeDataError(f"data-path={path!r} could not be read as {FILE_FORMATS[file.suffix.lower()]}: "
-                            f"{type(err).__name__}: {err}",
-                            f"empty, malformed or missing the configured columns "
-                            f"({d.text_column!r}, {d.label_column!r})") from err
+        raise NodeDataError(
+            f"data-path={path!r} could not be read as {FILE_FORMATS[file.suffix.lower()]}: {type(err).__name__}: {err}",
+            f"empty, malformed or missing the configured columns ({d.text_column!r}, {d.label_column!r})",
+        ) from err
     if len(ds) < 2:
-        raise NodeDataError(f"data-path={path!r} holds {len(ds)} usable row(s); a node needs at least 2 "
-                            "(one to train on, one held out)", "fewer than 2 usable rows")
+        raise NodeDataError(
+            f"data-path={path!r} holds {len(ds)} usable row(s); a node needs at least 2 "
+            "(one to train on, one held out)",
+            "fewer than 2 usable rows",
+        )
     names = run_labels(cfg)
     if names is not None:
         ds = align_labels(ds, names, f"data-path={path!r}")

@@ -23,8 +23,7 @@ def clopper_pearson(hits: int, trials: int, alpha: float) -> tuple[float, float]
     return low, high
 
 
-def epsilon_lower_bound(tp: int, positives: int, fp: int, negatives: int, delta: float,
-                        alpha: float = 0.05) -> float:
+def epsilon_lower_bound(tp: int, positives: int, fp: int, negatives: int, delta: float, alpha: float = 0.05) -> float:
     """The epsilon that (TPR, FPR) at confidence 1 - alpha forces.
 
     DP bounds every event in both directions, so four ratios count: TPR/FPR and TNR/FNR (the test and its
@@ -44,8 +43,9 @@ def _best_threshold(inside: Sequence[float], outside: Sequence[float], delta: fl
     """The threshold (and its bound) that maximises the lower bound on these scores."""
     best = (-math.inf, 0.0)
     for threshold in sorted(set(inside) | set(outside)):
-        bound = epsilon_lower_bound(_hits(inside, threshold), len(inside), _hits(outside, threshold),
-                                    len(outside), delta)
+        bound = epsilon_lower_bound(
+            _hits(inside, threshold), len(inside), _hits(outside, threshold), len(outside), delta
+        )
         if bound > best[1]:
             best = (threshold, bound)
     return best
@@ -75,12 +75,18 @@ def audit(inside: Sequence[Mapping[str, float]], outside: Sequence[Mapping[str, 
     attacks = sorted(set.intersection(*(set(run) for run in [*inside, *outside])))
     chosen, threshold, best = attacks[0], math.inf, -1.0
     for attack in attacks:
-        t, bound = _best_threshold([r[attack] for r in inside[:half_in]], [r[attack] for r in outside[:half_out]],
-                                   delta)
+        t, bound = _best_threshold(
+            [r[attack] for r in inside[:half_in]], [r[attack] for r in outside[:half_out]], delta
+        )
         if bound > best:
             chosen, threshold, best = attack, t, bound
     eval_in = [r[chosen] for r in inside[half_in:]]
     eval_out = [r[chosen] for r in outside[half_out:]]
     tp, fp = _hits(eval_in, threshold), _hits(eval_out, threshold)
-    return AuditResult(chosen, tp / len(eval_in), fp / len(eval_out),
-                       epsilon_lower_bound(tp, len(eval_in), fp, len(eval_out), delta), len(eval_in))
+    return AuditResult(
+        chosen,
+        tp / len(eval_in),
+        fp / len(eval_out),
+        epsilon_lower_bound(tp, len(eval_in), fp, len(eval_out), delta),
+        len(eval_in),
+    )

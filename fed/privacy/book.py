@@ -34,8 +34,9 @@ def _event(round_: int, run: int, metrics: Mapping[str, Any]) -> tuple[int, DpSg
     if not (isinstance(cid, int) and cid >= 0 and isinstance(steps, int) and steps >= 0):
         raise ValueError(f"partition-id={cid!r} and dp-steps={steps!r} must be non-negative integers")
     if not (sigma > 0 and 0 < rate <= 1 and math.isfinite(sigma) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"dp-noise-multiplier={sigma} must be > 0, dp-sample-rate={rate} in (0, 1], "
-                         f"epsilon={eps} finite and >= 0")
+        raise ValueError(
+            f"dp-noise-multiplier={sigma} must be > 0, dp-sample-rate={rate} in (0, 1], epsilon={eps} finite and >= 0"
+        )
     return cid, DpSgdEvent(round_, sigma, rate, steps, run), eps
 
 
@@ -113,11 +114,15 @@ class LedgerBook:
         if reported is None or abs(reported - server) <= TOLERANCE * max(1.0, server):
             return []
         if reported > server:
-            return [f"client reports epsilon {reported:.4g} > {server:.4g} from the events the server saw "
-                    "(events the server never received: an earlier run on the same data, or a lost reply); "
-                    "the larger figure is reported"]
-        return [f"client reports epsilon {reported:.4g} < {server:.4g} recomputed from its own events: "
-                "it under-reports; the server's figure is reported"]
+            return [
+                f"client reports epsilon {reported:.4g} > {server:.4g} from the events the server saw "
+                "(events the server never received: an earlier run on the same data, or a lost reply); "
+                "the larger figure is reported"
+            ]
+        return [
+            f"client reports epsilon {reported:.4g} < {server:.4g} recomputed from its own events: "
+            "it under-reports; the server's figure is reported"
+        ]
 
     def report(self, cross_check: bool = False) -> dict[str, Any]:
         """``privacy.json``: per client the conservative epsilon, the parameters behind it, and flags.
@@ -132,39 +137,64 @@ class LedgerBook:
             entry = ledger.to_dict(epsilon=self.server_epsilon(cid))
             entry.pop("policy", None)  # the client's pin lives in its own ledger, not in the server's copy
             entry.pop("run", None)
-            entry.update({
-                "epsilon": self.epsilon(cid), "server_epsilon": self.server_epsilon(cid),
-                "client_reported_epsilon": self.reported_epsilon.get(cid),
-                **{f"epsilon_{acc}": (self.server_epsilon(cid, acc) if cross_check or acc == self.dp.accountant
-                                      else None) for acc in get_args(Accountant)},
-                "remaining": (max(0.0, self.dp.target_epsilon - self.epsilon(cid))
-                              if self.dp.target_epsilon > 0 else None),
-                "sample_rate": entry["events"][-1]["sample_rate"] if entry["events"] else None,
-                "noise_multiplier": entry["events"][-1]["noise_multiplier"] if entry["events"] else None,
-                "num_examples": self.examples.get(cid),
-                "secure_rng": self.secure_rng.get(cid),
-                "flags": self.client_flags(cid),
-            })
+            entry.update(
+                {
+                    "epsilon": self.epsilon(cid),
+                    "server_epsilon": self.server_epsilon(cid),
+                    "client_reported_epsilon": self.reported_epsilon.get(cid),
+                    **{
+                        f"epsilon_{acc}": (
+                            self.server_epsilon(cid, acc) if cross_check or acc == self.dp.accountant else None
+                        )
+                        for acc in get_args(Accountant)
+                    },
+                    "remaining": (
+                        max(0.0, self.dp.target_epsilon - self.epsilon(cid)) if self.dp.target_epsilon > 0 else None
+                    ),
+                    "sample_rate": entry["events"][-1]["sample_rate"] if entry["events"] else None,
+                    "noise_multiplier": entry["events"][-1]["noise_multiplier"] if entry["events"] else None,
+                    "num_examples": self.examples.get(cid),
+                    "secure_rng": self.secure_rng.get(cid),
+                    "flags": self.client_flags(cid),
+                }
+            )
             clients[str(cid)] = entry
-        return {"enabled": self.dp.enabled, "guarantee": GUARANTEE if self.dp.enabled else "none (DP disabled)",
-                "released_in_clear": RELEASED_IN_CLEAR if self.dp.enabled else [],
-                "not_covered": NOT_COVERED if self.dp.enabled else [],
-                "accountant": self.dp.accountant, "delta": self.dp.delta, "target_epsilon": self.dp.target_epsilon,
-                "max_grad_norm": self.dp.max_grad_norm, "rng": secure_rng.SOURCE if self.dp.enabled else None,
-                "max_epsilon": self.max_epsilon(), "flags": list(self.flags), "clients": clients}
+        return {
+            "enabled": self.dp.enabled,
+            "guarantee": GUARANTEE if self.dp.enabled else "none (DP disabled)",
+            "released_in_clear": RELEASED_IN_CLEAR if self.dp.enabled else [],
+            "not_covered": NOT_COVERED if self.dp.enabled else [],
+            "accountant": self.dp.accountant,
+            "delta": self.dp.delta,
+            "target_epsilon": self.dp.target_epsilon,
+            "max_grad_norm": self.dp.max_grad_norm,
+            "rng": secure_rng.SOURCE if self.dp.enabled else None,
+            "max_epsilon": self.max_epsilon(),
+            "flags": list(self.flags),
+            "clients": clients,
+        }
 
     def to_json(self) -> str:
         """The book's whole state (for a checkpoint); ``from_json`` restores it."""
-        return json.dumps({"dp": asdict(self.dp), "ledgers": {str(c): led.to_dict(epsilon=self.server_epsilon(c))
-                                                                for c, led in self.ledgers.items()},
-                           "reported_epsilon": {str(c): e for c, e in self.reported_epsilon.items()},
-                           "secure_rng": {str(c): s for c, s in self.secure_rng.items()},
-                           "examples": {str(c): n for c, n in self.examples.items()}, "flags": self.flags})
+        return json.dumps(
+            {
+                "dp": asdict(self.dp),
+                "ledgers": {str(c): led.to_dict(epsilon=self.server_epsilon(c)) for c, led in self.ledgers.items()},
+                "reported_epsilon": {str(c): e for c, e in self.reported_epsilon.items()},
+                "secure_rng": {str(c): s for c, s in self.secure_rng.items()},
+                "examples": {str(c): n for c, n in self.examples.items()},
+                "flags": self.flags,
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> LedgerBook:
         data = json.loads(text)
-        return cls(DPConfig(**data["dp"]), ledgers={int(c): Ledger.from_dict(d) for c, d in data["ledgers"].items()},
-                   reported_epsilon={int(c): float(e) for c, e in data["reported_epsilon"].items()},
-                   secure_rng={int(c): bool(s) for c, s in data["secure_rng"].items()},
-                   examples={int(c): int(n) for c, n in data["examples"].items()}, flags=list(data["flags"]))
+        return cls(
+            DPConfig(**data["dp"]),
+            ledgers={int(c): Ledger.from_dict(d) for c, d in data["ledgers"].items()},
+            reported_epsilon={int(c): float(e) for c, e in data["reported_epsilon"].items()},
+            secure_rng={int(c): bool(s) for c, s in data["secure_rng"].items()},
+            examples={int(c): int(n) for c, n in data["examples"].items()},
+            flags=list(data["flags"]),
+        )

@@ -59,8 +59,10 @@ def load_ledger(path: Path, fresh: Ledger, server_events: str) -> Ledger:
         try:
             ledger = Ledger.from_json(path.read_text())
         except (ValueError, KeyError, TypeError) as err:
-            raise RuntimeError(f"privacy ledger {path} is unreadable ({err}); refusing to train rather than "
-                               "start a fresh budget. Repair or restore the file.") from err
+            raise RuntimeError(
+                f"privacy ledger {path} is unreadable ({err}); refusing to train rather than "
+                "start a fresh budget. Repair or restore the file."
+            ) from err
     if server_events:
         try:
             ledger.merge(events_from_json(server_events))
@@ -80,17 +82,34 @@ class PrivateRound:
     """Whether replies are filtered to ``PUBLIC_UNDER_DP``: DP is on, or this client ever spent budget."""
 
     @classmethod
-    def open(cls, cfg: RunConfig, node_config: Mapping[str, Any], *, partition_id: int, round_: int, run: int,
-             num_examples: int, server_events: str = "") -> PrivateRound:
+    def open(
+        cls,
+        cfg: RunConfig,
+        node_config: Mapping[str, Any],
+        *,
+        partition_id: int,
+        round_: int,
+        run: int,
+        num_examples: int,
+        server_events: str = "",
+    ) -> PrivateRound:
         """Load and merge the ledger, plan the round under the node's own policy, and book it.
 
         Raises RuntimeError when the ledger file is unreadable, PolicyError when the node's policy is.
         """
         path = state_dir(node_config) / f"ledger-{partition_id}.json"
         ledger = load_ledger(path, new_ledger(cfg.dp), server_events)
-        plan = plan_round(cfg.dp, ledger, num_examples=num_examples, batch_size=cfg.train.batch_size,
-                          local_steps=cfg.train.local_steps, rounds=cfg.federation.rounds, round_=round_,
-                          policy=Policy.from_node_config(node_config), run=run)
+        plan = plan_round(
+            cfg.dp,
+            ledger,
+            num_examples=num_examples,
+            batch_size=cfg.train.batch_size,
+            local_steps=cfg.train.local_steps,
+            rounds=cfg.federation.rounds,
+            round_=round_,
+            policy=Policy.from_node_config(node_config),
+            run=run,
+        )
         private = cls(plan, ledger, dp=cfg.dp.enabled or bool(ledger.events))
         private._book(path, round_, run)
         return private
@@ -99,8 +118,9 @@ class PrivateRound:
         """Record this round's event and write the ledger before the first noisy step: a crash can only
         over-count. Written once per DP round (the pin, merged events, the event) even if it trains nothing."""
         if self.plan.dp is not None and self.plan.steps > 0:
-            self.ledger.record(DpSgdEvent(round_, self.plan.dp.noise_multiplier, self.plan.dp.sample_rate,
-                                          self.plan.steps, run))
+            self.ledger.record(
+                DpSgdEvent(round_, self.plan.dp.noise_multiplier, self.plan.dp.sample_rate, self.plan.steps, run)
+            )
         if self.dp:
             write_atomic(path, self.ledger.to_json())
 
@@ -118,9 +138,13 @@ class PrivateRound:
         under DP-SGD the event, the epsilon it composes to and the privatised loss, if any, instead."""
         if self.plan.dp is None:
             return dict(private)
-        metrics: Metrics = {"epsilon": self.ledger.epsilon(), "dp-noise-multiplier": self.plan.dp.noise_multiplier,
-                            "dp-sample-rate": self.plan.dp.sample_rate, "dp-steps": self.plan.steps,
-                            "secure-rng": 1}  # noise and sampling came from fed.privacy.secure_rng
+        metrics: Metrics = {
+            "epsilon": self.ledger.epsilon(),
+            "dp-noise-multiplier": self.plan.dp.noise_multiplier,
+            "dp-sample-rate": self.plan.dp.sample_rate,
+            "dp-steps": self.plan.steps,
+            "secure-rng": 1,
+        }  # noise and sampling came from fed.privacy.secure_rng
         if released_loss is not None:  # privatised and inside the accounted mechanism
             metrics["dp-train-loss"] = released_loss
         return metrics

@@ -54,8 +54,9 @@ def _summed_grad(p: nn.Parameter) -> torch.Tensor:
     return summed
 
 
-def per_sample_module(model: nn.Module, mode: str, *, loss_reduction: str = "mean",
-                      **extra: object) -> AbstractGradSampleModule:
+def per_sample_module(
+    model: nn.Module, mode: str, *, loss_reduction: str = "mean", **extra: object
+) -> AbstractGradSampleModule:
     """Opacus's grad-sample wrapper of ``model`` (``hooks`` or ``ghost``), per-example ("mean") loss.
 
     First registers the per-sample gradient rule of every module type in ``model`` that declares one
@@ -105,8 +106,9 @@ class DpStepper:
     norms (ghost clipping) and a second backward, which saves memory on large layers.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dp: DpSettings,
-                 is_head: Sequence[bool] = ()) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, dp: DpSettings, is_head: Sequence[bool] = ()
+    ) -> None:
         """``is_head`` flags the optimizer's parameters that belong to the task head, in its order; it
         matters only under per-layer clipping (``dp.head_clip_share`` > 0)."""
         check_dp_compatible(model)
@@ -123,12 +125,20 @@ class DpStepper:
             dropout.eval()  # its masks would come from the process-global generator
         self.module = per_sample_module(model, dp.mode, loss_reduction="mean", **extra)
         bound = layer_bounds(flags, dp.max_grad_norm, dp.head_clip_share) if per_layer else dp.max_grad_norm
-        base = get_optimizer_class(clipping="per_layer" if per_layer else "flat", distributed=False,
-                                   grad_sample_mode=dp.mode)
+        base = get_optimizer_class(
+            clipping="per_layer" if per_layer else "flat", distributed=False, grad_sample_mode=dp.mode
+        )
         secure = type(f"Secure{base.__name__}", (SecureNoise, OneLogicalBatch, base), {})
-        self.optimizer = secure(optimizer, noise_multiplier=dp.gradient_noise_multiplier, max_grad_norm=bound,
-                                expected_batch_size=dp.expected_batch_size, loss_reduction="mean")
-        self.optimizer.max_grad_norm = dp.max_grad_norm  # the noise's scale, exactly (Opacus re-sums the bounds in float32)
+        self.optimizer = secure(
+            optimizer,
+            noise_multiplier=dp.gradient_noise_multiplier,
+            max_grad_norm=bound,
+            expected_batch_size=dp.expected_batch_size,
+            loss_reduction="mean",
+        )
+        self.optimizer.max_grad_norm = (
+            dp.max_grad_norm
+        )  # the noise's scale, exactly (Opacus re-sums the bounds in float32)
         self.ghost = ghost
 
     @property

@@ -50,8 +50,14 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
     return float(acc.get_epsilon(delta=delta))
 
 
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
-                    prior: Iterable[DpSgdEvent] = ()) -> float:
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    prior: Iterable[DpSgdEvent] = (),
+) -> float:
     """The smallest noise multiplier (to 0.1%) for which ``steps`` more steps at ``sample_rate``, after
     the ``prior`` events, spend at most ``target_epsilon``.
 
@@ -65,14 +71,17 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         return epsilon([*history, DpSgdEvent(0, sigma, sample_rate, steps)], delta, accountant)
 
     if epsilon(history, delta, accountant) >= target_epsilon:
-        raise ValueError(f"no budget left: earlier events already spend {epsilon(history, delta, accountant):.3g}"
-                         f" of the target {target_epsilon:g}")
+        raise ValueError(
+            f"no budget left: earlier events already spend {epsilon(history, delta, accountant):.3g}"
+            f" of the target {target_epsilon:g}"
+        )
     low, high = 0.0, 1.0
     while spent(high) > target_epsilon:
         low, high = high, 2 * high
         if high > 1e6:
-            raise ValueError(f"target epsilon {target_epsilon:g} is out of reach for {steps} steps at "
-                             f"sample rate {sample_rate:g}")
+            raise ValueError(
+                f"target epsilon {target_epsilon:g} is out of reach for {steps} steps at sample rate {sample_rate:g}"
+            )
     while high - low > 1e-3 * high:
         mid = (low + high) / 2
         low, high = (low, mid) if spent(mid) <= target_epsilon else (mid, high)
@@ -107,6 +116,7 @@ class Ledger:
 
         Binary search over the composed epsilon, which is monotone in steps.
         """
+
         def fits(steps: int) -> bool:
             trial = [*self.events, DpSgdEvent(event.round, event.noise_multiplier, event.sample_rate, steps)]
             return epsilon(trial, self.delta, self.accountant) <= self.target_epsilon
@@ -144,10 +154,15 @@ class Ledger:
     def from_dict(cls, data: dict[str, Any]) -> Ledger:
         events = [DpSgdEvent(**e) for e in data.get("events", [])]
         policy = Policy.from_dict(data["policy"]) if data.get("policy") else None
-        return cls(accountant=data["accountant"], delta=float(data["delta"]),
-                   target_epsilon=float(data.get("target_epsilon", 0.0)),
-                   noise_multiplier=float(data.get("noise_multiplier", 0.0)), run=int(data.get("run", 0)),
-                   policy=policy, events=events)
+        return cls(
+            accountant=data["accountant"],
+            delta=float(data["delta"]),
+            target_epsilon=float(data.get("target_epsilon", 0.0)),
+            noise_multiplier=float(data.get("noise_multiplier", 0.0)),
+            run=int(data.get("run", 0)),
+            policy=policy,
+            events=events,
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -167,10 +182,19 @@ def events_from_json(text: str) -> list[DpSgdEvent]:
     for item in json.loads(text):
         if not isinstance(item, dict) or set(item) != {"round", "noise_multiplier", "sample_rate", "steps", "run"}:
             raise ValueError(f"not a DP event: {item!r}")
-        event = DpSgdEvent(int(item["round"]), float(item["noise_multiplier"]), float(item["sample_rate"]),
-                           int(item["steps"]), int(item["run"]))
-        if not (event.noise_multiplier > 0 and 0 < event.sample_rate <= 1 and event.steps >= 0
-                and math.isfinite(event.noise_multiplier)):
+        event = DpSgdEvent(
+            int(item["round"]),
+            float(item["noise_multiplier"]),
+            float(item["sample_rate"]),
+            int(item["steps"]),
+            int(item["run"]),
+        )
+        if not (
+            event.noise_multiplier > 0
+            and 0 < event.sample_rate <= 1
+            and event.steps >= 0
+            and math.isfinite(event.noise_multiplier)
+        ):
             raise ValueError(f"impossible DP event: {item!r}")
         events.append(event)
     return events

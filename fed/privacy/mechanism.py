@@ -47,9 +47,11 @@ class DpSettings:
         if self.loss_noise_multiplier <= 0:
             return self.noise_multiplier
         if self.loss_noise_multiplier <= self.noise_multiplier:
-            raise ValueError(f"dp.loss_noise_multiplier={self.loss_noise_multiplier:g} must exceed the accounted "
-                             f"noise multiplier {self.noise_multiplier:.4g}: the loss release would use the whole budget")
-        return (self.noise_multiplier ** -2 - self.loss_noise_multiplier ** -2) ** -0.5
+            raise ValueError(
+                f"dp.loss_noise_multiplier={self.loss_noise_multiplier:g} must exceed the accounted "
+                f"noise multiplier {self.noise_multiplier:.4g}: the loss release would use the whole budget"
+            )
+        return (self.noise_multiplier**-2 - self.loss_noise_multiplier**-2) ** -0.5
 
     def noised_loss_sum(self, per_example_loss: torch.Tensor | None) -> float:
         """One step's loss release: the clipped losses of the batch summed, plus Gaussian noise (CSPRNG)."""

@@ -33,8 +33,9 @@ def sample_rate(batch_size: int, num_examples: int) -> float:
 
 
 def new_ledger(dp: DPConfig) -> Ledger:
-    return Ledger(accountant=dp.accountant, delta=dp.delta, target_epsilon=dp.target_epsilon,
-                  noise_multiplier=dp.noise_multiplier)
+    return Ledger(
+        accountant=dp.accountant, delta=dp.delta, target_epsilon=dp.target_epsilon, noise_multiplier=dp.noise_multiplier
+    )
 
 
 def delta_problems(delta: float, num_examples: int) -> list[str]:
@@ -42,8 +43,10 @@ def delta_problems(delta: float, num_examples: int) -> list[str]:
     limit = 1.0 / (10 * num_examples)
     if delta <= limit:
         return []
-    return [f"dp.delta={delta:g} is larger than 1/(10 n) = {limit:.3g} for this client's n={num_examples} "
-            "training examples; use a smaller delta"]
+    return [
+        f"dp.delta={delta:g} is larger than 1/(10 n) = {limit:.3g} for this client's n={num_examples} "
+        "training examples; use a smaller delta"
+    ]
 
 
 def _start_run(dp: DPConfig, ledger: Ledger, policy: Policy, run: int, rate: float, planned_steps: int) -> None:
@@ -62,8 +65,18 @@ def _start_run(dp: DPConfig, ledger: Ledger, policy: Policy, run: int, rate: flo
     ledger.noise_multiplier = max(sigma, policy.min_noise_multiplier)
 
 
-def plan_round(dp: DPConfig, ledger: Ledger, *, num_examples: int, batch_size: int, local_steps: int,
-               rounds: int, round_: int, policy: Policy = Policy(), run: int = 0) -> RoundPlan:
+def plan_round(
+    dp: DPConfig,
+    ledger: Ledger,
+    *,
+    num_examples: int,
+    batch_size: int,
+    local_steps: int,
+    rounds: int,
+    round_: int,
+    policy: Policy = Policy(),
+    run: int = 0,
+) -> RoundPlan:
     """The mechanism and step count for this round, or a refusal naming what breaks the policy.
 
     ``policy`` is the node's own floor; the ledger's pinned policy (from its first DP round) tightens it.
@@ -84,10 +97,16 @@ def plan_round(dp: DPConfig, ledger: Ledger, *, num_examples: int, batch_size: i
     if math.isinf(ledger.noise_multiplier):
         return RoundPlan(None, 0)
     steps = ledger.affordable_steps(DpSgdEvent(round_, ledger.noise_multiplier, q, local_steps, run))
-    settings = DpSettings(noise_multiplier=ledger.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                          sample_rate=q, num_examples=num_examples, mode=dp.grad_sample_mode,
-                          head_clip_share=dp.head_clip_share,
-                          loss_noise_multiplier=dp.loss_noise_multiplier, loss_clip=dp.loss_clip)
+    settings = DpSettings(
+        noise_multiplier=ledger.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        sample_rate=q,
+        num_examples=num_examples,
+        mode=dp.grad_sample_mode,
+        head_clip_share=dp.head_clip_share,
+        loss_noise_multiplier=dp.loss_noise_multiplier,
+        loss_clip=dp.loss_clip,
+    )
     try:
         settings.gradient_noise_multiplier  # noqa: B018  (the loss release must leave the gradient some budget)
     except ValueError as err:
@@ -114,8 +133,9 @@ class Schedule:
     rows: list[ScheduleRow]
 
 
-def plan_schedule(dp: DPConfig, *, num_examples: int, batch_size: int, local_steps: int, rounds: int,
-                  participation: float = 1.0) -> Schedule:
+def plan_schedule(
+    dp: DPConfig, *, num_examples: int, batch_size: int, local_steps: int, rounds: int, participation: float = 1.0
+) -> Schedule:
     """The noise multiplier a client calibrates (for all ``rounds``, as ``plan_round`` does: a client may be
     picked every round) and the epsilon after each round at the expected participation, RDP and PRV."""
     q = sample_rate(batch_size, num_examples)

@@ -16,8 +16,13 @@ from typing import Any
 
 from fed.config import DPConfig
 
-NODE_KEYS = {"dp-required": "dp_required", "max-epsilon": "max_epsilon", "delta": "delta",
-             "min-noise-multiplier": "min_noise_multiplier", "max-grad-norm": "max_grad_norm"}
+NODE_KEYS = {
+    "dp-required": "dp_required",
+    "max-epsilon": "max_epsilon",
+    "delta": "delta",
+    "min-noise-multiplier": "min_noise_multiplier",
+    "max-grad-norm": "max_grad_norm",
+}
 
 
 class PolicyError(ValueError):
@@ -59,16 +64,24 @@ class Policy:
 
     def strictest(self, other: Policy) -> Policy:
         """The policy that accepts only what both accept."""
-        return Policy(dp_required=self.dp_required or other.dp_required,
-                      max_epsilon=min(self.max_epsilon, other.max_epsilon), delta=min(self.delta, other.delta),
-                      min_noise_multiplier=max(self.min_noise_multiplier, other.min_noise_multiplier),
-                      max_grad_norm=min(self.max_grad_norm, other.max_grad_norm))
+        return Policy(
+            dp_required=self.dp_required or other.dp_required,
+            max_epsilon=min(self.max_epsilon, other.max_epsilon),
+            delta=min(self.delta, other.delta),
+            min_noise_multiplier=max(self.min_noise_multiplier, other.min_noise_multiplier),
+            max_grad_norm=min(self.max_grad_norm, other.max_grad_norm),
+        )
 
     def pinned_by(self, dp: DPConfig) -> Policy:
         """What the first DP round fixes for every later round: DP stays on, and no later round may ask
         for a larger target, a larger delta, less (fixed) noise or a larger clipping bound."""
-        run = Policy(dp_required=True, max_epsilon=dp.target_epsilon if dp.target_epsilon > 0 else math.inf,
-                     delta=dp.delta, min_noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)
+        run = Policy(
+            dp_required=True,
+            max_epsilon=dp.target_epsilon if dp.target_epsilon > 0 else math.inf,
+            delta=dp.delta,
+            min_noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+        )
         return self.strictest(run)
 
     def violations(self, dp: DPConfig) -> list[str]:
@@ -79,14 +92,14 @@ class Policy:
         if dp.delta > self.delta:
             problems.append(f"dp.delta={dp.delta:g} exceeds this client's limit {self.delta:g}")
         if dp.target_epsilon > self.max_epsilon:  # with a fixed noise multiplier the cap applies as the guard
-            problems.append(f"dp.target_epsilon={dp.target_epsilon:g} exceeds this client's limit "
-                            f"{self.max_epsilon:g}")
+            problems.append(f"dp.target_epsilon={dp.target_epsilon:g} exceeds this client's limit {self.max_epsilon:g}")
         if dp.target_epsilon == 0 and dp.noise_multiplier < self.min_noise_multiplier:
-            problems.append(f"dp.noise_multiplier={dp.noise_multiplier:g} is below this client's minimum "
-                            f"{self.min_noise_multiplier:g}")
+            problems.append(
+                f"dp.noise_multiplier={dp.noise_multiplier:g} is below this client's minimum "
+                f"{self.min_noise_multiplier:g}"
+            )
         if dp.max_grad_norm > self.max_grad_norm:
-            problems.append(f"dp.max_grad_norm={dp.max_grad_norm:g} exceeds this client's limit "
-                            f"{self.max_grad_norm:g}")
+            problems.append(f"dp.max_grad_norm={dp.max_grad_norm:g} exceeds this client's limit {self.max_grad_norm:g}")
         return problems
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,5 +109,9 @@ class Policy:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Policy:
         defaults = cls()
-        return cls(**{k: (getattr(defaults, k) if data.get(k) is None else type(getattr(defaults, k))(data[k]))
-                      for k in NODE_KEYS.values()})
+        return cls(
+            **{
+                k: (getattr(defaults, k) if data.get(k) is None else type(getattr(defaults, k))(data[k]))
+                for k in NODE_KEYS.values()
+            }
+        )

@@ -20,19 +20,24 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-PUBLIC_UNDER_DP = frozenset({
-    "partition-id",  # which client this is (the node's own configuration)
-    "round",  # which round the reply answers (the server chose it)
-    "fingerprint",  # hash of the frozen factors, derived from the run seed
-    "num-examples",  # n: public under zero-out adjacency
-    "declined",  # the budget guard's decision: a function of the ledger's public events
-    "refused",  # the client's policy refused the server's settings: a function of public settings
-    "epsilon",  # composed from the public events
-    "steps", "dp-steps", "dp-noise-multiplier", "dp-sample-rate",  # the DP event itself
-    "secure-rng",  # 1 when the mechanism's randomness came from the OS CSPRNG
-    "rank",  # the client's LoRA rank: the run config's, or the node operator's own setting (max-rank)
-    "dp-train-loss",  # the noised, clipped loss (dp.loss_noise_multiplier > 0), accounted with the gradient
-})
+PUBLIC_UNDER_DP = frozenset(
+    {
+        "partition-id",  # which client this is (the node's own configuration)
+        "round",  # which round the reply answers (the server chose it)
+        "fingerprint",  # hash of the frozen factors, derived from the run seed
+        "num-examples",  # n: public under zero-out adjacency
+        "declined",  # the budget guard's decision: a function of the ledger's public events
+        "refused",  # the client's policy refused the server's settings: a function of public settings
+        "epsilon",  # composed from the public events
+        "steps",
+        "dp-steps",
+        "dp-noise-multiplier",
+        "dp-sample-rate",  # the DP event itself
+        "secure-rng",  # 1 when the mechanism's randomness came from the OS CSPRNG
+        "rank",  # the client's LoRA rank: the run config's, or the node operator's own setting (max-rank)
+        "dp-train-loss",  # the noised, clipped loss (dp.loss_noise_multiplier > 0), accounted with the gradient
+    }
+)
 
 GUARANTEE = (
     "(epsilon, delta)-differential privacy for each client's training examples, separately per client. "
@@ -43,7 +48,8 @@ GUARANTEE = (
     "accountant's numbers hold while n itself is released). Mechanism: DP-SGD with Poisson sampling at "
     "rate batch/n, per-example clipping of every trained adapter tensor (and task head) jointly to "
     "max_grad_norm (with dp.head_clip_share > 0, each tensor to its own bound, the squares of the bounds "
-    "summing to max_grad_norm^2, so the joint norm is still at most max_grad_norm), Gaussian noise of std noise_multiplier * max_grad_norm, all randomness from the OS "
+    "summing to max_grad_norm^2, so the joint norm is still at most max_grad_norm), Gaussian noise of std "
+    "noise_multiplier * max_grad_norm, all randomness from the OS "
     "CSPRNG. Composition over every DP event of the client (all rounds and all runs recorded in its "
     "ledger) with the named accountant, at the stated delta. Everything the server receives from a DP "
     "client is an output of that accounted mechanism (the noised update and, with dp.loss_noise_multiplier > 0, "

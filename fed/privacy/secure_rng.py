@@ -27,7 +27,7 @@ SOURCE = "os.urandom (kernel CSPRNG)"
 def uniform(n: int) -> torch.Tensor:
     """``n`` float64 draws, uniform on [0, 1), each from 53 fresh bits of the OS CSPRNG."""
     words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
-    return torch.from_numpy(words.astype(np.float64) * 2.0 ** -53)
+    return torch.from_numpy(words.astype(np.float64) * 2.0**-53)
 
 
 def _standard_normal(n: int) -> torch.Tensor:

@@ -37,15 +37,23 @@ def epsilon_by_round(entry: dict[str, Any], delta: float, accountant: str) -> li
     points = []
     for i, event in enumerate(events):
         if i + 1 == len(events) or (events[i + 1].run, events[i + 1].round) != (event.run, event.round):
-            points.append((event.round, epsilon(events[:i + 1], delta, accountant)))
+            points.append((event.round, epsilon(events[: i + 1], delta, accountant)))
     return points
 
 
 def cross_checked(privacy: dict[str, Any]) -> dict[str, Any]:
     """``privacy`` with every client's missing RDP or PRV figure recomputed from its events (a copy)."""
-    clients = {cid: {**entry, **{f"epsilon_{acc}": epsilon(_events(entry), privacy["delta"], acc)
-                                 for acc in get_args(Accountant) if entry.get(f"epsilon_{acc}") is None}}
-               for cid, entry in privacy["clients"].items()}
+    clients = {
+        cid: {
+            **entry,
+            **{
+                f"epsilon_{acc}": epsilon(_events(entry), privacy["delta"], acc)
+                for acc in get_args(Accountant)
+                if entry.get(f"epsilon_{acc}") is None
+            },
+        }
+        for cid, entry in privacy["clients"].items()
+    }
     return {**privacy, "clients": clients}
 
 
@@ -65,8 +73,15 @@ def _plots(privacy: dict[str, Any]) -> list[tuple[str, str]]:
     for i, (cid, entry) in enumerate(clients.items()):
         points = epsilon_by_round(entry, delta, accountant)
         if points:  # markers and dashes differ so that clients with identical budgets stay visible
-            ax.plot([r for r, _ in points], [e for _, e in points], marker="osD^v<>"[i % 7],
-                    linestyle=["-", "--", ":", "-."][i % 4], markersize=9 - i % 4, alpha=0.8, label=f"client {cid}")
+            ax.plot(
+                [r for r, _ in points],
+                [e for _, e in points],
+                marker="osD^v<>"[i % 7],
+                linestyle=["-", "--", ":", "-."][i % 4],
+                markersize=9 - i % 4,
+                alpha=0.8,
+                label=f"client {cid}",
+            )
     if target:
         ax.axhline(target, color="crimson", linestyle="--", label=f"target {target:g}")
     ax.set(xlabel="round", ylabel=f"epsilon ({accountant.upper()}, delta={delta:g})", title="epsilon spent per client")
@@ -75,8 +90,10 @@ def _plots(privacy: dict[str, Any]) -> list[tuple[str, str]]:
     curves = _png(fig)
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     names = [f"client {c}" for c in clients]
-    bars = {acc: [float("nan") if e.get(f"epsilon_{acc}") is None else e[f"epsilon_{acc}"] for e in clients.values()]
-            for acc in get_args(Accountant)}  # a missing figure (mid-run file) draws no bar
+    bars = {
+        acc: [float("nan") if e.get(f"epsilon_{acc}") is None else e[f"epsilon_{acc}"] for e in clients.values()]
+        for acc in get_args(Accountant)
+    }  # a missing figure (mid-run file) draws no bar
     ax.bar(names, bars["rdp"], width=0.4, label="RDP", align="edge")
     ax.bar(names, bars["prv"], width=-0.4, label="PRV", align="edge")
     if target:
@@ -84,23 +101,51 @@ def _plots(privacy: dict[str, Any]) -> list[tuple[str, str]]:
     ax.set(ylabel="epsilon", title="final epsilon: RDP against PRV (same events)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    return [("Epsilon spent by each client, round by round.", curves),
-            ("The same events under two accountants: RDP (an upper bound) and PRV (tighter).", _png(fig))]
+    return [
+        ("Epsilon spent by each client, round by round.", curves),
+        ("The same events under two accountants: RDP (an upper bound) and PRV (tighter).", _png(fig)),
+    ]
 
 
-COLUMNS = ("client", "epsilon", "server", "client-reported", "RDP", "PRV", "remaining", "noise", "sample rate",
-           "steps", "n", "secure RNG", "flags")
+COLUMNS = (
+    "client",
+    "epsilon",
+    "server",
+    "client-reported",
+    "RDP",
+    "PRV",
+    "remaining",
+    "noise",
+    "sample rate",
+    "steps",
+    "n",
+    "secure RNG",
+    "flags",
+)
 
 
 def _rows(privacy: dict[str, Any]) -> list[list[str]]:
     def num(value: Any, fmt: str = ".4g") -> str:
         return "-" if value is None else format(value, fmt)
 
-    return [[cid, num(e["epsilon"]), num(e["server_epsilon"]), num(e["client_reported_epsilon"]),
-             num(e.get("epsilon_rdp")), num(e.get("epsilon_prv")), num(e["remaining"]), num(e["noise_multiplier"]),
-             num(e["sample_rate"]), str(e["steps"]), num(e["num_examples"], "d"),
-             {True: "yes", False: "NO", None: "-"}[e["secure_rng"]], str(len(e["flags"]))]
-            for cid, e in privacy["clients"].items()]
+    return [
+        [
+            cid,
+            num(e["epsilon"]),
+            num(e["server_epsilon"]),
+            num(e["client_reported_epsilon"]),
+            num(e.get("epsilon_rdp")),
+            num(e.get("epsilon_prv")),
+            num(e["remaining"]),
+            num(e["noise_multiplier"]),
+            num(e["sample_rate"]),
+            str(e["steps"]),
+            num(e["num_examples"], "d"),
+            {True: "yes", False: "NO", None: "-"}[e["secure_rng"]],
+            str(len(e["flags"])),
+        ]
+        for cid, e in privacy["clients"].items()
+    ]
 
 
 def render_html(privacy: dict[str, Any], title: str) -> str:
@@ -108,8 +153,14 @@ def render_html(privacy: dict[str, Any], title: str) -> str:
     esc = html.escape
     flags = privacy["flags"] + [f"client {c}: {f}" for c, e in privacy["clients"].items() for f in e["flags"]]
     table = "".join(f"<tr>{''.join(f'<td>{esc(cell)}</td>' for cell in row)}</tr>" for row in _rows(privacy))
-    figures = "".join(f'<figure><img alt="{esc(c)}" src="data:image/png;base64,{p}"><figcaption>{esc(c)}'
-                      "</figcaption></figure>" for c, p in _plots(privacy)) if privacy["clients"] else ""
+    figures = (
+        "".join(
+            f'<figure><img alt="{esc(c)}" src="data:image/png;base64,{p}"><figcaption>{esc(c)}</figcaption></figure>'
+            for c, p in _plots(privacy)
+        )
+        if privacy["clients"]
+        else ""
+    )
     items = lambda xs: "".join(f"<li>{esc(x)}</li>" for x in xs)  # noqa: E731  (a one-line helper of the template below)
     status = "ok" if not flags else "flagged"
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
@@ -118,17 +169,18 @@ table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;pad
 th{{background:#f3f3f3}}figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:520px}}
 .ok{{color:#176e2c}}.flagged{{color:#b3261e}}code{{background:#f3f3f3;padding:0 3px}}</style></head><body>
 <h1>{esc(title)}</h1>
-<p>Largest epsilon of any client: <b>{privacy['max_epsilon']:.4g}</b> at delta = {privacy['delta']:g}
-({esc(privacy['accountant'].upper())} accountant{f", target {privacy['target_epsilon']:g}" if privacy['target_epsilon']
- else ""}); clipping bound {privacy.get('max_grad_norm')}; randomness: {esc(str(privacy.get('rng')))};
+<p>Largest epsilon of any client: <b>{privacy["max_epsilon"]:.4g}</b> at delta = {privacy["delta"]:g}
+({esc(privacy["accountant"].upper())} accountant{
+        f", target {privacy['target_epsilon']:g}" if privacy["target_epsilon"] else ""
+    }); clipping bound {privacy.get("max_grad_norm")}; randomness: {esc(str(privacy.get("rng")))};
 status: <b class="{status}">{status}</b>.</p>
-<h2>The guarantee</h2><p>{esc(privacy['guarantee'])}</p>
+<h2>The guarantee</h2><p>{esc(privacy["guarantee"])}</p>
 <h2>Per client</h2><p>"epsilon" is the larger of the server's recomputation from the events it received and
 the client's own report.</p>
-<table><tr>{''.join(f'<th>{c}</th>' for c in COLUMNS)}</tr>{table}</table>
+<table><tr>{"".join(f"<th>{c}</th>" for c in COLUMNS)}</tr>{table}</table>
 {figures}
-<h2>Released in the clear</h2><ul>{items(privacy['released_in_clear'])}</ul>
-<h2>Not covered</h2><ul>{items(privacy['not_covered'])}</ul>
+<h2>Released in the clear</h2><ul>{items(privacy["released_in_clear"])}</ul>
+<h2>Not covered</h2><ul>{items(privacy["not_covered"])}</ul>
 <h2>Flags</h2>{f"<ul>{items(flags)}</ul>" if flags else '<p class="ok">none</p>'}
 </body></html>"""
 
@@ -152,12 +204,23 @@ def summary(privacy: dict[str, Any], console: Console) -> None:
     for cid, e in privacy["clients"].items():
         left = "-" if e["remaining"] is None else f"{e['remaining']:.3g}"
         prv = "-" if e.get("epsilon_prv") is None else f"{e['epsilon_prv']:.4g}"
-        table.add_row(cid, f"{e['epsilon']:.4g}", prv, left, f"{e['noise_multiplier'] or 0:.3g}",
-                      f"{e['sample_rate'] or 0:.3g}", str(e["steps"]), str(e["num_examples"] or "-"),
-                      {True: "ok", False: "NO", None: "-"}[e["secure_rng"]], str(len(e["flags"])))
+        table.add_row(
+            cid,
+            f"{e['epsilon']:.4g}",
+            prv,
+            left,
+            f"{e['noise_multiplier'] or 0:.3g}",
+            f"{e['sample_rate'] or 0:.3g}",
+            str(e["steps"]),
+            str(e["num_examples"] or "-"),
+            {True: "ok", False: "NO", None: "-"}[e["secure_rng"]],
+            str(len(e["flags"])),
+        )
     console.print(table)
     flags = privacy["flags"] + [f"client {c}: {f}" for c, e in privacy["clients"].items() for f in e["flags"]]
     for flag in flags:
         console.print(f"[red]flag:[/red] {flag}")
-    console.print(f"largest epsilon: [bold]{privacy['max_epsilon']:.4g}[/bold] ({privacy['accountant'].upper()}) · "
-                  f"randomness: {privacy.get('rng')}")
+    console.print(
+        f"largest epsilon: [bold]{privacy['max_epsilon']:.4g}[/bold] ({privacy['accountant'].upper()}) · "
+        f"randomness: {privacy.get('rng')}"
+    )

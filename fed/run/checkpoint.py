@@ -31,8 +31,11 @@ class Checkpoint:
     """Strategy state beyond the global adapter (server optimiser moments, masks...); empty for FedAvg."""
 
     def save(self, path: Path) -> None:
-        save_atomic(path, self.arrays, {"format": FORMAT, "round": str(self.round), "book": self.book,
-                                        "strategy": json.dumps(self.strategy)})
+        save_atomic(
+            path,
+            self.arrays,
+            {"format": FORMAT, "round": str(self.round), "book": self.book, "strategy": json.dumps(self.strategy)},
+        )
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint:
@@ -42,7 +45,8 @@ class Checkpoint:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a resumable checkpoint (format {meta.get('format')!r}, "
-                                 f"expected {FORMAT!r})")
-            arrays = {key: handle.get_tensor(key) for key in handle.keys()}
+                raise ValueError(
+                    f"{path} is not a resumable checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})"
+                )
+            arrays = {key: handle.get_tensor(key) for key in handle}
         return cls(int(meta["round"]), arrays, meta["book"], json.loads(meta["strategy"]))

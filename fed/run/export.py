@@ -37,8 +37,9 @@ DESCRIPTION = "fedlora.json"
 CENTER = "center.safetensors"
 
 
-def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, pooling: str = "cls",
-                   layers: int = 0) -> Path:
+def export_adapter(
+    adapter: Adapter, out: Path, *, task: str, base_model: str, pooling: str = "cls", layers: int = 0
+) -> Path:
     """Save every adapter tensor (sent or frozen-shared) and the config that describes it.
 
     ``adapter_config.json`` names the base model by an identifier PEFT can load (hub id or absolute path);
@@ -48,42 +49,82 @@ def export_adapter(adapter: Adapter, out: Path, *, task: str, base_model: str, p
     loadable = loadable_name(base_model, task)
     tensors = {k: v.contiguous() for k, v in adapter.state(adapter.names()).items()}
     center, scale = getattr(adapter.model, "center", None), getattr(adapter.model, "scale", None)
-    head_input = ({"center": center, "scale": scale}
-                  if isinstance(center, torch.Tensor) and isinstance(scale, torch.Tensor) and bool(center.any())
-                  else None)  # a centred mean-pooled head's public mean and std
+    head_input = (
+        {"center": center, "scale": scale}
+        if isinstance(center, torch.Tensor) and isinstance(scale, torch.Tensor) and bool(center.any())
+        else None
+    )  # a centred mean-pooled head's public mean and std
     spec = adapter.spec
-    (out / DESCRIPTION).write_text(json.dumps({
-        "kind": spec.kind, "spec": dataclasses.asdict(spec), "head": adapter.head_names(),
-        "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "task": task, "base_model": base_model,
-        "base_model_name_or_path": loadable, "pooling": pooling,
-        "layers": layers, "center": CENTER if head_input is not None else None,
-        "groups": [{"name": g.name, "trainable": g.trainable, "sent": g.sent, "aggregation": g.aggregation.value,
-                    "params": list(g.params)} for g in adapter.groups],
-    }, indent=2))
+    (out / DESCRIPTION).write_text(
+        json.dumps(
+            {
+                "kind": spec.kind,
+                "spec": dataclasses.asdict(spec),
+                "head": adapter.head_names(),
+                "rank": spec.rank,
+                "alpha": spec.alpha,
+                "targets": list(spec.targets),
+                "task": task,
+                "base_model": base_model,
+                "base_model_name_or_path": loadable,
+                "pooling": pooling,
+                "layers": layers,
+                "center": CENTER if head_input is not None else None,
+                "groups": [
+                    {
+                        "name": g.name,
+                        "trainable": g.trainable,
+                        "sent": g.sent,
+                        "aggregation": g.aggregation.value,
+                        "params": list(g.params),
+                    }
+                    for g in adapter.groups
+                ],
+            },
+            indent=2,
+        )
+    )
     save_file(tensors, str(out / NATIVE))
     if head_input is not None:
         save_file({k: v.contiguous() for k, v in head_input.items()}, str(out / CENTER))
     if not adapter.peft_compatible or pooling != "cls" or layers:
         return out
     lora = adapter.family.as_lora(tensors)
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in lora.items()},
-              str(out / "adapter_model.safetensors"))
+    save_file(
+        {f"base_model.model.{k}": v.contiguous() for k, v in lora.items()}, str(out / "adapter_model.safetensors")
+    )
     heads = sorted({name.rsplit(".", 1)[0] for name in adapter.head_names()})
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": PEFT_TASK_TYPES[task], "r": spec.rank, "lora_alpha": spec.alpha,
-        "lora_dropout": spec.dropout, "target_modules": list(spec.targets), "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": heads or None,
-        "base_model_name_or_path": loadable, "inference_mode": True,
-    }, indent=2))
+    (out / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": PEFT_TASK_TYPES[task],
+                "r": spec.rank,
+                "lora_alpha": spec.alpha,
+                "lora_dropout": spec.dropout,
+                "target_modules": list(spec.targets),
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "init_lora_weights": True,
+                "modules_to_save": heads or None,
+                "base_model_name_or_path": loadable,
+                "inference_mode": True,
+            },
+            indent=2,
+        )
+    )
     return out
 
 
 def _spec(fields: dict[str, Any]) -> AdapterSpec:
     """The spec ``fedlora.json`` records; files written before families owned their options hold them flat."""
     common = ("kind", "rank", "alpha", "targets", "dropout")
-    options = fields.get("options") or family_options(fields["kind"], {k: v for k, v in fields.items() if k not in common})
-    return make_spec(fields["kind"], fields["rank"], fields["alpha"], tuple(fields["targets"]), fields["dropout"],
-                     **options)
+    options = fields.get("options") or family_options(
+        fields["kind"], {k: v for k, v in fields.items() if k not in common}
+    )
+    return make_spec(
+        fields["kind"], fields["rank"], fields["alpha"], tuple(fields["targets"]), fields["dropout"], **options
+    )
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> Adapter:

@@ -24,8 +24,9 @@ RULES: dict[Aggregation, Rule] = {
 }
 
 
-def aggregate(replies: Replies, structure: Structure, rule: str = "mean", trim: float = 0.2,
-              aggregation: str = "mean") -> Tensors:
+def aggregate(
+    replies: Replies, structure: Structure, rule: str = "mean", trim: float = 0.2, aggregation: str = "mean"
+) -> Tensors:
     """Merge client deltas group by group, each with the rule of its aggregation kind.
 
     ``rule`` replaces the weighted mean of ``mean``-kind groups with a robust statistic; groups of other
@@ -35,8 +36,10 @@ def aggregate(replies: Replies, structure: Structure, rule: str = "mean", trim: 
     kinds = dict(structure.kinds)
     if aggregation == "product":
         if not pairs_of(structure):
-            raise ValueError("strategy.aggregation='product' needs an adapter that declares (B, A) pairs; "
-                             "accepted: adapter.kind='lora'")
+            raise ValueError(
+                "strategy.aggregation='product' needs an adapter that declares (B, A) pairs; "
+                "accepted: adapter.kind='lora'"
+            )
         kinds.update({name: Aggregation.PRODUCT for pair in pairs_of(structure) for name in pair})
     elif aggregation != "mean":
         raise ValueError(f"unknown strategy.aggregation {aggregation!r}; accepted: mean, product")
@@ -80,5 +83,15 @@ def aggregation_error(products: Products, replies: Replies, merged: Mapping[str,
     return math.sqrt(err / ref) if ref > 0 else math.inf
 
 
-__all__ = ["RULES", "Replies", "Rule", "Tensors", "aggregate", "aggregation_error", "apply_update", "robust_mean",
-           "slot_weights", "weighted_mean"]
+__all__ = [
+    "RULES",
+    "Replies",
+    "Rule",
+    "Tensors",
+    "aggregate",
+    "aggregation_error",
+    "apply_update",
+    "robust_mean",
+    "slot_weights",
+    "weighted_mean",
+]

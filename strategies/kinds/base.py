@@ -38,14 +38,17 @@ def total_of(terms: Iterable[torch.Tensor]) -> torch.Tensor:
     return functools.reduce(torch.add, terms)
 
 
-def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
-                  names: Sequence[str]) -> Tensors:
+def weighted_mean(
+    deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], names: Sequence[str]
+) -> Tensors:
     """``sum_k w_k delta_k / sum_k w_k`` for each name (FedAvg's example-weighted mean)."""
     total = float(sum(weights))
     if not deltas or total <= 0:
         raise ValueError(f"need at least one client with positive weight; got weights {list(weights)}")
-    return {n: total_of(w / total * d[n].to(torch.float64) for d, w in zip(deltas, weights)).to(deltas[0][n].dtype)
-            for n in names}
+    return {
+        n: total_of(w / total * d[n].to(torch.float64) for d, w in zip(deltas, weights)).to(deltas[0][n].dtype)
+        for n in names
+    }
 
 
 def slot_weights(replies: Replies, slot: str | None) -> Sequence[float]:
@@ -62,6 +65,7 @@ def _as_deltas(new: Mapping[str, torch.Tensor], global_: Mapping[str, torch.Tens
 def apply_update(global_: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], server_lr: float) -> Tensors:
     """The server step ``global + server_lr * delta`` (server_lr = 1 is plain FedAvg)."""
     return {n: global_[n] + server_lr * delta[n] for n in global_}
+
 
 Rule = Callable[[Replies, Structure, Sequence[str]], Tensors]
 """One kind's rule: the replies, the adapter's structure and the names of that kind -> merged deltas."""

@@ -28,8 +28,9 @@ def masked_mean(replies: Replies, structure: Structure, names: Sequence[str]) ->
         global_ = replies.global_[name].to(torch.float64)
         kept = [m[name].to(torch.float64) for m in replies.masks]
         cover = total_of(w * k for w, k in zip(replies.weights, kept))
-        total = total_of(w * k * (global_ + d[name].to(torch.float64))
-                         for w, k, d in zip(replies.weights, kept, replies.deltas))
+        total = total_of(
+            w * k * (global_ + d[name].to(torch.float64)) for w, k, d in zip(replies.weights, kept, replies.deltas)
+        )
         mean = torch.where(cover > 0, total / torch.where(cover > 0, cover, 1.0), 0.0)
         axis = structure.lines[name]
         budget = max(int(m[name].sum(axis).max()) for m in replies.masks)

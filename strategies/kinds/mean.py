@@ -18,12 +18,17 @@ def _mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tenso
     return weighted_mean(replies.deltas, replies.weights, names)
 
 
-def _coordinatewise(statistic: Callable[[np.ndarray], np.ndarray], deltas: Sequence[Mapping[str, torch.Tensor]],
-                    names: Sequence[str]) -> Tensors:
+def _coordinatewise(
+    statistic: Callable[[np.ndarray], np.ndarray], deltas: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]
+) -> Tensors:
     """``statistic`` over the client axis of every coordinate (weights ignored: a robust statistic must not
     let a self-reported count buy influence)."""
-    return {n: torch.from_numpy(np.asarray(statistic(np.stack([d[n].double().numpy() for d in deltas])),
-                                           dtype=np.float64)).to(deltas[0][n].dtype) for n in names}
+    return {
+        n: torch.from_numpy(
+            np.asarray(statistic(np.stack([d[n].double().numpy() for d in deltas])), dtype=np.float64)
+        ).to(deltas[0][n].dtype)
+        for n in names
+    }
 
 
 def coordinate_median(deltas: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]) -> Tensors:

@@ -21,6 +21,7 @@ def random_orthogonal(size: int, seed: int, purpose: str) -> torch.Tensor:
 
 def _mean_product(replies: Replies, chain: Sequence[str]) -> torch.Tensor:
     """The example-weighted mean over clients of the chain's product ``f_1···f_m`` (global + delta), float64."""
+
     def value(k: int, name: str) -> torch.Tensor:
         return (replies.global_[name] + replies.deltas[k][name]).to(torch.float64)
 

@@ -26,8 +26,9 @@ def usage_mean(replies: Replies, structure: Structure, names: Sequence[str]) -> 
         if rows is None:
             out[name] = _slot_mean(replies, [d[name] for d in replies.deltas], slots[name])
         else:
-            out[name] = torch.stack([_slot_mean(replies, [d[name][i] for d in replies.deltas], slot)
-                                     for i, slot in enumerate(rows)])
+            out[name] = torch.stack(
+                [_slot_mean(replies, [d[name][i] for d in replies.deltas], slot) for i, slot in enumerate(rows)]
+            )
     return out
 
 

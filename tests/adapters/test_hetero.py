@@ -33,7 +33,7 @@ def _after(global_, delta):
 def test_a_rank_masked_layer_is_the_truncated_adapter():
     adapter = make("lora")
     randomise(adapter, 0.3)
-    path, layer = _layers(adapter)[0]
+    _path, layer = _layers(adapter)[0]
     x = torch.randn(2, 3, 16)
     adapter.set_rank(2)
     a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
@@ -52,8 +52,13 @@ def test_ffa_zero_padded_aggregation_equals_the_dense_mean_of_the_clients_produc
     global_ = server.sent_state()  # B = 0: the clients' B_k are their deltas
     ranks, weights = (1, 2, 4), [3.0, 1.0, 2.0]
     small = [{n: torch.randn(t.shape[0], r) for n, t in global_.items() if n.endswith("lora_B.weight")} for r in ranks]
-    deltas = [{n: torch.nn.functional.pad(s[n], (0, 4 - s[n].shape[1])) if n in s else torch.randn(t.shape)
-               for n, t in global_.items()} for s in small]
+    deltas = [
+        {
+            n: torch.nn.functional.pad(s[n], (0, 4 - s[n].shape[1])) if n in s else torch.randn(t.shape)
+            for n, t in global_.items()
+        }
+        for s in small
+    ]
     replies = Replies(global_, deltas, weights)
     merged = aggregate(replies, server.structure())
     for path, layer in _layers(server):
@@ -101,11 +106,10 @@ def test_product_aggregation_error_is_zero_when_the_global_rank_holds_the_mean(c
     server = make("lora")
     global_ = server.sent_state()
     if case == "clients share A":
-        deltas = [{n: d[n] * 0 if n.endswith("lora_A.weight") else d[n] for n in d}
-                  for d in client_deltas(server, 3)]
+        deltas = [{n: d[n] * 0 if n.endswith("lora_A.weight") else d[n] for n in d} for d in client_deltas(server, 3)]
     else:  # B = 0 globally, two clients of rank 2: the mean of their products has rank <= 4 = r
         deltas = _rank_deltas(server, (2, 2))
-    replies = Replies(global_, deltas, [1.0, 2.0, 3.0][:len(deltas)])
+    replies = Replies(global_, deltas, [1.0, 2.0, 3.0][: len(deltas)])
     product = aggregation_error(server.products, replies, aggregate(replies, server.structure(), aggregation="product"))
     naive = aggregation_error(server.products, replies, aggregate(replies, server.structure()))
     assert product < 1e-5
@@ -122,10 +126,12 @@ def test_product_aggregation_is_the_best_rank_r_approximation_and_keeps_every_co
     replies = Replies(global_, deltas, weights)
     merged = aggregate(replies, server.structure(), aggregation="product")
     err, ref = 0.0, 0.0
-    for path, layer in _layers(server):
+    for path, _layer in _layers(server):
         a, b = f"{path}.lora_A.weight", f"{path}.lora_B.weight"
-        mean = sum(w * _after(global_, d)[b].double() @ _after(global_, d)[a].double()
-                   for w, d in zip(weights, deltas)) / 6
+        mean = (
+            sum(w * _after(global_, d)[b].double() @ _after(global_, d)[a].double() for w, d in zip(weights, deltas))
+            / 6
+        )
         u, s, vh = (torch.from_numpy(m) for m in np.linalg.svd(mean.numpy()))
         best = (u[:, :4] * s[:4]) @ vh[:4]
         new_a, new_b = (_after(global_, merged)[n].double() for n in (a, b))
@@ -151,9 +157,11 @@ def test_client_ranks_rules_and_their_errors():
     assert planned_ranks(("linear",), 4, 8) == (2, 4, 6, 8) and planned_ranks(("linear",), 3, 2) == (1, 2, 2)
     assert client_rank(("node",), 0, 4, 8, {"max-rank": 3}) == 3 and client_rank(("node",), 0, 4, 8, {}) == 8
     assert client_rank(("node",), 0, 4, 8, {"max-rank": 99}) == 8 and client_rank((), 0, 4, 8, {}) is None
-    for ranks, message in [("2,4,8", "names 3 ranks for federation.num_clients=4"),
-                           ("2,4,9,0", r"ranks \[9, 0\] outside \[1, adapter.rank=8\]"),
-                           ("fast", "one integer rank per client, or one rule of: linear, node")]:
+    for ranks, message in [
+        ("2,4,8", "names 3 ranks for federation.num_clients=4"),
+        ("2,4,9,0", r"ranks \[9, 0\] outside \[1, adapter.rank=8\]"),
+        ("fast", "one integer rank per client, or one rule of: linear, node"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             RunConfig.from_flat({**base, "federation.client_ranks": ranks})
     with pytest.raises(ConfigError, match="needs adapter.kind in lora, ffa-lora"):
@@ -168,9 +176,11 @@ def test_the_server_checks_each_replys_rank_against_the_plan():
     rules = ReplyRules(fingerprint=0, max_rank=8, ranks=(2, 4, 8, 8))
     assert check_rank({"rank": 4, "partition-id": 1}, rules) == 4
     assert check_rank({}, ReplyRules(fingerprint=0)) is None
-    for metrics, message in [({"rank": 8, "partition-id": 1}, "differs from federation.client_ranks' 4"),
-                             ({"rank": 9, "partition-id": 2}, r"rank=9 must be an integer in \[1, 8\]"),
-                             ({"partition-id": 2}, "rank=None")]:
+    for metrics, message in [
+        ({"rank": 8, "partition-id": 1}, "differs from federation.client_ranks' 4"),
+        ({"rank": 9, "partition-id": 2}, r"rank=9 must be an integer in \[1, 8\]"),
+        ({"partition-id": 2}, "rank=None"),
+    ]:
         with pytest.raises(PayloadError, match=message):
             check_rank(metrics, rules)
 
@@ -189,16 +199,24 @@ def test_the_strategy_drops_replies_off_their_rank_and_aggregates_the_rest_in_pr
     global_ = server.sent_state()
     model = AdapterModel(metas(global_), server.structure(), server.products)
     rules = ReplyRules(fingerprint=server.fingerprint(), max_rank=4, ranks=(2, 4, 4))
-    strategy = AdapterStrategy(model=model, merge=MergeRule(aggregation="product"), stages=[
-        *reply_stages(model, rules, LedgerBook(DPConfig())), *influence_stages(StrategyConfig(clip="off"), math.inf)])
+    strategy = AdapterStrategy(
+        model=model,
+        merge=MergeRule(aggregation="product"),
+        stages=[
+            *reply_stages(model, rules, LedgerBook(DPConfig())),
+            *influence_stages(StrategyConfig(clip="off"), math.inf),
+        ],
+    )
     strategy._global = global_
     good = _rank_deltas(server, (2, 4))
     unpadded = client_deltas(server, 1, seed=5)[0]
     base = {"num-examples": 10, "fingerprint": server.fingerprint(), "train_loss": 1.0, "round": 1, "steps": 1}
-    replies = [reply_from(10, good[0], {**base, "partition-id": 0, "rank": 2}),
-               reply_from(11, good[1], {**base, "partition-id": 1, "rank": 4}),
-               reply_from(12, unpadded, {**base, "partition-id": 0, "rank": 2}),
-               reply_from(13, good[0], {**base, "partition-id": 2, "rank": 2})]
+    replies = [
+        reply_from(10, good[0], {**base, "partition-id": 0, "rank": 2}),
+        reply_from(11, good[1], {**base, "partition-id": 1, "rank": 4}),
+        reply_from(12, unpadded, {**base, "partition-id": 0, "rank": 2}),
+        reply_from(13, good[0], {**base, "partition-id": 2, "rank": 2}),
+    ]
     arrays, _ = strategy.aggregate_train(1, replies)
     dropped = strategy.rounds[1].dropped
     assert len(dropped) == 2 and "beyond the reply's rank 2" in dropped[0] and "differs from" in dropped[1]

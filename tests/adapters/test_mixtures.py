@@ -80,8 +80,9 @@ def test_per_sample_gradients_with_an_expert_that_gets_no_token(mode, batch):
     stepper.close()
     after = adapter.state(list(before))
     for name in before:  # no clipping at this bound: the update is the summed per-example gradient / 5
-        torch.testing.assert_close(before[name] - after[name], sum(r[name] for r in reference) / 5,
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            before[name] - after[name], sum(r[name] for r in reference) / 5, rtol=1e-4, atol=1e-6
+        )
 
 
 def test_balance_loss_is_per_example(batch):
@@ -90,9 +91,9 @@ def test_balance_loss_is_per_example(batch):
     adapter.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     together = adapter.auxiliary_loss(batch["attention_mask"])
     for i in range(len(batch["input_ids"])):
-        adapter.model(input_ids=batch["input_ids"][i:i + 1], attention_mask=batch["attention_mask"][i:i + 1])
-        alone = adapter.auxiliary_loss(batch["attention_mask"][i:i + 1])
-        torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+        adapter.model(input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1])
+        alone = adapter.auxiliary_loss(batch["attention_mask"][i : i + 1])
+        torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-5, atol=1e-6)
 
 
 def _skewed_usage_round(kind: str) -> tuple[Adapter, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
@@ -101,10 +102,15 @@ def _skewed_usage_round(kind: str) -> tuple[Adapter, list[dict[str, torch.Tensor
     server = make(kind)
     deltas = client_deltas(server, 2)
     slots = server.structure().slot_names
-    usage = [{s: (3.0 if s.endswith("/0") else 0.0) for s in slots},
-             {s: (1.0 if s.endswith("/0") else 2.0 if s.endswith("/1") else 0.0) for s in slots}]
-    return server, deltas, aggregate(Replies(server.sent_state(), deltas, [100.0, 1.0], usage=usage),
-                                     server.structure())
+    usage = [
+        {s: (3.0 if s.endswith("/0") else 0.0) for s in slots},
+        {s: (1.0 if s.endswith("/0") else 2.0 if s.endswith("/1") else 0.0) for s in slots},
+    ]
+    return (
+        server,
+        deltas,
+        aggregate(Replies(server.sent_state(), deltas, [100.0, 1.0], usage=usage), server.structure()),
+    )
 
 
 def test_experts_are_weighted_by_routed_tokens_and_an_unused_expert_keeps_its_value():

@@ -87,8 +87,11 @@ def test_importance_under_dp_reads_the_released_parameters_only_never_a_gradient
     start = dp_side.sent_state()
     dp_side.begin_round(LATE)
     optimizer = torch.optim.AdamW(dp_side.trainable_parameters(), lr=0.05)
-    stepper = DpStepper(dp_side.model, optimizer, DpSettings(noise_multiplier=1.0, max_grad_norm=1.0,
-                                                             sample_rate=0.05, num_examples=100))
+    stepper = DpStepper(
+        dp_side.model,
+        optimizer,
+        DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.05, num_examples=100),
+    )
     stepper.accumulate(task.per_example_loss(stepper.module, batch), len(batch["input_ids"]))
     stepper.optimizer.step()  # not stepper.step(), which also clears them: the raw gradients stay attached
     released = dp_side.sent_state()
@@ -120,8 +123,17 @@ def test_a_dp_round_ends_at_the_rounds_budget_on_every_line(batch):
     adapter = _rose(keep=0.25)
     adapter.begin_round(Clock(round_=2, rounds=2, steps=3))
     dp = DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.6, num_examples=5)
-    train_round(adapter, _Encoded(_NoTokenizer(), 16), _Rows(batch), steps=3, batch_size=5, lr=0.01,
-                weight_decay=0.0, dp=dp, gen=torch.Generator())
+    train_round(
+        adapter,
+        _Encoded(_NoTokenizer(), 16),
+        _Rows(batch),
+        steps=3,
+        batch_size=5,
+        lr=0.01,
+        weight_decay=0.0,
+        dp=dp,
+        gen=torch.Generator(),
+    )
     params = dict(adapter.model.named_parameters())
     for name, mask in adapter.masks().items():
         axis = 1 if name.endswith("lora_A.weight") else 0
@@ -133,8 +145,11 @@ def test_sparse_wire_round_trip_and_bytes():
     """Kept deltas + bit masks decode to the dense delta (``-global`` where the client pruned), and at keep 0.1
     a 384-wide factor costs well under a third of its dense record."""
     g = torch.Generator().manual_seed(0)
-    global_ = {"l.lora_A.weight": torch.randn(8, 384, generator=g), "l.lora_B.weight": torch.randn(384, 8, generator=g),
-               "head": torch.randn(2, 8, generator=g)}
+    global_ = {
+        "l.lora_A.weight": torch.randn(8, 384, generator=g),
+        "l.lora_B.weight": torch.randn(384, 8, generator=g),
+        "head": torch.randn(2, 8, generator=g),
+    }
     lines = {"l.lora_A.weight": 1, "l.lora_B.weight": 0}
     budgets = {n: 39 for n in lines}
     masks = {n: _top_k_reference(torch.rand(global_[n].shape, generator=g), a, 39) for n, a in lines.items()}
@@ -169,20 +184,26 @@ def test_sparse_wire_refuses_masks_that_break_the_budget():
     with pytest.raises(PayloadError, match="mask bits set beyond the width 12"):
         from_sparse_record(_forged(values, bits), metas(global_), global_, lines, {"a": 3})
     with pytest.raises(PayloadError, match="a: shape"):  # values for another budget
-        from_sparse_record(_forged(torch.ones(2, 4), np.packbits(mask, axis=1)), metas(global_), global_, lines,
-                           {"a": 3})
-    decoded, _ = from_sparse_record(_forged(values, np.packbits(mask, axis=1)), metas(global_), global_, lines,
-                                    {"a": 3})
+        from_sparse_record(
+            _forged(torch.ones(2, 4), np.packbits(mask, axis=1)), metas(global_), global_, lines, {"a": 3}
+        )
+    decoded, _ = from_sparse_record(
+        _forged(values, np.packbits(mask, axis=1)), metas(global_), global_, lines, {"a": 3}
+    )
     assert int(decoded["a"].count_nonzero()) == 6
 
 
 def test_masked_mean_is_the_mean_over_the_clients_that_kept_each_entry_then_the_line_budget():
     g = torch.Generator().manual_seed(2)
     global_ = {"A": torch.randn(3, 10, generator=g), "B": torch.randn(10, 3, generator=g)}
-    structure = Structure({n: Aggregation.MASKED for n in global_}, rules=((("A",), MaskedParams(1)), (("B",), MaskedParams(0))))
+    structure = Structure(
+        {n: Aggregation.MASKED for n in global_}, rules=((("A",), MaskedParams(1)), (("B",), MaskedParams(0)))
+    )
     weights = [1.0, 2.0, 3.0]
-    masks = [{n: _top_k_reference(torch.rand(t.shape, generator=g), structure.lines[n], 4) for n, t in global_.items()}
-             for _ in weights]
+    masks = [
+        {n: _top_k_reference(torch.rand(t.shape, generator=g), structure.lines[n], 4) for n, t in global_.items()}
+        for _ in weights
+    ]
     deltas = [{n: torch.where(m[n], torch.randn(t.shape, generator=g), -t) for n, t in global_.items()} for m in masks]
     merged = aggregate(Replies(global_, deltas, weights, masks=masks), structure)
     for name, axis in structure.lines.items():
@@ -196,8 +217,18 @@ def test_masked_mean_is_the_mean_over_the_clients_that_kept_each_entry_then_the_
 
 
 def _sparse_reply(record, fingerprint: int, round_: int):
-    msg = reply_from(next(_NODES), None, {"partition-id": 0, "round": round_, "num-examples": 50, "steps": 3,
-                                          "fingerprint": fingerprint, "train_loss": 0.5})
+    msg = reply_from(
+        next(_NODES),
+        None,
+        {
+            "partition-id": 0,
+            "round": round_,
+            "num-examples": 50,
+            "steps": 3,
+            "fingerprint": fingerprint,
+            "train_loss": 0.5,
+        },
+    )
     msg.content["arrays"] = record
     return msg
 
@@ -215,21 +246,29 @@ def test_the_row_and_column_budget_holds_after_every_round_through_the_strategy(
     structure = server.structure()
     model = AdapterModel(metas(global_), structure, server.products)
     strategy = AdapterStrategy(
-        model=model, update=ServerUpdate(budgets=lambda r: server.round_budgets(r, rounds)),
-        stages=[*reply_stages(model, ReplyRules(fingerprint=server.fingerprint()), LedgerBook(DPConfig())),
-                *influence_stages(StrategyConfig(clip="off"), math.inf)])
+        model=model,
+        update=ServerUpdate(budgets=lambda r: server.round_budgets(r, rounds)),
+        stages=[
+            *reply_stages(model, ReplyRules(fingerprint=server.fingerprint()), LedgerBook(DPConfig())),
+            *influence_stages(StrategyConfig(clip="off"), math.inf),
+        ],
+    )
     g = torch.Generator().manual_seed(4)
     for round_ in range(1, rounds + 1):
         strategy._global = global_
         budgets = server.round_budgets(round_, rounds)
         replies = []
         for _ in range(3):
-            masks = {n: _top_k_reference(torch.rand(shapes[n], generator=g), a, budgets[n])
-                     for n, a in structure.lines.items()}
+            masks = {
+                n: _top_k_reference(torch.rand(shapes[n], generator=g), a, budgets[n])
+                for n, a in structure.lines.items()
+            }
             delta = {n: torch.randn(t.shape, generator=g) for n, t in global_.items()}
             replies.append(_sparse_reply(to_sparse_record(delta, masks, structure.lines), server.fingerprint(), round_))
-        over = {n: _top_k_reference(torch.rand(shapes[n], generator=g), a, budgets[n] + 1)
-                for n, a in structure.lines.items()}
+        over = {
+            n: _top_k_reference(torch.rand(shapes[n], generator=g), a, budgets[n] + 1)
+            for n, a in structure.lines.items()
+        }
         replies.append(_sparse_reply(to_sparse_record(global_, over, structure.lines), server.fingerprint(), round_))
         arrays, _ = strategy.aggregate_train(round_, replies)
         global_ = from_record(arrays, metas(global_))
@@ -248,13 +287,14 @@ def test_peft_loads_a_pruned_roselora_adapter(batch, tmp_path):
     adapter = build(model, spec("roselora", ("query", "value"), keep_ratio=0.25), seed=1, head=HEAD)
     randomise(adapter, 0.2)
     with torch.no_grad():
-        for path, layer in ((p, m) for p, m in model.named_modules() if isinstance(m, RoseLinear)):
+        for _path, layer in ((p, m) for p, m in model.named_modules() if isinstance(m, RoseLinear)):
             for name, axis in (("lora_A.weight", 1), ("lora_B.weight", 0)):
                 w = layer._factors()[name]
                 w.mul_(_top_k_reference(w.abs(), axis, line_budget(w.shape[axis], 0.25)))
     export_adapter(adapter, tmp_path, task="classification", base_model="tiny-bert")
-    loaded = peft.PeftModel.from_pretrained(load_model("tiny-bert", "classification", num_labels=2, seed=5),
-                                            str(tmp_path)).eval()
+    loaded = peft.PeftModel.from_pretrained(
+        load_model("tiny-bert", "classification", num_labels=2, seed=5), str(tmp_path)
+    ).eval()
     args = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         torch.testing.assert_close(loaded(**args).logits, model.eval()(**args).logits, rtol=1e-5, atol=1e-5)
@@ -265,7 +305,7 @@ def test_allocate_ranks_is_highest_averages_apportionment():
     scores, cap = [5.0, 1.0, 0.2, 2.5], 6
     for total in (4, 9, 13, 24):
         quotients = sorted(((s / j, -i, i) for i, s in enumerate(scores) for j in range(2, cap + 1)), reverse=True)
-        expected = [1 + sum(1 for q in quotients[:total - 4] if q[2] == i) for i in range(4)]
+        expected = [1 + sum(1 for q in quotients[: total - 4] if q[2] == i) for i in range(4)]
         assert allocate_ranks(scores, total, cap) == expected and sum(expected) == total
     with pytest.raises(ValueError, match="rank budget 30 cannot give 4 layers between 1 and 6"):
         allocate_ranks(scores, 30, cap)
@@ -277,8 +317,8 @@ def test_reallocation_moves_rank_to_the_layer_the_round_changed_and_keeps_the_bu
     before = adapter.sent_state()
     g = torch.Generator().manual_seed(0)
     after = dict(before)
-    busy_mask, busy_b, busy_a = layers[0]
-    for mask, b, a in layers:  # every layer moves a little, the first a lot
+    busy_mask, busy_b, _busy_a = layers[0]
+    for _mask, b, _a in layers:  # every layer moves a little, the first a lot
         after[b] = before[b] + (1.0 if b == busy_b else 0.01) * torch.randn(before[b].shape, generator=g)
     new = reallocate(before, after, layers)
     assert adapter.after_aggregate(before, after).keys() == new.keys()

@@ -66,9 +66,20 @@ def _evaluate(msg: Message, context: Context) -> Message:
 
 def test_a_family_registered_outside_the_library_runs_two_rounds(tmp_path):
     assert "toy-scale" in kinds()
-    cfg = resolve("quickstart", ["model.name=tiny-bert", "data.name=synthetic", "federation.num_clients=2",
-                                 "federation.rounds=2", "train.local_steps=4", "train.batch_size=16",
-                                 "train.max_eval_examples=32", "adapter.kind=toy-scale", "train.lr=0.05"])
+    cfg = resolve(
+        "quickstart",
+        [
+            "model.name=tiny-bert",
+            "data.name=synthetic",
+            "federation.num_clients=2",
+            "federation.rounds=2",
+            "train.local_steps=4",
+            "train.batch_size=16",
+            "train.max_eval_examples=32",
+            "adapter.kind=toy-scale",
+            "train.lr=0.05",
+        ],
+    )
     run = simulate(cfg, tmp_path, name="toy", client=toy_client)
     lines = run.metrics()
     assert [line["round"] for line in lines] == [1, 2]

@@ -18,9 +18,17 @@ from simulations.run import simulate
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.name=tiny-bert", "data.name=synthetic", "data.max_examples=0", "federation.num_clients=5",
-        "federation.rounds=3", "train.local_steps=8", "train.batch_size=16", "train.max_eval_examples=64",
-        "train.lr=3e-2"]
+TINY = [
+    "model.name=tiny-bert",
+    "data.name=synthetic",
+    "data.max_examples=0",
+    "federation.num_clients=5",
+    "federation.rounds=3",
+    "train.local_steps=8",
+    "train.batch_size=16",
+    "train.max_eval_examples=64",
+    "train.lr=3e-2",
+]
 
 
 def _final(tmp_path, name: str, extra: list[str]) -> dict:

@@ -28,8 +28,11 @@ def ran(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def grid(seeds: list[int], families: list[str], extra: Sequence[str] = ()) -> list:
-    return [({"family": f, "seed": s}, resolve("mixed-domains", [*extra, f"adapter.kind={f}", f"seed={s}"]))
-            for f in families for s in seeds]
+    return [
+        ({"family": f, "seed": s}, resolve("mixed-domains", [*extra, f"adapter.kind={f}", f"seed={s}"]))
+        for f in families
+        for s in seeds
+    ]
 
 
 def test_runs_seed_by_seed_and_resumes(tmp_path: Path, ran: list[int]) -> None:
@@ -39,7 +42,8 @@ def test_runs_seed_by_seed_and_resumes(tmp_path: Path, ran: list[int]) -> None:
     cells.run_grid(log, tmp_path, grid([0, 1, 2], ["lora", "mor"]))
     assert ran == [0, 0, 1, 1, 2, 2]  # only the new seed ran
     assert sorted((r["family"], r["seed"]) for r in cells.finished(log)) == [
-        (f, s) for f in ("lora", "mor") for s in (0, 1, 2)]
+        (f, s) for f in ("lora", "mor") for s in (0, 1, 2)
+    ]
 
 
 def test_other_settings_are_other_cells(tmp_path: Path, ran: list[int]) -> None:
@@ -48,7 +52,9 @@ def test_other_settings_are_other_cells(tmp_path: Path, ran: list[int]) -> None:
     cells.run_grid(log, tmp_path, grid([0], ["lora"], ["federation.rounds=2"]))
     assert ran == [0, 0]
     # a table of the second grid holds its own record only, not the first's under the same labels
-    assert [r["config"]["federation.rounds"] for r in cells.held(log, grid([0], ["lora"], ["federation.rounds=2"]))] == [2]
+    assert [
+        r["config"]["federation.rounds"] for r in cells.held(log, grid([0], ["lora"], ["federation.rounds=2"]))
+    ] == [2]
 
 
 def test_a_key_added_since_at_its_default_keeps_a_cell_done(tmp_path: Path, ran: list[int]) -> None:
@@ -66,7 +72,9 @@ def test_a_rewritten_section_keeps_its_notes_and_its_place(tmp_path: Path) -> No
     doc = tmp_path / "benchmarks.md"
     cells.write_section(doc, "First", "| a |")
     cells.write_section(doc, "Second", "| b |")
-    doc.write_text(doc.read_text().replace(f"{cells.NOTES}\n\n## Second", f"{cells.NOTES}\n\nWhy a is low.\n\n## Second"))
+    doc.write_text(
+        doc.read_text().replace(f"{cells.NOTES}\n\n## Second", f"{cells.NOTES}\n\nWhy a is low.\n\n## Second")
+    )
     cells.write_section(doc, "First", "| a, re-run |")
     text = doc.read_text()
     assert "| a |" not in text and "| a, re-run |" in text and "Why a is low." in text
@@ -86,13 +94,18 @@ def test_a_booked_run_is_its_grid_cell_and_is_not_run_again(tmp_path: Path, ran:
     labels = dp_utility.cell_of(run)
     log = tmp_path / "results.jsonl"
     cells.record(log, labels, run.config(), cells.summarise(run))
-    grid = [(labels, resolve("private", overrides)), ({**labels, "seed": 2}, resolve("private", [*overrides[:3], "seed=2"]))]
+    grid = [
+        (labels, resolve("private", overrides)),
+        ({**labels, "seed": 2}, resolve("private", [*overrides[:3], "seed=2"])),
+    ]
     assert [r is not None for r in cells.held(log, grid)] == [True, False]
     cells.run_grid(log, tmp_path, grid)
     assert ran == [2]
 
 
-def test_a_section_without_its_marker_warns_before_it_is_replaced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_section_without_its_marker_warns_before_it_is_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n## First (2026-01-01)\n\n| a |\n\nHand-written reading.\n")
     cells.write_section(doc, "First", "| a, re-run |")
@@ -108,7 +121,9 @@ def test_a_setting_that_changes_the_figures_is_another_cell() -> None:
     assert not cells.same_cell(base, base.with_overrides({"dp.target_epsilon": 3.0}))
 
 
-def test_the_round_plot_averages_each_epsilons_seeds_round_by_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_round_plot_averages_each_epsilons_seeds_round_by_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each line of the round-by-round plot is the per-round mean of that epsilon's seeds, its band their
     range, in one panel per adapter and split that has cells."""
     from bench import dp_utility
@@ -119,10 +134,12 @@ def test_the_round_plot_averages_each_epsilons_seeds_round_by_round(tmp_path: Pa
     monkeypatch.setattr(real.Axes, "plot", lambda ax, x, y, **kw: drawn.setdefault(kw["label"], []).append(list(y)))
     monkeypatch.setattr(real.Axes, "fill_between", lambda ax, x, lo, hi, **kw: bands.append((list(lo), list(hi))))
     cell = {"adapter": "ffa-lora", "split": "iid"}
-    results = [{**cell, "epsilon_target": "8", "seed": 0, "curve": [0.6, 0.7, 0.8]},
-               {**cell, "epsilon_target": "8", "seed": 1, "curve": [0.4, 0.7, 0.6]},
-               {**cell, "epsilon_target": "inf", "seed": 0, "curve": [0.5, 0.5, 0.9]},
-               {"adapter": "lora", "split": "iid", "epsilon_target": "1", "seed": 0, "curve": [0.5, 0.6]}]
+    results = [
+        {**cell, "epsilon_target": "8", "seed": 0, "curve": [0.6, 0.7, 0.8]},
+        {**cell, "epsilon_target": "8", "seed": 1, "curve": [0.4, 0.7, 0.6]},
+        {**cell, "epsilon_target": "inf", "seed": 0, "curve": [0.5, 0.5, 0.9]},
+        {"adapter": "lora", "split": "iid", "epsilon_target": "1", "seed": 0, "curve": [0.5, 0.6]},
+    ]
     dp_utility.plot_curves(results, tmp_path / "rounds.png")
     assert drawn["eps 8 (2)"] == [[pytest.approx(0.5), pytest.approx(0.7), pytest.approx(0.7)]]
     assert drawn["no DP (1)"] == [[0.5, 0.5, 0.9]] and drawn["eps 1 (1)"] == [[0.5, 0.6]]
@@ -130,8 +147,9 @@ def test_the_round_plot_averages_each_epsilons_seeds_round_by_round(tmp_path: Pa
     assert (tmp_path / "rounds.png").stat().st_size > 0
 
 
-def test_a_call_for_part_of_the_grid_renders_every_cell_the_log_holds(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_call_for_part_of_the_grid_renders_every_cell_the_log_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A one-row call (``--splits iid``) must not shrink the table to its row: the log's other cells stay."""
     from bench import dp_utility
 
@@ -141,8 +159,11 @@ def test_a_call_for_part_of_the_grid_renders_every_cell_the_log_holds(tmp_path: 
         cfg = resolve("private", ["adapter.kind=ffa-lora", *extra, "dp.target_epsilon=8", "seed=0"])
         cells.record(log, labels, cfg, {"accuracy": 0.7, "wall_s": 60.0, "curve": [0.6, 0.7], "epsilon": 8.0})
     doc = tmp_path / "benchmarks.md"
-    monkeypatch.setattr(sys, "argv", ["dp_utility.py", "--render", "--splits", "iid", "--seeds", "0",
-                                      "--runs", str(tmp_path), "--doc", str(doc)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["dp_utility.py", "--render", "--splits", "iid", "--seeds", "0", "--runs", str(tmp_path), "--doc", str(doc)],
+    )
     dp_utility.main()
     table = doc.read_text()
     assert "| ffa-lora | iid |" in table and "| ffa-lora | dirichlet-0.5 |" in table

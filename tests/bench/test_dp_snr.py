@@ -18,8 +18,9 @@ from tests.helpers import _NoTokenizer, randomise, spec, tiny_bert
 def _adapter(kind: str):
     """Its large scale (alpha 200, rank 4) gives the adapter a tenth or more of each example's gradient norm, so
     clipping on the head's norm alone, or on the adapter's, would show."""
-    adapter = build(tiny_bert(), spec(kind, ("query", "value"), alpha=200.0), seed=3,
-                    head=("classifier.weight", "classifier.bias"))
+    adapter = build(
+        tiny_bert(), spec(kind, ("query", "value"), alpha=200.0), seed=3, head=("classifier.weight", "classifier.bias")
+    )
     randomise(adapter, 0.3)
     return adapter, Classification(_NoTokenizer(), 16)
 
@@ -45,8 +46,11 @@ def test_the_clipped_mean_is_the_noiseless_dp_step_and_the_norms_opacus_per_samp
 
     before = adapter.state(names)
     size = len(batch["input_ids"])
-    stepper = DpStepper(adapter.model, torch.optim.SGD(adapter.trainable_parameters(), lr=1.0),
-                        DpSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=size / 100, num_examples=100))
+    stepper = DpStepper(
+        adapter.model,
+        torch.optim.SGD(adapter.trainable_parameters(), lr=1.0),
+        DpSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=size / 100, num_examples=100),
+    )
     stepper.accumulate(per_example_losses(adapter, task, stepper.module, batch)[1], size)
     stepper.step()
     stepper.close()

@@ -18,7 +18,7 @@ def test_clipped_gradient_sum_equals_a_per_example_autograd_loop(clip: float) ->
     want_w, want_b = torch.zeros_like(weight), torch.zeros_like(bias)
     for i in range(len(y)):
         w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-        F.cross_entropy(x[i:i + 1] @ w.T + b, y[i:i + 1]).backward()
+        F.cross_entropy(x[i : i + 1] @ w.T + b, y[i : i + 1]).backward()
         norm = torch.sqrt(w.grad.pow(2).sum() + b.grad.pow(2).sum())
         factor = min(1.0, clip / float(norm)) if clip else 1.0
         want_w += factor * w.grad

@@ -16,24 +16,35 @@ def test_presets_resolve_and_round_trip():
 
 
 def test_overrides_are_typed():
-    cfg = resolve("quickstart", ["adapter.kind=ffa-lora", "dp.enabled=true", "dp.target_epsilon=8",
-                                 "adapter.targets=query,key", "federation.rounds=2"])
+    cfg = resolve(
+        "quickstart",
+        [
+            "adapter.kind=ffa-lora",
+            "dp.enabled=true",
+            "dp.target_epsilon=8",
+            "adapter.targets=query,key",
+            "federation.rounds=2",
+        ],
+    )
     assert cfg.adapter.kind == "ffa-lora" and cfg.dp.enabled and cfg.dp.target_epsilon == 8.0
     assert cfg.adapter.targets == ("query", "key") and cfg.federation.rounds == 2
 
 
-@pytest.mark.parametrize("override, named", [
-    ("adapter.kind=dora", "'dora' is not one of: lora, dynamic-lora, ffa-lora"),
-    ("data.partition=random", "'random' is not one of: iid, dirichlet, pathological"),
-    ("adapter.rnak=4", "unknown key 'adapter.rnak'"),
-    ("train.lr=fast", "train.lr='fast'"),
-    ("federation.fraction_train=0", "federation.fraction_train=0.0 must be in (0.0, 1.0]"),
-    ("adapter.rank=0", "adapter.rank=0 must be >= 1"),
-    ("task=translation", "'translation' is not one of: classification, causal-lm"),
-    ("dp.head_clip_share=1", "dp.head_clip_share=1.0 must be in [0, 1)"),
-    ("train.lr_schedule=step", "train.lr_schedule='step' is not one of: constant, cosine"),
-    ("model.layers=-2", "model.layers=-2 must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("adapter.kind=dora", "'dora' is not one of: lora, dynamic-lora, ffa-lora"),
+        ("data.partition=random", "'random' is not one of: iid, dirichlet, pathological"),
+        ("adapter.rnak=4", "unknown key 'adapter.rnak'"),
+        ("train.lr=fast", "train.lr='fast'"),
+        ("federation.fraction_train=0", "federation.fraction_train=0.0 must be in (0.0, 1.0]"),
+        ("adapter.rank=0", "adapter.rank=0 must be >= 1"),
+        ("task=translation", "'translation' is not one of: classification, causal-lm"),
+        ("dp.head_clip_share=1", "dp.head_clip_share=1.0 must be in [0, 1)"),
+        ("train.lr_schedule=step", "train.lr_schedule='step' is not one of: constant, cosine"),
+        ("model.layers=-2", "model.layers=-2 must be >= 0"),
+    ],
+)
 def test_bad_values_are_named_with_what_is_accepted(override, named):
     with pytest.raises(ConfigError) as err:
         resolve("quickstart", [override])
@@ -88,8 +99,10 @@ def test_flower_app_declares_every_config_key():
     assert set(declared) == set(RunConfig().to_flat()) | {"preset", "out", "name", "resume"}
     assert from_run_config(declared) == resolve("quickstart")
     start = text.index("[tool.flwr.app.config]\n")
-    block = text[start:_block_end(text, start)]
-    assert block.rstrip() + "\n" == flower_block(), "pyproject's run-config declarations drifted: paste `fed config --pyproject`"
+    block = text[start : _block_end(text, start)]
+    assert block.rstrip() + "\n" == flower_block(), (
+        "pyproject's run-config declarations drifted: paste `fed config --pyproject`"
+    )
 
 
 def _block_end(text: str, start: int) -> int:
@@ -104,8 +117,9 @@ def _block_end(text: str, start: int) -> int:
 def test_reference_page_is_generated_from_the_dataclasses():
     from fed.config.reference import MARKDOWN_PATH, markdown
 
-    assert (ROOT / MARKDOWN_PATH).read_text() == markdown(), \
+    assert (ROOT / MARKDOWN_PATH).read_text() == markdown(), (
         "docs/configuration.md drifted: run fed config --markdown > docs/configuration.md"
+    )
 
 
 def test_every_key_and_section_has_a_docstring():

@@ -60,8 +60,9 @@ def test_a_centred_head_equals_the_plain_head_with_mean_and_scale_folded_in(batc
             model.classifier.bias.normal_()
         plain.classifier.weight /= centred.scale  # W ((x - m) / s) + b = (W / s) x + (b - (W / s) m)
         plain.classifier.bias -= plain.classifier.weight @ centred.center
-        torch.testing.assert_close(centred.eval()(**_args(batch)).logits, plain.eval()(**_args(batch)).logits,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            centred.eval()(**_args(batch)).logits, plain.eval()(**_args(batch)).logits, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_the_statistics_are_computed_once_per_model_texts_and_budget(monkeypatch):
@@ -100,25 +101,38 @@ def test_an_exported_scaled_adapter_reproduces_its_outputs(batch, tmp_path):
     assert json.loads((tmp_path / "fedlora.json").read_text())["center"] == "center.safetensors"
     fresh = load_adapter(_pooled(), tmp_path).model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(fresh(**_args(batch)).logits, model.eval()(**_args(batch)).logits,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            fresh(**_args(batch)).logits, model.eval()(**_args(batch)).logits, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_the_run_builds_the_scaled_head_from_the_config():
-    cfg = RunConfig().with_overrides({"model.name": "tiny-bert", "model.pooling": "mean", "model.max_length": 16,
-                                      "model.center": "sms-spam", "model.scale": True, "data.name": "synthetic"})
+    cfg = RunConfig().with_overrides(
+        {
+            "model.name": "tiny-bert",
+            "model.pooling": "mean",
+            "model.max_length": 16,
+            "model.center": "sms-spam",
+            "model.scale": True,
+            "data.name": "synthetic",
+        }
+    )
     adapter, _ = adapted_model(cfg)
-    expected = centring.public_stats(_pooled(seed=cfg.seed), load_tokenizer("tiny-bert", "classification"),
-                                     "sms-spam", 16)
+    expected = centring.public_stats(
+        _pooled(seed=cfg.seed), load_tokenizer("tiny-bert", "classification"), "sms-spam", 16
+    )
     torch.testing.assert_close(adapter.model.center, expected["mean"])
     torch.testing.assert_close(adapter.model.scale, expected["std"])
 
 
-@pytest.mark.parametrize("overrides, named", [
-    ({"model.center": "sms-spam", "model.pooling": "cls"}, "model.pooling='mean'"),
-    ({"model.center": "sentiment", "model.pooling": "mean", "data.name": "sentiment"}, "its texts are private"),
-    ({"model.scale": True, "model.pooling": "mean"}, "needs model.center"),
-])
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"model.center": "sms-spam", "model.pooling": "cls"}, "model.pooling='mean'"),
+        ({"model.center": "sentiment", "model.pooling": "mean", "data.name": "sentiment"}, "its texts are private"),
+        ({"model.scale": True, "model.pooling": "mean"}, "needs model.center"),
+    ],
+)
 def test_the_config_refuses_a_centre_it_cannot_use(overrides, named):
     with pytest.raises(ConfigError, match=named):
         RunConfig().with_overrides(overrides)

@@ -135,11 +135,22 @@ def test_shares_are_the_same_when_rebuilt_from_scratch():
 
 def test_separate_processes_agree():
     """What simulated clients do: each process partitions on its own, with its own hash seed."""
-    code = ("from fed.data.datasets import *; ds = load_task_dataset('trec', 'classification');"
-            "s = client_split(ds, num_clients=3, client_id=1, partition='dirichlet', alpha=0.5, seed=7);"
-            "print(sorted(s.train['row_id'])[:50], sorted(s.test['row_id'])[:50])")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.getcwd(),
-                           env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2)}
+    code = (
+        "from fed.data.datasets import *; ds = load_task_dataset('trec', 'classification');"
+        "s = client_split(ds, num_clients=3, client_id=1, partition='dirichlet', alpha=0.5, seed=7);"
+        "print(sorted(s.train['row_id'])[:50], sorted(s.test['row_id'])[:50])"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=os.getcwd(),
+            env={**os.environ, "PYTHONHASHSEED": str(h)},
+        ).stdout
+        for h in (1, 2)
+    }
     assert len(outs) == 1
 
 
@@ -179,8 +190,9 @@ def test_causal_lm_partitions_by_category():
 
 def test_csv_with_string_labels(tmp_path):
     path = tmp_path / "reviews.csv"
-    path.write_text("sentence,verdict,extra\n" + "".join(f"text number {i},{'yes' if i % 3 else 'no'},x\n"
-                                                       for i in range(30)))
+    path.write_text(
+        "sentence,verdict,extra\n" + "".join(f"text number {i},{'yes' if i % 3 else 'no'},x\n" for i in range(30))
+    )
     ds = load_task_dataset(str(path), "classification", text_column="sentence", label_column="verdict")
     assert set(ds.column_names) == {"text", "label", "row_id"}
     assert isinstance(ds.features["label"], ClassLabel) and label_names(ds) == ["no", "yes"]
@@ -217,26 +229,32 @@ def test_missing_column_lists_the_files_columns(tmp_path):
         load_task_dataset(str(path), "classification")
 
 
-@pytest.mark.parametrize("kwargs, pattern", [
-    ({"name": "nope", "task": "classification"}, r"'nope'.*sentiment.*\.jsonl"),
-    ({"name": "sentiment", "task": "translation"}, r"'translation'.*causal-lm"),
-    ({"name": "sentiment", "task": "causal-lm"}, r"'sentiment'.*chatterbot"),
-    ({"name": "synthetic", "task": "classification", "max_examples": -1}, r"-1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"name": "nope", "task": "classification"}, r"'nope'.*sentiment.*\.jsonl"),
+        ({"name": "sentiment", "task": "translation"}, r"'translation'.*causal-lm"),
+        ({"name": "sentiment", "task": "causal-lm"}, r"'sentiment'.*chatterbot"),
+        ({"name": "synthetic", "task": "classification", "max_examples": -1}, r"-1"),
+    ],
+)
 def test_bad_load_arguments_are_named(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         load_task_dataset(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, pattern", [
-    ({"partition": "random"}, r"'random'.*iid.*dirichlet.*pathological"),
-    ({"partition": "iid", "client_id": 4}, r"client_id=4.*0\.\.3"),
-    ({"partition": "iid", "client_id": -1}, r"client_id=-1"),
-    ({"partition": "iid", "num_clients": 0, "client_id": 0}, r"num_clients=0"),
-    ({"partition": "iid", "test_fraction": 1.0}, r"test_fraction=1.0"),
-    ({"partition": "pathological", "classes_per_client": 3}, r"classes_per_client=3.*\[1, 2\]"),
-    ({"partition": "dirichlet", "alpha": 0.0}, r"alpha=0.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"partition": "random"}, r"'random'.*iid.*dirichlet.*pathological"),
+        ({"partition": "iid", "client_id": 4}, r"client_id=4.*0\.\.3"),
+        ({"partition": "iid", "client_id": -1}, r"client_id=-1"),
+        ({"partition": "iid", "num_clients": 0, "client_id": 0}, r"num_clients=0"),
+        ({"partition": "iid", "test_fraction": 1.0}, r"test_fraction=1.0"),
+        ({"partition": "pathological", "classes_per_client": 3}, r"classes_per_client=3.*\[1, 2\]"),
+        ({"partition": "dirichlet", "alpha": 0.0}, r"alpha=0.0"),
+    ],
+)
 def test_bad_split_arguments_are_named(kwargs, pattern):
     ds = load_task_dataset("synthetic", "classification")
     with pytest.raises(ValueError, match=pattern):

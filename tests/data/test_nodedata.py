@@ -19,8 +19,17 @@ ROWS = [{"body": f"row number {i}", "tag": LABELS[i % 3]} for i in range(12)]
 
 
 def _cfg(*extra: str):
-    return resolve("quickstart", ["model.name=tiny-bert", "data.text_column=body", "data.label_column=tag",
-                                  f"data.labels={','.join(LABELS)}", "data.test_fraction=0.25", *extra])
+    return resolve(
+        "quickstart",
+        [
+            "model.name=tiny-bert",
+            "data.text_column=body",
+            "data.label_column=tag",
+            f"data.labels={','.join(LABELS)}",
+            "data.test_fraction=0.25",
+            *extra,
+        ],
+    )
 
 
 def _write(path, rows, fmt: str) -> str:
@@ -48,11 +57,14 @@ def test_server_builds_the_head_without_any_data(monkeypatch):
     assert adapter.model.classifier.out_features == len(LABELS)
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["data.name=sentiment"], ("negative", "positive")),
-    (["data.name=x.csv", "data.num_labels=4"], ("0", "1", "2", "3")),
-    (["task=causal-lm", "data.name=x.csv"], None),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["data.name=sentiment"], ("negative", "positive")),
+        (["data.name=x.csv", "data.num_labels=4"], ("0", "1", "2", "3")),
+        (["task=causal-lm", "data.name=x.csv"], None),
+    ],
+)
 def test_run_labels_come_from_the_config(extra, expected):
     cfg = resolve("quickstart", extra)
     assert run_labels(cfg) == expected
@@ -63,13 +75,16 @@ def test_a_data_file_without_labels_in_the_config_is_refused():
         server_preflight(resolve("quickstart", ["model.name=tiny-bert", "data.name=/nowhere/mine.csv"]))
 
 
-@pytest.mark.parametrize("overrides, pattern", [
-    (["data.labels=a,a"], "repeats"),
-    (["data.labels=a,b", "data.num_labels=3"], "num_labels=3"),
-    (["data.num_labels=1"], "at least 2"),
-    (["federation.num_clients=2", "federation.min_replies=3"], "min_replies=3 exceeds"),
-    (["federation.num_clients=2", "federation.min_available=5"], "min_available=5 exceeds"),
-])
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["data.labels=a,a"], "repeats"),
+        (["data.labels=a,b", "data.num_labels=3"], "num_labels=3"),
+        (["data.num_labels=1"], "at least 2"),
+        (["federation.num_clients=2", "federation.min_replies=3"], "min_replies=3 exceeds"),
+        (["federation.num_clients=2", "federation.min_available=5"], "min_available=5 exceeds"),
+    ],
+)
 def test_bad_label_settings_are_named(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         resolve("quickstart", overrides)
@@ -91,16 +106,19 @@ def test_integer_labels_are_indices(tmp_path):
     assert set(data.train["label"]) | set(data.test["label"]) == {2}
 
 
-@pytest.mark.parametrize("content, suffix, pattern", [
-    (None, ".csv", "is not a file"),
-    ("body,tag\nhello,pos\n", ".txt", "unsupported file type '.txt'"),
-    ("", ".csv", "could not be read"),
-    ("body,tag\n", ".csv", "could not be read"),
-    ("body,tag\nhello,pos\n", ".csv", "1 usable row"),
-    ('{"body": "a", "tag": ', ".json", "could not be read"),
-    ("body,tag\nhello,pos\nbye,angry\nyo,sad\n", ".csv", r"\['angry', 'sad'\] are outside.*'pos', 'neg', 'meh'"),
-    ("text,tag\nhello,pos\nbye,neg\n", ".csv", r"column\(s\) \['body'\] not found"),
-])
+@pytest.mark.parametrize(
+    "content, suffix, pattern",
+    [
+        (None, ".csv", "is not a file"),
+        ("body,tag\nhello,pos\n", ".txt", "unsupported file type '.txt'"),
+        ("", ".csv", "could not be read"),
+        ("body,tag\n", ".csv", "could not be read"),
+        ("body,tag\nhello,pos\n", ".csv", "1 usable row"),
+        ('{"body": "a", "tag": ', ".json", "could not be read"),
+        ("body,tag\nhello,pos\nbye,angry\nyo,sad\n", ".csv", r"\['angry', 'sad'\] are outside.*'pos', 'neg', 'meh'"),
+        ("text,tag\nhello,pos\nbye,neg\n", ".csv", r"column\(s\) \['body'\] not found"),
+    ],
+)
 def test_bad_node_files_say_what_is_wrong(tmp_path, content, suffix, pattern):
     path = tmp_path / f"bad{suffix}"
     if content is not None:
@@ -122,10 +140,12 @@ def test_a_bad_node_replies_with_the_public_reason_only(tmp_path, flower_identit
 
     path = _write(tmp_path / "mine.csv", [{"body": "secret words", "tag": "angry"}] * 3, "csv")
     cfg = _cfg("federation.num_clients=1")
-    msg = Message(RecordDict({"config": config_record(cfg, **{"server-round": 1})}), dst_node_id=1,
-                  message_type="train")
-    context = Context(run_id=1, node_id=1, node_config={"data-path": path, "partition-id": 0}, state=RecordDict(),
-                      run_config={})
+    msg = Message(
+        RecordDict({"config": config_record(cfg, **{"server-round": 1})}), dst_node_id=1, message_type="train"
+    )
+    context = Context(
+        run_id=1, node_id=1, node_config={"data-path": path, "partition-id": 0}, state=RecordDict(), run_config={}
+    )
     with pytest.raises(ValueError) as err:
         train(msg, context)
     assert "labels outside the run's label set ['pos', 'neg', 'meh']" in str(err.value)

@@ -16,9 +16,17 @@ def tiny_model_dir(tmp_path_factory):
     tokenizer = load_tokenizer("tiny-bert", "classification")
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = BertForSequenceClassification(BertConfig(
-            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id))
+        model = BertForSequenceClassification(
+            BertConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=64,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -13,8 +13,8 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import pytest
@@ -43,10 +43,23 @@ def _count(log: Path, text: str) -> int:
 
 
 def _cfg(model_dir: Path, *extra: str):
-    return resolve("quickstart", [
-        f"model.name={model_dir}", "model.max_length=16", "data.labels=neg,pos", "adapter.kind=ffa-lora",
-        "dp.enabled=true", "dp.target_epsilon=8", "federation.num_clients=2", "federation.rounds=3",
-        "federation.fraction_evaluate=0", "train.local_steps=2", "train.batch_size=8", *extra])
+    return resolve(
+        "quickstart",
+        [
+            f"model.name={model_dir}",
+            "model.max_length=16",
+            "data.labels=neg,pos",
+            "adapter.kind=ffa-lora",
+            "dp.enabled=true",
+            "dp.target_epsilon=8",
+            "federation.num_clients=2",
+            "federation.rounds=3",
+            "federation.fraction_evaluate=0",
+            "train.local_steps=2",
+            "train.batch_size=8",
+            *extra,
+        ],
+    )
 
 
 def _rounds(run_dir: Path) -> list[dict]:
@@ -116,8 +129,10 @@ def server_killed(tmp_path_factory, tiny_model_dir):
         for node, path in enumerate(files):
             cluster.start_node(node, path, num_nodes=2)
         cluster.launch(cfg, "srv")
-        _wait(lambda: len(_rounds(run_dir)) == 1 and (run_dir / "checkpoints" / "latest.safetensors").is_file(),
-              "round 1's checkpoint")
+        _wait(
+            lambda: len(_rounds(run_dir)) == 1 and (run_dir / "checkpoints" / "latest.safetensors").is_file(),
+            "round 1's checkpoint",
+        )
         superlink = psutil.Process(cluster.procs.started["superlink"].pid)
         serverapps = [p for p in superlink.children(recursive=True) if "flwr-serverapp" in " ".join(p.cmdline())]
         assert serverapps, "no flwr-serverapp process under the SuperLink"

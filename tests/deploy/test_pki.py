@@ -21,8 +21,9 @@ def test_ca_signs_a_server_certificate_valid_for_the_address(tmp_path):
     pki = make_pki(tmp_path, ["127.0.0.1", "fl.example.org"], nodes=2)
     ca = x509.load_pem_x509_certificate(pki.ca.read_bytes())
     server = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
-    ca.public_key().verify(server.signature, server.tbs_certificate_bytes, padding.PKCS1v15(),
-                           server.signature_hash_algorithm)
+    ca.public_key().verify(
+        server.signature, server.tbs_certificate_bytes, padding.PKCS1v15(), server.signature_hash_algorithm
+    )
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
@@ -43,8 +44,12 @@ def test_node_keys_are_openssh_p384_pairs_and_survive_a_second_run(tmp_path):
 
 def test_node_config_parses_with_flowers_parser(tmp_path):
     text = node_config(3, str(tmp_path / "my data.csv"), tmp_path / "state", num_nodes=4)
-    assert parse_config_args([text]) == {"partition-id": 3, "num-partitions": 4, "state-dir": str(tmp_path / "state"),
-                                         "data-path": str(tmp_path / "my data.csv")}
+    assert parse_config_args([text]) == {
+        "partition-id": 3,
+        "num-partitions": 4,
+        "state-dir": str(tmp_path / "state"),
+        "data-path": str(tmp_path / "my data.csv"),
+    }
 
 
 def test_run_config_file_reproduces_the_config(tmp_path):

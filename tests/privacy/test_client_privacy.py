@@ -59,8 +59,9 @@ def test_one_ledger_write_per_dp_round_booking_the_round_before_it_trains(experi
 
     writes: list = []
     real_write = client_privacy.write_atomic
-    monkeypatch.setattr(client_privacy, "write_atomic",
-                        lambda path, text: writes.append(path) or real_write(path, text))
+    monkeypatch.setattr(
+        client_privacy, "write_atomic", lambda path, text: writes.append(path) or real_write(path, text)
+    )
     data, node = experiment.canary.data(False), {"state-dir": str(tmp_path)}
     experiment.ask(data, node, round_=1)
     assert len(writes) == 1

@@ -21,14 +21,27 @@ from fed.privacy.release import PUBLIC_UNDER_DP
 
 N = 100  # training examples of the client
 RUN = 7
-DP = {"dp.enabled": True, "dp.noise_multiplier": 1.5, "dp.delta": 1e-5, "train.batch_size": 10,
-      "train.local_steps": 4, "federation.rounds": 3}
+DP = {
+    "dp.enabled": True,
+    "dp.noise_multiplier": 1.5,
+    "dp.delta": 1e-5,
+    "train.batch_size": 10,
+    "train.local_steps": 4,
+    "federation.rounds": 3,
+}
 
 
 def _open(tmp_path: Path, overrides: dict, node: dict | None = None, round_: int = 1, events: str = "") -> PrivateRound:
     cfg = RunConfig().with_overrides(overrides)
-    return PrivateRound.open(cfg, {"state-dir": str(tmp_path), **(node or {})}, partition_id=0, round_=round_,
-                             run=RUN, num_examples=N, server_events=events)
+    return PrivateRound.open(
+        cfg,
+        {"state-dir": str(tmp_path), **(node or {})},
+        partition_id=0,
+        round_=round_,
+        run=RUN,
+        num_examples=N,
+        server_events=events,
+    )
 
 
 def _file(tmp_path: Path) -> Ledger:
@@ -115,6 +128,7 @@ def test_an_unreadable_ledger_names_the_file_and_stops_the_round(tmp_path):
 
 def test_the_layer_imports_no_flower():
     code = "import sys, fed.privacy.client; print('flwr' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2]
+    )
     assert out.stdout.strip() == "False"

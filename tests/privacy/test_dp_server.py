@@ -32,18 +32,32 @@ pytestmark = pytest.mark.usefixtures("flower_identity")
 
 def _dp_reply(node: int, cid: int, *, steps: int = 10, eps: float | None = None, **extra) -> Message:
     event = [DpSgdEvent(1, 1.1, 0.05, steps, 1)]
-    metrics = {"partition-id": cid, "round": 1, "fingerprint": FP, "num-examples": 100, "steps": steps,
-               "dp-steps": steps,
-               "dp-noise-multiplier": 1.1, "dp-sample-rate": 0.05, "secure-rng": 1,
-               "epsilon": epsilon(event, DP.delta, "rdp") if eps is None else eps, **extra}
+    metrics = {
+        "partition-id": cid,
+        "round": 1,
+        "fingerprint": FP,
+        "num-examples": 100,
+        "steps": steps,
+        "dp-steps": steps,
+        "dp-noise-multiplier": 1.1,
+        "dp-sample-rate": 0.05,
+        "secure-rng": 1,
+        "epsilon": epsilon(event, DP.delta, "rdp") if eps is None else eps,
+        **extra,
+    }
     return reply_from(node, {"l.lora_B.weight": torch.ones(3, 2)}, metrics)
 
 
 def _strategy(book: LedgerBook, written: list) -> AdapterStrategy:
     model = AdapterModel(metas(GLOBAL), Structure({"l.lora_B.weight": Aggregation.MEAN}))
-    s = AdapterStrategy(model=model, plan=RoundPlan(loss_metric="dp-train-loss"), stages=[
-        *reply_stages(model, ReplyRules(fingerprint=FP, dp=DP), book, lambda b: written.append(b.report())),
-        *influence_stages(StrategyConfig(), math.inf)])
+    s = AdapterStrategy(
+        model=model,
+        plan=RoundPlan(loss_metric="dp-train-loss"),
+        stages=[
+            *reply_stages(model, ReplyRules(fingerprint=FP, dp=DP), book, lambda b: written.append(b.report())),
+            *influence_stages(StrategyConfig(), math.inf),
+        ],
+    )
     s._global = {k: v.clone() for k, v in GLOBAL.items()}
     return s
 
@@ -54,7 +68,7 @@ def test_dp_replies_keep_public_fields_only_and_book_events_even_when_dropped():
     leaky = _dp_reply(11, 0, train_loss=0.123, train_wall_s=4.2)
     bad_payload = _dp_reply(12, 1)
     bad_payload.content.array_records["arrays"] = to_record({"l.lora_B.weight": torch.ones(5)})
-    arrays, metrics = strategy.aggregate_train(1, [leaky, bad_payload])
+    _arrays, metrics = strategy.aggregate_train(1, [leaky, bad_payload])
     assert metrics is not None and "train_loss" not in metrics
     record = strategy.rounds[1]
     assert all(set(m) <= PUBLIC_UNDER_DP for m in record.reported)
@@ -68,9 +82,8 @@ def test_each_client_gets_its_own_events_back():
     strategy = _strategy(book, [])
     strategy.aggregate_train(1, [_dp_reply(11, 0, steps=10), _dp_reply(12, 1, steps=7)])
     record = RecordDict({"arrays": to_record(GLOBAL), "config": ConfigRecord({"server-round": 2})})
-    privacy, = (s for s in strategy.stages if isinstance(s, PrivacyBookkeeping))
-    messages = [privacy.with_known_events(Message(record, dst_node_id=n, message_type="train"))
-                for n in (11, 12, 13)]
+    (privacy,) = (s for s in strategy.stages if isinstance(s, PrivacyBookkeeping))
+    messages = [privacy.with_known_events(Message(record, dst_node_id=n, message_type="train")) for n in (11, 12, 13)]
     got = [m.content.config_records["config"].get("known-events") for m in messages]
     assert [e.steps for e in events_from_json(got[0])] == [10]
     assert [e.steps for e in events_from_json(got[1])] == [7]
@@ -103,8 +116,11 @@ def test_mid_run_report_reaccounts_only_clients_with_new_events_and_only_the_run
 
     calls: list[tuple[int, str]] = []
     real = book_module.epsilon
-    monkeypatch.setattr(book_module, "epsilon",
-                        lambda events, delta, acc: calls.append((len(list(events)), acc)) or real(events, delta, acc))
+    monkeypatch.setattr(
+        book_module,
+        "epsilon",
+        lambda events, delta, acc: calls.append((len(list(events)), acc)) or real(events, delta, acc),
+    )
     book = LedgerBook(DP)
     reply = {"dp-steps": 10, "dp-noise-multiplier": 1.1, "dp-sample-rate": 0.05, "epsilon": 0.5}
     for cid in range(3):
@@ -116,7 +132,8 @@ def test_mid_run_report_reaccounts_only_clients_with_new_events_and_only_the_run
     second = book.report()
     assert calls == [(2, "rdp")]  # the other two are not re-accounted
     assert second["clients"]["1"]["server_epsilon"] == pytest.approx(
-        real([DpSgdEvent(1, 1.1, 0.05, 10), DpSgdEvent(2, 1.1, 0.05, 10)], DP.delta, "rdp"))
+        real([DpSgdEvent(1, 1.1, 0.05, 10), DpSgdEvent(2, 1.1, 0.05, 10)], DP.delta, "rdp")
+    )
     final = book.report(cross_check=True)["clients"]["1"]
     assert final["epsilon_prv"] == pytest.approx(real(book.events(1), DP.delta, "prv"))
     assert final["epsilon_rdp"] == second["clients"]["1"]["epsilon_rdp"]

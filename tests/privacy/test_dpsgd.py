@@ -30,8 +30,11 @@ def _lm_batch(batch):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("build_fn, batch_fn", [(_bert_adapter, lambda b: b), (_llama_adapter, _lm_batch)],
-                         ids=["classification", "causal-lm"])
+@pytest.mark.parametrize(
+    "build_fn, batch_fn",
+    [(_bert_adapter, lambda b: b), (_llama_adapter, _lm_batch)],
+    ids=["classification", "causal-lm"],
+)
 def test_opacus_per_sample_gradients_equal_a_naive_loop(kind, build_fn, batch_fn, batch):
     adapter, task = build_fn(kind)
     batch = batch_fn(batch)
@@ -55,8 +58,9 @@ def _chunks(batch, parts: int):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode, parts", [("hooks", 1), ("ghost", 1), ("hooks", 2)],
-                         ids=["hooks", "ghost", "hooks-2-chunks"])
+@pytest.mark.parametrize(
+    "mode, parts", [("hooks", 1), ("ghost", 1), ("hooks", 2)], ids=["hooks", "ghost", "hooks-2-chunks"]
+)
 def test_dp_step_without_noise_is_the_mean_of_clipped_per_example_gradients(kind, mode, parts, batch):
     """Also when the batch arrives in chunks: one step, each example clipped once, divided by the expected size."""
     adapter, task = _bert_adapter(kind)
@@ -70,8 +74,9 @@ def test_dp_step_without_noise_is_the_mean_of_clipped_per_example_gradients(kind
     expected_bs = 4  # deliberately not the actual batch size: DP-SGD divides by the *expected* size
     before = adapter.state(names)
     optimizer = torch.optim.SGD(adapter.trainable_parameters(), lr=1.0)
-    dp = DpSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=expected_bs / 100, num_examples=100,
-                    mode=mode)
+    dp = DpSettings(
+        noise_multiplier=0.0, max_grad_norm=clip, sample_rate=expected_bs / 100, num_examples=100, mode=mode
+    )
     stepper = DpStepper(adapter.model, optimizer, dp)
     for chunk in _chunks(batch, parts):
         stepper.accumulate(per_example_losses(adapter, task, stepper.module, chunk)[1], len(batch["input_ids"]))
@@ -95,12 +100,14 @@ def test_per_layer_clipping_clips_each_tensor_to_its_share_of_the_bound(kind, ba
     n_rest = len(names) - n_head
     bound = {n: clip * (share / n_head if n in head else (1 - share) / n_rest) ** 0.5 for n in names}
     reference = _naive_grads(adapter, task, batch)
-    expected = {n: sum(g[n] * min(1.0, bound[n] / (float(g[n].norm()) + 1e-6)) for g in reference) / expected_bs
-                for n in names}
+    expected = {
+        n: sum(g[n] * min(1.0, bound[n] / (float(g[n].norm()) + 1e-6)) for g in reference) / expected_bs for n in names
+    }
     before = adapter.state(names)
     optimizer = torch.optim.SGD(adapter.trainable_parameters(), lr=1.0)
-    dp = DpSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=expected_bs / 100, num_examples=100,
-                    head_clip_share=share)
+    dp = DpSettings(
+        noise_multiplier=0.0, max_grad_norm=clip, sample_rate=expected_bs / 100, num_examples=100, head_clip_share=share
+    )
     stepper = DpStepper(adapter.model, optimizer, dp, [n in head for n in names])
     assert stepper.optimizer.max_grad_norm == clip  # the noise's scale: the whole example's sensitivity
     stepper.accumulate(per_example_losses(adapter, task, stepper.module, batch)[1], len(batch["input_ids"]))
@@ -169,12 +176,22 @@ def test_length_chunks_cover_the_batch_once_in_length_order(lengths, size):
 def _plain_round_with_dropout(batch: dict[str, torch.Tensor], seed: int, noise_before: int) -> dict[str, torch.Tensor]:
     from tests.helpers import _Encoded, _Rows
 
-    adapter = build(tiny_bert(dropout=0.5), spec("lora", ("query", "value")), seed=3,
-                    head=("classifier.weight", "classifier.bias"))
+    adapter = build(
+        tiny_bert(dropout=0.5), spec("lora", ("query", "value")), seed=3, head=("classifier.weight", "classifier.bias")
+    )
     torch.rand(noise_before)  # what else the process (a simulation actor) drew before this round
     before = torch.get_rng_state()
-    train_round(adapter, _Encoded(_NoTokenizer(), 16), _Rows(batch), steps=3, batch_size=5, lr=0.1,
-                weight_decay=0.0, dp=None, gen=torch.Generator().manual_seed(seed))
+    train_round(
+        adapter,
+        _Encoded(_NoTokenizer(), 16),
+        _Rows(batch),
+        steps=3,
+        batch_size=5,
+        lr=0.1,
+        weight_decay=0.0,
+        dp=None,
+        gen=torch.Generator().manual_seed(seed),
+    )
     assert torch.equal(torch.get_rng_state(), before)  # the round leaves the process's generator as it was
     return {n: p.detach().clone() for n, p in adapter.model.named_parameters() if p.requires_grad}
 
@@ -219,8 +236,13 @@ def test_a_process_that_never_trains_privately_never_imports_opacus(mode, expect
     import sys
     from pathlib import Path
 
-    out = subprocess.run([sys.executable, "-c", _PLAIN_ROUND, mode], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", _PLAIN_ROUND, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[2],
+    )
     assert out.stdout.strip().splitlines()[-1] == expected
 
 

@@ -22,7 +22,7 @@ def test_rounds_compose_and_equal_one_accountant_with_all_steps(accountant):
     ledger.record(DpSgdEvent(2, 1.0, 0.02, 50))
     eps2 = ledger.epsilon()
     assert eps2 > eps1 > 0
-    single = (RDPAccountant() if accountant == "rdp" else PRVAccountant())
+    single = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     for _ in range(100):  # step-by-step, the way Opacus's own hook records a non-federated run
         single.step(noise_multiplier=1.0, sample_rate=0.02)
     assert eps2 == pytest.approx(single.get_epsilon(delta=DELTA), rel=1e-3 if accountant == "prv" else 1e-9)
@@ -56,15 +56,17 @@ def test_plan_calibrates_once_and_guard_stops_past_the_budget():
 
 
 def test_ledger_round_trips_through_json():
-    ledger = Ledger(accountant="rdp", delta=DELTA, target_epsilon=8, noise_multiplier=0.9,
-                    events=[DpSgdEvent(1, 0.9, 0.1, 10)])
+    ledger = Ledger(
+        accountant="rdp", delta=DELTA, target_epsilon=8, noise_multiplier=0.9, events=[DpSgdEvent(1, 0.9, 0.1, 10)]
+    )
     again = Ledger.from_json(ledger.to_json())
     assert again == ledger and math.isclose(again.epsilon(), ledger.epsilon())
 
 
 def test_no_dp_plan_trains_all_steps():
-    plan = plan_round(DPConfig(), new_ledger(DPConfig()), num_examples=10, batch_size=5, local_steps=7, rounds=1,
-                      round_=1)
+    plan = plan_round(
+        DPConfig(), new_ledger(DPConfig()), num_examples=10, batch_size=5, local_steps=7, rounds=1, round_=1
+    )
     assert plan.dp is None and plan.steps == 7
 
 
@@ -95,8 +97,9 @@ PLAN = dict(num_examples=800, batch_size=32, local_steps=10, rounds=5)
 
 def test_calibration_matches_opacus_on_a_fresh_ledger_and_plans_the_remainder_after_prior_spending():
     ours = calibrate_noise(3.0, DELTA, 0.04, 50, "rdp")
-    theirs = get_noise_multiplier(target_epsilon=3.0, target_delta=DELTA, sample_rate=0.04, steps=50, accountant="rdp",
-                                  epsilon_tolerance=0.001)
+    theirs = get_noise_multiplier(
+        target_epsilon=3.0, target_delta=DELTA, sample_rate=0.04, steps=50, accountant="rdp", epsilon_tolerance=0.001
+    )
     assert ours == pytest.approx(theirs, rel=5e-3)
     prior = [DpSgdEvent(1, 1.0, 0.04, 50, run=1)]
     sigma = calibrate_noise(3.0, DELTA, 0.04, 50, "rdp", prior)
@@ -107,8 +110,13 @@ def test_calibration_matches_opacus_on_a_fresh_ledger_and_plans_the_remainder_af
 def test_stale_ledger_from_an_earlier_run_cannot_push_past_the_new_cap():
     """The reproduction: an old file (sigma 0.3, delta 1e-3, no target, 50 steps spent) meets a run whose
     target is 1.0 at 1e-5. The foundation trained all 50 steps (true eps 50.2); now nothing trains."""
-    old = Ledger(accountant="rdp", delta=1e-3, noise_multiplier=0.3, run=1,
-                 events=[DpSgdEvent(r, 0.3, 0.04, 10, run=1) for r in range(1, 6)])
+    old = Ledger(
+        accountant="rdp",
+        delta=1e-3,
+        noise_multiplier=0.3,
+        run=1,
+        events=[DpSgdEvent(r, 0.3, 0.04, 10, run=1) for r in range(1, 6)],
+    )
     stale = Ledger.from_json(old.to_json())
     dp = DPConfig(enabled=True, target_epsilon=1.0, delta=1e-5)
     plans = [plan_round(dp, stale, **PLAN, round_=r, run=2) for r in range(1, 6)]
@@ -117,21 +125,36 @@ def test_stale_ledger_from_an_earlier_run_cannot_push_past_the_new_cap():
 
 
 def test_policy_refuses_weaker_settings_and_the_first_dp_round_pins_them():
-    policy = Policy.from_node_config({"dp-required": "true", "max-epsilon": 4, "delta": 1e-5,
-                                      "min-noise-multiplier": 0.5, "max-grad-norm": 2, "partition-id": 0})
+    policy = Policy.from_node_config(
+        {
+            "dp-required": "true",
+            "max-epsilon": 4,
+            "delta": 1e-5,
+            "min-noise-multiplier": 0.5,
+            "max-grad-norm": 2,
+            "partition-id": 0,
+        }
+    )
     ledger = new_ledger(DPConfig())
     assert plan_round(DPConfig(enabled=False), ledger, **PLAN, round_=1, policy=policy).refused
-    assert "exceeds" in plan_round(DPConfig(enabled=True, target_epsilon=9), ledger, **PLAN, round_=1,
-                                   policy=policy).refused
-    assert "below" in plan_round(DPConfig(enabled=True, noise_multiplier=0.2), ledger, **PLAN, round_=1,
-                                 policy=policy).refused
+    assert (
+        "exceeds"
+        in plan_round(DPConfig(enabled=True, target_epsilon=9), ledger, **PLAN, round_=1, policy=policy).refused
+    )
+    assert (
+        "below"
+        in plan_round(DPConfig(enabled=True, noise_multiplier=0.2), ledger, **PLAN, round_=1, policy=policy).refused
+    )
     ok = plan_round(DPConfig(enabled=True, target_epsilon=3), ledger, **PLAN, round_=1, run=5)
     assert ok.steps == 10 and not ok.refused
     # no node policy at all: round 1's settings are now the floor, pinned in the (saved) ledger
     again = Ledger.from_json(ledger.to_json())
-    for weaker in (DPConfig(enabled=False), DPConfig(enabled=True, target_epsilon=6),
-                   DPConfig(enabled=True, target_epsilon=3, delta=1e-4), DPConfig(enabled=True, target_epsilon=3,
-                                                                                   max_grad_norm=5)):
+    for weaker in (
+        DPConfig(enabled=False),
+        DPConfig(enabled=True, target_epsilon=6),
+        DPConfig(enabled=True, target_epsilon=3, delta=1e-4),
+        DPConfig(enabled=True, target_epsilon=3, max_grad_norm=5),
+    ):
         assert plan_round(weaker, again, **PLAN, round_=2, run=5).refused, weaker
     assert not plan_round(DPConfig(enabled=True, target_epsilon=2), again, **PLAN, round_=2, run=5).refused
 
@@ -163,8 +186,10 @@ def test_a_client_that_lost_its_file_merges_the_servers_copy_and_cannot_spend_ag
     assert lost.epsilon() <= 2.0 + 1e-9
 
 
-@pytest.mark.parametrize("text", ['[{"round": 1}]', '[{"round": 1, "noise_multiplier": 0, "sample_rate": 0.1, '
-                                  '"steps": 1, "run": 1}]', '{"a": 1}'])
+@pytest.mark.parametrize(
+    "text",
+    ['[{"round": 1}]', '[{"round": 1, "noise_multiplier": 0, "sample_rate": 0.1, "steps": 1, "run": 1}]', '{"a": 1}'],
+)
 def test_server_events_are_validated(text):
     with pytest.raises((ValueError, TypeError)):
         events_from_json(text)

@@ -60,8 +60,9 @@ def test_dp_step_noise_comes_from_the_csprng(monkeypatch):
     monkeypatch.setattr(secure_rng, "normal", lambda shape, std, dtype=torch.float32: torch.full(shape, 7.0))
     before = adapter.state(adapter.names(trainable=True))
     opt = torch.optim.SGD(adapter.trainable_parameters(), lr=1.0)
-    stepper = DpStepper(model, opt, DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
-                                               num_examples=2))
+    stepper = DpStepper(
+        model, opt, DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, num_examples=2)
+    )
     stepper.empty_step()
     stepper.close()
     for name, value in adapter.state(adapter.names(trainable=True)).items():
@@ -76,8 +77,9 @@ def test_dropout_is_off_during_dp_steps_and_restored_after():
 
     adapter = build(model, AdapterSpec("lora", 2, 4.0, ("query",)), 0)
     opt = torch.optim.SGD(adapter.trainable_parameters(), lr=1.0)
-    stepper = DpStepper(model, opt, DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
-                                               num_examples=2))
+    stepper = DpStepper(
+        model, opt, DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, num_examples=2)
+    )
     assert not dropout.training
     stepper.close()
     assert dropout.training
@@ -90,13 +92,25 @@ def test_batch_norm_is_refused_under_dp():
 
 
 def test_loss_release_clips_each_example_and_the_gradient_keeps_the_rest_of_the_budget(monkeypatch):
-    dp = DpSettings(noise_multiplier=2.0, max_grad_norm=1.0, sample_rate=0.1, num_examples=100,
-                    loss_noise_multiplier=4.0, loss_clip=3.0)
+    dp = DpSettings(
+        noise_multiplier=2.0,
+        max_grad_norm=1.0,
+        sample_rate=0.1,
+        num_examples=100,
+        loss_noise_multiplier=4.0,
+        loss_clip=3.0,
+    )
     monkeypatch.setattr(secure_rng, "normal", lambda shape, std, dtype=torch.float32: torch.zeros(shape, dtype=dtype))
     assert dp.noised_loss_sum(torch.tensor([0.5, 7.0, -1.0])) == pytest.approx(0.5 + 3.0 + 0.0)
     assert dp.noised_loss_sum(None) == 0.0  # an empty batch releases noise only
     sigma_g = dp.gradient_noise_multiplier
-    assert 1 / 2.0 ** 2 == pytest.approx(1 / sigma_g ** 2 + 1 / 4.0 ** 2) and sigma_g > 2.0
+    assert pytest.approx(1 / sigma_g**2 + 1 / 4.0**2) == 1 / 2.0**2 and sigma_g > 2.0
     with pytest.raises(ValueError, match="must exceed"):
-        DpSettings(noise_multiplier=2.0, max_grad_norm=1.0, sample_rate=0.1, num_examples=100,
-                   loss_noise_multiplier=1.5, loss_clip=3.0).gradient_noise_multiplier
+        _ = DpSettings(
+            noise_multiplier=2.0,
+            max_grad_norm=1.0,
+            sample_rate=0.1,
+            num_examples=100,
+            loss_noise_multiplier=1.5,
+            loss_clip=3.0,
+        ).gradient_noise_multiplier

@@ -15,14 +15,20 @@ from tests.helpers import MATRIX, randomise, spec, tiny_llama
 peft = pytest.importorskip("peft")
 
 
-@pytest.mark.parametrize("kind, extra", [("lora", {}), ("ffa-lora", {}), ("moslora", {}),
-                                         ("moslora", {"freeze_a": True})],
-                         ids=["lora", "ffa-lora", "moslora", "moslora-frozen-a"])
+@pytest.mark.parametrize(
+    "kind, extra",
+    [("lora", {}), ("ffa-lora", {}), ("moslora", {}), ("moslora", {"freeze_a": True})],
+    ids=["lora", "ffa-lora", "moslora", "moslora-frozen-a"],
+)
 def test_peft_loads_classification_adapter_with_head(kind, extra, batch, tmp_path):
     """MoSLoRA exports as LoRA with its mixer folded into B (B·M): PEFT has no mixer, yet outputs match."""
     model = load_model("tiny-bert", "classification", num_labels=2, seed=5)
-    adapter = build(model, make_spec(kind=kind, rank=4, alpha=8.0, targets=("query", "value"), **extra), seed=1,
-                    head=("classifier.weight", "classifier.bias"))
+    adapter = build(
+        model,
+        make_spec(kind=kind, rank=4, alpha=8.0, targets=("query", "value"), **extra),
+        seed=1,
+        head=("classifier.weight", "classifier.bias"),
+    )
     randomise(adapter, 0.2)
     export_adapter(adapter, tmp_path, task="classification", base_model="tiny-bert")
     assert json.loads((tmp_path / "fedlora.json").read_text())["kind"] == kind
@@ -43,8 +49,12 @@ def test_peft_loads_causal_lm_adapter(batch, tmp_path):
     loaded = peft.PeftModel.from_pretrained(tiny_llama(seed=2), str(tmp_path)).eval()
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=batch["input_ids"]).logits,
-                                   model(input_ids=batch["input_ids"]).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            loaded(input_ids=batch["input_ids"]).logits,
+            model(input_ids=batch["input_ids"]).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("row", list(MATRIX))
@@ -82,8 +92,12 @@ def test_exported_adapter_names_a_base_model_that_loads_outside_fedlora(batch, t
     load_model("tiny-bert", "classification", num_labels=2, seed=5).save_pretrained(saved)
     load_tokenizer("tiny-bert", "classification").save_pretrained(saved)
     model = load_model(str(saved), "classification", num_labels=2, seed=5)
-    adapter = build(model, AdapterSpec(kind="lora", rank=4, alpha=8.0, targets=("query", "value")), seed=1,
-                    head=("classifier.weight", "classifier.bias"))
+    adapter = build(
+        model,
+        AdapterSpec(kind="lora", rank=4, alpha=8.0, targets=("query", "value")),
+        seed=1,
+        head=("classifier.weight", "classifier.bias"),
+    )
     randomise(adapter, 0.2)
     export_adapter(adapter, tmp_path / "adapter", task="classification", base_model=str(saved))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

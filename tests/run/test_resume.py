@@ -21,16 +21,32 @@ from fed.privacy.book import LedgerBook
 from fed.run.checkpoint import Checkpoint
 from fed.run.rundir import RunDir
 
-SMALL = ["model.name=tiny-bert", "data.name=synthetic", "federation.num_clients=2", "federation.rounds=2",
-         "federation.fraction_evaluate=0", "train.local_steps=4", "train.batch_size=16", "adapter.kind=lora"]
+SMALL = [
+    "model.name=tiny-bert",
+    "data.name=synthetic",
+    "federation.num_clients=2",
+    "federation.rounds=2",
+    "federation.fraction_evaluate=0",
+    "train.local_steps=4",
+    "train.batch_size=16",
+    "adapter.kind=lora",
+]
 
 
 def _book() -> LedgerBook:
     book = LedgerBook(DPConfig(enabled=True, target_epsilon=8.0))
     for round_ in (1, 2):
         for cid in (0, 3):
-            book.observe(round_, {"partition-id": cid, "dp-steps": 5, "dp-noise-multiplier": 1.1,
-                                  "dp-sample-rate": 0.05, "epsilon": 0.5 * round_})
+            book.observe(
+                round_,
+                {
+                    "partition-id": cid,
+                    "dp-steps": 5,
+                    "dp-noise-multiplier": 1.1,
+                    "dp-sample-rate": 0.05,
+                    "epsilon": 0.5 * round_,
+                },
+            )
     return book
 
 
@@ -75,9 +91,13 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     cut = RunDir(tmp_path / "cut")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     args = [a for s in SMALL for a in ("--set", s)]
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", *args, "--out", str(tmp_path),
-                             "--name", "cut"], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulations.cli", "simulate", *args, "--out", str(tmp_path), "--name", "cut"],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while _checkpointed_round(cut.checkpoint) < 1 and proc.poll() is None and time.monotonic() < deadline:

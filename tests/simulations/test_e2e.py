@@ -14,15 +14,32 @@ from simulations.run import simulate
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.name=tiny-bert", "data.name=synthetic", "data.max_examples=0", "federation.num_clients=3",
-        "federation.rounds=2", "train.local_steps=4", "train.batch_size=16", "train.max_eval_examples=64"]
+TINY = [
+    "model.name=tiny-bert",
+    "data.name=synthetic",
+    "data.max_examples=0",
+    "federation.num_clients=3",
+    "federation.rounds=2",
+    "train.local_steps=4",
+    "train.batch_size=16",
+    "train.max_eval_examples=64",
+]
 
 
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
     # Client ranks 3, 6, 8 (``linear``): replies state their rank, pass the padding check, stay exact under DP.
-    cfg = resolve("quickstart", [*TINY, "adapter.kind=ffa-lora", "dp.enabled=true", "dp.target_epsilon=4",
-                                 "federation.client_ranks=linear", "train.max_eval_examples=16"])
+    cfg = resolve(
+        "quickstart",
+        [
+            *TINY,
+            "adapter.kind=ffa-lora",
+            "dp.enabled=true",
+            "dp.target_epsilon=4",
+            "federation.client_ranks=linear",
+            "train.max_eval_examples=16",
+        ],
+    )
     return cfg, simulate(cfg, tmp_path_factory.mktemp("runs"), name="ffa-dp")
 
 
@@ -44,7 +61,7 @@ def test_run_directory_is_complete(dp_run):
 
 
 def test_privacy_ledger_is_per_client_and_within_target(dp_run):
-    cfg, run = dp_run
+    _cfg, run = dp_run
     privacy = json.loads((run.path / "privacy.json").read_text())
     assert set(privacy["clients"]) == {"0", "1", "2"}
     for entry in privacy["clients"].values():
@@ -69,8 +86,18 @@ def test_exported_adapter_has_b_trained_and_a_frozen(dp_run):
 
 
 def test_causal_lm_run_learns_and_exports(tmp_path):
-    cfg = resolve("instruct", ["model.name=tiny-llama", "data.name=synthetic", "federation.num_clients=2",
-                               "federation.rounds=2", "train.local_steps=8", "train.lr=1e-2", "model.max_length=32"])
+    cfg = resolve(
+        "instruct",
+        [
+            "model.name=tiny-llama",
+            "data.name=synthetic",
+            "federation.num_clients=2",
+            "federation.rounds=2",
+            "train.local_steps=8",
+            "train.lr=1e-2",
+            "model.max_length=32",
+        ],
+    )
     run = simulate(cfg, tmp_path, name="lm")
     lines = run.metrics()
     assert [line["round"] for line in lines] == [1, 2]
@@ -96,8 +123,17 @@ def test_mole_run_sends_expert_counts_and_exports_a_loadable_adapter(tmp_path):
     from fed.models import load_model
     from fed.run.export import load_adapter
 
-    cfg = resolve("mixed-domains", ["model.name=tiny-bert", "data.max_examples=400", "federation.rounds=2",
-                                    "train.local_steps=2", "train.batch_size=8", "train.max_eval_examples=32"])
+    cfg = resolve(
+        "mixed-domains",
+        [
+            "model.name=tiny-bert",
+            "data.max_examples=400",
+            "federation.rounds=2",
+            "train.local_steps=2",
+            "train.batch_size=8",
+            "train.max_eval_examples=32",
+        ],
+    )
     run = simulate(cfg, tmp_path, name="mole")
     lines = run.metrics()
     assert [line["clients"] for line in lines] == [4, 4] and all(line["dropped"] == [] for line in lines)

@@ -42,8 +42,10 @@ def test_median_and_trimmed_mean_equal_flowers_own_statistics():
     deltas = _deltas(7)
     names = list(GLOBAL)
     as_numpy = [([d[n].numpy() for n in names], 1) for d in deltas]
-    for ours, theirs in ((coordinate_median(deltas, names), aggregate_median(as_numpy)),
-                         (trimmed_mean(deltas, names, 0.2), aggregate_trimmed_avg(as_numpy, 0.2))):
+    for ours, theirs in (
+        (coordinate_median(deltas, names), aggregate_median(as_numpy)),
+        (trimmed_mean(deltas, names, 0.2), aggregate_trimmed_avg(as_numpy, 0.2)),
+    ):
         for n, expected in zip(names, theirs):
             np.testing.assert_allclose(ours[n].numpy(), expected, rtol=1e-6)
 
@@ -65,9 +67,14 @@ def _reply(delta: dict[str, torch.Tensor], **metrics) -> Message:
 def _strategy(influence: StrategyConfig = StrategyConfig(), dp: DPConfig = DPConfig()) -> AdapterStrategy:
     model = AdapterModel(metas(GLOBAL), Structure({n: Aggregation.MEAN for n in GLOBAL}))
     rules = ReplyRules(fingerprint=FP, local_steps=5, batch_size=10, rounds=3, dp=dp)
-    s = AdapterStrategy(model=model, merge=MergeRule(rule=influence.rule),
-                        stages=[*reply_stages(model, rules, LedgerBook(DPConfig())),
-                                *influence_stages(influence, honest_ceiling(model.expected, 1e-2, 5))])
+    s = AdapterStrategy(
+        model=model,
+        merge=MergeRule(rule=influence.rule),
+        stages=[
+            *reply_stages(model, rules, LedgerBook(DPConfig())),
+            *influence_stages(influence, honest_ceiling(model.expected, 1e-2, 5)),
+        ],
+    )
     s._global = {n: t.clone() for n, t in GLOBAL.items()}
     return s
 
@@ -109,11 +116,13 @@ def test_wrong_round_duplicate_node_and_contradicting_dp_events_are_dropped():
     good = _reply(_deltas(1)[0], **event)
     twice = _reply(_deltas(1)[0], **event)
     twice.metadata.__dict__["_src_node_id"] = good.metadata.src_node_id
-    bad = [_reply(_deltas(1)[0], **{**event, "round": 7}),
-           _reply(_deltas(1)[0], **{**event, "dp-sample-rate": 0.5}),
-           _reply(_deltas(1)[0], **{**event, "dp-steps": 6}),
-           _reply(_deltas(1)[0], **{**event, "dp-noise-multiplier": 0.3}),
-           _reply(_deltas(1)[0])]  # no DP event at all in a DP run
+    bad = [
+        _reply(_deltas(1)[0], **{**event, "round": 7}),
+        _reply(_deltas(1)[0], **{**event, "dp-sample-rate": 0.5}),
+        _reply(_deltas(1)[0], **{**event, "dp-steps": 6}),
+        _reply(_deltas(1)[0], **{**event, "dp-noise-multiplier": 0.3}),
+        _reply(_deltas(1)[0]),
+    ]  # no DP event at all in a DP run
     strategy.aggregate_train(1, [good, twice, *bad])
     reasons = " | ".join(strategy.rounds[1].dropped)
     assert len(strategy.rounds[1].accepted) == 1 and len(strategy.rounds[1].dropped) == 6
@@ -123,18 +132,39 @@ def test_wrong_round_duplicate_node_and_contradicting_dp_events_are_dropped():
 
 # --- fuzzing: no input crashes the server or reaches aggregation unvalidated ---------------------------
 
-METRIC_VALUES = st.one_of(st.integers(-10**13, 10**13), st.floats(allow_nan=True, allow_infinity=True),
-                          st.booleans())
-METRICS = st.dictionaries(st.sampled_from(["round", "num-examples", "fingerprint", "train_loss", "steps",
-                                           "partition-id", "dp-steps", "dp-noise-multiplier", "dp-sample-rate",
-                                           "epsilon", "declined", "refused", "junk"]), METRIC_VALUES)
+METRIC_VALUES = st.one_of(st.integers(-(10**13), 10**13), st.floats(allow_nan=True, allow_infinity=True), st.booleans())
+METRICS = st.dictionaries(
+    st.sampled_from(
+        [
+            "round",
+            "num-examples",
+            "fingerprint",
+            "train_loss",
+            "steps",
+            "partition-id",
+            "dp-steps",
+            "dp-noise-multiplier",
+            "dp-sample-rate",
+            "epsilon",
+            "declined",
+            "refused",
+            "junk",
+        ]
+    ),
+    METRIC_VALUES,
+)
 
 
 @settings(max_examples=300, deadline=None)
 @given(metrics=METRICS, dp=st.booleans())
 def test_fuzzed_metrics_raise_only_payload_errors(metrics, dp):
-    rules = ReplyRules(fingerprint=FP, local_steps=5, batch_size=10, rounds=2,
-                       dp=DPConfig(enabled=True, noise_multiplier=1.0) if dp else DPConfig())
+    rules = ReplyRules(
+        fingerprint=FP,
+        local_steps=5,
+        batch_size=10,
+        rounds=2,
+        dp=DPConfig(enabled=True, noise_multiplier=1.0) if dp else DPConfig(),
+    )
     try:
         weight = check_reply(metrics, rules, 1)
     except PayloadError:
@@ -144,16 +174,21 @@ def test_fuzzed_metrics_raise_only_payload_errors(metrics, dp):
 
 ARRAYS = st.dictionaries(
     st.sampled_from(["l.lora_B.weight", "head.bias", "other"]),
-    st.tuples(st.sampled_from([np.float32, np.float64, np.int32, np.float16]),
-              st.lists(st.integers(0, 5), min_size=0, max_size=3),
-              st.floats(allow_nan=True, allow_infinity=True, width=32)))
+    st.tuples(
+        st.sampled_from([np.float32, np.float64, np.int32, np.float16]),
+        st.lists(st.integers(0, 5), min_size=0, max_size=3),
+        st.floats(allow_nan=True, allow_infinity=True, width=32),
+    ),
+)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arrays=ARRAYS)
 def test_fuzzed_payloads_are_decoded_only_when_they_match_exactly(arrays):
     with np.errstate(all="ignore"):
-        record = ArrayRecord({n: Array(np.full(shape, fill).astype(dtype)) for n, (dtype, shape, fill) in arrays.items()})
+        record = ArrayRecord(
+            {n: Array(np.full(shape, fill).astype(dtype)) for n, (dtype, shape, fill) in arrays.items()}
+        )
     try:
         out = from_record(record, metas(GLOBAL))
     except PayloadError:
@@ -163,14 +198,18 @@ def test_fuzzed_payloads_are_decoded_only_when_they_match_exactly(arrays):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scales=st.lists(st.floats(-1e35, 1e35, allow_nan=False), min_size=1, max_size=6),
-       counts=st.lists(st.integers(1, 10**9), min_size=6, max_size=6))
+@given(
+    scales=st.lists(st.floats(-1e35, 1e35, allow_nan=False), min_size=1, max_size=6),
+    counts=st.lists(st.integers(1, 10**9), min_size=6, max_size=6),
+)
 def test_fuzzed_rounds_never_leave_the_bound(scales, counts):
     """Whatever finite values and counts arrive, the default strategy's update stays within the norm bound
     (adaptive: at most the honest-step ceiling) times the server learning rate."""
     strategy = _strategy()
-    replies = [_reply({n: torch.full(t.shape, s, dtype=torch.float32) for n, t in GLOBAL.items()},
-                      **{"num-examples": c}) for s, c in zip(scales, counts)]
+    replies = [
+        _reply({n: torch.full(t.shape, s, dtype=torch.float32) for n, t in GLOBAL.items()}, **{"num-examples": c})
+        for s, c in zip(scales, counts)
+    ]
     good = [r for r, s in zip(replies, scales) if math.isfinite(float(np.float32(s)))]
     arrays, _ = strategy.aggregate_train(1, replies)
     if arrays is None:
@@ -190,11 +229,22 @@ def test_rules_refuse_an_unknown_kind_and_keep_structural_kinds_apart(monkeypatc
 
 
 @settings(max_examples=300, deadline=None)
-@given(flat=st.dictionaries(
-    st.one_of(st.sampled_from(sorted(__import__("fed.config", fromlist=["RunConfig"]).RunConfig().to_flat())),
-              st.text(max_size=12)),
-    st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.booleans(), st.text(max_size=8),
-              st.lists(st.text(max_size=4), max_size=3)), max_size=6))
+@given(
+    flat=st.dictionaries(
+        st.one_of(
+            st.sampled_from(sorted(__import__("fed.config", fromlist=["RunConfig"]).RunConfig().to_flat())),
+            st.text(max_size=12),
+        ),
+        st.one_of(
+            st.integers(-(10**6), 10**6),
+            st.floats(allow_nan=True),
+            st.booleans(),
+            st.text(max_size=8),
+            st.lists(st.text(max_size=4), max_size=3),
+        ),
+        max_size=6,
+    )
+)
 def test_fuzzed_configs_raise_only_config_errors(flat):
     from fed.config import ConfigError, RunConfig
 
@@ -205,10 +255,13 @@ def test_fuzzed_configs_raise_only_config_errors(flat):
     assert RunConfig.from_flat(cfg.to_flat()) == cfg  # what parses, round-trips
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
-@given(body=st.lists(st.sampled_from(list('ab,"\n\t;{}[]:1.-') + ["text", "label", "\n"]), max_size=30).map("".join),
-       suffix=st.sampled_from([".csv", ".json", ".jsonl"]))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    body=st.lists(st.sampled_from([*list('ab,"\n\t;{}[]:1.-'), "text", "label", "\n"]), max_size=30).map("".join),
+    suffix=st.sampled_from([".csv", ".json", ".jsonl"]),
+)
 def test_fuzzed_data_files_load_or_fail_with_a_value_error(tmp_path, body, suffix):
     """Whatever a local data file holds, loading it yields a dataset or a ValueError naming the file."""
     from fed.data.datasets import load_task_dataset
@@ -231,23 +284,31 @@ def test_expert_counts_are_capped_like_example_counts():
     server = make("mole")
     global_ = server.sent_state()
     model = AdapterModel(metas(global_), server.structure(), server.products)
-    strategy = AdapterStrategy(model=model, stages=[
-        *reply_stages(model, ReplyRules(fingerprint=server.fingerprint()), LedgerBook(DPConfig())),
-        *influence_stages(StrategyConfig(clip="off"), math.inf)])
+    strategy = AdapterStrategy(
+        model=model,
+        stages=[
+            *reply_stages(model, ReplyRules(fingerprint=server.fingerprint()), LedgerBook(DPConfig())),
+            *influence_stages(StrategyConfig(clip="off"), math.inf),
+        ],
+    )
     strategy._global = global_
     slots = server.structure().slot_names
     honest = {s: 10 for s in slots}
     liar = {s: (10**9 if s.endswith("/1") else 0) for s in slots}
     deltas = client_deltas(server, 4)
-    replies = [_reply(d, fingerprint=server.fingerprint(), **usage_metrics(c))
-               for d, c in zip(deltas, [honest, honest, honest, liar])]
+    replies = [
+        _reply(d, fingerprint=server.fingerprint(), **usage_metrics(c))
+        for d, c in zip(deltas, [honest, honest, honest, liar])
+    ]
     arrays, _ = strategy.aggregate_train(1, replies)
     out = from_record(arrays, metas(global_))
     name = next(n for n in global_ if ".experts.1." in n)
     total = len(slots) * 10
     blocks = sum(s.endswith("/1") for s in slots)
     liar_weight = 3 * total / blocks  # capped at 3 x the median total, spread over every block's expert 1
-    expected = global_[name] + (10 * sum(d[name] for d in deltas[:3]) + liar_weight * deltas[3][name]) / (30 + liar_weight)
+    expected = global_[name] + (10 * sum(d[name] for d in deltas[:3]) + liar_weight * deltas[3][name]) / (
+        30 + liar_weight
+    )
     torch.testing.assert_close(out[name], expected, rtol=1e-5, atol=1e-6)
     assert strategy.rounds[1].capped == 1
 
@@ -258,5 +319,5 @@ def test_texts_longer_than_the_model_takes_are_reported_before_a_simulation():
 
     base = ["model.name=tiny-bert", "data.name=synthetic", "data.max_examples=0", "federation.num_clients=2"]
     assert preflight(resolve("quickstart", [*base, "model.max_length=64"])) == []
-    warning, = preflight(resolve("quickstart", [*base, "model.max_length=4"]))
+    (warning,) = preflight(resolve("quickstart", [*base, "model.max_length=4"]))
     assert "longer than model.max_length=4" in warning and "truncated" in warning

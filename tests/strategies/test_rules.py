@@ -20,8 +20,10 @@ def _error(row: str, scale: float = 1.0) -> tuple[float, float]:
     err, ref = 0.0, 0.0
     for path, layer in _layers(server):
         before = _dense(layer, path, global_).double()
-        mean = sum(w * (_dense(layer, path, {n: global_[n] + d[n] for n in d}).double() - before)
-                   for w, d in zip(weights, deltas)) / sum(weights)
+        mean = sum(
+            w * (_dense(layer, path, {n: global_[n] + d[n] for n in d}).double() - before)
+            for w, d in zip(weights, deltas)
+        ) / sum(weights)
         got = _dense(layer, path, {n: global_[n] + merged[n] for n in merged}).double() - before
         err += float((mean - got).pow(2).sum())
         ref += float(mean.pow(2).sum())

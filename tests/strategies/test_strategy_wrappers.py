@@ -63,10 +63,13 @@ def test_one_reply_per_node_drops_the_second_with_its_reason():
     assert strategy.rounds[2].dropped == []
 
 
-@pytest.mark.parametrize("clip, stack", [
-    ("adaptive", [OneReplyPerNode, PrivacyBookkeeping, ReplyValidation, CappedWeights, NormClip]),
-    ("off", [OneReplyPerNode, PrivacyBookkeeping, ReplyValidation, CappedWeights]),
-])
+@pytest.mark.parametrize(
+    "clip, stack",
+    [
+        ("adaptive", [OneReplyPerNode, PrivacyBookkeeping, ReplyValidation, CappedWeights, NormClip]),
+        ("off", [OneReplyPerNode, PrivacyBookkeeping, ReplyValidation, CappedWeights]),
+    ],
+)
 def test_the_builder_stacks_a_norm_clip_unless_clipping_is_off(clip, stack):
     from tests.helpers import make
 

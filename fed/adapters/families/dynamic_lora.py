@@ -87,8 +87,9 @@ Layer = tuple[str, str, str]
 """A rank-masked layer's ``(mask, B, A)`` parameter names."""
 
 
-def layer_scores(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor],
-                 layers: Sequence[Layer]) -> list[float]:
+def layer_scores(
+    before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor], layers: Sequence[Layer]
+) -> list[float]:
     """Each layer's ``‖ΔW‖_F / r``: the change the round made to its dense update ``B·diag(m)·A``, per active
     slot (so a layer is not rewarded for the rank it already holds)."""
     scores = []
@@ -100,8 +101,9 @@ def layer_scores(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.T
     return scores
 
 
-def reallocate(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor],
-               layers: Sequence[Layer]) -> dict[str, torch.Tensor]:
+def reallocate(
+    before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor], layers: Sequence[Layer]
+) -> dict[str, torch.Tensor]:
     """Between rounds: move the rank budget towards the layers the round changed most (``layer_scores``).
 
     The budget (the sum of the masks, constant) is split by ``allocate_ranks``. A shrinking layer keeps
@@ -134,8 +136,9 @@ class DynamicLora(AdapterFamily):
     peft_compatible = False  # the input gate has no PEFT form; exported in the fedlora format
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
-        paths = replace_linears(model, spec.targets,
-                                lambda path, linear: DynamicLinear(linear, spec, generator(seed, "lora_A", path)))
+        paths = replace_linears(
+            model, spec.targets, lambda path, linear: DynamicLinear(linear, spec, generator(seed, "lora_A", path))
+        )
 
         def names(part: str) -> tuple[str, ...]:
             return tuple(f"{p}.{part}" for p in paths)
@@ -148,8 +151,9 @@ class DynamicLora(AdapterFamily):
             TensorGroup("rank_mask", masks, trainable=False, sent=True, aggregation=Aggregation.ALLOCATION),
         )
 
-    def after_aggregate(self, adapter: Adapter, before: Mapping[str, torch.Tensor],
-                        after: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def after_aggregate(
+        self, adapter: Adapter, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Reallocate the rank budget across layers by the change the round's aggregate made (``reallocate``)."""
         parts = (adapter.group(name).params for name in ("rank_mask", "lora_B", "lora_A"))
         return reallocate(before, after, list(zip(*parts)))

@@ -51,8 +51,9 @@ def block_of(path: str) -> str:
 class BlockRouter(nn.Module):
     """Top-1 token router of one block; remembers the routing of its last call for its block's layers."""
 
-    def __init__(self, block: str, in_features: int, experts: int, gen: torch.Generator, dtype: torch.dtype,
-                 balance: float = 0.0) -> None:
+    def __init__(
+        self, block: str, in_features: int, experts: int, gen: torch.Generator, dtype: torch.dtype, balance: float = 0.0
+    ) -> None:
         super().__init__()
         self.block = block
         self.balance = balance
@@ -106,12 +107,14 @@ class Expert(nn.Module):
 class MoleLinear(nn.Module):
     """A frozen ``nn.Linear`` plus K dense, gate-masked LoRA experts routed by its block's router."""
 
-    def __init__(self, base: nn.Linear, spec: AdapterSpec, router: BlockRouter, owner: bool, seed: int,
-                 path: str) -> None:
+    def __init__(
+        self, base: nn.Linear, spec: AdapterSpec, router: BlockRouter, owner: bool, seed: int, path: str
+    ) -> None:
         super().__init__()
         self.base_layer = base
-        self.experts = nn.ModuleList(Expert(base, spec.rank, generator(seed, "lora_A", path, k))
-                                     for k in range(spec.options.experts))
+        self.experts = nn.ModuleList(
+            Expert(base, spec.rank, generator(seed, "lora_A", path, k)) for k in range(spec.options.experts)
+        )
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.scaling = spec.scaling
         if owner:
@@ -124,8 +127,10 @@ class MoleLinear(nn.Module):
         if "router" in self._modules:
             return router(x)
         if router.routing is None or router.generation == self._seen:
-            raise RuntimeError(f"router of block {router.block!r} did not run before this layer in this forward: "
-                               "the block's first targeted projection (module order) must be called first")
+            raise RuntimeError(
+                f"router of block {router.block!r} did not run before this layer in this forward: "
+                "the block's first targeted projection (module order) must be called first"
+            )
         self._seen = router.generation
         probs, onehot = router.routing
         return probs * onehot
@@ -134,13 +139,18 @@ class MoleLinear(nn.Module):
         gates = self._gates(x)
         h = self.dropout(x)
         experts = cast("Iterable[Expert]", self.experts)  # __init__ fills the ModuleList with Experts only
-        update = sum(gates[..., k:k + 1] * e.lora_B(e.lora_A(h)) for k, e in enumerate(experts))
+        update = sum(gates[..., k : k + 1] * e.lora_B(e.lora_A(h)) for k, e in enumerate(experts))
         return self.base_layer(x) + self.scaling * update
 
     def products(self, get: Callable[[str], torch.Tensor]) -> dict[str, Product]:
         slots = self._shared[0].slots()
-        return {f".experts.{k}": (self.scaling * get(f"experts.{k}.lora_B.weight") @ get(f"experts.{k}.lora_A.weight"),
-                                  slots[k]) for k in range(len(self.experts))}
+        return {
+            f".experts.{k}": (
+                self.scaling * get(f"experts.{k}.lora_B.weight") @ get(f"experts.{k}.lora_A.weight"),
+                slots[k],
+            )
+            for k in range(len(self.experts))
+        }
 
 
 @dataclass(frozen=True)
@@ -170,17 +180,32 @@ class Mole(AdapterFamily):
         def wrap(path: str, linear: nn.Linear) -> MoleLinear:
             block = block_of(path)
             if block not in routers:
-                routers[block] = BlockRouter(block, linear.in_features, spec.options.experts,
-                                             generator(seed, "router", block), linear.weight.dtype,
-                                             spec.options.balance)
+                routers[block] = BlockRouter(
+                    block,
+                    linear.in_features,
+                    spec.options.experts,
+                    generator(seed, "router", block),
+                    linear.weight.dtype,
+                    spec.options.balance,
+                )
                 owners.append(path)
             return MoleLinear(linear, spec, routers[block], path in owners, seed, path)
 
         paths = replace_linears(model, spec.targets, wrap)
-        experts = [(f"{p}.experts.{k}.{f}.weight", f"{block_of(p)}/{k}")
-                   for p in paths for k in range(spec.options.experts) for f in ("lora_A", "lora_B")]
+        experts = [
+            (f"{p}.experts.{k}.{f}.weight", f"{block_of(p)}/{k}")
+            for p in paths
+            for k in range(spec.options.experts)
+            for f in ("lora_A", "lora_B")
+        ]
         return (
             TensorGroup("router", tuple(f"{p}.router.gate.weight" for p in owners), trainable=True, sent=True),
-            TensorGroup("experts", tuple(n for n, _ in experts), trainable=True, sent=True,
-                        aggregation=Aggregation.USAGE, rule=UsageParams(slots=tuple(s for _, s in experts))),
+            TensorGroup(
+                "experts",
+                tuple(n for n, _ in experts),
+                trainable=True,
+                sent=True,
+                aggregation=Aggregation.USAGE,
+                rule=UsageParams(slots=tuple(s for _, s in experts)),
+            ),
         )

@@ -53,8 +53,9 @@ class Scales(nn.Module):
         return h * self.weight
 
     @staticmethod
-    def grad_sampler(layer: Scales, activations: list[torch.Tensor],
-                     backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    def grad_sampler(
+        layer: Scales, activations: list[torch.Tensor], backprops: torch.Tensor
+    ) -> dict[nn.Parameter, torch.Tensor]:
         """Per-sample gradient of an elementwise scale (Opacus has no rule for this layer; registered by
         ``fed.privacy.dpsgd.per_sample_module``): activation ⊙ backprop, summed over the sequence."""
         return {layer.weight: torch.einsum("b...nm,b...nm->bnm", activations[0], backprops)}
@@ -103,10 +104,13 @@ class MorLinear(nn.Module):
         return dict(zip(self.slots(), used.tolist()))
 
     def products(self, get: Callable[[str], torch.Tensor]) -> dict[str, Product]:
-        a, b, omega_a, omega_b = (get(n) for n in ("lora_A.weight", "lora_B.weight", "scale_A.weight",
-                                                   "scale_B.weight"))
-        return {f".experts.{i}": (self.scaling * (omega_b[i][:, None] * b) @ (omega_a[i][:, None] * a), slot)
-                for i, slot in enumerate(self.slots())}
+        a, b, omega_a, omega_b = (
+            get(n) for n in ("lora_A.weight", "lora_B.weight", "scale_A.weight", "scale_B.weight")
+        )
+        return {
+            f".experts.{i}": (self.scaling * (omega_b[i][:, None] * b) @ (omega_a[i][:, None] * a), slot)
+            for i, slot in enumerate(self.slots())
+        }
 
 
 @dataclass(frozen=True)
@@ -141,14 +145,27 @@ class Mor(AdapterFamily):
             TensorGroup("lora_A", names("lora_A"), trainable=True, sent=True),
             TensorGroup("lora_B", names("lora_B"), trainable=True, sent=True),
             TensorGroup("router", names("router"), trainable=True, sent=True),
-            TensorGroup("scale_A", names("scale_A"), trainable=True, sent=True, aggregation=Aggregation.USAGE,
-                        rule=UsageParams(rows=rows)),
-            TensorGroup("scale_B", names("scale_B"), trainable=True, sent=True, aggregation=Aggregation.USAGE,
-                        rule=UsageParams(rows=rows)),
+            TensorGroup(
+                "scale_A",
+                names("scale_A"),
+                trainable=True,
+                sent=True,
+                aggregation=Aggregation.USAGE,
+                rule=UsageParams(rows=rows),
+            ),
+            TensorGroup(
+                "scale_B",
+                names("scale_B"),
+                trainable=True,
+                sent=True,
+                aggregation=Aggregation.USAGE,
+                rule=UsageParams(rows=rows),
+            ),
         )
 
-    def after_aggregate(self, adapter: Adapter, before: Mapping[str, torch.Tensor],
-                        after: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def after_aggregate(
+        self, adapter: Adapter, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Fix the scale gauge of the scale tables Ω: each column's mean over experts becomes 1.
 
         ``Ω[:, j] / c_j`` with the shared factor's row ``j`` times ``c_j`` leaves every expert's update unchanged,

@@ -39,8 +39,9 @@ from fed.seeding import generator
 class MosLoraLinear(LoraLinear):
     """LoRA with a mixer ``lora_AB`` (r×r) between A and B; B starts at zero, so the model starts unchanged."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, gen: torch.Generator,
-                 mixer_gen: torch.Generator) -> None:
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, dropout: float, gen: torch.Generator, mixer_gen: torch.Generator
+    ) -> None:
         super().__init__(base, rank, alpha, dropout, gen)
         self.lora_AB = nn.Linear(rank, rank, bias=False, dtype=base.weight.dtype)
         with torch.no_grad():
@@ -76,8 +77,14 @@ class MosLora(AdapterFamily):
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
         def wrap(path: str, linear: nn.Linear) -> MosLoraLinear:
-            return MosLoraLinear(linear, spec.rank, spec.alpha, spec.dropout, generator(seed, "lora_A", path),
-                                 generator(seed, "lora_AB", path))
+            return MosLoraLinear(
+                linear,
+                spec.rank,
+                spec.alpha,
+                spec.dropout,
+                generator(seed, "lora_A", path),
+                generator(seed, "lora_AB", path),
+            )
 
         paths = replace_linears(model, spec.targets, wrap)
         names = {part: tuple(f"{p}.{part}.weight" for p in paths) for part in ("lora_A", "lora_AB", "lora_B")}
@@ -93,5 +100,14 @@ class MosLora(AdapterFamily):
             chains = tuple(zip(names["lora_B"], names["lora_AB"], names["lora_A"]))
             frozen = ()
             factors = names["lora_B"] + names["lora_AB"] + names["lora_A"]
-        return (*frozen, TensorGroup("factors", factors, trainable=True, sent=True,
-                                     aggregation=Aggregation.PRODUCT, rule=ProductParams(chains)))
+        return (
+            *frozen,
+            TensorGroup(
+                "factors",
+                factors,
+                trainable=True,
+                sent=True,
+                aggregation=Aggregation.PRODUCT,
+                rule=ProductParams(chains),
+            ),
+        )

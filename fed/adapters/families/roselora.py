@@ -132,23 +132,33 @@ class RoseLora(Lora):
     product_pairs = False
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
-        paths = replace_linears(model, spec.targets,
-                                lambda path, linear: RoseLinear(linear, spec, generator(seed, "lora_A", path)))
-        return tuple(TensorGroup(part, tuple(f"{p}.{part}.weight" for p in paths), trainable=True, sent=True,
-                                 aggregation=Aggregation.MASKED, rule=MaskedParams(AXES[f"{part}.weight"]))
-                     for part in ("lora_A", "lora_B"))
+        paths = replace_linears(
+            model, spec.targets, lambda path, linear: RoseLinear(linear, spec, generator(seed, "lora_A", path))
+        )
+        return tuple(
+            TensorGroup(
+                part,
+                tuple(f"{p}.{part}.weight" for p in paths),
+                trainable=True,
+                sent=True,
+                aggregation=Aggregation.MASKED,
+                rule=MaskedParams(AXES[f"{part}.weight"]),
+            )
+            for part in ("lora_A", "lora_B")
+        )
 
     def round_budgets(self, adapter: Adapter, round_: int, rounds: int) -> dict[str, int]:
         """Per line-sparse tensor, the entries each line keeps at the end of ``round_``: what the server expects
         every client's reply to keep, on the schedule the clients prune by."""
         fraction = keep_fraction(round_, rounds, adapter.spec.options.keep_ratio)
         shapes = {name: tuple(p.shape) for name, p in adapter.model.named_parameters()}
-        return {name: line_budget(shapes[name][axis], fraction)
-                for name, axis in adapter.structure().lines.items()}
+        return {name: line_budget(shapes[name][axis], fraction) for name, axis in adapter.structure().lines.items()}
 
     def config_problems(self, settings: Mapping[str, Any]) -> list[str]:
         server_lr = settings.get("federation.server_lr", 1.0)
         if server_lr == 1.0:
             return []
-        return [f"federation.server_lr={server_lr} with adapter.kind='roselora': only 1.0 is accepted "
-                "(a partial step would leave pruned entries non-zero and break the row/column budget)"]
+        return [
+            f"federation.server_lr={server_lr} with adapter.kind='roselora': only 1.0 is accepted "
+            "(a partial step would leave pruned entries non-zero and break the row/column budget)"
+        ]

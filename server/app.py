@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fed.adapters import Adapter
 from fed.config import RunConfig
 from fed.config.sources import from_run_config
 from fed.privacy.book import LedgerBook
@@ -28,6 +29,7 @@ from fed.session import adapted_model, server_preflight
 from fed.wire import config_record, from_record, metas, to_record
 from strategies.build import build_strategy
 from strategies.core import AdapterStrategy
+from strategies.pipeline import RoundLog
 
 app = ServerApp()
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -68,23 +70,7 @@ class RoundRecorder:
         if log is None:
             return None
         now = time.perf_counter()
-        line = {
-            "round": round_,
-            "train_loss": log.train_loss,
-            "eval_loss": log.evaluate.get("eval_loss"),
-            "eval_accuracy": log.evaluate.get("eval_accuracy"),
-            "eval_examples": log.evaluate.get("eval_examples"),
-            "bytes_up": log.bytes_up,
-            "bytes_down": log.bytes_down,
-            "aggregation_error": log.aggregation_error,
-            "clients": len(log.accepted),
-            "dropped": log.dropped,
-            "capped": log.capped,
-            "clipped": log.clipped,
-            "delta_norm_bound": log.norm_bound,
-            "epsilon_max": self.book.max_epsilon(),
-            "wall_s": round(now - self.started, 3),
-        }
+        line = _line(round_, log, self.book) | {"wall_s": round(now - self.started, 3)}
         self.started = now
         self.run_dir.append_metrics(line)
         global_ = from_record(arrays, self.strategy.model.expected)
@@ -92,6 +78,26 @@ class RoundRecorder:
         if self.on_round is not None:
             self.on_round(line)
         return None
+
+
+def _line(round_: int, log: RoundLog, book: LedgerBook) -> dict[str, Any]:
+    """A round's line in metrics.jsonl (its wall time added by the recorder)."""
+    return {
+        "round": round_,
+        "train_loss": log.train_loss,
+        "eval_loss": log.evaluate.get("eval_loss"),
+        "eval_accuracy": log.evaluate.get("eval_accuracy"),
+        "eval_examples": log.evaluate.get("eval_examples"),
+        "bytes_up": log.bytes_up,
+        "bytes_down": log.bytes_down,
+        "aggregation_error": log.aggregation_error,
+        "clients": len(log.accepted),
+        "dropped": log.dropped,
+        "capped": log.capped,
+        "clipped": log.clipped,
+        "delta_norm_bound": log.norm_bound,
+        "epsilon_max": book.max_epsilon(),
+    }
 
 
 def run_federation(
@@ -122,11 +128,17 @@ def run_federation(
         evaluate_config=config_record(cfg),
         evaluate_fn=recorder,
     )
+    final = result.arrays if len(result.arrays) else to_record(initial)  # empty: no round aggregated anything
+    adapter.load(from_record(final, metas(initial)))
+    _finish(cfg, run_dir, book, adapter)
+    return run_dir
+
+
+def _finish(cfg: RunConfig, run_dir: RunDir, book: LedgerBook, adapter: Adapter) -> None:
+    """What a finished run leaves: the cross-checked privacy book and report, the exported adapter, curves."""
     run_dir.write_privacy(book.report(cross_check=True))
     if cfg.dp.enabled:
         write_report(run_dir.path)
-    final = result.arrays if len(result.arrays) else to_record(initial)  # empty: no round aggregated anything
-    adapter.load(from_record(final, metas(initial)))
     export_adapter(
         adapter,
         run_dir.adapter,
@@ -138,7 +150,6 @@ def run_federation(
     plot_curves(
         run_dir.metrics(),
         run_dir.path / "curves.png",
-        title=f"{cfg.adapter.kind} · {cfg.data.name} · {fed.num_clients} clients"
+        title=f"{cfg.adapter.kind} · {cfg.data.name} · {cfg.federation.num_clients} clients"
         + (f" · DP target eps {cfg.dp.target_epsilon:g}" if cfg.dp.target_epsilon else ""),
     )
-    return run_dir

@@ -78,9 +78,10 @@ class RoundPlan:
 
 def _all_or_none(usage: list[dict[str, float] | None], run_round: int) -> list[dict[str, float]] | None:
     """Expert usage weights only when every aggregated client sent counts; DP clients do not (docs/privacy.md)."""
-    if all(u is not None for u in usage):
-        return usage  # type: ignore[return-value]
-    if any(u is not None for u in usage):
+    sent = [u for u in usage if u is not None]
+    if len(sent) == len(usage):
+        return sent
+    if sent:
         log.info("round %d: some clients sent no expert counts; experts fall back to example weights", run_round)
     return None
 

@@ -57,6 +57,18 @@ class NoOptions:
 
 
 @dataclass(frozen=True)
+class MixtureOptions:
+    """The options of a mixture family (MoLE, MoR): how many experts each adapted layer holds."""
+
+    experts: int = 4
+    """Experts per layer: LoRA experts routed top-1 (MoLE), or rank experts mixed by a soft router (MoR)."""
+
+    def __post_init__(self) -> None:
+        if self.experts < 1:
+            raise ValueError(f"adapter.experts={self.experts} must be >= 1")
+
+
+@dataclass(frozen=True)
 class UsageParams:
     """``usage`` groups: which expert slot weights each param. A param is either one expert's tensor
     (``slots``: its slot, aligned with the group's params) or a table whose rows are experts (``rows``: per

@@ -33,6 +33,7 @@ from fed.adapters.base import (
     AdapterFamily,
     AdapterSpec,
     Aggregation,
+    MixtureOptions,
     Product,
     TensorGroup,
     UsageParams,
@@ -154,15 +155,12 @@ class MoleLinear(nn.Module):
 
 
 @dataclass(frozen=True)
-class MoleOptions:
-    experts: int = 4
-    """LoRA experts per layer, one chosen per token (top-1)."""
+class MoleOptions(MixtureOptions):
     balance: float = 0.01
     """Weight of the per-example load-balancing loss that keeps tokens spread over the experts (0 turns it off)."""
 
     def __post_init__(self) -> None:
-        if self.experts < 1:
-            raise ValueError(f"adapter.experts={self.experts} must be >= 1")
+        super().__post_init__()
         if self.balance < 0:
             raise ValueError(f"adapter.balance={self.balance} must be >= 0")
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +32,7 @@ from fed.adapters.base import (
     AdapterFamily,
     AdapterSpec,
     Aggregation,
+    MixtureOptions,
     Product,
     TensorGroup,
     UsageParams,
@@ -113,20 +113,10 @@ class MorLinear(nn.Module):
         }
 
 
-@dataclass(frozen=True)
-class MorOptions:
-    experts: int = 4
-    """Rank experts per layer: scaling vectors over one shared (A, B) pair, mixed per token by a soft router."""
-
-    def __post_init__(self) -> None:
-        if self.experts < 1:
-            raise ValueError(f"adapter.experts={self.experts} must be >= 1")
-
-
 @register_family
 class Mor(AdapterFamily):
     kind = "mor"
-    Options = MorOptions
+    Options = MixtureOptions
     peft_compatible = False
 
     def inject(self, model: nn.Module, spec: AdapterSpec, seed: int) -> tuple[TensorGroup, ...]:
@@ -145,21 +135,16 @@ class Mor(AdapterFamily):
             TensorGroup("lora_A", names("lora_A"), trainable=True, sent=True),
             TensorGroup("lora_B", names("lora_B"), trainable=True, sent=True),
             TensorGroup("router", names("router"), trainable=True, sent=True),
-            TensorGroup(
-                "scale_A",
-                names("scale_A"),
-                trainable=True,
-                sent=True,
-                aggregation=Aggregation.USAGE,
-                rule=UsageParams(rows=rows),
-            ),
-            TensorGroup(
-                "scale_B",
-                names("scale_B"),
-                trainable=True,
-                sent=True,
-                aggregation=Aggregation.USAGE,
-                rule=UsageParams(rows=rows),
+            *(
+                TensorGroup(
+                    table,
+                    names(table),
+                    trainable=True,
+                    sent=True,
+                    aggregation=Aggregation.USAGE,
+                    rule=UsageParams(rows=rows),
+                )
+                for table in ("scale_A", "scale_B")
             ),
         )
 

@@ -208,7 +208,7 @@ def test_minilm_classification_real_weights_and_seeded_head():
     # The trunk is the shipped checkpoint, not a random init.
     path = models._package_dir(EMBEDDED["all-MiniLM-L6-v2"]) / "model.safetensors"
     with safe_open(str(path), "pt") as f:
-        key = next(k for k in f if k.endswith("word_embeddings.weight"))
+        key = next(k for k in f.keys() if k.endswith("word_embeddings.weight"))  # noqa: SIM118  (safe_open is not iterable)
         assert torch.equal(f.get_tensor(key), pa["bert.embeddings.word_embeddings.weight"])
     assert sum(p.numel() for n, p in pa.items() if n not in head) == 22_713_216
     assert default_targets(a) == ["query", "value"]

@@ -48,5 +48,5 @@ class Checkpoint:
                 raise ValueError(
                     f"{path} is not a resumable checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})"
                 )
-            arrays = {key: handle.get_tensor(key) for key in handle}
+            arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118  (safe_open is not iterable)
         return cls(int(meta["round"]), arrays, meta["book"], json.loads(meta["strategy"]))

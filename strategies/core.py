@@ -159,6 +159,7 @@ class AdapterStrategy(FedAvg):
             usage=_all_or_none([r.usage for r in accepted], run_round),
             seed=derive_seed(self.plan.seed, "server", run_round),
             masks=[r.mask for r in accepted],
+            step=self.update.server_lr,
         )
         for stage in self.stages:
             batch = stage.bound(state, batch)

@@ -60,12 +60,13 @@ def aggregation_error(products: Products, replies: Replies, merged: Mapping[str,
 
     ``ΔW_k`` is the change client k made this round to a layer's dense weight update, and ``mean``
     uses the weights the rules use (routed tokens for an expert when counts were sent, else examples);
-    ``ΔW(aggregated)`` is the change the merged deltas make at server learning rate 1. Zero up to
-    float error where aggregation is exact (FFA-LoRA; MoSLoRA with A frozen). An expert no client
+    ``ΔW(aggregated)`` is the change the merged deltas make at the server step ``s`` (``replies.step``),
+    compared with ``s·mean_k ΔW_k``. Zero up to float error where aggregation is exact (FFA-LoRA;
+    MoSLoRA with A frozen), at every step. An expert no client
     used is skipped: it has no mean to match. 0 when no client changed anything.
     """
     before = products(replies.global_)
-    after = products({n: replies.global_[n] + merged[n] for n in merged})
+    after = products(apply_update({n: replies.global_[n] for n in merged}, merged, replies.step))
     clients = [products({n: replies.global_[n] + d[n] for n in d}) for d in replies.deltas]
     err, ref = 0.0, 0.0
     for name, (base, slot) in before.items():
@@ -74,7 +75,9 @@ def aggregation_error(products: Products, replies: Replies, merged: Mapping[str,
         if total <= 0:
             continue
         base64 = base.to(torch.float64)
-        target = total_of(w / total * (c[name][0].to(torch.float64) - base64) for w, c in zip(weights, clients))
+        target = replies.step * total_of(
+            w / total * (c[name][0].to(torch.float64) - base64) for w, c in zip(weights, clients)
+        )
         got = after[name][0].to(torch.float64) - base64
         err += float((target - got).pow(2).sum())
         ref += float(target.pow(2).sum())

@@ -31,6 +31,10 @@ class Replies:
     """Seeds the server's own randomness (re-factorisation), e.g. derived from run seed and round."""
     masks: Sequence[Mapping[str, torch.Tensor]] | None = None
     """Per client, the kept entries of each line-sparse tensor (RoseLoRA), as decoded from the wire."""
+    step: float = 1.0
+    """The server learning rate the merged deltas are applied at (``apply_update``). Rules linear in the
+    deltas ignore it; product rules need it, because a step of s on factors is not a step of s on their
+    product: they re-factorise the stepped product and return the factor change per unit of step."""
 
 
 def total_of(terms: Iterable[torch.Tensor]) -> torch.Tensor:

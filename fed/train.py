@@ -131,14 +131,14 @@ def encode_on(task: Task, rows: dict[str, list], device: torch.device) -> dict[s
 
 
 def per_example_losses(
-    adapter: Adapter, task: Task, model: nn.Module, batch: dict[str, torch.Tensor]
+    adapter: Adapter, task: Task, model: nn.Module, batch: dict[str, torch.Tensor], private: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each example's task loss, and what training minimises: that loss plus the adapter's auxiliary (a
-    mixture's balance) loss. The auxiliary loss is per example, so DP's bound holds, and it is read after
-    the forward because the router records its gates during it. ``model`` is the adapter's model or
-    Opacus's wrapper of it."""
+    mixture's balance) loss. ``private`` (DP-SGD): the auxiliary loss is per example, so DP's bound holds;
+    else it is the batch-level loss (the paper's). It is read after the forward because the router records
+    its gates during it. ``model`` is the adapter's model or Opacus's wrapper of it."""
     loss = task.per_example_loss(model, batch)
-    aux = adapter.auxiliary_loss(batch["attention_mask"])
+    aux = adapter.auxiliary_loss(batch["attention_mask"], per_example=private)
     return loss, loss if aux is None else loss + aux
 
 
@@ -203,7 +203,7 @@ def train_round(
             for chunk in length_chunks(lengths, indices, size):
                 batch = encode_on(task, data[chunk], device)
                 with autocast(model, precision):
-                    loss, objective = per_example_losses(adapter, task, stepper.module, batch)
+                    loss, objective = per_example_losses(adapter, task, stepper.module, batch, dp is not None)
                 stepper.accumulate(objective, len(indices))
                 chunk_losses.append(loss.detach())
                 usage.update(adapter.usage(batch["attention_mask"]))

@@ -215,13 +215,14 @@ class StepHook(Protocol):
 
 @runtime_checkable
 class TokenRouter(Protocol):
-    """A hard router (MoLE): reports, for the batch it last routed, a per-example balance loss, and its weight."""
+    """A hard router (MoLE): reports, for the batch it last routed, a balance loss, and its weight."""
 
     balance: float
     """Weight of the router's balance loss in the training loss (0: off)."""
 
-    def balance_loss(self, mask: torch.Tensor) -> torch.Tensor:
-        """Per-example load-balancing loss ``[batch]``; ``mask`` ``[batch, seq]`` marks real tokens."""
+    def balance_loss(self, mask: torch.Tensor, per_example: bool) -> torch.Tensor:
+        """Load-balancing loss ``[batch]``; ``mask`` ``[batch, seq]`` marks real tokens. ``per_example``: each
+        example's from its own tokens (DP-SGD's bound); else the batch's loss, repeated for every example."""
         ...
 
 
@@ -399,15 +400,17 @@ class Adapter:
         """The kept entries of every line-sparse tensor by parameter name (empty for dense families)."""
         return {f"{path}.{local}": mask for path, hook in self._hooks() for local, mask in hook.masks().items()}
 
-    def auxiliary_loss(self, mask: torch.Tensor) -> torch.Tensor | None:
-        """The routers' mean weighted per-example balance loss for the last forward (None: no weighted router).
+    def auxiliary_loss(self, mask: torch.Tensor, per_example: bool = True) -> torch.Tensor | None:
+        """The routers' mean weighted balance loss for the last forward, ``[batch]`` (None: no weighted router).
 
-        Per example, so adding it to the per-example task loss keeps DP-SGD's per-sample bound.
+        ``per_example`` (required under DP): each example's from its own tokens, so adding it to the
+        per-example task loss keeps DP-SGD's per-sample bound; else the batch-level loss, repeated, whose
+        mean over the batch is that loss.
         """
         routers = [m for _, m in self._having(TokenRouter)]
         if not routers or not any(r.balance > 0 for r in routers):
             return None
-        return sum(r.balance * r.balance_loss(mask) for r in routers) / len(routers)
+        return sum(r.balance * r.balance_loss(mask, per_example) for r in routers) / len(routers)
 
     def usage(self, mask: torch.Tensor) -> dict[str, float]:
         """How much the last forward used each expert slot (empty without routers): see ``UsageReporter``."""

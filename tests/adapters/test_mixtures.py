@@ -85,7 +85,7 @@ def test_per_sample_gradients_with_an_expert_that_gets_no_token(mode, batch):
         )
 
 
-def test_balance_loss_is_per_example(batch):
+def test_balance_loss_under_dp_is_per_example(batch):
     """Example i's balance loss from the whole batch equals the one computed from example i alone."""
     adapter = _mole()
     adapter.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

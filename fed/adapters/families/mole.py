@@ -11,9 +11,13 @@ input and is multiplied by its one-hot gate, so Opacus's Linear sampler sees per
 expert that gets no token has zero (not missing) per-sample gradients, and no tokens are ever
 gathered across examples (which would make tokens, not examples, the unit Opacus clips).
 
-The load-balancing loss ``K Σ_j f_ij P_ij`` is computed **per example** (f: the share of example i's
-real tokens routed to expert j; P: its mean router probability), so it depends on no other example
-and stays on under DP. Experts aggregate with ``usage`` weights (the tokens each client routed to
+The load-balancing loss is Switch's ``K Σ_j f_j P_j`` (f: the share of real tokens routed to expert j;
+P: their mean router probability of expert j). Without DP f and P are taken over the **batch**, as in
+the paper: a batch should spread over the experts, while each example may go wholly to its domain's
+expert (the routing the method is built on). Under DP they are taken **per example** (example i's own
+tokens): a batch-level f couples the examples, and DP-SGD's per-example clipping needs example i's
+loss to depend on example i only; the per-example form also penalises one example routed wholly to
+one expert, the price of DP here. Experts aggregate with ``usage`` weights (the tokens each client routed to
 them); the router by example-weighted mean.
 """
 
@@ -83,10 +87,14 @@ class BlockRouter(nn.Module):
         m = mask.to(probs.dtype).reshape(*probs.shape[:-1], 1)
         return probs * m, onehot * m, m.sum(1).clamp(min=1.0)
 
-    def balance_loss(self, mask: torch.Tensor) -> torch.Tensor:
+    def balance_loss(self, mask: torch.Tensor, per_example: bool) -> torch.Tensor:
         probs, onehot, tokens = self._per_example(mask)
-        share, mean_prob = onehot.sum(1) / tokens, probs.sum(1) / tokens  # [batch, K], example i's tokens only
-        return probs.shape[-1] * (share * mean_prob).sum(-1)
+        if per_example:  # [batch, K], example i's tokens only
+            share, mean_prob = onehot.sum(1) / tokens, probs.sum(1) / tokens
+            return probs.shape[-1] * (share * mean_prob).sum(-1)
+        total = mask.sum().clamp(min=1).to(probs.dtype)  # the batch's real tokens
+        share, mean_prob = onehot.sum((0, 1)) / total, probs.sum((0, 1)) / total  # [K]
+        return (probs.shape[-1] * (share * mean_prob).sum()).expand(probs.shape[0])
 
     def counts(self, mask: torch.Tensor) -> dict[str, int]:
         _, onehot, _ = self._per_example(mask)
@@ -157,7 +165,8 @@ class MoleLinear(nn.Module):
 @dataclass(frozen=True)
 class MoleOptions(MixtureOptions):
     balance: float = 0.01
-    """Weight of the per-example load-balancing loss that keeps tokens spread over the experts (0 turns it off)."""
+    """Weight of the load-balancing loss that keeps tokens spread over the experts (batch-level; per example
+    under DP; 0 turns it off)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

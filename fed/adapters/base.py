@@ -9,6 +9,7 @@ for adapter tensors by substring.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -45,6 +46,8 @@ class AdapterSpec:
             raise ValueError(f"adapter rank={self.rank} must be >= 1")
         if not self.targets:
             raise ValueError("adapter targets are empty; name at least one nn.Linear leaf (e.g. 'query')")
+        for target in self.targets:
+            target_pattern(target)
 
     @property
     def scaling(self) -> float:
@@ -469,18 +472,45 @@ def top_lines(scores: torch.Tensor, axis: int, k: int) -> torch.Tensor:
     return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(axis, chosen, True)
 
 
+def target_pattern(target: str) -> re.Pattern[str] | None:
+    """A target's path pattern, or None for a plain leaf name (an identifier such as ``query``).
+
+    Anything else is a regular expression matched against the whole module path (``re.fullmatch``), e.g.
+    ``.*\\.layer\\.\\d+\\.output\\.dense`` for BERT's MLP output, whose leaf name ``dense`` it shares
+    with the attention output (``...attention.output.dense``).
+    """
+    if target.isidentifier():
+        return None
+    try:
+        return re.compile(target)
+    except re.error as err:
+        raise ValueError(
+            f"adapter target {target!r} is neither a leaf name (an identifier) nor a valid regular expression "
+            f"over module paths: {err}"
+        ) from err
+
+
+def _selects(target: str, path: str) -> bool:
+    pattern = target_pattern(target)
+    return path.rsplit(".", 1)[-1] == target if pattern is None else pattern.fullmatch(path) is not None
+
+
 def replace_linears(model: nn.Module, targets: tuple[str, ...], wrap) -> list[str]:
-    """Swap every ``nn.Linear`` whose leaf name is in ``targets`` for ``wrap(path, linear)``.
+    """Swap every ``nn.Linear`` that a target selects (``target_pattern``: a leaf name, or a regular
+    expression over the whole module path) for ``wrap(path, linear)``.
 
     Returns the wrapped paths. Raises if a target matches nothing, listing the Linear leaves that exist,
     because a typo here would otherwise train only the head and look like a working run.
     """
     found = [(path, mod) for path, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    chosen = [(path, mod) for path, mod in found if path.rsplit(".", 1)[-1] in targets]
-    missing = sorted(set(targets) - {path.rsplit(".", 1)[-1] for path, _ in chosen})
+    chosen = [(path, mod) for path, mod in found if any(_selects(t, path) for t in targets)]
+    missing = [t for t in targets if not any(_selects(t, path) for path, _ in chosen)]
     if missing:
         leaves = sorted({path.rsplit(".", 1)[-1] for path, _ in found})
-        raise ValueError(f"adapter targets {missing} match no nn.Linear in the model; Linear leaves: {leaves}")
+        raise ValueError(
+            f"adapter targets {missing} match no nn.Linear in the model; Linear leaves: {leaves} "
+            f"(a pattern must match a whole path, e.g. {found[0][0] if found else 'encoder.layer.0.output.dense'!r})"
+        )
     for path, linear in chosen:
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model

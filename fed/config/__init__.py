@@ -124,8 +124,11 @@ class AdapterConfig:
     dropout: float = 0.0
     """Dropout on the adapter's input during training (0 = off); a regulariser for small client datasets."""
     targets: tuple[str, ...] = ()
-    """Leaf names of the ``nn.Linear`` modules to adapt (e.g. ``query,value``); empty means the model family's
-    default. More targets: more capacity, more bytes per round."""
+    """The ``nn.Linear`` modules to adapt, each a leaf name (e.g. ``query,value``: every Linear so named) or a
+    regular expression matched against the whole module path (any target that is not an identifier, e.g.
+    ``.*\\.intermediate\\.dense`` for BERT's MLP input, whose leaf ``dense`` the attention output shares;
+    no commas on the command line); empty means the model family's default. More targets: more capacity,
+    more bytes per round."""
     # The families' own options (each family's ``Options`` dataclass declares and checks them; a test keeps
     # these keys equal to theirs): the run config and Flower's run-config carry them flat.
     freeze_a: bool = False

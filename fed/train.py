@@ -173,6 +173,7 @@ def train_round(
     model.train()
     device = model_device(model)
     opt = make_optimizer(adapter.trainable_parameters(), optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    adapter.watch(opt)  # step hooks (RoseLoRA's sensitivity) read the gradient the optimizer applies
     if dp is None:
         stepper: PlainStepper | DpStepper = PlainStepper(model, opt)
         batches = _plain_batches(len(data), min(batch_size, len(data)), steps, gen)
@@ -208,7 +209,7 @@ def train_round(
                 chunk_losses.append(loss.detach())
                 usage.update(adapter.usage(batch["attention_mask"]))
             stepper.step()
-            adapter.after_step()  # step hooks (RoseLoRA's pruning) read parameters only: post-processing under DP
+            adapter.after_step()  # step hooks (RoseLoRA's pruning) read the applied gradient: post-processing under DP
             batch_losses = torch.cat(chunk_losses)
             if releaser is not None:  # one noised release per step, over the whole sampled batch
                 released.append(releaser.noised_loss_sum(batch_losses))

@@ -199,14 +199,19 @@ class Clock:
 
 @runtime_checkable
 class StepHook(Protocol):
-    """A layer that edits its own tensors after each optimizer step (RoseLoRA's pruning).
+    """A layer that reads each step's gradient and edits its own tensors after the step (RoseLoRA's pruning).
 
-    It reads only parameter values, never gradients: under DP-SGD the parameters after a step are an
-    output of the mechanism, so whatever it derives from them is post-processing.
+    ``before_step`` runs as the optimizer's pre-step hook, so it sees the gradient the optimizer applies:
+    under DP-SGD the clipped, noised one (an output of the mechanism), never a per-sample or pre-noise
+    gradient, so whatever it derives is post-processing, like what ``after_step`` derives from parameters.
     """
 
     def begin_round(self, clock: Clock) -> None:
         """Forget the previous round's state (a cached model serves several clients) and set the clock."""
+        ...
+
+    def before_step(self) -> None:
+        """Read the gradients the optimizer is about to apply (``p.grad``) and the parameters they belong to."""
         ...
 
     def after_step(self) -> None: ...
@@ -393,6 +398,19 @@ class Adapter:
         """Start a local round at ``clock`` (a no-op for families without step hooks)."""
         for _, hook in self._hooks():
             hook.begin_round(clock)
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Run the step hooks' ``before_step`` as ``optimizer``'s pre-step hook (nothing without step hooks).
+
+        Register it on the inner optimizer: Opacus's DP optimizer privatises ``p.grad`` and then calls the
+        inner one's ``step``, so the hook sees the privatised gradient (empty Poisson batches included).
+        """
+        if self._hooks():
+            optimizer.register_step_pre_hook(lambda _optimizer, _args, _kwargs: self._before_step())
+
+    def _before_step(self) -> None:
+        for _, hook in self._hooks():
+            hook.before_step()
 
     def after_step(self) -> None:
         """Run the step hooks after an optimizer step (DP or not; empty Poisson batches included)."""

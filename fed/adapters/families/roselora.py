@@ -13,10 +13,14 @@ Federated form (our choices, see docs/architecture.md):
 - Masks are client-local: each client prunes after every local step by its own importance and
   sends, per line, the kept deltas and a bit mask (``fed.wire.to_sparse_record``). The server takes
   a masked mean and re-projects every line to the budget (the ``masked`` kind's rule).
-- Importance is ``|w · Δw|``, ``Δw`` the change one optimizer step made to ``w`` (with plain SGD this
-  is ``lr·|w·∇w|``, the paper's score; with Adam, the preconditioned gradient). It is computed from
-  parameter values only, never from a gradient: under DP-SGD the parameters after a step are an
-  output of the mechanism, so the importance, the masks and the pruning are post-processing.
+- Importance is the paper's sensitivity ``|w · ∇w|``, EMA-smoothed (β = ``BETA``, the official code's),
+  under any optimizer: ``∇w`` is the gradient the optimizer receives, read by ``before_step`` from an
+  optimizer pre-step hook (``fed.train``), at the parameters it is the gradient of. Under DP-SGD that
+  gradient is the clipped, noised average (Opacus writes it into ``p.grad`` before the inner
+  optimizer's step runs), an output of the mechanism, so the importance, the masks and the pruning are
+  post-processing. (``|w · Δw|``, the step's change, would equal it only under plain SGD: under Adam
+  the first step's change is about ``lr·sign(∇w)`` and the score collapses to ``|w|``.)
+- The seed paper has no uncertainty term (unlike AdaLoRA), so neither has the score.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ class RoseLinear(LoraLinear):
         # is model state (it is rebuilt every round, so a cached model carries nothing between clients).
         self._clock = Clock(1, 1, 1)
         self._step = 0
-        self._before: dict[str, torch.Tensor] = {}
+        self._started = False
         self._ema: dict[str, torch.Tensor] = {}
         self._masks: dict[str, torch.Tensor] = {}
 
@@ -84,28 +88,34 @@ class RoseLinear(LoraLinear):
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
 
     def begin_round(self, clock: Clock) -> None:
-        self._clock, self._step = clock, 0
+        self._clock, self._step, self._started = clock, 0, True
         factors = self._factors()
-        self._before = {n: p.detach().clone() for n, p in factors.items()}
         self._ema = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in factors.items()}
         self._masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in factors.items()}
 
     @torch.no_grad()
+    def before_step(self) -> None:
+        """Fold the sensitivity ``|w·∇w|`` of the gradient the optimizer is about to apply into the EMA."""
+        self._check_started()
+        for name, param in self._factors().items():
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            self._ema[name].mul_(BETA).add_((param.detach() * grad).abs().float(), alpha=1 - BETA)
+
+    @torch.no_grad()
     def after_step(self) -> None:
-        """EMA of ``|w·Δw|`` from the step just taken, then keep each line's top-k at the clock's budget."""
-        if not self._before:
-            raise RuntimeError("a RoseLoRA layer stepped outside a round: call Adapter.begin_round(clock) first")
+        """Keep each line's top-k by the smoothed sensitivity, at the clock's budget for this step."""
+        self._check_started()
         self._step += 1
         fraction = keep_fraction(self._clock.at(self._step), self._clock.rounds, self.keep_ratio)
         for name, param in self._factors().items():
-            w = param.detach()
-            score = (w * (w - self._before[name])).abs().float()
-            self._ema[name].mul_(BETA).add_(score, alpha=1 - BETA)
             axis = AXES[name]
-            mask = top_lines(self._ema[name], axis, line_budget(w.shape[axis], fraction))
+            mask = top_lines(self._ema[name], axis, line_budget(param.shape[axis], fraction))
             param.mul_(mask)
             self._masks[name] = mask
-            self._before[name] = param.detach().clone()
+
+    def _check_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("a RoseLoRA layer stepped outside a round: call Adapter.begin_round(clock) first")
 
     def masks(self) -> dict[str, torch.Tensor]:
         return dict(self._masks)

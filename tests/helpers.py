@@ -9,6 +9,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from fed.adapters import build
+from fed.adapters.base import Aggregation
 from fed.adapters.families.lora import LoraLinear
 from fed.config import DPConfig
 from fed.tasks import Classification
@@ -87,12 +88,17 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 def randomise(adapter, std: float, seed: int = 0) -> None:
     """Fill the adapter's sent tensors with seeded noise: a non-zero B, so every factor gets a gradient
-    and an exported adapter differs from the base model."""
+    and an exported adapter differs from the base model. Server-owned tensors (Dynamic LoRA's 0/1 rank
+    masks) keep their values: noise there is a state no run can reach."""
     g = torch.Generator().manual_seed(seed)
     params = dict(adapter.model.named_parameters())
+    owned = set(adapter.names(sent=True)) - {
+        n for n, kind in adapter.aggregation_of().items() if kind != Aggregation.ALLOCATION
+    }
     with torch.no_grad():
         for name in adapter.names(sent=True):
-            params[name].copy_(torch.randn(params[name].shape, generator=g) * std)
+            if name not in owned:
+                params[name].copy_(torch.randn(params[name].shape, generator=g) * std)
 
 
 def reply_from(node: int, arrays: dict[str, torch.Tensor] | None, metrics: dict) -> Message:

@@ -136,7 +136,7 @@ class AdapterConfig:
     experts: int = 4
     """mole: LoRA experts per layer (top-1 routed); mor: rank experts per layer (soft routed)."""
     balance: float = 0.01
-    """mole: weight of the per-example load-balancing loss (0 = off)."""
+    """mole: weight of the load-balancing loss (batch-level; per example under DP; 0 = off)."""
     keep_ratio: float = 0.1
     """roselora: share of each row of A / column of B kept once the cubic sparsity schedule ends."""
 

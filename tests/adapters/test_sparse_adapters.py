@@ -11,7 +11,14 @@ import torch
 
 from fed.adapters import Clock, Structure, build
 from fed.adapters.base import Aggregation, MaskedParams
-from fed.adapters.families.dynamic_lora import DynamicLinear, allocate_ranks, reallocate
+from fed.adapters.families.dynamic_lora import (
+    DynamicLinear,
+    Smoothing,
+    layer_scores,
+    next_ranks,
+    reallocate,
+    smoothed_scores,
+)
 from fed.adapters.families.roselora import BETA, RoseLinear, keep_fraction, line_budget
 from fed.config import DPConfig, StrategyConfig
 from fed.privacy.book import LedgerBook
@@ -324,15 +331,15 @@ def test_peft_loads_a_pruned_roselora_adapter(batch, tmp_path):
         torch.testing.assert_close(loaded(**args).logits, model.eval()(**args).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_allocate_ranks_is_highest_averages_apportionment():
+def test_next_ranks_without_a_margin_reaches_highest_averages_apportionment():
     """Against an independent construction: the top ``total - L`` of every quotient ``s/j`` (j = 2..cap)."""
     scores, cap = [5.0, 1.0, 0.2, 2.5], 6
     for total in (4, 9, 13, 24):
         quotients = sorted(((s / j, -i, i) for i, s in enumerate(scores) for j in range(2, cap + 1)), reverse=True)
         expected = [1 + sum(1 for q in quotients[: total - 4] if q[2] == i) for i in range(4)]
-        assert allocate_ranks(scores, total, cap) == expected and sum(expected) == total
-    with pytest.raises(ValueError, match="rank budget 30 cannot give 4 layers between 1 and 6"):
-        allocate_ranks(scores, 30, cap)
+        start = [total // 4 + (1 if i < total % 4 else 0) for i in range(4)]
+        assert next_ranks(scores, start, cap, margin=0.0) == expected and sum(expected) == total
+    assert next_ranks([1.0, 1.1, 0.95, 1.0], [4, 4, 4, 4], 8, margin=0.25) == [4, 4, 4, 4]  # hysteresis
 
 
 def test_reallocation_moves_rank_to_the_layer_the_round_changed_and_keeps_the_budget():
@@ -344,8 +351,7 @@ def test_reallocation_moves_rank_to_the_layer_the_round_changed_and_keeps_the_bu
     busy_mask, busy_b, _busy_a = layers[0]
     for _mask, b, _a in layers:  # every layer moves a little, the first a lot
         after[b] = before[b] + (1.0 if b == busy_b else 0.01) * torch.randn(before[b].shape, generator=g)
-    new = reallocate(before, after, layers)
-    assert adapter.after_aggregate(before, after).keys() == new.keys()
+    new = reallocate(before, after, layers, layer_scores(before, after, layers))
     ranks = [int(new[m].sum()) for m, _, _ in layers]
     assert sum(ranks) == sum(int(before[m].sum()) for m, _, _ in layers) == 4 * len(ranks)
     assert ranks[0] == 8 and all(1 <= r < 4 for r in ranks[1:])
@@ -353,7 +359,77 @@ def test_reallocation_moves_rank_to_the_layer_the_round_changed_and_keeps_the_bu
         assert torch.count_nonzero(new[b][:, new[mask] == 0]) == 0  # inactive slots hold a zero column of B
     # the busy layer grew: its old slots are kept as they were, the new ones start at zero, so its update is too
     torch.testing.assert_close(new[busy_b] * new[busy_mask], after[busy_b] * before[busy_mask])
-    assert reallocate(before, before, layers) == before  # no change, no reshuffle
+    assert reallocate(before, before, layers, layer_scores(before, before, layers)) == before  # no change
+    # through the family: no reallocation during the warm-up, then the busy layer grows
+    for round_ in range(1, 5):
+        new = adapter.after_aggregate(before, after)
+        grown = int(new[busy_mask].sum())
+        assert grown == 4 if round_ <= 2 else grown > 4, round_
+
+
+class _Layer:
+    """A layer's server-side smoothing state only (what ``smoothed_scores`` reads and writes)."""
+
+    score: float | None = None
+    scored = 0
+
+
+def _churn(smoothing: Smoothing, rounds: int = 40, layers: int = 6, seed: int = 0) -> tuple[float, list[int]]:
+    """Slots switched on per round when every layer matters equally and each round's score is that plus
+    noise (lognormal, sd 0.3): every switch is churn for nothing. Returns the mean and the last ranks."""
+    g = torch.Generator().manual_seed(seed)
+    state, ranks, switched = [_Layer() for _ in range(layers)], [4] * layers, 0
+    for _ in range(rounds):
+        raw = torch.exp(0.3 * torch.randn(layers, generator=g)).tolist()
+        scores = smoothed_scores(state, raw, smoothing)
+        new = ranks if scores is None else next_ranks(scores, ranks, 8, smoothing.margin)
+        switched += sum(max(0, n - r) for n, r in zip(new, ranks))
+        ranks = new
+    return switched / rounds, ranks
+
+
+def test_smoothed_reallocation_stops_churning_on_noise_but_follows_a_real_difference():
+    noisy, _ = _churn(Smoothing(beta=0.0, warmup=0, margin=0.0))  # one round's score, every round
+    smoothed, _ = _churn(Smoothing())
+    assert noisy > 1.0 and smoothed < 0.1 * noisy, (noisy, smoothed)
+    state, ranks = [_Layer() for _ in range(2)], [4, 4]
+    for _ in range(6):  # a layer that really matters 3x more gets the slots
+        scores = smoothed_scores(state, [3.0, 1.0], Smoothing())
+        ranks = ranks if scores is None else next_ranks(scores, ranks, 8, Smoothing().margin)
+    assert ranks == [6, 2]
+
+
+def test_switched_off_slots_neither_train_nor_travel_under_dp(batch):
+    """A DP round (AdamW with weight decay, noise on every coordinate): the off slots' A rows and B columns
+    are exactly where they started, so the reply's delta is zero there; the live slots moved."""
+    from fed.train import train_round
+
+    adapter = build(tiny_bert(), spec("dynamic-lora", ("query", "value")), seed=3, head=HEAD)
+    randomise(adapter, 0.3)
+    start = adapter.sent_state()
+    masks = {n: t for n, t in start.items() if n.endswith("rank_mask")}
+    assert all(set(m.unique().tolist()) == {0.0, 1.0} for m in masks.values())
+    adapter.begin_round(Clock(round_=1, rounds=2, steps=3))
+    dp = DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.6, num_examples=5)
+    data = _Rows(batch)
+    train_round(
+        adapter,
+        _Encoded(_NoTokenizer(), 16),
+        data,
+        steps=3,
+        batch_size=5,
+        lr=0.05,
+        weight_decay=0.1,
+        dp=dp,
+        gen=torch.Generator(),
+    )
+    delta = {n: t - start[n] for n, t in adapter.sent_state().items()}
+    for mask_name, mask in masks.items():
+        layer = mask_name.removesuffix(".rank_mask")
+        off, on = mask == 0, mask == 1
+        assert torch.count_nonzero(delta[f"{layer}.lora_A.weight"][off]) == 0
+        assert torch.count_nonzero(delta[f"{layer}.lora_B.weight"][:, off]) == 0
+        assert torch.count_nonzero(delta[f"{layer}.lora_A.weight"][on]) > 0
 
 
 def test_dynamic_layer_is_the_gated_masked_low_rank_update(batch):

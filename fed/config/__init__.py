@@ -179,7 +179,8 @@ class FederationConfig:
     a round without evaluation sends no evaluate message at all."""
     server_lr: float = 1.0
     """Step size of the server update ``global += server_lr * weighted_mean(deltas)``. Below 1 it damps rounds
-    whose clients pull in different directions (skewed data)."""
+    whose clients pull in different directions (skewed data). Product-aggregated adapters (moslora, lora with
+    ``strategy.aggregation=product``) step their dense update instead: ``P + server_lr·(mean_k P_k − P)``."""
     min_replies: int = 1
     """Fewest valid training replies a round needs to update the global adapter (else it stays as it was)."""
     min_available: int = 0

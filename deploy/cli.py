@@ -1,4 +1,4 @@
-"""``fed deploy ...``: the command-line face of :mod:`deploy.launcher` (see docs/deploy.md).
+"""``fed deploy ...``: the command-line face of :mod:`deploy.launcher` (see docs/deployment.md).
 
 ``keys`` / ``superlink`` / ``register`` / ``supernode`` / ``run`` are the steps of a deployment across
 machines; ``local`` does all of them on this machine's loopback and tears everything down afterwards.

@@ -155,7 +155,7 @@ def _rows(privacy: dict[str, Any]) -> list[list[str]]:
 
 STYLE = """<style>body{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}figure{display:inline-block;margin:0 1em 1em 0}img{max-width:520px}
+th{background:#f3f3f3}figure{display:inline-block;margin:0 1em 1em 0}img{max-width:100%}
 .ok{color:#176e2c}.flagged{color:#b3261e}code{background:#f3f3f3;padding:0 3px}</style>"""
 
 

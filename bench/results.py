@@ -25,11 +25,14 @@ FIELDS = ("bench", "title", "date", "machine", "commit", "card", "command", "bod
 
 
 def _commit() -> str:
-    """The checked-out commit, marked ``-dirty`` when the tree has changes (the figures may not be its)."""
+    """The checked-out commit, marked ``-dirty`` when the tree has changes other than results (the figures
+    may then not be its)."""
     git = ["git", "-C", str(ROOT)]
     try:
         head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        outputs = [":!bench/results", ":!docs/benchmarks.md"]
+        changed = [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", *outputs]
+        dirty = subprocess.run(changed, capture_output=True, text=True)  # results written so far are no change
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

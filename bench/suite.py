@@ -58,7 +58,7 @@ BENCHES = {
         "about 5 min",
         "seconds per step: plain, hooks, ghost",
         "the default (hooks) is the fastest on CPU",
-        False,
+        True,
     ),
     "clientapp_startup": Bench(
         "bench.clientapp_startup",
@@ -66,7 +66,7 @@ BENCHES = {
         "about 2 min",
         "imports, model build and the import floor",
         "3 s (below this machine's import floor)",
-        False,
+        True,
     ),
     "book_scale": Bench(
         "bench.book_scale",

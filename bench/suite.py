@@ -63,7 +63,7 @@ BENCHES = {
     "clientapp_startup": Bench(
         "bench.clientapp_startup",
         "How long does a deployed ClientApp take to start for each message?",
-        "about 2 min",
+        "about 1 min",
         "imports, model build and the import floor",
         "3 s (below this machine's import floor)",
         True,

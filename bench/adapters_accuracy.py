@@ -7,11 +7,11 @@ factors (so it runs at LoRA's rank, pruned to ``adapter.keep_ratio``); Dynamic L
 ``fed simulate`` run (the same code path as the command line), on the ``mixed-domains`` preset (one
 sentiment domain per client) and on the same data split IID, with and without DP-SGD, over several
 seeds. The table (final-round accuracy mean ± std over seeds, mean aggregation error, bytes up per
-round) is written with the date and the exact settings to docs/benchmarks.md; raw runs to --runs. The DP
+round) is written with the exact settings to bench/results/adapters_accuracy.json; raw runs to --runs. The DP
 cells read the mean-pooled tokens (``model.pooling=mean``; see ``DP``).
 
-    python -m bench.adapters_accuracy                      # the full grid: 7 families x 2 splits x 2 x 3 seeds
-    python -m bench.adapters_accuracy --seeds 0 --set federation.rounds=2 --set train.local_steps=3 \
+    python -m bench run adapters_accuracy                      # the full grid: 7 families x 2 splits x 2 x 3 seeds
+    python -m bench run adapters_accuracy --seeds 0 --set federation.rounds=2 --set train.local_steps=3 \
         --set data.max_examples=800                        # a reduced grid
 
 Each finished cell is appended at once to ``<runs>/results.jsonl``, with its full config; the same command
@@ -26,7 +26,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.cells import bench_parser, held, mean_std, run_grid, settings, write_section
+from bench.cells import bench_parser, held, mean_std, run_grid, settings
+from bench.results import save
 from fed.adapters import build, kinds
 from fed.config import RunConfig
 from fed.config.sources import resolve
@@ -122,7 +123,7 @@ def main() -> None:
         run_grid(log, Path(args.runs), grid)
     results = [record for record in held(log, grid) if record is not None]
     body = (
-        f"`python -m bench.adapters_accuracy --seeds {' '.join(map(str, args.seeds))}` with overrides "
+        f"`python -m bench run adapters_accuracy --seeds {' '.join(map(str, args.seeds))}` with overrides "
         f"{settings(args.overrides)}, on top of the `mixed-domains` preset (IID: the same data, "
         f"`data.partition=iid`). Final-round accuracy, mean ± std (number of seeds) where a cell holds several "
         f"of seeds {args.seeds}, else its one run (cells held so far: {len(results)} of {len(grid)}); the budget is "
@@ -130,7 +131,7 @@ def main() -> None:
         f"mean-pooled head (`model.pooling=mean`).\n\n"
         f"{table(results, params)}"
     )
-    write_section(Path(args.doc), "Adapter families at equal budget", body)
+    save("adapters_accuracy", "Adapter families at equal budget", body, args.results)
     print(body)
 
 

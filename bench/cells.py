@@ -3,30 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from bench.results import RESULTS
 from fed.config import ConfigError, RunConfig
 from fed.run.rundir import RunDir
 
 
 def bench_parser(description: str | None, runs: str, *, seeds: bool = True) -> argparse.ArgumentParser:
-    """The options every accuracy bench shares (overrides, where runs and the doc go, ``--render``, seeds)."""
+    """The options every accuracy bench shares (overrides, where runs and the result go, ``--render``, seeds)."""
     warnings.filterwarnings("ignore", message="Full backward hook")
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if seeds:
         parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runs", default=runs, help="where the runs and their JSONL log go")
-    parser.add_argument("--doc", default="docs/benchmarks.md")
-    parser.add_argument("--render", action="store_true", help="only write the section from the runs' JSONL log")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the result JSON goes")
+    parser.add_argument("--render", action="store_true", help="only write the result from the runs' JSONL log")
     return parser
 
 
@@ -144,26 +143,3 @@ def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f} ({len(values)})"
-
-
-NOTES = "<!-- written by the bench above this line; notes below it are kept when the bench rewrites the section -->"
-
-
-def write_section(doc: Path, title: str, body: str) -> None:
-    """Put ``## title (date)`` + ``body`` into ``doc``: in place of an earlier section of the same title,
-    keeping what was written below its ``NOTES`` marker (the commentary on the numbers), else at the end."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    heading = f"\n## {title} ("
-    start = text.find(heading)
-    if start < 0:
-        text = text.rstrip("\n") + "\n"
-        start = end = len(text)
-    else:
-        end = text.find("\n## ", start + 1)
-        end = len(text) if end < 0 else end
-    if start < end and NOTES not in text[start:end]:
-        print(f"warning: {doc}'s section {title!r} has no notes marker; all of it is replaced", file=sys.stderr)
-    notes = text[start:end].split(NOTES, 1)[1].rstrip("\n") if NOTES in text[start:end] else ""
-    section = f"{heading}{datetime.date.today().isoformat()})\n\n{body}\n\n{NOTES}{notes}\n"
-    rest = text[end:].lstrip("\n")
-    doc.write_text(text[:start] + section + ("\n" + rest if rest else ""))

@@ -5,7 +5,7 @@ Runs what that process runs, in a fresh interpreter each time, and prints the ph
 a fresh interpreter that only imports the libraries a DP client cannot do without (torch, the transformers
 classes that load a model and its tokenizer, Opacus, datasets, Flower's ClientApp), which no change inside
 fedlora can go below:
-``python -m bench.clientapp_startup [--model default] [--repeats 3]``. Record the machine's load with
+``python -m bench run clientapp_startup [--model default] [--repeats 3]``. Record the machine's load with
 the figures (the script prints the 1-minute load average before and after): wall time grows with
 outside load, CPU time (user + system of the process) much less, so it estimates an idle machine.
 """
@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench.results import save
 
 PROBE = r"""
 import json, resource, sys, time
@@ -74,7 +76,8 @@ def main() -> None:
             "TRANSFORMERS_VERBOSITY": "error",
             "OMP_WAIT_POLICY": "PASSIVE",
         }
-        print(f"load average before: {os.getloadavg()[0]:.2f}")
+        load_before = os.getloadavg()[0]
+        print(f"load average before: {load_before:.2f}")
         runs = []
         for argv in ([PROBE, str(data), *overrides], [FLOOR]):  # fedlora's start-up, then the floor
             for _ in range(args.repeats):
@@ -83,10 +86,20 @@ def main() -> None:
                 ).stdout
                 runs.append(json.loads(out.strip().splitlines()[-1]))
                 print(runs[-1])
-        print(f"load average after: {os.getloadavg()[0]:.2f}")
-        for key in ("imports_s", "build_s", "total_s", "imports_cpu_s", "total_cpu_s", "floor_s", "floor_cpu_s"):
-            values = sorted(r[key] for r in runs if key in r)
-            print(f"{key}: median {values[len(values) // 2]:.2f} (min {values[0]:.2f}, max {values[-1]:.2f})")
+        load = (load_before, os.getloadavg()[0])
+        print(f"load average after: {load[1]:.2f}")
+    rows = ["| seconds | median | min | max |", "|---|---|---|---|"]
+    for key in ("imports_s", "build_s", "total_s", "imports_cpu_s", "total_cpu_s", "floor_s", "floor_cpu_s"):
+        values = sorted(r[key] for r in runs if key in r)
+        rows.append(f"| {key} | {values[len(values) // 2]:.2f} | {values[0]:.2f} | {values[-1]:.2f} |")
+        print(rows[-1])
+    body = (
+        f"A fresh interpreter importing the ClientApp and building model `{args.model}` with a node file under DP "
+        f"(FFA-LoRA, target epsilon 8), {args.repeats} times, then the floor: an interpreter that imports only "
+        f"torch, transformers, Opacus, datasets and Flower's ClientApp. Load average {load[0]:.2f} before, "
+        f"{load[1]:.2f} after.\n\n" + "\n".join(rows)
+    )
+    save("clientapp_startup", "ClientApp start-up per message", body)
 
 
 if __name__ == "__main__":

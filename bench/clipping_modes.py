@@ -4,9 +4,9 @@ Prints, per adapter kind (and per ``train.micro_batch`` asked for), the step tim
 DP-SGD with per-sample gradient hooks and with ghost clipping, and their ratios to plain training: each
 repeat times one round of every mode back to back, and the ratio is the median of the per-repeat ratios.
 DP rounds draw Poisson batches (``batch_size`` examples on average) and run with dropout off. Run:
-    python -m bench.clipping_modes [--preset quickstart] [--steps 8] [--repeats 5] [--micro-batches 0 16 8 4] \
+    python -m bench run clipping_modes [--preset quickstart] [--steps 8] [--repeats 5] [--micro-batches 0 16 8 4] \
         [--set key=value ...]
-    python -m bench.clipping_modes --preset instruct         # SmolLM2-135M, causal LM
+    python -m bench run clipping_modes --preset instruct         # SmolLM2-135M, causal LM
 The model runs on a CUDA GPU when one is present (``--device auto``, named in the output), in the precision
 ``train.precision`` resolves to there (``auto``: bfloat16 where the hardware computes it natively).
 Ratios, not seconds, are the result: the machine may be shared (see the load average printed).
@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from bench.results import save
 from fed.config.sources import resolve
 from fed.precision import model_device, resolve_precision
 from fed.privacy.mechanism import DpSettings
@@ -108,9 +109,13 @@ def main() -> None:
     if args.repeats < 1 or args.steps < 1:
         parser.error(f"--repeats {args.repeats} and --steps {args.steps}: each must be at least 1")
     device = pick_device(args.device)
-    print(f"device: {device_name(device)}  load average before: {os.getloadavg()[0]:.2f}")
-    print("seconds per step: medians over the repeats; ratios: median [quartiles] of the per-repeat ratios")
-    print(f"{'adapter':10} {'micro':>5} {'plain':>7} {'hooks':>7} {'ghost':>7} {'hooks/plain':>18} {'ghost/plain':>18}")
+    load_before = os.getloadavg()[0]
+    print(f"device: {device_name(device)}  load average before: {load_before:.2f}")
+    rows = [
+        "| adapter | model, base precision | micro-batch | plain (s) | hooks (s) | ghost (s) "
+        "| hooks / plain | ghost / plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for kind in ("lora", "ffa-lora"):
         cfg = resolve(args.preset, [*args.overrides, f"adapter.kind={kind}"])
         session = client_session(cfg, 0)
@@ -139,12 +144,18 @@ def main() -> None:
 
             times = paired(time_round, {"plain": None, **dp}, args.repeats)
             med = {mode: statistics.median(t) for mode, t in times.items()}
-            print(
-                f"{kind:10} {micro:5d} {med['plain']:7.3f} {med['hooks']:7.3f} {med['ghost']:7.3f} "
-                f"{ratio(times, 'hooks'):>18} {ratio(times, 'ghost'):>18}",
-                flush=True,
+            rows.append(
+                f"| {kind} | {cfg.model.name}, {precision} | {micro} | {med['plain']:.3f} | {med['hooks']:.3f} | "
+                f"{med['ghost']:.3f} | {ratio(times, 'hooks')} | {ratio(times, 'ghost')} |"
             )
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+            print(rows[-1], flush=True)
+    load_after = os.getloadavg()[0]
+    body = (
+        f"Seconds per DP step on {device_name(device)}, preset `{args.preset}`, {args.steps} steps per timed round, "
+        f"{args.repeats} interleaved repeats: medians over the repeats; ratios: median [quartiles] of the "
+        f"per-repeat ratios. Load average {load_before:.2f} before, {load_after:.2f} after.\n\n" + "\n".join(rows)
+    )
+    save("clipping_modes", "Clipping modes: seconds per step", body)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ Every cell is a real ``fed simulate`` run. epsilon is per client, sample-level, 
 whole run; "inf" is the same run without DP at the preset's documented no-DP rate, lr 0.02 (at the DP rate,
 lr 1, nothing clips the steps and it diverges: the scaled features give the head per-example gradients of
 norm about 15 at the start, and lr 0.5 diverged too). The table (final-round accuracy, mean ± std over seeds) and a
-plot (accuracy against epsilon) go to docs/benchmarks.md and docs/img/dp_utility.png with the date.
+plot (accuracy against epsilon) go to bench/results/dp_utility.json and docs/img/dp_utility.png.
 
-    python -m bench.dp_utility                                  # the full grid: 2 adapters x 2 splits x 4 eps x 3 seeds
-    python -m bench.dp_utility --adapters ffa-lora --splits iid --seeds 0      # one row
+    python -m bench run dp_utility                          # the full grid: 2 adapters x 2 splits x 4 eps x 3 seeds
+    python -m bench run dp_utility --adapters ffa-lora --splits iid --seeds 0      # one row
 
 Finished cells are appended to ``<runs>/results.jsonl`` at once; ``--render`` redraws table and plot from it;
 ``--add RUN_DIR ...`` books runs made by hand (``fed simulate --preset private ...``) as cells, after checking
@@ -33,8 +33,8 @@ from bench.cells import (
     same_cell,
     settings,
     summarise,
-    write_section,
 )
+from bench.results import DOC, save
 from fed.config.sources import resolve
 from fed.run.rundir import RunDir
 
@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--epsilons", nargs="+", default=list(EPSILONS), choices=list(EPSILONS))
     parser.add_argument("--add", nargs="+", default=[], metavar="RUN_DIR", help="book finished private-preset runs")
+    parser.add_argument("--figures", type=Path, default=DOC.parent / "img", help="where the two plots go")
     args = parser.parse_args()
     log = Path(args.runs) / "results.jsonl"
     for path in args.add:
@@ -217,10 +218,10 @@ def main() -> None:
     everything = grid(list(ADAPTERS), list(SPLITS), list(EPSILONS), args.seeds)
     results = [r for r in held(log, everything) if r is not None]
     seeds = sorted({r["seed"] for r in results})
-    plot(results, Path(args.doc).parent / "img" / "dp_utility.png")
-    plot_curves(results, Path(args.doc).parent / "img" / "dp_utility_rounds.png")
+    plot(results, args.figures / "dp_utility.png")
+    plot_curves(results, args.figures / "dp_utility_rounds.png")
     body = (
-        f"`python -m bench.dp_utility` with overrides {settings(args.overrides)}, on top of the `private` preset. "
+        f"`python -m bench run dp_utility` with overrides {settings(args.overrides)}, on top of the `private` preset. "
         f"Final-round "
         f"eval accuracy: mean ± std (number of seeds) where a cell ran several of seeds {seeds}, else its one "
         f"run; epsilon per client, delta 1e-5, RDP.\n\n"
@@ -231,7 +232,7 @@ def main() -> None:
         f"can step away from the others by about their standard error:\n\n"
         f"![accuracy by round](img/dp_utility_rounds.png)"
     )
-    write_section(Path(args.doc), "Accuracy against the privacy budget", body)
+    save("dp_utility", "Accuracy against the privacy budget", body, args.results)
     print(body)
 
 

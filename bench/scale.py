@@ -5,8 +5,8 @@ per round for training and for evaluation, 2 local steps each, DP-SGD on (sigma 
 share of data per client (``--rows`` examples each, from the 23k-row sentiment set), so that what grows
 with the number of clients is the federation's own bookkeeping, not the training work per client:
 
-    python -m bench.scale                        # 10, 100, 1000 clients, 2 rounds, tiny-bert
-    python -m bench.scale --clients 10 100 --model default --set train.precision=bf16
+    python -m bench run scale                        # 10, 100, 1000 clients, 2 rounds, tiny-bert
+    python -m bench run scale --clients 10 100 --model default --set train.precision=bf16
 
 The model defaults to the tiny random BERT: with it a round is mostly the per-client overhead (messages,
 ledgers, privacy accounting, data splits) this bench exists to watch. Peak memory is the whole process
@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.results import save
 from bench.treemem import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,17 +93,23 @@ def main() -> None:
             rows.append(run_size(n, args, out))
             print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["peak_mb"]
-    print(
-        f"\n| clients | rounds (s) | total s | CPU s | peak MB | peak / {rows[0]['clients']} clients "
-        "| load (start, end) |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
+    table = [
+        f"| clients | rounds (s) | total s | CPU s | peak MB | peak / {rows[0]['clients']} clients "
+        "| load (start, end) |",
+        "|---|---|---|---|---|---|---|",
+        *(
             f"| {r['clients']:,} | {', '.join(f'{s:.1f}' for s in r['round_s'])} | {r['total_s']:.0f} | "
             f"{r['cpu_s']:.0f} | "
             f"{r['peak_mb']:,.0f} | {r['peak_mb'] / base:.2f}x | {r['load'][0]:.1f}, {r['load'][1]:.1f} |"
-        )
+            for r in rows
+        ),
+    ]
+    body = (
+        f"Whole simulations of model `{args.model}`, {args.rounds} rounds, {args.rows} examples per client, "
+        f"overrides {' '.join(args.set) or 'none'}; peak memory of the whole process tree.\n\n" + "\n".join(table)
+    )
+    print(body)
+    save("scale", "Many clients: whole simulations", body)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ The minimum is the trained-and-sent elements times the bytes per element (4 for 
 bfloat16); what travels is Flower's ArrayRecord, each tensor's raw bytes under its name, counted as
 ``ArrayRecord.count_bytes()`` (the figure in ``metrics.jsonl``). The overhead is the tensor names.
 
-    python -m bench.wire_bytes [--model default] [--set adapter.rank=16 ...]
+    python -m bench run wire_bytes [--model default] [--set adapter.rank=16 ...]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
+from bench.results import save
 from fed.adapters import kinds
 from fed.config import WireDtype
 from fed.config.sources import resolve
@@ -26,18 +27,27 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    print("| family | tensors sent | elements | wire dtype | minimum bytes | bytes sent | overhead |")
-    print("|---|---|---|---|---|---|---|")
+    rows = [
+        "| family | tensors sent | elements | wire dtype | minimum bytes | bytes sent | overhead |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for kind in kinds():
         cfg = resolve("quickstart", [f"model.name={args.model}", f"adapter.kind={kind}", *args.set])
         state = adapted_model(cfg)[0].sent_state()
         elements = sum(t.numel() for t in state.values())
         for wire in get_args(WireDtype):
             minimum, sent = elements * ITEMSIZE[wire], to_record(state, wire).count_bytes()
-            print(
+            rows.append(
                 f"| {kind} | {len(state)} | {elements:,} | {wire} | {minimum:,} | {sent:,} | "
                 f"{100 * (sent - minimum) / minimum:.2f}% |"
             )
+            print(rows[-1], flush=True)
+    body = (
+        f"What one client sends per round (`ArrayRecord.count_bytes()`), model `{args.model}` with the quickstart's "
+        f"targets and ranks, overrides {' '.join(args.set) or 'none'}, against the physical minimum (trained-and-sent "
+        "elements times bytes per element); the overhead is the tensor names.\n\n" + "\n".join(rows)
+    )
+    save("wire_bytes", "Bytes on the wire against the physical minimum", body)
 
 
 if __name__ == "__main__":

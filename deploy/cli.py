@@ -1,4 +1,4 @@
-"""``fed deploy ...``: the command-line face of :mod:`deploy.launcher` (see docs/deploy.md).
+"""``fed deploy ...``: the command-line face of :mod:`deploy.launcher` (see docs/deployment.md).
 
 ``keys`` / ``superlink`` / ``register`` / ``supernode`` / ``run`` are the steps of a deployment across
 machines; ``local`` does all of them on this machine's loopback and tears everything down afterwards.
@@ -87,6 +87,25 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     local.add_argument("--data", action="append", required=True, help="a node's data file (repeat per node)")
 
 
+class DeployError(Exception):
+    """A deployment folder that cannot serve the step asked for; ``fed`` prints it as one ``error:`` line."""
+
+
+def _require_setup(layout: deploy.Layout, args: argparse.Namespace) -> None:
+    """Stop a step that needs the keys (or, for ``run``, the SuperLink connection) of a folder without them."""
+    secure = not getattr(args, "insecure", False)
+    if args.step in ("superlink", "register", "supernode") and secure and not layout.pki.ca.is_file():
+        raise DeployError(
+            f"--dir {layout.root} holds no keys ({layout.pki.ca} is missing); "
+            f"create them first with: fed deploy keys --dir {layout.root} --nodes N"
+        )
+    if args.step == "run" and not (layout.flwr_home / "config.toml").is_file():
+        raise DeployError(
+            f"--dir {layout.root} holds no SuperLink connection ({layout.flwr_home / 'config.toml'} is missing); "
+            f"start one first with: fed deploy superlink --dir {layout.root}"
+        )
+
+
 def _exec(console: Console, cmd: list[str], environ: dict[str, str]) -> int:
     console.print(f"[dim]$ {shlex.join(cmd)}[/dim]")
     os.execvpe(cmd[0], cmd, environ)
@@ -94,8 +113,9 @@ def _exec(console: Console, cmd: list[str], environ: dict[str, str]) -> int:
 
 
 def run_command(args: argparse.Namespace, console: Console) -> int:
-    """Carry out one ``fed deploy`` step; returns the exit status."""
+    """Carry out one ``fed deploy`` step; returns the exit status (a folder without keys: DeployError)."""
     layout = deploy.Layout(args.dir.resolve())
+    _require_setup(layout, args)
     if getattr(args, "insecure", False):
         console.print(f"[bold red]warning:[/bold red] {deploy.INSECURE_WARNING}")
     if args.step == "keys":

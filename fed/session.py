@@ -24,16 +24,20 @@ from fed.tasks import Task, make_task
 
 
 def dataset(cfg: RunConfig):  # -> datasets.Dataset
-    """The whole labelled dataset of the run (partitioned later, per client)."""
+    """The whole labelled dataset of the run (partitioned later, per client); a file that is missing,
+    unreadable or lacks a configured column is a ConfigError naming it."""
     d = cfg.data
-    return load_task_dataset(
-        d.name,
-        cfg.task,
-        text_column=d.text_column,
-        label_column=d.label_column,
-        max_examples=d.max_examples,
-        seed=cfg.seed,
-    )
+    try:
+        return load_task_dataset(
+            d.name,
+            cfg.task,
+            text_column=d.text_column,
+            label_column=d.label_column,
+            max_examples=d.max_examples,
+            seed=cfg.seed,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from err  # its message names the file or the dataset
 
 
 def num_labels(cfg: RunConfig) -> int | None:

@@ -96,7 +96,7 @@ def _line(round_: int, log: RoundLog, book: LedgerBook) -> dict[str, Any]:
         "capped": log.capped,
         "clipped": log.clipped,
         "delta_norm_bound": log.norm_bound,
-        "epsilon_max": book.max_epsilon(),
+        "epsilon_max": book.max_epsilon() if book.dp.enabled else None,  # no DP: no epsilon, not 0
     }
 
 
@@ -135,10 +135,10 @@ def run_federation(
 
 
 def _finish(cfg: RunConfig, run_dir: RunDir, book: LedgerBook, adapter: Adapter) -> None:
-    """What a finished run leaves: the cross-checked privacy book and report, the exported adapter, curves."""
+    """What a finished run leaves: the cross-checked privacy book, the report (of every run: without DP it
+    says so first), the exported adapter, curves."""
     run_dir.write_privacy(book.report(cross_check=True))
-    if cfg.dp.enabled:
-        write_report(run_dir.path)
+    write_report(run_dir.path)
     export_adapter(
         adapter,
         run_dir.adapter,
@@ -150,6 +150,7 @@ def _finish(cfg: RunConfig, run_dir: RunDir, book: LedgerBook, adapter: Adapter)
     plot_curves(
         run_dir.metrics(),
         run_dir.path / "curves.png",
+        dp=cfg.dp.enabled,
         title=f"{cfg.adapter.kind} · {cfg.data.name} · {cfg.federation.num_clients} clients"
         + (f" · DP target eps {cfg.dp.target_epsilon:g}" if cfg.dp.target_epsilon else ""),
     )

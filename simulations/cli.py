@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from rich.console import Console
 from rich.table import Table
@@ -96,7 +97,15 @@ COLUMNS = {
 }
 
 
-def _cell(key: str, value: object) -> str:
+def error(console: Console, message: object) -> int:
+    """A user error as one ``error:`` line (never folded, so scripts can grep it); the exit status 2."""
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    return 2
+
+
+def _cell(key: str, value: object, dp: bool) -> str:
+    if key == "epsilon_max" and not dp:
+        return "no DP"  # not 0: epsilon 0 would read as perfect privacy, and this run has no guarantee
     if value is None:
         return "-"
     if key.startswith("bytes") and isinstance(value, (int, float)):
@@ -104,40 +113,47 @@ def _cell(key: str, value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _summary(lines: list[dict]) -> Table:
+def _summary(lines: list[dict], dp: bool) -> Table:
+    """The rounds table of a finished run; its epsilon column says "no DP" for a run without DP."""
     table = Table(title="rounds")
     for label in COLUMNS.values():
         table.add_column(label, justify="right", no_wrap=True)
     for line in lines:
-        table.add_row(*(_cell(key, line.get(key)) for key in COLUMNS))
+        table.add_row(*(_cell(key, line.get(key), dp) for key in COLUMNS))
     return table
 
 
 def _plan(cfg, args: argparse.Namespace, console: Console) -> int:
     from fed.privacy.planner import plan_schedule  # heavy imports (opacus) only once the config is valid
 
+    warnings.filterwarnings("ignore", message="Optimal order is")  # a hint on RDP's order grid, not a problem
+
     if not cfg.dp.enabled:
-        console.print("[red]error:[/red] dp.enabled is false: nothing to plan (add --set dp.enabled=true)")
-        return 2
+        return error(console, "dp.enabled is false: nothing to plan (add --set dp.enabled=true)")
     n = args.examples
     if n <= 0:
         from fed.session import client_data
 
         with console.status("reading the data to size each client…"):
-            n = min(len(client_data(cfg, pid).train) for pid in range(cfg.federation.num_clients))
+            try:
+                n = min(len(client_data(cfg, pid).train) for pid in range(cfg.federation.num_clients))
+            except ValueError as err:  # the data, or its split into clients, does not fit the config
+                return error(console, err)
     participation = cfg.federation.fraction_train if args.participation is None else args.participation
     if not 0 < participation <= 1:
-        console.print(f"[red]error:[/red] --participation={participation} must be in (0, 1]")
-        return 2
+        return error(console, f"--participation={participation} must be in (0, 1]")
     t = cfg.train
-    schedule = plan_schedule(
-        cfg.dp,
-        num_examples=n,
-        batch_size=t.batch_size,
-        local_steps=t.local_steps,
-        rounds=cfg.federation.rounds,
-        participation=participation,
-    )
+    try:
+        schedule = plan_schedule(
+            cfg.dp,
+            num_examples=n,
+            batch_size=t.batch_size,
+            local_steps=t.local_steps,
+            rounds=cfg.federation.rounds,
+            participation=participation,
+        )
+    except ValueError as err:  # a target epsilon no noise multiplier reaches at this sampling and step count
+        return error(console, f"dp.target_epsilon={cfg.dp.target_epsilon:g}: {err}; raise it or lower the steps")
     table = Table(title=f"epsilon per round at delta {cfg.dp.delta:g} (participation {participation:g})")
     for column in ("round", "steps", "eps RDP", "eps PRV"):
         table.add_column(column, justify="right")
@@ -153,7 +169,7 @@ def _plan(cfg, args: argparse.Namespace, console: Console) -> int:
     )
     console.print(table)
     for problem in schedule.delta_problems:
-        console.print(f"[red]error:[/red] {problem}")
+        error(console, problem)
     return 2 if schedule.delta_problems else 0
 
 
@@ -165,13 +181,15 @@ def _report(run_dir: str, console: Console) -> int:
 
     path = Path(run_dir)
     if not (path / "privacy.json").is_file():
-        console.print(
-            f"[red]error:[/red] {path} holds no privacy.json; give a run directory made by fed simulate "
-            "or a deployed run"
+        return error(
+            console, f"{path} holds no privacy.json; give a run directory made by fed simulate or a deployed run"
         )
-        return 2
-    out = write_report(path)
-    summary(cross_checked(json.loads((path / "privacy.json").read_text())), console)
+    try:
+        privacy = cross_checked(json.loads((path / "privacy.json").read_text()))
+        out = write_report(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # not JSON, or not the book's shape
+        return error(console, f"{path / 'privacy.json'} is not a run's privacy book ({type(err).__name__}: {err})")
+    summary(privacy, console)
     console.print(f"report: [bold]{out}[/bold]")
     return 0
 
@@ -187,8 +205,7 @@ def _config(args: argparse.Namespace, console: Console) -> int:
     try:
         values = resolve(preset, args.overrides).to_flat() if preset else {}
     except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
+        return error(console, err)
     table = Table(title=f"config keys, with preset {preset}" if preset else "config keys")
     table.add_column("key", no_wrap=True)  # a folded key could not be copied into --set
     for column in ("default", *([preset] if preset else []), "accepts", "meaning"):
@@ -208,14 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return _report(args.run_dir, Console())
     if args.command == "deploy":
-        return deploy_cli.run_command(args, console)
+        try:
+            return deploy_cli.run_command(args, console)
+        except (deploy_cli.DeployError, ConfigError) as err:
+            return error(console, err)
     try:
         cfg = resolve(args.preset, args.overrides)
-    except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
-    if args.command == "plan":
-        return _plan(cfg, args, Console())
+        if args.command == "plan":
+            return _plan(cfg, args, Console())
+    except ConfigError as err:  # also the data of the config, read by plan to size each client
+        return error(console, err)
     from simulations.run import resume, simulate  # heavy imports (torch, flwr) only once the config is valid
 
     try:
@@ -224,11 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_dir = simulate(cfg, args.out, name=args.name, console=console, verbose=args.verbose)
     except ConfigError as err:  # the data or model does not fit this config, or nothing to resume
-        console.print(f"[red]error:[/red] {err}")
-        return 2
-    console.print(_summary(run_dir.metrics()))
-    if cfg.dp.enabled:
-        _report(str(run_dir.path), console)
+        return error(console, err)
+    console.print(_summary(run_dir.metrics(), run_dir.config().dp.enabled))
+    _report(str(run_dir.path), console)
     console.print(f"run directory: [bold]{run_dir.path}[/bold]")
     return 0
 

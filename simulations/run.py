@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import datasets
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -62,6 +63,7 @@ def _quiet(verbose: bool) -> None:
     warnings.filterwarnings("ignore", message="Optimal order is")
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()  # reading a data file is quick; its bars would bury an error line
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.addFilter(_RUN_SIMULATION_NOTICE)  # adding the same filter object twice is a no-op
     if not verbose:
@@ -74,7 +76,7 @@ def _describe(line: dict[str, Any]) -> str:
         parts.append(f"acc {line['eval_accuracy']:.3f}")
     if line.get("eval_loss") is not None:
         parts.append(f"eval loss {line['eval_loss']:.3f}")
-    if line.get("epsilon_max"):
+    if line.get("epsilon_max") is not None:  # None: a run without DP, which has no epsilon
         parts.append(f"eps {line['epsilon_max']:.2f}")
     parts.append(f"{line['wall_s']:.0f}s")
     return " · ".join(parts)

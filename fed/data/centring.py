@@ -1,6 +1,6 @@
 """Centre the mean-pooled head's features on public text (``model.center``), and scale them (``model.scale``).
 
-Most of a sentence-embedding feature is shared by every input: 59% of the squared norm of a MiniLM
+Most of a sentence-embedding feature is shared by every input: most of the squared norm of a MiniLM
 block-4 feature is the mean feature. A linear head over raw features learns its weights along that
 shared direction as a second bias, about ten times faster than the bias itself, and under DP that part
 takes its share of every example's clipping bound while it says nothing about the label. On a client
@@ -13,10 +13,9 @@ clients compute the same vector from the same shipped files.
 
 ``model.scale`` also divides each centred dimension by its standard deviation over the same public texts.
 Clipped SGD on a linear head moves fastest along the features' widest directions and slowest along the
-narrowest, and the step budget of a private run ends before the narrow ones are learned: with the DP noise
-unchanged, a head over MiniLM's block 4 ends 0.010-0.015 higher with the public scale (``bench/head_replay.py``,
-docs/benchmarks.md). The public and private standard deviations agree within a factor of 0.65
-to 1.27 per dimension there; the public ones are free, the private ones would cost budget.
+narrowest, and the step budget of a private run ends before the narrow ones are learned; the public scale
+evens them out at no privacy cost, where the clients' own standard deviations would cost budget. What it
+gained on the ``private`` preset is measured in docs/studies/2026-12-03-head-replay.md.
 
 Both vectors are cached on disk under a digest of the base weights, the texts and the token budget, so one
 run computes them once however many processes build the model.

@@ -227,6 +227,14 @@ def _encode_labels(ds: Dataset, source: str) -> Dataset:
     return ds.class_encode_column("label")
 
 
+def _first_cause(err: BaseException) -> str:
+    """The first line of the innermost error behind ``err``: the parser's own words ("EOF inside string",
+    "Permission denied"), where the wrapper's ("An error occurred while generating the dataset") say nothing."""
+    while err.__cause__ is not None:  # the explicit chain only: the context may be an unrelated handled error
+        err = err.__cause__
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+
+
 def _from_file(path: str, task: str, text_column: str, label_column: str) -> Dataset:
     """A local table. For causal-lm, ``prompt``/``response`` columns are used when present; otherwise
     ``text_column`` becomes the *response* under an empty prompt, because the causal-LM loss covers
@@ -234,10 +242,7 @@ def _from_file(path: str, task: str, text_column: str, label_column: str) -> Dat
     try:
         ds = datasets.load_dataset(FILE_FORMATS[Path(path).suffix.lower()], data_files=path, split="train")
     except Exception as err:  # the parsers raise their own kinds (DatasetGenerationError, ArrowInvalid, ...)
-        raise ValueError(
-            f"{path}: cannot be read as {Path(path).suffix.lower()[1:]}: "
-            f"{str(err).splitlines()[0][:200] if str(err) else type(err).__name__}"
-        ) from err
+        raise ValueError(f"{path}: cannot be read as {Path(path).suffix.lower()[1:]}: {_first_cause(err)}") from err
     if len(ds) == 0:
         raise ValueError(f"{path}: the file holds no rows")
     if task == "classification":
@@ -304,6 +309,8 @@ def load_task_dataset(
     stamp = None
     if name not in _BUILTIN:
         path = Path(name)
+        if path.suffix.lower() in FILE_FORMATS and not path.is_file():
+            raise ValueError(f"no such file {name!r} (a data file must exist: .csv, .json, .jsonl or .parquet)")
         if not (path.is_file() and path.suffix.lower() in FILE_FORMATS):
             raise ValueError(
                 f"unknown dataset {name!r}: not one of {list(DATASETS)} nor an existing file ending in "

@@ -1,8 +1,10 @@
-"""The privacy-budget report of a run: ``report.html`` (self-contained, opens offline) and a terminal summary.
+"""The report of a run: ``report.html`` (self-contained, opens offline) and a terminal summary.
 
-Everything is recomputed from ``privacy.json`` (the events are the accountant's whole state), so the
-page shows the numbers a reviewer can check: per-client epsilon over rounds, the remaining budget, the
-parameters behind each number, RDP against PRV, the guarantee in words and every flag the server raised.
+For a DP run everything privacy-related is recomputed from ``privacy.json`` (the events are the
+accountant's whole state), so the page shows the numbers a reviewer can check: per-client epsilon over
+rounds, the remaining budget, the parameters behind each number, RDP against PRV, the guarantee in words,
+every flag the server raised and accuracy against epsilon. A run without DP gets no epsilon anywhere (0
+would read as perfect privacy): its page says first that it has no guarantee, then shows its utility curves.
 A ``privacy.json`` written mid-run carries only the run's accountant; ``cross_checked`` fills in the other.
 """
 
@@ -24,6 +26,9 @@ from rich.table import Table
 
 from fed.config import Accountant
 from fed.privacy.ledger import DpSgdEvent, epsilon
+from fed.reports.curves import accuracy_against_epsilon, curves_figure
+
+NO_GUARANTEE = "no privacy guarantee: DP was off in this run (dp.enabled = false)"
 
 
 def _events(entry: dict[str, Any]) -> list[DpSgdEvent]:
@@ -148,55 +153,98 @@ def _rows(privacy: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-def render_html(privacy: dict[str, Any], title: str) -> str:
-    """One HTML page with the plots embedded as data URIs: no file or network access when opened."""
+STYLE = """<style>body{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}figure{display:inline-block;margin:0 1em 1em 0}img{max-width:100%}
+.ok{color:#176e2c}.flagged{color:#b3261e}code{background:#f3f3f3;padding:0 3px}</style>"""
+
+
+def _figures(figures: list[tuple[str, str]]) -> str:
+    esc = html.escape
+    return "".join(
+        f'<figure><img alt="{esc(c)}" src="data:image/png;base64,{p}"><figcaption>{esc(c)}</figcaption></figure>'
+        for c, p in figures
+    )
+
+
+def _utility(lines: list[dict[str, Any]], dp: bool) -> list[tuple[str, str]]:
+    """(caption, base64 PNG) of the run's per-round curves and, for a DP run, accuracy against epsilon."""
+    shown = [
+        (
+            "Loss and accuracy per round" + (", and the largest client epsilon." if dp else "."),
+            curves_figure(lines, dp=dp),
+        )
+    ]
+    if dp:
+        shown.append(
+            (
+                "Accuracy after each round against the largest client epsilon spent by then.",
+                accuracy_against_epsilon(lines),
+            )
+        )
+    return [(caption, _png(fig)) for caption, fig in shown if fig is not None]
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+{STYLE}</head><body>
+<h1>{html.escape(title)}</h1>
+{body}
+</body></html>"""
+
+
+def render_html(privacy: dict[str, Any], title: str, lines: list[dict[str, Any]] | None = None) -> str:
+    """One HTML page with the plots embedded as data URIs: no file or network access when opened.
+    ``lines`` (``metrics.jsonl``) add the utility curves."""
+    lines = lines or []
+    if not privacy["enabled"]:
+        curves = _figures(_utility(lines, dp=False)) or "<p>No round finished: there is nothing to draw.</p>"
+        return _page(
+            title,
+            f"""<p><b class="flagged">This run has no privacy guarantee</b>: DP was off
+(<code>dp.enabled = false</code>), so nothing bounds what its updates reveal about any training example.</p>
+<h2>Utility</h2>{curves}""",
+        )
     esc = html.escape
     flags = privacy["flags"] + [f"client {c}: {f}" for c, e in privacy["clients"].items() for f in e["flags"]]
     table = "".join(f"<tr>{''.join(f'<td>{esc(cell)}</td>' for cell in row)}</tr>" for row in _rows(privacy))
-    figures = (
-        "".join(
-            f'<figure><img alt="{esc(c)}" src="data:image/png;base64,{p}"><figcaption>{esc(c)}</figcaption></figure>'
-            for c, p in _plots(privacy)
-        )
-        if privacy["clients"]
-        else ""
-    )
+    figures = _figures(_plots(privacy)) if privacy["clients"] else ""
     items = lambda xs: "".join(f"<li>{esc(x)}</li>" for x in xs)  # noqa: E731  (a one-line helper of the template below)
     status = "ok" if not flags else "flagged"
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>body{{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
-table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-th{{background:#f3f3f3}}figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:520px}}
-.ok{{color:#176e2c}}.flagged{{color:#b3261e}}code{{background:#f3f3f3;padding:0 3px}}</style></head><body>
-<h1>{esc(title)}</h1>
-<p>Largest epsilon of any client: <b>{privacy["max_epsilon"]:.4g}</b> at delta = {privacy["delta"]:g}
-({esc(privacy["accountant"].upper())} accountant{
-        f", target {privacy['target_epsilon']:g}" if privacy["target_epsilon"] else ""
-    }); clipping bound {privacy.get("max_grad_norm")}; randomness: {esc(str(privacy.get("rng")))};
-status: <b class="{status}">{status}</b>.</p>
+    target = f", target {privacy['target_epsilon']:g}" if privacy["target_epsilon"] else ""
+    return _page(
+        title,
+        f"""<p>Largest epsilon of any client: <b>{privacy["max_epsilon"]:.4g}</b> at delta = {privacy["delta"]:g}
+({esc(privacy["accountant"].upper())} accountant{target}); clipping bound {privacy.get("max_grad_norm")};
+randomness: {esc(str(privacy.get("rng")))}; status: <b class="{status}">{status}</b>.</p>
 <h2>The guarantee</h2><p>{esc(privacy["guarantee"])}</p>
 <h2>Per client</h2><p>"epsilon" is the larger of the server's recomputation from the events it received and
 the client's own report.</p>
 <table><tr>{"".join(f"<th>{c}</th>" for c in COLUMNS)}</tr>{table}</table>
 {figures}
+<h2>Utility</h2>{_figures(_utility(lines, dp=True))}
 <h2>Released in the clear</h2><ul>{items(privacy["released_in_clear"])}</ul>
 <h2>Not covered</h2><ul>{items(privacy["not_covered"])}</ul>
-<h2>Flags</h2>{f"<ul>{items(flags)}</ul>" if flags else '<p class="ok">none</p>'}
-</body></html>"""
+<h2>Flags</h2>{f"<ul>{items(flags)}</ul>" if flags else '<p class="ok">none</p>'}""",
+    )
 
 
 def write_report(run_dir: Path) -> Path:
-    """``report.html`` next to ``privacy.json`` in ``run_dir`` (RDP and PRV both, whatever the file holds)."""
+    """``report.html`` next to ``privacy.json`` in ``run_dir`` (RDP and PRV both, whatever the file holds),
+    with the utility curves of its ``metrics.jsonl``."""
     privacy = cross_checked(json.loads((run_dir / "privacy.json").read_text()))
+    metrics = run_dir / "metrics.jsonl"
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    kind = "Privacy report" if privacy["enabled"] else "Run report (no DP)"
     out = run_dir / "report.html"
-    out.write_text(render_html(privacy, f"Privacy report · {run_dir.name}"))
+    out.write_text(render_html(privacy, f"{kind} · {run_dir.name}", lines))
     return out
 
 
 def summary(privacy: dict[str, Any], console: Console) -> None:
     """The terminal view of the same numbers (fewer columns than the page, to fit 80 characters)."""
     if not privacy["enabled"]:
-        console.print("DP was off in this run: no privacy guarantee.")
+        console.print(f"[bold red]{NO_GUARANTEE}[/bold red]; report.html shows its utility curves only")
         return
     table = Table(title=f"privacy per client (delta {privacy['delta']:g})")
     for column in ("client", "eps", "eps PRV", "left", "noise", "q", "steps", "n", "RNG", "flags"):

@@ -68,20 +68,6 @@ def test_a_key_added_since_at_its_default_keeps_a_cell_done(tmp_path: Path, ran:
     assert ran == [0]
 
 
-def test_a_rewritten_section_keeps_its_notes_and_its_place(tmp_path: Path) -> None:
-    doc = tmp_path / "benchmarks.md"
-    cells.write_section(doc, "First", "| a |")
-    cells.write_section(doc, "Second", "| b |")
-    doc.write_text(
-        doc.read_text().replace(f"{cells.NOTES}\n\n## Second", f"{cells.NOTES}\n\nWhy a is low.\n\n## Second")
-    )
-    cells.write_section(doc, "First", "| a, re-run |")
-    text = doc.read_text()
-    assert "| a |" not in text and "| a, re-run |" in text and "Why a is low." in text
-    assert text.index("## First") < text.index("Why a is low.") < text.index("## Second") < text.index("| b |")
-    assert text.count("## First") == 1 and "\n\n\n" not in text
-
-
 def test_a_booked_run_is_its_grid_cell_and_is_not_run_again(tmp_path: Path, ran: list[int]) -> None:
     """A run made by hand and booked with ``dp_utility.py --add`` counts as the grid's cell: the resumed grid
     skips it and its table holds it."""
@@ -101,17 +87,6 @@ def test_a_booked_run_is_its_grid_cell_and_is_not_run_again(tmp_path: Path, ran:
     assert [r is not None for r in cells.held(log, grid)] == [True, False]
     cells.run_grid(log, tmp_path, grid)
     assert ran == [2]
-
-
-def test_a_section_without_its_marker_warns_before_it_is_replaced(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    doc = tmp_path / "benchmarks.md"
-    doc.write_text("# Benchmarks\n\n## First (2026-01-01)\n\n| a |\n\nHand-written reading.\n")
-    cells.write_section(doc, "First", "| a, re-run |")
-    assert "no notes marker" in capsys.readouterr().err
-    cells.write_section(doc, "First", "| a, again |")
-    assert "no notes marker" not in capsys.readouterr().err
 
 
 def test_a_setting_that_changes_the_figures_is_another_cell() -> None:
@@ -158,12 +133,9 @@ def test_a_call_for_part_of_the_grid_renders_every_cell_the_log_holds(
         labels = {"adapter": "ffa-lora", "split": split, "epsilon_target": "8", "seed": 0}
         cfg = resolve("private", ["adapter.kind=ffa-lora", *extra, "dp.target_epsilon=8", "seed=0"])
         cells.record(log, labels, cfg, {"accuracy": 0.7, "wall_s": 60.0, "curve": [0.6, 0.7], "epsilon": 8.0})
-    doc = tmp_path / "benchmarks.md"
-    monkeypatch.setattr(
-        sys,
-        "argv",
-        ["dp_utility.py", "--render", "--splits", "iid", "--seeds", "0", "--runs", str(tmp_path), "--doc", str(doc)],
-    )
+    out = tmp_path / "results"
+    argv = ["--render", "--splits", "iid", "--seeds", "0", "--runs", str(tmp_path), "--results", str(out)]
+    monkeypatch.setattr(sys, "argv", ["dp_utility.py", *argv, "--figures", str(tmp_path)])
     dp_utility.main()
-    table = doc.read_text()
+    table = json.loads((out / "dp_utility.json").read_text())["body"]
     assert "| ffa-lora | iid |" in table and "| ffa-lora | dirichlet-0.5 |" in table

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import head_replay
+from bench.studies import head_replay
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.5, 100.0])

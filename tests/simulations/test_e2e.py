@@ -106,6 +106,8 @@ def test_causal_lm_run_learns_and_exports(tmp_path):
     config = json.loads((run.adapter / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and config["target_modules"] == ["q_proj", "v_proj"]
     assert (run.path / "curves.png").is_file()
+    assert all(line["epsilon_max"] is None for line in lines)  # no DP: no epsilon, never a 0 that reads as private
+    assert "no privacy guarantee" in (run.path / "report.html").read_text()
 
 
 def test_data_dependent_mistake_stops_before_any_worker(tmp_path):

@@ -6,11 +6,11 @@ preset's epsilon), the same local rounds back to back, and its own held-out spli
 round. It leaves out the averaging over clients (which only lowers the noise), so its accuracies are a
 floor for the federated run; what it is for is comparing levers side by side in minutes, not hours.
 
-    python -m bench.dp_levers                              # every lever, seed 0
-    python -m bench.dp_levers --levers "private preset" "adapter: LoRA" --set dp.target_epsilon=3
+    python -m bench run dp_levers                              # every lever, seed 0
+    python -m bench run dp_levers --levers "private preset" "adapter: LoRA" --set dp.target_epsilon=3
 
 Results are appended to ``<runs>/levers.jsonl``; the table, every lever that file holds, goes to
-docs/benchmarks.md with the date (``--render`` rewrites it from the file alone).
+bench/results/dp_levers.json (``--render`` rewrites it from the file alone); docs/studies/ holds what it found.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from bench.cells import bench_parser, finished, record, settings, write_section
+from bench.cells import bench_parser, finished, record, settings
+from bench.results import save
 from fed.config.sources import parse_override, resolve
 from fed.precision import resolve_precision
 from fed.privacy.ledger import calibrate_noise
@@ -160,12 +161,12 @@ def main() -> None:
         record(log, {"lever": lever}, resolve("private", overrides), proxy(overrides, args.eval_limit))
     results = finished(log)  # the table holds every lever the log has, not only this call's
     body = (
-        f"`python -m bench.dp_levers` with overrides {settings(args.overrides)}: the `private` preset's client 0 "
+        f"`python -m bench run dp_levers` with overrides {settings(args.overrides)}: the `private` preset's client 0 "
         f"alone (its "
         f"split, its planned noise, no averaging over clients: a floor for the federated run), held-out "
         f"accuracy on {args.eval_limit} examples after each local round.\n\n{table(results)}"
     )
-    write_section(Path(args.doc), "DP levers, one at a time", body)
+    save("dp_levers", "DP levers, one at a time", body, args.results)
     print(body)
 
 

@@ -2,10 +2,10 @@
 no linear head over the same features passes.
 
 Under DP at this budget the adapter adds little to what the head reads: a federated run of the preset ends
-within about 0.01 of this replay (docs/benchmarks.md). So the head's optimisation and the features it reads
-set what a run reaches, and both can be measured without the trunk in the loop. The bench reads the frozen
-trunk's pooled features of every row once (the preset's block), applies the head's input transform
-(``model.center``, ``model.scale``), then replays the federation on a zero-initialised linear head in closed
+within about 0.01 of this replay (docs/studies/2026-12-03-head-replay.md). So the head's optimisation and
+the features it reads set what a run reaches, and both can be measured without the trunk in the loop. The
+bench reads the frozen trunk's pooled features of every row once (the preset's block), applies the head's input
+transform (``model.center``, ``model.scale``), then replays the federation on a zero-initialised linear head in closed
 form: each client's split, Poisson batches at the client's planned rate, every example's gradient
 (``(softmax - onehot)`` times ``[x, 1]``) clipped to ``dp.max_grad_norm``, Gaussian noise at the multiplier
 the client's planner calibrates for the whole schedule, SGD with momentum restarted each round, and the
@@ -13,23 +13,23 @@ server's step on the mean delta (weights as ``strategy.weighting``; the server's
 about one reply a round at most in the preset's runs, is left out). It scores every held-out row after each
 round. The ceiling is the converged non-private probe of ``bench/layer_probe.py`` fitted on the same split.
 
-    python -m bench.head_replay                                  # the preset and its levers, seeds 0-2
-    python -m bench.head_replay --set dp.target_epsilon=3
+    python -m bench run head_replay                                  # the preset and its levers, seeds 0-2
+    python -m bench run head_replay --set dp.target_epsilon=3
 
-The table goes to docs/benchmarks.md with the date.
+The table goes to bench/results/head_replay.json.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from datasets import Dataset
 
-from bench.cells import bench_parser, settings, write_section
-from bench.layer_probe import block_features, probe
+from bench.cells import bench_parser, settings
+from bench.results import save
+from bench.studies.layer_probe import block_features, probe
 from fed.config import RunConfig
 from fed.config.sources import resolve
 from fed.models import MeanPooledClassifier
@@ -170,7 +170,7 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     body = (
-        f"`python -m bench.head_replay` with overrides {settings(args.overrides)} (epsilon "
+        f"`python -m bench run head_replay` with overrides {settings(args.overrides)} (epsilon "
         f"{base.dp.target_epsilon:g} unless overridden, {(time.perf_counter() - start) / 60:.1f} min): the "
         f"`private` preset's federation replayed on its linear head alone over the frozen block "
         f"{base.model.layers or 'last'} features, final accuracy on every held-out row; the ceiling is the "
@@ -179,7 +179,7 @@ def main() -> None:
         + ".\n\n"
         + "\n".join(rows)
     )
-    write_section(Path(args.doc), "The head alone: a replay of the private preset's DP recipe", body)
+    save("head_replay", "The head alone: a replay of the private preset's DP recipe", body, args.results)
     print(body)
 
 

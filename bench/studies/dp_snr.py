@@ -17,7 +17,7 @@ group (head, adapter):
 It measures at the run's start (a zero head passes no gradient back, so the adapter's is exactly zero) and at
 the global state a finished run's checkpoint holds.
 
-    python -m bench.dp_snr runs/<a finished run of the private preset> [...]
+    python -m bench run dp_snr runs/<a finished run of the private preset> [...]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cells import write_section
+from bench.results import save
 from fed.adapters.base import Adapter
 from fed.config import RunConfig
 from fed.privacy.ledger import calibrate_noise
@@ -125,7 +125,6 @@ def step_rows(probe: Probe, state: str, adapter: Adapter, task: Task) -> list[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--doc", default="docs/benchmarks.md")
     parser.add_argument("run_dirs", nargs="+", help="finished runs of one DP recipe (their config and checkpoint)")
     args = parser.parse_args()
     rows = [
@@ -150,13 +149,13 @@ def main() -> None:
         rows += step_rows(probe, f"{label}: after round {final.round}", adapter, task)
     cfg = configs[0]
     body = (
-        f"`python -m bench.dp_snr` on the finished runs below: one batch of {cfg.train.batch_size} of "
+        f"`python -m bench run dp_snr` on the finished runs below: one batch of {cfg.train.batch_size} of "
         f"client 0's training rows, each example's gradient by autograd alone, clipped flat to "
         f"{cfg.dp.max_grad_norm:g}; noise at the multiplier each epsilon calibrates for "
         f"{cfg.federation.rounds} x {cfg.train.local_steps} steps; the best case multiplies the per-step "
         f"SNR by sqrt(steps x {cfg.federation.num_clients} clients).\n\n" + "\n".join(rows)
     )
-    write_section(Path(args.doc), "Signal and noise of one DP step, head and adapter", body)
+    save("dp_snr", "Signal and noise of one DP step, head and adapter", body)
     print(body)
 
 

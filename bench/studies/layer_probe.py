@@ -1,29 +1,30 @@
 """Which block of the frozen trunk holds the task's signal: a linear probe on each block's mean-pooled tokens.
 
 A DP run's head is a linear map over pooled features, and under DP at this budget the adapter adds little
-to what the head reads (docs/benchmarks.md, "DP levers"), so the features the head reads set the ceiling.
+to what the head reads (docs/studies/2026-11-25-dp-levers-one-at-a-time.md), so the features the head
+reads set the ceiling.
 This bench measures that ceiling for every block without DP: the frozen trunk's mean-pooled tokens after
 each block (0 = the embeddings) for every client's training and held-out rows of the ``private`` preset's
 split, then a logistic regression fitted to convergence (L-BFGS, a small L2 penalty) on all training rows,
 scored on all held-out rows. No federation and no noise: an upper bound for what a head over that block
 can reach, which is what ``model.layers`` picks.
 
-    python -m bench.layer_probe                      # the private preset's data, every block
-    python -m bench.layer_probe --set data.max_examples=4000
+    python -m bench run layer_probe                      # the private preset's data, every block
+    python -m bench run layer_probe --set data.max_examples=4000
 
-The table goes to docs/benchmarks.md with the date.
+The table goes to bench/results/layer_probe.json.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, concatenate_datasets
 
-from bench.cells import bench_parser, settings, write_section
+from bench.cells import bench_parser, settings
+from bench.results import save
 from fed.config.sources import resolve
 from fed.models import MeanPooledClassifier, mean_over_tokens
 from fed.precision import autocast, model_device, resolve_precision
@@ -96,13 +97,13 @@ def main() -> None:
         rows.append(f"| {name} | {accuracy:.3f} |")
         print(rows[-1], flush=True)
     body = (
-        f"`python -m bench.layer_probe` with overrides {settings(args.overrides)}: the `private` preset's "
+        f"`python -m bench run layer_probe` with overrides {settings(args.overrides)}: the `private` preset's "
         f"data ({len(train)} training rows, {len(test)} held-out rows, all clients), the frozen trunk's "
         f"mean-pooled tokens after each block, an L2-penalised logistic regression fitted to convergence "
         f"without DP ({(time.perf_counter() - start) / 60:.1f} min). One standard error is about "
         f"{(0.25 / len(test)) ** 0.5:.3f}.\n\n" + "\n".join(rows)
     )
-    write_section(Path(args.doc), "Which block the head should read: linear probes", body)
+    save("layer_probe", "Which block the head should read: linear probes", body, args.results)
     print(body)
 
 

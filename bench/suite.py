@@ -1,0 +1,146 @@
+"""The benchmark suite's index: every bench, what it answers, how long it runs, its figure and target.
+
+``python -m bench list`` prints it, bench/README.md holds it as a table (a test keeps the two equal) and
+``python -m bench run NAME`` runs one bench by its name here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Bench:
+    module: str  # what ``python -m bench run NAME`` imports; its ``main()`` reads ``sys.argv``
+    question: str
+    duration: str  # on 2 CPU cores, at the bench's defaults
+    figure: str
+    target: str
+    json: bool  # False: it prints its table and writes no result yet
+
+
+BENCHES = {
+    "wire_bytes": Bench(
+        "bench.wire_bytes",
+        "How many bytes does a client send per round, against the physical minimum?",
+        "10 s",
+        "bytes sent per family and wire dtype",
+        "overhead (tensor names) under 1.5%",
+        True,
+    ),
+    "adapters_accuracy": Bench(
+        "bench.adapters_accuracy",
+        "Which adapter family learns most at an equal parameter budget, with and without DP?",
+        "hours (7 families x 2 splits x 2 x 3 seeds; resumable)",
+        "final accuracy per family and split",
+        "none: a comparison",
+        True,
+    ),
+    "dp_utility": Bench(
+        "bench.dp_utility",
+        "What accuracy does the `private` preset reach at epsilon 8, 3 and 1?",
+        "about 11 min a cell, 48 cells (resumable)",
+        "accuracy against epsilon (docs/img/dp_utility.png)",
+        "0.80 at eps 8, 0.78 at eps 3, 0.76 at eps 1",
+        True,
+    ),
+    "vs_baseline": Bench(
+        "bench.vs_baseline",
+        "Is fedlora as fast and as accurate as the reference Flower + PEFT + Opacus recipe?",
+        "about 20 min",
+        "accuracy, wall time and memory of both",
+        "same accuracy, no slower",
+        False,
+    ),
+    "clipping_modes": Bench(
+        "bench.clipping_modes",
+        "Which Opacus clipping mode is fastest for adapter-sized tensors?",
+        "about 5 min",
+        "seconds per step: plain, hooks, ghost",
+        "the default (hooks) is the fastest on CPU",
+        True,
+    ),
+    "clientapp_startup": Bench(
+        "bench.clientapp_startup",
+        "How long does a deployed ClientApp take to start for each message?",
+        "about 1 min",
+        "imports, model build and the import floor",
+        "3 s (below this machine's import floor)",
+        True,
+    ),
+    "book_scale": Bench(
+        "bench.book_scale",
+        "How long does the server spend per round on privacy.json at 1,000 clients?",
+        "10 s",
+        "seconds per round of bookkeeping",
+        "well under a round's training time",
+        True,
+    ),
+    "scale": Bench(
+        "bench.scale",
+        "How do wall time and memory grow with 10, 100 and 1,000 simulated clients?",
+        "about 15 min",
+        "wall and peak memory per client count",
+        "1,000 clients on one machine",
+        True,
+    ),
+    "attack": Bench(
+        "bench.security.attack",
+        "How much does one sign-flipping, scaling client hurt, with bounded influence on?",
+        "about 10 min",
+        "accuracy with and without the attacker",
+        "within a point of the clean run",
+        False,
+    ),
+    "privacy_audit": Bench(
+        "bench.security.privacy_audit",
+        "Does a canary audit of the whole DP reply find more leakage than the epsilon claimed?",
+        "about 10 min",
+        "empirical epsilon lower bound against the claim",
+        "lower bound below the claimed epsilon",
+        False,
+    ),
+    "dp_levers": Bench(
+        "bench.studies.dp_levers",
+        "Study: which levers make the `private` preset learn under DP, one at a time?",
+        "about 2 min a lever",
+        "final accuracy per lever",
+        "finished (docs/studies)",
+        True,
+    ),
+    "layer_probe": Bench(
+        "bench.studies.layer_probe",
+        "Study: which block should the head read (linear probes without DP)?",
+        "about 2 min",
+        "probe accuracy per block",
+        "finished (docs/studies)",
+        True,
+    ),
+    "head_replay": Bench(
+        "bench.studies.head_replay",
+        "Study: does the DP recipe on the head alone reach the features' ceiling?",
+        "about 13 min",
+        "replayed accuracy against the probe ceiling",
+        "finished (docs/studies)",
+        True,
+    ),
+    "dp_snr": Bench(
+        "bench.studies.dp_snr",
+        "Study: one DP step's signal against its noise, head and adapter apart",
+        "about 3 min a run",
+        "per-step SNR per group",
+        "finished (docs/studies)",
+        True,
+    ),
+}
+
+COLUMNS = ("name", "what it answers", "runs", "figure", "target", "JSON result")
+
+
+def index_markdown() -> str:
+    """The index as the Markdown table bench/README.md holds."""
+    rows = [
+        f"| `{name}` | {b.question} | {b.duration} | {b.figure} | {b.target} | {'yes' if b.json else 'not yet'} |"
+        for name, b in BENCHES.items()
+    ]
+    return "\n".join([f"| {' | '.join(COLUMNS)} |", "|" + "---|" * len(COLUMNS), *rows]) + "\n"

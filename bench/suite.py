@@ -50,7 +50,7 @@ BENCHES = {
         "about 20 min",
         "accuracy, wall time and memory of both",
         "same accuracy, no slower",
-        False,
+        True,
     ),
     "clipping_modes": Bench(
         "bench.clipping_modes",
@@ -90,7 +90,7 @@ BENCHES = {
         "about 10 min",
         "accuracy with and without the attacker",
         "within a point of the clean run",
-        False,
+        True,
     ),
     "privacy_audit": Bench(
         "bench.security.privacy_audit",
@@ -98,7 +98,7 @@ BENCHES = {
         "about 10 min",
         "empirical epsilon lower bound against the claim",
         "lower bound below the claimed epsilon",
-        False,
+        True,
     ),
     "dp_levers": Bench(
         "bench.studies.dp_levers",

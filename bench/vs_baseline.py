@@ -15,14 +15,13 @@ each run is printed with the table: on a shared machine wall times are only comp
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
+from bench.results import save
 from bench.treemem import Measured, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,12 +145,14 @@ def main() -> None:
                 key = f"{name}{'-dp' if dp else ''}"
                 results[key] = run()
                 print(key, json.dumps(results[key]), flush=True)
-    print(f"\n{datetime.date.today()} · {platform.node()} · {os.cpu_count()} CPUs · {work} · fed overrides {args.set}")
-    print(
-        "load average (1 min) at start/end: "
-        + ", ".join(f"{k} {v['load'][0]:.1f}/{v['load'][1]:.1f}" for k, v in results.items())
+    loads = ", ".join(f"{k} {v['load'][0]:.1f}/{v['load'][1]:.1f}" for k, v in results.items())
+    body = (
+        f"The hand-built Flower + PEFT + Opacus recipe (bench/baseline) against fedlora on the same work {work}, fed "
+        f"overrides {' '.join(args.set) or 'none'}, side by side in one run; load average (1 min) at start/end: "
+        f"{loads}.\n\n{table(results)}"
     )
-    print(table(results))
+    print(body)
+    save("vs_baseline", "fedlora against the hand-built Flower + PEFT + Opacus recipe", body)
 
 
 if __name__ == "__main__":

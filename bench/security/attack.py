@@ -14,6 +14,7 @@ import argparse
 import tempfile
 import time
 
+from bench.results import save
 from bench.security.redteam import hostile_client
 from fed.config.sources import resolve
 from simulations.run import simulate
@@ -44,13 +45,18 @@ def main() -> None:
             )
             results[name] = (run.metrics()[-1], time.perf_counter() - start)
     clean = results["clean"][0]["eval_accuracy"]
-    print(f"MiniLM quickstart, 5 clients, {args.rounds} rounds, client 0 sends {args.scale:g} x its delta")
-    print(f"{'run':<24} {'accuracy':>8} {'vs clean':>8} {'eval loss':>9} {'clipped':>7} {'wall s':>6}")
+    rows = ["| run | accuracy | vs clean | eval loss | clipped | wall s |", "|---|---|---|---|---|---|"]
     for name, (line, wall) in results.items():
-        print(
-            f"{name:<24} {line['eval_accuracy']:8.3f} {line['eval_accuracy'] - clean:+8.3f} "
-            f"{line['eval_loss']:9.3f} {line['clipped']:7d} {wall:6.0f}"
+        rows.append(
+            f"| {name} | {line['eval_accuracy']:.3f} | {line['eval_accuracy'] - clean:+.3f} | "
+            f"{line['eval_loss']:.3f} | {line['clipped']} | {wall:.0f} |"
         )
+    body = (
+        f"The quickstart with 5 clients and {args.rounds} rounds, overrides {' '.join(args.overrides) or 'none'}; "
+        f"client 0 sends {args.scale:g} x its delta every round.\n\n" + "\n".join(rows)
+    )
+    print(body)
+    save("attack", "One hostile client against the server's bounded influence", body)
 
 
 if __name__ == "__main__":

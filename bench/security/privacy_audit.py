@@ -14,6 +14,7 @@ import argparse
 import time
 import warnings
 
+from bench.results import save
 from bench.security.canary import Canary, Experiment
 
 
@@ -23,10 +24,10 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, nargs="+", default=[2.0], help="noise multipliers to audit")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    print(
-        f"{'sigma':>5} {'claimed eps':>11} {'reply':>10} {'attack':>26} {'TPR':>5} {'FPR':>5} {'eps lower':>9} "
-        f"{'verdict':>8} {'s':>5}"
-    )
+    rows = [
+        "| sigma | claimed eps | reply | attack | TPR | FPR | eps lower bound | verdict | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for sigma in args.sigma:
         canary = Canary(noise_multiplier=sigma)
         experiment = Experiment(canary)
@@ -35,11 +36,18 @@ def main() -> None:
             start = time.perf_counter()
             result = experiment.run(reply, args.runs)
             verdict = "VIOLATED" if result.violates(claimed) else "holds"
-            print(
-                f"{sigma:5.2f} {claimed:11.3f} {name:>10} {result.attack:>26} {result.tpr:5.2f} {result.fpr:5.2f} "
-                f"{result.epsilon_lower:9.3f} {verdict:>8} {time.perf_counter() - start:5.0f}",
-                flush=True,
+            rows.append(
+                f"| {sigma:.2f} | {claimed:.3f} | {name} | {result.attack} | {result.tpr:.2f} | {result.fpr:.2f} | "
+                f"{result.epsilon_lower:.3f} | {verdict} | {time.perf_counter() - start:.0f} |"
             )
+            print(rows[-1], flush=True)
+    body = (
+        f"The canary audit with {args.runs} runs per world (Clopper-Pearson, 95%): the epsilon one round's ledger "
+        "claims against the lower bound the attack proves, on the foundation's DP reply (update and raw loss) and on "
+        "what a DP client sends today (update and public fields). A lower bound above the claim is a broken "
+        "guarantee.\n\n" + "\n".join(rows)
+    )
+    save("privacy_audit", "Canary audit of a DP client's reply", body)
 
 
 if __name__ == "__main__":

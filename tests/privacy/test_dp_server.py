@@ -62,7 +62,7 @@ def _strategy(book: LedgerBook, written: list) -> AdapterStrategy:
     return s
 
 
-def test_dp_replies_keep_public_fields_only_and_book_events_even_when_dropped():
+def test_dp_replies_keep_public_fields_only_and_a_dropped_reply_is_flagged_not_booked():
     book, written = LedgerBook(DP), []
     strategy = _strategy(book, written)
     leaky = _dp_reply(11, 0, train_loss=0.123, train_wall_s=4.2)
@@ -73,8 +73,9 @@ def test_dp_replies_keep_public_fields_only_and_book_events_even_when_dropped():
     record = strategy.rounds[1]
     assert all(set(m) <= PUBLIC_UNDER_DP for m in record.reported)
     assert len(record.accepted) == 1 and len(record.dropped) == 1
-    assert set(book.ledgers) == {0, 1}  # the dropped reply's client spent budget too
-    assert written and set(written[-1]["clients"]) == {"0", "1"}  # persisted before aggregation finished
+    assert set(book.ledgers) == {0}  # a dropped reply's claim books nothing (its own ledger counts it)
+    assert any("node 12" in f and "not booked" in f for f in book.flags)
+    assert written and set(written[-1]["clients"]) == {"0"}  # persisted before aggregation finished
 
 
 def test_each_client_gets_its_own_events_back():

@@ -77,8 +77,11 @@ POLICY_FLAGS = {
 
 def policy_config(args: argparse.Namespace) -> dict[str, str | float]:
     """The node config keys of the policy flags that were given."""
-    pairs: dict[str, str | float] = {key: getattr(args, flag) for flag, key in POLICY_FLAGS.items()}
-    pairs = {k: (str(Path(v).resolve()) if k == "policy-file" else v) for k, v in pairs.items() if v is not None}
+    pairs: dict[str, str | float] = {
+        key: getattr(args, flag) for flag, key in POLICY_FLAGS.items() if getattr(args, flag) is not None
+    }
+    if args.policy:
+        pairs["policy-file"] = str(Path(args.policy).resolve())
     if args.allow_evaluation:
         pairs["evaluate"] = "true"
     if args.dp_opt_out:

@@ -64,7 +64,12 @@ class PrivacyBookkeeping(Stage):
         owner = self.owners.get(cid) if isinstance(cid, int) else None
         if owner is not None and owner != reply.node:
             raise PayloadError(f"partition-id={cid} is bound to node {owner}; node {reply.node} cannot claim it")
-        if "dp-steps" not in reply.metrics and "epsilon" in reply.metrics and owner == reply.node:
+        if (
+            isinstance(cid, int)
+            and owner == reply.node
+            and "epsilon" in reply.metrics
+            and "dp-steps" not in reply.metrics
+        ):
             self.book.claim(cid, reply.metrics["epsilon"])  # a bound client that declined still states its spend
         if self.dp and "dp-steps" in reply.metrics and not reply.metrics.get("refused"):
             state.log.unbooked.append(reply.node)  # until ``accepted`` books it

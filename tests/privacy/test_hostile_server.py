@@ -61,7 +61,7 @@ def _cfg(*extra: str):
 def node_file(tmp_path: Path) -> Path:
     """Sixty rows, each text naming its row (``row17 ...``) so the spies can tell which rows were read."""
     rng = random.Random(7)
-    words = "film plot actor scene music story ending cast".split()
+    words = ["film", "plot", "actor", "scene", "music", "story", "ending", "cast"]
     path = tmp_path / "node.csv"
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["text", "label"])

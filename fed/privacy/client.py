@@ -32,7 +32,7 @@ from typing import Any
 from fed.atomic import write_atomic
 from fed.config import DPConfig, RunConfig
 from fed.privacy.ledger import DpSgdEvent, Ledger, SplitPin, events_from_json
-from fed.privacy.planner import RoundPlan, new_ledger, plan_round
+from fed.privacy.planner import RoundPlan, history_pin, new_ledger, plan_round
 from fed.privacy.policy import STRICT, Policy
 from fed.privacy.release import public_metrics
 
@@ -106,8 +106,8 @@ class NodeState:
 
     @property
     def effective(self) -> Policy:
-        """The node's policy tightened by the pin of its first DP round."""
-        return self.policy.strictest(self.ledger.policy) if self.ledger.policy else self.policy
+        """The node's policy tightened by its ledger's pin."""
+        return self.policy.strictest(history_pin(self.ledger))
 
     def split(self, cfg: RunConfig) -> SplitPin | None:
         """The node's pinned data split (None: not DP-bound and never pinned, the config's split applies).

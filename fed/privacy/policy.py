@@ -83,7 +83,7 @@ class Policy:
     def of_run(cls, dp: DPConfig) -> Policy:
         """A simulation's node: the run config is both the request and the policy (its operator holds every
         row and the server), so it accepts exactly what the config asks and evaluates."""
-        return cls(dp_required=dp.enabled)
+        return cls(dp_required=dp.enabled, min_eval_rows=0)
 
     def strictest(self, other: Policy) -> Policy:
         """The policy that accepts only what both accept."""

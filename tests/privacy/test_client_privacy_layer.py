@@ -113,11 +113,14 @@ def test_the_servers_copy_is_merged_into_a_lost_ledger_and_a_malformed_one_is_ig
     assert [e.round for e in _file(tmp_path).events] == [1, 2, 3]
 
 
-def test_events_the_server_holds_keep_a_non_dp_round_private(tmp_path):
-    """A client that lost its file (and so its pin) but ever spent budget still releases only public fields."""
-    private = _open(tmp_path, {"dp.enabled": False}, events=events_to_json([DpSgdEvent(1, 1.5, 0.1, 4, RUN)]))
-    assert private.verdict() is None and private.plan.dp is None
-    assert private.release({"round": 1, **private.trained({"train_loss": 0.3}, None)}) == {"round": 1}
+def test_events_the_server_holds_pin_dp_and_keep_a_non_dp_round_private(tmp_path):
+    """A client that lost its file (and so its pin) but ever spent budget refuses a round without DP, even
+    when its own policy would allow one, and releases only public fields."""
+    events = events_to_json([DpSgdEvent(1, 1.5, 0.1, 4, RUN)])
+    private = _open(tmp_path, {"dp.enabled": False}, node={"dp-opt-out": "true"}, events=events)
+    assert private.verdict() == {"refused": 1, "epsilon": epsilon([DpSgdEvent(1, 1.5, 0.1, 4, RUN)], 1e-5, "rdp")}
+    assert "requires DP" in private.plan.refused
+    assert private.release({"round": 1, "train_loss": 0.3}) == {"round": 1}
 
 
 def test_an_unreadable_ledger_names_the_file_and_stops_the_round(tmp_path):

@@ -18,8 +18,8 @@ from flwr.clientapp import ClientApp
 
 from fed.adapters import Clock
 from fed.adapters.base import restrict_rank
-from fed.config import RunConfig
-from fed.data.node import NodeDataError
+from fed.config import ConfigError, RunConfig
+from fed.data.node import NodeDataError, run_labels
 from fed.precision import model_device, resolve_precision
 from fed.privacy.client import KNOWN_EVENTS, Metrics, NodeState, PrivateRound
 from fed.privacy.planner import RoundPlan
@@ -41,6 +41,14 @@ NODE_CANNOT_ANSWER = "this node cannot take part in this round (details in the n
 about the file (a label only one row has, a column)."""
 
 
+def _labels(cfg: RunConfig) -> tuple[str, ...] | None:
+    """The run's class names as the config states them (None: causal LM, or only the data could tell)."""
+    try:
+        return run_labels(cfg)
+    except ConfigError:
+        return None
+
+
 def _receive(msg: Message, context: Context):
     """Config, the node's state, client id and the validated global adapter loaded into this worker's model."""
     config = msg.content.config_records["config"]
@@ -55,8 +63,13 @@ def _receive(msg: Message, context: Context):
             "(e.g. flwr run --federation-config num-supernodes=N with federation.num_clients=N)"
         )
     state = NodeState.load(cfg, context.node_config, partition_id, str(config.get(KNOWN_EVENTS, "")))
+    labels = _labels(cfg)
+    split = state.split(cfg, labels)
+    if split is not None and split.labels is not None and split.labels != labels:
+        log.error("the server names the labels %s; this node pinned %s at first contact", labels, split.labels)
+        raise ValueError(NODE_CANNOT_ANSWER)  # refused whatever the file holds: no oracle on its labels
     try:
-        session = client_session(cfg, partition_id, data_path, state.split(cfg))
+        session = client_session(cfg, partition_id, data_path, split)
     except NodeDataError as err:  # details (they may quote the private file) stay in this node's log
         log.error("%s", err)
         raise ValueError(NODE_CANNOT_ANSWER) from None

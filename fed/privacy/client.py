@@ -109,15 +109,16 @@ class NodeState:
         """The node's policy tightened by its ledger's pin."""
         return self.policy.strictest(history_pin(self.ledger))
 
-    def split(self, cfg: RunConfig) -> SplitPin | None:
+    def split(self, cfg: RunConfig, labels: tuple[str, ...] | None) -> SplitPin | None:
         """The node's pinned data split (None: not DP-bound and never pinned, the config's split applies).
 
         Created at first contact with a secret seed and written at once (when the node may keep state), so
         every later message, whatever seed or fractions it carries, reads the same train and held-out rows.
+        ``labels`` are the run's class names as this message states them (pinned with the split).
         """
         if self.ledger.split is None and self.dp_bound(cfg.dp):
             d = cfg.data
-            self.ledger.split = SplitPin.first(d.test_fraction, cfg.seed, d.max_examples)
+            self.ledger.split = SplitPin.first(d.test_fraction, cfg.seed, d.max_examples, labels)
             if self.confirmed:
                 write_atomic(self.path, self.ledger.to_json())
         return self.ledger.split

@@ -121,10 +121,24 @@ class SplitPin:
     test_fraction: float
     seed: int
     max_examples: int
+    labels: tuple[str, ...] | None = None
+    """The run's class names at first contact: a later message naming others is refused whatever the file
+    holds, so whether a node answers cannot tell the server which labels its file contains."""
 
     @classmethod
-    def first(cls, test_fraction: float, seed: int, max_examples: int) -> SplitPin:
-        return cls(secrets.randbits(63), test_fraction, seed, max_examples)
+    def first(cls, test_fraction: float, seed: int, max_examples: int, labels: tuple[str, ...] | None) -> SplitPin:
+        return cls(secrets.randbits(63), test_fraction, seed, max_examples, labels)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SplitPin:
+        labels = data.get("labels")
+        return cls(
+            int(data["secret"]),
+            float(data["test_fraction"]),
+            int(data["seed"]),
+            int(data["max_examples"]),
+            None if labels is None else tuple(str(x) for x in labels),
+        )
 
 
 @dataclass
@@ -201,7 +215,7 @@ class Ledger:
     def from_dict(cls, data: dict[str, Any]) -> Ledger:
         events = [DpSgdEvent(**e) for e in data.get("events", [])]
         policy = Policy.from_dict(data["policy"]) if data.get("policy") else None
-        split = SplitPin(**data["split"]) if data.get("split") else None
+        split = SplitPin.from_dict(data["split"]) if data.get("split") else None
         return cls(
             accountant=data["accountant"],
             delta=float(data["delta"]),

@@ -122,7 +122,7 @@ SCRIPT = [  # (kind, config overrides, round, known-events, head bias)
     ("train", [], 2, "", None),
     ("train", [], 2, "", None),  # a replay of the same round
     ("train", [], 3, FORGED, None),  # a history that would crash an accountant or stop the node
-    ("train", ["data.labels=neg,flu"], 3, "", None),  # other labels: the file's "pos" rows fall outside
+    ("train", ["data.labels=neg,flu"], 3, "", None),  # other labels: refused whatever the file holds
     ("evaluate", [], 3, "", None),
 ]
 
@@ -161,7 +161,7 @@ def test_a_hostile_server_reads_no_training_row_and_overruns_no_policy(
             released[(metrics["dp-noise-multiplier"], metrics["dp-sample-rate"], metrics["dp-steps"])] += 1
         if overrides in (["dp.enabled=false"], ["dp.target_epsilon=1000"]):
             assert metrics.get("refused") == 1 and "arrays" not in reply.content.array_records
-    assert "outside the run's label set" in caplog.text  # the detail is in the node's log only
+    assert "pinned ('neg', 'pos') at first contact" in caplog.text  # the detail is in the node's log only
 
     # each release is in the ledger, the replay counted as often as it happened
     booked = Counter((e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.events)

@@ -217,11 +217,12 @@ def test_masked_mean_is_the_mean_over_the_clients_that_kept_each_entry_then_the_
 
 
 def _sparse_reply(record, fingerprint: int, round_: int):
+    node = next(_NODES)  # its own client: a partition id binds to the first node that names it
     msg = reply_from(
-        next(_NODES),
+        node,
         None,
         {
-            "partition-id": 0,
+            "partition-id": node,
             "round": round_,
             "num-examples": 50,
             "steps": 3,

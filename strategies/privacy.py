@@ -64,6 +64,9 @@ class PrivacyBookkeeping(Stage):
         owner = self.owners.get(cid) if isinstance(cid, int) else None
         if owner is not None and owner != reply.node:
             raise PayloadError(f"partition-id={cid} is bound to node {owner}; node {reply.node} cannot claim it")
+        bound = self.clients.get(reply.node)
+        if bound is not None and bound != cid:
+            raise PayloadError(f"node {reply.node} is bound to partition-id={bound}; it cannot claim {cid!r}")
         if (
             isinstance(cid, int)
             and owner == reply.node

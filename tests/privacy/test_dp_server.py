@@ -163,6 +163,8 @@ def test_a_second_node_claiming_a_bound_partition_id_is_dropped_books_nothing_an
         "node 12: partition-id=0 is bound to node 11; node 12 cannot claim it"
     ]
     assert [e.steps for e in book.events(0)] == [10, 7]  # the honest node's own events only
+    strategy.aggregate_train(3, [_dp_reply(11, 1, round=3)])  # one node, one client: it cannot take a second id
+    assert strategy.rounds[3].dropped == ["node 11: node 11 is bound to partition-id=0; it cannot claim 1"]
     (privacy,) = (s for s in strategy.stages if isinstance(s, PrivacyBookkeeping))
     message = RecordDict({"arrays": to_record(GLOBAL), "config": ConfigRecord({"server-round": 3})})
     sent = {n: privacy.with_known_events(Message(message, dst_node_id=n, message_type="train")) for n in (11, 12)}

@@ -130,7 +130,9 @@ class AdapterStrategy(FedAvg):
         for stage in self.stages:
             messages = stage.outgoing(messages)
         self.rounds[server_round] = RoundLog(
-            bytes_down=arrays.count_bytes() * len(messages), asked=[m.metadata.dst_node_id for m in messages]
+            bytes_down=arrays.count_bytes() * len(messages),
+            asked=[m.metadata.dst_node_id for m in messages],
+            connected=list(grid.get_node_ids()),
         )
         return messages
 

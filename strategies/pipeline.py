@@ -28,6 +28,8 @@ class RoundLog:
     dropped: list[str] = field(default_factory=list)
     asked: list[int] = field(default_factory=list)
     """Node ids that were sent a train message."""
+    connected: list[int] = field(default_factory=list)
+    """Node ids the SuperLink listed when the round opened (empty: not known, every bound node counts as there)."""
     unbooked: list[int] = field(default_factory=list)
     """Node ids whose reply carried a DP event but was dropped: not booked, flagged."""
     capped: int = 0

@@ -4,10 +4,12 @@ Under DP only a reply's public fields are kept (``fed.privacy.release``). Identi
 authentication, not from the reply's claim: Flower's ``src_node_id`` is the SuperLink's id of the
 authenticated node (bound to its registered key in a deployment with node authentication, the simulated
 node otherwise). The first valid reply binds its partition id to its node for the run; a reply from
-another node claiming a bound id is dropped with that reason. An event is booked only after every stage
-accepted the reply (validation bounds it, so nothing unbounded reaches an accountant); a dropped reply's
-spending is the client's own ledger's to count, and the book flags it. Each node is sent back only the
-events its own replies booked. The book is persisted once the round's replies are in, before aggregation.
+another node claiming a bound id is dropped with that reason while the bound node is connected (a node
+that left, e.g. an unauthenticated node restarted under a new id, can be replaced: the book flags it).
+An event is booked only after every stage accepted the reply (validation bounds it, so nothing
+unbounded reaches an accountant); a dropped reply's spending is the client's own ledger's to count, and
+the book flags it. Each node is sent back only the events its own replies booked. The book is persisted
+once the round's replies are in, before aggregation.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class PrivacyBookkeeping(Stage):
         state.log.reported.append(reply.metrics)
         cid = reply.metrics.get("partition-id")
         owner = self.owners.get(cid) if isinstance(cid, int) else None
-        if owner is not None and owner != reply.node:
+        if owner is not None and owner != reply.node and (not state.log.connected or owner in state.log.connected):
             raise PayloadError(f"partition-id={cid} is bound to node {owner}; node {reply.node} cannot claim it")
         bound = self.clients.get(reply.node)
         if bound is not None and bound != cid:
@@ -82,7 +84,13 @@ class PrivacyBookkeeping(Stage):
         cid = reply.metrics.get("partition-id")
         if not isinstance(cid, int) or cid < 0:
             return
-        self.owners.setdefault(cid, reply.node)
+        gone = self.owners.get(cid)
+        if gone is not None and gone != reply.node:  # its node left the SuperLink (``arrive`` checked)
+            self.book.flag(
+                f"round {state.number}: partition-id={cid} moved from node {gone}, gone, to node {reply.node}"
+            )
+            self.clients.pop(gone, None)
+        self.owners[cid] = reply.node
         self.clients[reply.node] = cid
         self.book.observe(state.number, reply.metrics, run=reply.message.metadata.run_id)
         if reply.node in state.log.unbooked:

@@ -172,6 +172,20 @@ def test_a_second_node_claiming_a_bound_partition_id_is_dropped_books_nothing_an
     assert "known-events" not in sent[12].content.config_records["config"]
 
 
+def test_a_partition_id_moves_only_from_a_node_that_left_and_the_book_flags_it():
+    """An unauthenticated node restarted under a new node id takes its id back once the old one is gone."""
+    book = LedgerBook(DP)
+    strategy = _strategy(book, [])
+    strategy.aggregate_train(1, [_dp_reply(11, 0)])
+    strategy.rounds[2] = RoundLog(connected=[11, 12])  # the bound node is still there: the claim is dropped
+    strategy.aggregate_train(2, [_dp_reply(12, 0, round=2)])
+    assert len(strategy.rounds[2].dropped) == 1
+    strategy.rounds[3] = RoundLog(connected=[12])  # node 11 left the SuperLink
+    strategy.aggregate_train(3, [_dp_reply(12, 0, round=3)])
+    assert len(strategy.rounds[3].accepted) == 1 and "moved from node 11, gone, to node 12" in book.flags[-1]
+    assert [e.round for e in book.events(0)] == [1, 3]
+
+
 def test_the_old_spoofed_event_is_refused_before_any_accountant_and_the_final_cross_check_completes(monkeypatch):
     """sigma 0.05, q 1, 10^6 steps asked PRV for a petabyte; now validation drops the reply, the book
     refuses the event on its own, and no accountant ever sees it."""

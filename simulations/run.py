@@ -159,6 +159,7 @@ def simulate(
 
         # Ray starts afresh for each simulation and its workers inherit this process's environment.
         os.environ[STATE_DIR_ENV] = str((run_dir.path / "clients").resolve())
+        policy = os.environ.get(POLICY_ENV)
         os.environ[POLICY_ENV] = "run-config"  # a simulation's run config is also each node's policy
         try:
             run_simulation(
@@ -170,7 +171,10 @@ def simulate(
             )
         finally:
             os.environ.pop(STATE_DIR_ENV, None)
-            os.environ.pop(POLICY_ENV, None)
+            if policy is None:  # as it was: a caller that set it (a test session) keeps it
+                os.environ.pop(POLICY_ENV, None)
+            else:
+                os.environ[POLICY_ENV] = policy
     if not (run_dir.adapter / "fedlora.json").exists():
         raise RuntimeError(f"the simulation ended without finishing the run; see the log and {run_dir.path}")
     return run_dir

@@ -1,9 +1,10 @@
 """Flower ClientApp: decode the global adapter -> train locally (DP-SGD if enabled) -> send the delta.
 
 The base model stays loaded between rounds in the worker process (see ``fed.session``). The client
-owns its privacy: ``fed.privacy.client`` reads its policy and ledger, plans and books each round
-before training, and filters what a reply may carry. A node may bring its own data file (node config
-``data-path``); errors about it stay in the node's log.
+owns its privacy: ``fed.privacy.client`` reads its policy, ledger and pinned data split before the data,
+plans and books each round before training, filters what a reply may carry, and decides whether an
+evaluate message is answered at all. A node may bring its own data file (node config ``data-path``);
+errors about it stay in the node's log, and the server reads one generic refusal whatever their cause.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from flwr.clientapp import ClientApp
 
 from fed.adapters import Clock
 from fed.adapters.base import restrict_rank
-from fed.config import RunConfig
-from fed.data.node import NodeDataError
+from fed.config import ConfigError, RunConfig
+from fed.data.node import NodeDataError, run_labels
 from fed.precision import model_device, resolve_precision
-from fed.privacy.client import KNOWN_EVENTS, Metrics, PrivateRound
+from fed.privacy.client import KNOWN_EVENTS, Metrics, NodeState, PrivateRound
 from fed.privacy.planner import RoundPlan
 from fed.ranks import client_rank
 from fed.seeding import generator
@@ -35,8 +36,21 @@ gc.freeze()  # what is imported by now (torch, transformers, Flower: ~470k objec
 # model, Opacus, the data, the round: ~34k objects), ~20 ms, instead of every object in the process, ~0.3 s.
 
 
+NODE_CANNOT_ANSWER = "this node cannot take part in this round (details in the node's log)"
+"""The one error text a data problem sends, whatever it was: which problem it was would tell the server
+about the file (a label only one row has, a column)."""
+
+
+def _labels(cfg: RunConfig) -> tuple[str, ...] | None:
+    """The run's class names as the config states them (None: causal LM, or only the data could tell)."""
+    try:
+        return run_labels(cfg)
+    except ConfigError:
+        return None
+
+
 def _receive(msg: Message, context: Context):
-    """Config, client id and the validated global adapter loaded into this worker's model."""
+    """Config, the node's state, client id and the validated global adapter loaded into this worker's model."""
     config = msg.content.config_records["config"]
     cfg = config_from_record(config)
     partition_id = int(context.node_config.get("partition-id", 0))
@@ -48,21 +62,27 @@ def _receive(msg: Message, context: Context):
             f"federation.num_clients={cfg.federation.num_clients}; make them equal "
             "(e.g. flwr run --federation-config num-supernodes=N with federation.num_clients=N)"
         )
+    state = NodeState.load(cfg, context.node_config, partition_id, str(config.get(KNOWN_EVENTS, "")))
+    labels = _labels(cfg)
+    split = state.split(cfg, labels)
+    if split is not None and split.labels is not None and split.labels != labels:
+        log.error("the server names the labels %s; this node pinned %s at first contact", labels, split.labels)
+        raise ValueError(NODE_CANNOT_ANSWER)  # refused whatever the file holds: no oracle on its labels
     try:
-        session = client_session(cfg, partition_id, data_path)
+        session = client_session(cfg, partition_id, data_path, split)
     except NodeDataError as err:  # details (they may quote the private file) stay in this node's log
         log.error("%s", err)
-        raise ValueError(err.public) from None
+        raise ValueError(NODE_CANNOT_ANSWER) from None
     global_ = from_record(msg.content.array_records["arrays"], metas(session.adapter.sent_state()))
     session.adapter.load(global_)  # client_session handed the cached model back at full rank
     server_round = config["server-round"]
     if not isinstance(server_round, int):  # Flower's strategies send the round number
         raise ValueError(f"the server sent server-round={server_round!r}, not a round number")
-    return cfg, server_round, partition_id, session, global_
+    return cfg, server_round, partition_id, session, global_, state
 
 
 def _reply(msg: Message, metrics: Metrics, arrays: ArrayRecord | None = None, reason: str = "") -> Message:
-    """The train reply: ``metrics`` as released by the privacy layer, the delta if trained, a refusal's reason."""
+    """A reply: ``metrics`` as released by the privacy layer, the delta if trained, a refusal's reason."""
     record: dict[str, MetricRecordValues] = dict(metrics)  # MetricRecord takes its own (invariant) value type
     content = RecordDict({"metrics": MetricRecord(record)})
     if arrays is not None:
@@ -108,17 +128,9 @@ def _delta(cfg: RunConfig, session: ClientSession, global_: dict[str, torch.Tens
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, round_, pid, session, global_ = _receive(msg, context)
+    cfg, round_, pid, session, global_, state = _receive(msg, context)
     num_examples = len(session.data.train)
-    private = PrivateRound.open(
-        cfg,
-        context.node_config,
-        partition_id=pid,
-        round_=round_,
-        run=msg.metadata.run_id,
-        num_examples=num_examples,
-        server_events=str(msg.content.config_records["config"].get(KNOWN_EVENTS, "")),
-    )
+    private = PrivateRound.start(state, cfg, round_=round_, run=msg.metadata.run_id, num_examples=num_examples)
     metrics: Metrics = {
         "partition-id": pid,
         "round": round_,
@@ -131,6 +143,7 @@ def train(msg: Message, context: Context) -> Message:
     if rank is not None:
         metrics["rank"] = rank
     if (verdict := private.verdict()) is not None:  # refused by the node's policy, or no budget left
+        state.hold_reply(cfg.dp, msg.metadata.created_at)
         return _reply(msg, private.release(metrics | verdict), reason=private.plan.refused)
     result = _train_locally(cfg, session, private.plan, round_, pid, rank)
     # loss, timing and expert counts are private statistics outside DP-SGD
@@ -139,13 +152,20 @@ def train(msg: Message, context: Context) -> Message:
     )
     arrays = _delta(cfg, session, global_, rank)
     gc.collect()  # Opacus hooks leave reference cycles; collect them so a long run's memory stays flat
+    state.hold_reply(cfg.dp, msg.metadata.created_at)
     return _reply(msg, private.release({**metrics, "steps": result.steps}), arrays=arrays)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    cfg, round_, _, session, _ = _receive(msg, context)
-    last = round_ >= cfg.federation.rounds  # the run's final score counts every held-out row
+    """Scores on the node's held-out rows only (its pinned split). Under DP the node's policy decides: no
+    reply with scores unless it allows evaluation, and then on all its held-out rows (at least
+    ``min-eval-rows``), never a subset the server picks."""
+    cfg, round_, _, session, _, state = _receive(msg, context)
+    if reason := state.evaluation_refusal(cfg.dp, len(session.data.test)):
+        state.hold_reply(cfg.dp, msg.metadata.created_at)
+        return _reply(msg, {"refused": 1}, reason=reason)
+    last = round_ >= cfg.federation.rounds or state.dp_bound(cfg.dp)  # every held-out row
     scores = evaluate(
         session.adapter,
         session.task,
@@ -158,4 +178,5 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         "num-examples": int(scores.pop("num_examples")),
         **{f"eval_{k}": v for k, v in scores.items()},
     }
+    state.hold_reply(cfg.dp, msg.metadata.created_at)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

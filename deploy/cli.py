@@ -43,6 +43,52 @@ def _config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="run", help="run directory name under <dir>/runs (default: run)")
 
 
+def _policy(parser: argparse.ArgumentParser) -> None:
+    """The node's own privacy policy (docs/privacy.md): without any of these a node runs under the strict
+    default (DP required, epsilon <= 8, delta <= 1e-5, no evaluation replies under DP)."""
+    group = parser.add_argument_group("the node's privacy policy (default: strict)")
+    group.add_argument("--policy", metavar="FILE", help="TOML policy file (keys as below, e.g. max-epsilon = 4)")
+    group.add_argument("--max-epsilon", type=float, help="largest epsilon the node spends on its data")
+    group.add_argument("--delta", type=float, help="largest delta the node accepts")
+    group.add_argument("--min-noise", type=float, help="least fixed noise multiplier the node accepts")
+    group.add_argument("--max-clip", type=float, help="largest clipping bound (dp.max_grad_norm) the node accepts")
+    group.add_argument(
+        "--allow-evaluation",
+        action="store_true",
+        help="answer evaluate messages under DP (scores on all held-out rows, not covered by DP)",
+    )
+    group.add_argument("--reply-delay", type=float, help="seconds after a request before a DP reply leaves")
+    group.add_argument(
+        "--dp-opt-out",
+        action="store_true",
+        help="accept rounds without DP and any DP settings (logged by the node; never for private data)",
+    )
+
+
+POLICY_FLAGS = {
+    "policy": "policy-file",
+    "max_epsilon": "max-epsilon",
+    "delta": "delta",
+    "min_noise": "min-noise-multiplier",
+    "max_clip": "max-grad-norm",
+    "reply_delay": "reply-delay",
+}
+
+
+def policy_config(args: argparse.Namespace) -> dict[str, str | float]:
+    """The node config keys of the policy flags that were given."""
+    pairs: dict[str, str | float] = {
+        key: getattr(args, flag) for flag, key in POLICY_FLAGS.items() if getattr(args, flag) is not None
+    }
+    if args.policy:
+        pairs["policy-file"] = str(Path(args.policy).resolve())
+    if args.allow_evaluation:
+        pairs["evaluate"] = "true"
+    if args.dp_opt_out:
+        pairs["dp-opt-out"] = "true"
+    return pairs
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``fed deploy`` and its subcommands on the ``fed`` parser."""
     sub = commands.add_parser("deploy", help="run on Flower's deployment engine (SuperLink + SuperNodes)")
@@ -72,6 +118,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     node.add_argument("--data", required=True, help="this node's data file (.csv, .json, .jsonl, .parquet)")
     node.add_argument("--port", type=int, default=9094, help="the node's local runtime port (default 9094)")
     node.add_argument("--nodes", type=int, default=0, help="federation size, for partition-style runs")
+    node.add_argument(
+        "--fresh-start",
+        action="store_true",
+        help="confirm that this node starts with no privacy history (its state was never used, or is lost)",
+    )
+    _policy(node)
     run = steps.add_parser("run", help="launch a run on the SuperLink (flwr run) and stream its log")
     _common(run)
     _config(run)
@@ -85,6 +137,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _config(local)
     _insecure(local)
     local.add_argument("--data", action="append", required=True, help="a node's data file (repeat per node)")
+    _policy(local)
 
 
 class DeployError(Exception):
@@ -118,6 +171,8 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
     _require_setup(layout, args)
     if getattr(args, "insecure", False):
         console.print(f"[bold red]warning:[/bold red] {deploy.INSECURE_WARNING}")
+    if getattr(args, "dp_opt_out", False):
+        console.print("[bold red]warning:[/bold red] --dp-opt-out: the node accepts rounds without DP")
     if args.step == "keys":
         pki = make_pki(layout.pki.root, args.host or ["127.0.0.1", "localhost"], args.nodes)
         console.print(f"CA {pki.ca}, SuperLink certificate {pki.server_cert}, node keys in {pki.root / 'nodes'}")
@@ -135,7 +190,8 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
     if args.step == "supernode":
         state = layout.node_dir(args.node)
         state.mkdir(parents=True, exist_ok=True)
-        config = deploy.node_config(args.node, args.data, state, args.nodes or args.node + 1)
+        policy = policy_config(args) | ({"fresh-start": "true"} if args.fresh_start else {})
+        config = deploy.node_config(args.node, args.data, state, args.nodes or args.node + 1, policy)
         cmd = deploy.supernode_command(layout, args.node, args.superlink, args.port, config, insecure=args.insecure)
         return _exec(console, cmd, deploy.env(state / "flwr-home"))
     cfg = resolve(args.preset, args.overrides)
@@ -145,6 +201,8 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
                 cfg, args.name, timeout=cfg.federation.round_timeout * cfg.federation.rounds * 2, resume=args.resume
             )
     else:
-        run_dir = deploy.deploy_local(cfg, args.data, layout.root, insecure=args.insecure, name=args.name)
+        run_dir = deploy.deploy_local(
+            cfg, args.data, layout.root, insecure=args.insecure, name=args.name, policy=policy_config(args)
+        )
     console.print(f"run directory: [bold]{run_dir}[/bold]")
     return 0

@@ -101,11 +101,19 @@ def superlink_command(layout: Layout, host: str, port: int, *, insecure: bool) -
     ]
 
 
-def node_config(node: int, data_path: str | None, state_dir: Path, num_nodes: int) -> str:
-    """The ``--node-config`` string: the node's id, its state directory and its own data file (if any)."""
-    pairs = {"partition-id": node, "num-partitions": num_nodes, "state-dir": str(state_dir.resolve())}
+def node_config(
+    node: int, data_path: str | None, state_dir: Path, num_nodes: int, policy: Mapping[str, str | float] = {}
+) -> str:
+    """The ``--node-config`` string: the node's id, its state directory, its own data file (if any) and its
+    privacy policy (``fed.privacy.policy`` keys, ``policy-file``, ``dp-opt-out``, ``fresh-start``)."""
+    pairs: dict[str, str | float] = {
+        "partition-id": node,
+        "num-partitions": num_nodes,
+        "state-dir": str(state_dir.resolve()),
+    }
     if data_path:
         pairs["data-path"] = str(Path(data_path).resolve())
+    pairs |= policy
     return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in pairs.items())
 
 
@@ -219,7 +227,7 @@ class Processes:
 @dataclass
 class Cluster:
     """A SuperLink and its SuperNodes on this machine (loopback), stopped on exit: ``fed deploy local``
-    and the real-process tests. On several machines, run the same commands there (docs/deploy.md)."""
+    and the real-process tests. On several machines, run the same commands there (docs/deployment.md)."""
 
     layout: Layout
     insecure: bool = False
@@ -268,17 +276,25 @@ class Cluster:
             register(self.layout, self.layout.pki.node_public(node), self.cli_env)
 
     def start_node(
-        self, node: int, data_path: str | None, num_nodes: int, key: Path | None = None, name: str = ""
+        self,
+        node: int,
+        data_path: str | None,
+        num_nodes: int,
+        key: Path | None = None,
+        name: str = "",
+        policy: Mapping[str, str | float] = {},
     ) -> subprocess.Popen:
-        """Start SuperNode ``node`` on its own data file, with its own state directory and Flower home."""
+        """Start SuperNode ``node`` on its own data file, with its own state directory, Flower home and
+        ``policy``. A state directory this call creates is a fresh start the launcher confirms for the node."""
         state = self.layout.node_dir(node)
+        fresh = {"fresh-start": "true"} if not state.exists() else {}
         state.mkdir(parents=True, exist_ok=True)
         cmd = supernode_command(
             self.layout,
             node,
             self.address,
             free_port(),
-            node_config(node, data_path, state, num_nodes),
+            node_config(node, data_path, state, num_nodes, {**policy, **fresh}),
             insecure=self.insecure,
             key=key,
         )
@@ -321,8 +337,10 @@ def deploy_local(
     insecure: bool = False,
     name: str = "run",
     timeout: float = 3600.0,
+    policy: Mapping[str, str | float] = {},
 ) -> Path:
-    """Keys, a SuperLink, one SuperNode per data file (each registered), the run, and teardown."""
+    """Keys, a SuperLink, one SuperNode per data file (each registered, each under ``policy``), the run,
+    and teardown."""
     from deploy.pki import make_pki
 
     layout = Layout(Path(root))
@@ -333,5 +351,5 @@ def deploy_local(
         cluster.start_superlink()
         for node, path in enumerate(data_paths):
             cluster.register(node)
-            cluster.start_node(node, path, len(data_paths))
+            cluster.start_node(node, path, len(data_paths), policy=policy)
         return cluster.run(cfg, name, timeout)

@@ -20,6 +20,7 @@ from fed.data.centring import centre_on
 from fed.data.datasets import ClientData, client_split, label_names, load_task_dataset
 from fed.data.node import align_labels, node_data, run_labels
 from fed.models import default_targets, load_model, load_tokenizer, task_head_names
+from fed.privacy.ledger import SplitPin
 from fed.tasks import Task, make_task
 
 
@@ -136,10 +137,23 @@ class ClientSession:
     data: ClientData
 
 
-def client_session(cfg: RunConfig, partition_id: int, data_path: str | None = None) -> ClientSession:
+def client_session(
+    cfg: RunConfig, partition_id: int, data_path: str | None = None, split: SplitPin | None = None
+) -> ClientSession:
     """What a client trains with: its own file at ``data_path`` when the node has one, else share
-    ``partition_id`` of ``cfg.federation.num_clients`` of the configured dataset."""
-    data = node_data(cfg, data_path) if data_path else client_data(cfg, partition_id)
+    ``partition_id`` of ``cfg.federation.num_clients`` of the configured dataset; read as the node's pinned
+    ``split`` says (a simulation's share: the seed, held-out fraction and subset of its first contact)."""
+    if data_path:
+        data = node_data(cfg, data_path, split)
+    elif split is not None:
+        pinned = {
+            "seed": split.seed,
+            "data.test_fraction": split.test_fraction,
+            "data.max_examples": split.max_examples,
+        }
+        data = client_data(cfg.with_overrides(pinned), partition_id)
+    else:
+        data = client_data(cfg, partition_id)
     adapter, task = adapted_model(cfg)
     return ClientSession(adapter, task, data)
 

@@ -23,7 +23,7 @@ from transformers.utils import logging as transformers_logging
 
 from clients.app import app as client_app
 from fed.config import ConfigError, RunConfig, SimulationConfig
-from fed.privacy.client import STATE_DIR_ENV
+from fed.privacy.client import POLICY_ENV, STATE_DIR_ENV
 from fed.privacy.planner import delta_problems
 from fed.run.checkpoint import Checkpoint
 from fed.run.rundir import RunDir
@@ -161,6 +161,8 @@ def simulate(
 
         # Ray starts afresh for each simulation and its workers inherit this process's environment.
         os.environ[STATE_DIR_ENV] = str((run_dir.path / "clients").resolve())
+        policy = os.environ.get(POLICY_ENV)
+        os.environ[POLICY_ENV] = "run-config"  # a simulation's run config is also each node's policy
         try:
             run_simulation(
                 server_app=server_app,
@@ -171,6 +173,10 @@ def simulate(
             )
         finally:
             os.environ.pop(STATE_DIR_ENV, None)
+            if policy is None:  # as it was: a caller that set it (a test session) keeps it
+                os.environ.pop(POLICY_ENV, None)
+            else:
+                os.environ[POLICY_ENV] = policy
     if not (run_dir.adapter / "fedlora.json").exists():
         raise RuntimeError(f"the simulation ended without finishing the run; see the log and {run_dir.path}")
     return run_dir

@@ -23,6 +23,7 @@ from fed.seeding import derive_seed
 from fed.wire import PayloadError, from_record, to_record
 from strategies.kinds import Replies, Tensors, aggregate, aggregation_error, apply_update
 from strategies.pipeline import AdapterModel, Reply, RoundLog, RoundState, Stage
+from strategies.validation import check_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,9 @@ class AdapterStrategy(FedAvg):
         for stage in self.stages:
             messages = stage.outgoing(messages)
         self.rounds[server_round] = RoundLog(
-            bytes_down=arrays.count_bytes() * len(messages), asked=[m.metadata.dst_node_id for m in messages]
+            bytes_down=arrays.count_bytes() * len(messages),
+            asked=[m.metadata.dst_node_id for m in messages],
+            connected=list(grid.get_node_ids()),
         )
         return messages
 
@@ -187,6 +190,8 @@ class AdapterStrategy(FedAvg):
                 log.warning("round %d: dropped reply from %s", state.number, reason)
                 state.log.dropped.append(reason)
                 continue
+            for stage in self.stages:
+                stage.accepted(state, reply)
             state.log.accepted.append(reply.metrics)
             accepted.append(reply)
         return accepted
@@ -217,7 +222,7 @@ class AdapterStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Flower's example-weighted mean of the scores, plus how many held-out examples they cover (what
         the round's accuracy was measured on: every held-out row after the last round)."""
-        replies = list(replies)
+        replies = [m for m in replies if m.has_error() or _valid_evaluation(m, server_round + self.round_offset)]
         metrics = super().aggregate_evaluate(server_round, replies)  # checks every reply carries the count
         if metrics is not None:
             examples = sum(_count(m, self.weighted_by_key) for m in replies if not m.has_error())
@@ -226,6 +231,17 @@ class AdapterStrategy(FedAvg):
                 "eval_examples": examples,
             }
         return metrics
+
+
+def _valid_evaluation(reply: Message, run_round: int) -> bool:
+    """Whether an evaluate reply may enter the round's scores; a refusal or a claim outside
+    ``check_evaluation`` is logged with its reason and left out."""
+    try:
+        check_evaluation(reply)
+    except (PayloadError, KeyError) as err:
+        log.warning("round %d: evaluation from node %d left out: %s", run_round, reply.metadata.src_node_id, err)
+        return False
+    return True
 
 
 def _count(reply: Message, key: str) -> int:

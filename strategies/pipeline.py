@@ -28,6 +28,10 @@ class RoundLog:
     dropped: list[str] = field(default_factory=list)
     asked: list[int] = field(default_factory=list)
     """Node ids that were sent a train message."""
+    connected: list[int] = field(default_factory=list)
+    """Node ids the SuperLink listed when the round opened (empty: not known, every bound node counts as there)."""
+    unbooked: list[int] = field(default_factory=list)
+    """Node ids whose reply carried a DP event but was dropped: not booked, flagged."""
     capped: int = 0
     """Replies whose (self-reported) example count was capped."""
     clipped: int = 0
@@ -96,6 +100,9 @@ class Stage:
 
     def arrive(self, state: RoundState, reply: Reply) -> None:
         """Read one reply as it arrives; raise ``PayloadError`` to drop it with that reason."""
+
+    def accepted(self, state: RoundState, reply: Reply) -> None:
+        """One reply passed every stage's ``arrive``: what only a valid reply may change (the privacy book)."""
 
     def received(self, state: RoundState, replies: Sequence[Message]) -> None:
         """Every reply of the round was read (dropped or not); nothing is aggregated yet."""

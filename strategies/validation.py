@@ -115,6 +115,24 @@ def check_reply(metrics: Mapping[str, Any], rules: ReplyRules, server_round: int
     return float(examples)
 
 
+def check_evaluation(reply: Message) -> None:
+    """An evaluate reply that may be averaged: not a refusal, an example count in [1, ``MAX_EXAMPLES``], an
+    accuracy in [0, 1], and every other score a finite number >= 0 (one reply claiming 10^12 rows at
+    accuracy 10^6 would otherwise set the round's score)."""
+    metrics = reply.content.metric_records["metrics"]
+    if metrics.get("refused"):
+        refusal = reply.content.config_records.get("refusal")
+        why = str(refusal["reason"]) if refusal is not None and "reason" in refusal else "no reason given"
+        raise PayloadError(f"client refused to evaluate: {why}")
+    _int_in(metrics, "num-examples", 1, MAX_EXAMPLES)
+    for key, value in metrics.items():
+        if key == "num-examples":
+            continue
+        high = 1.0 if key == "eval_accuracy" else math.inf
+        if not isinstance(value, (int, float)) or not (0 <= value <= high and math.isfinite(value)):
+            raise PayloadError(f"{key}={value!r} must be a finite number in [0, {high:g}]")
+
+
 def check_rank(metrics: Mapping[str, Any], rules: ReplyRules) -> int | None:
     """The rank a reply trained at (None: no client ranks in this run): within the adapter's rank and, when
     the config fixes the ranks, the one planned for the reply's partition id."""

@@ -10,6 +10,9 @@ import torch
 # before transformers is imported (by tests.helpers, below)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tests call the ClientApp as a simulation's worker does: the run config is the node's policy. A test of a
+# deployed node's own policy removes it (tests/privacy/test_hostile_server.py).
+os.environ.setdefault("FEDLORA_POLICY", "run-config")
 
 from tests.helpers import VOCAB
 

@@ -112,8 +112,9 @@ _NODES = iter(range(100, 10**6))
 
 
 def _reply(arrays: ArrayRecord, **metrics) -> Message:
-    base = {"num-examples": 10, "fingerprint": FP, "train_loss": 1.0, "partition-id": 0, "round": 1, "steps": 1}
-    msg = reply_from(next(_NODES), None, {**base, **metrics})  # each from its own node
+    node = next(_NODES)  # each from its own node, as its own client (a partition id binds to one node)
+    base = {"num-examples": 10, "fingerprint": FP, "train_loss": 1.0, "partition-id": node, "round": 1, "steps": 1}
+    msg = reply_from(node, None, {**base, **metrics})
     msg.content["arrays"] = arrays
     return msg
 

@@ -15,16 +15,14 @@ from datasets import ClassLabel, Dataset, Features
 
 from fed.config import ConfigError, RunConfig
 from fed.data.datasets import BUILTIN_LABELS, FILE_FORMATS, ClientData, hold_out, label_names, load_task_dataset
+from fed.privacy.ledger import SplitPin
 
 
 class NodeDataError(ValueError):
     """A node's data file that cannot be used. ``str()`` is the full detail for the node's own log (it may
-    quote the file: column names, label values, parser output); ``public`` says only what kind of problem
-    it is, the one part that may leave the node in its error reply (see the privacy rule in docs/privacy.md)."""
-
-    def __init__(self, detail: str, public: str) -> None:
-        super().__init__(detail)
-        self.public = f"this node's data file cannot be used: {public} (details in the node's log)"
+    quote the file: column names, label values, parser output); none of it leaves the node: whatever the
+    problem, the server reads one generic refusal (``clients.app``), since even the kind of problem (a
+    label outside the run's set) tells it something about the file."""
 
 
 def run_labels(cfg: RunConfig) -> tuple[str, ...] | None:
@@ -64,8 +62,7 @@ def align_labels(ds: Dataset, names: Sequence[str], source: str) -> Dataset:
     if outside:
         raise NodeDataError(
             f"{source}: label(s) {outside} are outside the run's label set {names} (data.labels); "
-            f"accepted: those names or their indices 0..{len(names) - 1}",
-            f"labels outside the run's label set {names}",
+            f"accepted: those names or their indices 0..{len(names) - 1}"
         )
     features = Features({**ds.features, "label": ClassLabel(names=names)})
     return ds.map(
@@ -76,17 +73,17 @@ def align_labels(ds: Dataset, names: Sequence[str], source: str) -> Dataset:
     )
 
 
-def node_data(cfg: RunConfig, path: str) -> ClientData:
+def node_data(cfg: RunConfig, path: str, split: SplitPin | None = None) -> ClientData:
     """A node's own file (``--node-config data-path=...``), shaped for the run and split into its train and
-    held-out rows. Raises NodeDataError naming the file and what is wrong with it; the client's reply then
-    carries the error's public part and the round goes on without this node."""
+    held-out rows: by the node's pinned ``split`` (its secret seed, the fraction and subset of its first
+    contact) when it has one, else by the config. Raises NodeDataError naming the file and what is wrong
+    with it; the client's reply then carries one generic refusal and the round goes on without this node."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise NodeDataError(f"data-path={path!r} is not a file on this node", "data-path is not a file")
+        raise NodeDataError(f"data-path={path!r} is not a file on this node")
     if file.suffix.lower() not in FILE_FORMATS:
         raise NodeDataError(
-            f"data-path={path!r}: unsupported file type {file.suffix!r}; accepted: {', '.join(FILE_FORMATS)}",
-            f"unsupported file type; accepted: {', '.join(FILE_FORMATS)}",
+            f"data-path={path!r}: unsupported file type {file.suffix!r}; accepted: {', '.join(FILE_FORMATS)}"
         )
     d = cfg.data
     try:
@@ -95,21 +92,20 @@ def node_data(cfg: RunConfig, path: str) -> ClientData:
             cfg.task,
             text_column=d.text_column,
             label_column=d.label_column,
-            max_examples=d.max_examples,
-            seed=cfg.seed,
+            max_examples=split.max_examples if split else d.max_examples,
+            seed=split.seed if split else cfg.seed,
         )
     except Exception as err:  # pyarrow, pandas and datasets each raise their own types for a malformed file
         raise NodeDataError(
-            f"data-path={path!r} could not be read as {FILE_FORMATS[file.suffix.lower()]}: {type(err).__name__}: {err}",
-            f"empty, malformed or missing the configured columns ({d.text_column!r}, {d.label_column!r})",
+            f"data-path={path!r} could not be read as {FILE_FORMATS[file.suffix.lower()]}: {type(err).__name__}: {err}"
         ) from err
     if len(ds) < 2:
         raise NodeDataError(
-            f"data-path={path!r} holds {len(ds)} usable row(s); a node needs at least 2 "
-            "(one to train on, one held out)",
-            "fewer than 2 usable rows",
+            f"data-path={path!r} holds {len(ds)} usable row(s); a node needs at least 2 (one to train on, one held out)"
         )
     names = run_labels(cfg)
     if names is not None:
         ds = align_labels(ds, names, f"data-path={path!r}")
+    if split is not None:
+        return hold_out(ds, split.test_fraction, split.secret)
     return hold_out(ds, d.test_fraction, cfg.seed)  # train_test_split shuffles with the seed

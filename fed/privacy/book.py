@@ -18,7 +18,7 @@ from typing import Any, get_args
 
 from fed.config import Accountant, DPConfig
 from fed.privacy import secure_rng
-from fed.privacy.ledger import DpSgdEvent, Ledger, epsilon
+from fed.privacy.ledger import DpSgdEvent, Ledger, epsilon, event_problems
 from fed.privacy.planner import new_ledger
 from fed.privacy.release import GUARANTEE, NOT_COVERED, RELEASED_IN_CLEAR
 
@@ -33,11 +33,12 @@ def _event(round_: int, run: int, metrics: Mapping[str, Any]) -> tuple[int, DpSg
     sigma, rate, eps = (float(metrics[k]) for k in ("dp-noise-multiplier", "dp-sample-rate", "epsilon"))
     if not (isinstance(cid, int) and cid >= 0 and isinstance(steps, int) and steps >= 0):
         raise ValueError(f"partition-id={cid!r} and dp-steps={steps!r} must be non-negative integers")
-    if not (sigma > 0 and 0 < rate <= 1 and math.isfinite(sigma) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(
-            f"dp-noise-multiplier={sigma} must be > 0, dp-sample-rate={rate} in (0, 1], epsilon={eps} finite and >= 0"
-        )
-    return cid, DpSgdEvent(round_, sigma, rate, steps, run), eps
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"epsilon={eps} must be finite and >= 0")
+    event = DpSgdEvent(round_, sigma, rate, steps, run)
+    if problems := event_problems(event):
+        raise ValueError(f"DP event out of bounds: {problems[0]}")
+    return cid, event, eps
 
 
 @dataclass
@@ -56,15 +57,14 @@ class LedgerBook:
     def observe(self, round_: int, metrics: Mapping[str, Any], run: int = 0) -> int | None:
         """Record the DP event in one client's reply (a reply without DP metrics spent nothing).
 
-        Called as each reply arrives, before its payload is validated: a dropped reply still spent
-        budget. The values come from the network, so they are checked before they enter a ledger; a
-        malformed event is flagged and left out rather than allowed to stop the run. Returns the
-        client id the reply names (None when it names none).
+        Called once the reply passed validation, under the client id bound to the node that sent it
+        (``strategies.privacy``). The values come from the network, so they are bounded again before they
+        enter a ledger (``event_problems``: nothing reaches an accountant that it cannot compose); a
+        malformed event is flagged and left out rather than allowed to stop the run. Each booked reply is
+        one event: a replayed identical event counts again. Returns the client id the reply names.
         """
         cid = metrics.get("partition-id")
         cid = cid if isinstance(cid, int) and cid >= 0 else None
-        if cid is not None and "epsilon" in metrics and "dp-steps" not in metrics:
-            self._report(cid, metrics)  # a client that declined still states what it has spent
         if "dp-steps" not in metrics:
             return cid
         try:
@@ -72,15 +72,15 @@ class LedgerBook:
         except (KeyError, TypeError, ValueError) as err:
             self.flag(f"round {round_}: malformed DP event ignored: {err}")
             return cid
-        self.ledgers.setdefault(cid, new_ledger(self.dp)).merge([event])
+        self.ledgers.setdefault(cid, new_ledger(self.dp)).record(event)
         self.reported_epsilon[cid] = reported
         self.secure_rng[cid] = metrics.get("secure-rng") == 1
         if isinstance(metrics.get("num-examples"), int):
             self.examples[cid] = metrics["num-examples"]
         return cid
 
-    def _report(self, cid: int, metrics: Mapping[str, Any]) -> None:
-        value = metrics["epsilon"]
+    def claim(self, cid: int, value: Any) -> None:
+        """A client's own statement of its epsilon (a declined round's reply), if it is a number."""
         if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
             self.reported_epsilon[cid] = float(value)
 
@@ -107,6 +107,14 @@ class LedgerBook:
 
     def max_epsilon(self) -> float:
         return max((self.epsilon(cid) for cid in self.ledgers.keys() | self.reported_epsilon.keys()), default=0.0)
+
+    def cross_epsilon(self, cid: int, accountant: str) -> float | None:
+        """The other accountant's figure for the report; None (and a flag) when it cannot be computed."""
+        try:
+            return self.server_epsilon(cid, accountant)
+        except (MemoryError, ValueError, OverflowError, RuntimeError) as err:
+            self.flag(f"client {cid}: the {accountant} cross-check failed ({type(err).__name__}: {err})")
+            return None
 
     def client_flags(self, cid: int) -> list[str]:
         """Disagreements between the client's report and the server's events, in words."""
@@ -136,6 +144,7 @@ class LedgerBook:
             ledger = self.ledgers.get(cid, new_ledger(self.dp))
             entry = ledger.to_dict(epsilon=self.server_epsilon(cid))
             entry.pop("policy", None)  # the client's pin lives in its own ledger, not in the server's copy
+            entry.pop("split", None)
             entry.pop("run", None)
             entry.update(
                 {
@@ -144,7 +153,9 @@ class LedgerBook:
                     "client_reported_epsilon": self.reported_epsilon.get(cid),
                     **{
                         f"epsilon_{acc}": (
-                            self.server_epsilon(cid, acc) if cross_check or acc == self.dp.accountant else None
+                            self.server_epsilon(cid, acc)
+                            if acc == self.dp.accountant
+                            else (self.cross_epsilon(cid, acc) if cross_check else None)
                         )
                         for acc in get_args(Accountant)
                     },

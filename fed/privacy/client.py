@@ -6,7 +6,10 @@ ledger is a file in its state directory (node config ``state-dir``, else ``$FEDL
 training; merged with the events the server returns, and never silently replaced: a ledger that cannot
 be read stops the client.
 
-The ClientApp opens a ``PrivateRound`` once it knows its data, trains ``plan.steps`` steps under
+The node's state (``NodeState``: ledger, pinned split, policy) is loaded before its data, because the
+data split is the node's own: fixed at first contact from a node-local secret seed and kept in the
+ledger file, never re-derived from what a later message says. The ClientApp opens a ``PrivateRound``
+once it knows its data, trains ``plan.steps`` steps under
 ``plan.dp`` (or replies with ``verdict()`` when the round must not train), and passes every reply's
 metrics through ``release``. Why an object the app calls rather than a Flower client mod wrapping
 ``train``: the round can only be planned once the node's data is loaded (``num_examples`` sets the
@@ -20,16 +23,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fed.atomic import write_atomic
-from fed.config import RunConfig
-from fed.privacy.ledger import DpSgdEvent, Ledger, events_from_json
-from fed.privacy.planner import RoundPlan, new_ledger, plan_round
-from fed.privacy.policy import Policy
+from fed.config import DPConfig, RunConfig
+from fed.privacy.ledger import DpSgdEvent, Ledger, SplitPin, events_from_json
+from fed.privacy.planner import RoundPlan, history_pin, new_ledger, plan_round
+from fed.privacy.policy import STRICT, Policy
 from fed.privacy.release import public_metrics
 
 log = logging.getLogger("flwr")  # Flower's logger by name (no import): what the SuperNode's operator sees
@@ -38,7 +42,110 @@ KNOWN_EVENTS = "known-events"
 STATE_DIR_ENV = "FEDLORA_STATE_DIR"
 """Where simulated clients keep their state (a simulation gives no per-node config): set by ``fed simulate``."""
 
+POLICY_ENV = "FEDLORA_POLICY"
+"""``run-config`` where the run config is also the node's policy: set by ``fed simulate`` for its workers."""
+NOT_CONFIRMED = (
+    "this node has no privacy state (no ledger file, no history from the server): its operator must "
+    "confirm a fresh start (node config fresh-start=true) before it spends budget"
+)
+
 Metrics = dict[str, int | float]
+
+
+def _flag(node_config: Mapping[str, Any], key: str) -> bool:
+    return str(node_config.get(key, "false")).lower() == "true"
+
+
+def node_policy(node_config: Mapping[str, Any], dp: DPConfig) -> Policy:
+    """The node's own policy: ``STRICT`` unless its operator opted out of DP (``dp-opt-out=true``, logged)
+    or this is a simulation (the run config is the policy), then its ``policy-file``, then its keys."""
+    if os.environ.get(POLICY_ENV) == "run-config":
+        base = Policy.of_run(dp)
+    elif _flag(node_config, "dp-opt-out"):
+        log.warning("dp-opt-out=true: this node accepts rounds without DP and any DP settings the server asks for")
+        base = Policy()
+    else:
+        base = STRICT
+    if node_config.get("policy-file"):
+        base = Policy.from_file(str(node_config["policy-file"]), base)
+    return Policy.from_node_config(node_config, base)
+
+
+@dataclass
+class NodeState:
+    """What a node keeps between messages: its ledger file (events, DP pin, split pin) and its policy."""
+
+    path: Path
+    ledger: Ledger
+    policy: Policy
+    confirmed: bool
+    """Whether the node may spend budget: it has a ledger file or history from the server, its operator
+    confirmed a fresh start, or this is a simulation (whose state directory is new with every run)."""
+
+    @classmethod
+    def load(
+        cls, cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int, server_events: str = ""
+    ) -> NodeState:
+        """The node's state for a message of ``cfg``. Raises RuntimeError when the ledger file is unreadable,
+        PolicyError when the node's policy is."""
+        path = state_dir(node_config) / f"ledger-{partition_id}.json"
+        existed = path.is_file()
+        ledger = load_ledger(path, new_ledger(cfg.dp), server_events)
+        confirmed = (
+            existed
+            or bool(ledger.events)
+            or _flag(node_config, "fresh-start")
+            or os.environ.get(POLICY_ENV) == "run-config"
+        )
+        return cls(path, ledger, node_policy(node_config, cfg.dp), confirmed)
+
+    def dp_bound(self, dp: DPConfig) -> bool:
+        """Whether this message is held to DP: the server asks for it, the policy requires it, or the node
+        already spent budget or pinned DP settings."""
+        return dp.enabled or self.policy.dp_required or bool(self.ledger.events) or self.ledger.policy is not None
+
+    @property
+    def effective(self) -> Policy:
+        """The node's policy tightened by its ledger's pin."""
+        return self.policy.strictest(history_pin(self.ledger))
+
+    def split(self, cfg: RunConfig, labels: tuple[str, ...] | None) -> SplitPin | None:
+        """The node's pinned data split (None: not DP-bound and never pinned, the config's split applies).
+
+        Created at first contact with a secret seed and written at once (when the node may keep state), so
+        every later message, whatever seed or fractions it carries, reads the same train and held-out rows.
+        ``labels`` are the run's class names as this message states them (pinned with the split).
+        """
+        if self.ledger.split is None and self.dp_bound(cfg.dp):
+            d = cfg.data
+            self.ledger.split = SplitPin.first(d.test_fraction, cfg.seed, d.max_examples, labels)
+            if self.confirmed:
+                write_atomic(self.path, self.ledger.to_json())
+        return self.ledger.split
+
+    def evaluation_refusal(self, dp: DPConfig, held_out: int) -> str:
+        """Why this node must not answer an evaluate message (empty: it may, on all its held-out rows)."""
+        if not self.dp_bound(dp):
+            return ""
+        if not self.effective.evaluate:
+            return "this node's policy releases no evaluation scores under DP (node config evaluate=false)"
+        if not self.confirmed:
+            return NOT_CONFIRMED
+        if held_out < self.effective.min_eval_rows:
+            return f"fewer held-out rows than this node's minimum for evaluation ({self.effective.min_eval_rows})"
+        return ""
+
+    def hold_reply(self, dp: DPConfig, requested_at: float) -> None:
+        """Under DP with ``reply-delay`` set, wait until that many seconds after the request was created, so
+        the reply's creation time (Flower's ``created_at``) does not carry this node's processing time."""
+        delay = self.effective.reply_delay
+        if not (delay > 0 and self.dp_bound(dp)):
+            return
+        late = time.time() - (requested_at + delay)
+        if late > 0:
+            log.warning("this round took %.1f s longer than reply-delay=%g s: its timing is visible", late, delay)
+            return
+        time.sleep(-late)
 
 
 def state_dir(node_config: Mapping[str, Any]) -> Path:
@@ -93,12 +200,17 @@ class PrivateRound:
         num_examples: int,
         server_events: str = "",
     ) -> PrivateRound:
-        """Load and merge the ledger, plan the round under the node's own policy, and book it.
+        """``start`` on the node's state as ``NodeState.load`` reads it."""
+        state = NodeState.load(cfg, node_config, partition_id, server_events)
+        return cls.start(state, cfg, round_=round_, run=run, num_examples=num_examples)
 
-        Raises RuntimeError when the ledger file is unreadable, PolicyError when the node's policy is.
-        """
-        path = state_dir(node_config) / f"ledger-{partition_id}.json"
-        ledger = load_ledger(path, new_ledger(cfg.dp), server_events)
+    @classmethod
+    def start(cls, state: NodeState, cfg: RunConfig, *, round_: int, run: int, num_examples: int) -> PrivateRound:
+        """Plan the round under the node's own policy, and book it (a node whose fresh start its operator
+        has not confirmed refuses DP work)."""
+        ledger = state.ledger
+        if cfg.dp.enabled and not state.confirmed:
+            return cls(RoundPlan(None, 0, refused=NOT_CONFIRMED), ledger, dp=True)
         plan = plan_round(
             cfg.dp,
             ledger,
@@ -107,11 +219,11 @@ class PrivateRound:
             local_steps=cfg.train.local_steps,
             rounds=cfg.federation.rounds,
             round_=round_,
-            policy=Policy.from_node_config(node_config),
+            policy=state.policy,
             run=run,
         )
-        private = cls(plan, ledger, dp=cfg.dp.enabled or bool(ledger.events))
-        private._book(path, round_, run)
+        private = cls(plan, ledger, dp=state.dp_bound(cfg.dp))
+        private._book(state.path, round_, run)
         return private
 
     def _book(self, path: Path, round_: int, run: int) -> None:

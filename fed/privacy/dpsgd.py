@@ -99,6 +99,26 @@ class OneLogicalBatch:
                 p.grad /= self.expected_batch_size
 
 
+DROPOUT_ATTRIBUTES = ("p", "attention_dropout", "attn_dropout", "dropout_p")
+"""Where a model keeps a dropout probability: ``nn.Dropout.p`` (BERT's attention also reads its module's
+``.p`` and hands it to the attention function), and the float attributes attention modules keep instead."""
+
+
+def dropouts_off(model: nn.Module) -> list[tuple[nn.Module, str, float]]:
+    """Set every dropout probability in ``model`` to 0 and return what to restore. Zeroing the probability,
+    not ``eval()``, also reaches the functional dropout attention modules apply while they are training
+    (Opacus needs training mode for its hooks), so no random source but the mechanism's touches a DP step."""
+    changed = []
+    for module in model.modules():
+        is_dropout = isinstance(module, nn.modules.dropout._DropoutNd)
+        for attr in DROPOUT_ATTRIBUTES:
+            value = getattr(module, attr, None)
+            if isinstance(value, float) and value > 0 and (attr != "p" or is_dropout):
+                setattr(module, attr, 0.0)
+                changed.append((module, attr, value))
+    return changed
+
+
 class DpStepper:
     """DP-SGD steps: per-sample clipping of the trainable tensors, Gaussian noise, expected-batch scaling.
 
@@ -120,9 +140,7 @@ class DpStepper:
         if len(flags) != len(params):
             raise ValueError(f"is_head flags {len(flags)} tensors, the optimizer holds {len(params)}")
         extra: dict[str, object] = {"max_grad_norm": dp.max_grad_norm, "use_ghost_clipping": True} if ghost else {}
-        self.dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
-        for dropout in self.dropouts:
-            dropout.eval()  # its masks would come from the process-global generator
+        self.dropouts = dropouts_off(model)  # their masks would come from the process-global generator
         self.module = per_sample_module(model, dp.mode, loss_reduction="mean", **extra)
         bound = layer_bounds(flags, dp.max_grad_norm, dp.head_clip_share) if per_layer else dp.max_grad_norm
         base = get_optimizer_class(
@@ -172,5 +190,5 @@ class DpStepper:
         """Detach Opacus from the model so the cached model is clean for the next round."""
         self.optimizer.zero_grad(set_to_none=True)
         self.module._close()
-        for dropout in self.dropouts:
-            dropout.train()
+        for module, attr, value in self.dropouts:
+            setattr(module, attr, value)

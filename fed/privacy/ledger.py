@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -88,6 +90,57 @@ def calibrate_noise(
     return high
 
 
+MAX_EVENT_STEPS = 10**6
+"""Most steps one event may claim when it comes from the network: far beyond any honest round, small enough
+that every accountant composes it in bounded memory."""
+MIN_EVENT_NOISE = 0.1
+"""Least noise multiplier an event from the network may claim: below it PRV's grid grows without bound (a
+noise of 0.05 at rate 1 and 10^6 steps asked for a petabyte), and no honest plan uses it."""
+
+
+def event_problems(event: DpSgdEvent) -> list[str]:
+    """Why an event from the network cannot enter an accountant (empty when it can)."""
+    e = event
+    if not (math.isfinite(e.noise_multiplier) and MIN_EVENT_NOISE <= e.noise_multiplier <= 1e6):
+        return [f"noise_multiplier={e.noise_multiplier} outside [{MIN_EVENT_NOISE}, 1e6]"]
+    if not (0 < e.sample_rate <= 1 and 0 <= e.steps <= MAX_EVENT_STEPS):
+        return [f"sample_rate={e.sample_rate} must be in (0, 1] and steps={e.steps} in [0, {MAX_EVENT_STEPS}]"]
+    return []
+
+
+@dataclass(frozen=True)
+class SplitPin:
+    """A node's own train/held-out split, fixed at its first contact and kept in its ledger file.
+
+    ``secret`` (from the OS CSPRNG, never sent) orders the held-out draw of a node's own file, so no
+    server can compute which rows are held out; the other fields are the data settings of that first
+    contact, used from then on whatever later messages say (a node reads its data as it first did).
+    """
+
+    secret: int
+    test_fraction: float
+    seed: int
+    max_examples: int
+    labels: tuple[str, ...] | None = None
+    """The run's class names at first contact: a later message naming others is refused whatever the file
+    holds, so whether a node answers cannot tell the server which labels its file contains."""
+
+    @classmethod
+    def first(cls, test_fraction: float, seed: int, max_examples: int, labels: tuple[str, ...] | None) -> SplitPin:
+        return cls(secrets.randbits(63), test_fraction, seed, max_examples, labels)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SplitPin:
+        labels = data.get("labels")
+        return cls(
+            int(data["secret"]),
+            float(data["test_fraction"]),
+            int(data["seed"]),
+            int(data["max_examples"]),
+            None if labels is None else tuple(str(x) for x in labels),
+        )
+
+
 @dataclass
 class Ledger:
     """A client's privacy account across runs: its events, and the policy its first DP round pinned."""
@@ -103,6 +156,8 @@ class Ledger:
     policy: Policy | None = None
     """Pinned at the first DP round; every later round (of any run) must be at least as strict."""
     events: list[DpSgdEvent] = field(default_factory=list)
+    split: SplitPin | None = None
+    """The node's pinned data split (client-side only: the server's book never holds one)."""
 
     def epsilon(self) -> float:
         return epsilon(self.events, self.delta, self.accountant)
@@ -137,9 +192,14 @@ class Ledger:
     def merge(self, events: Iterable[DpSgdEvent]) -> int:
         """Add the events this ledger lacks (e.g. the server's copy after the client lost its file).
 
-        Only exact duplicates collapse, so a merge can only raise epsilon. Returns how many were added.
+        A multiset union: an event that happened k times in either copy is counted max(k) times (a round
+        replayed three times spent three times; the same event held by both copies spent once), so a merge
+        can only raise epsilon. Returns how many were added.
         """
-        missing = [e for e in dict.fromkeys(events) if e not in set(self.events)]
+        have = Counter(self.events)
+        missing = []
+        for event, count in Counter(events).items():
+            missing += [event] * max(0, count - have[event])
         self.events = [*self.events, *missing]  # arrival order: run ids are random, so they do not sort runs
         return len(missing)
 
@@ -148,12 +208,14 @@ class Ledger:
         book memoises it per client), else it is recomputed."""
         data = {**asdict(self), "epsilon": self.epsilon() if epsilon is None else epsilon, "steps": self.steps}
         data["policy"] = self.policy.to_dict() if self.policy else None
+        data["split"] = asdict(self.split) if self.split else None
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Ledger:
         events = [DpSgdEvent(**e) for e in data.get("events", [])]
         policy = Policy.from_dict(data["policy"]) if data.get("policy") else None
+        split = SplitPin.from_dict(data["split"]) if data.get("split") else None
         return cls(
             accountant=data["accountant"],
             delta=float(data["delta"]),
@@ -162,6 +224,7 @@ class Ledger:
             run=int(data.get("run", 0)),
             policy=policy,
             events=events,
+            split=split,
         )
 
     def to_json(self) -> str:
@@ -189,12 +252,7 @@ def events_from_json(text: str) -> list[DpSgdEvent]:
             int(item["steps"]),
             int(item["run"]),
         )
-        if not (
-            event.noise_multiplier > 0
-            and 0 < event.sample_rate <= 1
-            and event.steps >= 0
-            and math.isfinite(event.noise_multiplier)
-        ):
-            raise ValueError(f"impossible DP event: {item!r}")
+        if problems := event_problems(event):
+            raise ValueError(f"impossible DP event {item!r}: {problems[0]}")
         events.append(event)
     return events

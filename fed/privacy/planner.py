@@ -65,6 +65,14 @@ def _start_run(dp: DPConfig, ledger: Ledger, policy: Policy, run: int, rate: flo
     ledger.noise_multiplier = max(sigma, policy.min_noise_multiplier)
 
 
+def history_pin(ledger: Ledger) -> Policy:
+    """What the ledger pins: its first DP round's settings, or, when only events survive (a lost file
+    whose events the server returned), DP itself: a node that ever spent budget never trains without DP."""
+    if ledger.policy is not None:
+        return ledger.policy
+    return Policy(dp_required=bool(ledger.events), min_eval_rows=0)
+
+
 def plan_round(
     dp: DPConfig,
     ledger: Ledger,
@@ -79,10 +87,10 @@ def plan_round(
 ) -> RoundPlan:
     """The mechanism and step count for this round, or a refusal naming what breaks the policy.
 
-    ``policy`` is the node's own floor; the ledger's pinned policy (from its first DP round) tightens it.
+    ``policy`` is the node's own floor; the ledger's pin (``history_pin``) tightens it.
     On a DP round the ledger is updated in place: its run settings on first use, its pin.
     """
-    effective = policy.strictest(ledger.policy) if ledger.policy else policy
+    effective = policy.strictest(history_pin(ledger))
     problems = effective.violations(dp)
     if dp.enabled:
         problems += delta_problems(dp.delta, num_examples)

@@ -65,12 +65,16 @@ RELEASED_IN_CLEAR = [
     "no data)",
     "the round the reply answers, and the client's statement that its randomness came from the OS CSPRNG",
     "the client's LoRA rank (federation.client_ranks: from the run config or the node's own max-rank setting)",
-    "evaluation metrics (loss, accuracy, example count) on each client's held-out split, which is never "
-    "trained on: NOT covered by the guarantee",
+    "evaluation: a DP node answers evaluate messages only where its own policy allows it (evaluate=true; "
+    "the strict default refuses them), then with loss, accuracy and count over all of its pinned held-out "
+    "rows, never trained on and never a subset the server picks: NOT covered by the guarantee",
+    "a refusal's reason, or one generic error text for any data problem (details stay in the node's log)",
+    "the reply's timing: Flower's created_at and ttl, and its arrival (the node's processing time, unless its "
+    "policy's reply-delay holds the reply until a fixed delay after the request)",
 ]
 
 NOT_COVERED = [
-    "the held-out evaluation split: its metrics are released as they are",
+    "the held-out evaluation split of a node that allows evaluation: its metrics are released as they are",
     "which clients take part in a round, and when (participation is public)",
     "group privacy: a user with k examples is protected at roughly k times epsilon",
 ]

@@ -212,9 +212,9 @@ def test_the_strategy_drops_replies_off_their_rank_and_aggregates_the_rest_in_pr
     unpadded = client_deltas(server, 1, seed=5)[0]
     base = {"num-examples": 10, "fingerprint": server.fingerprint(), "train_loss": 1.0, "round": 1, "steps": 1}
     replies = [
+        reply_from(12, unpadded, {**base, "partition-id": 0, "rank": 2}),  # dropped, so it binds no partition id
         reply_from(10, good[0], {**base, "partition-id": 0, "rank": 2}),
         reply_from(11, good[1], {**base, "partition-id": 1, "rank": 4}),
-        reply_from(12, unpadded, {**base, "partition-id": 0, "rank": 2}),
         reply_from(13, good[0], {**base, "partition-id": 2, "rank": 2}),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)

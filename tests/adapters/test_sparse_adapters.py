@@ -248,11 +248,12 @@ def test_the_server_keeps_the_entries_most_clients_kept_before_the_largest():
 
 
 def _sparse_reply(record, fingerprint: int, round_: int):
+    node = next(_NODES)  # its own client: a partition id binds to the first node that names it
     msg = reply_from(
-        next(_NODES),
+        node,
         None,
         {
-            "partition-id": 0,
+            "partition-id": node,
             "round": round_,
             "num-examples": 50,
             "steps": 3,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
@@ -30,3 +32,16 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def deployed_nodes():
+    """Nodes started here are deployed nodes: their policy is their own (the strict default), not the run
+    config as in a simulation, so the deployment tests run what an operator gets. Module-scoped, so it
+    holds before a module's cluster starts."""
+    from fed.privacy.client import POLICY_ENV
+
+    saved = os.environ.pop(POLICY_ENV, None)
+    yield
+    if saved is not None:
+        os.environ[POLICY_ENV] = saved

@@ -14,6 +14,7 @@ from flwr.common.config import parse_config_args
 
 from deploy.launcher import Layout, node_config, run_config_file, superlink_command, supernode_command
 from deploy.pki import make_pki
+from fed.config import RunConfig
 from fed.config.sources import flatten, from_run_config, resolve
 
 
@@ -67,3 +68,33 @@ def test_secure_commands_use_tls_and_node_auth_and_insecure_says_so(tmp_path):
     node = supernode_command(layout, 0, "127.0.0.1:9093", 9094, "partition-id=0", insecure=False)
     assert "--auth-supernode-private-key" in node and "--root-certificates" in node
     assert superlink_command(layout, "127.0.0.1", 9093, insecure=True)[-1] == "--insecure"
+
+
+def test_policy_flags_reach_the_node_as_its_policy(tmp_path, monkeypatch):
+    """``fed deploy supernode`` flags -> --node-config -> Flower's parser -> the policy the client reads."""
+    import argparse
+
+    from deploy.cli import add_commands, policy_config
+    from fed.privacy.client import POLICY_ENV, node_policy
+    from fed.privacy.policy import STRICT, Policy
+
+    monkeypatch.delenv(POLICY_ENV, raising=False)
+    (tmp_path / "policy.toml").write_text("max-epsilon = 3\nmin-eval-rows = 50\n")
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    argv = ["deploy", "supernode", "--node", "0", "--superlink", "x:1", "--data", "d.csv", "--delta", "1e-6"]
+    args = parser.parse_args([*argv, "--policy", str(tmp_path / "policy.toml"), "--allow-evaluation"])
+    node = parse_config_args([node_config(0, None, tmp_path, 1, policy_config(args))])
+    dp = RunConfig().dp
+    assert node_policy(node, dp) == Policy(
+        dp_required=True,
+        max_epsilon=3.0,
+        delta=1e-6,
+        min_noise_multiplier=STRICT.min_noise_multiplier,
+        evaluate=True,
+        min_eval_rows=50,
+    )
+    bare = parse_config_args([node_config(0, None, tmp_path, 1, policy_config(parser.parse_args(argv[:-2])))])
+    assert node_policy(bare, dp) == STRICT  # no flags: the strict default, DP required
+    opted = parser.parse_args([*argv, "--dp-opt-out"])
+    assert not node_policy(parse_config_args([node_config(0, None, tmp_path, 1, policy_config(opted))]), dp).dp_required

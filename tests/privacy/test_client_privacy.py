@@ -64,12 +64,14 @@ def test_one_ledger_write_per_dp_round_booking_the_round_before_it_trains(experi
     )
     data, node = experiment.canary.data(False), {"state-dir": str(tmp_path)}
     experiment.ask(data, node, round_=1)
-    assert len(writes) == 1
+    assert len(writes) == 2  # first contact pins the split, then the round is booked
+    experiment.ask(data, node, round_=2)
+    assert len(writes) == 3
 
     def crash(*args, **kwargs):
         raise RuntimeError("the node died mid-round")
 
     monkeypatch.setattr(client_app, "train_round", crash)
     with pytest.raises(RuntimeError, match="mid-round"):
-        experiment.ask(data, node, round_=2)
-    assert [e.round for e in _ledger(tmp_path).events] == [1, 2]  # a crash can only over-count
+        experiment.ask(data, node, round_=3)
+    assert [e.round for e in _ledger(tmp_path).events] == [1, 2, 3]  # a crash can only over-count

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fed.config import RunConfig
-from fed.privacy.client import PrivateRound
+from fed.privacy.client import NodeState, PrivateRound
 from fed.privacy.ledger import DpSgdEvent, Ledger, epsilon, events_to_json
 from fed.privacy.release import PUBLIC_UNDER_DP
 
@@ -113,11 +113,42 @@ def test_the_servers_copy_is_merged_into_a_lost_ledger_and_a_malformed_one_is_ig
     assert [e.round for e in _file(tmp_path).events] == [1, 2, 3]
 
 
-def test_events_the_server_holds_keep_a_non_dp_round_private(tmp_path):
-    """A client that lost its file (and so its pin) but ever spent budget still releases only public fields."""
-    private = _open(tmp_path, {"dp.enabled": False}, events=events_to_json([DpSgdEvent(1, 1.5, 0.1, 4, RUN)]))
-    assert private.verdict() is None and private.plan.dp is None
-    assert private.release({"round": 1, **private.trained({"train_loss": 0.3}, None)}) == {"round": 1}
+def test_events_the_server_holds_pin_dp_and_keep_a_non_dp_round_private(tmp_path):
+    """A client that lost its file (and so its pin) but ever spent budget refuses a round without DP, even
+    when its own policy would allow one, and releases only public fields."""
+    events = events_to_json([DpSgdEvent(1, 1.5, 0.1, 4, RUN)])
+    private = _open(tmp_path, {"dp.enabled": False}, node={"dp-opt-out": "true"}, events=events)
+    assert private.verdict() == {"refused": 1, "epsilon": epsilon([DpSgdEvent(1, 1.5, 0.1, 4, RUN)], 1e-5, "rdp")}
+    assert "requires DP" in private.plan.refused
+    assert private.release({"round": 1, "train_loss": 0.3}) == {"round": 1}
+
+
+def test_a_dp_reply_is_held_until_reply_delay_after_the_request(tmp_path, monkeypatch):
+    """Under DP with reply-delay, the reply leaves at request time + delay, not when the round finished."""
+    import fed.privacy.client as layer
+
+    now, slept = 1000.0, []
+    monkeypatch.setattr(layer.time, "time", lambda: now)
+    monkeypatch.setattr(layer.time, "sleep", slept.append)
+    cfg = RunConfig().with_overrides(DP)
+    state = layer.NodeState.load(cfg, {"state-dir": str(tmp_path), "reply-delay": "30"}, 0)
+    state.hold_reply(cfg.dp, requested_at=now - 12.5)  # the round took 12.5 s
+    assert slept == [pytest.approx(17.5)]
+    state.hold_reply(cfg.dp, requested_at=now - 40.0)  # too slow for the delay: sent at once, and logged
+    plain = RunConfig().with_overrides({"dp.enabled": False})
+    layer.NodeState.load(plain, {"state-dir": str(tmp_path / "plain"), "reply-delay": "30"}, 0).hold_reply(
+        plain.dp, requested_at=now
+    )
+    assert slept == [pytest.approx(17.5)]  # a node never held to DP is not delayed
+
+
+def test_the_split_is_pinned_at_first_contact_and_kept_whatever_later_messages_say(tmp_path):
+    cfg = RunConfig().with_overrides(DP)
+    first = NodeState.load(cfg, {"state-dir": str(tmp_path)}, 0).split(cfg, ("neg", "pos"))
+    other = cfg.with_overrides({"seed": 9, "data.test_fraction": 0.9, "data.max_examples": 5})
+    again = NodeState.load(other, {"state-dir": str(tmp_path)}, 0).split(other, ("a", "b"))
+    assert first is not None and again == first and first.labels == ("neg", "pos")
+    assert (first.seed, first.test_fraction, first.max_examples) == (cfg.seed, cfg.data.test_fraction, 0)
 
 
 def test_an_unreadable_ledger_names_the_file_and_stops_the_round(tmp_path):

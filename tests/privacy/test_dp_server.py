@@ -1,5 +1,6 @@
-"""The server under DP: only public fields are kept, events are booked as replies arrive (dropped or
-not), each client's events go back to it, and privacy.json is conservative and flags disagreements."""
+"""The server under DP: only public fields are kept, events are booked once a reply is valid, under the
+node bound to its partition id (a spoofing peer is dropped), each node's events go back to it alone,
+every accountant input is bounded, and privacy.json is conservative and flags disagreements."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import math
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fed.adapters import Aggregation, Structure
 from fed.config import StrategyConfig
 from fed.privacy.book import LedgerBook
-from fed.privacy.ledger import DpSgdEvent, epsilon, events_from_json
+from fed.privacy.ledger import DpSgdEvent, Ledger, epsilon, events_from_json
 from fed.privacy.release import PUBLIC_UNDER_DP
 from fed.wire import metas, to_record
 from strategies.build import influence_stages, reply_stages
@@ -48,13 +49,15 @@ def _dp_reply(node: int, cid: int, *, steps: int = 10, eps: float | None = None,
     return reply_from(node, {"l.lora_B.weight": torch.ones(3, 2)}, metrics)
 
 
-def _strategy(book: LedgerBook, written: list) -> AdapterStrategy:
+def _strategy(
+    book: LedgerBook, written: list, rules: ReplyRules = ReplyRules(fingerprint=FP, dp=DP)
+) -> AdapterStrategy:
     model = AdapterModel(metas(GLOBAL), Structure({"l.lora_B.weight": Aggregation.MEAN}))
     s = AdapterStrategy(
         model=model,
         plan=RoundPlan(loss_metric="dp-train-loss"),
         stages=[
-            *reply_stages(model, ReplyRules(fingerprint=FP, dp=DP), book, lambda b: written.append(b.report())),
+            *reply_stages(model, rules, book, lambda b: written.append(b.report())),
             *influence_stages(StrategyConfig(), math.inf),
         ],
     )
@@ -62,7 +65,7 @@ def _strategy(book: LedgerBook, written: list) -> AdapterStrategy:
     return s
 
 
-def test_dp_replies_keep_public_fields_only_and_book_events_even_when_dropped():
+def test_dp_replies_keep_public_fields_only_and_a_dropped_reply_is_flagged_not_booked():
     book, written = LedgerBook(DP), []
     strategy = _strategy(book, written)
     leaky = _dp_reply(11, 0, train_loss=0.123, train_wall_s=4.2)
@@ -73,8 +76,9 @@ def test_dp_replies_keep_public_fields_only_and_book_events_even_when_dropped():
     record = strategy.rounds[1]
     assert all(set(m) <= PUBLIC_UNDER_DP for m in record.reported)
     assert len(record.accepted) == 1 and len(record.dropped) == 1
-    assert set(book.ledgers) == {0, 1}  # the dropped reply's client spent budget too
-    assert written and set(written[-1]["clients"]) == {"0", "1"}  # persisted before aggregation finished
+    assert set(book.ledgers) == {0}  # a dropped reply's claim books nothing (its own ledger counts it)
+    assert any("node 12" in f and "not booked" in f for f in book.flags)
+    assert written and set(written[-1]["clients"]) == {"0"}  # persisted before aggregation finished
 
 
 def test_each_client_gets_its_own_events_back():
@@ -147,3 +151,94 @@ def test_malformed_events_never_enter_a_ledger():
     book.observe(2, {**good, "partition-id": "x"})
     assert set(book.ledgers) == {0} and len(book.flags) == 2
     assert json.loads(json.dumps(book.report()))["clients"]["0"]["steps"] == 10
+
+
+def test_a_second_node_claiming_a_bound_partition_id_is_dropped_books_nothing_and_gets_no_events():
+    book = LedgerBook(DP)
+    strategy = _strategy(book, [])
+    strategy.aggregate_train(1, [_dp_reply(11, 0, steps=10)])
+    strategy.aggregate_train(2, [_dp_reply(12, 0, steps=3, round=2), _dp_reply(11, 0, steps=7, round=2)])
+    record = strategy.rounds[2]
+    assert len(record.accepted) == 1 and record.dropped == [
+        "node 12: partition-id=0 is bound to node 11; node 12 cannot claim it"
+    ]
+    assert [e.steps for e in book.events(0)] == [10, 7]  # the honest node's own events only
+    strategy.aggregate_train(3, [_dp_reply(11, 1, round=3)])  # one node, one client: it cannot take a second id
+    assert strategy.rounds[3].dropped == ["node 11: node 11 is bound to partition-id=0; it cannot claim 1"]
+    (privacy,) = (s for s in strategy.stages if isinstance(s, PrivacyBookkeeping))
+    message = RecordDict({"arrays": to_record(GLOBAL), "config": ConfigRecord({"server-round": 3})})
+    sent = {n: privacy.with_known_events(Message(message, dst_node_id=n, message_type="train")) for n in (11, 12)}
+    assert [e.steps for e in events_from_json(sent[11].content.config_records["config"]["known-events"])] == [10, 7]
+    assert "known-events" not in sent[12].content.config_records["config"]
+
+
+def test_a_partition_id_moves_only_from_a_node_that_left_and_the_book_flags_it():
+    """An unauthenticated node restarted under a new node id takes its id back once the old one is gone."""
+    book = LedgerBook(DP)
+    strategy = _strategy(book, [])
+    strategy.aggregate_train(1, [_dp_reply(11, 0)])
+    strategy.rounds[2] = RoundLog(connected=[11, 12])  # the bound node is still there: the claim is dropped
+    strategy.aggregate_train(2, [_dp_reply(12, 0, round=2)])
+    assert len(strategy.rounds[2].dropped) == 1
+    strategy.rounds[3] = RoundLog(connected=[12])  # node 11 left the SuperLink
+    strategy.aggregate_train(3, [_dp_reply(12, 0, round=3)])
+    assert len(strategy.rounds[3].accepted) == 1 and "moved from node 11, gone, to node 12" in book.flags[-1]
+    assert [e.round for e in book.events(0)] == [1, 3]
+
+
+def test_the_old_spoofed_event_is_refused_before_any_accountant_and_the_final_cross_check_completes(monkeypatch):
+    """sigma 0.05, q 1, 10^6 steps asked PRV for a petabyte; now validation drops the reply, the book
+    refuses the event on its own, and no accountant ever sees it."""
+    import fed.privacy.book as book_module
+
+    seen: list[DpSgdEvent] = []
+    real = book_module.epsilon
+
+    def spy(events, delta, accountant):
+        seen.extend(events := list(events))
+        return real(events, delta, accountant)
+
+    monkeypatch.setattr(book_module, "epsilon", spy)
+    book = LedgerBook(DP)
+    rules = ReplyRules(fingerprint=FP, local_steps=10, batch_size=5, dp=DP)
+    strategy = _strategy(book, [], rules)
+    spoof = {"dp-noise-multiplier": 0.05, "dp-sample-rate": 1.0, "epsilon": 0.0}
+    strategy.aggregate_train(1, [_dp_reply(13, 5, steps=10**6, **spoof)])
+    assert len(strategy.rounds[1].dropped) == 1 and 5 not in book.ledgers
+    book.observe(1, {"partition-id": 5, "dp-steps": 10**6, **spoof})  # straight into the book, too
+    assert 5 not in book.ledgers and "out of bounds" in book.flags[-1]
+    book.observe(
+        1, {"partition-id": 0, "dp-steps": 10, "dp-noise-multiplier": 1.1, "dp-sample-rate": 0.05, "epsilon": 1}
+    )
+    report = book.report(cross_check=True)
+    assert report["clients"]["0"]["epsilon_prv"] > 0 and all(e.noise_multiplier >= 0.1 for e in seen)
+
+
+def test_replayed_identical_events_count_as_often_as_they_happened():
+    event = DpSgdEvent(2, 1.1, 0.05, 10, 1)
+    client = Ledger("rdp", 1e-5, events=[event, event, event])  # round 2 replayed three times
+    assert client.merge([event]) == 0 and len(client.events) == 3  # the server's copy of one is not a fourth
+    lost = Ledger("rdp", 1e-5)
+    assert lost.merge([event, event]) == 2  # a client that lost its file gets both back
+    book = LedgerBook(DP)
+    strategy = _strategy(book, [])
+    for round_ in (1, 2):
+        strategy.aggregate_train(round_, [_dp_reply(11, 0, round=round_)])
+    assert [e.steps for e in book.events(0)] == [10, 10]
+    assert book.server_epsilon(0) == pytest.approx(epsilon([event, event], DP.delta, "rdp"))
+
+
+def _evaluation(node: int, metrics: dict) -> Message:
+    msg = Message(RecordDict({"metrics": MetricRecord(metrics)}), dst_node_id=1, message_type="evaluate")
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+def test_evaluate_replies_are_validated_before_they_are_averaged():
+    strategy = _strategy(LedgerBook(DP), [])
+    honest = [_evaluation(n, {"num-examples": 10, "eval_accuracy": 0.8, "eval_loss": 0.5}) for n in (1, 2, 3)]
+    liar = _evaluation(4, {"num-examples": 10**12, "eval_accuracy": 1e6, "eval_loss": 0.5})
+    refusal = _evaluation(5, {"refused": 1})
+    metrics = strategy.aggregate_evaluate(1, [*honest, liar, refusal])
+    assert metrics is not None and metrics["eval_accuracy"] == pytest.approx(0.8)
+    assert strategy.rounds[1].evaluate["eval_examples"] == 30

@@ -147,6 +147,28 @@ def test_empty_poisson_batch_is_a_noise_only_step():
         assert not torch.equal(after[n], before[n]), n
 
 
+def test_every_dropout_is_off_during_dp_steps_attention_included_and_restored_after(batch):
+    """BERT's attention applies a functional dropout with its module's ``.p`` while training: under DP two
+    forwards of one batch must agree exactly (no random source but the mechanism), and after the round
+    the model's dropout is back as it was."""
+    from fed.adapters import build
+    from fed.models import task_head_names
+    from tests.helpers import spec, tiny_bert
+
+    model = tiny_bert(dropout=0.5)
+    adapter = build(model, spec("ffa-lora", ("query", "value")), 3, head=tuple(task_head_names(model)))
+    model.train()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    assert not torch.equal(model(**inputs).logits, model(**inputs).logits)  # dropout is live outside DP
+    optimizer = torch.optim.SGD(adapter.trainable_parameters(), lr=1.0)
+    dp = DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, num_examples=10)
+    stepper = DpStepper(model, optimizer, dp)
+    assert torch.equal(model(**inputs).logits, model(**inputs).logits)
+    stepper.close()
+    probabilities = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert probabilities and all(p == 0.5 for p in probabilities)
+
+
 def test_plain_step_on_chunks_equals_the_step_on_the_whole_batch(batch):
     states = []
     for parts in (1, 3):

@@ -60,8 +60,9 @@ def test_weight_cap_and_norm_clip():
 
 
 def _reply(delta: dict[str, torch.Tensor], **metrics) -> Message:
-    base = {"partition-id": 0, "round": 1, "num-examples": 100, "fingerprint": FP, "train_loss": 0.5, "steps": 5}
-    return reply_from(next(_NODES), delta, {**base, **metrics})
+    node = next(_NODES)  # each node its own client: the server binds a partition id to the first node naming it
+    base = {"partition-id": node, "round": 1, "num-examples": 100, "fingerprint": FP, "train_loss": 0.5, "steps": 5}
+    return reply_from(node, delta, {**base, **metrics})
 
 
 def _strategy(influence: StrategyConfig = StrategyConfig(), dp: DPConfig = DPConfig()) -> AdapterStrategy:

@@ -41,6 +41,7 @@ def _receive(msg: Message, context: Context):
     cfg = config_from_record(config)
     partition_id = int(context.node_config.get("partition-id", 0))
     data_path = str(context.node_config.get("data-path", "")) or None  # the node's own file, if it has one
+    device = str(context.node_config.get("device", ""))  # the node's own device, else train.device
     partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
     if data_path is None and partitions != cfg.federation.num_clients:
         raise ValueError(
@@ -49,7 +50,7 @@ def _receive(msg: Message, context: Context):
             "(e.g. flwr run --federation-config num-supernodes=N with federation.num_clients=N)"
         )
     try:
-        session = client_session(cfg, partition_id, data_path)
+        session = client_session(cfg, partition_id, data_path, device)
     except NodeDataError as err:  # details (they may quote the private file) stay in this node's log
         log.error("%s", err)
         raise ValueError(err.public) from None

@@ -84,11 +84,13 @@ def _describe(line: dict[str, Any]) -> str:
 
 def backend_config(sim: SimulationConfig, verbose: bool) -> dict[str, Any]:
     """Ray's resources for ``sim``: Flower starts (cores Ray may use) // (cores per client) actors, and Ray
-    sets each actor's OMP_NUM_THREADS (torch's thread count) to its cores."""
+    sets each actor's OMP_NUM_THREADS (torch's thread count) to its cores. With ``gpus_per_client`` each actor
+    also reserves that share of a GPU, so at most 1 / share actors run on each GPU, and Ray makes only that GPU
+    visible to it (``train.device = auto`` then finds it); without, Ray hides the GPUs from the actors."""
     init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
     if sim.actors:
         init["num_cpus"] = sim.actors * sim.threads
-    return {"client_resources": {"num_cpus": sim.threads, "num_gpus": 0.0}, "init_args": init}
+    return {"client_resources": {"num_cpus": sim.threads, "num_gpus": sim.gpus_per_client}, "init_args": init}
 
 
 def _check_delta(cfg: RunConfig) -> None:

@@ -125,7 +125,7 @@ class Experiment:
         identity = {"_run_id": 1, "_node_id": 1, "_task_id": 1}  # what a Flower process would have set
         with (
             mock.patch.multiple(TaskIdentity, **identity),
-            mock.patch.object(client_app, "client_session", lambda cfg, pid, path=None: session),
+            mock.patch.object(client_app, "client_session", lambda cfg, pid, path=None, device="": session),
         ):
             return client_app.train(Message(content, dst_node_id=1, message_type="train"), context)
 

@@ -64,7 +64,7 @@ BENCHES = {
         "bench.llm_steps",
         "How fast is a plain and a DP step of a causal LM at length 512, in how much memory, and how much of a "
         "DP step is drawing the noise?",
-        "a few minutes on a GPU; hours on 2 CPU cores (the tests run it at tiny sizes)",
+        "minutes on a GPU; tens of minutes on 2 CPU cores (the tests run it at tiny sizes)",
         "tokens per second, peak memory and noise share per adapter and step",
         "none yet: prepared for a GPU",
         True,

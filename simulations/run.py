@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -23,6 +24,7 @@ from transformers.utils import logging as transformers_logging
 
 from clients.app import app as client_app
 from fed.config import ConfigError, RunConfig, SimulationConfig
+from fed.device import resolve_device
 from fed.privacy.client import STATE_DIR_ENV
 from fed.privacy.planner import delta_problems
 from fed.run.checkpoint import Checkpoint
@@ -93,6 +95,19 @@ def backend_config(sim: SimulationConfig, verbose: bool) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": sim.threads, "num_gpus": sim.gpus_per_client}, "init_args": init}
 
 
+def _check_devices(cfg: RunConfig) -> None:
+    """Stop before any worker when the clients could not get the GPU asked for: Ray would wait forever for a
+    GPU share this machine lacks, and without a share it hides the GPUs from every client."""
+    share, device = cfg.simulation.gpus_per_client, cfg.train.device
+    if share > 0 and resolve_device("auto") == torch.device("cpu"):
+        raise ConfigError(f"simulation.gpus_per_client={share} but this machine has no CUDA GPU; set it to 0")
+    if share == 0 and device.startswith("cuda"):
+        raise ConfigError(
+            f"train.device={device!r} needs simulation.gpus_per_client > 0 (e.g. 0.25: four clients per GPU): "
+            "without a share Ray hides the GPUs from the clients"
+        )
+
+
 def _check_delta(cfg: RunConfig) -> None:
     """Stop before any worker when a client would refuse delta > 1/(10 n) (it would, every round)."""
     if not cfg.dp.enabled:
@@ -136,6 +151,7 @@ def simulate(
         cfg = with_local_labels(cfg)
         warnings_ = preflight(cfg)
         _check_delta(cfg)
+        _check_devices(cfg)
     for warning in warnings_:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     run_dir = resume_from or RunDir.create(out, cfg, name)

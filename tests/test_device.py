@@ -80,6 +80,19 @@ def test_the_simulation_gives_each_actor_its_gpu_share():
             RunConfig.from_flat({"simulation.gpus_per_client": bad})
 
 
+def test_a_simulation_stops_before_any_worker_when_its_clients_cannot_get_the_gpu(monkeypatch):
+    from simulations.run import _check_devices
+
+    _gpus(monkeypatch, 0)
+    with pytest.raises(ConfigError, match="simulation.gpus_per_client=0.5 but this machine has no CUDA GPU"):
+        _check_devices(RunConfig.from_flat({"simulation.gpus_per_client": 0.5}))
+    _gpus(monkeypatch, 1)
+    with pytest.raises(ConfigError, match="train.device='cuda' needs simulation.gpus_per_client > 0"):
+        _check_devices(RunConfig.from_flat({"train.device": "cuda"}))
+    _check_devices(RunConfig.from_flat({"train.device": "cuda", "simulation.gpus_per_client": 0.25}))
+    _check_devices(RunConfig())  # auto, no share: the clients train on the CPU
+
+
 class _Injected(Exception):
     """Stops ``_build`` at injection, where the spy has seen what it needs."""
 

@@ -3,10 +3,12 @@
 Four parts, in bytes: the **weights** (every parameter, as stored: float32), the **activations** a backward
 pass needs for one forward chunk of ``chunk x length`` tokens, the **per-sample gradients** DP-SGD with hooks
 keeps for a whole batch until its step, and the **optimizer** state plus the summed gradient of the trained
-tensors. The base is frozen, so its matrix products save no inputs for a weight gradient; what a block keeps
-per token is the input of each of its two norms, the attention's query, key, value and output (scaled dot-
-product attention), the MLP's three ``intermediate``-wide tensors, and the adapter's inputs: about
-``8 hidden + 3 intermediate`` values. The logits and their softmax's gradient add ``3 vocab`` float32 values
+tensors. The base is frozen, so its matrix products save no inputs for a weight gradient; what a Llama-type
+block keeps per token (counted from autograd's saved tensors of SmolLM2 under scaled dot-product attention,
+which never materialises the ``length x length`` scores) is about ``12 hidden + 5 intermediate`` values: its
+norms' inputs and outputs, the attention's query, key, value and output before and after the rotary embedding,
+the MLP's gate, up and activation tensors, the adapter's inputs. The loss keeps the logits twice (shifted,
+and transposed for the cross-entropy) and the backward pass adds their gradient: ``3 vocab`` float32 values
 per token. Gradient checkpointing keeps one ``hidden``-wide input per block, plus one block's activations
 while it is recomputed. An estimate, not a bound: padding to the longest text of a batch only lowers it, a
 Poisson batch may exceed its expected size, and the allocator's caching and framework buffers come on top.
@@ -21,9 +23,9 @@ from torch import nn
 
 from fed.config import RunConfig
 
-PER_TOKEN_HIDDEN = 8  # values of width `hidden` a frozen block keeps per token for the backward pass
-PER_TOKEN_INTERMEDIATE = 3  # values of width `intermediate` (the MLP's gate, up and activation input)
-PER_TOKEN_VOCAB = 3  # float32 values of width `vocab` per token: logits, their softmax, its gradient
+PER_TOKEN_HIDDEN = 12  # values of width `hidden` a frozen block keeps per token for the backward pass
+PER_TOKEN_INTERMEDIATE = 5  # values of width `intermediate` (the MLP's gate, up and activation tensors)
+PER_TOKEN_VOCAB = 3  # float32 values of width `vocab` per token: the logits twice and their gradient
 
 
 @dataclass(frozen=True)

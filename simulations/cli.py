@@ -125,13 +125,16 @@ def _summary(lines: list[dict], dp: bool) -> Table:
 
 def _memory(cfg, console: Console) -> None:
     """The estimate of one client's training memory (``fed.memory``), for the model the config builds."""
+    from fed.device import resolve_device
     from fed.memory import estimate, gib
     from fed.precision import resolve_precision
     from fed.session import adapted_model
 
     with console.status("building the model to size its memory…"):
         adapter, _ = adapted_model(cfg)
-    precision = resolve_precision(cfg.train.precision, "cuda" if cfg.train.device.startswith("cuda") else "cpu")
+    # the client's device as train.device names it (auto: what this machine has)
+    device = resolve_device("auto").type if cfg.train.device == "auto" else cfg.train.device.partition(":")[0]
+    precision = resolve_precision(cfg.train.precision, device)
     found = estimate(adapter.model, cfg, activation_bytes=precision.itemsize)
     t = cfg.train
     table = Table(

@@ -7,7 +7,8 @@ DP rounds draw Poisson batches (``batch_size`` examples on average) and run with
     python -m bench run clipping_modes [--preset quickstart] [--steps 8] [--repeats 5] [--micro-batches 0 16 8 4] \
         [--set key=value ...]
     python -m bench run clipping_modes --preset instruct         # SmolLM2-135M, causal LM
-The model runs on a CUDA GPU when one is present (``--device auto``, named in the output), in the precision
+The model runs where ``train.device`` puts it (``--device``, default ``auto``: a CUDA GPU when one is present,
+named in the output), in the precision
 ``train.precision`` resolves to there (``auto``: bfloat16 where the hardware computes it natively).
 Ratios, not seconds, are the result: the machine may be shared (see the load average printed).
 """
@@ -29,15 +30,6 @@ from fed.precision import model_device, resolve_precision
 from fed.privacy.mechanism import DpSettings
 from fed.session import client_session
 from fed.train import train_round
-
-
-def pick_device(setting: str) -> torch.device:
-    """``auto``: the first CUDA GPU when torch sees one, else the CPU; ``cuda`` without a GPU is refused."""
-    if setting == "auto":
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu or auto")
-    return torch.device(setting)
 
 
 def device_name(device: torch.device) -> str:
@@ -104,22 +96,21 @@ def main() -> None:
         default=None,
         help="train.micro_batch values to time plain and hooks steps at (default: the preset's)",
     )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", default="auto", help="train.device: auto, cpu, cuda, cuda:N or mps")
     args = parser.parse_args()
     if args.repeats < 1 or args.steps < 1:
         parser.error(f"--repeats {args.repeats} and --steps {args.steps}: each must be at least 1")
-    device = pick_device(args.device)
     load_before = os.getloadavg()[0]
-    print(f"device: {device_name(device)}  load average before: {load_before:.2f}")
     rows = [
         "| adapter | model, base precision | micro-batch | plain (s) | hooks (s) | ghost (s) "
         "| hooks / plain | ghost / plain |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for kind in ("lora", "ffa-lora"):
-        cfg = resolve(args.preset, [*args.overrides, f"adapter.kind={kind}"])
-        session = client_session(cfg, 0)
-        session.adapter.model.to(device)
+        cfg = resolve(args.preset, [*args.overrides, f"adapter.kind={kind}", f"train.device={args.device}"])
+        session = client_session(cfg, 0)  # the model placed on train.device before the adapter is injected
+        device = model_device(session.adapter.model)
+        print(f"device: {device_name(device)}  load average before: {load_before:.2f}")
         precision = resolve_precision(cfg.train.precision, device.type)
         print(f"{kind}: {cfg.model.name}, base in {precision}", flush=True)
         n, bs = len(session.data.train), cfg.train.batch_size

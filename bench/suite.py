@@ -60,6 +60,15 @@ BENCHES = {
         "the default (hooks) is the fastest on CPU",
         True,
     ),
+    "llm_steps": Bench(
+        "bench.llm_steps",
+        "How fast is a plain and a DP step of a causal LM at length 512, in how much memory, and how much of a "
+        "DP step is drawing the noise?",
+        "minutes on a GPU; tens of minutes on 2 CPU cores (the tests run it at tiny sizes)",
+        "tokens per second, peak memory and noise share per adapter and step",
+        "none yet: prepared for a GPU",
+        True,
+    ),
     "clientapp_startup": Bench(
         "bench.clientapp_startup",
         "How long does a deployed ClientApp take to start for each message?",

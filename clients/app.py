@@ -55,6 +55,7 @@ def _receive(msg: Message, context: Context):
     cfg = config_from_record(config)
     partition_id = int(context.node_config.get("partition-id", 0))
     data_path = str(context.node_config.get("data-path", "")) or None  # the node's own file, if it has one
+    device = str(context.node_config.get("device", ""))  # the node's own device, else train.device
     partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
     if data_path is None and partitions != cfg.federation.num_clients:
         raise ValueError(
@@ -69,7 +70,7 @@ def _receive(msg: Message, context: Context):
         log.error("the server names the labels %s; this node pinned %s at first contact", labels, split.labels)
         raise ValueError(NODE_CANNOT_ANSWER)  # refused whatever the file holds: no oracle on its labels
     try:
-        session = client_session(cfg, partition_id, data_path, split)
+        session = client_session(cfg, partition_id, data_path, split, device)
     except NodeDataError as err:  # details (they may quote the private file) stay in this node's log
         log.error("%s", err)
         raise ValueError(NODE_CANNOT_ANSWER) from None

@@ -36,6 +36,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+from transformers.pytorch_utils import Conv1D
 
 from fed.assets import package_file
 from fed.config import Pooling, TaskName
@@ -69,12 +70,19 @@ EMBEDDED: dict[str, Embedded] = {
     "tiny-llama": Embedded(*_MINILM, "tiny"),
 }
 DEFAULTS = {"classification": "all-MiniLM-L6-v2", "causal-lm": "SmolLM2-135M-Instruct"}
-_DEFAULT_TARGETS = {
+_DEFAULT_TARGETS = {  # the attention's query and value projections, as PEFT targets them by default
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],  # query, key and value in one fused projection
+    "gpt2": ["c_attn"],  # the fused query-key-value projection, a Conv1D made nn.Linear by linear_projections
 }
 _SEQ_CLS = set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values())
 
@@ -298,6 +306,26 @@ def _check_pooling(task: str, pooling: str) -> None:
         raise ValueError(f"pooling={pooling!r} builds a classification head; task {task!r} has none (use 'cls')")
 
 
+def linear_projections(model: nn.Module) -> None:
+    """Replace every ``transformers`` ``Conv1D`` (GPT-2's projections) by the ``nn.Linear`` it equals, in place.
+
+    ``Conv1D`` is a linear layer whose weight is stored transposed (``in x out``); the adapter families wrap
+    ``nn.Linear`` leaves, so the weight is transposed once here and every family, Opacus's Linear rules and
+    the dense products apply unchanged. The adapter's factors have the shapes PEFT gives a ``Conv1D`` target
+    (it adapts those with ``fan_in_fan_out``), so the export still loads on the original model.
+    """
+    for path, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            nx, nf = module.weight.shape
+            linear = nn.Linear(nx, nf, dtype=module.weight.dtype, device=module.weight.device)
+            linear.from_conv1d = True  # type: ignore[assignment]  # the export tells PEFT (fan_in_fan_out)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.t())
+                linear.bias.copy_(module.bias)
+            parent, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, linear)
+
+
 def keep_blocks(model: PreTrainedModel, layers: int) -> None:
     """Keep the first ``layers`` transformer blocks of ``model`` (0 keeps all), in place.
 
@@ -365,6 +393,7 @@ def load_model(
         else:
             model = auto.from_pretrained(_source(resolved), local_files_only=True, dtype=torch.float32, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
+    linear_projections(model)
     keep_blocks(model, layers)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -375,6 +404,24 @@ def load_model(
         model = MeanPooledClassifier(model, num_labels)
     model.float().requires_grad_(False)
     return model.train()
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass (gradient checkpointing), in place.
+
+    Reentrant checkpointing, because it is the form Opacus's per-sample hooks survive: its first forward runs
+    without autograd, so the hooks record each adapted layer's input once, during the recompute, right before
+    that layer's backward reads it. The non-reentrant form records it twice and Opacus never completes those
+    layers' per-sample gradients. The embeddings' output is made to require grad so the recompute has a
+    gradient to carry through the frozen base (Hugging Face does that here).
+    """
+    trunk = model.trunk if isinstance(model, MeanPooledClassifier) else model
+    if not isinstance(trunk, PreTrainedModel) or not trunk.supports_gradient_checkpointing:
+        raise ValueError(
+            f"train.gradient_checkpointing: {type(trunk).__name__} does not support gradient checkpointing; "
+            "set it to false"
+        )
+    trunk.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
 
 
 def default_targets(model: nn.Module) -> list[str]:

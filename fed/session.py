@@ -19,7 +19,8 @@ from fed.config import AdapterConfig, ConfigError, RunConfig
 from fed.data.centring import centre_on
 from fed.data.datasets import ClientData, client_split, label_names, load_task_dataset
 from fed.data.node import align_labels, node_data, run_labels
-from fed.models import default_targets, load_model, load_tokenizer, task_head_names
+from fed.device import resolve_device
+from fed.models import checkpoint_blocks, default_targets, load_model, load_tokenizer, task_head_names
 from fed.privacy.ledger import SplitPin
 from fed.tasks import Task, make_task
 
@@ -72,9 +73,11 @@ class ModelKey:
     center: str = ""
     scale: bool = False
     max_length: int = 64  # the token budget the public statistics are read with
+    device: str = "cpu"  # a resolved torch device (fed.device): the server's model stays on the CPU
+    checkpointing: bool = False
 
     @classmethod
-    def of(cls, cfg: RunConfig) -> ModelKey:
+    def of(cls, cfg: RunConfig, device: str = "cpu") -> ModelKey:
         m = cfg.model
         return cls(
             m.name,
@@ -87,6 +90,8 @@ class ModelKey:
             m.center,
             m.scale,
             m.max_length,
+            device,
+            cfg.train.gradient_checkpointing,
         )
 
 
@@ -111,20 +116,24 @@ def _build(key: ModelKey) -> tuple[Adapter, Any, dict[str, torch.Tensor]]:
     tokenizer = load_tokenizer(key.name, key.task)
     if key.center:
         centre_on(model, tokenizer, key.center, key.max_length, scale=key.scale)  # base trunk, before the adapter
+    if key.checkpointing:
+        checkpoint_blocks(model)
+    model.to(key.device)  # the base, once, before injection; build puts the adapter beside it
     spec = adapter_spec(key.adapter, model)
     adapter = build(model, spec, key.seed, head=tuple(task_head_names(model)))
     return adapter, tokenizer, adapter.sent_state()
 
 
-def adapted_model(cfg: RunConfig) -> tuple[Adapter, Task]:
+def adapted_model(cfg: RunConfig, device: str = "cpu") -> tuple[Adapter, Task]:
     """The base model with the adapter injected, its trained tensors at their initial values, and the task.
 
     The model is cached per process, and whoever used it last may have left trained values in it (a
     client's local round, the server loading a run's final adapter to export it). So each call resets
     those tensors to their values as built: a second run in the same process (a benchmark grid, a test
     session) must not start from the first run's result. Clients load the global adapter right after.
+    ``device`` (a resolved one, ``fed.device``) is where the model lives: the CPU unless a client trains elsewhere.
     """
-    adapter, tokenizer, initial = _build(ModelKey.of(cfg))
+    adapter, tokenizer, initial = _build(ModelKey.of(cfg, device))
     adapter.load(initial)
     adapter.set_rank(None)
     return adapter, make_task(cfg.task, tokenizer, cfg.model.max_length)
@@ -138,11 +147,13 @@ class ClientSession:
 
 
 def client_session(
-    cfg: RunConfig, partition_id: int, data_path: str | None = None, split: SplitPin | None = None
+    cfg: RunConfig, partition_id: int, data_path: str | None = None, split: SplitPin | None = None, device: str = ""
 ) -> ClientSession:
     """What a client trains with: its own file at ``data_path`` when the node has one, else share
     ``partition_id`` of ``cfg.federation.num_clients`` of the configured dataset; read as the node's pinned
-    ``split`` says (a simulation's share: the seed, held-out fraction and subset of its first contact)."""
+    ``split`` says (a simulation's share: the seed, held-out fraction and subset of its first contact); the model
+    on ``device`` (a node's own setting) or else ``train.device``, resolved on this machine."""
+    where = resolve_device(device, "node config device") if device else resolve_device(cfg.train.device)
     if data_path:
         data = node_data(cfg, data_path, split)
     elif split is not None:
@@ -154,7 +165,7 @@ def client_session(
         data = client_data(cfg.with_overrides(pinned), partition_id)
     else:
         data = client_data(cfg, partition_id)
-    adapter, task = adapted_model(cfg)
+    adapter, task = adapted_model(cfg, str(where))
     return ClientSession(adapter, task, data)
 
 

@@ -123,13 +123,40 @@ def _summary(lines: list[dict], dp: bool) -> Table:
     return table
 
 
+def _memory(cfg, console: Console) -> None:
+    """The estimate of one client's training memory (``fed.memory``), for the model the config builds."""
+    from fed.device import resolve_device
+    from fed.memory import estimate, gib
+    from fed.precision import resolve_precision
+    from fed.session import adapted_model
+
+    with console.status("building the model to size its memory…"):
+        adapter, _ = adapted_model(cfg)
+    # the client's device as train.device names it (auto: what this machine has)
+    device = resolve_device("auto").type if cfg.train.device == "auto" else cfg.train.device.partition(":")[0]
+    precision = resolve_precision(cfg.train.precision, device)
+    found = estimate(adapter.model, cfg, activation_bytes=precision.itemsize)
+    t = cfg.train
+    table = Table(
+        title=f"estimated memory per client: batch {t.batch_size} (micro-batch {t.micro_batch}) x "
+        f"{cfg.model.max_length} tokens, base in {str(precision).removeprefix('torch.')}"
+        + (", gradient checkpointing" if t.gradient_checkpointing else "")
+    )
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    for part, size in found.rows():
+        table.add_row(part, gib(size))
+    console.print(table)
+
+
 def _plan(cfg, args: argparse.Namespace, console: Console) -> int:
     from fed.privacy.planner import plan_schedule  # heavy imports (opacus) only once the config is valid
 
     warnings.filterwarnings("ignore", message="Optimal order is")  # a hint on RDP's order grid, not a problem
 
+    _memory(cfg, console)
     if not cfg.dp.enabled:
-        return error(console, "dp.enabled is false: nothing to plan (add --set dp.enabled=true)")
+        return error(console, "dp.enabled is false: no privacy schedule to plan (add --set dp.enabled=true)")
     n = args.examples
     if n <= 0:
         from fed.session import client_data

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -23,6 +24,7 @@ from transformers.utils import logging as transformers_logging
 
 from clients.app import app as client_app
 from fed.config import ConfigError, RunConfig, SimulationConfig
+from fed.device import resolve_device
 from fed.privacy.client import POLICY_ENV, STATE_DIR_ENV
 from fed.privacy.planner import delta_problems
 from fed.run.checkpoint import Checkpoint
@@ -84,11 +86,26 @@ def _describe(line: dict[str, Any]) -> str:
 
 def backend_config(sim: SimulationConfig, verbose: bool) -> dict[str, Any]:
     """Ray's resources for ``sim``: Flower starts (cores Ray may use) // (cores per client) actors, and Ray
-    sets each actor's OMP_NUM_THREADS (torch's thread count) to its cores."""
+    sets each actor's OMP_NUM_THREADS (torch's thread count) to its cores. With ``gpus_per_client`` each actor
+    also reserves that share of a GPU, so at most 1 / share actors run on each GPU, and Ray makes only that GPU
+    visible to it (``train.device = auto`` then finds it); without, Ray hides the GPUs from the actors."""
     init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
     if sim.actors:
         init["num_cpus"] = sim.actors * sim.threads
-    return {"client_resources": {"num_cpus": sim.threads, "num_gpus": 0.0}, "init_args": init}
+    return {"client_resources": {"num_cpus": sim.threads, "num_gpus": sim.gpus_per_client}, "init_args": init}
+
+
+def _check_devices(cfg: RunConfig) -> None:
+    """Stop before any worker when the clients could not get the GPU asked for: Ray would wait forever for a
+    GPU share this machine lacks, and without a share it hides the GPUs from every client."""
+    share, device = cfg.simulation.gpus_per_client, cfg.train.device
+    if share > 0 and resolve_device("auto") == torch.device("cpu"):
+        raise ConfigError(f"simulation.gpus_per_client={share} but this machine has no CUDA GPU; set it to 0")
+    if share == 0 and device.startswith("cuda"):
+        raise ConfigError(
+            f"train.device={device!r} needs simulation.gpus_per_client > 0 (e.g. 0.25: four clients per GPU): "
+            "without a share Ray hides the GPUs from the clients"
+        )
 
 
 def _check_delta(cfg: RunConfig) -> None:
@@ -134,6 +151,7 @@ def simulate(
         cfg = with_local_labels(cfg)
         warnings_ = preflight(cfg)
         _check_delta(cfg)
+        _check_devices(cfg)
     for warning in warnings_:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     run_dir = resume_from or RunDir.create(out, cfg, name)

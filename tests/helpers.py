@@ -220,3 +220,90 @@ def _node_files(root) -> list[str]:
     frame.iloc[:20].to_csv(root / "node0.csv", index=False)
     frame.iloc[20:].assign(label=[i % 2 for i in range(20, 40)]).to_parquet(root / "node1.parquet")
     return [str(root / "node0.csv"), str(root / "node1.parquet")]
+
+
+# Every common architecture, tiny and random (no downloads): its task and config. No dropout, so a DP step
+# compares exactly with a per-example loop.
+
+_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=32,
+    pad_token_id=0,
+)
+_ENCODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=40,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    num_labels=2,
+)
+ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("causal-lm", "llama", _DECODER),
+    "qwen2": ("causal-lm", "qwen2", _DECODER),
+    "mistral": ("causal-lm", "mistral", _DECODER),
+    "gemma": ("causal-lm", "gemma", {**_DECODER, "head_dim": 8}),
+    "phi3": ("causal-lm", "phi3", _DECODER),
+    "gpt2": (
+        "causal-lm",
+        "gpt2",
+        dict(
+            vocab_size=VOCAB,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=32,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        ),
+    ),
+    "bert": ("classification", "bert", _ENCODER),
+    "roberta": ("classification", "roberta", {**_ENCODER, "pad_token_id": 1}),
+    "distilbert": (
+        "classification",
+        "distilbert",
+        dict(
+            vocab_size=VOCAB,
+            dim=16,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=32,
+            max_position_embeddings=32,
+            dropout=0.0,
+            attention_dropout=0.0,
+            seq_classif_dropout=0.0,
+            num_labels=2,
+        ),
+    ),
+}
+
+
+def hf_arch(name: str, seed: int = 0):
+    """The tiny random Hugging Face model of architecture ``name`` as Hugging Face builds it (a PEFT user's base)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    task, model_type, fields = ARCHITECTURES[name]
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = auto.from_config(AutoConfig.for_model(model_type, **fields))
+    model.requires_grad_(False)
+    return model.train()
+
+
+def tiny_arch(name: str, seed: int = 0):
+    """``hf_arch`` prepared as ``fed.models.load_model`` prepares a base (GPT-2's Conv1D made nn.Linear)."""
+    from fed.models import linear_projections
+
+    model = hf_arch(name, seed)
+    linear_projections(model)
+    return model

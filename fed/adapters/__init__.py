@@ -44,14 +44,18 @@ def family_options(kind: str, values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build(model: nn.Module, spec: AdapterSpec, seed: int, head: tuple[str, ...] = ()) -> Adapter:
-    """Inject ``spec`` into ``model`` (in place) and return the handle.
+    """Inject ``spec`` into ``model`` (in place, on the device of its base) and return the handle.
 
     ``head`` names task-head parameters (a classifier) that train and travel with the adapter; they are
     unfrozen here so that every family treats them the same way.
     """
     if spec.options is None:
         spec = dataclasses.replace(spec, options=family(spec.kind).Options())
+    device = next(model.parameters()).device  # where the base was placed (fed.device)
     groups = family(spec.kind).inject(model, spec, seed)
+    # Families draw their tensors on the CPU from seeded generators, so every party (server on its CPU, a
+    # client on a GPU) gets the same values; they join the base now, once, before anything holds them.
+    model.to(device)
     if head:
         named = dict(model.named_parameters())
         for name in head:

@@ -335,9 +335,10 @@ class Adapter:
         return [named[n] for n in self.names(trainable=True)]
 
     def state(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Detached copies of the named tensors (safe to keep while training goes on)."""
+        """Detached CPU copies of the named tensors (safe to keep while training goes on, on any device):
+        what is sent, aggregated and exported lives on the CPU wherever the model trains."""
         named = self._named()
-        return {n: named[n].detach().clone() for n in names}
+        return {n: named[n].detach().to("cpu", copy=True) for n in names}
 
     def sent_state(self) -> dict[str, torch.Tensor]:
         return self.state(self.names(sent=True))
@@ -418,8 +419,8 @@ class Adapter:
             hook.after_step()
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """The kept entries of every line-sparse tensor by parameter name (empty for dense families)."""
-        return {f"{path}.{local}": mask for path, hook in self._hooks() for local, mask in hook.masks().items()}
+        """The kept entries of every line-sparse tensor by parameter name (empty for dense families), on the CPU."""
+        return {f"{path}.{local}": mask.cpu() for path, hook in self._hooks() for local, mask in hook.masks().items()}
 
     def auxiliary_loss(self, mask: torch.Tensor, per_example: bool = True) -> torch.Tensor | None:
         """The routers' mean weighted balance loss for the last forward, ``[batch]`` (None: no weighted router).
@@ -477,7 +478,7 @@ class Adapter:
         digest = hashlib.sha256()
         named = self._named()
         for name in sorted(self.names(trainable=False, sent=False)):
-            tensor = named[name].detach().to(torch.float32).contiguous()
+            tensor = named[name].detach().to("cpu", torch.float32).contiguous()
             digest.update(name.encode())
             digest.update(tensor.numpy().tobytes())
         return int(digest.hexdigest()[:15], 16)

@@ -39,6 +39,8 @@ Weighting = Literal["capped", "examples", "uniform"]
 ClipMode = Literal["adaptive", "auto", "fixed", "off"]
 Aggregation = Literal["mean", "product"]
 WireDtype = Literal["float32", "bfloat16"]
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+"""What ``train.device`` accepts (``N`` a GPU index); ``fed.device`` turns it into a torch device."""
 
 
 class ConfigError(ValueError):
@@ -48,6 +50,15 @@ class ConfigError(ValueError):
 def _at_least(name: str, value: float, low: float) -> list[str]:
     """The problem of a value below its floor, as a sentence naming key and floor (none: [])."""
     return [] if value >= low else [f"{name}={value!r} must be >= {low}"]
+
+
+def device_problems(name: str, value: str) -> list[str]:
+    """The problem of a device setting outside ``DEVICES`` (syntax only: whether that device exists is known
+    only on the machine that trains, ``fed.device.resolve_device``)."""
+    head, colon, index = value.partition(":")
+    if (value in DEVICES and value != "cuda:N") or (head == "cuda" and colon and index.isdigit()):
+        return []
+    return [f"{name}={value!r} is not a device; accepted: {', '.join(DEVICES)} (N a GPU index, e.g. cuda:1)"]
 
 
 def _in_range(name: str, value: float, low: float, high: float, *, closed: bool = False) -> list[str]:
@@ -342,6 +353,15 @@ class TrainConfig:
     max_eval_examples: int = 256
     """Cap on each client's held-out examples scored per round before the last (0 = all); the last round always
     scores every held-out row, so the run's final accuracy is exact and the curve stays cheap."""
+    device: str = "auto"
+    """Where a client trains: ``auto`` (the first CUDA GPU when one is visible, else the CPU), ``cpu``, ``cuda``,
+    ``cuda:N`` or ``mps``. A named device that is not there stops the client with a message. The global adapter,
+    what is sent and the exports stay on the CPU. In ``fed simulate`` a GPU needs ``simulation.gpus_per_client``;
+    a deployed node may choose its own with node config ``device``."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping them: much less
+    activation memory for long sequences, about one more forward pass of compute. Works under DP-SGD (the
+    per-sample gradients are the same)."""
 
     def problems(self) -> list[str]:
         """This section's values out of range."""
@@ -353,6 +373,7 @@ class TrainConfig:
             + _at_least("train.micro_batch", self.micro_batch, 0)
             + _at_least("train.eval_batch_size", self.eval_batch_size, 1)
             + _at_least("train.max_eval_examples", self.max_eval_examples, 0)
+            + device_problems("train.device", self.device)
         )
 
 
@@ -441,10 +462,17 @@ class SimulationConfig:
     """Ray actors running clients side by side (0 = one per ``threads`` CPU cores). Each holds its own model."""
     threads: int = 1
     """Torch threads per actor (Ray reserves that many cores for it)."""
+    gpus_per_client: float = 0.0
+    """Share of a GPU Ray gives each actor (0 = none: the actors see no GPU and ``train.device = auto`` is the
+    CPU). 0.25 runs four clients side by side on each GPU; each holds its own copy of the model there."""
 
     def problems(self) -> list[str]:
         """This section's values out of range."""
-        return _at_least("simulation.actors", self.actors, 0) + _at_least("simulation.threads", self.threads, 1)
+        return (
+            _at_least("simulation.actors", self.actors, 0)
+            + _at_least("simulation.threads", self.threads, 1)
+            + _in_range("simulation.gpus_per_client", self.gpus_per_client, 0.0, 1.0, closed=True)
+        )
 
 
 @dataclass(frozen=True)
@@ -560,7 +588,22 @@ class RunConfig:
             )
             + ranks.problems(federation.client_ranks, federation.num_clients, adapter.rank, adapter.kind)
             + self._family_problems()
+            + self._checkpointing_problems()
         )
+
+    def _checkpointing_problems(self) -> list[str]:
+        """A router's balance loss under gradient checkpointing: the loss is read from the gates of the first
+        forward pass, which checkpointing runs without autograd, so it would silently train nothing."""
+        kind = self.adapter.kind
+        if not self.train.gradient_checkpointing or kind not in registry.kinds():
+            return []
+        options = family_options(kind, dataclasses.asdict(self.adapter))
+        if options.get("balance", 0) > 0:
+            return [
+                f"train.gradient_checkpointing=true cannot train adapter.kind={kind!r}'s balance loss "
+                f"(adapter.balance={self.adapter.balance}): set adapter.balance=0 or turn checkpointing off"
+            ]
+        return []
 
     def _family_problems(self) -> list[str]:
         """What the chosen family refuses in this run (its own checks), and product aggregation where the family

@@ -93,7 +93,8 @@ def export_adapter(
     save_file(
         {f"base_model.model.{k}": v.contiguous() for k, v in lora.items()}, str(out / "adapter_model.safetensors")
     )
-    heads = sorted({name.rsplit(".", 1)[0] for name in adapter.head_names()})
+    # the head's top-level modules (PEFT saves a sequence classifier's whole `classifier`, e.g. RoBERTa's two layers)
+    heads = sorted({name.split(".", 1)[0] for name in adapter.head_names()})
     (out / "adapter_config.json").write_text(
         json.dumps(
             {
@@ -104,7 +105,8 @@ def export_adapter(
                 "lora_dropout": spec.dropout,
                 "target_modules": list(spec.targets),
                 "bias": "none",
-                "fan_in_fan_out": False,
+                # GPT-2's targets are Conv1D in the model PEFT loads (fed.models.linear_projections)
+                "fan_in_fan_out": any(getattr(m, "from_conv1d", False) for m in adapter.model.modules()),
                 "init_lora_weights": True,
                 "modules_to_save": heads or None,
                 "base_model_name_or_path": loadable,

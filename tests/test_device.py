@@ -64,9 +64,9 @@ def test_a_gpu_this_machine_lacks_is_refused_with_the_way_out(monkeypatch):
 def test_a_nodes_own_device_is_checked_and_named(monkeypatch):
     _gpus(monkeypatch, 0)
     with pytest.raises(ConfigError, match="node config device='gpu'"):
-        client_session(RunConfig(), 0, None, "gpu")
+        client_session(RunConfig(), 0, None, device="gpu")
     with pytest.raises(ConfigError, match="node config device='cuda'"):
-        client_session(RunConfig(), 0, None, "cuda")
+        client_session(RunConfig(), 0, None, device="cuda")
 
 
 def test_the_simulation_gives_each_actor_its_gpu_share():

@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -69,8 +70,15 @@ class Layout:
 
 
 def env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment every Flower process of the deployment runs with (offline, quiet, its own home)."""
-    return {**(base if base is not None else os.environ), **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
+    """The environment every Flower process of the deployment runs with (offline, quiet, its own home).
+
+    Its PATH starts with this interpreter's scripts folder: Flower's commands (and the ``flwr-clientapp``
+    processes a SuperNode starts by name) are installed beside the Python that runs fedlora, which a shell's
+    PATH may lack (``<venv>/bin/fed deploy local`` from a shell that never activated the venv)."""
+    environ = {**(base if base is not None else os.environ), **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
+    scripts = str(Path(sys.executable).parent)
+    environ["PATH"] = os.pathsep.join([scripts, *(d for d in environ.get("PATH", "").split(os.pathsep) if d)])
+    return environ
 
 
 def write_connection(flwr_home: Path, address: str, ca: Path | None) -> Path:

@@ -3,9 +3,11 @@ and small builders used by more than one test module."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
+from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from fed.adapters import build
@@ -48,42 +50,45 @@ def spec(row: str, targets: tuple[str, ...], **extra):
     return make_spec(**{"kind": row, "rank": 4, "alpha": 8.0, "targets": targets, **MATRIX[row], **extra})
 
 
-def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:
+M = TypeVar("M", bound=nn.Module)
+
+
+def seeded(build: Callable[[], M], seed: int) -> M:
+    """A model built under ``seed`` without touching the process's RNG, frozen and in training mode (what a
+    base is once loaded: dropout, where configured, on)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = BertForSequenceClassification(
-            BertConfig(
-                vocab_size=VOCAB,
-                hidden_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=32,
-                max_position_embeddings=32,
-                num_labels=2,
-                hidden_dropout_prob=dropout,
-                attention_probs_dropout_prob=dropout,
-            )
-        )
+        model = build()
     model.requires_grad_(False)
     return model.train()
+
+
+def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    return seeded(lambda: BertForSequenceClassification(config), seed)
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=VOCAB,
-                hidden_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                intermediate_size=32,
-                max_position_embeddings=32,
-            )
-        )
-    model.requires_grad_(False)
-    return model.train()
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    return seeded(lambda: LlamaForCausalLM(config), seed)
 
 
 def randomise(adapter, std: float, seed: int = 0) -> None:
@@ -293,11 +298,7 @@ def hf_arch(name: str, seed: int = 0):
 
     task, model_type, fields = ARCHITECTURES[name]
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = auto.from_config(AutoConfig.for_model(model_type, **fields))
-    model.requires_grad_(False)
-    return model.train()
+    return seeded(lambda: auto.from_config(AutoConfig.for_model(model_type, **fields)), seed)
 
 
 def tiny_arch(name: str, seed: int = 0):

@@ -1,9 +1,11 @@
-"""Benchmark results as JSON, and docs/benchmarks.md generated from them.
+"""Benchmark results as data, and the pages generated from them.
 
-Each bench ends with ``save``: one file ``bench/results/<bench>.json`` holding what it measured (its
-section, a Markdown table with the settings it ran under) and where: the date, the machine, the commit
-and the card (the GPU, or the CPU when there is none). ``python -m bench report`` rewrites
-docs/benchmarks.md from those files alone, so every figure on that page has a JSON a command regenerates.
+Each bench ends with ``save``: one file ``bench/results/<bench>.json`` holding its figures as rows with
+named columns and units, what it measured (``about``), the command that made it and where it ran: the
+date, the machine, the commit, the card (the GPU, or the CPU when there is none) and the machine's load.
+``python -m bench report`` rewrites docs/benchmarks.md, and the what-to-expect table of README.md, from
+those files alone: every figure on either page has a JSON a command regenerates. The schema is documented
+in bench/README.md; ``problems`` is its one check, on save and on load.
 """
 
 from __future__ import annotations
@@ -12,16 +14,30 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
-FIELDS = ("bench", "title", "date", "machine", "commit", "card", "command", "body")
+README = ROOT / "README.md"
+FIELDS = ("bench", "title", "about", "command", "date", "machine", "commit", "card", "load", "columns", "rows")
+"""What every result holds; ``figures`` (image paths under docs/) is the one optional field."""
+
+
+class Column(NamedTuple):
+    """One column of a result's rows: its name (the rows' key), its unit ("" for none), the decimals a float
+    is shown with (None: as Python writes it) and what an empty cell (null) says."""
+
+    name: str
+    unit: str = ""
+    digits: int | None = None
+    none: str = "–"
 
 
 def _commit() -> str:
@@ -30,7 +46,7 @@ def _commit() -> str:
     git = ["git", "-C", str(ROOT)]
     try:
         head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True)
-        outputs = [":!bench/results", ":!docs/benchmarks.md"]
+        outputs = [":!bench/results", ":!docs/benchmarks.md", ":!README.md"]
         changed = [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", *outputs]
         dirty = subprocess.run(changed, capture_output=True, text=True)  # results written so far are no change
     except (OSError, subprocess.CalledProcessError):
@@ -47,37 +63,114 @@ def _card() -> str:
     return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def environment() -> dict[str, str]:
-    """Where and when a result was measured."""
+def environment() -> dict[str, Any]:
+    """Where and when a result was measured, and how busy the machine was: the 1, 5 and 15-minute load
+    averages at the end (the 15-minute one spans most benches), since wall times grow with outside load."""
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.node()} ({platform.system()} {platform.release()}, Python {platform.python_version()})",
         "commit": _commit(),
         "card": _card(),
+        "load": [round(value, 2) for value in os.getloadavg()],
     }
 
 
-def save(bench: str, title: str, body: str, results: Path = RESULTS) -> Path:
-    """Write ``bench``'s result (replacing its last one): its section ``body``, the command that made it
-    (as ``python -m bench run``, with this process's arguments) and the environment."""
-    command = shlex.join(["python", "-m", "bench", "run", bench, *sys.argv[1:]])
+def problems(record: dict[str, Any]) -> list[str]:
+    """What keeps ``record`` from being a bench result (none: it is one)."""
+    missing = [field for field in FIELDS if field not in record]
+    if missing:
+        return [f"it lacks {missing} (a result holds {list(FIELDS)})"]
+    found = []
+    for field in FIELDS[:8]:
+        if not isinstance(record[field], str) or not record[field]:
+            found.append(f"{field} is {record[field]!r}, not a non-empty string")
+    load = record["load"]
+    if not (isinstance(load, list) and len(load) == 3 and all(isinstance(v, int | float) for v in load)):
+        found.append(f"load is {load!r}, not the three load averages [1, 5, 15 min]")
+    try:
+        names = [Column(**column).name for column in record["columns"]]
+    except TypeError as error:
+        return [*found, f"columns {record['columns']!r} are not {list(Column._fields)} objects ({error})"]
+    if not names or len(set(names)) != len(names):
+        found.append(f"columns {names} are not distinct names")
+    for i, row in enumerate(record["rows"]):
+        if not isinstance(row, dict) or list(row) != names:
+            found.append(f"row {i} {row!r} does not hold exactly the columns {names}, in order")
+        elif bad := [k for k, v in row.items() if not (v is None or isinstance(v, str | int | float))]:
+            found.append(f"row {i}: {bad} hold neither a number, a string nor null")
+    if not record["rows"]:
+        found.append("rows is empty: a result holds at least one measured row")
+    return found
+
+
+def save(
+    bench: str,
+    title: str,
+    about: str,
+    columns: Sequence[Column],
+    rows: Sequence[Sequence[Any]],
+    results: Path = RESULTS,
+    figures: Sequence[str] = (),
+) -> Path:
+    """Write ``bench``'s result (replacing its last one): its rows (each a sequence in ``columns``' order),
+    what they measured, the command that made it (as ``python -m bench run``, with this process's arguments)
+    and the environment. ``figures``: images under docs/ the bench drew from the same rows."""
+    record: dict[str, Any] = {
+        "bench": bench,
+        "title": title,
+        "about": about,
+        "command": shlex.join(["python", "-m", "bench", "run", bench, *sys.argv[1:]]),
+        **environment(),
+        "columns": [column._asdict() for column in columns],
+        "rows": [dict(zip([c.name for c in columns], row, strict=True)) for row in rows],
+    }
+    if figures:
+        record["figures"] = list(figures)
+    if found := problems(record):
+        raise ValueError(f"{bench}: not a bench result: {'; '.join(found)}")
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{bench}.json"
-    record = {"bench": bench, "title": title, **environment(), "command": command, "body": body}
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
 
 
 def load(results: Path = RESULTS) -> list[dict[str, Any]]:
-    """Every result in ``results``, by bench name; a file missing a field is refused, naming it."""
+    """Every result in ``results``, by bench name; a file that is not one is refused, naming what is wrong."""
     records = []
     for path in sorted(results.glob("*.json")):
         record = json.loads(path.read_text())
-        missing = [field for field in FIELDS if field not in record]
-        if missing:
-            raise ValueError(f"{path}: not a bench result, it lacks {missing} (a result holds {list(FIELDS)})")
+        if found := problems(record):
+            raise ValueError(f"{path}: not a bench result: {'; '.join(found)}")
         records.append(record)
     return records
+
+
+def _cell(value: Any, column: Column) -> str:
+    if value is None:
+        return column.none
+    if isinstance(value, float):
+        return f"{value:,.{column.digits}f}" if column.digits is not None else f"{value:g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|")
+
+
+def table(record: dict[str, Any]) -> str:
+    """A result's rows as a Markdown table, each column headed by its name and unit."""
+    columns = [Column(**column) for column in record["columns"]]
+    head = [f"{c.name} ({c.unit})" if c.unit else c.name for c in columns]
+    lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(columns)]
+    lines += [f"| {' | '.join(_cell(row[c.name], c) for c in columns)} |" for row in record["rows"]]
+    return "\n".join(lines)
+
+
+def provenance(record: dict[str, Any]) -> str:
+    """Where a result comes from, on one line: its command, date, machine, commit, card and load."""
+    load = ", ".join(f"{v:.2f}" for v in record["load"])
+    return (
+        f"`{record['command']}` · {record['date']} · {record['machine']} · commit `{record['commit']}` · "
+        f"{record['card']} · load {load} (1, 5, 15 min)"
+    )
 
 
 HEADER = """# Benchmarks
@@ -85,23 +178,46 @@ HEADER = """# Benchmarks
 <!-- generated by `python -m bench report` from bench/results/*.json: edit the benches, not this page -->
 
 Figures a command regenerates: each section is one bench's last result (`bench/results/<name>.json`),
-with the date, machine, commit and card it was measured on. What each bench answers, how long it runs
-and its target: [the bench index](../bench/README.md). Earlier measurements, kept as they were, are in
+with the date, machine, commit, card and load it was measured under. What each bench answers, how long it
+runs and its target: [the bench index](../bench/README.md). Earlier measurements, kept as they were, are in
 the dated [studies](studies/README.md).
 """
 
 
 def render(records: list[dict[str, Any]]) -> str:
     """docs/benchmarks.md: the header, then one section per result."""
-    sections = [
-        f"## {r['title']}\n\n`{r['command']}` · {r['date']} · {r['machine']} · commit `{r['commit']}` · "
-        f"{r['card']}\n\n{r['body'].strip()}\n"
-        for r in records
-    ]
+    sections = []
+    for r in records:
+        images = "".join(f"\n![{r['title']}]({Path(f).relative_to('docs')})\n" for f in r.get("figures", []))
+        sections.append(f"## {r['title']}\n\n{provenance(r)}\n\n{r['about'].strip()}\n\n{table(r)}\n{images}")
     return "\n".join([HEADER, *sections]) if sections else HEADER + "\nNo bench has written a result yet.\n"
 
 
-def write_doc(results: Path = RESULTS, doc: Path = DOC) -> Path:
-    """Regenerate ``doc`` from the results in ``results``."""
-    doc.write_text(render(load(results)))
-    return doc
+EXPECT = "presets"
+"""The bench whose rows are README.md's what-to-expect table."""
+BLOCK = re.compile(r"(<!-- expect: .*? -->\n).*?(<!-- /expect -->)", re.S)
+
+
+def expect_block(records: list[dict[str, Any]]) -> str:
+    """README.md's what-to-expect table: the ``presets`` result's rows and where they were measured, or a
+    line saying no such result exists yet (never a figure from prose)."""
+    record = next((r for r in records if r["bench"] == EXPECT), None)
+    if record is None:
+        return f"No result yet: `python -m bench run {EXPECT}` measures this table.\n"
+    source = f"[bench/results/{EXPECT}.json](bench/results/{EXPECT}.json)"
+    return f"{table(record)}\n\nMeasured {record['date']} on {record['card']}, commit `{record['commit']}`: {source}.\n"
+
+
+def readme(records: list[dict[str, Any]], text: str) -> str:
+    """``text`` (README.md) with its marked what-to-expect block regenerated from ``records``."""
+    if not BLOCK.search(text):
+        raise ValueError("README.md has no `<!-- expect: ... -->` ... `<!-- /expect -->` block to regenerate")
+    return BLOCK.sub(lambda m: m.group(1) + expect_block(records) + m.group(2), text)
+
+
+def write_docs(results: Path = RESULTS, doc: Path = DOC, readme_path: Path = README) -> list[Path]:
+    """Regenerate ``doc`` and the what-to-expect block of ``readme_path`` from the results in ``results``."""
+    records = load(results)
+    doc.write_text(render(records))
+    readme_path.write_text(readme(records, readme_path.read_text()))
+    return [doc, readme_path]

@@ -20,6 +20,14 @@ class Bench:
 
 
 BENCHES = {
+    "presets": Bench(
+        "bench.presets",
+        "What does a user see running the shipped presets (README.md's what-to-expect table)?",
+        "about 20 min (quickstart 3, instruct 5, private 12)",
+        "first and final eval metric, largest client epsilon, wall time per preset",
+        "none: what to expect",
+        True,
+    ),
     "wire_bytes": Bench(
         "bench.wire_bytes",
         "How many bytes does a client send per round, against the physical minimum?",

@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run one bench; the arguments after NAME are its own (NAME --help)")
     run.add_argument("name", choices=list(suite.BENCHES))
     run.add_argument("args", nargs=argparse.REMAINDER)
-    commands.add_parser("report", help="regenerate docs/benchmarks.md from bench/results/*.json")
+    commands.add_parser(
+        "report", help="regenerate docs/benchmarks.md and README.md's what-to-expect table from bench/results/*.json"
+    )
     args = parser.parse_args(argv)
     if args.command == "list":
         print(suite.index_markdown(), end="")
@@ -25,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [f"python -m bench run {args.name}", *args.args]
         bench.main()
     else:
-        print(f"wrote {results.write_doc()}")
+        for path in results.write_docs():
+            print(f"wrote {path}")
     return 0
 
 

@@ -26,8 +26,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.cells import bench_parser, held, mean_std, run_grid, settings
-from bench.results import save
+from bench.cells import SPREAD, bench_parser, held, run_grid, settings, spread
+from bench.results import Column, save
 from fed.adapters import build, kinds
 from fed.config import RunConfig
 from fed.config.sources import resolve
@@ -65,26 +65,44 @@ def matched_rank(cfg: RunConfig, budget: int, max_rank: int = 64) -> tuple[int, 
     return rank, exact[rank]
 
 
-def table(results: list[dict[str, Any]], params: dict[str, tuple[int, int]]) -> str:
+COLUMNS = (
+    Column("family"),
+    Column("rank"),
+    Column("trainable params"),
+    Column("split"),
+    Column("dp"),
+    *SPREAD,
+    Column("mean aggregation error", digits=6),
+    Column("up / client / round", "bytes", digits=0),
+)
+
+
+def table(results: list[dict[str, Any]], params: dict[str, tuple[int, int]]) -> list[tuple[object, ...]]:
+    """One row per family, split and DP setting that holds runs: final accuracy over its seeds, its mean
+    aggregation error and bytes sent."""
     cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in results:
         cells.setdefault((r["family"], r["split"], r["dp"]), []).append(r)
-    columns = [(s, d) for s in SPLITS for d in DP if any(k[1:] == (s, d) for k in cells)]
-    head = "| family | rank | trainable params | " + " | ".join(f"{s}, {d}" for s, d in columns)
-    head += " | mean aggregation error | bytes up / client / round |"
-    rows = [head, "|" + "---|" * (len(columns) + 5)]
+    rows = []
     for family, (rank, count) in params.items():
-        mine = [r for r in results if r["family"] == family]
-        if not mine:
-            continue
-        accs = [mean_std([r["accuracy"] for r in cells.get((family, s, d), [])]) for s, d in columns]
-        errors = [r["aggregation_error"] for r in mine if r["aggregation_error"] is not None]
-        rows.append(
-            f"| {family} | {rank} | {count:,} | "
-            + " | ".join(accs)
-            + f" | {statistics.fmean(errors):.2e} | {int(statistics.fmean(r['bytes_up'] for r in mine)):,} |"
-        )
-    return "\n".join(rows)
+        for split in SPLITS:
+            for dp in DP:
+                mine = cells.get((family, split, dp), [])
+                if mine:
+                    errors = [r["aggregation_error"] for r in mine if r["aggregation_error"] is not None]
+                    rows.append(
+                        (
+                            family,
+                            rank,
+                            count,
+                            split,
+                            dp,
+                            *spread([r["accuracy"] for r in mine]),
+                            statistics.fmean(errors) if errors else None,
+                            statistics.fmean(r["bytes_up"] for r in mine),
+                        )
+                    )
+    return rows
 
 
 def main() -> None:
@@ -122,17 +140,16 @@ def main() -> None:
     if not args.render:
         run_grid(log, Path(args.runs), grid)
     results = [record for record in held(log, grid) if record is not None]
-    body = (
+    about = (
         f"`python -m bench run adapters_accuracy --seeds {' '.join(map(str, args.seeds))}` with overrides "
         f"{settings(args.overrides)}, on top of the `mixed-domains` preset (IID: the same data, "
-        f"`data.partition=iid`). Final-round accuracy, mean ± std (number of seeds) where a cell holds several "
-        f"of seeds {args.seeds}, else its one run (cells held so far: {len(results)} of {len(grid)}); the budget is "
+        f"`data.partition=iid`). Final-round accuracy over the seeds a cell holds "
+        f"of {args.seeds} (cells held so far: {len(results)} of {len(grid)}); the budget is "
         f"LoRA rank {args.budget_rank} ({budget:,} parameters); DP targets epsilon 8 per client, with a "
-        f"mean-pooled head (`model.pooling=mean`).\n\n"
-        f"{table(results, params)}"
+        f"mean-pooled head (`model.pooling=mean`)."
     )
-    save("adapters_accuracy", "Adapter families at equal budget", body, args.results)
-    print(body)
+    save("adapters_accuracy", "Adapter families at equal budget", about, COLUMNS, table(results, params), args.results)
+    print(about, *table(results, params), sep="\n")
 
 
 if __name__ == "__main__":

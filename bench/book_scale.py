@@ -16,7 +16,7 @@ import inspect
 import random
 import time
 
-from bench.results import save
+from bench.results import Column, save
 from fed.config import DPConfig
 from fed.privacy.book import LedgerBook
 
@@ -31,7 +31,7 @@ def main() -> None:
     sizes = [rng.randrange(500, 5000) for _ in range(args.clients)]
     book = LedgerBook(dp)
     mid_run = {"cross_check": False} if "cross_check" in inspect.signature(book.report).parameters else {}
-    rows = ["| round | clients in the book | server bookkeeping (s) |", "|---|---|---|"]
+    rows = []
     for round_ in range(1, args.rounds + 1):
         for cid in rng.sample(range(args.clients), max(1, args.clients // 10)):
             book.observe(
@@ -51,14 +51,15 @@ def main() -> None:
         for _ in range(args.writes):
             book.report(**mid_run)
         book.max_epsilon()
-        rows.append(f"| {round_} | {len(book.ledgers):,} | {time.perf_counter() - start:.2f} |")
+        rows.append((round_, len(book.ledgers), time.perf_counter() - start))
         print(rows[-1], flush=True)
-    body = (
+    about = (
         f"{args.clients:,} clients, 10% sampled per round, each with its own data size (500-5,000 examples), "
         f"2 DP steps at sigma 1; the time the server spends per round on {args.writes} `privacy.json` "
-        "report(s) and the metrics line's largest epsilon.\n\n" + "\n".join(rows)
+        "report(s) and the metrics line's largest epsilon."
     )
-    save("book_scale", "Many clients: the server's privacy bookkeeping", body)
+    columns = (Column("round"), Column("clients in the book"), Column("server bookkeeping", "s", digits=2))
+    save("book_scale", "Many clients: the server's privacy bookkeeping", about, columns, rows)
 
 
 if __name__ == "__main__":

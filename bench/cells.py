@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench.results import RESULTS
+from bench.results import RESULTS, Column
 from fed.config import ConfigError, RunConfig
 from fed.run.rundir import RunDir
 
@@ -136,10 +136,10 @@ def summarise(run: RunDir) -> dict[str, Any]:
     }
 
 
-def mean_std(values: list[float]) -> str:
-    """``mean ± std (n)`` over seeds, the value alone for one seed (no spread to show), ``-`` for none."""
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f} ({len(values)})"
+def spread(values: list[float]) -> tuple[float, float | None, int]:
+    """Mean, standard deviation (None for one seed: no spread to show) and count of a cell's seeds."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
+
+
+SPREAD = (Column("accuracy, mean", digits=3), Column("std", digits=3), Column("seeds"))
+"""The columns ``spread``'s figures fill."""

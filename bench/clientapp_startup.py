@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.results import save
+from bench.results import Column, save
 
 PROBE = r"""
 import json, resource, sys, time
@@ -88,18 +88,19 @@ def main() -> None:
                 print(runs[-1])
         load = (load_before, os.getloadavg()[0])
         print(f"load average after: {load[1]:.2f}")
-    rows = ["| seconds | median | min | max |", "|---|---|---|---|"]
+    rows = []
     for key in ("imports_s", "build_s", "total_s", "imports_cpu_s", "total_cpu_s", "floor_s", "floor_cpu_s"):
         values = sorted(r[key] for r in runs if key in r)
-        rows.append(f"| {key} | {values[len(values) // 2]:.2f} | {values[0]:.2f} | {values[-1]:.2f} |")
+        rows.append((key.removesuffix("_s"), values[len(values) // 2], values[0], values[-1]))
         print(rows[-1])
-    body = (
+    about = (
         f"A fresh interpreter importing the ClientApp and building model `{args.model}` with a node file under DP "
         f"(FFA-LoRA, target epsilon 8), {args.repeats} times, then the floor: an interpreter that imports only "
-        f"torch, transformers, Opacus, datasets and Flower's ClientApp. Load average {load[0]:.2f} before, "
-        f"{load[1]:.2f} after.\n\n" + "\n".join(rows)
+        f"torch, transformers, Opacus, datasets and Flower's ClientApp. Wall seconds, and CPU seconds (user + "
+        f"system) where the phase says cpu. Load average {load[0]:.2f} before, {load[1]:.2f} after."
     )
-    save("clientapp_startup", "ClientApp start-up per message", body)
+    columns = (Column("phase"), *(Column(name, "s", digits=2) for name in ("median", "min", "max")))
+    save("clientapp_startup", "ClientApp start-up per message", about, columns, rows)
 
 
 if __name__ == "__main__":

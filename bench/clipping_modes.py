@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.results import save
+from bench.results import Column, save
 from fed.config.sources import resolve
 from fed.precision import model_device, resolve_precision
 from fed.privacy.mechanism import DpSettings
@@ -101,11 +101,7 @@ def main() -> None:
     if args.repeats < 1 or args.steps < 1:
         parser.error(f"--repeats {args.repeats} and --steps {args.steps}: each must be at least 1")
     load_before = os.getloadavg()[0]
-    rows = [
-        "| adapter | model, base precision | micro-batch | plain (s) | hooks (s) | ghost (s) "
-        "| hooks / plain | ghost / plain |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for kind in ("lora", "ffa-lora"):
         cfg = resolve(args.preset, [*args.overrides, f"adapter.kind={kind}", f"train.device={args.device}"])
         session = client_session(cfg, 0)  # the model placed on train.device before the adapter is injected
@@ -136,17 +132,33 @@ def main() -> None:
             times = paired(time_round, {"plain": None, **dp}, args.repeats)
             med = {mode: statistics.median(t) for mode, t in times.items()}
             rows.append(
-                f"| {kind} | {cfg.model.name}, {precision} | {micro} | {med['plain']:.3f} | {med['hooks']:.3f} | "
-                f"{med['ghost']:.3f} | {ratio(times, 'hooks')} | {ratio(times, 'ghost')} |"
+                (
+                    kind,
+                    f"{cfg.model.name}, {precision}",
+                    micro,
+                    med["plain"],
+                    med["hooks"],
+                    med["ghost"],
+                    ratio(times, "hooks"),
+                    ratio(times, "ghost"),
+                )
             )
             print(rows[-1], flush=True)
     load_after = os.getloadavg()[0]
-    body = (
+    about = (
         f"Seconds per DP step on {device_name(device)}, preset `{args.preset}`, {args.steps} steps per timed round, "
         f"{args.repeats} interleaved repeats: medians over the repeats; ratios: median [quartiles] of the "
-        f"per-repeat ratios. Load average {load_before:.2f} before, {load_after:.2f} after.\n\n" + "\n".join(rows)
+        f"per-repeat ratios. Load average {load_before:.2f} before, {load_after:.2f} after."
     )
-    save("clipping_modes", "Clipping modes: seconds per step", body)
+    columns = (
+        Column("adapter"),
+        Column("model, base precision"),
+        Column("micro-batch"),
+        *(Column(mode, "s", digits=3) for mode in ("plain", "hooks", "ghost")),
+        Column("hooks / plain"),
+        Column("ghost / plain"),
+    )
+    save("clipping_modes", "Clipping modes: seconds per step", about, columns, rows)
 
 
 if __name__ == "__main__":

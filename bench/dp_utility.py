@@ -4,7 +4,7 @@ Dirichlet(0.5), several seeds, on the ``private`` preset (``bench/dp_levers.py``
 Every cell is a real ``fed simulate`` run. epsilon is per client, sample-level, delta 1e-5, RDP, over the
 whole run; "inf" is the same run without DP at the preset's documented no-DP rate, lr 0.02 (at the DP rate,
 lr 1, nothing clips the steps and it diverges: the scaled features give the head per-example gradients of
-norm about 15 at the start, and lr 0.5 diverged too). The table (final-round accuracy, mean ± std over seeds) and a
+norm about 15 at the start, and lr 0.5 diverged too). The table (final-round accuracy, mean and std over seeds) and a
 plot (accuracy against epsilon) go to bench/results/dp_utility.json and docs/img/dp_utility.png.
 
     python -m bench run dp_utility                          # the full grid: 2 adapters x 2 splits x 4 eps x 3 seeds
@@ -25,16 +25,17 @@ from typing import Any
 
 from bench.cells import (
     EXECUTION_ONLY,
+    SPREAD,
     bench_parser,
     held,
-    mean_std,
     record,
     run_grid,
     same_cell,
     settings,
+    spread,
     summarise,
 )
-from bench.results import DOC, save
+from bench.results import DOC, ROOT, Column, save
 from fed.config.sources import resolve
 from fed.run.rundir import RunDir
 
@@ -85,22 +86,27 @@ def cell_of(run: RunDir) -> dict[str, Any]:
     return labels
 
 
-def grid_table(results: list[dict[str, Any]]) -> str:
-    """Accuracy per adapter, split and epsilon, and each row's median wall: a median, since a run that
+COLUMNS = (
+    Column("adapter"),
+    Column("split"),
+    Column("epsilon", none="no DP"),
+    *SPREAD,
+    Column("median wall", "min", digits=1),
+)
+
+
+def grid_table(results: list[dict[str, Any]]) -> list[tuple[object, ...]]:
+    """Accuracy per adapter, split and epsilon, and each cell's median wall: a median, since a run that
     shared the cores with another job would pull a mean far past what a run takes alone."""
-    eps = [e for e in EPSILONS if any(r.get("epsilon_target") == e for r in results)]
-    rows = [
-        "| adapter | split | " + " | ".join(f"eps {e}" for e in eps) + " | median wall / run |",
-        "|" + "---|" * (len(eps) + 3),
-    ]
+    rows = []
     for a in ADAPTERS:
         for sp in SPLITS:
-            mine = [r for r in results if r.get("adapter") == a and r.get("split") == sp]
-            if mine:
-                accs = [mean_std([r["accuracy"] for r in mine if r["epsilon_target"] == e]) for e in eps]
-                wall = statistics.median(r["wall_s"] for r in mine) / 60
-                rows.append(f"| {a} | {sp} | " + " | ".join(accs) + f" | {wall:.1f} min |")
-    return "\n".join(rows)
+            for e in EPSILONS:
+                mine = [r for r in results if (r.get("adapter"), r.get("split"), r.get("epsilon_target")) == (a, sp, e)]
+                if mine:
+                    wall = statistics.median(r["wall_s"] for r in mine) / 60
+                    rows.append((a, sp, None if e == "inf" else e, *spread([r["accuracy"] for r in mine]), wall))
+    return rows
 
 
 def _pyplot() -> Any:
@@ -218,22 +224,21 @@ def main() -> None:
     everything = grid(list(ADAPTERS), list(SPLITS), list(EPSILONS), args.seeds)
     results = [r for r in held(log, everything) if r is not None]
     seeds = sorted({r["seed"] for r in results})
-    plot(results, args.figures / "dp_utility.png")
-    plot_curves(results, args.figures / "dp_utility_rounds.png")
-    body = (
+    figures = [args.figures / "dp_utility.png", args.figures / "dp_utility_rounds.png"]
+    plot(results, figures[0])
+    plot_curves(results, figures[1])
+    about = (
         f"`python -m bench run dp_utility` with overrides {settings(args.overrides)}, on top of the `private` preset. "
         f"Final-round "
-        f"eval accuracy: mean ± std (number of seeds) where a cell ran several of seeds {seeds}, else its one "
-        f"run; epsilon per client, delta 1e-5, RDP.\n\n"
-        f"{grid_table(results)}\n\n![accuracy against epsilon](img/dp_utility.png)\n\n"
-        f"Accuracy by round (mean over seeds, shaded from the lowest seed to the highest; "
-        f"dotted, in the same colour: the target at that epsilon). Each round scores up to "
+        f"eval accuracy over the seeds a cell ran of {seeds}; epsilon per client, delta 1e-5, RDP. The figures: "
+        f"accuracy against epsilon, then accuracy by round (mean over seeds, shaded from the lowest seed to the "
+        f"highest; dotted, in the same colour: the target at that epsilon). Each round scores up to "
         f"`train.max_eval_examples` held-out rows per client, the last round every one, so the last point "
-        f"can step away from the others by about their standard error:\n\n"
-        f"![accuracy by round](img/dp_utility_rounds.png)"
+        f"can step away from the others by about their standard error."
     )
-    save("dp_utility", "Accuracy against the privacy budget", body, args.results)
-    print(body)
+    shown = [str(f.resolve().relative_to(ROOT)) if f.resolve().is_relative_to(ROOT) else str(f) for f in figures]
+    save("dp_utility", "Accuracy against the privacy budget", about, COLUMNS, grid_table(results), args.results, shown)
+    print(about, *grid_table(results), sep="\n")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 from datasets import Dataset
 
 from bench.clipping_modes import _step_s, device_name, paired, ratio
-from bench.results import RESULTS, save
+from bench.results import RESULTS, Column, save
 from fed.config.sources import resolve
 from fed.device import resolve_device
 from fed.precision import model_device, resolve_precision
@@ -63,15 +63,20 @@ def timed_noise() -> Iterator[list[float]]:
         yield spent
 
 
-def peak_memory(device: torch.device) -> str:
-    """The GPU's peak allocated memory since the last reset, else this process's peak resident memory."""
+def peak_memory(device: torch.device) -> float:
+    """The GPU's peak allocated memory since the last reset, else this process's peak resident memory (GiB)."""
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU, allocated)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS, all modes)"
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def measure(kind: str, args: argparse.Namespace) -> list[str]:
-    """One table row per mode (plain, DP with hooks) for adapter ``kind``."""
+def memory_kind(device: torch.device) -> str:
+    """What ``peak_memory`` measures on ``device``."""
+    return "GPU, allocated" if device.type == "cuda" else "process peak RSS, all modes"
+
+
+def measure(kind: str, args: argparse.Namespace) -> tuple[list[tuple[object, ...]], str]:
+    """One row per mode (plain, DP with hooks) for adapter ``kind``, and what it ran on."""
     cfg = resolve(
         "instruct",
         [
@@ -88,7 +93,7 @@ def measure(kind: str, args: argparse.Namespace) -> list[str]:
     rows = synthetic_rows(args.batch * EXAMPLES_PER_BATCH, args.length)
     session = SimpleNamespace(adapter=adapter, task=task, data=SimpleNamespace(train=rows))
     dp = DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1 / EXAMPLES_PER_BATCH, num_examples=len(rows))
-    peaks: dict[str, str] = {}
+    peaks: dict[str, float] = {}
     noise: list[float] = []
 
     def time_round(settings: DpSettings | None) -> float:
@@ -107,11 +112,30 @@ def measure(kind: str, args: argparse.Namespace) -> list[str]:
     times = paired(time_round, {"plain": None, "dp": dp}, args.repeats)
     tokens = args.batch * args.length
     share = statistics.median(noise[1:] or noise)  # the warm-up round's share left out when there are others
-    return [
-        f"| {kind} | {mode} | {tokens / statistics.median(times[mode]):,.0f} | {statistics.median(times[mode]):.3f} | "
-        f"{ratio(times, mode)} | {peaks[mode]} | {f'{share:.1%}' if mode == 'dp' else ''} |"
+    rows = [
+        (
+            kind,
+            mode,
+            tokens / statistics.median(times[mode]),
+            statistics.median(times[mode]),
+            ratio(times, mode),
+            peaks[mode],
+            100 * share if mode == "dp" else None,
+        )
         for mode in ("plain", "dp")
-    ] + [f"<!-- {kind}: {cfg.model.name} on {device_name(device)}, base in {precision} -->"]
+    ]
+    return rows, f"{kind}: {cfg.model.name} on {device_name(device)}, base in {precision}, memory {memory_kind(device)}"
+
+
+COLUMNS = (
+    Column("adapter"),
+    Column("step"),
+    Column("tokens/s", digits=0),
+    Column("s/step", "s", digits=3),
+    Column("/ plain"),
+    Column("peak memory", "GiB", digits=2),
+    Column("noise share of the step", "%", digits=1),
+)
 
 
 def main(argv: list[str] | None = None, out: Path = RESULTS) -> Path:
@@ -128,21 +152,18 @@ def main(argv: list[str] | None = None, out: Path = RESULTS) -> Path:
     if min(args.length, args.batch, args.steps, args.repeats) < 1:
         parser.error("--length, --batch, --steps and --repeats must each be at least 1")
     started = time.perf_counter()
-    table = [
-        "| adapter | step | tokens/s | s/step | / plain | peak memory | noise share of the step |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    table, notes = [], []
     for kind in ("lora", "ffa-lora"):
-        table += measure(kind, args)
-        print("\n".join(table[-3:-1]), flush=True)
-    notes = [row for row in table if row.startswith("<!--")]
-    body = (
+        rows, note = measure(kind, args)
+        table += rows
+        notes.append(note)
+        print(*rows, sep="\n", flush=True)
+    about = (
         f"`{args.model}` at length {args.length}, batch {args.batch} (DP: Poisson, expected), {args.steps} steps "
         f"per timed round, {args.repeats} interleaved repeats; DP: hooks, noise multiplier 1. "
-        f"{'; '.join(n[5:-4] for n in notes)}. Wall {time.perf_counter() - started:.0f} s.\n\n"
-        + "\n".join(row for row in table if not row.startswith("<!--"))
+        f"{'; '.join(notes)}. Wall {time.perf_counter() - started:.0f} s."
     )
-    return save("llm_steps", "Causal LM steps: tokens per second, memory, noise share", body, out)
+    return save("llm_steps", "Causal LM steps: tokens per second, memory, noise share", about, COLUMNS, table, out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,18 @@ def run_preset(preset: str, overrides: list[str], out: Path) -> tuple[object, ..
     """One preset through the real CLI; its row: the command, the task's metric after round 1 and at the
     end (accuracy for a classifier, loss for a causal LM), the largest client epsilon and the wall time."""
     sets = [a for o in overrides for a in ("--set", o)]
-    argv = [sys.executable, "-m", "simulations.cli", "simulate", "--preset", preset, "--out", str(out), "--name", preset]
+    argv = [
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "simulate",
+        "--preset",
+        preset,
+        "--out",
+        str(out),
+        "--name",
+        preset,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     done = subprocess.run([*argv, *sets], env=env, cwd=ROOT, capture_output=True, text=True)
@@ -46,7 +57,14 @@ def run_preset(preset: str, overrides: list[str], out: Path) -> tuple[object, ..
     lines = RunDir(out / preset).metrics()
     metric = "eval_accuracy" if lines[-1].get("eval_accuracy") is not None else "eval_loss"
     command = " ".join(["fed simulate --preset", preset, *(f"--set {o}" for o in overrides)])
-    return (f"`{command}`", metric.replace("_", " "), lines[0][metric], lines[-1][metric], lines[-1]["epsilon_max"], wall / 60)
+    return (
+        f"`{command}`",
+        metric.replace("_", " "),
+        lines[0][metric],
+        lines[-1][metric],
+        lines[-1]["epsilon_max"],
+        wall / 60,
+    )
 
 
 def main() -> None:

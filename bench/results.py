@@ -27,7 +27,7 @@ RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 README = ROOT / "README.md"
 FIELDS = ("bench", "title", "about", "command", "date", "machine", "commit", "card", "load", "columns", "rows")
-"""What every result holds; ``figures`` (image paths under docs/) is the one optional field."""
+"""What every result holds; ``figures`` (image paths from the repository root) is the one optional field."""
 
 
 class Column(NamedTuple):
@@ -114,7 +114,7 @@ def save(
 ) -> Path:
     """Write ``bench``'s result (replacing its last one): its rows (each a sequence in ``columns``' order),
     what they measured, the command that made it (as ``python -m bench run``, with this process's arguments)
-    and the environment. ``figures``: images under docs/ the bench drew from the same rows."""
+    and the environment. ``figures``: images (paths from the repository root) the bench drew from the rows."""
     record: dict[str, Any] = {
         "bench": bench,
         "title": title,
@@ -188,7 +188,7 @@ def render(records: list[dict[str, Any]]) -> str:
     """docs/benchmarks.md: the header, then one section per result."""
     sections = []
     for r in records:
-        images = "".join(f"\n![{r['title']}]({Path(f).relative_to('docs')})\n" for f in r.get("figures", []))
+        images = "".join(f"\n![{r['title']}]({os.path.relpath(ROOT / f, DOC.parent)})\n" for f in r.get("figures", []))
         sections.append(f"## {r['title']}\n\n{provenance(r)}\n\n{r['about'].strip()}\n\n{table(r)}\n{images}")
     return "\n".join([HEADER, *sections]) if sections else HEADER + "\nNo bench has written a result yet.\n"
 

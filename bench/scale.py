@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.results import save
+from bench.results import Column, save
 from bench.treemem import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,22 +94,34 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["peak_mb"]
     table = [
-        f"| clients | rounds (s) | total s | CPU s | peak MB | peak / {rows[0]['clients']} clients "
-        "| load (start, end) |",
-        "|---|---|---|---|---|---|---|",
-        *(
-            f"| {r['clients']:,} | {', '.join(f'{s:.1f}' for s in r['round_s'])} | {r['total_s']:.0f} | "
-            f"{r['cpu_s']:.0f} | "
-            f"{r['peak_mb']:,.0f} | {r['peak_mb'] / base:.2f}x | {r['load'][0]:.1f}, {r['load'][1]:.1f} |"
-            for r in rows
-        ),
+        (
+            r["clients"],
+            ", ".join(f"{s:.1f}" for s in r["round_s"]),
+            r["total_s"],
+            r["cpu_s"],
+            r["peak_mb"],
+            r["peak_mb"] / base,
+            r["load"][0],
+            r["load"][1],
+        )
+        for r in rows
     ]
-    body = (
-        f"Whole simulations of model `{args.model}`, {args.rounds} rounds, {args.rows} examples per client, "
-        f"overrides {' '.join(args.set) or 'none'}; peak memory of the whole process tree.\n\n" + "\n".join(table)
+    columns = (
+        Column("clients"),
+        Column("rounds", "s"),
+        Column("total", "s", digits=0),
+        Column("CPU", "s", digits=0),
+        Column("peak", "MB", digits=0),
+        Column(f"peak / {rows[0]['clients']} clients", "x", digits=2),
+        Column("load at start", digits=1),
+        Column("load at end", digits=1),
     )
-    print(body)
-    save("scale", "Many clients: whole simulations", body)
+    about = (
+        f"Whole simulations of model `{args.model}`, {args.rounds} rounds, {args.rows} examples per client, "
+        f"overrides {' '.join(args.set) or 'none'}; peak memory of the whole process tree."
+    )
+    print(about, *table, sep="\n")
+    save("scale", "Many clients: whole simulations", about, columns, table)
 
 
 if __name__ == "__main__":

@@ -21,19 +21,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.results import save
+from bench.results import Column, save
 from bench.treemem import Measured, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = (
-    ("round wall, mean (s)", "round_s", ".1f"),
-    ("run wall, whole process (s)", "wall_s", ".1f"),
-    ("run CPU, process tree (s)", "cpu_s", ".0f"),
-    ("peak memory, process tree (MB)", "peak_mb", ",.0f"),
-    ("bytes up / client / round", "up", ",.0f"),
-    ("bytes down / client / round", "down", ",.0f"),
-    ("final accuracy", "accuracy", ".3f"),
+COLUMNS = (
+    Column("run"),
+    Column("round wall, mean", "s", digits=1),
+    Column("run wall, whole process", "s", digits=1),
+    Column("run CPU, process tree", "s", digits=0),
+    Column("peak memory, process tree", "MB", digits=0),
+    Column("up / client / round", "bytes", digits=0),
+    Column("down / client / round", "bytes", digits=0),
+    Column("final accuracy", digits=3),
 )
+KEYS = ("round_s", "wall_s", "cpu_s", "peak_mb", "up", "down", "accuracy")
 
 
 def _summary(measured: Measured, round_s: list[float], up: float, down: float, accuracy: float) -> dict:
@@ -110,16 +112,9 @@ def fedlora(dp: bool, work: dict, extra: list[str], out: Path) -> dict:
     return _summary(measured, [line["wall_s"] for line in lines], up, down, final)
 
 
-def table(results: dict[str, dict]) -> str:
-    head = "| | baseline | fedlora | ratio | baseline, DP | fedlora, DP | ratio, DP |\n|---|---|---|---|---|---|---|"
-    lines = [head]
-    for label, key, fmt in ROWS:
-        cells = []
-        for dp in ("", "-dp"):
-            b, f = results[f"baseline{dp}"][key], results[f"fedlora{dp}"][key]
-            cells += [format(b, fmt), format(f, fmt), f"{f / b:.2f}x" if b else "-"]
-        lines.append(f"| {label} | {' | '.join(cells)} |")
-    return "\n".join(lines)
+def table(results: dict[str, dict]) -> list[tuple[object, ...]]:
+    """One row per run (baseline and fedlora, without and with DP): its figures in ``KEYS``' order."""
+    return [(name, *(figures[key] for key in KEYS)) for name, figures in results.items()]
 
 
 def main() -> None:
@@ -146,13 +141,13 @@ def main() -> None:
                 results[key] = run()
                 print(key, json.dumps(results[key]), flush=True)
     loads = ", ".join(f"{k} {v['load'][0]:.1f}/{v['load'][1]:.1f}" for k, v in results.items())
-    body = (
+    about = (
         f"The hand-built Flower + PEFT + Opacus recipe (bench/baseline) against fedlora on the same work {work}, fed "
         f"overrides {' '.join(args.set) or 'none'}, side by side in one run; load average (1 min) at start/end: "
-        f"{loads}.\n\n{table(results)}"
+        f"{loads}."
     )
-    print(body)
-    save("vs_baseline", "fedlora against the hand-built Flower + PEFT + Opacus recipe", body)
+    print(about, *table(results), sep="\n")
+    save("vs_baseline", "fedlora against the hand-built Flower + PEFT + Opacus recipe", about, COLUMNS, table(results))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 GUIDES = [
     ROOT / "README.md",
     *(ROOT / "docs" / name for name in ("getting-started.md", "concepts.md", "deployment.md")),
+    *sorted((ROOT / "docs" / "studies").glob("*.md")),
 ]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)

@@ -14,7 +14,7 @@ import argparse
 import tempfile
 import time
 
-from bench.results import save
+from bench.results import Column, save
 from bench.security.redteam import hostile_client
 from fed.config.sources import resolve
 from simulations.run import simulate
@@ -45,18 +45,24 @@ def main() -> None:
             )
             results[name] = (run.metrics()[-1], time.perf_counter() - start)
     clean = results["clean"][0]["eval_accuracy"]
-    rows = ["| run | accuracy | vs clean | eval loss | clipped | wall s |", "|---|---|---|---|---|---|"]
-    for name, (line, wall) in results.items():
-        rows.append(
-            f"| {name} | {line['eval_accuracy']:.3f} | {line['eval_accuracy'] - clean:+.3f} | "
-            f"{line['eval_loss']:.3f} | {line['clipped']} | {wall:.0f} |"
-        )
-    body = (
+    rows = [
+        (name, line["eval_accuracy"], line["eval_accuracy"] - clean, line["eval_loss"], line["clipped"], wall)
+        for name, (line, wall) in results.items()
+    ]
+    about = (
         f"The quickstart with 5 clients and {args.rounds} rounds, overrides {' '.join(args.overrides) or 'none'}; "
-        f"client 0 sends {args.scale:g} x its delta every round.\n\n" + "\n".join(rows)
+        f"client 0 sends {args.scale:g} x its delta every round."
     )
-    print(body)
-    save("attack", "One hostile client against the server's bounded influence", body)
+    columns = (
+        Column("run"),
+        Column("accuracy", digits=3),
+        Column("vs clean", digits=3),
+        Column("eval loss", digits=3),
+        Column("clipped"),
+        Column("wall", "s", digits=0),
+    )
+    print(about, *rows, sep="\n")
+    save("attack", "One hostile client against the server's bounded influence", about, columns, rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import argparse
 import time
 import warnings
 
-from bench.results import save
+from bench.results import Column, save
 from bench.security.canary import Canary, Experiment
 
 
@@ -24,10 +24,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, nargs="+", default=[2.0], help="noise multipliers to audit")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    rows = [
-        "| sigma | claimed eps | reply | attack | TPR | FPR | eps lower bound | verdict | s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for sigma in args.sigma:
         canary = Canary(noise_multiplier=sigma)
         experiment = Experiment(canary)
@@ -37,17 +34,37 @@ def main() -> None:
             result = experiment.run(reply, args.runs)
             verdict = "VIOLATED" if result.violates(claimed) else "holds"
             rows.append(
-                f"| {sigma:.2f} | {claimed:.3f} | {name} | {result.attack} | {result.tpr:.2f} | {result.fpr:.2f} | "
-                f"{result.epsilon_lower:.3f} | {verdict} | {time.perf_counter() - start:.0f} |"
+                (
+                    sigma,
+                    claimed,
+                    name,
+                    result.attack,
+                    result.tpr,
+                    result.fpr,
+                    result.epsilon_lower,
+                    verdict,
+                    time.perf_counter() - start,
+                )
             )
             print(rows[-1], flush=True)
-    body = (
+    about = (
         f"The canary audit with {args.runs} runs per world (Clopper-Pearson, 95%): the epsilon one round's ledger "
         "claims against the lower bound the attack proves, on the foundation's DP reply (update and raw loss) and on "
         "what a DP client sends today (update and public fields). A lower bound above the claim is a broken "
-        "guarantee.\n\n" + "\n".join(rows)
+        "guarantee."
     )
-    save("privacy_audit", "Canary audit of a DP client's reply", body)
+    columns = (
+        Column("sigma", digits=2),
+        Column("claimed epsilon", digits=3),
+        Column("reply"),
+        Column("attack"),
+        Column("TPR", digits=2),
+        Column("FPR", digits=2),
+        Column("epsilon lower bound", digits=3),
+        Column("verdict"),
+        Column("wall", "s", digits=0),
+    )
+    save("privacy_audit", "Canary audit of a DP client's reply", about, columns, rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from bench.cells import bench_parser, finished, record, settings
-from bench.results import save
+from bench.results import Column, save
 from fed.config.sources import parse_override, resolve
 from fed.precision import resolve_precision
 from fed.privacy.ledger import calibrate_noise
@@ -131,20 +131,30 @@ def proxy(overrides: list[str], eval_limit: int) -> dict[str, Any]:
     }
 
 
-def table(results: list[dict[str, Any]]) -> str:
+COLUMNS = (
+    Column("lever (one change from the preset)"),
+    Column("final accuracy", digits=3),
+    Column("vs preset", digits=3),
+    Column("accuracy by round"),
+    Column("noise multiplier", digits=3),
+    Column("wall", "min", digits=1),
+)
+
+
+def table(results: list[dict[str, Any]]) -> list[tuple[object, ...]]:
+    """One row per lever, its gap to the unchanged preset where the log holds that run."""
     base = next((r["accuracy"] for r in results if r["lever"] == "private preset"), None)
-    rows = [
-        "| lever (one change from the preset) | final accuracy | vs preset | accuracy by round | noise multiplier |"
-        " wall |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        gap = f"{r['accuracy'] - base:+.3f}" if base is not None else "-"
-        rows.append(
-            f"| {r['lever']} | {r['accuracy']:.3f} | {gap} | {', '.join(f'{a:.2f}' for a in r['curve'])} | "
-            f"{r['noise_multiplier']:.3f} | {r['wall_s'] / 60:.1f} min |"
+    return [
+        (
+            r["lever"],
+            r["accuracy"],
+            r["accuracy"] - base if base is not None else None,
+            ", ".join(f"{a:.2f}" for a in r["curve"]),
+            r["noise_multiplier"],
+            r["wall_s"] / 60,
         )
-    return "\n".join(rows)
+        for r in results
+    ]
 
 
 def main() -> None:
@@ -160,14 +170,14 @@ def main() -> None:
         overrides = [*args.overrides, *LEVERS[lever]]
         record(log, {"lever": lever}, resolve("private", overrides), proxy(overrides, args.eval_limit))
     results = finished(log)  # the table holds every lever the log has, not only this call's
-    body = (
+    about = (
         f"`python -m bench run dp_levers` with overrides {settings(args.overrides)}: the `private` preset's client 0 "
         f"alone (its "
         f"split, its planned noise, no averaging over clients: a floor for the federated run), held-out "
-        f"accuracy on {args.eval_limit} examples after each local round.\n\n{table(results)}"
+        f"accuracy on {args.eval_limit} examples after each local round."
     )
-    save("dp_levers", "DP levers, one at a time", body, args.results)
-    print(body)
+    save("dp_levers", "DP levers, one at a time", about, COLUMNS, table(results), args.results)
+    print(about, *table(results), sep="\n")
 
 
 if __name__ == "__main__":

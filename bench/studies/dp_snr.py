@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench.results import save
+from bench.results import Column, save
 from fed.adapters.base import Adapter
 from fed.config import RunConfig
 from fed.privacy.ledger import calibrate_noise
@@ -97,7 +97,7 @@ class Probe:
         )
 
 
-def step_rows(probe: Probe, state: str, adapter: Adapter, task: Task) -> list[str]:
+def step_rows(probe: Probe, state: str, adapter: Adapter, task: Task) -> list[tuple[object, ...]]:
     """The table's rows (head, adapter) for ``adapter``'s current state under the run's DP recipe."""
     adapter.model.eval()  # as under DP: dropout off
     mean, head_norms, adapter_norms = clipped_mean(adapter, task, probe.batch, probe.clip)
@@ -111,13 +111,16 @@ def step_rows(probe: Probe, state: str, adapter: Adapter, task: Task) -> list[st
         signal = math.sqrt(sum(float(t.pow(2).sum()) for n, t in mean.items() if mine(n)))
         noise = [s * probe.clip / probe.expected_batch * math.sqrt(d) for s in probe.sigmas]
         rows.append(
-            f"| {state} | {group} | {d:,} | {statistics.median(norms):.3f} | {signal:.4f} | "
-            + " / ".join(f"{n:.3f}" for n in noise)
-            + " | "
-            + " / ".join(f"{signal / n:.3f}" for n in noise)
-            + " | "
-            + " / ".join(f"{probe.best_case * signal / n:.2f}" for n in noise)
-            + " |"
+            (
+                state,
+                group,
+                d,
+                statistics.median(norms),
+                signal,
+                " / ".join(f"{n:.3f}" for n in noise),
+                " / ".join(f"{signal / n:.3f}" for n in noise),
+                " / ".join(f"{probe.best_case * signal / n:.2f}" for n in noise),
+            )
         )
         print(rows[-1], flush=True)
     return rows
@@ -127,12 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="finished runs of one DP recipe (their config and checkpoint)")
     args = parser.parse_args()
-    rows = [
-        "| state | group | coordinates | median per-example norm | clipped mean's norm | noise norm, eps "
-        + " / ".join(f"{e:g}" for e in EPSILONS)
-        + " | SNR per step | best case over the run |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    rows: list[tuple[object, ...]] = []
     configs = [with_local_labels(RunDir(Path(path)).config()) for path in args.run_dirs]
     for path, cfg in zip(args.run_dirs, configs):
         if not cfg.dp.enabled or cfg.dp.head_clip_share:
@@ -148,15 +146,26 @@ def main() -> None:
         adapter.load(final.arrays)
         rows += step_rows(probe, f"{label}: after round {final.round}", adapter, task)
     cfg = configs[0]
-    body = (
+    about = (
         f"`python -m bench run dp_snr` on the finished runs below: one batch of {cfg.train.batch_size} of "
         f"client 0's training rows, each example's gradient by autograd alone, clipped flat to "
         f"{cfg.dp.max_grad_norm:g}; noise at the multiplier each epsilon calibrates for "
         f"{cfg.federation.rounds} x {cfg.train.local_steps} steps; the best case multiplies the per-step "
-        f"SNR by sqrt(steps x {cfg.federation.num_clients} clients).\n\n" + "\n".join(rows)
+        f"SNR by sqrt(steps x {cfg.federation.num_clients} clients)."
     )
-    save("dp_snr", "Signal and noise of one DP step, head and adapter", body)
-    print(body)
+    at = f"eps {' / '.join(f'{e:g}' for e in EPSILONS)}"
+    columns = (
+        Column("state"),
+        Column("group"),
+        Column("coordinates"),
+        Column("median per-example norm", digits=3),
+        Column("clipped mean's norm", digits=4),
+        Column(f"noise norm, {at}"),
+        Column(f"SNR per step, {at}"),
+        Column(f"best case over the run, {at}"),
+    )
+    save("dp_snr", "Signal and noise of one DP step, head and adapter", about, columns, rows)
+    print(about, *rows, sep="\n")
 
 
 if __name__ == "__main__":

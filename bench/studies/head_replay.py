@@ -28,7 +28,7 @@ import torch
 from datasets import Dataset
 
 from bench.cells import bench_parser, settings
-from bench.results import save
+from bench.results import Column, save
 from bench.studies.layer_probe import block_features, probe
 from fed.config import RunConfig
 from fed.config.sources import resolve
@@ -143,10 +143,7 @@ def main() -> None:
     start = time.perf_counter()
     base = resolve("private", args.overrides)
     pooled, position = pooled_features(base)
-    rows = [
-        "| lever | split | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | ceiling (mean) |",
-        "|" + "---|" * (len(args.seeds) + 4),
-    ]
+    rows = []
     ceilings: dict[tuple[str, int], float] = {}
     for lever, changes in LEVERS.items():
         lever_cfg = resolve("private", [*args.overrides, *changes])
@@ -163,24 +160,28 @@ def main() -> None:
                     train = torch.cat(clients)
                     ceilings[split, seed] = probe(pooled[train], y[train], pooled[held_out], y[held_out])
             ceiling = statistics.fmean(ceilings[split, s] for s in args.seeds)
-            rows.append(
-                f"| {lever} | {split} | "
-                + " | ".join(f"{a:.3f}" for a in finals)
-                + f" | {statistics.fmean(finals):.3f} | {ceiling:.3f} |"
-            )
+            rows.append((lever, split, ", ".join(f"{a:.3f}" for a in finals), statistics.fmean(finals), ceiling))
             print(rows[-1], flush=True)
-    body = (
+    about = (
         f"`python -m bench run head_replay` with overrides {settings(args.overrides)} (epsilon "
         f"{base.dp.target_epsilon:g} unless overridden, {(time.perf_counter() - start) / 60:.1f} min): the "
         f"`private` preset's federation replayed on its linear head alone over the frozen block "
         f"{base.model.layers or 'last'} features, final accuracy on every held-out row; the ceiling is the "
         f"converged non-private linear probe of the same features on the same split. Per-seed ceilings: "
         + ", ".join(f"{sp} seed {s} {c:.3f}" for (sp, s), c in sorted(ceilings.items()))
-        + ".\n\n"
-        + "\n".join(rows)
+        + "."
     )
-    save("head_replay", "The head alone: a replay of the private preset's DP recipe", body, args.results)
-    print(body)
+    columns = (
+        Column("lever"),
+        Column("split"),
+        Column(f"accuracy, seeds {', '.join(map(str, args.seeds))}"),
+        Column("mean", digits=3),
+        Column("ceiling (mean)", digits=3),
+    )
+    save(
+        "head_replay", "The head alone: a replay of the private preset's DP recipe", about, columns, rows, args.results
+    )
+    print(about, *rows, sep="\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from datasets import Dataset, concatenate_datasets
 
 from bench.cells import bench_parser, settings
-from bench.results import save
+from bench.results import Column, save
 from fed.config.sources import resolve
 from fed.models import MeanPooledClassifier, mean_over_tokens
 from fed.precision import autocast, model_device, resolve_precision
@@ -90,21 +90,22 @@ def main() -> None:
     precision = resolve_precision(cfg.train.precision, model_device(model).type)
     x_train, x_test = block_features(model, task, train, precision), block_features(model, task, test, precision)
     y_train, y_test = torch.tensor(train["label"]), torch.tensor(test["label"])
-    rows = ["| block read by the head | linear-probe accuracy |", "|---|---|"]
+    rows = []
     for block in range(x_train.shape[0]):
         accuracy = probe(x_train[block], y_train, x_test[block], y_test)
         name = "embeddings" if block == 0 else f"block {block}" + (" (last)" if block == x_train.shape[0] - 1 else "")
-        rows.append(f"| {name} | {accuracy:.3f} |")
+        rows.append((name, accuracy))
         print(rows[-1], flush=True)
-    body = (
+    about = (
         f"`python -m bench run layer_probe` with overrides {settings(args.overrides)}: the `private` preset's "
         f"data ({len(train)} training rows, {len(test)} held-out rows, all clients), the frozen trunk's "
         f"mean-pooled tokens after each block, an L2-penalised logistic regression fitted to convergence "
         f"without DP ({(time.perf_counter() - start) / 60:.1f} min). One standard error is about "
-        f"{(0.25 / len(test)) ** 0.5:.3f}.\n\n" + "\n".join(rows)
+        f"{(0.25 / len(test)) ** 0.5:.3f}."
     )
-    save("layer_probe", "Which block the head should read: linear probes", body, args.results)
-    print(body)
+    columns = (Column("block read by the head"), Column("linear-probe accuracy", digits=3))
+    save("layer_probe", "Which block the head should read: linear probes", about, columns, rows, args.results)
+    print(about, *rows, sep="\n")
 
 
 if __name__ == "__main__":

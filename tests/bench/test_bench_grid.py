@@ -137,5 +137,8 @@ def test_a_call_for_part_of_the_grid_renders_every_cell_the_log_holds(
     argv = ["--render", "--splits", "iid", "--seeds", "0", "--runs", str(tmp_path), "--results", str(out)]
     monkeypatch.setattr(sys, "argv", ["dp_utility.py", *argv, "--figures", str(tmp_path)])
     dp_utility.main()
-    table = json.loads((out / "dp_utility.json").read_text())["body"]
-    assert "| ffa-lora | iid |" in table and "| ffa-lora | dirichlet-0.5 |" in table
+    rows = json.loads((out / "dp_utility.json").read_text())["rows"]
+    assert [(r["adapter"], r["split"], r["epsilon"]) for r in rows] == [
+        ("ffa-lora", "iid", "8"),
+        ("ffa-lora", "dirichlet-0.5", "8"),
+    ]

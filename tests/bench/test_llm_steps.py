@@ -16,10 +16,15 @@ def test_llm_steps_runs_at_tiny_sizes_and_writes_its_result(tmp_path, monkeypatc
     path = llm_steps.main([*TINY, "--device", "cpu"], tmp_path)
     record = json.loads(path.read_text())
     assert record["bench"] == "llm_steps" and record["card"]
-    rows = [r for r in record["body"].splitlines() if r.startswith("| lora") or r.startswith("| ffa-lora")]
-    assert [r.split(" | ")[1] for r in rows] == ["plain", "dp", "plain", "dp"]
-    shares = [r.split(" | ")[-1].rstrip(" |") for r in rows if " dp " in r]
-    assert all(s.endswith("%") and 0 < float(s[:-1]) < 100 for s in shares)  # the noise took some, not all
+    rows = record["rows"]
+    assert [(r["adapter"], r["step"]) for r in rows] == [
+        ("lora", "plain"),
+        ("lora", "dp"),
+        ("ffa-lora", "plain"),
+        ("ffa-lora", "dp"),
+    ]
+    shares = [r["noise share of the step"] for r in rows]
+    assert all(0 < s < 100 for s in shares[1::2]) and shares[::2] == [None, None]  # the noise took some, not all
 
 
 def test_every_synthetic_row_fills_the_length():

@@ -23,16 +23,26 @@ def test_every_bench_in_the_index_has_a_main(name):
     assert callable(importlib.import_module(suite.BENCHES[name].module).main)
 
 
-def test_a_result_records_date_machine_commit_and_card(tmp_path, monkeypatch):
+COLUMNS = (results.Column("run"), results.Column("accuracy", digits=3), results.Column("wall", "min", digits=1))
+
+
+def test_a_result_records_its_rows_and_where_they_were_measured(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["bench", "--seeds", "0"])
-    path = results.save("demo", "A demo", "| a |\n|---|\n| 1 |", tmp_path)
+    path = results.save(
+        "demo", "A demo", "What it measured.", COLUMNS, [("a|b", 0.81234, 2.0), ("c", 0.7, None)], tmp_path
+    )
     record = json.loads(path.read_text())
     assert record["command"] == "python -m bench run demo --seeds 0"
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC", record["date"])
     assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown", record["commit"])
-    assert record["machine"] and record["card"]
+    assert record["machine"] and record["card"] and len(record["load"]) == 3
+    assert record["rows"] == [
+        {"run": "a|b", "accuracy": 0.81234, "wall": 2.0},
+        {"run": "c", "accuracy": 0.7, "wall": None},
+    ]
     page = results.render(results.load(tmp_path))
-    assert "## A demo" in page and record["commit"] in page and "| 1 |" in page
+    assert "## A demo" in page and record["commit"] in page and "What it measured." in page
+    assert "| run | accuracy | wall (min) |\n|---|---|---|\n| a\\|b | 0.812 | 2.0 |\n| c | 0.700 | – |" in page
 
 
 def test_a_file_that_is_not_a_result_is_refused_by_name(tmp_path):
@@ -41,8 +51,51 @@ def test_a_file_that_is_not_a_result_is_refused_by_name(tmp_path):
         results.load(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"load": None}, "load is None"),
+        ({"commit": ""}, "commit is ''"),
+        ({"rows": []}, "rows is empty"),
+        ({"rows": [{"run": "a", "accuracy": 0.8}]}, r"row 0 .* does not hold exactly the columns"),
+        ({"rows": [{"run": "a", "accuracy": [0.8], "wall": 1.0}]}, r"row 0: \['accuracy'\] hold neither"),
+        ({"columns": [{"name": "run", "colour": "red"}]}, "are not"),
+    ],
+)
+def test_a_result_missing_or_mangling_a_field_is_refused(tmp_path, change, says):
+    path = results.save("demo", "A demo", "About.", COLUMNS, [("a", 0.8, 1.0)], tmp_path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(ValueError, match=says):
+        results.load(tmp_path)
+
+
+def test_save_refuses_rows_that_do_not_fit_the_columns(tmp_path):
+    with pytest.raises(ValueError, match="zip"):
+        results.save("demo", "A demo", "About.", COLUMNS, [("a", 0.8)], tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_docs_benchmarks_is_the_rendering_of_the_results():
     assert results.DOC.read_text() == results.render(results.load()), "run `python -m bench report`"
+
+
+def test_the_readme_expectations_are_the_rendering_of_the_results():
+    text = results.README.read_text()
+    assert text == results.readme(results.load(), text), "run `python -m bench report`"
+
+
+def test_the_readme_block_shows_no_figure_without_a_result(tmp_path):
+    text = "# x\n\n<!-- expect: generated -->\n| run | 0.795 |\n<!-- /expect -->\n"
+    assert results.readme([], text) == (
+        "# x\n\n<!-- expect: generated -->\nNo result yet: `python -m bench run presets` measures this table.\n"
+        "<!-- /expect -->\n"
+    )
+    results.save("presets", "Presets", "About.", COLUMNS, [("`fed simulate`", 0.8, 2.0)], tmp_path)
+    shown = results.readme(results.load(tmp_path), text)
+    assert "| `fed simulate` | 0.800 | 2.0 |" in shown and "0.795" not in shown
+    assert "[bench/results/presets.json](bench/results/presets.json)" in shown
+    with pytest.raises(ValueError, match="no `<!-- expect"):
+        results.readme([], "# no block\n")
 
 
 def test_list_prints_the_index(capsys):

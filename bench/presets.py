@@ -72,17 +72,17 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["quickstart", "instruct", "private"])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every run")
     args = parser.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for preset in args.presets:
-            rows.append(run_preset(preset, args.set, Path(tmp)))
-            print(rows[-1], flush=True)
     about = (
         "Each preset run once as `fed simulate --preset NAME` in a fresh process, at its own settings (seed 0); "
         "the metric after round 1 and after the last round, the largest per-client "
         "epsilon (delta 1e-5) and the wall time of the whole command."
     )
-    save("presets", "The presets as a user runs them", about, COLUMNS, rows)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets:
+            rows.append(run_preset(preset, args.set, Path(tmp)))
+            print(rows[-1], flush=True)
+            save("presets", "The presets as a user runs them", about, COLUMNS, rows)  # an interruption keeps these
 
 
 if __name__ == "__main__":

@@ -85,8 +85,8 @@ def problems(record: dict[str, Any]) -> list[str]:
         if not isinstance(record[field], str) or not record[field]:
             found.append(f"{field} is {record[field]!r}, not a non-empty string")
     load = record["load"]
-    if not (isinstance(load, list) and len(load) == 3 and all(isinstance(v, int | float) for v in load)):
-        found.append(f"load is {load!r}, not the three load averages [1, 5, 15 min]")
+    if not (isinstance(load, list) and len(load) == 3 and all(v is None or isinstance(v, int | float) for v in load)):
+        found.append(f"load is {load!r}, not the three load averages [1, 5, 15 min] (null: not recorded)")
     try:
         names = [Column(**column).name for column in record["columns"]]
     except TypeError as error:
@@ -166,7 +166,7 @@ def table(record: dict[str, Any]) -> str:
 
 def provenance(record: dict[str, Any]) -> str:
     """Where a result comes from, on one line: its command, date, machine, commit, card and load."""
-    load = ", ".join(f"{v:.2f}" for v in record["load"])
+    load = ", ".join("not recorded" if v is None else f"{v:.2f}" for v in record["load"])
     return (
         f"`{record['command']}` · {record['date']} · {record['machine']} · commit `{record['commit']}` · "
         f"{record['card']} · load {load} (1, 5, 15 min)"

@@ -166,10 +166,12 @@ def table(record: dict[str, Any]) -> str:
 
 def provenance(record: dict[str, Any]) -> str:
     """Where a result comes from, on one line: its command, date, machine, commit, card and load."""
-    load = ", ".join("not recorded" if v is None else f"{v:.2f}" for v in record["load"])
+    values = record["load"]
+    shown = ", ".join("–" if v is None else f"{v:.2f}" for v in values)
+    load = "load not recorded" if all(v is None for v in values) else f"load {shown} (1, 5, 15 min)"
     return (
         f"`{record['command']}` · {record['date']} · {record['machine']} · commit `{record['commit']}` · "
-        f"{record['card']} · load {load} (1, 5, 15 min)"
+        f"{record['card']} · {load}"
     )
 
 

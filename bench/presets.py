@@ -26,7 +26,7 @@ COLUMNS = (
     Column("run"),
     Column("metric"),
     Column("round 1", digits=3),
-    Column("final", digits=3),
+    Column("final", digits=3, none="no reply"),
     Column("largest client epsilon", digits=2, none="no DP"),
     Column("wall", "min", digits=1),
 )
@@ -34,7 +34,8 @@ COLUMNS = (
 
 def run_preset(preset: str, overrides: list[str], out: Path) -> tuple[object, ...]:
     """One preset through the real CLI; its row: the command, the task's metric after round 1 and at the
-    end (accuracy for a classifier, loss for a causal LM), the largest client epsilon and the wall time."""
+    end (accuracy for a classifier, loss for a causal LM; null where no client replied that round), the
+    largest client epsilon and the wall time."""
     sets = [a for o in overrides for a in ("--set", o)]
     argv = [
         sys.executable,
@@ -54,8 +55,9 @@ def run_preset(preset: str, overrides: list[str], out: Path) -> tuple[object, ..
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"fed simulate --preset {preset} exited {done.returncode}:\n{done.stderr[-3000:]}")
-    lines = RunDir(out / preset).metrics()
-    metric = "eval_accuracy" if lines[-1].get("eval_accuracy") is not None else "eval_loss"
+    run = RunDir(out / preset)
+    lines = run.metrics()
+    metric = "eval_accuracy" if run.config().task == "classification" else "eval_loss"
     command = " ".join(["fed simulate --preset", preset, *(f"--set {o}" for o in overrides)])
     return (
         f"`{command}`",

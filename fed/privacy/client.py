@@ -170,7 +170,7 @@ class NodeState:
         if self.ledger.policy is not None:  # pinned by a DP round
             split = self.ledger.split.public() if self.ledger.split else None
             record["pin"] = NodePin(self.ledger.policy, split, self.policy.reply_delay).to_json()
-        if request.get(BIND) is True and self.confirmed:
+        if request.get(BIND) is True:  # DP or not: any node may restart under a new node id
             record["continuity-token"] = self.continuity_token()
         return record
 

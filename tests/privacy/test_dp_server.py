@@ -15,8 +15,9 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from fed.adapters import Aggregation, Structure
 from fed.config import StrategyConfig
 from fed.privacy.book import LedgerBook
-from fed.privacy.client import BIND, NODE_RECORD
-from fed.privacy.ledger import DpSgdEvent, Ledger, epsilon, events_from_json
+from fed.privacy.client import BIND, KNOWN_PIN, NODE_RECORD
+from fed.privacy.ledger import DpSgdEvent, Ledger, NodePin, epsilon, events_from_json
+from fed.privacy.policy import Policy
 from fed.privacy.release import PUBLIC_UNDER_DP
 from fed.wire import metas, to_record
 from strategies.build import influence_stages, reply_stages
@@ -284,3 +285,52 @@ def test_evaluate_replies_count_only_from_the_node_bound_to_their_partition_id(c
     assert "node 13 claims partition-id=0, bound to node 11" in caplog.text
     assert "node 12 claims partition-id=0, bound to node 11" in caplog.text
     assert "names no partition-id" in caplog.text
+
+
+def _pinned(reply: Message, pin: NodePin | str) -> Message:
+    """``reply`` carrying the node's pin, as a DP node's train reply does."""
+    reply.content[NODE_RECORD] = ConfigRecord({"pin": pin if isinstance(pin, str) else pin.to_json()})
+    return reply
+
+
+def test_the_book_keeps_each_clients_checked_pin_returns_it_and_declares_the_reply_timing():
+    """The pin (no secret) comes back to its own node only; privacy.json names the client whose operator set
+    reply-delay 0, and a malformed pin is flagged, not kept."""
+    policy = Policy(dp_required=True, max_epsilon=1.0, delta=1e-5, min_noise_multiplier=0.5, evaluate=False)
+    split = {"test_fraction": 0.2, "seed": 3, "max_examples": 0, "labels": ["neg", "pos"]}
+    book = LedgerBook(DP)
+    strategy = _strategy(book, [])
+    strategy.aggregate_train(
+        1,
+        [
+            _pinned(_dp_reply(11, 0), NodePin(policy, split, 30.0)),
+            _pinned(_dp_reply(12, 1), NodePin(policy, None, 0.0)),
+            _pinned(_dp_reply(13, 2), '{"policy": {"delta": 2}, "split": null, "reply_delay": 0}'),
+        ],
+    )
+    (privacy,) = (s for s in strategy.stages if isinstance(s, PrivacyBookkeeping))
+    record = RecordDict({"config": ConfigRecord({"server-round": 2})})
+    sent = privacy.with_known_events(Message(record, dst_node_id=11, message_type="train"))
+    back = NodePin.from_json(sent.content.config_records["config"][KNOWN_PIN])
+    assert back == NodePin(policy, split, 30.0)
+    report = book.report()
+    assert report["clients"]["0"]["pin"]["reply_delay"] == 30.0 and 2 not in book.pins
+    assert "clients with reply-delay 0, whose processing time is visible: [1]" in report["timing"]
+    assert "ceil(processing / D)" in report["timing"] and any("malformed pin" in f for f in book.flags)
+    assert LedgerBook.from_json(book.to_json()).pins == book.pins
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"delta": 0.0},
+        {"max_epsilon": float("nan")},
+        {"evaluate": "yes"},
+        {"min_eval_rows": -1},
+        {"secret": 5},
+    ],
+)
+def test_a_pin_from_the_network_is_checked_field_by_field(change):
+    good = json.loads(NodePin(Policy(), None, 1.0).to_json())
+    with pytest.raises(ValueError):
+        NodePin.from_json(json.dumps({**good, "policy": {**good["policy"], **change}}))

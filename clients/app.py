@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
@@ -21,7 +22,7 @@ from fed.adapters.base import restrict_rank
 from fed.config import ConfigError, RunConfig
 from fed.data.node import NodeDataError, run_labels
 from fed.precision import model_device, resolve_precision
-from fed.privacy.client import KNOWN_EVENTS, Metrics, NodeState, PrivateRound
+from fed.privacy.client import KNOWN_EVENTS, KNOWN_PIN, NODE_RECORD, Metrics, NodeState, PrivateRound
 from fed.privacy.planner import RoundPlan
 from fed.ranks import client_rank
 from fed.seeding import generator
@@ -63,16 +64,19 @@ def _receive(msg: Message, context: Context):
             f"federation.num_clients={cfg.federation.num_clients}; make them equal "
             "(e.g. flwr run --federation-config num-supernodes=N with federation.num_clients=N)"
         )
-    state = NodeState.load(cfg, context.node_config, partition_id, str(config.get(KNOWN_EVENTS, "")))
+    known = (str(config.get(KNOWN_EVENTS, "")), str(config.get(KNOWN_PIN, "")))
+    state = NodeState.load(cfg, context.node_config, partition_id, *known)
     labels = _labels(cfg)
     split = state.split(cfg, labels)
     if split is not None and split.labels is not None and split.labels != labels:
         log.error("the server names the labels %s; this node pinned %s at first contact", labels, split.labels)
+        state.hold_reply(cfg.dp, msg.metadata.created_at)  # an error reply keeps to the grid as well
         raise ValueError(NODE_CANNOT_ANSWER)  # refused whatever the file holds: no oracle on its labels
     try:
         session = client_session(cfg, partition_id, data_path, split, device)
     except NodeDataError as err:  # details (they may quote the private file) stay in this node's log
         log.error("%s", err)
+        state.hold_reply(cfg.dp, msg.metadata.created_at)
         raise ValueError(NODE_CANNOT_ANSWER) from None
     global_ = from_record(msg.content.array_records["arrays"], metas(session.adapter.sent_state()))
     session.adapter.load(global_)  # client_session handed the cached model back at full rank
@@ -82,14 +86,23 @@ def _receive(msg: Message, context: Context):
     return cfg, server_round, partition_id, session, global_, state
 
 
-def _reply(msg: Message, metrics: Metrics, arrays: ArrayRecord | None = None, reason: str = "") -> Message:
-    """A reply: ``metrics`` as released by the privacy layer, the delta if trained, a refusal's reason."""
+def _reply(
+    msg: Message,
+    metrics: Metrics,
+    arrays: ArrayRecord | None = None,
+    reason: str = "",
+    node: Mapping[str, str] | None = None,
+) -> Message:
+    """A reply: ``metrics`` as released by the privacy layer, the delta if trained, a refusal's reason, the
+    node's own record (its pin, its continuity token: ``NodeState.reply_record``)."""
     record: dict[str, MetricRecordValues] = dict(metrics)  # MetricRecord takes its own (invariant) value type
     content = RecordDict({"metrics": MetricRecord(record)})
     if arrays is not None:
         content["arrays"] = arrays
     if reason:
         content["refusal"] = ConfigRecord({"reason": reason})
+    if node:
+        content[NODE_RECORD] = ConfigRecord(dict(node))
     return Message(content, reply_to=msg)
 
 
@@ -143,9 +156,10 @@ def train(msg: Message, context: Context) -> Message:
     )
     if rank is not None:
         metrics["rank"] = rank
+    node = state.reply_record(msg.content.config_records["config"])
     if (verdict := private.verdict()) is not None:  # refused by the node's policy, or no budget left
         state.hold_reply(cfg.dp, msg.metadata.created_at)
-        return _reply(msg, private.release(metrics | verdict), reason=private.plan.refused)
+        return _reply(msg, private.release(metrics | verdict), reason=private.plan.refused, node=node)
     result = _train_locally(cfg, session, private.plan, round_, pid, rank)
     # loss, timing and expert counts are private statistics outside DP-SGD
     metrics |= private.trained(
@@ -154,7 +168,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays = _delta(cfg, session, global_, rank)
     gc.collect()  # Opacus hooks leave reference cycles; collect them so a long run's memory stays flat
     state.hold_reply(cfg.dp, msg.metadata.created_at)
-    return _reply(msg, private.release({**metrics, "steps": result.steps}), arrays=arrays)
+    return _reply(msg, private.release({**metrics, "steps": result.steps}), arrays=arrays, node=node)
 
 
 @app.evaluate()
@@ -162,10 +176,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Scores on the node's held-out rows only (its pinned split). Under DP the node's policy decides: no
     reply with scores unless it allows evaluation, and then on all its held-out rows (at least
     ``min-eval-rows``), never a subset the server picks."""
-    cfg, round_, _, session, _, state = _receive(msg, context)
+    cfg, round_, pid, session, _, state = _receive(msg, context)
     if reason := state.evaluation_refusal(cfg.dp, len(session.data.test)):
         state.hold_reply(cfg.dp, msg.metadata.created_at)
-        return _reply(msg, {"refused": 1}, reason=reason)
+        return _reply(msg, {"partition-id": pid, "refused": 1}, reason=reason)
     last = round_ >= cfg.federation.rounds or state.dp_bound(cfg.dp)  # every held-out row
     scores = evaluate(
         session.adapter,
@@ -176,6 +190,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type),
     )
     metrics: dict[str, MetricRecordValues] = {
+        "partition-id": pid,  # the server accepts scores only from the node bound to it
         "num-examples": int(scores.pop("num_examples")),
         **{f"eval_{k}": v for k, v in scores.items()},
     }

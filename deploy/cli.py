@@ -57,7 +57,9 @@ def _policy(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="answer evaluate messages under DP (scores on all held-out rows, not covered by DP)",
     )
-    group.add_argument("--reply-delay", type=float, help="seconds after a request before a DP reply leaves")
+    group.add_argument(
+        "--reply-delay", type=float, help="grid in seconds for DP replies (default 30; 0: at once, timing visible)"
+    )
     group.add_argument(
         "--dp-opt-out",
         action="store_true",

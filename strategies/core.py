@@ -222,9 +222,11 @@ class AdapterStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Flower's example-weighted mean of the scores, plus how many held-out examples they cover (what
         the round's accuracy was measured on: every held-out row after the last round)."""
-        replies = [m for m in replies if m.has_error() or _valid_evaluation(m, server_round + self.round_offset)]
+        run_round = server_round + self.round_offset
+        replies = [m for m in replies if m.has_error() or _valid_evaluation(m, run_round, self.stages)]
         metrics = super().aggregate_evaluate(server_round, replies)  # checks every reply carries the count
         if metrics is not None:
+            metrics.pop("partition-id", None)  # who answered, not a score
             examples = sum(_count(m, self.weighted_by_key) for m in replies if not m.has_error())
             self.rounds.setdefault(server_round + self.round_offset, RoundLog()).evaluate = {
                 **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -233,11 +235,13 @@ class AdapterStrategy(FedAvg):
         return metrics
 
 
-def _valid_evaluation(reply: Message, run_round: int) -> bool:
-    """Whether an evaluate reply may enter the round's scores; a refusal or a claim outside
-    ``check_evaluation`` is logged with its reason and left out."""
+def _valid_evaluation(reply: Message, run_round: int, stages: Sequence[Stage]) -> bool:
+    """Whether an evaluate reply may enter the round's scores; a refusal, a claim outside ``check_evaluation``
+    or one a stage refuses (a node answering for another's partition id) is logged with its reason and left out."""
     try:
         check_evaluation(reply)
+        for stage in stages:
+            stage.evaluation(run_round, reply)
     except (PayloadError, KeyError) as err:
         log.warning("round %d: evaluation from node %d left out: %s", run_round, reply.metadata.src_node_id, err)
         return False

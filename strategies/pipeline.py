@@ -107,6 +107,9 @@ class Stage:
     def received(self, state: RoundState, replies: Sequence[Message]) -> None:
         """Every reply of the round was read (dropped or not); nothing is aggregated yet."""
 
+    def evaluation(self, run_round: int, reply: Message) -> None:
+        """Read one evaluate reply whose scores check out; raise ``PayloadError`` to leave it out with that reason."""
+
     def bound(self, state: RoundState, batch: Replies) -> Replies:
         """The accepted replies, before the rule combines them: what limits one reply's influence."""
         return batch

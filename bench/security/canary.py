@@ -108,12 +108,20 @@ class Experiment:
         )
 
     def ask(
-        self, data: Dataset, node_config: dict, cfg: RunConfig | None = None, round_: int = 1, known_events: str = ""
+        self,
+        data: Dataset,
+        node_config: dict,
+        cfg: RunConfig | None = None,
+        round_: int = 1,
+        known_events: str = "",
+        known_pin: str = "",
     ) -> Message:
-        """The ClientApp's reply to a train message of ``cfg`` (default: the canary's) for ``round_``."""
+        """The ClientApp's reply to a train message of ``cfg`` (default: the canary's) for ``round_``, with the
+        server's copy of the node's events and pin when given."""
         self.adapter.load(self.global_)
         session = ClientSession(self.adapter, self.task, ClientData(train=data, test=data))
-        extra = {"server-round": round_} | ({"known-events": known_events} if known_events else {})
+        known = {"known-events": known_events, "known-pin": known_pin}
+        extra = {"server-round": round_} | {k: v for k, v in known.items() if v}
         content = RecordDict({"arrays": to_record(self.global_), "config": config_record(cfg or self.cfg, **extra)})
         context = Context(
             run_id=1,

@@ -9,6 +9,8 @@ with the next round's message, so a client that lost its ledger file cannot spen
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -18,9 +20,9 @@ from typing import Any, get_args
 
 from fed.config import Accountant, DPConfig
 from fed.privacy import secure_rng
-from fed.privacy.ledger import DpSgdEvent, Ledger, epsilon, event_problems
+from fed.privacy.ledger import DpSgdEvent, Ledger, NodePin, epsilon, event_problems
 from fed.privacy.planner import new_ledger
-from fed.privacy.release import GUARANTEE, NOT_COVERED, RELEASED_IN_CLEAR
+from fed.privacy.release import GUARANTEE, NOT_COVERED, RELEASED_IN_CLEAR, timing
 
 log = logging.getLogger(__name__)
 TOLERANCE = 1e-6
@@ -50,6 +52,11 @@ class LedgerBook:
     examples: dict[int, int] = field(default_factory=dict)
     """Each client's n (public under the zero-out adjacency the guarantee is stated for)."""
     flags: list[str] = field(default_factory=list)
+    pins: dict[int, str] = field(default_factory=dict)
+    """Each client's pin (``NodePin`` JSON, checked), returned with its events so a node that lost its state
+    dir restores its whole pin."""
+    tokens: dict[int, str] = field(default_factory=dict)
+    """SHA-256 of each client's continuity token: its partition id moves to a new node id only with the token."""
     _memo: dict[tuple[int, str], tuple[int, float]] = field(default_factory=dict, repr=False, compare=False)
     """(client, accountant) -> (events seen, epsilon): a client's figure is recomputed only when it has new
     events (they only ever grow), so a write with 1,000 clients re-accounts just the round's participants."""
@@ -83,6 +90,23 @@ class LedgerBook:
         """A client's own statement of its epsilon (a declined round's reply), if it is a number."""
         if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
             self.reported_epsilon[cid] = float(value)
+
+    def keep_pin(self, cid: int, text: str) -> None:
+        """The pin a client's accepted reply stated (a node's pin only tightens, so the latest is kept); a
+        malformed one is flagged and left out."""
+        try:
+            self.pins[cid] = NodePin.from_json(text).to_json()
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
+            self.flag(f"client {cid}: malformed pin ignored: {err}")
+
+    def keep_token(self, cid: int, token: str) -> None:
+        """Bind the client's continuity token (its first one: a bound id's token never changes)."""
+        self.tokens.setdefault(cid, _digest(token))
+
+    def token_matches(self, cid: int, token: str) -> bool:
+        """Whether ``token`` is the one the client bound with (False when it bound with none)."""
+        kept = self.tokens.get(cid)
+        return kept is not None and bool(token) and hmac.compare_digest(kept, _digest(token))
 
     def flag(self, text: str) -> None:
         log.warning("privacy: %s", text)
@@ -166,6 +190,7 @@ class LedgerBook:
                     "noise_multiplier": entry["events"][-1]["noise_multiplier"] if entry["events"] else None,
                     "num_examples": self.examples.get(cid),
                     "secure_rng": self.secure_rng.get(cid),
+                    "pin": json.loads(self.pins[cid]) if cid in self.pins else None,
                     "flags": self.client_flags(cid),
                 }
             )
@@ -180,6 +205,9 @@ class LedgerBook:
             "target_epsilon": self.dp.target_epsilon,
             "max_grad_norm": self.dp.max_grad_norm,
             "rng": secure_rng.SOURCE if self.dp.enabled else None,
+            "timing": timing({cid: json.loads(pin)["reply_delay"] for cid, pin in self.pins.items()})
+            if self.dp.enabled
+            else None,
             "max_epsilon": self.max_epsilon(),
             "flags": list(self.flags),
             "clients": clients,
@@ -195,6 +223,8 @@ class LedgerBook:
                 "secure_rng": {str(c): s for c, s in self.secure_rng.items()},
                 "examples": {str(c): n for c, n in self.examples.items()},
                 "flags": self.flags,
+                "pins": {str(c): p for c, p in self.pins.items()},
+                "tokens": {str(c): t for c, t in self.tokens.items()},
             }
         )
 
@@ -208,4 +238,11 @@ class LedgerBook:
             secure_rng={int(c): bool(s) for c, s in data["secure_rng"].items()},
             examples={int(c): int(n) for c, n in data["examples"].items()},
             flags=list(data["flags"]),
+            pins={int(c): str(p) for c, p in data.get("pins", {}).items()},
+            tokens={int(c): str(t) for c, t in data.get("tokens", {}).items()},
         )
+
+
+def _digest(token: str) -> str:
+    """What the server keeps of a continuity token: its SHA-256 (the token itself stays on its node's disk)."""
+    return hashlib.sha256(token.encode()).hexdigest()

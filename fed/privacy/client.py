@@ -22,23 +22,33 @@ plan through ``Context.state`` as serialised records. Called directly, the layer
 from __future__ import annotations
 
 import logging
+import math
 import os
+import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fed.atomic import write_atomic
 from fed.config import DPConfig, RunConfig
-from fed.privacy.ledger import DpSgdEvent, Ledger, SplitPin, events_from_json
+from fed.privacy.ledger import DpSgdEvent, Ledger, NodePin, SplitPin, events_from_json
 from fed.privacy.planner import RoundPlan, history_pin, new_ledger, plan_round
-from fed.privacy.policy import STRICT, Policy
+from fed.privacy.policy import OPT_OUT, STRICT, Policy
 from fed.privacy.release import public_metrics
 
 log = logging.getLogger("flwr")  # Flower's logger by name (no import): what the SuperNode's operator sees
 KNOWN_EVENTS = "known-events"
 """Config key under which the server returns the DP events it holds for the receiving client."""
+KNOWN_PIN = "known-pin"
+"""Config key under which the server returns the pin it holds for the receiving client (``NodePin`` JSON)."""
+BIND = "bind"
+"""Config key the server sets on a train message to a node it has not bound to a partition id: the reply then
+carries the node's continuity token (its only trip over the wire while the node stays bound)."""
+NODE_RECORD = "node"
+"""The reply's config record: the node's ``pin`` (under DP) and, when the server asks, its ``continuity-token``."""
+TOKEN_BYTES = 32
 STATE_DIR_ENV = "FEDLORA_STATE_DIR"
 """Where simulated clients keep their state (a simulation gives no per-node config): set by ``fed simulate``."""
 
@@ -63,7 +73,7 @@ def node_policy(node_config: Mapping[str, Any], dp: DPConfig) -> Policy:
         base = Policy.of_run(dp)
     elif _flag(node_config, "dp-opt-out"):
         log.warning("dp-opt-out=true: this node accepts rounds without DP and any DP settings the server asks for")
-        base = Policy()
+        base = OPT_OUT
     else:
         base = STRICT
     if node_config.get("policy-file"):
@@ -84,13 +94,19 @@ class NodeState:
 
     @classmethod
     def load(
-        cls, cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int, server_events: str = ""
+        cls,
+        cfg: RunConfig,
+        node_config: Mapping[str, Any],
+        partition_id: int,
+        server_events: str = "",
+        server_pin: str = "",
     ) -> NodeState:
-        """The node's state for a message of ``cfg``. Raises RuntimeError when the ledger file is unreadable,
-        PolicyError when the node's policy is."""
+        """The node's state for a message of ``cfg``, the server's copy of its events and pin merged in. Raises
+        RuntimeError when the ledger file is unreadable, PolicyError when the node's policy is."""
         path = state_dir(node_config) / f"ledger-{partition_id}.json"
         existed = path.is_file()
         ledger = load_ledger(path, new_ledger(cfg.dp), server_events)
+        restore_pin(ledger, server_pin)
         confirmed = (
             existed
             or bool(ledger.events)
@@ -118,6 +134,8 @@ class NodeState:
         """
         if self.ledger.split is None and self.dp_bound(cfg.dp):
             d = cfg.data
+            if self.ledger.events:  # history without a split: the rows trained on before are not known
+                _no_evaluation(self.ledger)
             self.ledger.split = SplitPin.first(d.test_fraction, cfg.seed, d.max_examples, labels)
             if self.confirmed:
                 write_atomic(self.path, self.ledger.to_json())
@@ -136,16 +154,58 @@ class NodeState:
         return ""
 
     def hold_reply(self, dp: DPConfig, requested_at: float) -> None:
-        """Under DP with ``reply-delay`` set, wait until that many seconds after the request was created, so
-        the reply's creation time (Flower's ``created_at``) does not carry this node's processing time."""
-        delay = self.effective.reply_delay
-        if not (delay > 0 and self.dp_bound(dp)):
+        """Under DP, release the reply on the node's grid of ``reply-delay`` = D seconds: hold it until the first
+        multiple of D after the request was created (Flower's ``created_at``) that the round's work allows, so
+        the reply's ``created_at`` and ``ttl`` show only ceil(processing / D), never the processing time."""
+        grid = self.policy.reply_delay  # the operator's current setting: never pinned, never the server's
+        if not (grid > 0 and self.dp_bound(dp)):
             return
-        late = time.time() - (requested_at + delay)
-        if late > 0:
-            log.warning("this round took %.1f s longer than reply-delay=%g s: its timing is visible", late, delay)
-            return
-        time.sleep(-late)
+        elapsed = time.time() - requested_at
+        time.sleep(max(1, math.ceil(elapsed / grid)) * grid - elapsed)
+
+    def reply_record(self, request: Mapping[str, Any]) -> dict[str, str]:
+        """What a train reply tells the server about the node itself: its pin, less the secret seed (under DP,
+        so the server's copy restores it), and its continuity token when the server asks to bind (``BIND``)."""
+        record = {}
+        if self.ledger.policy is not None:  # pinned by a DP round
+            split = self.ledger.split.public() if self.ledger.split else None
+            record["pin"] = NodePin(self.ledger.policy, split, self.policy.reply_delay).to_json()
+        if request.get(BIND) is True:  # DP or not: any node may restart under a new node id
+            record["continuity-token"] = self.continuity_token()
+        return record
+
+    def continuity_token(self) -> str:
+        """The node's random continuity token (hex), created once beside its ledger (owner-only): the server
+        keeps its hash and lets a partition id move to a new node id only for the node that holds it."""
+        path = self.path.with_name(self.path.name.replace("ledger-", "continuity-", 1).removesuffix(".json"))
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_bytes(TOKEN_BYTES).hex())
+        return path.read_text().strip()
+
+
+def restore_pin(ledger: Ledger, server_pin: str) -> None:
+    """Merge the server's copy of this node's pin into ``ledger``: the strictest of both (a copy can only
+    tighten), and, when the node lost its split, the split's data settings with a fresh secret and evaluation
+    off for good (the node no longer knows which rows it trained on). A malformed copy is ignored and logged."""
+    if not server_pin:
+        return
+    try:
+        pin = NodePin.from_json(server_pin)
+    except (ValueError, KeyError, TypeError) as err:
+        log.warning("ignoring the server's malformed copy of this node's pin: %s", err)
+        return
+    ledger.policy = pin.policy if ledger.policy is None else ledger.policy.strictest(pin.policy)
+    if ledger.split is None and pin.split is not None:
+        ledger.split = SplitPin.redrawn(pin.split)
+        _no_evaluation(ledger)
+
+
+def _no_evaluation(ledger: Ledger) -> None:
+    """Pin evaluation off: a node whose held-out draw is new may score rows it trained on under its old one."""
+    ledger.policy = replace(history_pin(ledger), evaluate=False)
 
 
 def state_dir(node_config: Mapping[str, Any]) -> Path:

@@ -14,8 +14,8 @@ import json
 import math
 import secrets
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from typing import Any
 
@@ -129,6 +129,20 @@ class SplitPin:
     def first(cls, test_fraction: float, seed: int, max_examples: int, labels: tuple[str, ...] | None) -> SplitPin:
         return cls(secrets.randbits(63), test_fraction, seed, max_examples, labels)
 
+    def public(self) -> dict[str, Any]:
+        """The pin less its secret: the data settings of the first contact, all of them the server's own values."""
+        return {"test_fraction": self.test_fraction, "seed": self.seed, "max_examples": self.max_examples,
+                "labels": None if self.labels is None else list(self.labels)}  # fmt: skip
+
+    @classmethod
+    def redrawn(cls, public: Mapping[str, Any]) -> SplitPin:
+        """A lost split rebuilt from its public part: the same data settings and labels, a fresh secret (the
+        old held-out draw cannot be recovered, so its node no longer knows which rows it trained on)."""
+        labels = public["labels"]
+        return cls.first(
+            public["test_fraction"], public["seed"], public["max_examples"], None if labels is None else tuple(labels)
+        )
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SplitPin:
         labels = data.get("labels")
@@ -139,6 +153,87 @@ class SplitPin:
             int(data["max_examples"]),
             None if labels is None else tuple(str(x) for x in labels),
         )
+
+
+PINNED = tuple(f.name for f in fields(Policy) if f.name != "reply_delay")
+"""The policy fields a pin fixes (the reply grid is the operator's current setting, never pinned)."""
+MAX_PIN_CHARS = 1 << 20
+"""Longest pin accepted from the network: far beyond any label set, small enough to parse at once."""
+
+
+@dataclass(frozen=True)
+class NodePin:
+    """What a node pinned, less its secret seed: sent with its DP train replies, kept by the server beside its
+    events and returned with them, so a node that lost its state dir restores its whole pin (DP required, the
+    caps, evaluation, the split's data settings), not only "DP required"."""
+
+    policy: Policy
+    split: Mapping[str, Any] | None = None
+    """``SplitPin.public()``: the first contact's data settings, without the secret."""
+    reply_delay: float = 0.0
+    """The node's reply grid (not pinned, declared in privacy.json): what timing its replies show."""
+
+    def to_json(self) -> str:
+        policy = {k: v for k, v in self.policy.to_dict().items() if k in PINNED}
+        return json.dumps({"policy": policy, "split": self.split, "reply_delay": self.reply_delay})
+
+    @classmethod
+    def from_json(cls, text: str) -> NodePin:
+        """A pin from the network, every field checked: ValueError names the first bad one."""
+        if len(text) > MAX_PIN_CHARS:
+            raise ValueError(f"a pin of {len(text)} characters (at most {MAX_PIN_CHARS})")
+        data = json.loads(text)
+        if not isinstance(data, dict) or set(data) != {"policy", "split", "reply_delay"}:
+            raise ValueError(f"not a pin: keys {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+        policy, split = data["policy"], data["split"]
+        if not isinstance(policy, dict) or set(policy) != set(PINNED):
+            raise ValueError(f"a pin's policy must have exactly the keys {sorted(PINNED)}")
+        for key, value in [*policy.items(), ("reply_delay", data["reply_delay"])]:
+            check, accepted = _PIN_CHECKS[key]
+            if not check(value):
+                raise ValueError(f"pin {key}={value!r}: expected {accepted}")
+        if split is not None and not _public_split(split):
+            raise ValueError(
+                f"pin split={split!r}: expected test_fraction in [0, 1), whole seed and max_examples, labels"
+            )
+        return cls(Policy.from_dict({**policy, "reply_delay": 0.0}), split, float(data["reply_delay"]))
+
+
+def _number_in(value: Any, low: float, high: float) -> bool:
+    """A finite number in (low, high] (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low < value <= high
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+_PIN_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "dp_required": (lambda v: isinstance(v, bool), "true or false"),
+    "evaluate": (lambda v: isinstance(v, bool), "true or false"),
+    "max_epsilon": (lambda v: v is None or _number_in(v, 0, 1e9), "null or a number in (0, 1e9]"),
+    "delta": (lambda v: _number_in(v, 0, 1), "a number in (0, 1]"),
+    "min_noise_multiplier": (lambda v: v == 0 or _number_in(v, 0, 1e6), "a number in [0, 1e6]"),
+    "max_grad_norm": (lambda v: v is None or _number_in(v, 0, 1e9), "null or a number in (0, 1e9]"),
+    "min_eval_rows": (lambda v: _int_in(v, 0, 10**9), "a whole number in [0, 1e9]"),
+    "reply_delay": (lambda v: v == 0 or _number_in(v, 0, 86400), "seconds in [0, 86400]"),
+}
+"""Each field of a pin from the network: its check and, for the error, what is accepted."""
+
+
+def _public_split(split: Any) -> bool:
+    """Whether ``split`` is a ``SplitPin.public()`` a node can rebuild its split from."""
+    if not isinstance(split, dict) or set(split) != {"test_fraction", "seed", "max_examples", "labels"}:
+        return False
+    labels = split["labels"]
+    return (
+        (split["test_fraction"] == 0 or _number_in(split["test_fraction"], 0, 0.99))
+        and _int_in(split["seed"], -(2**63), 2**63 - 1)
+        and _int_in(split["max_examples"], 0, 10**12)
+        and (
+            labels is None or (isinstance(labels, list) and all(isinstance(x, str) and len(x) <= 1000 for x in labels))
+        )
+    )
 
 
 @dataclass

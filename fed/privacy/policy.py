@@ -55,7 +55,8 @@ class Policy:
     min_eval_rows: int = 20
     """Fewest held-out rows a DP-bound node scores: below it the node refuses to evaluate."""
     reply_delay: float = 0.0
-    """Seconds after the request's creation before a DP reply leaves (0: at once); hides processing time."""
+    """The grid D (seconds) on which a DP reply leaves: at the first multiple of D after the request's creation
+    that the round's work allows (0: at once). The operator's own setting, never pinned: it hides processing time."""
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], base: Policy | None = None) -> Policy:
@@ -109,7 +110,7 @@ class Policy:
             max_grad_norm=dp.max_grad_norm,
             min_eval_rows=0,
         )
-        return self.strictest(run)
+        return replace(self.strictest(run), reply_delay=0.0)
 
     def violations(self, dp: DPConfig) -> list[str]:
         """Why the server's DP settings are weaker than this policy (empty when they are acceptable)."""
@@ -145,9 +146,18 @@ class Policy:
         return cls(**{f.name: value(f.name) for f in fields(cls)})
 
 
-STRICT = Policy(dp_required=True, max_epsilon=8.0, delta=1e-5, min_noise_multiplier=0.5, evaluate=False)
+REPLY_DELAY = 30.0
+"""A deployed node's grid for DP replies when its operator sets none: a round's processing time shows only as
+ceil(processing / 30 s), at most 30 s added to a round (which waits for its slowest node in any case)."""
+
+STRICT = Policy(
+    dp_required=True, max_epsilon=8.0, delta=1e-5, min_noise_multiplier=0.5, evaluate=False, reply_delay=REPLY_DELAY
+)
 """A deployed node's policy when its operator gave none: DP required, epsilon at most 8, delta at most 1e-5,
-fixed noise at least 0.5, no evaluation replies under DP."""
+fixed noise at least 0.5, no evaluation replies under DP, DP replies on a 30 s grid."""
+
+OPT_OUT = Policy(reply_delay=REPLY_DELAY)
+"""A deployed node whose operator opted out of DP (logged): no floor, but its DP replies still on the grid."""
 
 
 def _parse(key: str, raw: Any, kind: type) -> Any:

@@ -57,6 +57,14 @@ GUARANTEE = (
     "the clear."
 )
 
+TIMING = (
+    "the reply's timing: Flower's created_at and ttl, and when it arrives. Under DP a node with reply-delay D > 0 "
+    "(a deployed node's default: 30 s) releases each reply, error replies included, at the first multiple of D "
+    "after the request's created_at that its work allows: created_at(reply) - created_at(request) = "
+    "ceil(processing / D) * D (at least D), so only ceil(processing / D) is visible. A node whose operator set "
+    "reply-delay 0 (and every simulated node) shows its processing time"
+)
+
 RELEASED_IN_CLEAR = [
     "n, the number of training examples of each client (public under the zero-out adjacency)",
     "the DP event fields: noise multiplier, sample rate (= batch / n), steps; and the epsilon they compose to",
@@ -69,8 +77,10 @@ RELEASED_IN_CLEAR = [
     "the strict default refuses them), then with loss, accuracy and count over all of its pinned held-out "
     "rows, never trained on and never a subset the server picks: NOT covered by the guarantee",
     "a refusal's reason, or one generic error text for any data problem (details stay in the node's log)",
-    "the reply's timing: Flower's created_at and ttl, and its arrival (the node's processing time, unless its "
-    "policy's reply-delay holds the reply until a fixed delay after the request)",
+    "the node's pin less its secret seed (its policy limits, whether it evaluates, the data settings of its first "
+    "contact, its reply-delay) and, when the server binds it, a random continuity token: settings and randomness, "
+    "no data",
+    TIMING,
 ]
 
 NOT_COVERED = [
@@ -78,6 +88,19 @@ NOT_COVERED = [
     "which clients take part in a round, and when (participation is public)",
     "group privacy: a user with k examples is protected at roughly k times epsilon",
 ]
+
+
+def timing(reply_delays: Mapping[int, float]) -> str:
+    """What the reply timing of this run's DP clients shows, for privacy.json: ``TIMING``, and the clients that
+    declared no grid (reply-delay 0, their operator's explicit choice) by name."""
+    visible = sorted(cid for cid, delay in reply_delays.items() if delay <= 0)
+    grids = sorted({delay for delay in reply_delays.values() if delay > 0})
+    parts = [TIMING]
+    if grids:
+        parts.append(f"grids declared: {', '.join(f'{d:g} s' for d in grids)}")
+    if visible:
+        parts.append(f"clients with reply-delay 0, whose processing time is visible: {visible}")
+    return "; ".join(parts)
 
 
 def public_metrics(metrics: Mapping[str, Any], dp: bool) -> dict[str, Any]:

@@ -224,6 +224,7 @@ the client's own report.</p>
 {figures}
 <h2>Utility</h2>{_figures(_utility(lines, dp=True))}
 <h2>Released in the clear</h2><ul>{items(privacy["released_in_clear"])}</ul>
+<p>Reply timing in this run: {esc(str(privacy.get("timing")))}</p>
 <h2>Not covered</h2><ul>{items(privacy["not_covered"])}</ul>
 <h2>Flags</h2>{f"<ul>{items(flags)}</ul>" if flags else '<p class="ok">none</p>'}""",
     )

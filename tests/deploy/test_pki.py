@@ -76,7 +76,7 @@ def test_policy_flags_reach_the_node_as_its_policy(tmp_path, monkeypatch):
 
     from deploy.cli import add_commands, policy_config
     from fed.privacy.client import POLICY_ENV, node_policy
-    from fed.privacy.policy import STRICT, Policy
+    from fed.privacy.policy import REPLY_DELAY, STRICT, Policy
 
     monkeypatch.delenv(POLICY_ENV, raising=False)
     (tmp_path / "policy.toml").write_text("max-epsilon = 3\nmin-eval-rows = 50\n")
@@ -93,6 +93,12 @@ def test_policy_flags_reach_the_node_as_its_policy(tmp_path, monkeypatch):
         min_noise_multiplier=STRICT.min_noise_multiplier,
         evaluate=True,
         min_eval_rows=50,
+        reply_delay=REPLY_DELAY,  # DP replies on the default grid
+    )
+    explicit = parser.parse_args([*argv, "--reply-delay", "0"])  # the operator's explicit choice: no grid
+    assert (
+        node_policy(parse_config_args([node_config(0, None, tmp_path, 1, policy_config(explicit))]), dp).reply_delay
+        == 0
     )
     bare = parse_config_args([node_config(0, None, tmp_path, 1, policy_config(parser.parse_args(argv[:-2])))])
     assert node_policy(bare, dp) == STRICT  # no flags: the strict default, DP required

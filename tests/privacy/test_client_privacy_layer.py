@@ -123,8 +123,9 @@ def test_events_the_server_holds_pin_dp_and_keep_a_non_dp_round_private(tmp_path
     assert private.release({"round": 1, "train_loss": 0.3}) == {"round": 1}
 
 
-def test_a_dp_reply_is_held_until_reply_delay_after_the_request(tmp_path, monkeypatch):
-    """Under DP with reply-delay, the reply leaves at request time + delay, not when the round finished."""
+def test_a_dp_reply_leaves_on_the_reply_delay_grid_after_the_request(tmp_path, monkeypatch):
+    """Under DP with reply-delay D, the reply leaves at request time + k D, k = ceil(processing / D) (at least
+    1), not when the round finished."""
     import fed.privacy.client as layer
 
     now, slept = 1000.0, []
@@ -134,12 +135,12 @@ def test_a_dp_reply_is_held_until_reply_delay_after_the_request(tmp_path, monkey
     state = layer.NodeState.load(cfg, {"state-dir": str(tmp_path), "reply-delay": "30"}, 0)
     state.hold_reply(cfg.dp, requested_at=now - 12.5)  # the round took 12.5 s
     assert slept == [pytest.approx(17.5)]
-    state.hold_reply(cfg.dp, requested_at=now - 40.0)  # too slow for the delay: sent at once, and logged
+    state.hold_reply(cfg.dp, requested_at=now - 40.0)  # longer than D: held to the next multiple, 60 s
     plain = RunConfig().with_overrides({"dp.enabled": False})
     layer.NodeState.load(plain, {"state-dir": str(tmp_path / "plain"), "reply-delay": "30"}, 0).hold_reply(
         plain.dp, requested_at=now
     )
-    assert slept == [pytest.approx(17.5)]  # a node never held to DP is not delayed
+    assert slept == [pytest.approx(17.5), pytest.approx(20.0)]  # a node never held to DP is not delayed
 
 
 def test_the_split_is_pinned_at_first_contact_and_kept_whatever_later_messages_say(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from fed.adapters import Aggregation, Structure
 from fed.config import StrategyConfig
 from fed.privacy.book import LedgerBook
-from fed.privacy.ledger import DpSgdEvent, Ledger, epsilon, events_from_json
+from fed.privacy.client import BIND, KNOWN_PIN, NODE_RECORD
+from fed.privacy.ledger import DpSgdEvent, Ledger, NodePin, epsilon, events_from_json
+from fed.privacy.policy import Policy
 from fed.privacy.release import PUBLIC_UNDER_DP
 from fed.wire import metas, to_record
 from strategies.build import influence_stages, reply_stages
@@ -172,18 +175,40 @@ def test_a_second_node_claiming_a_bound_partition_id_is_dropped_books_nothing_an
     assert "known-events" not in sent[12].content.config_records["config"]
 
 
-def test_a_partition_id_moves_only_from_a_node_that_left_and_the_book_flags_it():
-    """An unauthenticated node restarted under a new node id takes its id back once the old one is gone."""
+def _bound_with(token: str, reply: Message) -> Message:
+    """``reply`` carrying the node's continuity token, as a node asked to bind sends it."""
+    reply.content[NODE_RECORD] = ConfigRecord({"continuity-token": token})
+    return reply
+
+
+def test_a_partition_id_moves_to_a_new_node_only_with_its_continuity_token_and_the_book_flags_it():
+    """An unauthenticated node restarted under a new node id takes its id back with the token in its state dir; a
+    peer that waited for the honest node to leave has no token and is dropped, before and after a server restart."""
+    token, forged = secrets.token_bytes(32).hex(), secrets.token_bytes(32).hex()
     book = LedgerBook(DP)
     strategy = _strategy(book, [])
-    strategy.aggregate_train(1, [_dp_reply(11, 0)])
+    (privacy,) = (s for s in strategy.stages if isinstance(s, PrivacyBookkeeping))
+    ask = RecordDict({"arrays": to_record(GLOBAL), "config": ConfigRecord({"server-round": 1})})
+    assert privacy.with_known_events(Message(ask, dst_node_id=11, message_type="train")).content.config_records[
+        "config"
+    ][BIND]  # an unbound node is asked for its token
+    strategy.aggregate_train(1, [_bound_with(token, _dp_reply(11, 0))])
+    assert book.tokens[0] != token and len(book.tokens[0]) == 64  # the server keeps a hash, never the token
     strategy.rounds[2] = RoundLog(connected=[11, 12])  # the bound node is still there: the claim is dropped
-    strategy.aggregate_train(2, [_dp_reply(12, 0, round=2)])
-    assert len(strategy.rounds[2].dropped) == 1
-    strategy.rounds[3] = RoundLog(connected=[12])  # node 11 left the SuperLink
-    strategy.aggregate_train(3, [_dp_reply(12, 0, round=3)])
+    strategy.aggregate_train(2, [_bound_with(token, _dp_reply(12, 0, round=2))])
+    assert strategy.rounds[2].dropped == ["node 12: partition-id=0 is bound to node 11; node 12 cannot claim it"]
+    strategy.rounds[3] = RoundLog(connected=[12, 13])  # node 11 left the SuperLink: a spoofer tries first
+    strategy.aggregate_train(3, [_dp_reply(13, 0, round=3), _bound_with(forged, _dp_reply(14, 0, round=3))])
+    assert len(strategy.rounds[3].dropped) == 2 and not strategy.rounds[3].accepted
+    assert all("without the continuity token" in d for d in strategy.rounds[3].dropped)
+    strategy.aggregate_train(3, [_bound_with(token, _dp_reply(12, 0, round=3))])  # the honest node, restarted
     assert len(strategy.rounds[3].accepted) == 1 and "moved from node 11, gone, to node 12" in book.flags[-1]
     assert [e.round for e in book.events(0)] == [1, 3]
+    resumed = _strategy(LedgerBook.from_json(book.to_json()), [])  # a server restart binds nothing afresh
+    resumed.aggregate_train(4, [_dp_reply(13, 0, round=4)])
+    assert "bound before the server restarted" in resumed.rounds[4].dropped[0]
+    resumed.aggregate_train(5, [_bound_with(token, _dp_reply(12, 0, round=5))])
+    assert len(resumed.rounds[5].accepted) == 1
 
 
 def test_the_old_spoofed_event_is_refused_before_any_accountant_and_the_final_cross_check_completes(monkeypatch):
@@ -236,9 +261,76 @@ def _evaluation(node: int, metrics: dict) -> Message:
 
 def test_evaluate_replies_are_validated_before_they_are_averaged():
     strategy = _strategy(LedgerBook(DP), [])
-    honest = [_evaluation(n, {"num-examples": 10, "eval_accuracy": 0.8, "eval_loss": 0.5}) for n in (1, 2, 3)]
-    liar = _evaluation(4, {"num-examples": 10**12, "eval_accuracy": 1e6, "eval_loss": 0.5})
-    refusal = _evaluation(5, {"refused": 1})
+    scores = {"num-examples": 10, "eval_accuracy": 0.8, "eval_loss": 0.5}
+    honest = [_evaluation(n, {"partition-id": n, **scores}) for n in (1, 2, 3)]
+    liar = _evaluation(4, {"partition-id": 4, "num-examples": 10**12, "eval_accuracy": 1e6, "eval_loss": 0.5})
+    refusal = _evaluation(5, {"partition-id": 5, "refused": 1})
     metrics = strategy.aggregate_evaluate(1, [*honest, liar, refusal])
-    assert metrics is not None and metrics["eval_accuracy"] == pytest.approx(0.8)
+    assert metrics is not None and metrics["eval_accuracy"] == pytest.approx(0.8) and "partition-id" not in metrics
     assert strategy.rounds[1].evaluate["eval_examples"] == 30
+
+
+def test_evaluate_replies_count_only_from_the_node_bound_to_their_partition_id(caplog):
+    """A peer answering an evaluate message under a bound client's id (or without an id) is left out, with why."""
+    strategy = _strategy(LedgerBook(DP), [])
+    strategy.aggregate_train(1, [_dp_reply(11, 0), _dp_reply(12, 1)])
+    honest = _evaluation(11, {"partition-id": 0, "num-examples": 10, "eval_accuracy": 0.8})
+    spoofed = _evaluation(13, {"partition-id": 0, "num-examples": 1000, "eval_accuracy": 0.0})
+    other = _evaluation(12, {"partition-id": 0, "num-examples": 1000, "eval_accuracy": 0.0})
+    anonymous = _evaluation(14, {"num-examples": 1000, "eval_accuracy": 0.0})
+    with caplog.at_level("WARNING", logger="strategies.core"):
+        metrics = strategy.aggregate_evaluate(1, [honest, spoofed, other, anonymous])
+    assert metrics is not None and metrics["eval_accuracy"] == pytest.approx(0.8)
+    assert strategy.rounds[1].evaluate["eval_examples"] == 10
+    assert "node 13 claims partition-id=0, bound to node 11" in caplog.text
+    assert "node 12 claims partition-id=0, bound to node 11" in caplog.text
+    assert "names no partition-id" in caplog.text
+
+
+def _pinned(reply: Message, pin: NodePin | str) -> Message:
+    """``reply`` carrying the node's pin, as a DP node's train reply does."""
+    reply.content[NODE_RECORD] = ConfigRecord({"pin": pin if isinstance(pin, str) else pin.to_json()})
+    return reply
+
+
+def test_the_book_keeps_each_clients_checked_pin_returns_it_and_declares_the_reply_timing():
+    """The pin (no secret) comes back to its own node only; privacy.json names the client whose operator set
+    reply-delay 0, and a malformed pin is flagged, not kept."""
+    policy = Policy(dp_required=True, max_epsilon=1.0, delta=1e-5, min_noise_multiplier=0.5, evaluate=False)
+    split = {"test_fraction": 0.2, "seed": 3, "max_examples": 0, "labels": ["neg", "pos"]}
+    book = LedgerBook(DP)
+    strategy = _strategy(book, [])
+    strategy.aggregate_train(
+        1,
+        [
+            _pinned(_dp_reply(11, 0), NodePin(policy, split, 30.0)),
+            _pinned(_dp_reply(12, 1), NodePin(policy, None, 0.0)),
+            _pinned(_dp_reply(13, 2), '{"policy": {"delta": 2}, "split": null, "reply_delay": 0}'),
+        ],
+    )
+    (privacy,) = (s for s in strategy.stages if isinstance(s, PrivacyBookkeeping))
+    record = RecordDict({"config": ConfigRecord({"server-round": 2})})
+    sent = privacy.with_known_events(Message(record, dst_node_id=11, message_type="train"))
+    back = NodePin.from_json(sent.content.config_records["config"][KNOWN_PIN])
+    assert back == NodePin(policy, split, 30.0)
+    report = book.report()
+    assert report["clients"]["0"]["pin"]["reply_delay"] == 30.0 and 2 not in book.pins
+    assert "clients with reply-delay 0, whose processing time is visible: [1]" in report["timing"]
+    assert "ceil(processing / D)" in report["timing"] and any("malformed pin" in f for f in book.flags)
+    assert LedgerBook.from_json(book.to_json()).pins == book.pins
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"delta": 0.0},
+        {"max_epsilon": float("nan")},
+        {"evaluate": "yes"},
+        {"min_eval_rows": -1},
+        {"secret": 5},
+    ],
+)
+def test_a_pin_from_the_network_is_checked_field_by_field(change):
+    good = json.loads(NodePin(Policy(), None, 1.0).to_json())
+    with pytest.raises(ValueError):
+        NodePin.from_json(json.dumps({**good, "policy": {**good["policy"], **change}}))

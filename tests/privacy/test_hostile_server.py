@@ -17,21 +17,25 @@ import math
 import random
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 
 import clients.app as client_app
 from fed.config.sources import resolve
-from fed.privacy.client import NOT_CONFIRMED, POLICY_ENV
+from fed.privacy.book import LedgerBook
+from fed.privacy.client import KNOWN_EVENTS, KNOWN_PIN, NODE_RECORD, NOT_CONFIRMED, POLICY_ENV, node_policy
 from fed.privacy.ledger import DpSgdEvent, Ledger, events_to_json
-from fed.privacy.policy import STRICT
+from fed.privacy.policy import REPLY_DELAY, STRICT
 from fed.privacy.release import PUBLIC_UNDER_DP
 from fed.session import adapted_model
 from fed.wire import config_record, to_record
+from strategies.pipeline import Reply, RoundLog, RoundState
+from strategies.privacy import PrivacyBookkeeping
 
 N = 60
 HONEST = [
@@ -93,21 +97,30 @@ class Spy:
         monkeypatch.setattr(client_app, "evaluate", evaluate)
 
 
-def _send(kind: str, cfg, node: dict, round_: int, known: str = "", head_bias: list[float] | None = None):
-    """The ClientApp's reply to one message (an error reply's text when it raises)."""
+def _request(kind: str, cfg, round_: int, known: str = "", head_bias: list[float] | None = None, **server) -> Message:
+    """A message of the server's (``server``: further config keys, e.g. what the book returns)."""
     adapter, _ = adapted_model(cfg)
     arrays = adapter.sent_state()
     if head_bias is not None:  # a head that answers the same class whatever the row, or a crafted one
         arrays = {n: (torch.zeros_like(t) if n.endswith("classifier.weight") else t) for n, t in arrays.items()}
         arrays = {n: (torch.tensor(head_bias) if n.endswith("classifier.bias") else t) for n, t in arrays.items()}
-    extra = {"server-round": round_} | ({"known-events": known} if known else {})
+    extra = {"server-round": round_} | ({"known-events": known} if known else {}) | server
     content = RecordDict({"arrays": to_record(arrays), "config": config_record(cfg, **extra)})
+    return Message(content, dst_node_id=1, message_type=kind)
+
+
+def _answer(message: Message, node: dict):
+    """The ClientApp's reply to ``message`` (an error reply's text when it raises)."""
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
-    handler = client_app.train if kind == "train" else client_app.evaluate_global
+    handler = client_app.train if message.metadata.message_type == "train" else client_app.evaluate_global
     try:
-        return handler(Message(content, dst_node_id=1, message_type=kind), context)
+        return handler(message, context)
     except ValueError as err:  # what Flower turns into the error reply's text
         return str(err)
+
+
+def _send(kind: str, cfg, node: dict, round_: int, known: str = "", head_bias: list[float] | None = None, **server):
+    return _answer(_request(kind, cfg, round_, known, head_bias, **server), node)
 
 
 FORGED = events_to_json([DpSgdEvent(1, 0.05, 1.0, 10**6, 1)])  # the spoofed event of the old book, as history
@@ -135,6 +148,7 @@ def test_a_hostile_server_reads_no_training_row_and_overruns_no_policy(
     keys, cap = POLICIES[policy]
     state = tmp_path / "state"
     node = {"partition-id": 0, "data-path": str(node_file), "state-dir": str(state), "fresh-start": "true", **keys}
+    node["reply-delay"] = "0"  # the grid is tested below; here it would only add 30 s to every message
     spy = Spy(monkeypatch)
     replies = []
     with caplog.at_level(logging.ERROR, logger="flwr"):
@@ -189,3 +203,80 @@ def test_a_node_that_opted_out_says_so_in_its_log_and_trains_without_dp(
         reply = _send("train", _cfg("dp.enabled=false"), node, 1)
     assert "dp-opt-out=true" in caplog.text
     assert math.isfinite(reply.content.metric_records["metrics"]["train_loss"])
+
+
+def _server_keeps(privacy: PrivacyBookkeeping, reply: Message, round_: int) -> dict:
+    """Book ``reply`` as the server's privacy stage does (it arrives from node 1 and is accepted), and return
+    what the server adds to that node's next train message."""
+    state = RoundState(round_, RoundLog(), {}, {})
+    privacy.arrive(state, Reply(reply))
+    privacy.accepted(state, Reply(reply))
+    nxt = privacy.with_known_events(
+        Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
+    )
+    return dict(nxt.content.config_records["config"])
+
+
+def test_a_node_that_lost_its_state_restores_its_whole_pin_from_the_servers_copy(
+    node_file, tmp_path, monkeypatch, flower_identity
+):
+    """The server keeps the pin with the events: after the loss a request looser than the pin (target 4 after
+    a first run at target 1, both within the strict default's 8) is refused, and evaluation stays off (the old
+    held-out draw is gone with the secret, so the node can no longer tell which rows it trained on)."""
+    monkeypatch.delenv(POLICY_ENV, raising=False)
+    state = tmp_path / "state"
+    node = {"partition-id": 0, "data-path": str(node_file), "state-dir": str(state), "reply-delay": "0",
+            "evaluate": "true", "min-eval-rows": "5"}  # fmt: skip
+    privacy = PrivacyBookkeeping(LedgerBook(_cfg().dp))
+    reply = _send("train", _cfg(), {**node, "fresh-start": "true"}, 1)
+    assert reply.content.metric_records["metrics"]["dp-steps"] > 0
+    pinned = Ledger.from_json((state / "ledger-0.json").read_text()).policy
+    kept = _server_keeps(privacy, reply, 1)
+    assert set(kept) == {KNOWN_EVENTS, KNOWN_PIN} and "secret" not in kept[KNOWN_PIN]
+    shutil.rmtree(state)  # the node loses its disk; the server returns its copy
+    looser = _send("train", _cfg("dp.target_epsilon=4"), node, 2, **kept)
+    metrics = dict(looser.content.metric_records["metrics"])
+    assert metrics.get("refused") == 1 and "arrays" not in looser.content.array_records
+    assert "dp.target_epsilon=4 exceeds this client's limit 1" in looser.content.config_records["refusal"]["reason"]
+    restored = Ledger.from_json((state / "ledger-0.json").read_text())
+    assert restored.policy is not None and pinned is not None
+    assert restored.policy == replace(pinned, evaluate=False) and restored.split is not None
+    honest = _send("train", _cfg(), node, 2, **kept)  # the pinned settings themselves still train
+    assert honest.content.metric_records["metrics"]["dp-steps"] > 0
+    scored = _send("evaluate", _cfg(), node, 2)
+    assert scored.content.metric_records["metrics"].get("refused") == 1
+
+
+def test_a_dp_reply_leaves_on_the_grid_of_the_nodes_reply_delay(node_file, tmp_path, monkeypatch, flower_identity):
+    """Through the real ClientApp: the reply's created_at less the request's is a whole multiple of reply-delay
+    (at least one), whatever the round took; a deployed node without the key uses the default grid, and a
+    simulated node none."""
+    monkeypatch.delenv(POLICY_ENV, raising=False)
+    grid = 0.4
+    node = {"partition-id": 0, "data-path": str(node_file), "state-dir": str(tmp_path), "fresh-start": "true",
+            "reply-delay": str(grid)}  # fmt: skip
+    for round_ in (1, 2):
+        request = _request("train", _cfg(), round_)
+        reply = _answer(request, node)
+        assert reply.content.metric_records["metrics"]["dp-steps"] > 0
+        steps = (reply.metadata.created_at - request.metadata.created_at) / grid
+        assert round(steps) >= 1 and abs(steps - round(steps)) * grid < 0.05, steps
+    assert node_policy({}, _cfg().dp).reply_delay == REPLY_DELAY > 0
+    monkeypatch.setenv(POLICY_ENV, "run-config")
+    assert node_policy({}, _cfg().dp).reply_delay == 0
+
+
+def test_the_continuity_token_is_sent_only_when_the_server_binds_and_survives_a_restart(
+    node_file, tmp_path, monkeypatch, flower_identity
+):
+    """The node's token is created once in its state dir (owner-only), sent only when the server asks it to
+    bind, and the same after the node restarts on that state dir (under any node id)."""
+    monkeypatch.delenv(POLICY_ENV, raising=False)
+    node = {"partition-id": 0, "data-path": str(node_file), "state-dir": str(tmp_path), "fresh-start": "true",
+            "reply-delay": "0"}  # fmt: skip
+    bound = _send("train", _cfg(), node, 1, bind=True).content.config_records[NODE_RECORD]
+    token = bound["continuity-token"]
+    assert len(token) == 64 and (tmp_path / "continuity-0").stat().st_mode & 0o077 == 0
+    assert "continuity-token" not in _send("train", _cfg(), node, 2).content.config_records[NODE_RECORD]
+    again = _send("train", _cfg(), node, 3, bind=True).content.config_records[NODE_RECORD]
+    assert again["continuity-token"] == token

@@ -14,14 +14,15 @@ import logging
 import os
 import random
 import resource
+import secrets
 import shutil
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.constants import DEFAULT_TTL
 from flwr.supercore.task_identity import TaskIdentity
 
 import clients.app as client_app
@@ -30,17 +31,19 @@ from fed.adapters import Aggregation, Structure
 from fed.config import DPConfig, StrategyConfig
 from fed.config.sources import resolve
 from fed.privacy.book import LedgerBook
-from fed.privacy.client import POLICY_ENV
+from fed.privacy.client import KNOWN_EVENTS, KNOWN_PIN, NODE_RECORD, POLICY_ENV
 from fed.privacy.ledger import DpSgdEvent, Ledger, epsilon, events_to_json
 from fed.session import adapted_model
 from fed.wire import config_record, metas, to_record
 from strategies.build import influence_stages, reply_stages
 from strategies.core import AdapterStrategy
-from strategies.pipeline import AdapterModel
+from strategies.pipeline import AdapterModel, Reply, RoundLog, RoundState
 from strategies.privacy import PrivacyBookkeeping
 from strategies.validation import ReplyRules
 
 N = 60
+NO_GRID = {"reply-delay": "0"}
+"""Probes other than the timing one answer at once (the default 30 s grid would only make them slow)."""
 
 
 def _message(kind: str, cfg, round_: int, arrays: dict[str, torch.Tensor], known: str = "") -> Message:
@@ -94,6 +97,7 @@ def evaluation(tmp: Path) -> None:
             seen[key].clear()
         state = tmp / f"state-{len(keys)}"
         node = {"partition-id": 0, "data-path": str(path), "state-dir": str(state), "fresh-start": "true", **keys}
+        node |= NO_GRID
         m = _call("train", cfg, node)
         e = _call("evaluate", cfg.with_overrides({"seed": 1, "data.test_fraction": 0.9}), node, 3)
         scored = e.get("num-examples", 0) if isinstance(e, dict) else 0
@@ -125,6 +129,7 @@ def evaluation(tmp: Path) -> None:
                 writer.writerows(rows + extra)
             state = tmp / f"o{len(keys)}-{len(extra)}"
             node = {"partition-id": 0, "data-path": str(p2), "state-dir": str(state), "fresh-start": "true", **keys}
+            node |= NO_GRID
             if first is not None:  # first contact with the run's labels (the 'flu' file already errs here)
                 _call("train", first, node)
             e = _call("evaluate", probe if first else probe.with_overrides({"dp.enabled": False}), node)
@@ -138,6 +143,19 @@ def _reply(node: int, cid: int, **metrics) -> Message:
             "dp-steps": 5, "dp-noise-multiplier": 1.0, "dp-sample-rate": 0.1, "epsilon": 1.0}  # fmt: skip
     content = RecordDict({"metrics": MetricRecord({**base, **metrics}), "arrays": to_record(_DELTA)})
     msg = Message(content, dst_node_id=1, message_type="train")
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+def _bound(reply: Message, token: str) -> Message:
+    """``reply`` carrying a continuity token, as a node the server asked to bind sends it."""
+    reply.content[NODE_RECORD] = ConfigRecord({"continuity-token": token})
+    return reply
+
+
+def _evaluation(node: int, cid: int, rows: int, accuracy: float) -> Message:
+    scores = MetricRecord({"partition-id": cid, "num-examples": rows, "eval_accuracy": accuracy, "eval_loss": 0.5})
+    msg = Message(RecordDict({"metrics": scores}), dst_node_id=1, message_type="evaluate")
     msg.metadata.__dict__["_src_node_id"] = node
     return msg
 
@@ -183,13 +201,30 @@ def server() -> None:
     )
     ev = []
     for node, (n, acc) in enumerate([(100, 0.80), (100, 0.82), (100, 0.79), (10**12, 1e6)]):
-        scores = MetricRecord({"num-examples": n, "eval_accuracy": acc, "eval_loss": 0.5})
-        msg = Message(RecordDict({"metrics": scores}), dst_node_id=1, message_type="evaluate")
-        msg.metadata.__dict__["_src_node_id"] = 2000 + node
-        ev.append(msg)
+        ev.append(_evaluation(2000 + node, 10 + node, n, acc))
     print(
         f"(4) evaluate: 3 honest at ~0.80 and one claiming 10^12 rows at 1e6: round's eval_accuracy "
         f"{s.aggregate_evaluate(1, ev)['eval_accuracy']:.4g} (before: 1e+06)"
+    )
+    s = _strategy(dp, LedgerBook(dp))
+    s.aggregate_train(1, [_reply(1001, 0)])
+    honest, spoofed = _evaluation(1001, 0, 10, 0.80), _evaluation(1002, 0, 1000, 0.0)
+    print(
+        f"    gap 3: node 1001 bound to partition-id 0 scores 0.80 on 10 rows, node 1002 claims partition-id 0 with "
+        f"1000 rows at 0.0: round's eval_accuracy {s.aggregate_evaluate(1, [honest, spoofed])['eval_accuracy']:.4g} "
+        "(before: 0.0079, the spoofed reply averaged in)"
+    )
+    s = _strategy(dp, LedgerBook(dp))
+    token = secrets.token_bytes(32).hex()
+    s.aggregate_train(1, [_bound(_reply(1001, 0), token)])
+    s.rounds[2] = RoundLog(connected=[1002, 1003])  # node 1001 left the SuperLink
+    s.aggregate_train(2, [_reply(1003, 0, round=2), _bound(_reply(1002, 0, round=2), secrets.token_bytes(32).hex())])
+    spoofers = (len(s.rounds[2].accepted), len(s.rounds[2].dropped))
+    s.aggregate_train(2, [_bound(_reply(1004, 0, round=2), token)])  # 1001 restarted under a new node id
+    print(
+        f"    gap 4: partition-id 0's node left; a peer without the token and one with a wrong token: accepted "
+        f"{spoofers[0]}, dropped {spoofers[1]} (before: the first claim accepted); the honest node restarted "
+        f"under a new id with its token: accepted {len(s.rounds[2].accepted) - spoofers[0]}"
     )
     limit = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, limit[1]))
@@ -213,9 +248,8 @@ def ledgers(tmp: Path) -> None:
     def ask(state: Path, cfg=base, round_: int = 1, known: str = "", node: dict | None = None) -> dict:
         fresh = {} if state.exists() else {"fresh-start": "true"}  # first contact: the operator starts it
         state.mkdir(parents=True, exist_ok=True)
-        reply = exp.ask(
-            data, {"state-dir": str(state), **(node if node is not None else policy | fresh)}, cfg, round_, known
-        )
+        keys = NO_GRID | (node if node is not None else policy | fresh)
+        reply = exp.ask(data, {"state-dir": str(state), **keys}, cfg, round_, known)
         return dict(reply.content.metric_records["metrics"])
 
     def spent(events: list[DpSgdEvent]) -> str:
@@ -300,16 +334,47 @@ def ledgers(tmp: Path) -> None:
 
 
 def timing(tmp: Path) -> None:
-    """reply_fields.py's timing: created_at of the reply minus the request's, without and with reply-delay."""
+    """reply_fields.py's timing: created_at of the reply minus the request's, as the server reads it off the reply
+    (the request's ttl less the reply's), on the default grid (30 s), a 0.4 s grid, and with the operator's
+    explicit reply-delay 0."""
     exp = Experiment(Canary())
-    for delay in ("0", "2"):
-        node = {"state-dir": str(tmp / f"t{delay}"), "delta": "1e-3", "fresh-start": "true", "reply-delay": delay}
+    for delay, rounds in ((None, 1), ("0.4", 3), ("0", 2)):
+        node = {"state-dir": str(tmp / f"t{delay}"), "delta": "1e-3", "fresh-start": "true"}
+        node |= {} if delay is None else {"reply-delay": delay}
         gaps = []
-        for r in (1, 2):
-            started = time.time()
-            reply = exp.ask(exp.canary.data(True), node, round_=r)  # ask builds the request: created_at ~ started
-            gaps.append(f"{reply.metadata.created_at - started:.3f}")
-        print(f"timing, reply-delay={delay}: reply created_at - request time = {gaps} s")
+        for r in range(1, rounds + 1):
+            reply = exp.ask(exp.canary.data(True), node, round_=r)  # the request has Flower's default ttl
+            gaps.append(f"{DEFAULT_TTL - reply.metadata.ttl:.3f}")
+        label = "default (30 s grid)" if delay is None else f"reply-delay={delay}"
+        print(f"timing, {label}: reply created_at - request time = {gaps} s (before, default: the processing time)")
+
+
+def pin(tmp: Path) -> None:
+    """Gap 1: a node that lost its state dir gets the server's copy (events and, now, its pin) back and is asked
+    for a larger target than its first DP round pinned (4 after 1; the strict default allows 8)."""
+    exp = Experiment(Canary())
+    data = exp.canary.data(True)
+    first = exp.cfg.with_overrides({"dp.noise_multiplier": 0.0, "dp.target_epsilon": 1.0, "federation.rounds": 5})
+    node = {"state-dir": str(tmp / "pin"), "delta": "1e-3"} | NO_GRID
+    reply = exp.ask(data, node | {"fresh-start": "true"}, first)
+    privacy = PrivacyBookkeeping(LedgerBook(first.dp))
+    state = RoundState(1, RoundLog(), {}, {})
+    privacy.arrive(state, Reply(reply))
+    privacy.accepted(state, Reply(reply))
+    ask = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
+    kept = dict(privacy.with_known_events(ask).content.config_records["config"])
+    shutil.rmtree(tmp / "pin")
+    looser = first.with_overrides({"dp.target_epsilon": 4.0})
+    m = dict(exp.ask(data, node, looser, 2, str(kept.get(KNOWN_EVENTS, ""))).content.metric_records["metrics"])
+    without_pin = "refused" if m.get("refused") else f"TRAINED, epsilon {m.get('epsilon', 0):.3f}"
+    shutil.rmtree(tmp / "pin")  # lost again: this time the whole copy comes back
+    m = dict(exp.ask(data, node, looser, 2, kept[KNOWN_EVENTS], kept[KNOWN_PIN]).content.metric_records["metrics"])
+    print(
+        f"gap 1: state lost, server returns {sorted(kept)}; target 4 after a pinned 1: with events only (all the "
+        f"server kept before) "
+        f"{without_pin}; with the pin {'refused' if m.get('refused') else 'TRAINED'} "
+        "(cap 1)"
+    )
 
 
 def main() -> None:
@@ -323,6 +388,7 @@ def main() -> None:
     evaluation(tmp)
     server()
     ledgers(tmp)
+    pin(tmp)
     timing(tmp)
 
 

@@ -132,6 +132,10 @@ def main() -> None:
                 result = deployment(model, resident, Path(tmp) / f"{model}-{mode}", args.rounds, args.nodes)
                 rows.append(_row(model, mode, result))
                 print(rows[-1], flush=True)
+                _save(rows, args, uptime)  # after each deployment: an interrupted bench keeps what it measured
+
+
+def _save(rows: list[str], args: argparse.Namespace, uptime: str) -> None:
     body = (
         f"Per-message overhead of a deployed SuperNode: delivered to reply sent, minus the training and evaluation "
         f"time its ClientApp logged, over {args.nodes} nodes and {args.rounds} rounds on loopback (TLS, node "

@@ -67,7 +67,8 @@ def test_a_resident_node_finds_the_shim_first_on_its_path(tmp_path):
     assert Path(first) == tmp_path / "bin" and (Path(first) / "flwr-clientapp").is_file()
     assert environ[resident.RESIDENT_ENV] == str((tmp_path / "resident").resolve())
     plain = launcher.node_env(tmp_path / "p", resident=False)
-    assert resident.RESIDENT_ENV not in plain and Path(plain["PATH"].split(os.pathsep)[0]) == Path(sys.executable).parent
+    assert resident.RESIDENT_ENV not in plain
+    assert Path(plain["PATH"].split(os.pathsep)[0]) == Path(sys.executable).parent
 
 
 def test_another_flower_release_is_refused_with_the_way_out(monkeypatch):
@@ -82,7 +83,7 @@ def test_forgetting_a_project_drops_its_modules_and_their_caches(tmp_path, monke
     (package / "__init__.py").write_text("CACHE = {}\n")
     (package / "model.py").write_text("from cachepkg_resident import CACHE\nCACHE['model'] = object()\n")
     monkeypatch.syspath_prepend(str(tmp_path / "fab"))
-    import cachepkg_resident.model  # noqa: F401
+    import cachepkg_resident.model
 
     first = sys.modules["cachepkg_resident"].CACHE["model"]
     dropped = resident.forget(tmp_path / "fab")

@@ -94,7 +94,7 @@ def deployment(model: str, resident: bool, root: Path, rounds: int, nodes: int) 
     load.append(os.getloadavg()[0])
     walls = [json.loads(line)["wall_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     per_node = [messages(layout.log(f"node-{node}").read_text(errors="replace")) for node in range(nodes)]
-    return {"rounds": [b - a for a, b in zip([0.0, *walls], walls)], "nodes": per_node, "load": load}
+    return {"rounds": walls, "nodes": per_node, "load": load}  # each round's own wall time (server/app.py)
 
 
 def _row(model: str, mode: str, result: dict) -> str:

@@ -57,7 +57,7 @@ def _cfg(model_dir: Path, data: Path, *extra: str):
     )
 
 
-PLAIN = ("dp.enabled=false", "federation.fraction_evaluate=1")
+PLAIN = ("dp.enabled=false", "federation.fraction_evaluate=1", "simulation.actors=1")  # one Ray actor: memory
 PRIVATE = ("dp.enabled=true", "dp.target_epsilon=8", "federation.fraction_evaluate=0")
 
 

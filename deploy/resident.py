@@ -299,6 +299,11 @@ def serve(home: Home, watch_pid: int | None = None) -> None:
     home.pid.write_text(str(os.getpid()))
     if watch_pid is not None:
         start_parent_process_monitor(watch_pid)
+    # what the acceptor needs, before it starts: a request's token must be renewed (its heartbeat) well within
+    # the 30 s Flower gives a claimed task, also while the warm imports below hold the interpreter busy
+    import flwr.supercore.heartbeat
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401
+
     tasks: Queue[Task] = Queue()
     threading.Thread(target=_accept, args=(listener, tasks), daemon=True).start()
     started = time.perf_counter()

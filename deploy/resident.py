@@ -289,6 +289,14 @@ def serve(home: Home, watch_pid: int | None = None) -> None:
     from flwr.supercore.app_utils import start_parent_process_monitor
 
     version = check_flower()
+    if watch_pid is not None:
+        start_parent_process_monitor(watch_pid)
+    # What the acceptor needs loads before the socket exists: a shim that finds the socket gets its ack at once
+    # (a slow one means a wedged resident, which it replaces), while one that started this process waits for
+    # the socket to appear; the task's heartbeat then starts as soon as the request arrives.
+    import flwr.supercore.heartbeat
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401
+
     home.root.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         home.socket.unlink()
@@ -297,13 +305,6 @@ def serve(home: Home, watch_pid: int | None = None) -> None:
     home.socket.chmod(0o600)  # only the node's own user may hand it tasks
     listener.listen(8)
     home.pid.write_text(str(os.getpid()))
-    if watch_pid is not None:
-        start_parent_process_monitor(watch_pid)
-    # what the acceptor needs, before it starts: a request's token must be renewed (its heartbeat) well within
-    # the 30 s Flower gives a claimed task, also while the warm imports below hold the interpreter busy
-    import flwr.supercore.heartbeat
-    import flwr.supernode.runtime.run_clientapp  # noqa: F401
-
     tasks: Queue[Task] = Queue()
     threading.Thread(target=_accept, args=(listener, tasks), daemon=True).start()
     started = time.perf_counter()

@@ -191,7 +191,7 @@ def test_a_killed_resident_costs_one_message_not_the_run(killed):
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert [r["clients"] for r in rounds] == [2, 1, 2]  # round 3: node 1 served again, by a new process
     log = layout.log("node-1")
-    assert _count(log, STARTED) == 2 and _count(log, SERVED) == 3
+    assert _count(log, STARTED) >= 2 and _count(log, SERVED) >= 3  # more where a start outlived a claim
     assert int(Home(layout.node_dir(1) / "resident").pid.read_text()) != pid
     assert [e.round for e in Ledger.from_json((layout.node_dir(0) / "ledger-0.json").read_text()).events] == [1, 2, 3]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -213,7 +213,7 @@ def hung(tmp_path_factory, tiny_model_dir):
         cluster.start_node(1, None, 2, policy={"reply-delay": 3600.0})
         run_dir = cluster.run(cfg, "hung", timeout=900)
         # the run is over; node 1 still serves its round-2 message until the bound ends it
-        _wait(lambda: _count(layout.log("node-1"), "ran past the round timeout") == 2, "node 1's second bound")
+        _wait(lambda: _count(layout.log("node-1"), "ran past the round timeout") >= 2, "node 1's second bound")
     return layout, run_dir
 
 
@@ -227,4 +227,5 @@ def test_a_hung_task_is_bounded_by_the_round_timeout(hung):
     assert all(r["clients"] <= 1 for r in rounds)  # node 1 never answered in time
     log = layout.log("node-1")
     # both messages were served: the first task's bound ended its process, a new one served the second
-    assert _count(log, SERVED) == 2 and _count(log, STARTED) == 2
+    assert _count(log, SERVED) >= 2 and _count(log, STARTED) >= 2
+    assert _count(log, "ran past the round timeout") >= 2

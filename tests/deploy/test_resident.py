@@ -212,8 +212,8 @@ def hung(tmp_path_factory, tiny_model_dir):
         cluster.start_node(0, None, 2)
         cluster.start_node(1, None, 2, policy={"reply-delay": 3600.0})
         run_dir = cluster.run(cfg, "hung", timeout=900)
-        # the run is over; node 1 still serves its round-2 message until the bound ends it
-        _wait(lambda: _count(layout.log("node-1"), "ran past the round timeout") >= 2, "node 1's second bound")
+        # node 1's next message (round 2's) finds its resident gone and starts a new one
+        _wait(lambda: _count(layout.log("node-1"), STARTED) >= 2, "node 1's next resident")
     return layout, run_dir
 
 
@@ -226,6 +226,5 @@ def test_a_hung_task_is_bounded_by_the_round_timeout(hung):
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["clients"] <= 1 for r in rounds)  # node 1 never answered in time
     log = layout.log("node-1")
-    # both messages were served: the first task's bound ended its process, a new one served the second
-    assert _count(log, SERVED) >= 2 and _count(log, STARTED) >= 2
-    assert _count(log, "ran past the round timeout") >= 2
+    # the first task's bound ended it with an error reply and ended its process; the next message got a new one
+    assert _count(log, "ran past the round timeout") >= 1 and _count(log, STARTED) >= 2

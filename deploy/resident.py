@@ -55,7 +55,7 @@ SHIM = "flwr-clientapp"
 ACK_TIMEOUT = 30.0
 """Seconds a shim waits for the resident to acknowledge a request before replacing it (a stopped or wedged
 process); generous, because the resident's acceptor answers at once even while a task trains."""
-START_TIMEOUT = 120.0
+START_TIMEOUT = 300.0
 """Seconds a shim waits for a resident it started to listen."""
 WARM_IMPORTS = ("torch", "transformers", "opacus", "datasets", "peft", "flwr.clientapp")
 """Third-party modules the resident imports once at start, before its first task."""

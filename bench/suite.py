@@ -85,6 +85,14 @@ BENCHES = {
         "3 s (below this machine's import floor)",
         True,
     ),
+    "resident_overhead": Bench(
+        "bench.resident_overhead",
+        "What does a deployed node spend per message besides training, resident against per-message ClientApps?",
+        "about 40 min (4 deployments of 3 rounds)",
+        "per-message overhead, first and later messages, and round walls, per model and mode",
+        "under 1 s after the first message in resident mode",
+        True,
+    ),
     "book_scale": Bench(
         "bench.book_scale",
         "How long does the server spend per round on privacy.json at 1,000 clients?",

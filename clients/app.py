@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Mapping
 
 import torch
@@ -161,6 +162,7 @@ def train(msg: Message, context: Context) -> Message:
         state.hold_reply(cfg.dp, msg.metadata.created_at)
         return _reply(msg, private.release(metrics | verdict), reason=private.plan.refused, node=node)
     result = _train_locally(cfg, session, private.plan, round_, pid, rank)
+    log.info("trained %d steps in %.3f s", result.steps, result.wall_s)  # this node's log (bench/resident_overhead)
     # loss, timing and expert counts are private statistics outside DP-SGD
     metrics |= private.trained(
         {"train_loss": result.loss, "train_wall_s": result.wall_s} | usage_metrics(result.usage), result.released_loss
@@ -181,6 +183,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         state.hold_reply(cfg.dp, msg.metadata.created_at)
         return _reply(msg, {"partition-id": pid, "refused": 1}, reason=reason)
     last = round_ >= cfg.federation.rounds or state.dp_bound(cfg.dp)  # every held-out row
+    started = time.perf_counter()
     scores = evaluate(
         session.adapter,
         session.task,
@@ -189,6 +192,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         limit=0 if last else cfg.train.max_eval_examples,
         precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type),
     )
+    log.info("evaluated in %.3f s", time.perf_counter() - started)  # this node's log (bench/resident_overhead)
     metrics: dict[str, MetricRecordValues] = {
         "partition-id": pid,  # the server accepts scores only from the node bound to it
         "num-examples": int(scores.pop("num_examples")),

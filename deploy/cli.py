@@ -15,6 +15,7 @@ from rich.console import Console
 
 from deploy import launcher as deploy
 from deploy.pki import make_pki
+from deploy.resident import ResidentError, check_flower
 from fed.config.sources import resolve
 
 
@@ -27,6 +28,15 @@ def _insecure(parser: argparse.ArgumentParser) -> None:
         "--insecure",
         action="store_true",
         help="no TLS and no node authentication (debugging on a trusted loopback only)",
+    )
+
+
+def _mode(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--per-message",
+        action="store_true",
+        help="start a fresh flwr-clientapp process for every message (Flower's own way) instead of the node's "
+        "resident ClientApp process, which keeps its imports and the run's model between messages",
     )
 
 
@@ -120,6 +130,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     node.add_argument("--data", required=True, help="this node's data file (.csv, .json, .jsonl, .parquet)")
     node.add_argument("--port", type=int, default=9094, help="the node's local runtime port (default 9094)")
     node.add_argument("--nodes", type=int, default=0, help="federation size, for partition-style runs")
+    _mode(node)
     node.add_argument(
         "--fresh-start",
         action="store_true",
@@ -139,6 +150,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _config(local)
     _insecure(local)
     local.add_argument("--data", action="append", required=True, help="a node's data file (repeat per node)")
+    _mode(local)
     _policy(local)
 
 
@@ -195,7 +207,11 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
         policy = policy_config(args) | ({"fresh-start": "true"} if args.fresh_start else {})
         config = deploy.node_config(args.node, args.data, state, args.nodes or args.node + 1, policy)
         cmd = deploy.supernode_command(layout, args.node, args.superlink, args.port, config, insecure=args.insecure)
-        return _exec(console, cmd, deploy.env(state / "flwr-home"))
+        try:
+            environ = deploy.node_env(state, resident=not args.per_message)
+        except ResidentError as err:
+            raise DeployError(str(err)) from None
+        return _exec(console, cmd, environ)
     cfg = resolve(args.preset, args.overrides)
     if args.step == "run":
         with deploy.Cluster(layout) as cluster:  # only to launch and wait; the SuperLink runs elsewhere
@@ -203,8 +219,19 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
                 cfg, args.name, timeout=cfg.federation.round_timeout * cfg.federation.rounds * 2, resume=args.resume
             )
     else:
+        if not args.per_message:
+            try:
+                check_flower()
+            except ResidentError as err:
+                raise DeployError(str(err)) from None
         run_dir = deploy.deploy_local(
-            cfg, args.data, layout.root, insecure=args.insecure, name=args.name, policy=policy_config(args)
+            cfg,
+            args.data,
+            layout.root,
+            insecure=args.insecure,
+            name=args.name,
+            policy=policy_config(args),
+            resident=not args.per_message,
         )
     console.print(f"run directory: [bold]{run_dir}[/bold]")
     return 0

@@ -26,6 +26,7 @@ from typing import Any
 import tomli_w
 
 from deploy.pki import Pki
+from deploy.resident import RESIDENT_ENV, check_flower, install_shim
 from fed.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # how often the SuperExec asks its node for a task (Flower's default: every second), in both modes: a wait
+    # that every message would otherwise pay before its ClientApp even starts
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
 
 
@@ -78,6 +82,20 @@ def env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str
     environ = {**(base if base is not None else os.environ), **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
     scripts = str(Path(sys.executable).parent)
     environ["PATH"] = os.pathsep.join([scripts, *(d for d in environ.get("PATH", "").split(os.pathsep) if d)])
+    return environ
+
+
+def node_env(state: Path, *, resident: bool) -> dict[str, str]:
+    """A SuperNode's environment: its own Flower home under its state directory; in resident mode (the
+    default, ``deploy.resident``) its PATH starts with the ``flwr-clientapp`` shim that hands each task to the
+    node's resident ClientApp process. ResidentError when this Flower release was never tested resident."""
+    environ = env(state / "flwr-home")
+    if not resident:
+        return environ
+    check_flower()
+    shim = install_shim(state / "bin")
+    environ["PATH"] = os.pathsep.join([str(shim.parent), environ["PATH"]])
+    environ[RESIDENT_ENV] = str((state / "resident").resolve())
     return environ
 
 
@@ -239,6 +257,7 @@ class Cluster:
 
     layout: Layout
     insecure: bool = False
+    resident: bool = True  # the nodes' ClientApp runtime: resident (deploy.resident) or a process per message
     host: str = "127.0.0.1"
     port: int = 0
     procs: Processes = field(default_factory=Processes)
@@ -307,7 +326,7 @@ class Cluster:
             key=key,
         )
         name = name or f"node-{node}"
-        return self.procs.start(name, cmd, env(state / "flwr-home"), self.layout.log(name), cwd=state)
+        return self.procs.start(name, cmd, node_env(state, resident=self.resident), self.layout.log(name), cwd=state)
 
     def launch(self, cfg: RunConfig, name: str, resume: bool = False) -> subprocess.Popen:
         """``flwr run <app> fedlora --stream`` with the resolved config; the run directory is runs/<name>
@@ -346,16 +365,17 @@ def deploy_local(
     name: str = "run",
     timeout: float = 3600.0,
     policy: Mapping[str, str | float] = {},
+    resident: bool = True,
 ) -> Path:
-    """Keys, a SuperLink, one SuperNode per data file (each registered, each under ``policy``), the run,
-    and teardown."""
+    """Keys, a SuperLink, one SuperNode per data file (each registered, each under ``policy``, each with a
+    resident ClientApp process unless ``resident`` is False), the run, and teardown."""
     from deploy.pki import make_pki
 
     layout = Layout(Path(root))
     cfg = cfg.with_overrides({"federation.num_clients": len(data_paths)})
     if not insecure:
         make_pki(layout.pki.root, ["127.0.0.1", "localhost"], len(data_paths))
-    with Cluster(layout, insecure=insecure) as cluster:
+    with Cluster(layout, insecure=insecure, resident=resident) as cluster:
         cluster.start_superlink()
         for node, path in enumerate(data_paths):
             cluster.register(node)

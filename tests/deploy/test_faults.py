@@ -4,7 +4,9 @@ resumed from its checkpoint. Each run finishes; no ledger loses or repeats an ev
 
 Round 1: both nodes train. Round 2: node 1 is SIGKILLed while its ClientApp runs, so the round closes with
 node 0's reply; node 1 restarts at once on the same state directory. Round 3: node 0 is frozen (SIGSTOP), so the
-round closes at the timeout with node 1's reply, and node 1's ledger continues from its file.
+round closes at the timeout with node 1's reply, and node 1's ledger continues from its file. The first
+federation runs in per-message mode (Flower's process per message); tests/deploy/test_resident.py has the
+resident runtime's own faults.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def faulty(tmp_path_factory, tiny_model_dir):
     layout = Layout(root)
     cfg = _cfg(tiny_model_dir, f"federation.round_timeout={TIMEOUT}", "federation.min_replies=1")
     run_dir = root / "runs" / "faults"
-    with Cluster(layout, insecure=True) as cluster:
+    with Cluster(layout, insecure=True, resident=False) as cluster:  # counts Flower's per-message processes
         cluster.start_superlink()
         nodes = [cluster.start_node(node, path, num_nodes=2) for node, path in enumerate(files)]
         run = cluster.launch(cfg, "faults")

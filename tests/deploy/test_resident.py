@@ -1,0 +1,230 @@
+"""The resident ClientApp runtime with real processes on loopback, TLS and node authentication: the same
+results as per-message mode and as ``fed simulate``, nothing carried from one run into the next, the same
+ledgers under DP, and a killed resident process that costs one message, not the run.
+
+One federation per mode (a SuperLink and two SuperNodes on partitions of one dataset file), each serving
+the same runs in the same order: ``plain`` (no DP, with evaluation), in resident mode ``again`` (the same
+config on the same warm processes: a cache that carried the trained adapter, its optimizer or the data
+into the next run would change it), then ``dp`` (DP-SGD; the nodes' ledgers are compared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from deploy.launcher import Cluster, Layout
+from deploy.pki import make_pki
+from deploy.resident import Home
+from fed.config.sources import resolve
+from fed.privacy.ledger import Ledger
+
+pytestmark = pytest.mark.slow
+SERVED = "resident: task of run"
+STARTED = "resident ClientApp process"
+VOLATILE = {"wall_s"}  # the only field of a round's line that depends on the machine, not on the run
+
+
+def _data(root: Path) -> Path:
+    words = ("good fine great", "bad dull poor")
+    path = root / "reviews.csv"
+    rows = [f"a {words[i % 2].split()[i % 3]} film number {i},{('pos', 'neg')[i % 2]}" for i in range(48)]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def _cfg(model_dir: Path, data: Path, *extra: str):
+    return resolve(
+        "quickstart",
+        [
+            f"model.name={model_dir}",
+            "model.max_length=16",
+            f"data.name={data}",
+            "data.labels=neg,pos",
+            "adapter.kind=ffa-lora",
+            "federation.num_clients=2",
+            "federation.rounds=2",
+            "train.local_steps=2",
+            "train.batch_size=8",
+            *extra,
+        ],
+    )
+
+
+PLAIN = ("dp.enabled=false", "federation.fraction_evaluate=1", "simulation.actors=1")  # one Ray actor: memory
+PRIVATE = ("dp.enabled=true", "dp.target_epsilon=8", "federation.fraction_evaluate=0")
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in lines]
+
+
+def _adapter(run_dir: Path) -> dict:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def _events(layout: Layout, node: int) -> list[tuple]:
+    ledger = Ledger.from_json((layout.node_dir(node) / f"ledger-{node}.json").read_text())
+    return [(e.round, e.steps, e.sample_rate, e.noise_multiplier) for e in ledger.events]
+
+
+@pytest.fixture(scope="module")
+def federations(tmp_path_factory, tiny_model_dir):
+    """Both modes, each on its own keys and state directories; the runs of each, by name."""
+    data = _data(tmp_path_factory.mktemp("data"))
+    out = {}
+    for resident in (True, False):
+        layout = Layout(tmp_path_factory.mktemp("resident" if resident else "per-message"))
+        make_pki(layout.pki.root, ["127.0.0.1", "localhost"], nodes=2)
+        runs = {}
+        with Cluster(layout, resident=resident) as cluster:
+            cluster.start_superlink()
+            for node in (0, 1):
+                cluster.register(node)
+                cluster.start_node(node, None, 2, policy={"dp-opt-out": "true"})
+            runs["plain"] = cluster.run(_cfg(tiny_model_dir, data, *PLAIN), "plain", timeout=600)
+            if resident:
+                runs["again"] = cluster.run(_cfg(tiny_model_dir, data, *PLAIN), "again", timeout=600)
+            runs["dp"] = cluster.run(_cfg(tiny_model_dir, data, *PRIVATE), "dp", timeout=600)
+        out["resident" if resident else "per-message"] = (layout, runs)
+    return out, data
+
+
+def test_resident_nodes_served_every_message_from_one_process_each(federations):
+    runs, _ = federations
+    layout, _ = runs["resident"]
+    for node in (0, 1):
+        log = layout.log(f"node-{node}")
+        # plain: 2 rounds x (train + evaluate); again: the same; dp: 2 train messages
+        assert _count(log, SERVED) == 10
+        assert _count(log, STARTED) == 1  # one process for all three runs
+        assert _count(log, "Start `flwr-clientapp` process") == 0  # Flower's own command never ran
+    layout_p, _ = runs["per-message"]
+    assert _count(layout_p.log("node-0"), "Start `flwr-clientapp` process") == 6
+
+
+def test_same_metrics_and_adapter_as_per_message_mode_and_simulation(federations, tiny_model_dir, tmp_path):
+    from simulations.run import simulate
+
+    runs, data = federations
+    resident, per_message = runs["resident"][1], runs["per-message"][1]
+    simulated = simulate(_cfg(tiny_model_dir, data, *PLAIN), tmp_path, name="sim").path
+    expected = _rounds(simulated)
+    assert [r["clients"] for r in expected] == [2, 2] and expected[-1]["eval_accuracy"] is not None
+    for run_dir in (resident["plain"], resident["again"], per_message["plain"]):
+        assert _rounds(run_dir) == expected
+        tensors, reference = _adapter(run_dir), _adapter(simulated)
+        assert tensors.keys() == reference.keys()
+        for name, tensor in reference.items():
+            assert tensors[name].equal(tensor), name
+
+
+def test_same_ledgers_under_dp(federations):
+    runs, _ = federations
+    (layout_r, resident), (layout_p, per_message) = runs["resident"], runs["per-message"]
+    for node in (0, 1):
+        events = _events(layout_r, node)
+        assert [e[0] for e in events][-2:] == [1, 2]
+        assert events == _events(layout_p, node)
+        assert Ledger.from_json((layout_r.node_dir(node) / f"ledger-{node}.json").read_text()).epsilon() > 0
+    book_r = json.loads((resident["dp"] / "privacy.json").read_text())["clients"]
+    book_p = json.loads((per_message["dp"] / "privacy.json").read_text())["clients"]
+    assert {k: v["epsilon"] for k, v in book_r.items()} == {k: v["epsilon"] for k, v in book_p.items()}
+
+
+def _wait(condition, what: str, timeout: float = 400.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        time.sleep(0.2)
+
+
+def _count(path: Path, text: str) -> int:
+    """Lines of a node's log holding ``text``, in Flower's format only: importing Opacus adds a handler to the
+    root logger that repeats every line in its own format (a date first)."""
+    if not path.is_file():
+        return 0
+    return sum(text in line and not line[:1].isdigit() for line in path.read_text(errors="replace").splitlines())
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, tiny_model_dir):
+    """Three rounds; node 1's resident process is SIGKILLed while it serves its round-2 message."""
+    root = tmp_path_factory.mktemp("killed")
+    data = _data(root)
+    layout = Layout(root)
+    make_pki(layout.pki.root, ["127.0.0.1", "localhost"], nodes=2)
+    cfg = _cfg(
+        tiny_model_dir,
+        data,
+        *PRIVATE,
+        "federation.rounds=3",
+        "federation.min_replies=1",
+        "federation.round_timeout=180",
+    )
+    run_dir = root / "runs" / "killed"
+    node_log = layout.log("node-1")
+    with Cluster(layout) as cluster:
+        cluster.start_superlink()
+        for node in (0, 1):
+            cluster.register(node)
+            cluster.start_node(node, None, 2)
+        run = cluster.launch(cfg, "killed")
+        _wait(lambda: _count(node_log, SERVED) == 2, "node 1's round-2 message")
+        pid = int(Home(layout.node_dir(1) / "resident").pid.read_text())
+        os.kill(pid, signal.SIGKILL)
+        _wait(lambda: run.poll() is not None, "the run to finish", timeout=600)
+    return layout, run_dir, pid
+
+
+def test_a_killed_resident_costs_one_message_not_the_run(killed):
+    layout, run_dir, pid = killed
+    rounds = _rounds(run_dir)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r["clients"] for r in rounds] == [2, 1, 2]  # round 3: node 1 served again, by a new process
+    log = layout.log("node-1")
+    assert _count(log, STARTED) >= 2 and _count(log, SERVED) >= 3  # more where a start outlived a claim
+    assert int(Home(layout.node_dir(1) / "resident").pid.read_text()) != pid
+    assert [e.round for e in Ledger.from_json((layout.node_dir(0) / "ledger-0.json").read_text()).events] == [1, 2, 3]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def hung(tmp_path_factory, tiny_model_dir):
+    """Two rounds; node 1's tasks never end by themselves (its policy holds every DP reply for an hour)."""
+    root = tmp_path_factory.mktemp("hung")
+    data = _data(root)
+    layout = Layout(root)
+    make_pki(layout.pki.root, ["127.0.0.1", "localhost"], nodes=2)
+    cfg = _cfg(tiny_model_dir, data, *PRIVATE, "federation.min_replies=1", f"federation.round_timeout={HUNG_TIMEOUT}")
+    with Cluster(layout) as cluster:
+        cluster.start_superlink()
+        for node in (0, 1):
+            cluster.register(node)
+        cluster.start_node(0, None, 2)
+        cluster.start_node(1, None, 2, policy={"reply-delay": 3600.0})
+        run_dir = cluster.run(cfg, "hung", timeout=900)
+        # node 1's next message (round 2's) finds its resident gone and starts a new one
+        _wait(lambda: _count(layout.log("node-1"), STARTED) >= 2, "node 1's next resident")
+    return layout, run_dir
+
+
+HUNG_TIMEOUT = 60
+
+
+def test_a_hung_task_is_bounded_by_the_round_timeout(hung):
+    layout, run_dir = hung
+    rounds = _rounds(run_dir)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["clients"] <= 1 for r in rounds)  # node 1 never answered in time
+    log = layout.log("node-1")
+    # the first task's bound ended it with an error reply and ended its process; the next message got a new one
+    assert _count(log, "ran past the round timeout") >= 1 and _count(log, STARTED) >= 2

@@ -18,6 +18,7 @@ from typing import Any, get_args
 
 from fed.config import Accountant, DPConfig
 from fed.privacy import secure_rng
+from fed.privacy.client_level import ClientAccount
 from fed.privacy.ledger import DpSgdEvent, Ledger, epsilon, event_problems
 from fed.privacy.planner import new_ledger
 from fed.privacy.release import GUARANTEE, NOT_COVERED, RELEASED_IN_CLEAR
@@ -50,6 +51,8 @@ class LedgerBook:
     examples: dict[int, int] = field(default_factory=dict)
     """Each client's n (public under the zero-out adjacency the guarantee is stated for)."""
     flags: list[str] = field(default_factory=list)
+    client: ClientAccount | None = None
+    """The client-level guarantee's account (dp.level client or both): the server's own mechanism."""
     _memo: dict[tuple[int, str], tuple[int, float]] = field(default_factory=dict, repr=False, compare=False)
     """(client, accountant) -> (events seen, epsilon): a client's figure is recomputed only when it has new
     events (they only ever grow), so a write with 1,000 clients re-accounts just the round's participants."""
@@ -170,19 +173,25 @@ class LedgerBook:
                 }
             )
             clients[str(cid)] = entry
+        example = self.dp.example_level
         return {
-            "enabled": self.dp.enabled,
-            "guarantee": GUARANTEE if self.dp.enabled else "none (DP disabled)",
-            "released_in_clear": RELEASED_IN_CLEAR if self.dp.enabled else [],
-            "not_covered": NOT_COVERED if self.dp.enabled else [],
+            "enabled": example,
+            "level": self.dp.level if self.dp.enabled else None,
+            "unit": "example" if example else None,
+            "adjacency": "replace one training example of one client by a null example (zero-out)" if example else None,
+            "trust": "nobody but each client: it clips and noises its own gradients" if example else None,
+            "guarantee": GUARANTEE if example else "none (example-level DP off)",
+            "released_in_clear": RELEASED_IN_CLEAR if example else [],
+            "not_covered": NOT_COVERED if example else [],
             "accountant": self.dp.accountant,
             "delta": self.dp.delta,
             "target_epsilon": self.dp.target_epsilon,
             "max_grad_norm": self.dp.max_grad_norm,
-            "rng": secure_rng.SOURCE if self.dp.enabled else None,
+            "rng": secure_rng.SOURCE if example else None,
             "max_epsilon": self.max_epsilon(),
             "flags": list(self.flags),
             "clients": clients,
+            "client_level": None if self.client is None else self.client.report(cross_check),
         }
 
     def to_json(self) -> str:
@@ -195,6 +204,7 @@ class LedgerBook:
                 "secure_rng": {str(c): s for c, s in self.secure_rng.items()},
                 "examples": {str(c): n for c, n in self.examples.items()},
                 "flags": self.flags,
+                "client": None if self.client is None else self.client.to_dict(),
             }
         )
 
@@ -208,4 +218,5 @@ class LedgerBook:
             secure_rng={int(c): bool(s) for c, s in data["secure_rng"].items()},
             examples={int(c): int(n) for c, n in data["examples"].items()},
             flags=list(data["flags"]),
+            client=ClientAccount.from_dict(data["client"]) if data.get("client") else None,
         )

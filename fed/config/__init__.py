@@ -563,7 +563,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Each client's local round and evaluation."""
     dp: DPConfig = field(default_factory=DPConfig)
-    """Example-level differential privacy on every client (docs/privacy.md)."""
+    """Differential privacy at the example level (DP-SGD on every client), the client level (DP-FedAvg on the
+    server) or both (docs/privacy.md)."""
     wire: WireConfig = field(default_factory=WireConfig)
     """How tensors travel."""
     simulation: SimulationConfig = field(default_factory=SimulationConfig)

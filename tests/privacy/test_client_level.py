@@ -186,3 +186,27 @@ def test_the_config_refuses_robust_rules_and_product_averaging_at_the_client_lev
         )
     client_only = RunConfig.from_flat({"dp.enabled": True, "dp.level": "client"})  # no DP-SGD settings needed
     assert client_only.dp.client_level and not client_only.dp.example_level
+
+
+def test_fed_plan_plans_both_levels_with_the_client_level_cap(capsys):
+    from simulations.cli import main
+
+    argv = ["plan", "--set", "model.name=tiny-bert", "--set", "federation.num_clients=10"]
+    argv += ["--set", "federation.rounds=6", "--set", "federation.fraction_train=0.5", "--examples", "800"]
+    for setting in ("dp.enabled=true", "dp.level=both", "dp.noise_multiplier=1", "dp.client_target_epsilon=4"):
+        argv += ["--set", setting]
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines at the test console's width
+    assert "client-level epsilon per round" in out and "epsilon per round at delta" in out
+    last = max(t for t in range(1, 7) if reference_epsilon(1.0, 0.5, t, 1e-5, "rdp") <= 4)
+    assert f"stops the run after round {last} of 6" in out
+
+
+def test_a_family_that_is_not_a_dense_mean_stops_the_run_before_any_worker():
+    from fed.session import server_preflight
+
+    cfg = RunConfig.from_flat(
+        {"model.name": "tiny-bert", "adapter.kind": "roselora", "dp.enabled": True, "dp.level": "client"}
+    )
+    with pytest.raises(ConfigError, match="masked"):
+        server_preflight(cfg)

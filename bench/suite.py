@@ -48,7 +48,7 @@ BENCHES = {
         "bench.client_dp_utility",
         "What accuracy does client-level DP (DP-FedAvg) reach at 8, 32 and 100 clients, and how many clients per "
         "round keep it within 2 points of no DP?",
-        "minutes (the private preset's head replayed; features read once, about a minute; resumable)",
+        "minutes (the private preset's head replayed; features read once; resumable)",
         "accuracy against client-level epsilon per client count",
         "none: a measurement",
         True,

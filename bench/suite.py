@@ -52,6 +52,15 @@ BENCHES = {
         "0.80 at eps 8, 0.78 at eps 3, 0.76 at eps 1",
         True,
     ),
+    "client_dp_utility": Bench(
+        "bench.client_dp_utility",
+        "What accuracy does client-level DP (DP-FedAvg) reach at 8, 32 and 100 clients, and how many clients per "
+        "round keep it within 2 points of no DP?",
+        "minutes (the private preset's head replayed; features read once; resumable)",
+        "accuracy against client-level epsilon per client count",
+        "none: a measurement",
+        True,
+    ),
     "vs_baseline": Bench(
         "bench.vs_baseline",
         "Is fedlora as fast and as accurate as the reference Flower + PEFT + Opacus recipe?",

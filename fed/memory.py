@@ -62,7 +62,7 @@ def estimate(model: nn.Module, cfg: RunConfig, activation_bytes: int = 4) -> Mem
     ``activation_bytes``: 2 when the base runs in bfloat16 (``train.precision``), else 4."""
     hidden, intermediate, blocks, vocab = _shape(model)
     t = cfg.train
-    ghost = cfg.dp.enabled and cfg.dp.grad_sample_mode == "ghost"
+    ghost = cfg.dp.example_level and cfg.dp.grad_sample_mode == "ghost"
     chunk = t.batch_size if t.micro_batch == 0 or ghost else min(t.micro_batch, t.batch_size)
     tokens = chunk * cfg.model.max_length
     per_block = PER_TOKEN_HIDDEN * hidden + PER_TOKEN_INTERMEDIATE * intermediate
@@ -72,7 +72,7 @@ def estimate(model: nn.Module, cfg: RunConfig, activation_bytes: int = 4) -> Mem
     params = list(model.parameters())
     trained = sum(p.numel() for p in params if p.requires_grad)
     states = {"adamw": 2, "sgd": 1 if t.momentum > 0 else 0}[t.optimizer]
-    per_sample = t.batch_size * trained * 4 if cfg.dp.enabled and not ghost else 0
+    per_sample = t.batch_size * trained * 4 if cfg.dp.example_level and not ghost else 0
     return MemoryEstimate(
         weights=sum(p.numel() * p.element_size() for p in params),
         activations=activations,

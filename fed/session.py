@@ -21,6 +21,7 @@ from fed.data.datasets import ClientData, client_split, label_names, load_task_d
 from fed.data.node import align_labels, node_data, run_labels
 from fed.device import resolve_device
 from fed.models import checkpoint_blocks, default_targets, load_model, load_tokenizer, task_head_names
+from fed.privacy.client_level import dense_mean_problems
 from fed.privacy.ledger import SplitPin
 from fed.tasks import Task, make_task
 
@@ -191,11 +192,13 @@ def server_preflight(cfg: RunConfig) -> None:
     """What a server can check with what it has (config and model, never client data): the head size,
     the model and the adapter targets."""
     try:
-        adapted_model(cfg)
+        adapter, _ = adapted_model(cfg)
     except ConfigError:
         raise
     except (ValueError, ModuleNotFoundError, FileNotFoundError) as err:
         raise ConfigError(f"this config cannot run: {err}") from err
+    if cfg.dp.client_level and (problems := dense_mean_problems(adapter.structure().kinds)):
+        raise ConfigError(f"dp.level={cfg.dp.level!r}: {problems[0]}")
 
 
 def preflight(cfg: RunConfig) -> list[str]:

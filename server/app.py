@@ -20,6 +20,7 @@ from fed.adapters import Adapter
 from fed.config import RunConfig
 from fed.config.sources import from_run_config
 from fed.privacy.book import LedgerBook
+from fed.privacy.client_level import ClientAccount
 from fed.reports.curves import plot_curves
 from fed.reports.privacy import write_report
 from fed.run.checkpoint import Checkpoint
@@ -96,8 +97,14 @@ def _line(round_: int, log: RoundLog, book: LedgerBook) -> dict[str, Any]:
         "capped": log.capped,
         "clipped": log.clipped,
         "delta_norm_bound": log.norm_bound,
-        "epsilon_max": book.max_epsilon() if book.dp.enabled else None,  # no DP: no epsilon, not 0
+        "epsilon_max": book.max_epsilon() if book.dp.example_level else None,  # no DP: no epsilon, not 0
+        "client_epsilon": None if book.client is None else book.client.epsilon(),
     }
+
+
+def new_book(cfg: RunConfig) -> LedgerBook:
+    """The run's privacy book: every client's DP-SGD events and, at the client level, the server's own account."""
+    return LedgerBook(cfg.dp, client=ClientAccount.of(cfg.dp, cfg.federation) if cfg.dp.client_level else None)
 
 
 def run_federation(
@@ -110,7 +117,7 @@ def run_federation(
     if resume is not None:  # validated like any payload: a checkpoint of another config must not load
         initial = from_record(to_record(resume.arrays), metas(initial))
     fed = cfg.federation
-    book = LedgerBook(cfg.dp) if resume is None else LedgerBook.from_json(resume.book)
+    book = new_book(cfg) if resume is None else LedgerBook.from_json(resume.book)
     strategy = build_strategy(
         cfg,
         adapter,

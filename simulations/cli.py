@@ -91,6 +91,7 @@ COLUMNS = {
     "eval_loss": "eval loss",
     "eval_accuracy": "acc",
     "epsilon_max": "eps",
+    "client_epsilon": "client eps",
     "bytes_up": "up MB",
     "bytes_down": "down MB",
     "wall_s": "s",
@@ -150,13 +151,49 @@ def _memory(cfg, console: Console) -> None:
 
 
 def _plan(cfg, args: argparse.Namespace, console: Console) -> int:
-    from fed.privacy.planner import plan_schedule  # heavy imports (opacus) only once the config is valid
-
     warnings.filterwarnings("ignore", message="Optimal order is")  # a hint on RDP's order grid, not a problem
 
     _memory(cfg, console)
     if not cfg.dp.enabled:
         return error(console, "dp.enabled is false: no privacy schedule to plan (add --set dp.enabled=true)")
+    if cfg.dp.client_level:
+        _plan_clients(cfg, console)
+    return _plan_examples(cfg, args, console) if cfg.dp.example_level else 0
+
+
+def _plan_clients(cfg, console: Console) -> None:
+    """The client-level schedule: the server's noise, the client sample rate and epsilon after each round."""
+    from fed.privacy.client_level import ClientMechanism, schedule
+
+    dp, fed = cfg.dp, cfg.federation
+    m = ClientMechanism.of(dp, fed)
+    cap = dp.client_target_epsilon
+    table = Table(title=f"client-level epsilon per round at delta {dp.delta:g} (one whole client in or out)")
+    for column in ("round", "eps RDP", "eps PRV"):
+        table.add_column(column, justify="right")
+    rows = schedule(dp, fed)
+    for round_, rdp, prv in rows:
+        table.add_row(str(round_), f"{rdp:.3f}", f"{prv:.3f}")
+    console.print(
+        f"client level: each of {fed.num_clients} clients sampled with q={m.sample_rate:g} per round "
+        f"(expected {m.expected_clients:g}, the fixed denominator); updates clipped to {dp.client_clip:g} "
+        f"({dp.client_clipping}); server noise multiplier [bold]{m.noise_multiplier:g}[/bold]"
+        + (f" (update {m.update_noise_multiplier:.4g}, count {m.count_noise_multiplier:g})" if m.adaptive else "")
+        + f"; noise std on the mean update: {m.update_noise_multiplier * dp.client_clip / m.expected_clients:.3g}"
+    )
+    console.print(table)
+    eps = {"rdp": 1, "prv": 2}[dp.accountant]
+    if cap and rows[-1][eps] > cap:
+        last = max((r[0] for r in rows if r[eps] <= cap), default=0)
+        console.print(
+            f"[yellow]dp.client_target_epsilon={cap:g} stops the run after round {last} of {fed.rounds}[/yellow]"
+        )
+
+
+def _plan_examples(cfg, args: argparse.Namespace, console: Console) -> int:
+    """The example-level schedule: the noise each client calibrates and epsilon after each round."""
+    from fed.privacy.planner import plan_schedule  # heavy imports (opacus) only once the config is valid
+
     n = args.examples
     if n <= 0:
         from fed.session import client_data
@@ -271,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = simulate(cfg, args.out, name=args.name, console=console, verbose=args.verbose)
     except ConfigError as err:  # the data or model does not fit this config, or nothing to resume
         return error(console, err)
-    console.print(_summary(run_dir.metrics(), run_dir.config().dp.enabled))
+    console.print(_summary(run_dir.metrics(), run_dir.config().dp.example_level))
     _report(str(run_dir.path), console)
     console.print(f"run directory: [bold]{run_dir.path}[/bold]")
     return 0

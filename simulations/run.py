@@ -110,7 +110,7 @@ def _check_devices(cfg: RunConfig) -> None:
 
 def _check_delta(cfg: RunConfig) -> None:
     """Stop before any worker when a client would refuse delta > 1/(10 n) (it would, every round)."""
-    if not cfg.dp.enabled:
+    if not cfg.dp.example_level:
         return
     for pid in range(cfg.federation.num_clients):
         problems = delta_problems(cfg.dp.delta, len(client_data(cfg, pid).train))

@@ -10,8 +10,10 @@ from typing import Any
 from fed.adapters import Adapter
 from fed.config import FederationConfig, RunConfig, StrategyConfig
 from fed.privacy.book import LedgerBook
+from fed.privacy.client_level import dense_mean_problems
 from fed.ranks import planned_ranks
 from fed.wire import TensorMeta, metas
+from strategies.client_dp import ClientLevelDP
 from strategies.core import AdapterStrategy, MergeRule, RoundPlan, ServerUpdate
 from strategies.influence import CappedWeights, NormClip, honest_step_bound
 from strategies.pipeline import AdapterModel, Stage
@@ -30,10 +32,11 @@ def build_strategy(
     ``on_privacy``) and numbering rounds after ``round_offset`` (a resumed run's last round)."""
     fed, limits = cfg.federation, cfg.strategy
     model = AdapterModel(metas(adapter.sent_state()), adapter.structure(), adapter.products)
-    stages = [
-        *reply_stages(model, _reply_rules(cfg, adapter), book, on_privacy),
-        *influence_stages(limits, honest_ceiling(model.expected, cfg.train.lr, cfg.train.local_steps)),
-    ]
+    stages = reply_stages(model, _reply_rules(cfg, adapter), book, on_privacy)
+    if cfg.dp.client_level:
+        stages.append(client_level_stage(model, book, on_privacy))
+    else:
+        stages += influence_stages(limits, honest_ceiling(model.expected, cfg.train.lr, cfg.train.local_steps))
     return AdapterStrategy(
         model=model,
         stages=stages,
@@ -49,9 +52,9 @@ def build_strategy(
             eval_every=fed.eval_every,
             min_replies=fed.min_replies,
             seed=cfg.seed,
-            loss_metric="dp-train-loss" if cfg.dp.enabled else "train_loss",
+            loss_metric="dp-train-loss" if cfg.dp.example_level else "train_loss",
         ),
-        **_sampling(fed),
+        **_sampling(fed, poisson=cfg.dp.client_level),
     )
 
 
@@ -61,6 +64,17 @@ def reply_stages(
     """How each reply is read, in order: a node's second reply goes before its DP event could be booked
     twice; every other reply is booked before validation may drop it (it spent budget all the same)."""
     return [OneReplyPerNode(), PrivacyBookkeeping(book, on_privacy), ReplyValidation(model, rules)]
+
+
+def client_level_stage(
+    model: AdapterModel, book: LedgerBook, on_privacy: Callable[[LedgerBook], None] | None = None
+) -> Stage:
+    """Client-level DP (``strategies.client_dp``) in place of the influence stages: its clip bounds every reply
+    and its weights are uniform, and a bound that read the round's other replies (the adaptive norm clip's
+    median) would let one client move another's clip, past the sensitivity the noise is scaled to."""
+    if problems := dense_mean_problems(model.structure.kinds):
+        raise ValueError(problems[0])
+    return ClientLevelDP.for_book(book, on_privacy)
 
 
 def influence_stages(limits: StrategyConfig, ceiling: float) -> list[Stage]:
@@ -97,11 +111,13 @@ def _reply_rules(cfg: RunConfig, adapter: Adapter) -> ReplyRules:
     )
 
 
-def _sampling(fed: FederationConfig) -> dict[str, Any]:
+def _sampling(fed: FederationConfig, poisson: bool = False) -> dict[str, Any]:
     """Flower FedAvg's sampling. The strategy waits for ``min_available_nodes`` itself before FedAvg sizes
-    its sample (``AdapterStrategy._await_nodes``), so FedAvg's own minimums stay at one node."""
+    its sample (``AdapterStrategy._await_nodes``), so FedAvg's own minimums stay at one node. Under client-level
+    DP FedAvg addresses every node and the stage samples each at ``fraction_train`` (Poisson, not FedAvg's
+    fixed-size draw the accountant cannot amplify)."""
     return {
-        "fraction_train": fed.fraction_train,
+        "fraction_train": 1.0 if poisson else fed.fraction_train,
         "fraction_evaluate": fed.fraction_evaluate,
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1 if fed.fraction_evaluate > 0 else 0,

@@ -203,6 +203,8 @@ class AdapterStrategy(FedAvg):
         )
         if self.model.products is not None:
             state.log.aggregation_error = aggregation_error(self.model.products, batch, merged)
+        for stage in self.stages:
+            merged = stage.released(state, merged)
         return self.update.server_step(state.global_, apply_update(state.global_, merged, self.update.server_lr))
 
     def evaluates(self, run_round: int) -> bool:

@@ -113,3 +113,8 @@ class Stage:
     def bound(self, state: RoundState, batch: Replies) -> Replies:
         """The accepted replies, before the rule combines them: what limits one reply's influence."""
         return batch
+
+    def released(self, state: RoundState, merged: Tensors) -> Tensors:
+        """The rule's merged update, before the server applies it: what a release adds to it (client-level DP's
+        noise, over the sum however the rule accumulated it)."""
+        return merged

@@ -35,7 +35,7 @@ class PrivacyBookkeeping(Stage):
 
     def __init__(self, book: LedgerBook, on_privacy: Callable[[LedgerBook], None] | None = None) -> None:
         self.book = book
-        self.dp = book.dp.enabled
+        self.dp = book.dp.example_level
         self.on_privacy = on_privacy
         """Persists the book (privacy.json) after every batch of replies, before aggregation."""
         self.clients: dict[int, int] = {}

@@ -106,7 +106,7 @@ def check_reply(metrics: Mapping[str, Any], rules: ReplyRules, server_round: int
             f"server's {rules.fingerprint!r}: the client derived different frozen adapter tensors"
         )
     _int_in(metrics, "steps", 0, rules.local_steps or 10**9)
-    if rules.dp.enabled:
+    if rules.dp.example_level:
         check_dp_event(metrics, rules, examples)
     else:
         loss = metrics.get("train_loss")

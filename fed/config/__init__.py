@@ -30,6 +30,8 @@ TaskName = Literal["classification", "causal-lm"]
 Pooling = Literal["cls", "mean"]
 Partition = Literal["iid", "dirichlet", "pathological", "natural"]
 Accountant = Literal["rdp", "prv"]
+DpLevel = Literal["example", "client", "both"]
+ClientClipping = Literal["fixed", "adaptive"]
 OptimizerName = Literal["adamw", "sgd"]
 LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "float32", "bfloat16"]
@@ -379,11 +381,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DPConfig:
-    """Example-level differential privacy (DP-SGD) on every client, and its accounting (docs/privacy.md)."""
+    """Differential privacy at the example level (DP-SGD on every client), the client level (DP-FedAvg on the
+    server), or both, and their accounting (docs/privacy.md)."""
 
     enabled: bool = False
-    """DP-SGD on every client: per-example clipping, Gaussian noise, Poisson sampling, a privacy ledger.
-    Needs ``target_epsilon`` or ``noise_multiplier``."""
+    """Differential privacy at ``level``. Example level: DP-SGD on every client (per-example clipping, Gaussian
+    noise, Poisson sampling, a privacy ledger; needs ``target_epsilon`` or ``noise_multiplier``)."""
+    level: DpLevel = "example"
+    """Whose presence the guarantee hides: ``example`` (DP-SGD on every client: one training example in or out),
+    ``client`` (DP-FedAvg on the server: one whole client in or out, all it holds, every round it joins;
+    clients train without DP-SGD) or ``both`` (each mechanism on, each accounted and reported apart)."""
     target_epsilon: float = 0.0
     """Calibrate the noise so the whole planned schedule spends at most this (0 = use noise_multiplier)."""
     delta: float = 1e-5
@@ -407,10 +414,51 @@ class DPConfig:
     curve; accounted jointly with the gradient (the gradient's own noise rises to keep the total)."""
     loss_clip: float = 4.0
     """Per-example losses are clipped to [0, loss_clip] before the loss release."""
+    client_noise_multiplier: float = 1.0
+    """Client level: std of the Gaussian noise the server adds to each round's sum of clipped client updates,
+    in units of the clip bound (with adaptive clipping, of the update and the clip count released together:
+    the accounted multiplier; the update's own noise rises to keep it). Accounted with ``accountant`` and
+    ``delta`` at sample rate ``federation.fraction_train``, one step per round."""
+    client_clip: float = 0.1
+    """Client level: the L2 bound C on a client's round update, all its sent tensors together (the starting
+    bound under adaptive clipping)."""
+    client_clipping: ClientClipping = "fixed"
+    """Client level: ``fixed`` keeps C at client_clip; ``adaptive`` (Andrew et al. 2021) moves it after every
+    round, ``C <- C exp(-client_clip_lr (b - client_target_quantile))``, b the noised fraction of the sampled
+    clients whose update was within C (a release accounted with the update)."""
+    client_target_quantile: float = 0.5
+    """Adaptive clipping: the fraction of client updates C should leave unclipped."""
+    client_clip_lr: float = 0.2
+    """Adaptive clipping: the geometric step of C per round."""
+    client_count_noise_multiplier: float = 0.0
+    """Adaptive clipping: std of the noise on the count of clients within C, in units of the centred count's
+    sensitivity (1/2). Must exceed client_noise_multiplier (0 = 10 x client_noise_multiplier: the update's
+    noise rises by half a percent)."""
+    client_target_epsilon: float = 0.0
+    """Client level: the run stops training before a round whose release would take the client-level epsilon
+    past this (0 = no cap)."""
+
+    @property
+    def example_level(self) -> bool:
+        """DP-SGD on every client (``level`` example or both)."""
+        return self.enabled and self.level != "client"
+
+    @property
+    def client_level(self) -> bool:
+        """DP-FedAvg on the server (``level`` client or both)."""
+        return self.enabled and self.level != "example"
+
+    @property
+    def count_noise_multiplier(self) -> float:
+        """The adaptive clip count's noise multiplier, its default filled in (0 with fixed clipping)."""
+        if self.client_clipping == "fixed":
+            return 0.0
+        return self.client_count_noise_multiplier or 10 * self.client_noise_multiplier
 
     def problems(self) -> list[str]:
         """This section's values out of range, and settings that contradict each other."""
         found = _in_range("dp.delta", self.delta, 0.0, 0.1) + _at_least("dp.max_grad_norm", self.max_grad_norm, 1e-12)
+        found += self._client_problems()
         found += _at_least("dp.target_epsilon", self.target_epsilon, 0.0)
         found += _at_least("dp.noise_multiplier", self.noise_multiplier, 0.0)
         found += _at_least("dp.loss_noise_multiplier", self.loss_noise_multiplier, 0.0)
@@ -436,8 +484,25 @@ class DPConfig:
                 "set; "
                 "give one (the other stays 0)"
             )
-        if self.enabled and self.target_epsilon == 0 and self.noise_multiplier == 0:
-            found.append("dp.enabled=true needs dp.target_epsilon > 0 or dp.noise_multiplier > 0")
+        if self.example_level and self.target_epsilon == 0 and self.noise_multiplier == 0:
+            found.append(
+                f"dp.enabled=true at dp.level={self.level!r} needs dp.target_epsilon > 0 or dp.noise_multiplier > 0"
+            )
+        return found
+
+    def _client_problems(self) -> list[str]:
+        """The client-level settings out of range, and a clip count that would take the whole budget."""
+        found = _at_least("dp.client_noise_multiplier", self.client_noise_multiplier, 0.1)
+        found += _at_least("dp.client_clip", self.client_clip, 1e-12)
+        found += _in_range("dp.client_target_quantile", self.client_target_quantile, 0.0, 1.0)
+        found += _at_least("dp.client_clip_lr", self.client_clip_lr, 0.0)
+        found += _at_least("dp.client_count_noise_multiplier", self.client_count_noise_multiplier, 0.0)
+        found += _at_least("dp.client_target_epsilon", self.client_target_epsilon, 0.0)
+        if 0 < self.count_noise_multiplier <= self.client_noise_multiplier:
+            found.append(
+                f"dp.client_count_noise_multiplier={self.count_noise_multiplier:g} must exceed "
+                f"dp.client_noise_multiplier={self.client_noise_multiplier:g} (the clip count shares its budget)"
+            )
         return found
 
 
@@ -498,7 +563,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Each client's local round and evaluation."""
     dp: DPConfig = field(default_factory=DPConfig)
-    """Example-level differential privacy on every client (docs/privacy.md)."""
+    """Differential privacy at the example level (DP-SGD on every client), the client level (DP-FedAvg on the
+    server) or both (docs/privacy.md)."""
     wire: WireConfig = field(default_factory=WireConfig)
     """How tensors travel."""
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
@@ -589,7 +655,26 @@ class RunConfig:
             + ranks.problems(federation.client_ranks, federation.num_clients, adapter.rank, adapter.kind)
             + self._family_problems()
             + self._checkpointing_problems()
+            + self._client_level_problems()
         )
+
+    def _client_level_problems(self) -> list[str]:
+        """Client-level DP bounds a client's share of a *mean*: a robust statistic or product-space averaging
+        is not a sum of clipped updates, so its sensitivity is not the clip bound."""
+        if not self.dp.client_level:
+            return []
+        found = []
+        if self.strategy.rule != "mean":
+            found.append(
+                f"dp.level={self.dp.level!r} (client level) needs strategy.rule='mean' (got {self.strategy.rule!r}: "
+                "a median or trimmed mean is not a sum of clipped updates, so the noise is not scaled to one client)"
+            )
+        if self.strategy.aggregation != "mean":
+            found.append(
+                f"dp.level={self.dp.level!r} (client level) needs strategy.aggregation='mean' (got "
+                f"{self.strategy.aggregation!r}: product-space averaging re-factorises, not a weighted mean)"
+            )
+        return found
 
     def _checkpointing_problems(self) -> list[str]:
         """A router's balance loss under gradient checkpointing: the loss is read from the gates of the first

@@ -20,6 +20,7 @@ from typing import Any, get_args
 
 from fed.config import Accountant, DPConfig
 from fed.privacy import secure_rng
+from fed.privacy.client_level import ClientAccount
 from fed.privacy.ledger import DpSgdEvent, Ledger, NodePin, epsilon, event_problems
 from fed.privacy.planner import new_ledger
 from fed.privacy.release import GUARANTEE, NOT_COVERED, RELEASED_IN_CLEAR, timing
@@ -57,6 +58,8 @@ class LedgerBook:
     dir restores its whole pin."""
     tokens: dict[int, str] = field(default_factory=dict)
     """SHA-256 of each client's continuity token: its partition id moves to a new node id only with the token."""
+    client: ClientAccount | None = None
+    """The client-level guarantee's account (dp.level client or both): the server's own mechanism."""
     _memo: dict[tuple[int, str], tuple[int, float]] = field(default_factory=dict, repr=False, compare=False)
     """(client, accountant) -> (events seen, epsilon): a client's figure is recomputed only when it has new
     events (they only ever grow), so a write with 1,000 clients re-accounts just the round's participants."""
@@ -195,22 +198,28 @@ class LedgerBook:
                 }
             )
             clients[str(cid)] = entry
+        example = self.dp.example_level
         return {
-            "enabled": self.dp.enabled,
-            "guarantee": GUARANTEE if self.dp.enabled else "none (DP disabled)",
-            "released_in_clear": RELEASED_IN_CLEAR if self.dp.enabled else [],
-            "not_covered": NOT_COVERED if self.dp.enabled else [],
+            "enabled": example,
+            "level": self.dp.level if self.dp.enabled else None,
+            "unit": "example" if example else None,
+            "adjacency": "replace one training example of one client by a null example (zero-out)" if example else None,
+            "trust": "nobody but each client: it clips and noises its own gradients" if example else None,
+            "guarantee": GUARANTEE if example else "none (example-level DP off)",
+            "released_in_clear": RELEASED_IN_CLEAR if example else [],
+            "not_covered": NOT_COVERED if example else [],
             "accountant": self.dp.accountant,
             "delta": self.dp.delta,
             "target_epsilon": self.dp.target_epsilon,
             "max_grad_norm": self.dp.max_grad_norm,
-            "rng": secure_rng.SOURCE if self.dp.enabled else None,
+            "rng": secure_rng.SOURCE if example else None,
             "timing": timing({cid: json.loads(pin)["reply_delay"] for cid, pin in self.pins.items()})
             if self.dp.enabled
             else None,
             "max_epsilon": self.max_epsilon(),
             "flags": list(self.flags),
             "clients": clients,
+            "client_level": None if self.client is None else self.client.report(cross_check),
         }
 
     def to_json(self) -> str:
@@ -225,6 +234,7 @@ class LedgerBook:
                 "flags": self.flags,
                 "pins": {str(c): p for c, p in self.pins.items()},
                 "tokens": {str(c): t for c, t in self.tokens.items()},
+                "client": None if self.client is None else self.client.to_dict(),
             }
         )
 
@@ -240,6 +250,7 @@ class LedgerBook:
             flags=list(data["flags"]),
             pins={int(c): str(p) for c, p in data.get("pins", {}).items()},
             tokens={int(c): str(t) for c, t in data.get("tokens", {}).items()},
+            client=ClientAccount.from_dict(data["client"]) if data.get("client") else None,
         )
 
 

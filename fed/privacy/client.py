@@ -118,7 +118,7 @@ class NodeState:
     def dp_bound(self, dp: DPConfig) -> bool:
         """Whether this message is held to DP: the server asks for it, the policy requires it, or the node
         already spent budget or pinned DP settings."""
-        return dp.enabled or self.policy.dp_required or bool(self.ledger.events) or self.ledger.policy is not None
+        return dp.example_level or self.policy.dp_required or bool(self.ledger.events) or self.ledger.policy is not None
 
     @property
     def effective(self) -> Policy:
@@ -269,7 +269,7 @@ class PrivateRound:
         """Plan the round under the node's own policy, and book it (a node whose fresh start its operator
         has not confirmed refuses DP work)."""
         ledger = state.ledger
-        if cfg.dp.enabled and not state.confirmed:
+        if cfg.dp.example_level and not state.confirmed:
             return cls(RoundPlan(None, 0, refused=NOT_CONFIRMED), ledger, dp=True)
         plan = plan_round(
             cfg.dp,

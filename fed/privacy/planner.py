@@ -92,11 +92,11 @@ def plan_round(
     """
     effective = policy.strictest(history_pin(ledger))
     problems = effective.violations(dp)
-    if dp.enabled:
+    if dp.example_level:
         problems += delta_problems(dp.delta, num_examples)
     if problems:
         return RoundPlan(None, 0, refused="; ".join(problems))
-    if not dp.enabled:
+    if not dp.example_level:
         return RoundPlan(None, local_steps)
     q = sample_rate(batch_size, num_examples)
     if ledger.run != run or ledger.noise_multiplier <= 0 or ledger.policy is None:

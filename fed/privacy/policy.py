@@ -84,7 +84,7 @@ class Policy:
     def of_run(cls, dp: DPConfig) -> Policy:
         """A simulation's node: the run config is both the request and the policy (its operator holds every
         row and the server), so it accepts exactly what the config asks and evaluates."""
-        return cls(dp_required=dp.enabled, min_eval_rows=0)
+        return cls(dp_required=dp.example_level, min_eval_rows=0)
 
     def strictest(self, other: Policy) -> Policy:
         """The policy that accepts only what both accept."""
@@ -114,7 +114,7 @@ class Policy:
 
     def violations(self, dp: DPConfig) -> list[str]:
         """Why the server's DP settings are weaker than this policy (empty when they are acceptable)."""
-        if not dp.enabled:
+        if not dp.example_level:
             return ["the server asks for a round without DP, but this client requires DP"] if self.dp_required else []
         problems = []
         if dp.delta > self.delta:

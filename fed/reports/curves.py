@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 UTILITY_PANELS = [("loss", ["train_loss", "eval_loss"]), ("accuracy", ["eval_accuracy"])]
-EPSILON_PANEL = ("epsilon", ["epsilon_max"])
+EPSILON_PANEL = ("epsilon", ["epsilon_max", "client_epsilon"])
+"""The largest example-level epsilon of any client, and the client-level epsilon of the run (each when on)."""
 
 
 def _series(lines: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

@@ -25,10 +25,16 @@ from rich.console import Console
 from rich.table import Table
 
 from fed.config import Accountant
+from fed.privacy.client_level import composed_epsilon
 from fed.privacy.ledger import DpSgdEvent, epsilon
 from fed.reports.curves import accuracy_against_epsilon, curves_figure
 
 NO_GUARANTEE = "no privacy guarantee: DP was off in this run (dp.enabled = false)"
+
+
+def guarded(privacy: dict[str, Any]) -> bool:
+    """Whether the run has any guarantee: example level (``enabled``) or client level."""
+    return bool(privacy["enabled"] or privacy.get("client_level"))
 
 
 def _events(entry: dict[str, Any]) -> list[DpSgdEvent]:
@@ -46,8 +52,25 @@ def epsilon_by_round(entry: dict[str, Any], delta: float, accountant: str) -> li
     return points
 
 
+def client_level_checked(level: dict[str, Any]) -> dict[str, Any]:
+    """The client-level section with its epsilon by round and both accountants' figures recomputed from its
+    rounds (one sampled-Gaussian step each), whatever the file says."""
+    events = [(r["noise_multiplier"], r["sample_rate"]) for r in level["rounds"]]
+    delta, accountant = level["delta"], level["accountant"]
+    return {
+        **level,
+        "epsilon": composed_epsilon(events, delta, accountant),
+        **{f"epsilon_{acc}": composed_epsilon(events, delta, acc) for acc in get_args(Accountant)},
+        "epsilon_by_round": [
+            {"round": r["round"], "epsilon": composed_epsilon(events[: i + 1], delta, accountant)}
+            for i, r in enumerate(level["rounds"])
+        ],
+    }
+
+
 def cross_checked(privacy: dict[str, Any]) -> dict[str, Any]:
-    """``privacy`` with every client's missing RDP or PRV figure recomputed from its events (a copy)."""
+    """``privacy`` with every client's missing RDP or PRV figure recomputed from its events (a copy), and the
+    client-level section recomputed from its rounds."""
     clients = {
         cid: {
             **entry,
@@ -59,7 +82,90 @@ def cross_checked(privacy: dict[str, Any]) -> dict[str, Any]:
         }
         for cid, entry in privacy["clients"].items()
     }
-    return {**privacy, "clients": clients}
+    level = privacy.get("client_level")
+    return {**privacy, "clients": clients, "client_level": client_level_checked(level) if level else None}
+
+
+def guarantees(privacy: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each guarantee of the run, side by side: level, unit, adjacency, trust, epsilon under both accountants,
+    delta, the mechanism's noise and sampling, and how many events it composes."""
+    rows = []
+    if privacy["enabled"]:
+        clients = privacy["clients"].values()
+        rows.append(
+            {
+                "level": "example",
+                "unit": privacy.get("unit") or "example",
+                "adjacency": privacy.get("adjacency") or "one training example of one client",
+                "trust": privacy.get("trust") or "each client only",
+                "epsilon": privacy["max_epsilon"],
+                "epsilon_rdp": max((e.get("epsilon_rdp") or 0 for e in clients), default=0.0),
+                "epsilon_prv": max((e.get("epsilon_prv") or 0 for e in clients), default=0.0),
+                "delta": privacy["delta"],
+                "noise": max((e["noise_multiplier"] or 0 for e in clients), default=0.0),
+                "sample_rate": max((e["sample_rate"] or 0 for e in clients), default=0.0),
+                "events": f"{sum(len(e['events']) for e in clients)} DP-SGD rounds, {len(privacy['clients'])} clients",
+            }
+        )
+    level = privacy.get("client_level")
+    if level:
+        rows.append(
+            {
+                "level": "client",
+                "unit": level["unit"],
+                "adjacency": level["adjacency"],
+                "trust": level["trust"],
+                "epsilon": level["epsilon"],
+                "epsilon_rdp": level.get("epsilon_rdp"),
+                "epsilon_prv": level.get("epsilon_prv"),
+                "delta": level["delta"],
+                "noise": level["noise_multiplier"],
+                "sample_rate": level["sample_rate"],
+                "events": f"{len(level['rounds'])} server releases ({level['clipping']} clip, now {level['clip']:.4g})",
+            }
+        )
+    return rows
+
+
+GUARANTEE_COLUMNS = ("level", "unit", "adjacency", "trust", "epsilon", "RDP", "PRV", "delta", "noise", "q", "events")
+
+
+def _guarantee_cells(row: dict[str, Any]) -> list[str]:
+    def num(value: Any) -> str:
+        return "-" if value is None else format(value, ".4g")
+
+    return [
+        row["level"],
+        row["unit"],
+        row["adjacency"],
+        row["trust"],
+        num(row["epsilon"]),
+        num(row["epsilon_rdp"]),
+        num(row["epsilon_prv"]),
+        num(row["delta"]),
+        num(row["noise"]),
+        num(row["sample_rate"]),
+        row["events"],
+    ]
+
+
+def _client_level_plot(level: dict[str, Any]) -> tuple[str, str] | None:
+    """(caption, base64 PNG) of the client-level epsilon after each released round, with its cap."""
+    points = [(p["round"], p["epsilon"]) for p in level["epsilon_by_round"]]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot([r for r, _ in points], [e for _, e in points], marker="o", label="client level")
+    if level.get("target_epsilon"):
+        ax.axhline(level["target_epsilon"], color="crimson", linestyle="--", label=f"cap {level['target_epsilon']:g}")
+    ax.set(
+        xlabel="round",
+        ylabel=f"epsilon ({level['accountant'].upper()}, delta={level['delta']:g})",
+        title="client-level epsilon (one whole client)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ("Client-level epsilon after each round the server released (trusts the server).", _png(fig))
 
 
 def _png(fig: Any) -> str:
@@ -197,7 +303,7 @@ def render_html(privacy: dict[str, Any], title: str, lines: list[dict[str, Any]]
     """One HTML page with the plots embedded as data URIs: no file or network access when opened.
     ``lines`` (``metrics.jsonl``) add the utility curves."""
     lines = lines or []
-    if not privacy["enabled"]:
+    if not guarded(privacy):
         curves = _figures(_utility(lines, dp=False)) or "<p>No round finished: there is nothing to draw.</p>"
         return _page(
             title,
@@ -206,28 +312,63 @@ def render_html(privacy: dict[str, Any], title: str, lines: list[dict[str, Any]]
 <h2>Utility</h2>{curves}""",
         )
     esc = html.escape
+    side = "".join(
+        f"<tr>{''.join(f'<td>{esc(cell)}</td>' for cell in _guarantee_cells(row))}</tr>" for row in guarantees(privacy)
+    )
+    body = f"""<h2>Guarantees</h2><p>Each level is accounted apart; neither figure bounds the other's neighbours.</p>
+<table><tr>{"".join(f"<th>{c}</th>" for c in GUARANTEE_COLUMNS)}</tr>{side}</table>"""
+    if privacy["enabled"]:
+        body += _example_level_html(privacy)
+    if privacy.get("client_level"):
+        body += _client_level_html(privacy["client_level"])
+    return _page(title, body + f"<h2>Utility</h2>{_figures(_utility(lines, dp=True))}")
+
+
+def _items(xs: list[str]) -> str:
+    return "".join(f"<li>{html.escape(x)}</li>" for x in xs)
+
+
+def _example_level_html(privacy: dict[str, Any]) -> str:
+    """The example-level part of the page: per-client table, curves, releases, flags."""
+    esc = html.escape
     flags = privacy["flags"] + [f"client {c}: {f}" for c, e in privacy["clients"].items() for f in e["flags"]]
     table = "".join(f"<tr>{''.join(f'<td>{esc(cell)}</td>' for cell in row)}</tr>" for row in _rows(privacy))
     figures = _figures(_plots(privacy)) if privacy["clients"] else ""
-    items = lambda xs: "".join(f"<li>{esc(x)}</li>" for x in xs)  # noqa: E731  (a one-line helper of the template below)
     status = "ok" if not flags else "flagged"
     target = f", target {privacy['target_epsilon']:g}" if privacy["target_epsilon"] else ""
-    return _page(
-        title,
-        f"""<p>Largest epsilon of any client: <b>{privacy["max_epsilon"]:.4g}</b> at delta = {privacy["delta"]:g}
+    return f"""<h2>Example level (DP-SGD on each client)</h2>
+<p>Largest epsilon of any client: <b>{privacy["max_epsilon"]:.4g}</b> at delta = {privacy["delta"]:g}
 ({esc(privacy["accountant"].upper())} accountant{target}); clipping bound {privacy.get("max_grad_norm")};
 randomness: {esc(str(privacy.get("rng")))}; status: <b class="{status}">{status}</b>.</p>
-<h2>The guarantee</h2><p>{esc(privacy["guarantee"])}</p>
-<h2>Per client</h2><p>"epsilon" is the larger of the server's recomputation from the events it received and
+<h3>The guarantee</h3><p>{esc(privacy["guarantee"])}</p>
+<h3>Per client</h3><p>"epsilon" is the larger of the server's recomputation from the events it received and
 the client's own report.</p>
 <table><tr>{"".join(f"<th>{c}</th>" for c in COLUMNS)}</tr>{table}</table>
 {figures}
-<h2>Utility</h2>{_figures(_utility(lines, dp=True))}
-<h2>Released in the clear</h2><ul>{items(privacy["released_in_clear"])}</ul>
+<h3>Released in the clear</h3><ul>{_items(privacy["released_in_clear"])}</ul>
 <p>Reply timing in this run: {esc(str(privacy.get("timing")))}</p>
-<h2>Not covered</h2><ul>{items(privacy["not_covered"])}</ul>
-<h2>Flags</h2>{f"<ul>{items(flags)}</ul>" if flags else '<p class="ok">none</p>'}""",
-    )
+<h3>Not covered</h3><ul>{_items(privacy["not_covered"])}</ul>
+<h3>Flags</h3>{f"<ul>{_items(flags)}</ul>" if flags else '<p class="ok">none</p>'}"""
+
+
+def _client_level_html(level: dict[str, Any]) -> str:
+    """The client-level part of the page: the guarantee, its trust, the curve, the rounds, flags."""
+    esc = html.escape
+    plot = _client_level_plot(level)
+    cap = f", cap {level['target_epsilon']:g}" if level.get("target_epsilon") else ""
+    stop = level.get("stopped_at_round")
+    stopped = f" The cap stopped training at round {stop}." if stop else ""
+    return f"""<h2>Client level (DP-FedAvg on the server)</h2>
+<p>Epsilon: <b>{level["epsilon"]:.4g}</b> at delta = {level["delta"]:g} ({esc(level["accountant"].upper())}
+accountant{cap}) after {len(level["rounds"])} released rounds; noise multiplier {level["noise_multiplier"]:.4g}
+(update {level["update_noise_multiplier"]:.4g}), client sample rate {level["sample_rate"]:g} of
+{level["population"]} clients (fixed denominator {level["expected_clients"]:g}), {esc(level["clipping"])} clipping,
+bound now {level["clip"]:.4g}; randomness: {esc(str(level["rng"]))}.{stopped}</p>
+<h3>The guarantee</h3><p>{esc(level["guarantee"])}</p>
+<p><b>Trust:</b> {esc(level["trust"])}.</p>
+{_figures([plot]) if plot else ""}
+<h3>Not covered</h3><ul>{_items(level["not_covered"])}</ul>
+<h3>Flags</h3>{f"<ul>{_items(level['flags'])}</ul>" if level["flags"] else '<p class="ok">none</p>'}"""
 
 
 def write_report(run_dir: Path) -> Path:
@@ -236,7 +377,7 @@ def write_report(run_dir: Path) -> Path:
     privacy = cross_checked(json.loads((run_dir / "privacy.json").read_text()))
     metrics = run_dir / "metrics.jsonl"
     lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    kind = "Privacy report" if privacy["enabled"] else "Run report (no DP)"
+    kind = "Privacy report" if guarded(privacy) else "Run report (no DP)"
     out = run_dir / "report.html"
     out.write_text(render_html(privacy, f"{kind} · {run_dir.name}", lines))
     return out
@@ -244,8 +385,24 @@ def write_report(run_dir: Path) -> Path:
 
 def summary(privacy: dict[str, Any], console: Console) -> None:
     """The terminal view of the same numbers (fewer columns than the page, to fit 80 characters)."""
-    if not privacy["enabled"]:
+    if not guarded(privacy):
         console.print(f"[bold red]{NO_GUARANTEE}[/bold red]; report.html shows its utility curves only")
+        return
+    side = Table(title="guarantees, side by side")
+    words = ("adjacency", "trust", "events")
+    for column in GUARANTEE_COLUMNS:
+        if column not in words:
+            side.add_column(column, justify="right", no_wrap=True)
+    rows = guarantees(privacy)
+    for row in rows:
+        side.add_row(*(c for c, name in zip(_guarantee_cells(row), GUARANTEE_COLUMNS) if name not in words))
+    console.print(side)
+    for row in rows:
+        console.print(f"{row['level']} level: neighbours {row['adjacency']}; trusts {row['trust']}; {row['events']}")
+    if privacy.get("client_level"):
+        for flag in privacy["client_level"]["flags"]:
+            console.print(f"[red]client-level flag:[/red] {flag}")
+    if not privacy["enabled"]:
         return
     table = Table(title=f"privacy per client (delta {privacy['delta']:g})")
     for column in ("client", "eps", "eps PRV", "left", "noise", "q", "steps", "n", "RNG", "flags"):

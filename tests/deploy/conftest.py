@@ -34,6 +34,12 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+QUICK_GRID = {"reply-delay": 1.0}
+"""A node policy for deployment tests that test something other than the reply grid: DP replies on a 1 s grid
+instead of the default 30 s, so each DP round does not wait half a minute (tests/deploy/test_deploy.py keeps
+the default an operator gets)."""
+
+
 @pytest.fixture(autouse=True, scope="module")
 def deployed_nodes():
     """Nodes started here are deployed nodes: their policy is their own (the strict default), not the run

@@ -25,6 +25,7 @@ from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
 from deploy.launcher import Cluster, Layout
 from fed.config.sources import resolve
 from fed.privacy.ledger import Ledger
+from tests.deploy.conftest import QUICK_GRID
 from tests.helpers import _node_files
 
 pytestmark = pytest.mark.slow
@@ -78,13 +79,13 @@ def faulty(tmp_path_factory, tiny_model_dir):
     run_dir = root / "runs" / "faults"
     with Cluster(layout, insecure=True, resident=False) as cluster:  # counts Flower's per-message processes
         cluster.start_superlink()
-        nodes = [cluster.start_node(node, path, num_nodes=2) for node, path in enumerate(files)]
+        nodes = [cluster.start_node(node, path, num_nodes=2, policy=QUICK_GRID) for node, path in enumerate(files)]
         run = cluster.launch(cfg, "faults")
         _wait(lambda: len(_rounds(run_dir)) == 1 and _count(layout.log("node-1"), STARTED) == 2, "round 2 to start")
         os.killpg(nodes[1].pid, signal.SIGKILL)  # node 1 dies while its round-2 ClientApp runs
         # restarted at once, so it has registered before round 3 samples: the dead node's id stays listed
         # until its heartbeat lapses, and a restart after round 2 closed could lose that race under load
-        cluster.start_node(1, files[1], num_nodes=2, name="node-1-again")
+        cluster.start_node(1, files[1], num_nodes=2, name="node-1-again", policy=QUICK_GRID)
         _wait(lambda: len(_rounds(run_dir)) == 2, "round 2 to close without node 1")
         _wait(lambda: _count(layout.log("node-0"), STARTED) == 3, "round 3 to reach node 0")
         os.killpg(nodes[0].pid, signal.SIGSTOP)  # node 0 becomes a straggler
@@ -129,7 +130,7 @@ def server_killed(tmp_path_factory, tiny_model_dir):
     with Cluster(layout, insecure=True) as cluster:
         cluster.start_superlink()
         for node, path in enumerate(files):
-            cluster.start_node(node, path, num_nodes=2)
+            cluster.start_node(node, path, num_nodes=2, policy=QUICK_GRID)
         cluster.launch(cfg, "srv")
         _wait(
             lambda: len(_rounds(run_dir)) == 1 and (run_dir / "checkpoints" / "latest.safetensors").is_file(),

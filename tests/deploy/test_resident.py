@@ -24,6 +24,7 @@ from deploy.pki import make_pki
 from deploy.resident import Home
 from fed.config.sources import resolve
 from fed.privacy.ledger import Ledger
+from tests.deploy.conftest import QUICK_GRID
 
 pytestmark = pytest.mark.slow
 SERVED = "resident: task of run"
@@ -88,7 +89,7 @@ def federations(tmp_path_factory, tiny_model_dir):
             cluster.start_superlink()
             for node in (0, 1):
                 cluster.register(node)
-                cluster.start_node(node, None, 2, policy={"dp-opt-out": "true"})
+                cluster.start_node(node, None, 2, policy={"dp-opt-out": "true", **QUICK_GRID})
             runs["plain"] = cluster.run(_cfg(tiny_model_dir, data, *PLAIN), "plain", timeout=600)
             if resident:
                 runs["again"] = cluster.run(_cfg(tiny_model_dir, data, *PLAIN), "again", timeout=600)
@@ -176,7 +177,7 @@ def killed(tmp_path_factory, tiny_model_dir):
         cluster.start_superlink()
         for node in (0, 1):
             cluster.register(node)
-            cluster.start_node(node, None, 2)
+            cluster.start_node(node, None, 2, policy=QUICK_GRID)
         run = cluster.launch(cfg, "killed")
         _wait(lambda: _count(node_log, SERVED) == 2, "node 1's round-2 message")
         pid = int(Home(layout.node_dir(1) / "resident").pid.read_text())
@@ -209,7 +210,7 @@ def hung(tmp_path_factory, tiny_model_dir):
         cluster.start_superlink()
         for node in (0, 1):
             cluster.register(node)
-        cluster.start_node(0, None, 2)
+        cluster.start_node(0, None, 2, policy=QUICK_GRID)
         cluster.start_node(1, None, 2, policy={"reply-delay": 3600.0})
         run_dir = cluster.run(cfg, "hung", timeout=900)
         # node 1's next message (round 2's) finds its resident gone and starts a new one

@@ -148,9 +148,7 @@ class AdapterStrategy(FedAvg):
             replies.clear()
         return self._aggregate(server_round + self.round_offset, received)
 
-    def _aggregate(
-        self, run_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def _aggregate(self, run_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The round's replies read, bounded and merged: the next global and the round's summary."""
         state = RoundState(
             run_round, self.rounds.setdefault(run_round, RoundLog()), self._global, self.update.budgets(run_round)

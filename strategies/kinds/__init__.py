@@ -9,7 +9,7 @@ import torch
 
 from fed.adapters.base import Aggregation, Products, Structure
 from strategies.kinds.allocation import server_owned
-from strategies.kinds.base import Replies, Rule, Tensors, apply_update, slot_weights, total_of, weighted_mean
+from strategies.kinds.base import Replies, Rule, Tensors, apply_update, slot_weights, weighted_mean
 from strategies.kinds.masked import masked_mean
 from strategies.kinds.mean import _mean, robust_mean
 from strategies.kinds.product import pairs_of, product_mean

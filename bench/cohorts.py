@@ -303,15 +303,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        for sampled in args.sampled:
-            rows.append(tree(sampled, args, out))
-            print(json.dumps(rows[-1]), flush=True)
-    body = report(rows, where_rows, small["reply_bytes"] / 2**20, args)
-    print(body)
-    if args.save:
-        from bench.results import save
+        for sampled in [0, *args.sampled]:  # the result is saved after each size: a long run keeps what it has
+            if sampled:
+                rows.append(tree(sampled, args, out))
+                print(json.dumps(rows[-1]), flush=True)
+            body = report(rows, where_rows, small["reply_bytes"] / 2**20, args)
+            if args.save:
+                from bench.results import save
 
-        save(args.save, f"Large cohorts: driver and actor memory ({args.code_label})", body)
+                save(args.save, f"Large cohorts: driver and actor memory ({args.code_label})", body)
+    print(body)
 
 
 if __name__ == "__main__":

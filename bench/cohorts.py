@@ -268,12 +268,33 @@ def report(rows: list[dict[str, Any]], where_rows: list[tuple[str, float]], repl
         f"{args.small} and {args.large} fabricated replies of {reply_mb:.2f} MB in one process; RSS high-water "
         "mark each phase adds):",
         "",
-        "| phase | MB per reply | x reply |",
-        "|---|---|---|",
-        *(f"| {WHERE[p]} | {mb:.2f} | {mb / reply_mb:.1f} |" for p, mb in where_rows),
-        f"| total | {sum(mb for _, mb in where_rows):.2f} | {sum(mb for _, mb in where_rows) / reply_mb:.1f} |",
+        *_where_table(where_rows, reply_mb, getattr(args, "before_rows", None), getattr(args, "before_label", "")),
     ]
     return "\n".join(lines)
+
+
+def _where_table(
+    rows: list[tuple[str, float]], reply_mb: float, before: dict[str, float] | None, label: str
+) -> list[str]:
+    """MB per reply each phase adds, as a multiple of the reply too; with ``before``, that checkout's beside."""
+    total = sum(mb for _, mb in rows)
+    if before is None:
+        return [
+            "| phase | MB per reply | x reply |",
+            "|---|---|---|",
+            *(f"| {WHERE[p]} | {mb:.2f} | {mb / reply_mb:.1f} |" for p, mb in rows),
+            f"| total | {total:.2f} | {total / reply_mb:.1f} |",
+        ]
+    was = sum(before.values())
+    return [
+        f"| phase | before (`{label}`) MB per reply | x reply | now MB per reply | x reply |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {WHERE[p]} | {before[p]:.2f} | {before[p] / reply_mb:.1f} | {mb:.2f} | {mb / reply_mb:.1f} |"
+            for p, mb in rows
+        ),
+        f"| total | {was:.2f} | {was / reply_mb:.1f} | {total:.2f} | {total / reply_mb:.1f} |",
+    ]
 
 
 def main() -> None:
@@ -285,6 +306,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=20, help="replies of the smaller breakdown")
     parser.add_argument("--large", type=int, default=100, help="replies of the larger breakdown")
     parser.add_argument("--code", type=Path, default=ROOT, help="the checkout whose code runs (default: this one)")
+    parser.add_argument("--before", type=Path, default=None, help="a checkout whose driver breakdown is set beside")
     parser.add_argument("--label", default="", help="names the code in the result (default: its commit)")
     parser.add_argument("--save", default="cohorts", help="result name under bench/results/ ('' : print only)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
@@ -299,6 +321,13 @@ def main() -> None:
     small, large = (_run_breakdown(n, args.wire, args.code) for n in (args.small, args.large))
     where_rows = where(small, large)
     print(json.dumps({"breakdown": [small, large]}), flush=True)
+    if args.before is not None:
+        args.before = args.before.resolve()
+        old = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short=12", "HEAD"], capture_output=True)
+        args.before_label = old.stdout.decode().strip() or str(args.before)
+        before = [_run_breakdown(n, args.wire, args.before) for n in (args.small, args.large)]
+        print(json.dumps({"before": before}), flush=True)
+        args.before_rows = dict(where(*before))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)

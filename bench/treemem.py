@@ -66,7 +66,9 @@ def _sample(
                 name = " ".join(proc.cmdline()[:3])[:60] or proc.name()
                 rss = proc.memory_info().rss
                 parts[name] = parts.get(name, 0) + rss
-                traces.setdefault(proc.pid, Trace(proc.pid, name)).see(phase, rss / 2**20)
+                trace = traces.setdefault(proc.pid, Trace(proc.pid, name))
+                trace.name = name  # a Ray worker starts as ray::IDLE and takes its actor's name later
+                trace.see(phase, rss / 2**20)
                 times = proc.cpu_times()
                 cpu[(proc.pid, proc.create_time())] = times.user + times.system
         except (psutil.NoSuchProcess, psutil.AccessDenied):

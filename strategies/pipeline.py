@@ -108,5 +108,9 @@ class Stage:
         """Every reply of the round was read (dropped or not); nothing is aggregated yet."""
 
     def bound(self, state: RoundState, batch: Replies) -> Replies:
-        """The accepted replies, before the rule combines them: what limits one reply's influence."""
+        """The accepted replies, before the rule combines them: what limits one reply's influence.
+
+        A delta here is a read-only view of its reply's bytes in the wire dtype: a stage that changes one
+        returns a new mapping that computes it as it is read (``strategies.influence.Scaled``) rather than
+        a copy of every reply, and never writes into it; the rules fold the result one reply at a time."""
         return batch

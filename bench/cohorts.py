@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -251,14 +252,17 @@ def report(rows: list[dict[str, Any]], where_rows: list[tuple[str, float]], repl
     if len(rows) >= 2:
         first, last = rows[0], rows[-1]
         slope = (last["driver_mb"] - first["driver_mb"]) / (last["sampled"] - first["sampled"])
-        growth = max((g for r in rows for g in r["actor_growth_mb"]), default=float("nan"))
+        growths = [g for r in rows for g in r["actor_growth_mb"]]
+        growth = max(growths, default=math.nan)
         big = max(rows, key=lambda r: r["sampled"])
         lines += [
             f"- driver slope {first['sampled']:,} -> {last['sampled']:,} a round: **{slope:.2f} MB per sampled "
             f"client**, {slope / reply:.1f}x a reply's adapter ({reply:.2f} MB); target at most 2x: "
             f"{'met' if slope <= 2 * reply else 'missed'}",
             f"- largest actor growth from round 1 to round 2: **{growth:+.1f} MB**; target at most 5 MB: "
-            f"{'met' if growth <= 5 else 'missed'}",
+            f"{'met' if growth <= 5 else 'missed'}"
+            if growths
+            else "- actor growth: not measured (no actor process identified in the tree)",
             f"- whole tree at {big['sampled']:,} a round: **{big['tree_mb'] / 1024:.2f} GB**; target under 8 GB at "
             f"1,000 a round: {_verdict(big)}",
             "",

@@ -118,6 +118,15 @@ BENCHES = {
         "1,000 clients on one machine",
         True,
     ),
+    "cohorts": Bench(
+        "bench.cohorts",
+        "How much driver and actor memory does each sampled client cost at 10, 100 and 1,000 clients a round, "
+        "and where does the driver's go?",
+        "about 20 min",
+        "driver, actor and tree peaks; driver slope per sampled client; the driver's memory by phase",
+        "driver slope at most 2x a reply's adapter, actors grow at most 5 MB a round, 1,000 a round under 8 GB",
+        True,
+    ),
     "attack": Bench(
         "bench.security.attack",
         "How much does one sign-flipping, scaling client hurt, with bounded influence on?",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -32,17 +33,42 @@ class Measured:
     peak_parts: dict[str, float]
     """The peak sample's RSS (MB) by process, named by its command line's head (Ray names its workers
     ``ray::<class>``): which part of the tree holds the memory."""
+    processes: list[Trace] = field(default_factory=list)
+    """Every process seen, with its own peak and its RSS at the end of each phase."""
 
 
-def _sample(root: psutil.Process, cpu: dict[tuple[int, float], float]) -> dict[str, int]:
+@dataclass
+class Trace:
+    """One process of the tree: its name, its peak RSS (MB) and, per phase of the command (``phase``: e.g.
+    rounds finished), the largest and the last RSS seen in it."""
+
+    pid: int
+    name: str
+    peak_mb: float = 0.0
+    phase_peak_mb: dict[int, float] = field(default_factory=dict)
+    phase_last_mb: dict[int, float] = field(default_factory=dict)
+
+    def see(self, phase: int, mb: float) -> None:
+        self.peak_mb = max(self.peak_mb, mb)
+        self.phase_peak_mb[phase] = max(self.phase_peak_mb.get(phase, 0.0), mb)
+        self.phase_last_mb[phase] = mb
+
+
+def _sample(
+    root: psutil.Process, cpu: dict[tuple[int, float], float], traces: dict[int, Trace], phase: int
+) -> dict[str, int]:
     """The tree's RSS now by process name (the command line's head); each live process's CPU seconds so
-    far go into ``cpu`` (keyed by pid and start)."""
+    far go into ``cpu`` (keyed by pid and start), its RSS into its ``traces`` entry under ``phase``."""
     parts: dict[str, int] = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
             with proc.oneshot():
                 name = " ".join(proc.cmdline()[:3])[:60] or proc.name()
-                parts[name] = parts.get(name, 0) + proc.memory_info().rss
+                rss = proc.memory_info().rss
+                parts[name] = parts.get(name, 0) + rss
+                trace = traces.setdefault(proc.pid, Trace(proc.pid, name))
+                trace.name = name  # a Ray worker starts as ray::IDLE and takes its actor's name later
+                trace.see(phase, rss / 2**20)
                 times = proc.cpu_times()
                 cpu[(proc.pid, proc.create_time())] = times.user + times.system
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -57,10 +83,13 @@ def run_measured(
     cwd: Path | None = None,
     log: Path | None = None,
     interval: float = 0.2,
+    phase: Callable[[], int] = lambda: 0,
 ) -> Measured:
-    """Run ``argv`` to completion (its output to ``log`` if given) while polling the tree's memory."""
+    """Run ``argv`` to completion (its output to ``log`` if given) while polling the tree's memory; each
+    sample is filed under ``phase()`` (e.g. the rounds the run has finished)."""
     load_before = os.getloadavg()[0]
     cpu: dict[tuple[int, float], float] = {}
+    traces: dict[int, Trace] = {}
     sink = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115  (closed in the finally below)
     try:
         start = time.perf_counter()
@@ -68,7 +97,7 @@ def run_measured(
         root, peak, peak_parts = psutil.Process(proc.pid), 0, {}
         while proc.poll() is None:
             try:
-                parts = _sample(root, cpu)
+                parts = _sample(root, cpu, traces, phase())
             except psutil.NoSuchProcess:
                 break
             if sum(parts.values()) > peak:
@@ -87,4 +116,5 @@ def run_measured(
         load_before,
         os.getloadavg()[0],
         {name: rss / 2**20 for name, rss in sorted(peak_parts.items(), key=lambda item: -item[1])},
+        list(traces.values()),
     )

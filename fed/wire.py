@@ -14,6 +14,8 @@ The receiver expects exactly that carrier and widens back to float32 before chec
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -73,11 +75,26 @@ def _on_wire(meta: TensorMeta, wire: str) -> TensorMeta:
     return meta
 
 
+def _decoded(data: bytes, meta: TensorMeta, copy: bool) -> torch.Tensor:
+    """``data`` as a tensor of ``meta``: a writable copy, or a read-only view of the bytes themselves."""
+    value = np.frombuffer(data, dtype=np.dtype(meta.dtype).newbyteorder("<")).reshape(meta.shape)
+    if copy or sys.byteorder != "little":
+        return torch.from_numpy(value.astype(meta.dtype))
+    with warnings.catch_warnings():  # torch warns that it cannot write to it; the caller only reads
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(value)
+
+
 def from_record(
-    record: ArrayRecord, expected: Mapping[str, TensorMeta], wire: str = "float32"
+    record: ArrayRecord, expected: Mapping[str, TensorMeta], wire: str = "float32", *, transport: bool = False
 ) -> dict[str, torch.Tensor]:
     """Validate ``record`` against ``expected`` (as sent in transport dtype ``wire``) and only then decode
     it to tensors of the expected dtype.
+
+    ``transport=True`` decodes each tensor as a read-only view of the record's own bytes, in its transport
+    dtype (bfloat16 under ``wire.dtype = "bfloat16"``): no copy, for a reader that only reads and widens one
+    tensor at a time (the server's aggregation, which holds every reply of a round). Widening bfloat16 to
+    float32 is exact, so what it computes is what it would compute from the widened copies.
 
     Raises:
         PayloadError: naming the first offending key and what was expected of it.
@@ -103,11 +120,11 @@ def from_record(
             raise PayloadError(f"{name}: serialisation {array.stype!r}, expected {RAW!r}")
         if len(array.data) != meta.nbytes:
             raise PayloadError(f"{name}: {len(array.data)} bytes, a {meta.dtype}{meta.shape} array has {meta.nbytes}")
-        little = np.dtype(meta.dtype).newbyteorder("<")
-        value = np.frombuffer(array.data, dtype=little).reshape(meta.shape).astype(meta.dtype)  # a writable copy
-        tensor = torch.from_numpy(value)
+        tensor = _decoded(array.data, meta, copy=not transport)
         if meta != logical:  # the carrier's bits are a 16-bit float: widen to the tensor's own dtype
-            tensor = tensor.view(_CARRIER[wire][0]).to(getattr(torch, logical.dtype))
+            tensor = tensor.view(_CARRIER[wire][0])
+            if not transport:
+                tensor = tensor.to(getattr(torch, logical.dtype))
         if not torch.isfinite(tensor).all():
             raise PayloadError(f"{name}: contains NaN or Inf")
         tensors[name] = tensor
@@ -154,8 +171,11 @@ def from_sparse_record(
     lines: Mapping[str, int],
     budgets: Mapping[str, int],
     wire: str = "float32",
+    *,
+    transport: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Validate a reply of ``to_sparse_record`` and decode it to dense deltas and the clients' masks.
+    """Validate a reply of ``to_sparse_record`` and decode it to dense deltas and the clients' masks
+    (dense tensors as ``from_record`` decodes them under ``transport``; a rebuilt line-sparse one is a copy).
 
     Every line of a line-sparse tensor must keep exactly ``budgets[name]`` entries (the round's budget,
     which the server computes itself) and the mask's padding bits must be zero. A client's tensor is
@@ -170,7 +190,7 @@ def from_sparse_record(
         count, width = (shape[0], shape[1]) if axis == 1 else (shape[1], shape[0])
         sent[name] = TensorMeta((count, budgets[name]), expected[name].dtype)
         sent[name + MASK_SUFFIX] = TensorMeta((count, -(-width // 8)), "uint8")
-    tensors = from_record(record, sent, wire)
+    tensors = from_record(record, sent, wire, transport=transport)
     masks: dict[str, torch.Tensor] = {}
     for name, axis in lines.items():
         width = expected[name].shape[axis]
@@ -182,7 +202,7 @@ def from_sparse_record(
         if kept != [budgets[name]]:
             raise PayloadError(f"{name}: lines keep {kept[:3]} entries; this round's budget is {budgets[name]}")
         dense = -_as_lines(global_[name], axis).clone()
-        dense[keep] = tensors[name].reshape(-1)
+        dense[keep] = tensors[name].reshape(-1).to(dense.dtype)
         tensors[name] = _as_lines(dense, axis).contiguous()
         masks[name] = _as_lines(keep, axis).contiguous()
     return tensors, masks

@@ -139,8 +139,17 @@ class AdapterStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        run_round = server_round + self.round_offset
+        """The round's replies merged into the next global. Consumes ``replies``: a list (what Flower's grid
+        hands over) is emptied, so that once this round is merged nothing holds its payloads; Flower keeps
+        its reference to that list until the next round's replies have all arrived, which would otherwise
+        hold two rounds of payloads then."""
+        received = list(replies)
+        if isinstance(replies, list):
+            replies.clear()
+        return self._aggregate(server_round + self.round_offset, received)
+
+    def _aggregate(self, run_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The round's replies read, bounded and merged: the next global and the round's summary."""
         state = RoundState(
             run_round, self.rounds.setdefault(run_round, RoundLog()), self._global, self.update.budgets(run_round)
         )

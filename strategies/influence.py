@@ -7,13 +7,13 @@ Both act on the accepted batch before any rule sees it, so the robust rules and 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from strategies.kinds import Replies, Tensors
+from strategies.kinds import Replies
 from strategies.pipeline import RoundState, Stage
 
 
@@ -37,14 +37,35 @@ def delta_norm(delta: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
 
 
-def clip_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], bound: float) -> tuple[list[Tensors], int]:
-    """Scale every delta whose norm exceeds ``bound`` down to it (direction kept); returns how many were."""
-    clipped, count = [], 0
+class Scaled(Mapping[str, torch.Tensor]):
+    """A delta times ``scale``, each tensor formed when it is read (at least in float32, as the rules read
+    it) and dropped once it is folded: a clipped round holds no second copy of its replies."""
+
+    def __init__(self, delta: Mapping[str, torch.Tensor], scale: float) -> None:
+        self.delta, self.scale = delta, scale
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self.delta[name]
+        return tensor.to(torch.promote_types(tensor.dtype, torch.float32)) * self.scale
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.delta)
+
+    def __len__(self) -> int:
+        return len(self.delta)
+
+
+def clip_deltas(
+    deltas: Sequence[Mapping[str, torch.Tensor]], bound: float
+) -> tuple[list[Mapping[str, torch.Tensor]], int]:
+    """Scale every delta whose norm exceeds ``bound`` down to it (direction kept, ``Scaled``: no copy);
+    returns how many were."""
+    clipped: list[Mapping[str, torch.Tensor]] = []
+    count = 0
     for delta in deltas:
         norm = delta_norm(delta)
-        scale = bound / norm if norm > bound else 1.0
-        count += scale < 1.0
-        clipped.append({n: t * scale for n, t in delta.items()})
+        count += norm > bound
+        clipped.append(Scaled(delta, bound / norm) if norm > bound else delta)
     return clipped, count
 
 

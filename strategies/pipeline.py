@@ -111,7 +111,11 @@ class Stage:
         """Read one evaluate reply whose scores check out; raise ``PayloadError`` to leave it out with that reason."""
 
     def bound(self, state: RoundState, batch: Replies) -> Replies:
-        """The accepted replies, before the rule combines them: what limits one reply's influence."""
+        """The accepted replies, before the rule combines them: what limits one reply's influence.
+
+        A delta here is a read-only view of its reply's bytes in the wire dtype: a stage that changes one
+        returns a new mapping that computes it as it is read (``strategies.influence.Scaled``) rather than
+        a copy of every reply, and never writes into it; the rules fold the result one reply at a time."""
         return batch
 
     def released(self, state: RoundState, merged: Tensors) -> Tensors:

@@ -189,7 +189,8 @@ def _check_willing(reply: Reply) -> None:
 class ReplyValidation(Stage):
     """Every claim of a reply checked against the run's ``ReplyRules``, then its payload decoded (sparse
     lines at the round's budgets, the run's wire dtype) into the delta, expert counts and masks the
-    core aggregates."""
+    core aggregates. The delta is a read-only view of the reply's bytes in the wire dtype (no copy: a round
+    holds every reply until its bounds are known); a stage that changes it makes a new mapping."""
 
     def __init__(self, model: AdapterModel, rules: ReplyRules) -> None:
         self.model, self.rules = model, rules
@@ -203,7 +204,7 @@ class ReplyValidation(Stage):
         arrays = reply.message.content.array_records["arrays"]
         state.log.bytes_up += arrays.count_bytes()
         reply.delta, reply.mask = from_sparse_record(
-            arrays, self.model.expected, state.global_, structure.lines, state.budgets, self.rules.wire
+            arrays, self.model.expected, state.global_, structure.lines, state.budgets, self.rules.wire, transport=True
         )
         if rank is not None:
             check_padding(reply.delta, structure.rank_axes, rank)

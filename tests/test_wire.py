@@ -76,6 +76,21 @@ def test_bfloat16_transport_halves_the_bytes_rounds_each_value_and_is_validated_
         to_record(tensors, "float16")
 
 
+@pytest.mark.parametrize("wire", ["float32", "bfloat16"])
+def test_transport_decoding_reads_the_records_own_bytes_without_a_copy(wire):
+    tensors = {"a": torch.randn(5, 3), "b": torch.randn(7)}
+    record = to_record(tensors, wire)
+    views = from_record(record, metas(tensors), wire, transport=True)
+    copies = from_record(record, metas(tensors), wire)
+    for name, view in views.items():
+        start = np.frombuffer(record[name].data, np.uint8).ctypes.data
+        assert start <= view.data_ptr() < start + len(record[name].data)  # inside the record's bytes
+        assert view.dtype == (torch.bfloat16 if wire == "bfloat16" else torch.float32)
+        assert torch.equal(view.float(), copies[name]) and copies[name].dtype == torch.float32
+    with pytest.raises(PayloadError, match="NaN"):
+        from_record(to_record({"a": torch.full((5, 3), math.nan), "b": torch.ones(7)}), metas(tensors), transport=True)
+
+
 def test_bytes_that_do_not_match_the_declared_shape_or_another_serialisation_are_rejected():
     body = _record()["l.lora_B.weight"].data  # the 24 bytes of a (3, 2) float32 array
     lie = Array(dtype="float32", shape=(2,), stype=RAW, data=body)  # ... declared as (2,)

@@ -9,7 +9,7 @@ import torch
 
 from fed.adapters.base import Aggregation, Products, Structure
 from strategies.kinds.allocation import server_owned
-from strategies.kinds.base import Replies, Rule, Tensors, apply_update, slot_weights, total_of, weighted_mean
+from strategies.kinds.base import Replies, Rule, Tensors, apply_update, slot_weights, weighted_mean
 from strategies.kinds.masked import masked_mean
 from strategies.kinds.mean import _mean, robust_mean
 from strategies.kinds.product import pairs_of, product_mean
@@ -52,7 +52,8 @@ def aggregate(
         if kind not in rules:
             raise ValueError(f"no aggregation rule for kind {kind.value!r}; rules: {[k.value for k in rules]}")
         merged.update(rules[kind](replies, structure, names))
-    return merged
+    # rules compute in float64 from deltas kept in their transport dtype; the global keeps its own
+    return {n: t.to(replies.global_[n].dtype) for n, t in merged.items()}
 
 
 def aggregation_error(products: Products, replies: Replies, merged: Mapping[str, torch.Tensor]) -> float:
@@ -67,23 +68,36 @@ def aggregation_error(products: Products, replies: Replies, merged: Mapping[str,
     """
     before = products(replies.global_)
     after = products(apply_update({n: replies.global_[n] for n in merged}, merged, replies.step))
-    clients = [products({n: replies.global_[n] + d[n] for n in d}) for d in replies.deltas]
     err, ref = 0.0, 0.0
-    for name, (base, slot) in before.items():
-        weights = slot_weights(replies, slot)
-        total = float(sum(weights))
-        if total <= 0:
-            continue
-        base64 = base.to(torch.float64)
-        target = replies.step * total_of(
-            w / total * (c[name][0].to(torch.float64) - base64) for w, c in zip(weights, clients)
-        )
+    for name, target in _mean_changes(products, replies, before).items():
+        base64 = before[name][0].to(torch.float64)
+        target = replies.step * target
         got = after[name][0].to(torch.float64) - base64
         err += float((target - got).pow(2).sum())
         ref += float(target.pow(2).sum())
     if err == 0.0:
         return 0.0
     return math.sqrt(err / ref) if ref > 0 else math.inf
+
+
+def _mean_changes(
+    products: Products, replies: Replies, before: Mapping[str, tuple[torch.Tensor, str | None]]
+) -> dict[str, torch.Tensor]:
+    """Per layer (and expert) that some client's weight reaches, ``mean_k ΔW_k`` in float64.
+
+    Client by client: each client's dense products (a layer's full ``d_out x d_in`` each, many times its
+    reply) are added to the running sums and dropped before the next client's are formed."""
+    weights = {name: slot_weights(replies, slot) for name, (_, slot) in before.items()}
+    totals = {name: float(sum(w)) for name, w in weights.items()}
+    sums: dict[str, torch.Tensor] = {}
+    for k, delta in enumerate(replies.deltas):
+        client = products({n: replies.global_[n] + delta[n] for n in delta})
+        for name, (base, _) in before.items():
+            if totals[name] <= 0:
+                continue
+            term = weights[name][k] / totals[name] * (client[name][0].to(torch.float64) - base.to(torch.float64))
+            sums[name] = term if name not in sums else sums[name].add_(term)
+    return sums
 
 
 __all__ = [

@@ -45,14 +45,13 @@ def total_of(terms: Iterable[torch.Tensor]) -> torch.Tensor:
 def weighted_mean(
     deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], names: Sequence[str]
 ) -> Tensors:
-    """``sum_k w_k delta_k / sum_k w_k`` for each name (FedAvg's example-weighted mean)."""
+    """``sum_k w_k delta_k / sum_k w_k`` for each name (FedAvg's example-weighted mean), in float64.
+
+    One reply's term at a time is added to the running sum, so the mean holds no per-reply copy."""
     total = float(sum(weights))
     if not deltas or total <= 0:
         raise ValueError(f"need at least one client with positive weight; got weights {list(weights)}")
-    return {
-        n: total_of(w / total * d[n].to(torch.float64) for d, w in zip(deltas, weights)).to(deltas[0][n].dtype)
-        for n in names
-    }
+    return {n: total_of(w / total * d[n].to(torch.float64) for d, w in zip(deltas, weights)) for n in names}
 
 
 def slot_weights(replies: Replies, slot: str | None) -> Sequence[float]:

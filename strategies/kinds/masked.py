@@ -28,10 +28,10 @@ def masked_mean(replies: Replies, structure: Structure, names: Sequence[str]) ->
     out: Tensors = {}
     for name in names:
         global_ = replies.global_[name].to(torch.float64)
-        kept = [m[name].to(torch.float64) for m in replies.masks]
-        cover = total_of(w * k for w, k in zip(replies.weights, kept))
+        cover = total_of(w * m[name].to(torch.float64) for w, m in zip(replies.weights, replies.masks))
         total = total_of(
-            w * k * (global_ + d[name].to(torch.float64)) for w, k, d in zip(replies.weights, kept, replies.deltas)
+            w * m[name].to(torch.float64) * (global_ + d[name].to(torch.float64))
+            for w, m, d in zip(replies.weights, replies.masks, replies.deltas)
         )
         mean = torch.where(cover > 0, total / torch.where(cover > 0, cover, 1.0), 0.0)
         axis = structure.lines[name]

@@ -21,12 +21,11 @@ def _mean(replies: Replies, structure: Structure, names: Sequence[str]) -> Tenso
 def _coordinatewise(
     statistic: Callable[[np.ndarray], np.ndarray], deltas: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]
 ) -> Tensors:
-    """``statistic`` over the client axis of every coordinate (weights ignored: a robust statistic must not
-    let a self-reported count buy influence)."""
+    """``statistic`` over the client axis of every coordinate, in float64 (weights ignored: a robust statistic
+    must not let a self-reported count buy influence). Unlike the weighted sums, it needs every reply's
+    value of a coordinate at once: the one rule that holds a copy of the whole round (one tensor at a time)."""
     return {
-        n: torch.from_numpy(
-            np.asarray(statistic(np.stack([d[n].double().numpy() for d in deltas])), dtype=np.float64)
-        ).to(deltas[0][n].dtype)
+        n: torch.from_numpy(np.asarray(statistic(np.stack([d[n].double().numpy() for d in deltas])), dtype=np.float64))
         for n in names
     }
 

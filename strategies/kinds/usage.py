@@ -36,5 +36,5 @@ def _slot_mean(replies: Replies, deltas: Sequence[torch.Tensor], slot: str) -> t
     """One expert's deltas averaged with its slot's weights; zero (keep the value) if nobody used it."""
     weights = slot_weights(replies, slot)
     if sum(weights) <= 0:
-        return torch.zeros_like(deltas[0])
+        return torch.zeros(deltas[0].shape, dtype=torch.float64)
     return weighted_mean([{"t": t} for t in deltas], weights, ["t"])["t"]

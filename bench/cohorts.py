@@ -1,0 +1,352 @@
+"""Large cohorts: driver and actor memory at 10, 100 and 1,000 clients a round, and where the driver's goes.
+
+Two measurements in one run:
+
+1. **Where the driver's memory goes** (``breakdown``): in a fresh process per cohort size, the quickstart's
+   server strategy aggregates ``n`` fabricated replies (real payloads, valid claims) while a thread samples
+   the process's RSS; each phase of the round is labelled (Flower's reply messages held, decoding and
+   validation, bounded influence, the rules, the aggregation error), and the RSS high-water mark reached
+   by the end of each phase, over two cohort sizes, gives what each phase adds per sampled client.
+2. **The whole tree** (``tree``): one ``fed simulate`` of the quickstart per cohort size (1,000 virtual
+   clients, 2 rounds, 1 local step, evaluation off, 2 actors), its process tree sampled every 0.2 s: the
+   driver's peak, each actor's peak, each actor's growth from the end of round 1 to the end of round 2,
+   the whole tree's peak, and the driver's slope per sampled client against the reply's own size.
+
+    python -m bench run cohorts                             # 10, 100, 1000 a round: about 20 min on 2 cores
+    python -m bench run cohorts --sampled 10 100 --virtual 100   # a quick look
+    python -m bench run cohorts --code ../other-checkout    # measure another checkout's code (a "before")
+
+Targets: driver slope at most 2x a reply's adapter bytes per sampled client, actor growth at most 5 MB a
+round, the whole tree under 8 GB at 1,000 clients a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("start", "messages", "read", "bound", "rules", "aggregation_error", "done")
+"""The driver's round, in order: what each phase's RSS high-water mark adds is what that phase holds."""
+WHERE = {
+    "messages": "Flower's reply messages (their record bytes)",
+    "read": "decoding + validation (decoded deltas)",
+    "bound": "bounded influence (capped weights, clipped deltas)",
+    "rules": "the aggregation rules",
+    "aggregation_error": "the aggregation error (clients' dense products)",
+}
+
+
+class RssSampler:
+    """The process's own RSS sampled every ``interval`` s in a thread, its high-water mark kept per phase."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval, self.phase, self.peaks = interval, "start", {}
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss_mb(self) -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * self._page / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.see()
+            time.sleep(self.interval)
+
+    def see(self) -> None:
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), self.rss_mb())
+
+    def enter(self, phase: str) -> None:
+        self.see()
+        self.phase = phase
+        self.see()
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.see()
+        self._stop.set()
+        self._thread.join()
+
+
+def _labelled(sampler: RssSampler, phase: str, after: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        sampler.enter(phase)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sampler.enter(after)
+
+    return wrapped
+
+
+def _settings(virtual: int, fraction: float, wire: str) -> dict[str, Any]:
+    return {
+        "federation.num_clients": virtual,
+        "federation.rounds": 2,
+        "federation.fraction_train": fraction,
+        "federation.fraction_evaluate": 0.0,
+        "train.local_steps": 1,
+        "simulation.actors": 2,
+        "wire.dtype": wire,
+    }
+
+
+def breakdown(n: int, wire: str) -> dict[str, Any]:
+    """One round of ``n`` replies through the quickstart's server strategy, RSS high-water mark per phase."""
+    import torch
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import strategies.core as core
+    from fed.config.sources import resolve
+    from fed.privacy.book import LedgerBook
+    from fed.session import adapted_model
+    from fed.wire import to_record
+    from strategies.build import build_strategy
+
+    for key in ("_run_id", "_node_id", "_task_id"):  # what a ServerApp's process has set for its messages
+        setattr(TaskIdentity, key, 1)
+    cfg = resolve("quickstart", [f"{k}={v}" for k, v in _settings(1000, 1.0, wire).items()])
+    adapter, _ = adapted_model(cfg)
+    global_ = adapter.sent_state()
+    strategy = build_strategy(cfg, adapter, LedgerBook(cfg.dp))
+    strategy._global = global_
+    fingerprint, gen = adapter.fingerprint(), torch.Generator().manual_seed(0)
+
+    def reply(node: int) -> Message:
+        delta = {k: 1e-3 * torch.randn(t.shape, generator=gen) for k, t in global_.items()}
+        metrics = {"partition-id": node, "round": 1, "num-examples": 3 + node % 5, "fingerprint": fingerprint}
+        content = RecordDict({"metrics": MetricRecord(metrics | {"train_loss": 0.7, "steps": 1})})
+        content["arrays"] = to_record(delta, wire)
+        msg = Message(content, dst_node_id=1, message_type="train")
+        msg.metadata.__dict__["_src_node_id"] = 1000 + node
+        return msg
+
+    with RssSampler() as sampler:
+        strategy._read = _labelled(sampler, "read", "bound", strategy._read)
+        core.aggregate = _labelled(sampler, "rules", "aggregation_error", core.aggregate)
+        core.aggregation_error = _labelled(sampler, "aggregation_error", "done", core.aggregation_error)
+        sampler.enter("messages")
+        replies = [reply(node) for node in range(n)]
+        reply_bytes = replies[0].content.array_records["arrays"].count_bytes()
+        arrays, _ = strategy.aggregate_train(1, replies)
+        sampler.enter("done")
+    assert arrays is not None, "the round aggregated nothing"
+    return {"n": n, "reply_bytes": reply_bytes, "peaks_mb": sampler.peaks}
+
+
+def _run_breakdown(n: int, wire: str, code: Path) -> dict[str, Any]:
+    """``breakdown`` in a fresh process running the code of checkout ``code``."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--breakdown", str(n), "--wire", wire]
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    out = subprocess.run(argv, env=env, cwd=code, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"breakdown at {n} replies failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def where(small: dict[str, Any], large: dict[str, Any]) -> list[tuple[str, float]]:
+    """What each phase of the driver's round adds per reply (MB): the growth of its high-water mark over
+    the previous phases' from ``small`` to ``large`` replies."""
+    rows, before = [], {"small": small["peaks_mb"]["start"], "large": large["peaks_mb"]["start"]}
+    for phase in PHASES[1:-1]:
+        mark_s = max(before["small"], small["peaks_mb"].get(phase, 0.0))
+        mark_l = max(before["large"], large["peaks_mb"].get(phase, 0.0))
+        rows.append((phase, ((mark_l - before["large"]) - (mark_s - before["small"])) / (large["n"] - small["n"])))
+        before = {"small": mark_s, "large": mark_l}
+    return rows
+
+
+@contextmanager
+def _rounds_file(path: Path) -> Iterator[Callable[[], int]]:
+    """The number of rounds the run has finished, read from its metrics.jsonl."""
+
+    def rounds() -> int:
+        try:
+            return path.read_text().count("\n")
+        except OSError:
+            return 0
+
+    yield rounds
+
+
+def tree(sampled: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """One ``fed simulate`` with ``sampled`` of ``args.virtual`` clients a round: driver, actors, tree."""
+    from bench.treemem import run_measured
+
+    name = f"s{sampled}"
+    settings = _settings(args.virtual, sampled / args.virtual, args.wire) | {
+        "data.max_examples": args.virtual * args.rows
+    }
+    argv = [sys.executable, "-m", "simulations.cli", "simulate", "--preset", "quickstart", "--out", str(out)]
+    argv += ["--name", name, *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]]
+    env = {**os.environ, "PYTHONPATH": str(args.code)}
+    with _rounds_file(out / name / "metrics.jsonl") as rounds:
+        measured = run_measured(argv, env=env, cwd=args.code, log=out / f"{name}.log", phase=rounds)
+    if measured.returncode != 0:
+        raise SystemExit(f"{sampled} a round: fed simulate exited {measured.returncode}; see {out}/{name}.log")
+    lines = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    driver = next(t for t in measured.processes if "simulations.cli" in t.name)
+    actors = [t for t in measured.processes if "ClientAppActor" in t.name]
+    growth = [t.phase_last_mb.get(1, 0.0) - t.phase_last_mb[0] for t in actors if 0 in t.phase_last_mb]
+    return {
+        "sampled": sampled,
+        "virtual": args.virtual,
+        "driver_mb": driver.peak_mb,
+        "actor_mb": [a.peak_mb for a in actors],
+        "actor_growth_mb": growth,
+        "tree_mb": measured.peak_mb,
+        "round_s": [line["wall_s"] for line in lines],
+        "reply_bytes": lines[0]["bytes_up"] / max(lines[0]["clients"], 1),
+        "clients": [line["clients"] for line in lines],
+    }
+
+
+def _mb(values: list[float]) -> str:
+    return ", ".join(f"{v:,.0f}" for v in values) or "-"
+
+
+def _verdict(largest: dict[str, Any]) -> str:
+    if largest["sampled"] < 1000:
+        return "not run at 1,000"
+    return "met" if largest["tree_mb"] < 8192 else "missed"
+
+
+def report(rows: list[dict[str, Any]], where_rows: list[tuple[str, float]], reply_mb: float, args: Any) -> str:
+    """The run's tables: the tree per cohort size with the slopes, and where the driver's memory goes."""
+    table = [
+        "| sampled a round | driver peak MB | each actor peak MB | actor growth round 1 -> 2 MB | whole tree MB "
+        "| rounds (s) |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {r['sampled']:,} | {r['driver_mb']:,.0f} | {_mb(r['actor_mb'])} | "
+            f"{', '.join(f'{g:+.1f}' for g in r['actor_growth_mb']) or '-'} | {r['tree_mb']:,.0f} | "
+            f"{', '.join(f'{s:.0f}' for s in r['round_s'])} |"
+            for r in rows
+        ),
+    ]
+    lines = [
+        f"`fed simulate --preset quickstart`, {args.virtual:,} virtual clients, 2 rounds, 1 local step, evaluation "
+        f"off, 2 actors, wire {args.wire}, {args.rows} examples a client; code: `{args.code_label}`.",
+        "",
+        *table,
+        "",
+    ]
+    reply = rows[0]["reply_bytes"] / 2**20 if rows else reply_mb
+    if len(rows) >= 2:
+        first, last = rows[0], rows[-1]
+        slope = (last["driver_mb"] - first["driver_mb"]) / (last["sampled"] - first["sampled"])
+        growths = [g for r in rows for g in r["actor_growth_mb"]]
+        growth = max(growths, default=math.nan)
+        big = max(rows, key=lambda r: r["sampled"])
+        lines += [
+            f"- driver slope {first['sampled']:,} -> {last['sampled']:,} a round: **{slope:.2f} MB per sampled "
+            f"client**, {slope / reply:.1f}x a reply's adapter ({reply:.2f} MB); target at most 2x: "
+            f"{'met' if slope <= 2 * reply else 'missed'}",
+            f"- largest actor growth from round 1 to round 2: **{growth:+.1f} MB**; target at most 5 MB: "
+            f"{'met' if growth <= 5 else 'missed'}"
+            if growths
+            else "- actor growth: not measured (no actor process identified in the tree)",
+            f"- whole tree at {big['sampled']:,} a round: **{big['tree_mb'] / 1024:.2f} GB**; target under 8 GB at "
+            f"1,000 a round: {_verdict(big)}",
+            "",
+        ]
+    lines += [
+        f"Where the driver's memory goes per sampled client (the quickstart's strategy aggregating "
+        f"{args.small} and {args.large} fabricated replies of {reply_mb:.2f} MB in one process; RSS high-water "
+        "mark each phase adds):",
+        "",
+        *_where_table(where_rows, reply_mb, getattr(args, "before_rows", None), getattr(args, "before_label", "")),
+    ]
+    return "\n".join(lines)
+
+
+def _where_table(
+    rows: list[tuple[str, float]], reply_mb: float, before: dict[str, float] | None, label: str
+) -> list[str]:
+    """MB per reply each phase adds, as a multiple of the reply too; with ``before``, that checkout's beside."""
+    total = sum(mb for _, mb in rows)
+    if before is None:
+        return [
+            "| phase | MB per reply | x reply |",
+            "|---|---|---|",
+            *(f"| {WHERE[p]} | {mb:.2f} | {mb / reply_mb:.1f} |" for p, mb in rows),
+            f"| total | {total:.2f} | {total / reply_mb:.1f} |",
+        ]
+    was = sum(before.values())
+    return [
+        f"| phase | before (`{label}`) MB per reply | x reply | now MB per reply | x reply |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {WHERE[p]} | {before[p]:.2f} | {before[p] / reply_mb:.1f} | {mb:.2f} | {mb / reply_mb:.1f} |"
+            for p, mb in rows
+        ),
+        f"| total | {was:.2f} | {was / reply_mb:.1f} | {total:.2f} | {total / reply_mb:.1f} |",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sampled", type=int, nargs="*", default=[10, 100, 1000], help="clients a round")
+    parser.add_argument("--virtual", type=int, default=1000, help="virtual clients")
+    parser.add_argument("--rows", type=int, default=4, help="examples per client (train + test)")
+    parser.add_argument("--wire", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--small", type=int, default=20, help="replies of the smaller breakdown")
+    parser.add_argument("--large", type=int, default=100, help="replies of the larger breakdown")
+    parser.add_argument("--code", type=Path, default=ROOT, help="the checkout whose code runs (default: this one)")
+    parser.add_argument("--before", type=Path, default=None, help="a checkout whose driver breakdown is set beside")
+    parser.add_argument("--label", default="", help="names the code in the result (default: its commit)")
+    parser.add_argument("--save", default="cohorts", help="result name under bench/results/ ('' : print only)")
+    parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
+    parser.add_argument("--breakdown", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.breakdown:
+        print(json.dumps(breakdown(args.breakdown, args.wire)))
+        return
+    args.code = args.code.resolve()
+    head = subprocess.run(["git", "-C", str(args.code), "rev-parse", "--short=12", "HEAD"], capture_output=True)
+    args.code_label = args.label or head.stdout.decode().strip() or str(args.code)
+    small, large = (_run_breakdown(n, args.wire, args.code) for n in (args.small, args.large))
+    where_rows = where(small, large)
+    print(json.dumps({"breakdown": [small, large]}), flush=True)
+    if args.before is not None:
+        args.before = args.before.resolve()
+        old = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short=12", "HEAD"], capture_output=True)
+        args.before_label = old.stdout.decode().strip() or str(args.before)
+        before = [_run_breakdown(n, args.wire, args.before) for n in (args.small, args.large)]
+        print(json.dumps({"before": before}), flush=True)
+        args.before_rows = dict(where(*before))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        for sampled in [0, *args.sampled]:  # the result is saved after each size: a long run keeps what it has
+            if sampled:
+                rows.append(tree(sampled, args, out))
+                print(json.dumps(rows[-1]), flush=True)
+            body = report(rows, where_rows, small["reply_bytes"] / 2**20, args)
+            if args.save:
+                from bench.results import save
+
+                save(args.save, f"Large cohorts: driver and actor memory ({args.code_label})", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

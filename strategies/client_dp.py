@@ -17,7 +17,8 @@ from flwr.app import Message
 
 from fed.privacy import secure_rng
 from fed.privacy.book import LedgerBook
-from fed.privacy.client_level import ClientAccount, clip_update
+from fed.privacy.client_level import ClientAccount
+from strategies.influence import Scaled, delta_norm
 from strategies.kinds import Tensors
 from strategies.pipeline import Reply, RoundState, Stage
 
@@ -53,7 +54,8 @@ class ClientLevelDP(Stage):
     def accepted(self, state: RoundState, reply: Reply) -> None:
         """Clip the validated reply to the round's bound and give it weight 1 (its example count, self-reported,
         must not scale its influence past the bound)."""
-        reply.delta, norm = clip_update(reply.delta, self.account.clip)
+        norm = delta_norm(reply.delta)  # all sent tensors jointly; scaled as it is read, no copy held
+        reply.delta = Scaled(reply.delta, min(1.0, self.account.clip / norm) if norm > 0 else 1.0)
         reply.weight = 1.0
         reply.usage = None
         clipped = norm > self.account.clip

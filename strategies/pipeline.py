@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import torch
 from flwr.app import Message
 
 from fed.adapters import Structure
@@ -73,7 +74,7 @@ class Reply:
     message: Message
     weight: float = 0.0
     """Its example count, as claimed and checked: FedAvg's raw weight."""
-    delta: Tensors = field(default_factory=dict)
+    delta: Mapping[str, torch.Tensor] = field(default_factory=dict)
     usage: dict[str, float] | None = None
     mask: Tensors = field(default_factory=dict)
 

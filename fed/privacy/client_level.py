@@ -141,13 +141,6 @@ class ClientMechanism:
         return clip * math.exp(-self.clip_lr * (fraction - self.target_quantile))
 
 
-def clip_update(delta: Mapping[str, torch.Tensor], bound: float) -> tuple[dict[str, torch.Tensor], float]:
-    """``delta`` scaled down to L2 norm ``bound`` over all its tensors together, and its norm before (float64)."""
-    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
-    scale = min(1.0, bound / norm) if norm > 0 else 1.0
-    return {name: t * scale for name, t in delta.items()}, norm
-
-
 def client_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: str) -> float:
     """Epsilon at ``delta`` of ``rounds`` releases of the sampled Gaussian mechanism (Opacus's ``accountant``)."""
     if rounds <= 0:

@@ -24,14 +24,13 @@ from fed.privacy.client_level import (
     ClientAccount,
     ClientMechanism,
     client_epsilon,
-    clip_update,
     dense_mean_problems,
 )
 from fed.reports.privacy import cross_checked
 from fed.wire import from_record, metas
 from strategies.client_dp import ClientLevelDP
 from strategies.core import AdapterStrategy, ServerUpdate
-from strategies.pipeline import AdapterModel, Reply, RoundState, Stage
+from strategies.pipeline import AdapterModel, Reply, RoundLog, RoundState, Stage
 from tests.helpers import make, reply_from
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -110,16 +109,21 @@ def _messages(count: int, run_round: int) -> list[Message]:
 
 
 def test_clipping_bounds_all_sent_tensors_jointly():
+    dp = DPConfig(enabled=True, level="client", client_clip=0.5)
+    stage = ClientLevelDP(ClientAccount.of(dp, FederationConfig(num_clients=4, fraction_train=1.0)))
+    state = RoundState(number=1, log=RoundLog(), global_={}, budgets={})
     g = torch.Generator().manual_seed(0)
     delta = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
     flat = torch.cat([t.flatten() for t in delta.values()])
-    clipped, norm = clip_update(delta, 0.5)
-    assert norm == pytest.approx(float(flat.norm()), rel=1e-6)
-    out = torch.cat([t.flatten() for t in clipped.values()])
+    small = {n: t * 1e-3 for n, t in delta.items()}
+    replies = [Reply(_messages(1, 1)[0], weight=50.0, delta=d) for d in (delta, small)]
+    for reply in replies:
+        stage.accepted(state, reply)
+    out = torch.cat([replies[0].delta[n].flatten() for n in delta])
     assert float(out.norm()) == pytest.approx(0.5, rel=1e-5)
     torch.testing.assert_close(out / out.norm(), flat / flat.norm())  # direction kept
-    small, _ = clip_update({n: t * 1e-3 for n, t in delta.items()}, 0.5)
-    torch.testing.assert_close(small["a"], delta["a"] * 1e-3)
+    torch.testing.assert_close(replies[1].delta["a"], delta["a"] * 1e-3)  # within the bound: unchanged
+    assert [r.weight for r in replies] == [1.0, 1.0] and state.log.clipped == 1
 
 
 WIDE = {"w": torch.zeros(100, 200)}

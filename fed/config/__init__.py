@@ -34,6 +34,7 @@ OptimizerName = Literal["adamw", "sgd"]
 LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "float32", "bfloat16"]
 GradSampleMode = Literal["hooks", "ghost"]
+NoiseSource = Literal["stream", "os"]
 RobustRule = Literal["mean", "median", "trimmed-mean"]
 Weighting = Literal["capped", "examples", "uniform"]
 ClipMode = Literal["adaptive", "auto", "fixed", "off"]
@@ -407,6 +408,10 @@ class DPConfig:
     curve; accounted jointly with the gradient (the gradient's own noise rises to keep the total)."""
     loss_clip: float = 4.0
     """Per-example losses are clipped to [0, loss_clip] before the loss release."""
+    noise_source: NoiseSource = "stream"
+    """Where the Gaussian noise's random bits come from: ``stream``, a ChaCha20 keystream (``cryptography``) under
+    a key drawn fresh from the OS for every draw, in bulk; or ``os``, the OS CSPRNG itself. Both are
+    cryptographic and unrepeatable; ``stream`` draws its bytes faster (``bench/llm_steps.py`` measures both)."""
 
     def problems(self) -> list[str]:
         """This section's values out of range, and settings that contradict each other."""

@@ -179,7 +179,7 @@ class LedgerBook:
             "delta": self.dp.delta,
             "target_epsilon": self.dp.target_epsilon,
             "max_grad_norm": self.dp.max_grad_norm,
-            "rng": secure_rng.SOURCE if self.dp.enabled else None,
+            "rng": secure_rng.SOURCES[self.dp.noise_source] if self.dp.enabled else None,
             "max_epsilon": self.max_epsilon(),
             "flags": list(self.flags),
             "clients": clients,

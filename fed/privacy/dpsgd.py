@@ -5,7 +5,7 @@ instead of calling ``make_private``: our loss is a per-example vector we build o
 per example for causal LMs, so one example's gradient never depends on another's length), the
 sample rate is the one the ledger plans with, and an empty Poisson batch becomes an honest
 noise-only step instead of an exception. All of the mechanism's randomness (which examples a batch
-holds, the noise) comes from the OS CSPRNG (``fed.privacy.secure_rng``), never from a seedable
+holds, the noise) comes from a cryptographic source (``fed.privacy.secure_rng``), never from a seedable
 generator; dropout is off while a DP step runs, so no other randomness touches the update.
 """
 
@@ -27,24 +27,32 @@ from fed.privacy.mechanism import DpSettings, layer_bounds
 
 
 class SecureNoise:
-    """Mixin for an Opacus DP optimizer: the Gaussian noise comes from the OS CSPRNG.
+    """Mixin for an Opacus DP optimizer: the Gaussian noise comes from a cryptographic source, in bulk.
 
     Same arithmetic as Opacus's ``add_noise`` (noise of std ``noise_multiplier * max_grad_norm`` added to
-    the clipped sum), with ``secure_rng.normal`` in place of a ``torch.Generator``.
+    the clipped sum), with ``secure_rng.normal`` in place of a ``torch.Generator``: one draw for every
+    trained tensor of the step, on the device they live on, split among them.
     """
 
     params: list[nn.Parameter]
     noise_multiplier: float
     max_grad_norm: float
+    noise_source: str = "os"  # the DpStepper sets dp.noise_source on its optimizer
 
     def add_noise(self) -> None:
         sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
-        for p in self.params:
-            summed = _summed_grad(p)
+        sums = [_summed_grad(p) for p in self.params]
+        for summed in sums:
             _check_processed_flag(summed)
-            noise = secure_rng.normal(summed.shape, sigma * self.max_grad_norm, summed.dtype)
-            noise = noise.to(summed.device)  # drawn on the CPU (OS CSPRNG), added where the model lives
-            p.grad = (summed + noise).view_as(p)
+        flat = secure_rng.normal(
+            (sum(s.numel() for s in sums),),
+            sigma * self.max_grad_norm,
+            sums[0].dtype,
+            sums[0].device,
+            self.noise_source,
+        )
+        for p, summed, noise in zip(self.params, sums, flat.split([s.numel() for s in sums])):
+            p.grad = (summed + noise.view_as(summed)).view_as(p)
             _mark_as_processed(summed)
 
 
@@ -154,6 +162,7 @@ class DpStepper:
             expected_batch_size=dp.expected_batch_size,
             loss_reduction="mean",
         )
+        self.optimizer.noise_source = dp.noise_source
         self.optimizer.max_grad_norm = (
             dp.max_grad_norm
         )  # the noise's scale, exactly (Opacus re-sums the bounds in float32)

@@ -136,7 +136,7 @@ def adapted_model(cfg: RunConfig, device: str = "cpu") -> tuple[Adapter, Task]:
     adapter, tokenizer, initial = _build(ModelKey.of(cfg, device))
     adapter.load(initial)
     adapter.set_rank(None)
-    return adapter, make_task(cfg.task, tokenizer, cfg.model.max_length)
+    return adapter, make_task(cfg.task, tokenizer, cfg.model.max_length, cfg.model.template)
 
 
 @dataclass(frozen=True)

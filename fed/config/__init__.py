@@ -25,6 +25,7 @@ import tomli_w
 
 from fed import ranks
 from fed.adapters import family_options, registry
+from fed.tasks import template_problems
 
 TaskName = Literal["classification", "causal-lm"]
 Pooling = Literal["cls", "mean"]
@@ -96,12 +97,17 @@ class ModelConfig:
     scale: bool = False
     """With ``center``: also divide each centred dimension by its standard deviation over the same public texts, so
     the head's few clipped steps learn its narrow directions as fast as its wide ones (``fed.data.centring``)."""
+    template: str = "auto"
+    """How a causal LM's instruction rows become its input: ``chat`` (the tokenizer's chat template, the prompt as
+    one user turn), a format string with one ``{prompt}`` field (e.g. ``"Q: {prompt}\nA: "``), or ``auto``
+    (``chat`` when the tokenizer has a chat template, else ``"### Instruction:\n{prompt}\n### Response:\n"``)."""
 
     def problems(self) -> list[str]:
         """This section's values out of range or inconsistent with each other (its choices: ``RunConfig``)."""
         return (
             _at_least("model.max_length", self.max_length, 4)
             + _at_least("model.layers", self.layers, 0)
+            + template_problems(self.template)
             + (
                 []
                 if not self.center or self.pooling == "mean"

@@ -33,7 +33,8 @@ Partition = Literal["iid", "dirichlet", "pathological", "natural"]
 Accountant = Literal["rdp", "prv"]
 OptimizerName = Literal["adamw", "sgd"]
 LrSchedule = Literal["constant", "cosine"]
-Precision = Literal["auto", "float32", "bfloat16"]
+Precision = Literal["auto", "float32", "bfloat16", "float16"]
+Quantize = Literal["none", "8bit", "4bit"]
 GradSampleMode = Literal["hooks", "ghost"]
 NoiseSource = Literal["stream", "os"]
 RobustRule = Literal["mean", "median", "trimmed-mean"]
@@ -97,6 +98,10 @@ class ModelConfig:
     scale: bool = False
     """With ``center``: also divide each centred dimension by its standard deviation over the same public texts, so
     the head's few clipped steps learn its narrow directions as fast as its wide ones (``fed.data.centring``)."""
+    quantize: Quantize = "none"
+    """``8bit`` or ``4bit``: the frozen base's linear layers stored quantised by bitsandbytes (the ``gpu`` extra),
+    on a client's CUDA GPU only (a client elsewhere stops with a message; the server's copy, which only aggregates,
+    stays as it is); the adapter and the DP arithmetic stay float32. ``none``: stored as ``train.precision`` says."""
     template: str = "auto"
     """How a causal LM's instruction rows become its input: ``chat`` (the tokenizer's chat template, the prompt as
     one user turn), a format string with one ``{prompt}`` field (e.g. ``"Q: {prompt}\nA: "``), or ``auto``
@@ -353,8 +358,10 @@ class TrainConfig:
     (one optimiser step per batch, the same gradient), so it pads less and holds less in memory (0 = whole).
     Raise it where memory and parallel compute are plentiful (a GPU)."""
     precision: Precision = "auto"
-    """Autocast dtype of the frozen base model: ``float32``, ``bfloat16``, or ``auto`` (bfloat16 only on a CPU
-    with native bfloat16 arithmetic). Trained tensors and all DP arithmetic stay float32 either way."""
+    """Dtype the frozen base model computes in: ``float32``, ``bfloat16``, ``float16`` (a static loss scale keeps
+    its small gradients; hooks only under DP), or ``auto`` (on a GPU bfloat16 where supported, else float16; on a
+    CPU bfloat16 only with native bfloat16 arithmetic). On a GPU, or when named, the base is also stored in it
+    (half the weight memory). Trained tensors and all DP arithmetic stay float32 either way."""
     eval_batch_size: int = 64
     """Examples per forward pass when scoring held-out data (no gradients, so it can be larger than training's)."""
     max_eval_examples: int = 256
@@ -600,7 +607,18 @@ class RunConfig:
             + ranks.problems(federation.client_ranks, federation.num_clients, adapter.rank, adapter.kind)
             + self._family_problems()
             + self._checkpointing_problems()
+            + self._precision_problems()
         )
+
+    def _precision_problems(self) -> list[str]:
+        """float16's loss scale is undone on the per-sample gradients before clipping; ghost clipping clips
+        inside the backward pass, on the scaled gradients, so it cannot run under it."""
+        if self.train.precision == "float16" and self.dp.enabled and self.dp.grad_sample_mode == "ghost":
+            return [
+                "train.precision='float16' needs dp.grad_sample_mode='hooks' (ghost clipping would clip the "
+                "loss-scaled gradients); use 'bfloat16' or hooks"
+            ]
+        return []
 
     def _checkpointing_problems(self) -> list[str]:
         """A router's balance loss under gradient checkpointing: the loss is read from the gates of the first

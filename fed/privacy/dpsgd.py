@@ -56,6 +56,14 @@ class SecureNoise:
             _mark_as_processed(summed)
 
 
+def unscale_per_example(grad: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-example gradients (examples on dim 0) divided by ``scale``, an example with a non-finite entry (a
+    float16 overflow in its own backward) set to zero: a function of that example alone, so its clipped
+    contribution stays within the bound and the others' are untouched."""
+    finite = torch.isfinite(grad.flatten(1)).all(1).view(-1, *[1] * (grad.dim() - 1))
+    return torch.where(finite, grad / scale, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
 def _summed_grad(p: nn.Parameter) -> torch.Tensor:
     """The clipped per-sample gradient sum that Opacus's ``clip_and_accumulate`` attaches to ``p``."""
     summed: torch.Tensor = p.summed_grad  # type: ignore[attr-defined]  # Opacus sets it; torch does not declare it
@@ -135,10 +143,20 @@ class DpStepper:
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, dp: DpSettings, is_head: Sequence[bool] = ()
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dp: DpSettings,
+        is_head: Sequence[bool] = (),
+        loss_scale: float = 1.0,
     ) -> None:
         """``is_head`` flags the optimizer's parameters that belong to the task head, in its order; it
-        matters only under per-layer clipping (``dp.head_clip_share`` > 0)."""
+        matters only under per-layer clipping (``dp.head_clip_share`` > 0). ``loss_scale``: what the losses
+        handed to ``accumulate`` were multiplied by (float16), divided out of every per-sample gradient
+        before clipping (hooks only: ghost clipping clips inside the backward pass)."""
+        if loss_scale != 1.0 and dp.mode == "ghost":
+            raise ValueError("a loss scale (float16) needs mode='hooks': ghost clipping clips the scaled gradients")
+        self.loss_scale = loss_scale
         check_dp_compatible(model)
         ghost, per_layer = dp.mode == "ghost", dp.head_clip_share > 0
         if per_layer and ghost:
@@ -183,6 +201,13 @@ class DpStepper:
 
     def step(self) -> None:
         """Clip each example, sum, add noise once, divide by the expected batch size, update."""
+        if self.loss_scale != 1.0:
+            for p in self.optimizer.params:
+                sample = getattr(p, "grad_sample", None)  # one tensor, or one per backward pass (chunks)
+                if isinstance(sample, list):
+                    p.grad_sample = [unscale_per_example(g, self.loss_scale) for g in sample]
+                elif sample is not None:
+                    p.grad_sample = unscale_per_example(sample, self.loss_scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -86,6 +86,14 @@ BENCHES = {
         "none yet: prepared for a GPU",
         True,
     ),
+    "llm_memory": Bench(
+        "bench.llm_memory",
+        "Does fed plan's memory estimate hold for a causal LM's DP step at lengths 128 and 512?",
+        "about 3 min on 2 CPU cores (one fresh process per length)",
+        "estimated and measured peak memory per length",
+        "measured within 1.5x of the estimate",
+        True,
+    ),
     "clientapp_startup": Bench(
         "bench.clientapp_startup",
         "How long does a deployed ClientApp take to start for each message?",

@@ -21,6 +21,7 @@ from fed.data.datasets import ClientData, client_split, label_names, load_task_d
 from fed.data.node import align_labels, node_data, run_labels
 from fed.device import resolve_device
 from fed.models import checkpoint_blocks, default_targets, load_model, load_tokenizer, task_head_names
+from fed.precision import quantize_base, storage_dtype, store_frozen
 from fed.privacy.client_level import dense_mean_problems
 from fed.privacy.ledger import SplitPin
 from fed.tasks import Task, make_task
@@ -76,6 +77,8 @@ class ModelKey:
     max_length: int = 64  # the token budget the public statistics are read with
     device: str = "cpu"  # a resolved torch device (fed.device): the server's model stays on the CPU
     checkpointing: bool = False
+    dtype: str = "float32"  # the frozen base's storage dtype (fed.precision.storage_dtype)
+    quantize: str = "none"  # model.quantize, applied off the CPU only (a CPU client is refused before)
 
     @classmethod
     def of(cls, cfg: RunConfig, device: str = "cpu") -> ModelKey:
@@ -93,6 +96,8 @@ class ModelKey:
             m.max_length,
             device,
             cfg.train.gradient_checkpointing,
+            str(storage_dtype(cfg.train.precision, torch.device(device).type)).removeprefix("torch."),
+            "none" if torch.device(device).type == "cpu" else m.quantize,
         )
 
 
@@ -122,6 +127,10 @@ def _build(key: ModelKey) -> tuple[Adapter, Any, dict[str, torch.Tensor]]:
     model.to(key.device)  # the base, once, before injection; build puts the adapter beside it
     spec = adapter_spec(key.adapter, model)
     adapter = build(model, spec, key.seed, head=tuple(task_head_names(model)))
+    own = set(adapter.names())  # the adapter's tensors, frozen ones too: never cast nor quantised
+    store_frozen(model, getattr(torch, key.dtype), own)
+    if key.quantize != "none":
+        quantize_base(model, key.quantize, torch.device(key.device), own)
     return adapter, tokenizer, adapter.sent_state()
 
 
@@ -137,7 +146,7 @@ def adapted_model(cfg: RunConfig, device: str = "cpu") -> tuple[Adapter, Task]:
     adapter, tokenizer, initial = _build(ModelKey.of(cfg, device))
     adapter.load(initial)
     adapter.set_rank(None)
-    return adapter, make_task(cfg.task, tokenizer, cfg.model.max_length)
+    return adapter, make_task(cfg.task, tokenizer, cfg.model.max_length, cfg.model.template)
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,11 @@ def client_session(
     ``split`` says (a simulation's share: the seed, held-out fraction and subset of its first contact); the model
     on ``device`` (a node's own setting) or else ``train.device``, resolved on this machine."""
     where = resolve_device(device, "node config device") if device else resolve_device(cfg.train.device)
+    if cfg.model.quantize != "none" and where.type != "cuda":
+        raise ConfigError(
+            f"model.quantize={cfg.model.quantize!r} needs a CUDA GPU (bitsandbytes); this client trains on {where}: "
+            "set model.quantize='none' or train on a GPU"
+        )
     if data_path:
         data = node_data(cfg, data_path, split)
     elif split is not None:

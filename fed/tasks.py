@@ -7,7 +7,7 @@ gradient depends on the length of another (a batch-coupled loss would void the c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import string
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -69,19 +69,58 @@ class Classification:
         return loss, (logits.argmax(-1) == batch["labels"]).float()
 
 
+INSTRUCTION = "### Instruction:\n{prompt}\n### Response:\n"
+"""The prompt format of ``model.template = "auto"`` for a tokenizer without a chat template."""
+
+
+def template_problems(template: str) -> list[str]:
+    """Why ``template`` is not a ``model.template``: ``auto``, ``chat``, or a format string whose only field
+    is ``{prompt}`` (literal braces doubled)."""
+    if template in ("auto", "chat"):
+        return []
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        return [f"model.template={template!r} is not a format string ({err}); double a literal brace: {{{{ }}}}"]
+    if fields != ["prompt"]:
+        return [
+            f"model.template={template!r} must be 'auto', 'chat', or a format string with exactly one "
+            f"field, {{prompt}} (it has {fields or 'none'}), e.g. {INSTRUCTION!r}"
+        ]
+    return []
+
+
 @dataclass(frozen=True)
 class CausalLM:
-    """Instruction tuning: the loss covers the response tokens only (the prompt is context)."""
+    """Instruction tuning: the loss covers the response tokens only (the prompt is context).
+
+    ``template`` (``model.template``) turns a row's prompt into the model's input: ``chat`` renders it as one
+    user turn with the tokenizer's chat template and the assistant's generation prompt; a format string puts it
+    in place of ``{prompt}``; ``auto`` is ``chat`` when the tokenizer has a chat template, else ``INSTRUCTION``.
+    The response follows, then the end-of-sequence token.
+    """
 
     tokenizer: Any
     max_length: int
+    template: str = "auto"
+
+    def __post_init__(self) -> None:
+        problems = template_problems(self.template)
+        if problems:
+            raise ValueError(problems[0])
+        if self.template == "chat" and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                "model.template='chat' but this model's tokenizer has no chat template; give a format string "
+                f"with {{prompt}} (e.g. {INSTRUCTION!r}) or 'auto'"
+            )
 
     def _prompt(self, prompt: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
+        chat = self.template == "chat" or (self.template == "auto" and getattr(self.tokenizer, "chat_template", None))
+        if chat:
             return self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
-        return f"### Instruction:\n{prompt}\n### Response:\n"
+        return (INSTRUCTION if self.template == "auto" else self.template).format(prompt=prompt)
 
     def overlong(self, rows: dict[str, list[Any]]) -> int:
         eos = self.tokenizer.eos_token or ""
@@ -123,9 +162,10 @@ class CausalLM:
         return loss, torch.full_like(loss, float("nan"))
 
 
-def make_task(task: str, tokenizer: Any, max_length: int) -> Task:
-    """The task object for a config's ``task`` value."""
-    kinds: dict[str, Callable[[Any, int], Task]] = {"classification": Classification, "causal-lm": CausalLM}
-    if task not in kinds:
-        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(kinds)}")
-    return kinds[task](tokenizer, max_length)
+def make_task(task: str, tokenizer: Any, max_length: int, template: str = "auto") -> Task:
+    """The task object for a config's ``task`` value (``template``: a causal LM's ``model.template``)."""
+    if task == "classification":
+        return Classification(tokenizer, max_length)
+    if task == "causal-lm":
+        return CausalLM(tokenizer, max_length, template)
+    raise ValueError(f"unknown task {task!r}; accepted: classification, causal-lm")

@@ -20,7 +20,7 @@ from torch import nn
 
 from fed.adapters import Adapter
 from fed.config import LrSchedule, OptimizerName
-from fed.precision import autocast, model_device
+from fed.precision import autocast, loss_scale, model_device
 from fed.privacy.mechanism import DpSettings, poisson_batches
 from fed.tasks import Task
 
@@ -47,15 +47,22 @@ class PlainStepper:
 
     chunkable = True
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_scale: float = 1.0) -> None:
+        """``loss_scale``: what the losses handed to ``accumulate`` were multiplied by (float16), undone at the step."""
         self.module = model
         self.optimizer = optimizer
+        self.loss_scale = loss_scale
 
     def accumulate(self, per_example_loss: torch.Tensor, batch_len: int) -> None:
         """Backward of one chunk's share of the batch mean (its loss sum over the whole batch's size)."""
         (per_example_loss.sum() / batch_len).backward()
 
     def step(self) -> None:
+        if self.loss_scale != 1.0:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad = torch.nan_to_num(p.grad / self.loss_scale, nan=0.0, posinf=0.0, neginf=0.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -161,11 +168,12 @@ def train_round(
     """Run ``steps`` local steps on ``data``; with ``dp``, Poisson batches at ``dp.sample_rate``.
 
     ``precision`` is the frozen base's autocast dtype; the trained tensors and DP arithmetic stay float32
-    (``fed.precision``). ``micro_batch`` > 0 runs each batch as length-sorted chunks of at most that many
-    examples (one optimiser step per batch either way): less padding, less activation memory.
+    (``fed.precision``; under float16 the loss is scaled and the gradients unscaled before anything reads them).
+    ``micro_batch`` > 0 runs each batch as length-sorted chunks of at most that many examples (one optimiser step
+    per batch either way): less padding, less activation memory.
 
     ``gen`` orders the plain (non-private) batches and seeds their dropout only: under DP every random
-    choice comes from the OS CSPRNG, so nothing the server knows (the run seed) can reproduce it, and
+    choice comes from a cryptographic source, so nothing the server knows (the run seed) can reproduce it, and
     dropout is off.
     """
     start = time.perf_counter()
@@ -174,8 +182,9 @@ def train_round(
     device = model_device(model)
     opt = make_optimizer(adapter.trainable_parameters(), optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
     adapter.watch(opt)  # step hooks (RoseLoRA's sensitivity) read the gradient the optimizer applies
+    scale = loss_scale(precision)
     if dp is None:
-        stepper: PlainStepper | DpStepper = PlainStepper(model, opt)
+        stepper: PlainStepper | DpStepper = PlainStepper(model, opt, scale)
         batches = _plain_batches(len(data), min(batch_size, len(data)), steps, gen)
     else:
         head = set(adapter.head_names())
@@ -183,7 +192,7 @@ def train_round(
             DpStepper,  # Opacus only in a process that trains privately
         )
 
-        stepper = DpStepper(model, opt, dp, [n in head for n in adapter.names(trainable=True)])
+        stepper = DpStepper(model, opt, dp, [n in head for n in adapter.names(trainable=True)], loss_scale=scale)
         batches = poisson_batches(len(data), dp.sample_rate, steps)
     losses: list[float] = []
     released: list[float] = []
@@ -205,7 +214,7 @@ def train_round(
                 batch = encode_on(task, data[chunk], device)
                 with autocast(model, precision):
                     loss, objective = per_example_losses(adapter, task, stepper.module, batch, dp is not None)
-                stepper.accumulate(objective, len(indices))
+                stepper.accumulate(objective * scale if scale != 1.0 else objective, len(indices))
                 chunk_losses.append(loss.detach())
                 usage.update(adapter.usage(batch["attention_mask"]))
             stepper.step()

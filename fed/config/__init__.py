@@ -25,6 +25,7 @@ import tomli_w
 
 from fed import ranks
 from fed.adapters import family_options, registry
+from fed.tasks import template_problems
 
 TaskName = Literal["classification", "causal-lm"]
 Pooling = Literal["cls", "mean"]
@@ -34,8 +35,10 @@ DpLevel = Literal["example", "client", "both"]
 ClientClipping = Literal["fixed", "adaptive"]
 OptimizerName = Literal["adamw", "sgd"]
 LrSchedule = Literal["constant", "cosine"]
-Precision = Literal["auto", "float32", "bfloat16"]
+Precision = Literal["auto", "float32", "bfloat16", "float16"]
+Quantize = Literal["none", "8bit", "4bit"]
 GradSampleMode = Literal["hooks", "ghost"]
+NoiseSource = Literal["stream", "os"]
 RobustRule = Literal["mean", "median", "trimmed-mean"]
 Weighting = Literal["capped", "examples", "uniform"]
 ClipMode = Literal["adaptive", "auto", "fixed", "off"]
@@ -97,12 +100,21 @@ class ModelConfig:
     scale: bool = False
     """With ``center``: also divide each centred dimension by its standard deviation over the same public texts, so
     the head's few clipped steps learn its narrow directions as fast as its wide ones (``fed.data.centring``)."""
+    quantize: Quantize = "none"
+    """``8bit`` or ``4bit``: the frozen base's linear layers stored quantised by bitsandbytes (the ``gpu`` extra),
+    on a client's CUDA GPU only (a client elsewhere stops with a message; the server's copy, which only aggregates,
+    stays as it is); the adapter and the DP arithmetic stay float32. ``none``: stored as ``train.precision`` says."""
+    template: str = "auto"
+    """How a causal LM's instruction rows become its input: ``chat`` (the tokenizer's chat template, the prompt as
+    one user turn), a format string with one ``{prompt}`` field (e.g. ``"Q: {prompt}\nA: "``), or ``auto``
+    (``chat`` when the tokenizer has a chat template, else ``"### Instruction:\n{prompt}\n### Response:\n"``)."""
 
     def problems(self) -> list[str]:
         """This section's values out of range or inconsistent with each other (its choices: ``RunConfig``)."""
         return (
             _at_least("model.max_length", self.max_length, 4)
             + _at_least("model.layers", self.layers, 0)
+            + template_problems(self.template)
             + (
                 []
                 if not self.center or self.pooling == "mean"
@@ -348,8 +360,10 @@ class TrainConfig:
     (one optimiser step per batch, the same gradient), so it pads less and holds less in memory (0 = whole).
     Raise it where memory and parallel compute are plentiful (a GPU)."""
     precision: Precision = "auto"
-    """Autocast dtype of the frozen base model: ``float32``, ``bfloat16``, or ``auto`` (bfloat16 only on a CPU
-    with native bfloat16 arithmetic). Trained tensors and all DP arithmetic stay float32 either way."""
+    """Dtype the frozen base model computes in: ``float32``, ``bfloat16``, ``float16`` (a static loss scale keeps
+    its small gradients; hooks only under DP), or ``auto`` (on a GPU bfloat16 where supported, else float16; on a
+    CPU bfloat16 only with native bfloat16 arithmetic). On a GPU, or when named, the base is also stored in it
+    (half the weight memory). Trained tensors and all DP arithmetic stay float32 either way."""
     eval_batch_size: int = 64
     """Examples per forward pass when scoring held-out data (no gradients, so it can be larger than training's)."""
     max_eval_examples: int = 256
@@ -437,6 +451,11 @@ class DPConfig:
     client_target_epsilon: float = 0.0
     """Client level: the run stops training before a round whose release would take the client-level epsilon
     past this (0 = no cap)."""
+
+    noise_source: NoiseSource = "stream"
+    """Where the Gaussian noise's random bits come from: ``stream``, a ChaCha20 keystream (``cryptography``) under
+    a key drawn fresh from the OS for every draw, in bulk; or ``os``, the OS CSPRNG itself. Both are
+    cryptographic and unrepeatable; ``stream`` draws its bytes faster (``bench/llm_steps.py`` measures both)."""
 
     @property
     def example_level(self) -> bool:
@@ -656,7 +675,18 @@ class RunConfig:
             + self._family_problems()
             + self._checkpointing_problems()
             + self._client_level_problems()
+            + self._precision_problems()
         )
+
+    def _precision_problems(self) -> list[str]:
+        """float16's loss scale is undone on the per-sample gradients before clipping; ghost clipping clips
+        inside the backward pass, on the scaled gradients, so it cannot run under it."""
+        if self.train.precision == "float16" and self.dp.enabled and self.dp.grad_sample_mode == "ghost":
+            return [
+                "train.precision='float16' needs dp.grad_sample_mode='hooks' (ghost clipping would clip the "
+                "loss-scaled gradients); use 'bfloat16' or hooks"
+            ]
+        return []
 
     def _client_level_problems(self) -> list[str]:
         """Client-level DP bounds a client's share of a *mean*: a robust statistic or product-space averaging

@@ -212,7 +212,7 @@ class LedgerBook:
             "delta": self.dp.delta,
             "target_epsilon": self.dp.target_epsilon,
             "max_grad_norm": self.dp.max_grad_norm,
-            "rng": secure_rng.SOURCE if example else None,
+            "rng": secure_rng.SOURCES[self.dp.noise_source] if example else None,
             "timing": timing({cid: json.loads(pin)["reply_delay"] for cid, pin in self.pins.items()})
             if self.dp.enabled
             else None,

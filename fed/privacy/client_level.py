@@ -232,7 +232,7 @@ class ClientAccount:
             "clip": self.clip,
             "rounds": [asdict(r) for r in self.rounds],
             "epsilon_by_round": by_round,
-            "rng": secure_rng.SOURCE,
+            "rng": secure_rng.SOURCES["os"],  # the server draws its noise from the OS CSPRNG
             "flags": list(self.flags),
         }
 

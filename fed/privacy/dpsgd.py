@@ -5,7 +5,7 @@ instead of calling ``make_private``: our loss is a per-example vector we build o
 per example for causal LMs, so one example's gradient never depends on another's length), the
 sample rate is the one the ledger plans with, and an empty Poisson batch becomes an honest
 noise-only step instead of an exception. All of the mechanism's randomness (which examples a batch
-holds, the noise) comes from the OS CSPRNG (``fed.privacy.secure_rng``), never from a seedable
+holds, the noise) comes from a cryptographic source (``fed.privacy.secure_rng``), never from a seedable
 generator; dropout is off while a DP step runs, so no other randomness touches the update.
 """
 
@@ -27,25 +27,41 @@ from fed.privacy.mechanism import DpSettings, layer_bounds
 
 
 class SecureNoise:
-    """Mixin for an Opacus DP optimizer: the Gaussian noise comes from the OS CSPRNG.
+    """Mixin for an Opacus DP optimizer: the Gaussian noise comes from a cryptographic source, in bulk.
 
     Same arithmetic as Opacus's ``add_noise`` (noise of std ``noise_multiplier * max_grad_norm`` added to
-    the clipped sum), with ``secure_rng.normal`` in place of a ``torch.Generator``.
+    the clipped sum), with ``secure_rng.normal`` in place of a ``torch.Generator``: one draw for every
+    trained tensor of the step, on the device they live on, split among them.
     """
 
     params: list[nn.Parameter]
     noise_multiplier: float
     max_grad_norm: float
+    noise_source: str = "os"  # the DpStepper sets dp.noise_source on its optimizer
 
     def add_noise(self) -> None:
         sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
-        for p in self.params:
-            summed = _summed_grad(p)
+        sums = [_summed_grad(p) for p in self.params]
+        for summed in sums:
             _check_processed_flag(summed)
-            noise = secure_rng.normal(summed.shape, sigma * self.max_grad_norm, summed.dtype)
-            noise = noise.to(summed.device)  # drawn on the CPU (OS CSPRNG), added where the model lives
-            p.grad = (summed + noise).view_as(p)
+        flat = secure_rng.normal(
+            (sum(s.numel() for s in sums),),
+            sigma * self.max_grad_norm,
+            sums[0].dtype,
+            sums[0].device,
+            self.noise_source,
+        )
+        for p, summed, noise in zip(self.params, sums, flat.split([s.numel() for s in sums])):
+            p.grad = (summed + noise.view_as(summed)).view_as(p)
             _mark_as_processed(summed)
+
+
+def unscale_per_example(grad: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-example gradients (examples on dim 0) divided by ``scale``, an example with a non-finite entry (a
+    float16 overflow in its own backward) set to zero: a function of that example alone, so its clipped
+    contribution stays within the bound and the others' are untouched."""
+    finite = torch.isfinite(grad.flatten(1)).all(1).view(-1, *[1] * (grad.dim() - 1))
+    return torch.where(finite, grad / scale, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
 
 def _summed_grad(p: nn.Parameter) -> torch.Tensor:
@@ -127,10 +143,20 @@ class DpStepper:
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, dp: DpSettings, is_head: Sequence[bool] = ()
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dp: DpSettings,
+        is_head: Sequence[bool] = (),
+        loss_scale: float = 1.0,
     ) -> None:
         """``is_head`` flags the optimizer's parameters that belong to the task head, in its order; it
-        matters only under per-layer clipping (``dp.head_clip_share`` > 0)."""
+        matters only under per-layer clipping (``dp.head_clip_share`` > 0). ``loss_scale``: what the losses
+        handed to ``accumulate`` were multiplied by (float16), divided out of every per-sample gradient
+        before clipping (hooks only: ghost clipping clips inside the backward pass)."""
+        if loss_scale != 1.0 and dp.mode == "ghost":
+            raise ValueError("a loss scale (float16) needs mode='hooks': ghost clipping clips the scaled gradients")
+        self.loss_scale = loss_scale
         check_dp_compatible(model)
         ghost, per_layer = dp.mode == "ghost", dp.head_clip_share > 0
         if per_layer and ghost:
@@ -154,6 +180,7 @@ class DpStepper:
             expected_batch_size=dp.expected_batch_size,
             loss_reduction="mean",
         )
+        self.optimizer.noise_source = dp.noise_source
         self.optimizer.max_grad_norm = (
             dp.max_grad_norm
         )  # the noise's scale, exactly (Opacus re-sums the bounds in float32)
@@ -174,6 +201,13 @@ class DpStepper:
 
     def step(self) -> None:
         """Clip each example, sum, add noise once, divide by the expected batch size, update."""
+        if self.loss_scale != 1.0:
+            for p in self.optimizer.params:
+                sample = getattr(p, "grad_sample", None)  # one tensor, or one per backward pass (chunks)
+                if isinstance(sample, list):
+                    p.grad_sample = [unscale_per_example(g, self.loss_scale) for g in sample]
+                elif sample is not None:
+                    p.grad_sample = unscale_per_example(sample, self.loss_scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -36,6 +36,8 @@ class DpSettings:
     head_clip_share: float = 0.0
     loss_noise_multiplier: float = 0.0
     loss_clip: float = 0.0
+    noise_source: str = "stream"
+    """``dp.noise_source``: where the noise's random bits come from (``fed.privacy.secure_rng``)."""
 
     @property
     def expected_batch_size(self) -> int:
@@ -56,7 +58,11 @@ class DpSettings:
     def noised_loss_sum(self, per_example_loss: torch.Tensor | None) -> float:
         """One step's loss release: the clipped losses of the batch summed, plus Gaussian noise (CSPRNG)."""
         clipped = 0.0 if per_example_loss is None else float(per_example_loss.detach().clamp(0, self.loss_clip).sum())
-        return clipped + float(secure_rng.normal((1,), self.loss_noise_multiplier * self.loss_clip, torch.float64))
+        return clipped + float(
+            secure_rng.normal(
+                (1,), self.loss_noise_multiplier * self.loss_clip, torch.float64, source=self.noise_source
+            )
+        )
 
 
 def layer_bounds(is_head: Sequence[bool], max_grad_norm: float, head_share: float) -> list[float]:

@@ -114,6 +114,7 @@ def plan_round(
         head_clip_share=dp.head_clip_share,
         loss_noise_multiplier=dp.loss_noise_multiplier,
         loss_clip=dp.loss_clip,
+        noise_source=dp.noise_source,
     )
     try:
         settings.gradient_noise_multiplier  # noqa: B018  (the loss release must leave the gradient some budget)

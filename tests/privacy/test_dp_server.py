@@ -114,7 +114,7 @@ def test_report_is_conservative_and_flags_disagreements():
     assert clients["2"]["epsilon"] == pytest.approx(server) and "under-reports" in clients["2"]["flags"][0]
     assert any("node 14" in f and "no reply" in f for f in report["flags"])
     assert clients["0"]["epsilon_prv"] < clients["0"]["epsilon_rdp"]
-    assert "zero-out" in report["guarantee"] and report["rng"].startswith("os.urandom")
+    assert "zero-out" in report["guarantee"] and report["rng"].startswith("ChaCha20")
     assert LedgerBook.from_json(book.to_json()).report(cross_check=True) == report
 
 

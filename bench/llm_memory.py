@@ -23,7 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
-from bench.results import RESULTS, save
+from bench.results import RESULTS, Column, save
 
 _PAGE = 4096
 
@@ -134,8 +134,23 @@ def _in_fresh_process(args: argparse.Namespace, length: int) -> dict[str, object
     return result
 
 
-def _mib(n: object) -> str:
-    return "" if n is None else f"{int(str(n)) / 2**20:,.0f}"
+COLUMNS = (
+    Column("length", "tokens"),
+    Column("weights", "MiB", digits=0),
+    Column("activations", "MiB", digits=0),
+    Column("per-sample grads", "MiB", digits=0),
+    Column("optimiser", "MiB", digits=0),
+    Column("estimate", "MiB", digits=0),
+    Column("measured", "MiB", digits=0),
+    Column("measured / estimate", "x", digits=2),
+    Column("estimate without weights", "MiB", digits=0),
+    Column("measured step over the built model", "MiB", digits=0),
+)
+"""One row per length: where the estimate puts the memory, its total, and the measured peaks."""
+
+
+def _mib(n: object) -> float | None:
+    return None if n is None else int(str(n)) / 2**20
 
 
 def main(argv: list[str] | None = None, out: Path = RESULTS) -> Path | None:
@@ -155,23 +170,26 @@ def main(argv: list[str] | None = None, out: Path = RESULTS) -> Path | None:
     rows = []
     for r in results:
         est: dict[str, int] = r["estimate"]  # type: ignore[assignment]  # parsed from the child's JSON
-        step_estimate = est["total"] - est["weights"]
         measured = int(str(r["measured"]))
+        parts = (est["weights"], est["activations"], est["per-sample gradients"], est["optimizer and gradients"])
         rows.append(
-            f"| {r['length']} | {_mib(est['weights'])} | {_mib(est['activations'])} | "
-            f"{_mib(est['per-sample gradients'])} | {_mib(est['optimizer and gradients'])} | {_mib(est['total'])} | "
-            f"{_mib(measured)} | {measured / est['total']:.2f} | {_mib(step_estimate)} | {_mib(r['step'])} |"
+            (
+                r["length"],
+                *(_mib(part) for part in parts),
+                _mib(est["total"]),
+                _mib(measured),
+                measured / est["total"],
+                _mib(est["total"] - est["weights"]),
+                _mib(r["step"]),
+            )
         )
-    body = (
+    about = (
         f"`{args.model}`, one DP-SGD step (hooks) of exactly {args.batch} examples x length tokens, each length in "
-        f"a fresh process; {results[0]['where']}, sampled every millisecond. MiB. "
-        f"Wall {time.perf_counter() - started:.0f} s.\n\n"
-        "| length | weights | activations | per-sample grads | optimiser | estimate | measured | measured / "
-        "estimate | estimate without weights | measured step over the built model |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+        f"a fresh process; {results[0]['where']}, sampled every millisecond. "
+        f"Wall {time.perf_counter() - started:.0f} s."
     )
-    print(body)
-    return save("llm_memory", "Memory of a DP step of a causal LM: the estimate against the measured peak", body, out)
+    title = "Memory of a DP step of a causal LM: the estimate against the measured peak"
+    return save("llm_memory", title, about, COLUMNS, rows, out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ def test_llm_memory_runs_at_tiny_size_and_writes_its_result(tmp_path, monkeypatc
     path = llm_memory.main(["--model", "tiny-llama", "--lengths", "16", "--batch", "2"], tmp_path)
     assert path is not None
     record = json.loads(path.read_text())
-    rows = [r.split(" | ") for r in record["body"].splitlines() if r.startswith("| 16 |")]
-    assert len(rows) == 1
-    estimate, measured = float(rows[0][5].replace(",", "")), float(rows[0][6].replace(",", ""))
-    assert estimate > 0 and measured > 0
+    assert [row["length"] for row in record["rows"]] == [16]
+    row = record["rows"][0]
+    parts = row["weights"] + row["activations"] + row["per-sample grads"] + row["optimiser"]
+    assert row["estimate"] > 0 and row["measured"] > 0
+    assert abs(parts - row["estimate"]) < 1e-6 * row["estimate"]  # the breakdown adds up to the estimate

@@ -32,13 +32,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.cells import bench_parser, finished, mean_std, settings
-from bench.results import save
+from bench.cells import SPREAD, bench_parser, finished, settings, spread
+from bench.results import Column, save
 from bench.studies.head_replay import head_input, pooled_features, split_rows
 from fed.config import RunConfig
 from fed.config.sources import resolve
-from fed.privacy.client_level import ClientMechanism, clip_update
+from fed.privacy.client_level import ClientMechanism
 from fed.privacy.ledger import calibrate_noise
+from strategies.influence import clip_deltas
 
 CLIENTS = (8, 32, 100, 300, 1000)
 EPSILONS = ("inf", "8", "3", "1")
@@ -102,7 +103,7 @@ def replay(cfg: RunConfig, epsilon: str, x: torch.Tensor, y: torch.Tensor, clien
         sampled.append(len(chosen))
         updates = [local_update(x[clients[k]], y[clients[k]], weight, bias, cfg, generator) for k in chosen]
         if mechanism is not None:
-            clipped = [clip_update(u, dp.client_clip)[0] for u in updates]
+            clipped, _ = clip_deltas(updates, dp.client_clip)  # the server's joint clip per reply
             zeros = {"weight": torch.zeros_like(weight), "bias": torch.zeros_like(bias)}
             total = {n: sum((c[n] for c in clipped), zeros[n]) for n in zeros}
             step = mechanism.noised_mean(total, dp.client_clip)
@@ -143,8 +144,17 @@ def run(args: Any) -> None:
                 print(line, flush=True)
 
 
-def table(records: list[dict[str, Any]], overrides: list[str]) -> str:
-    """Accuracy (mean ± std over seeds) per clients and epsilon, the gap to no DP, and where it closes."""
+COLUMNS = (
+    Column("clients (= per round)"),
+    Column("epsilon", none="no DP"),
+    *SPREAD,
+    Column("noise multiplier z", digits=2),
+)
+
+
+def table(records: list[dict[str, Any]], overrides: list[str]) -> tuple[list[tuple[object, ...]], str]:
+    """Accuracy (mean, std over seeds) and the calibrated noise multiplier per clients and epsilon, and a
+    sentence saying how many clients per round keep each epsilon within ``GAP`` of no DP."""
     cells: dict[tuple[int, str], list[float]] = {}
     sigmas: dict[tuple[int, str], float] = {}
     for r in records:
@@ -154,19 +164,11 @@ def table(records: list[dict[str, Any]], overrides: list[str]) -> str:
     sizes = sorted({n for n, _ in cells})
     eps = [e for e in EPSILONS if any((n, e) in cells for n in sizes)]
     rows = [
-        "| clients (= per round) | " + " | ".join(f"eps {e}" for e in eps) + " |",
-        "|" + "---|" * (len(eps) + 1),
+        (n, None if e == "inf" else float(e), *spread(cells[n, e]), None if e == "inf" else sigmas.get((n, e)))
+        for n in sizes
+        for e in eps
+        if (n, e) in cells
     ]
-    for n in sizes:
-        rows.append(
-            f"| {n} | "
-            + " | ".join(
-                mean_std(cells.get((n, e), []))
-                + (f" (z {sigmas[n, e]:.3g})" if e != "inf" and (n, e) in sigmas else "")
-                for e in eps
-            )
-            + " |"
-        )
     needs = []
     for e in eps[1:]:
         within = [
@@ -177,7 +179,7 @@ def table(records: list[dict[str, Any]], overrides: list[str]) -> str:
             and statistics.fmean(cells[n, "inf"]) - statistics.fmean(cells[n, e]) <= GAP
         ]
         needs.append(f"eps {e}: " + (f"{min(within)} clients per round" if within else f"more than {max(sizes)}"))
-    return "\n".join(rows) + "\n\nClients per round to stay within 2 points of no DP: " + "; ".join(needs) + "."
+    return rows, "Clients per round to stay within 2 points of no DP: " + "; ".join(needs) + "."
 
 
 def main() -> None:
@@ -192,18 +194,18 @@ def main() -> None:
     if not records:
         raise SystemExit(f"no cell in {args.runs}/results.jsonl yet")
     base = cell_config(args.overrides, args.clients[0], 0)
-    body = (
+    rows, needs = table(records, args.overrides)
+    about = (
         f"`python -m bench run client_dp_utility` with overrides {settings([*SETTINGS, *args.overrides])} on the "
         f"`private` preset's model and head (block {base.model.layers} mean-pooled, centred, scaled; IID split), "
         f"{base.federation.rounds} rounds x {base.train.local_steps} local steps, every client sampled with "
         f"q = {base.federation.fraction_train:g}, fixed clip {base.dp.client_clip:g}, client-level delta "
-        f"{base.dp.delta:g} (RDP); final accuracy on every held-out row, mean ± std over seeds ({len(records)} "
+        f"{base.dp.delta:g} (RDP); final accuracy on every held-out row, mean and std over seeds ({len(records)} "
         f"cells logged; this call {(time.perf_counter() - start) / 60:.1f} min). z is the calibrated noise "
-        f"multiplier; the noise std on the mean update is z x clip / (clients per round).\n\n"
-        + table(records, args.overrides)
+        f"multiplier; the noise std on the mean update is z x clip / (clients per round).\n\n{needs}"
     )
-    save("client_dp_utility", "Client-level DP: accuracy against epsilon and clients per round", body, args.results)
-    print(body)
+    title = "Client-level DP: accuracy against epsilon and clients per round"
+    print(save("client_dp_utility", title, about, COLUMNS, rows, args.results).read_text())
 
 
 if __name__ == "__main__":

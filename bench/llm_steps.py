@@ -29,7 +29,7 @@ import torch
 from datasets import Dataset
 
 from bench.clipping_modes import _step_s, device_name, paired, ratio
-from bench.results import RESULTS, save
+from bench.results import RESULTS, Column, save
 from fed.config import DPConfig, NoiseSource
 from fed.config.sources import resolve
 from fed.device import resolve_device
@@ -173,9 +173,9 @@ def shared_gpu_simulation(model: str, args: argparse.Namespace) -> str:
     return f"4 clients x 2 rounds of {args.steps} DP steps on one GPU: {time.perf_counter() - start:.0f} s wall"
 
 
-def noise_sources(size: int, device: torch.device, repeats: int) -> list[str]:
-    """Table rows: the seconds one step's noise for ``size`` trained values takes from each ``dp.noise_source``
-    on ``device`` (median of ``repeats`` draws after one warm-up), and the OS source's time over each."""
+def noise_draws(size: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """Milliseconds one step's noise for ``size`` trained values takes from each ``dp.noise_source`` on
+    ``device``: the median of ``repeats`` draws after one warm-up."""
     seconds: dict[str, float] = {}
     for source in get_args(NoiseSource):
         secure_rng.normal((size,), 1.0, torch.float32, device, source)
@@ -186,23 +186,25 @@ def noise_sources(size: int, device: torch.device, repeats: int) -> list[str]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        seconds[source] = statistics.median(times)
-    return [
-        f"| {source} | {size:,} | {1e3 * t:.1f} | {size / t / 1e6:.1f} | {seconds['os'] / t:.2f} |"
-        for source, t in seconds.items()
-    ]
+        seconds[source] = 1e3 * statistics.median(times)
+    return seconds
 
 
-def peak_memory(device: torch.device) -> str:
-    """The GPU's peak allocated memory since the last reset, else this process's peak resident memory."""
+def peak_memory(device: torch.device) -> float:
+    """The GPU's peak allocated memory since the last reset, else this process's peak resident memory (GiB)."""
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU, allocated)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS, all modes)"
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def measure(model: str, kind: str, args: argparse.Namespace) -> tuple[list[str], dict[str, float]]:
-    """One table row per mode (plain, DP with hooks) for adapter ``kind`` on ``model``, and each mode's median
-    seconds per step."""
+def memory_kind(device: torch.device) -> str:
+    """What ``peak_memory`` measures on ``device``."""
+    return "GPU, allocated" if device.type == "cuda" else "process peak RSS, all modes"
+
+
+def measure(model: str, kind: str, args: argparse.Namespace) -> tuple[dict[str, dict[str, object]], str]:
+    """Adapter ``kind`` on ``model``, per mode (plain, DP with hooks): its figures by column name (the noise
+    draws on the DP mode's), and what it ran on."""
     cfg = resolve(
         "instruct",
         [
@@ -225,7 +227,7 @@ def measure(model: str, kind: str, args: argparse.Namespace) -> tuple[list[str],
         num_examples=len(rows),
         noise_source=cfg.dp.noise_source,
     )
-    peaks: dict[str, str] = {}
+    peaks: dict[str, float] = {}
     noise: list[float] = []
 
     def time_round(settings: DpSettings | None) -> float:
@@ -243,22 +245,45 @@ def measure(model: str, kind: str, args: argparse.Namespace) -> tuple[list[str],
 
     times = paired(time_round, {"plain": None, "dp": dp}, args.repeats)
     trained = sum(p.numel() for p in adapter.trainable_parameters())
-    sources = noise_sources(trained, device, max(3, args.repeats))
+    draws = noise_draws(trained, device, max(3, args.repeats))
     tokens = args.batch * args.length
     share = statistics.median(noise[1:] or noise)  # the warm-up round's share left out when there are others
-    medians = {mode: statistics.median(times[mode]) for mode in times}
-    label = Path(model).name
-    rows = [
-        f"| {label} | {kind} | {mode} | {tokens / medians[mode]:,.0f} | {medians[mode]:.3f} | "
-        f"{ratio(times, mode)} | {peaks[mode]} | {f'{share:.1%}' if mode == 'dp' else ''} |"
-        for mode in ("plain", "dp")
-    ]
-    notes = [f"<!-- {kind} on {label}: {device_name(device)}, base in {precision} -->"]
-    return rows + notes + [f"<!--noise | {label} | {kind} {row}" for row in sources], medians
+    figures: dict[str, dict[str, object]] = {}
+    for mode in ("plain", "dp"):
+        median = statistics.median(times[mode])
+        figures[mode] = {
+            "tokens/s": tokens / median,
+            "s/step": median,
+            "/ plain": ratio(times, mode),
+            "peak memory": peaks[mode],
+            "noise share of the step": 100 * share if mode == "dp" else None,
+            "noise values": trained if mode == "dp" else None,
+            **{f"noise draw, {source}": ms if mode == "dp" else None for source, ms in draws.items()},
+        }
+    note = f"{kind} on {Path(model).name}: {device_name(device)}, base in {precision}, memory {memory_kind(device)}"
+    return figures, note
 
 
 def _rows(args: argparse.Namespace) -> Dataset:
     return synthetic_rows(args.batch * EXAMPLES_PER_BATCH, args.length)
+
+
+COLUMNS = (
+    Column("model"),
+    Column("adapter"),
+    Column("step"),
+    Column("tokens/s", digits=0),
+    Column("s/step", "s", digits=3),
+    Column("/ plain"),
+    Column("peak memory", "GiB", digits=2),
+    Column("noise share of the step", "%", digits=1, none=""),
+    Column("recipe s/step", "s", digits=3, none=""),
+    Column("recipe / fedlora", "x", digits=2, none=""),
+    Column("noise values", none=""),
+    *(Column(f"noise draw, {source}", "ms", digits=1, none="") for source in get_args(NoiseSource)),
+)
+"""One row per model, adapter and step: fedlora's figures, the hand-built recipe's beside LoRA's, and on DP
+rows the time one draw of the step's noise (every trained value) takes from each ``dp.noise_source``."""
 
 
 def main(argv: list[str] | None = None, out: Path = RESULTS) -> Path:
@@ -280,43 +305,35 @@ def main(argv: list[str] | None = None, out: Path = RESULTS) -> Path:
     if min(args.length, args.batch, args.steps, args.repeats) < 1:
         parser.error("--length, --batch, --steps and --repeats must each be at least 1")
     started = time.perf_counter()
-    table = [
-        "| model | adapter | step | tokens/s | s/step | / plain | peak memory | noise share of the step |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    versus = ["| model | step | fedlora s/step | recipe s/step | recipe / fedlora |", "|---|---|---|---|---|"]
+    table: list[tuple[object, ...]] = []
+    notes = []
     device = resolve_device(args.device)
     for model in [args.model, *([] if args.large == "none" else [args.large])]:
         name = str(random_llama(model)) if model in RANDOM_LLAMAS else model
         for kind in ("lora", "ffa-lora"):
-            rows, medians = measure(name, kind, args)
-            table += rows
-            print("\n".join(rows[:2]), flush=True)
+            figures, note = measure(name, kind, args)
+            notes.append(note)
+            recipe = None
             if kind == "lora":
                 recipe = baseline_steps(_source(resolve_model_name(name, "causal-lm")), _rows(args), args, device)
-                versus += [
-                    f"| {Path(name).name} | {m} | {medians[m]:.3f} | {recipe[m]:.3f} | {recipe[m] / medians[m]:.2f} |"
-                    for m in ("plain", "dp")
-                ]
-    notes = [row for row in table if row.startswith("<!-- ")]
-    draws = [row.removeprefix("<!--noise ") for row in table if row.startswith("<!--noise ")]
-    body = (
+            for mode, row in figures.items():
+                mine = float(str(row["s/step"]))
+                theirs = (recipe[mode], recipe[mode] / mine) if recipe else (None, None)
+                cells = {"model": Path(name).name, "adapter": kind, "step": mode, **row}
+                cells["recipe s/step"], cells["recipe / fedlora"] = theirs
+                table.append(tuple(cells[c.name] for c in COLUMNS))
+                print(table[-1], flush=True)
+    about = (
         f"Length {args.length}, batch {args.batch} (DP: Poisson, expected), {args.steps} steps per timed round, "
         f"{args.repeats} interleaved repeats; DP: hooks, noise multiplier 1, noise from `dp.noise_source` "
         f"(default: {DPConfig().noise_source}); `/ plain`: median of the per-repeat ratios [quartiles]. "
-        f"{'; '.join(n[5:-4] for n in notes)}.\n\n"
-        + "\n".join(row for row in table if not row.startswith("<!--"))
-        + "\n\nThe same LoRA steps in the hand-built recipe of `bench/baseline` (transformers + PEFT + Opacus "
-        "`make_private`, padded to the length):\n\n"
-        + "\n".join(versus)
-        + "\n\nOne step's noise (every trained value of the adapter, in one draw, float64 Box-Muller summed four "
-        "times as Opacus's secure mode does) from each `dp.noise_source`, median of the draws:\n\n"
-        "| model | adapter | noise source | values | ms per draw | M values/s | os / this |\n"
-        "|---|---|---|---|---|---|---|\n"
-        + "\n".join(draws)
-        + f"\n\nShared GPU: {shared_gpu_simulation(args.model, args)}. Wall {time.perf_counter() - started:.0f} s."
+        f"{'; '.join(notes)}. The recipe: the same LoRA steps in the hand-built recipe of `bench/baseline` "
+        "(transformers + PEFT + Opacus `make_private`, padded to the length). A noise draw: one step's noise "
+        "(every trained value of the adapter, in one draw, float64 Box-Muller summed four times as Opacus's secure "
+        "mode does) from each `dp.noise_source`, median of the draws.\n\n"
+        f"Shared GPU: {shared_gpu_simulation(args.model, args)}. Wall {time.perf_counter() - started:.0f} s."
     )
-    return save("llm_steps", "Causal LM steps: tokens per second, memory, noise share", body, out)
+    return save("llm_steps", "Causal LM steps: tokens per second, memory, noise share", about, COLUMNS, table, out)
 
 
 if __name__ == "__main__":

@@ -17,23 +17,23 @@ def test_llm_steps_runs_at_tiny_sizes_and_writes_its_result(tmp_path, monkeypatc
     path = llm_steps.main([*TINY, "--repeats", "1", "--device", "cpu"], tmp_path)
     record = json.loads(path.read_text())
     assert record["bench"] == "llm_steps" and record["card"]
-    lines = record["body"].splitlines()
-    rows = [r.split(" | ") for r in lines if r.startswith("| random-llama-tiny | ")]
-    steps = [r for r in rows if r[2] in ("plain", "dp") and len(r) == 8]
-    assert [(r[1], r[2]) for r in steps] == [
-        ("lora", "plain"),
-        ("lora", "dp"),
-        ("ffa-lora", "plain"),
-        ("ffa-lora", "dp"),
+    rows = record["rows"]
+    assert [(r["model"], r["adapter"], r["step"]) for r in rows] == [
+        ("random-llama-tiny", "lora", "plain"),
+        ("random-llama-tiny", "lora", "dp"),
+        ("random-llama-tiny", "ffa-lora", "plain"),
+        ("random-llama-tiny", "ffa-lora", "dp"),
     ]
-    shares = [r[-1].rstrip(" |") for r in steps if r[2] == "dp"]
-    assert all(s.endswith("%") and 0 < float(s[:-1]) < 100 for s in shares)  # the noise took some, not all
-    recipe = [r for r in rows if len(r) == 5]  # the hand-built recipe's LoRA steps beside fedlora's
-    assert [r[1] for r in recipe] == ["plain", "dp"] and all(float(r[-1].rstrip(" |")) > 0 for r in recipe)
-    draws = [r for r in rows if len(r) == 7]
-    assert sorted(r[2] for r in draws) == ["os", "os", "stream", "stream"]
+    dp = [r for r in rows if r["step"] == "dp"]
+    assert all(0 < r["noise share of the step"] < 100 for r in dp)  # the noise took some, not all
+    assert all(r["noise share of the step"] is None and r["noise values"] is None for r in rows if r not in dp)
+    recipe = [r for r in rows if r["adapter"] == "lora"]  # the hand-built recipe's LoRA steps beside fedlora's
+    assert all(r["recipe s/step"] > 0 and r["recipe / fedlora"] > 0 for r in recipe)
+    assert all(r["recipe s/step"] is None for r in rows if r["adapter"] == "ffa-lora")
+    assert all(r["noise draw, os"] > 0 and r["noise draw, stream"] > 0 and r["noise values"] > 0 for r in dp)
+    assert dp[0]["noise values"] > dp[1]["noise values"]  # FFA-LoRA trains half of LoRA's matrices
     if not torch.cuda.is_available():
-        assert "Shared GPU: skipped: no CUDA GPU visible" in record["body"]
+        assert "Shared GPU: skipped: no CUDA GPU visible" in record["about"]
 
 
 def test_the_large_model_is_a_random_llama_of_about_a_billion_parameters():

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -34,7 +33,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.results import Column
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("start", "messages", "read", "bound", "rules", "aggregation_error", "done")
@@ -218,8 +220,51 @@ def tree(sampled: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     }
 
 
-def _mb(values: list[float]) -> str:
-    return ", ".join(f"{v:,.0f}" for v in values) or "-"
+def columns() -> tuple[Column, ...]:
+    """Two tables in one row shape: ``tree`` rows (one ``fed simulate`` per cohort size: the peaks, per-actor
+    and per-round figures joined in one cell each) and ``driver`` rows (what each phase of the driver's round
+    adds per reply, for this code and, with ``--before``, another checkout's). Imported here, not at the top:
+    the breakdown's child runs this file against another checkout's packages."""
+    from bench.results import Column
+
+    return (
+        Column("table"),
+        Column("sampled a round", none=""),
+        Column("phase", none=""),
+        Column("code", none=""),
+        Column("driver peak", "MB", digits=0, none=""),
+        Column("each actor peak", "MB", none=""),
+        Column("actor growth round 1 -> 2", "MB", none=""),
+        Column("whole tree", "MB", digits=0, none=""),
+        Column("rounds", "s", none=""),
+        Column("per reply", "MB", digits=2, none=""),
+        Column("x reply", digits=1, none=""),
+    )
+
+
+def _joined(values: list[float], form: str) -> str | None:
+    """Several figures of one cell (each actor's, each round's), in order; None when there are none."""
+    return ", ".join(format(v, form) for v in values) or None
+
+
+def tree_rows(rows: list[dict[str, Any]]) -> list[tuple[object, ...]]:
+    """One ``tree`` row per cohort size measured."""
+    return [
+        (
+            "tree",
+            r["sampled"],
+            None,
+            None,
+            r["driver_mb"],
+            _joined(r["actor_mb"], ",.0f") or "not measured",
+            _joined(r["actor_growth_mb"], "+.1f") or "not measured",
+            r["tree_mb"],
+            _joined(r["round_s"], ".0f"),
+            None,
+            None,
+        )
+        for r in rows
+    ]
 
 
 def _verdict(largest: dict[str, Any]) -> str:
@@ -228,77 +273,45 @@ def _verdict(largest: dict[str, Any]) -> str:
     return "met" if largest["tree_mb"] < 8192 else "missed"
 
 
-def report(rows: list[dict[str, Any]], where_rows: list[tuple[str, float]], reply_mb: float, args: Any) -> str:
-    """The run's tables: the tree per cohort size with the slopes, and where the driver's memory goes."""
-    table = [
-        "| sampled a round | driver peak MB | each actor peak MB | actor growth round 1 -> 2 MB | whole tree MB "
-        "| rounds (s) |",
-        "|---|---|---|---|---|---|",
-        *(
-            f"| {r['sampled']:,} | {r['driver_mb']:,.0f} | {_mb(r['actor_mb'])} | "
-            f"{', '.join(f'{g:+.1f}' for g in r['actor_growth_mb']) or '-'} | {r['tree_mb']:,.0f} | "
-            f"{', '.join(f'{s:.0f}' for s in r['round_s'])} |"
-            for r in rows
-        ),
-    ]
-    lines = [
-        f"`fed simulate --preset quickstart`, {args.virtual:,} virtual clients, 2 rounds, 1 local step, evaluation "
-        f"off, 2 actors, wire {args.wire}, {args.rows} examples a client; code: `{args.code_label}`.",
-        "",
-        *table,
-        "",
-    ]
-    reply = rows[0]["reply_bytes"] / 2**20 if rows else reply_mb
-    if len(rows) >= 2:
-        first, last = rows[0], rows[-1]
-        slope = (last["driver_mb"] - first["driver_mb"]) / (last["sampled"] - first["sampled"])
-        growths = [g for r in rows for g in r["actor_growth_mb"]]
-        growth = max(growths, default=math.nan)
-        big = max(rows, key=lambda r: r["sampled"])
-        lines += [
+def verdicts(rows: list[dict[str, Any]]) -> str:
+    """The targets against the tree rows: the driver's slope per sampled client, the actors' growth, the
+    whole tree at the largest size (empty below two sizes)."""
+    if len(rows) < 2:
+        return ""
+    reply = rows[0]["reply_bytes"] / 2**20
+    first, last = rows[0], rows[-1]
+    slope = (last["driver_mb"] - first["driver_mb"]) / (last["sampled"] - first["sampled"])
+    growths = [g for r in rows for g in r["actor_growth_mb"]]
+    big = max(rows, key=lambda r: r["sampled"])
+    growth = (
+        f"- largest actor growth from round 1 to round 2: **{max(growths):+.1f} MB**; target at most 5 MB: "
+        f"{'met' if max(growths) <= 5 else 'missed'}"
+        if growths
+        else "- actor growth: not measured (no actor process identified in the tree)"
+    )
+    return "\n".join(
+        [
             f"- driver slope {first['sampled']:,} -> {last['sampled']:,} a round: **{slope:.2f} MB per sampled "
             f"client**, {slope / reply:.1f}x a reply's adapter ({reply:.2f} MB); target at most 2x: "
             f"{'met' if slope <= 2 * reply else 'missed'}",
-            f"- largest actor growth from round 1 to round 2: **{growth:+.1f} MB**; target at most 5 MB: "
-            f"{'met' if growth <= 5 else 'missed'}"
-            if growths
-            else "- actor growth: not measured (no actor process identified in the tree)",
+            growth,
             f"- whole tree at {big['sampled']:,} a round: **{big['tree_mb'] / 1024:.2f} GB**; target under 8 GB at "
             f"1,000 a round: {_verdict(big)}",
-            "",
         ]
-    lines += [
-        f"Where the driver's memory goes per sampled client (the quickstart's strategy aggregating "
-        f"{args.small} and {args.large} fabricated replies of {reply_mb:.2f} MB in one process; RSS high-water "
-        "mark each phase adds):",
-        "",
-        *_where_table(where_rows, reply_mb, getattr(args, "before_rows", None), getattr(args, "before_label", "")),
-    ]
-    return "\n".join(lines)
+    )
 
 
-def _where_table(
+def driver_rows(
     rows: list[tuple[str, float]], reply_mb: float, before: dict[str, float] | None, label: str
-) -> list[str]:
-    """MB per reply each phase adds, as a multiple of the reply too; with ``before``, that checkout's beside."""
-    total = sum(mb for _, mb in rows)
-    if before is None:
-        return [
-            "| phase | MB per reply | x reply |",
-            "|---|---|---|",
-            *(f"| {WHERE[p]} | {mb:.2f} | {mb / reply_mb:.1f} |" for p, mb in rows),
-            f"| total | {total:.2f} | {total / reply_mb:.1f} |",
-        ]
-    was = sum(before.values())
-    return [
-        f"| phase | before (`{label}`) MB per reply | x reply | now MB per reply | x reply |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {WHERE[p]} | {before[p]:.2f} | {before[p] / reply_mb:.1f} | {mb:.2f} | {mb / reply_mb:.1f} |"
-            for p, mb in rows
-        ),
-        f"| total | {was:.2f} | {was / reply_mb:.1f} | {total:.2f} | {total / reply_mb:.1f} |",
-    ]
+) -> list[tuple[object, ...]]:
+    """MB per reply each phase adds, and as a multiple of the reply; with ``before``, that checkout's first."""
+    codes = [(f"before (`{label}`)", before), ("now", dict(rows))] if before is not None else [("now", dict(rows))]
+    out: list[tuple[object, ...]] = []
+    for phase in [*(p for p, _ in rows), "total"]:
+        for code, mbs in codes:
+            mb = sum(mbs.values()) if phase == "total" else mbs[phase]
+            out.append(("driver", None, WHERE.get(phase, phase), code, *(None,) * 5, mb, mb / reply_mb))
+    return out
 
 
 def main() -> None:
@@ -332,7 +345,9 @@ def main() -> None:
         before = [_run_breakdown(n, args.wire, args.before) for n in (args.small, args.large)]
         print(json.dumps({"before": before}), flush=True)
         args.before_rows = dict(where(*before))
-    rows = []
+    reply_mb = small["reply_bytes"] / 2**20
+    driver = driver_rows(where_rows, reply_mb, getattr(args, "before_rows", None), getattr(args, "before_label", ""))
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
@@ -340,12 +355,18 @@ def main() -> None:
             if sampled:
                 rows.append(tree(sampled, args, out))
                 print(json.dumps(rows[-1]), flush=True)
-            body = report(rows, where_rows, small["reply_bytes"] / 2**20, args)
+            about = (
+                f"`fed simulate --preset quickstart`, {args.virtual:,} virtual clients, 2 rounds, 1 local step, "
+                f"evaluation off, 2 actors, wire {args.wire}, {args.rows} examples a client; code: "
+                f"`{args.code_label}`. The `driver` rows: where the driver's memory goes per sampled client (the "
+                f"quickstart's strategy aggregating {args.small} and {args.large} fabricated replies of "
+                f"{reply_mb:.2f} MB in one process; RSS high-water mark each phase adds).\n\n" + verdicts(rows)
+            )
             if args.save:
-                from bench.results import save
+                from bench.results import RESULTS, save
 
-                save(args.save, f"Large cohorts: driver and actor memory ({args.code_label})", body)
-    print(body)
+                title = f"Large cohorts: driver and actor memory ({args.code_label})"
+                print(save(args.save, title, about, columns(), [*tree_rows(rows), *driver], RESULTS), flush=True)
 
 
 if __name__ == "__main__":

@@ -79,10 +79,11 @@ BENCHES = {
     ),
     "llm_steps": Bench(
         "bench.llm_steps",
-        "How fast is a plain and a DP step of a causal LM at length 512, in how much memory, and how much of a "
-        "DP step is drawing the noise?",
+        "How fast is a plain and a DP step of a causal LM (SmolLM2-135M and a random ~1B Llama) at length 512, "
+        "against the PEFT + Opacus recipe, in how much memory, and how much of a DP step is drawing the noise?",
         "minutes on a GPU; tens of minutes on 2 CPU cores (the tests run it at tiny sizes)",
-        "tokens per second, peak memory and noise share per adapter and step",
+        "tokens per second, peak memory, noise share, the recipe's s/step and each noise source's draw, per "
+        "model, adapter and step",
         "none yet: prepared for a GPU",
         True,
     ),

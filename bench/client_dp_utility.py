@@ -163,7 +163,7 @@ def table(records: list[dict[str, Any]], overrides: list[str]) -> tuple[list[tup
             sigmas[r["clients"], r["epsilon"]] = r["noise_multiplier"]
     sizes = sorted({n for n, _ in cells})
     eps = [e for e in EPSILONS if any((n, e) in cells for n in sizes)]
-    rows = [
+    rows: list[tuple[object, ...]] = [
         (n, None if e == "inf" else float(e), *spread(cells[n, e]), None if e == "inf" else sigmas.get((n, e)))
         for n in sizes
         for e in eps

@@ -57,13 +57,16 @@ def environment() -> dict[str, str]:
     }
 
 
-def save(bench: str, title: str, body: str, results: Path = RESULTS) -> Path:
+def save(bench: str, title: str, body: str, results: Path = RESULTS, data: dict[str, Any] | None = None) -> Path:
     """Write ``bench``'s result (replacing its last one): its section ``body``, the command that made it
-    (as ``python -m bench run``, with this process's arguments) and the environment."""
+    (as ``python -m bench run``, with this process's arguments), the environment and, where the bench
+    measured more than its table shows, its figures as ``data``."""
     command = shlex.join(["python", "-m", "bench", "run", bench, *sys.argv[1:]])
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{bench}.json"
     record = {"bench": bench, "title": title, **environment(), "command": command, "body": body}
+    if data is not None:
+        record["data"] = data
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
 

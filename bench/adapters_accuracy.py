@@ -3,9 +3,9 @@
 The grid file is the experiment as data: its tasks (the ``mixed-domains`` preset, one sentiment domain per
 client; TREC's 6 question classes split Dirichlet(0.5)), privacy levels (no DP, epsilon 8), families, seeds
 and claims. Each family's rank is matched to LoRA's trainable adapter parameters at ``budget_rank`` (task head
-excluded) unless a claim compares it at LoRA's own rank (``unmatched``) or at a rank it fixes (``rank``); a claim may add its own cells (the
-MoLE claim's IID control, the heterogeneous-rank pair of aggregation rules). Every cell is a real
-``fed simulate`` run, the same code path as the command line, recorded with its full config.
+excluded) unless a claim compares it at LoRA's own rank (``unmatched``) or at a rank it fixes (``rank``); a
+claim may add its own cells (the MoLE claim's IID control, the heterogeneous-rank pair of aggregation rules).
+Every cell is a real ``fed simulate`` run, the same code path as the command line, recorded with its full config.
 
     python -m bench run adapters_accuracy                       # the whole grid (resumable)
     python -m bench run adapters_accuracy --render              # table, plot and verdicts from the cells so far
@@ -22,14 +22,15 @@ and ``--docs`` rewrites the generated block of docs/families.md. The cells run s
 from __future__ import annotations
 
 import statistics
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from bench.cells import bench_parser, held, mean_std, run_grid, settings
-from bench.results import DOC, save
+from bench.results import DOC, ROOT, save
 from fed.adapters import build
 from fed.config import RunConfig
 from fed.config.sources import resolve
@@ -146,7 +147,8 @@ def matched_rank(
     one, two = (count(cfg.with_overrides({"adapter.rank": r})) for r in (1, 2))
     guess = min(range(1, max_rank + 1), key=lambda r: abs(one + (two - one) * (r - 1) - budget))
     exact = {
-        r: count(cfg.with_overrides({"adapter.rank": r})) for r in range(max(1, guess - 2), min(max_rank, guess + 2) + 1)
+        r: count(cfg.with_overrides({"adapter.rank": r}))
+        for r in range(max(1, guess - 2), min(max_rank, guess + 2) + 1)
     }
     rank = min(exact, key=lambda r: abs(exact[r] - budget))
     return rank, exact[rank]
@@ -193,23 +195,28 @@ def cells(grid: Grid, ranks: dict[str, dict[str, tuple[int, int]]], seeds: list[
     for seed in seeds:
         for privacy, dp in grid.privacy.items():
             for task, (_, task_overrides) in grid.tasks.items():
-
-                def cell(arm: str, extra: list[str], task: str = task, privacy: str = privacy) -> Cell:
-                    labels = {"task": task, "privacy": privacy, "arm": arm, "seed": seed}
-                    return labels, [*grid.base, *task_overrides, *dp, *extra, f"seed={seed}"]
-
-                for family, extra in grid.families.items():
-                    rank = ranks[task][family][0]
-                    out.append(cell(family, [*extra, f"adapter.kind={family}", f"adapter.rank={rank}"]))
+                arms = [(family, family_overrides(grid, ranks, task, family)) for family in grid.families]
                 for claim in grid.claims:
-                    out += [cell(rule, _claim_overrides(claim, rule)) for rule in claim.rules]
+                    arms += [(rule, _claim_overrides(claim, rule)) for rule in claim.rules]
                 for claim in grid.claims:
                     if claim.control and (not claim.tasks or task in claim.tasks):
-                        for family in claim.arms:
-                            rank = ranks[task][family][0]
-                            extra = [*grid.families[family], f"adapter.kind={family}", f"adapter.rank={rank}"]
-                            out.append(cell(control_arm(family, claim), [*extra, *claim.control]))
+                        arms += [
+                            (control_arm(f, claim), [*family_overrides(grid, ranks, task, f), *claim.control])
+                            for f in claim.arms
+                        ]
+                out += [
+                    (
+                        {"task": task, "privacy": privacy, "arm": arm, "seed": seed},
+                        [*grid.base, *task_overrides, *dp, *extra, f"seed={seed}"],
+                    )
+                    for arm, extra in arms
+                ]
     return out
+
+
+def family_overrides(grid: Grid, ranks: dict[str, dict[str, tuple[int, int]]], task: str, family: str) -> list[str]:
+    """``family``'s own overrides on ``task``: its grid settings, its kind and the rank the plan gave it."""
+    return [*grid.families[family], f"adapter.kind={family}", f"adapter.rank={ranks[task][family][0]}"]
 
 
 def control_arm(family: str, claim: Claim) -> str:
@@ -217,9 +224,7 @@ def control_arm(family: str, claim: Claim) -> str:
     return f"{family} [{' '.join(claim.control)}]"
 
 
-def figures(
-    results: list[dict[str, Any]], ranks: dict[str, dict[str, tuple[int, int]]]
-) -> list[dict[str, Any]]:
+def figures(results: list[dict[str, Any]], ranks: dict[str, dict[str, tuple[int, int]]]) -> list[dict[str, Any]]:
     """Each finished cell as data: its labels, rank, parameters and figures (the run's config left in the log)."""
     out = []
     for r in results:
@@ -248,7 +253,9 @@ def _arms(data: list[dict[str, Any]]) -> list[str]:
 
 def table(data: list[dict[str, Any]], grid: Grid) -> str:
     """Accuracy mean ± std (seeds) per arm, task and privacy, with each arm's parameters, bytes and errors."""
-    blocks = [(t, p) for t in grid.tasks for p in grid.privacy if any((d["task"], d["privacy"]) == (t, p) for d in data)]
+    blocks = [
+        (t, p) for t in grid.tasks for p in grid.privacy if any((d["task"], d["privacy"]) == (t, p) for d in data)
+    ]
     rows = [
         "| arm | rank | trainable params | "
         + " | ".join(f"{t}, {p}" for t, p in blocks)
@@ -274,9 +281,7 @@ def table(data: list[dict[str, Any]], grid: Grid) -> str:
 
 def paired(data: list[dict[str, Any]], task: str, privacy: str, arms: tuple[str, str]) -> list[float]:
     """Accuracy of ``arms[0]`` minus ``arms[1]``, seed by seed, for the seeds both have."""
-    acc = {
-        (d["arm"], d["seed"]): d["accuracy"] for d in data if (d["task"], d["privacy"]) == (task, privacy)
-    }
+    acc = {(d["arm"], d["seed"]): d["accuracy"] for d in data if (d["task"], d["privacy"]) == (task, privacy)}
     return [acc[(arms[0], s)] - acc[(arms[1], s)] for a, s in sorted(acc) if a == arms[0] and (arms[1], s) in acc]
 
 
@@ -314,14 +319,21 @@ def verdicts(data: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any]]:
                     notes.append(f"params {params[claim.arms[0]]:,} vs {params[claim.arms[1]]:,}")
                     verdict = verdict if fewer else "failed"
                 if claim.max_bytes_ratio is not None:
-                    up = {a: statistics.fmean(d["bytes_up_per_client_round"] for d in block if d["arm"] == a) for a in claim.arms}
+                    up = {
+                        a: statistics.fmean(d["bytes_up_per_client_round"] for d in block if d["arm"] == a)
+                        for a in claim.arms
+                    }
                     ratio = up[claim.arms[0]] / up[claim.arms[1]]
                     notes.append(f"bytes ratio {ratio:.2f} (claim: at most {claim.max_bytes_ratio:g})")
                     verdict = verdict if ratio <= claim.max_bytes_ratio else "failed"
                 if claim.control:
-                    control = paired(data, task, privacy, (control_arm(claim.arms[0], claim), control_arm(claim.arms[1], claim)))
+                    control = paired(
+                        data, task, privacy, (control_arm(claim.arms[0], claim), control_arm(claim.arms[1], claim))
+                    )
                     if control:
-                        notes.append(f"gap under {' '.join(claim.control)}: {statistics.fmean(control):+.3f} ({len(control)})")
+                        notes.append(
+                            f"gap under {' '.join(claim.control)}: {statistics.fmean(control):+.3f} ({len(control)})"
+                        )
                 out.append(
                     {
                         "claim": claim.name,
@@ -338,7 +350,10 @@ def verdicts(data: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any]]:
 
 
 def verdict_table(found: list[dict[str, Any]], seeds: int) -> str:
-    rows = ["| claim | task | privacy | difference (paired) | seeds | verdict | also |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| claim | task | privacy | difference (paired) | seeds | verdict | also |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v in found:
         spread = f" ± {v['spread']:.3f}" if v["spread"] is not None else ""
         verdict = v["verdict"] if v["seeds"] >= seeds else f"{v['verdict']} so far"
@@ -354,9 +369,13 @@ def plot(data: list[dict[str, Any]], grid: Grid, out: Path) -> None:
     from bench.dp_utility import _pyplot
 
     plt = _pyplot()
-    blocks = [(t, p) for t in grid.tasks for p in grid.privacy if any((d["task"], d["privacy"]) == (t, p) for d in data)]
+    blocks = [
+        (t, p) for t in grid.tasks for p in grid.privacy if any((d["task"], d["privacy"]) == (t, p) for d in data)
+    ]
     arms = _arms(data)
-    fig, axes = plt.subplots(1, max(len(blocks), 1), figsize=(3.2 * max(len(blocks), 1) + 1, 4.5), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(len(blocks), 1), figsize=(3.2 * max(len(blocks), 1) + 1, 4.5), sharey=True, squeeze=False
+    )
     for ax, (task, privacy) in zip(axes[0], blocks):
         block = [d for d in data if (d["task"], d["privacy"]) == (task, privacy)]
         for i, arm in enumerate(arms):
@@ -388,17 +407,29 @@ def fill_doc(doc: Path, body: str) -> None:
     doc.write_text(f"{head}{BEGIN}\n{body.strip()}\n{END}{rest.split(END, 1)[1]}")
 
 
+def _shown(path: Path) -> str:
+    """``path`` as the result names it: from the repository root when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main() -> None:
     parser = bench_parser(__doc__, "runs/bench-adapters")
     parser.add_argument("--grid", type=Path, default=GRID, help="the grid file")
     parser.add_argument("--figure", type=Path, default=FIGURE, help="where the plot goes")
-    parser.add_argument("--docs", type=Path, nargs="?", const=FAMILIES_DOC, default=None,
-                        help="also rewrite this page's generated block (default docs/families.md)")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        nargs="?",
+        const=FAMILIES_DOC,
+        default=None,
+        help="also rewrite this page's generated block (default docs/families.md)",
+    )
     parser.set_defaults(seeds=None)
     args = parser.parse_args()
     grid = load_grid(args.grid)
     seeds = args.seeds or list(grid.seeds)
-    ranks = plan(grid, args.overrides)
+    ranks = plan(grid, args.overrides, adapter_parameters)  # looked up at call time: tests count without models
     print(f"ranks and trainable parameters per task: {ranks}", flush=True)
     log = Path(args.runs) / "results.jsonl"
     planned = cells(grid, ranks, seeds)
@@ -411,12 +442,12 @@ def main() -> None:
     done_seeds = sorted({d["seed"] for d in data})
     plot(data, grid, args.figure)
     body = (
-        f"The grid bench/grids/families.toml (overrides {settings(args.overrides)}): cells held {len(data)} of "
+        f"The grid {_shown(args.grid)} (overrides {settings(args.overrides)}): cells held {len(data)} of "
         f"{len(todo)}, seeds {done_seeds or 'none'} of {seeds}. Final-round accuracy, mean ± std (seeds) where a "
         f"cell holds several seeds, else its one run; the budget is LoRA rank {grid.budget_rank}; rank and "
         f"parameters per task ({' / '.join(grid.tasks)}). Wall s / step is a round's wall time over its local "
         f"steps on a machine shared with other jobs (median over the arm's cells): `family_steps` gives the "
-        f"families' step times side by side. Plot: docs/img/{args.figure.name}.\n\n"
+        f"families' step times side by side. Plot: {_shown(args.figure)}.\n\n"
         f"{table(data, grid)}\n\n"
         f"Claims (difference: claimed arm minus the other, seed by seed; tests in the grid file):\n\n"
         f"{verdict_table(found, len(seeds))}"
@@ -426,7 +457,7 @@ def main() -> None:
         "Adapter families against LoRA: the papers' claims",
         body,
         args.results,
-        data={"grid": str(args.grid.name), "seeds": seeds, "cells": data, "claims": found, "planned": len(todo)},
+        data={"grid": _shown(args.grid), "seeds": seeds, "cells": data, "claims": found, "planned": len(todo)},
     )
     if args.docs is not None:
         fill_doc(args.docs, body)

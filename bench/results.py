@@ -64,7 +64,7 @@ def save(bench: str, title: str, body: str, results: Path = RESULTS, data: dict[
     command = shlex.join(["python", "-m", "bench", "run", bench, *sys.argv[1:]])
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{bench}.json"
-    record = {"bench": bench, "title": title, **environment(), "command": command, "body": body}
+    record: dict[str, Any] = {"bench": bench, "title": title, **environment(), "command": command, "body": body}
     if data is not None:
         record["data"] = data
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -20,6 +20,7 @@ import warnings
 from bench.adapters_accuracy import load_grid, plan
 from bench.clipping_modes import _step_s, device_name, paired, ratio
 from bench.results import save
+from fed.adapters.base import Clock
 from fed.config import RunConfig
 from fed.config.sources import resolve
 from fed.precision import model_device, resolve_precision
@@ -70,6 +71,7 @@ def main() -> None:
     for column, dp in columns.items():
 
         def time_round(family: str, dp: DpSettings | None = dp) -> float:
+            by_family[family].adapter.begin_round(Clock(1, 1, args.steps))  # as a client opens its round
             return _step_s(
                 by_family[family], steps=args.steps, batch_size=bs, micro_batch=0, dp=dp, precision=precision
             )

@@ -142,9 +142,7 @@ def test_a_claim_is_judged_on_its_paired_differences(
     assert aa.judge(claim, diffs) == expected
 
 
-def test_tiny_grid_runs_resumes_and_renders(
-    grid: aa.Grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_tiny_grid_runs_resumes_and_renders(grid: aa.Grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner runs every cell once (a second call runs none), and the generator's table, verdicts, JSON,
     plot and docs block hold what the stand-in runs returned."""
     monkeypatch.setattr(cells, "run_cell", fake_run)

@@ -62,10 +62,6 @@ def main() -> None:
     if args.dp:
         n = len(first.data.train)
         columns["DP-SGD"] = DpSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=bs / n, num_examples=n)
-    rows = [
-        "| family | " + " | ".join(f"{c}: s / step | {c}: ratio to LoRA" for c in columns) + " |",
-        "|---|" + "---|---|" * len(columns),
-    ]
     medians: dict[str, dict[str, float]] = {}
     shown: dict[str, dict[str, str]] = {}
     for column, dp in columns.items():
@@ -79,20 +75,22 @@ def main() -> None:
         times = paired(time_round, {f: f for f in by_family}, args.repeats)
         medians[column] = {f: statistics.median(t) for f, t in times.items()}
         shown[column] = {f: ratio(times, f, against="lora") for f in times}
-        print(column, shown[column], flush=True)
-    for family in by_family:
-        rows.append(
-            f"| {family} | " + " | ".join(f"{medians[c][family]:.3f} | {shown[c][family]}" for c in columns) + " |"
+        rows = [
+            "| family | " + " | ".join(f"{c}: s / step | {c}: ratio to LoRA" for c in medians) + " |",
+            "|---|" + "---|---|" * len(medians),
+            *(
+                f"| {family} | " + " | ".join(f"{medians[c][family]:.3f} | {shown[c][family]}" for c in medians) + " |"
+                for family in by_family
+            ),
+        ]
+        body = (
+            f"Seconds per local step of each family on {device_name(device)}, task `{args.task}` of the families "
+            f"grid (each family at the grid's rank), batch {bs}, {args.steps} steps per timed round, "
+            f"{args.repeats} interleaved repeats: medians over the repeats; ratios: median [quartiles] of the "
+            f"per-repeat ratios to LoRA. Load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (a "
+            f"shared machine: the ratios, not the seconds, are the result).\n\n" + "\n".join(rows)
         )
-    load_after = os.getloadavg()[0]
-    body = (
-        f"Seconds per local step of each family on {device_name(device)}, task `{args.task}` of the families grid "
-        f"(each family at the grid's rank), batch {bs}, {args.steps} steps per timed round, "
-        f"{args.repeats} interleaved repeats: medians over the repeats; ratios: median [quartiles] of the "
-        f"per-repeat ratios to LoRA. Load average {load_before:.2f} before, {load_after:.2f} after (a shared "
-        f"machine: the ratios, not the seconds, are the result).\n\n" + "\n".join(rows)
-    )
-    save("family_steps", "Adapter families: step time relative to LoRA", body)
+        save("family_steps", "Adapter families: step time relative to LoRA", body)  # each column as it ends
     print(body)
 
 

@@ -251,31 +251,29 @@ def _arms(data: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(d["arm"] for d in data))
 
 
-def table(data: list[dict[str, Any]], grid: Grid) -> str:
-    """Accuracy mean ± std (seeds) per arm, task and privacy, with each arm's parameters, bytes and errors."""
-    blocks = [
-        (t, p) for t in grid.tasks for p in grid.privacy if any((d["task"], d["privacy"]) == (t, p) for d in data)
-    ]
+def table(data: list[dict[str, Any]], grid: Grid, ranks: dict[str, dict[str, tuple[int, int]]]) -> str:
+    """Accuracy mean ± std (seeds) per arm, task and privacy (``-``: no cell yet), with each arm's rank,
+    parameters and bytes per task (``a / b`` in the grid's task order), step wall and aggregation error."""
+    blocks = [(t, p) for t in grid.tasks for p in grid.privacy]
     rows = [
         "| arm | rank | trainable params | "
         + " | ".join(f"{t}, {p}" for t, p in blocks)
         + " | bytes up / client / round | wall s / step (shared) | mean aggregation error |",
         "|" + "---|" * (len(blocks) + 6),
     ]
-    for arm in _arms(data):
+    arms = list(dict.fromkeys([*next(iter(ranks.values()), {}), *_arms(data)]))
+    for arm in arms:
         mine = [d for d in data if d["arm"] == arm]
         accs = [mean_std([d["accuracy"] for d in mine if (d["task"], d["privacy"]) == b]) for b in blocks]
-        per_task = {d["task"]: (d["rank"], d["trainable_params"]) for d in mine}
-        rank = " / ".join(str(r) for r, _ in per_task.values())
-        params = " / ".join(f"{p:,}" if p is not None else "-" for _, p in per_task.values())
+        family = arm.split(" [")[0]
+        rank = " / ".join(str(ranks[t][family][0]) if family in ranks[t] else "-" for t in grid.tasks)
+        params = " / ".join(f"{ranks[t][family][1]:,}" if family in ranks[t] else "-" for t in grid.tasks)
+        sent = [[d["bytes_up_per_client_round"] for d in mine if d["task"] == t] for t in grid.tasks]
+        up = " / ".join(f"{int(statistics.fmean(b)):,}" if b else "-" for b in sent)
         errors = [d["aggregation_error"] for d in mine if d["aggregation_error"] is not None]
         error = f"{statistics.fmean(errors):.2e}" if errors else "-"
-        rows.append(
-            f"| {arm} | {rank} | {params} | "
-            + " | ".join(accs)
-            + f" | {int(statistics.fmean(d['bytes_up_per_client_round'] for d in mine)):,}"
-            + f" | {statistics.median(d['wall_per_step_s'] for d in mine):.2f} | {error} |"
-        )
+        wall = f"{statistics.median(d['wall_per_step_s'] for d in mine):.2f}" if mine else "-"
+        rows.append(f"| {arm} | {rank} | {params} | " + " | ".join(accs) + f" | {up} | {wall} | {error} |")
     return "\n".join(rows)
 
 
@@ -448,7 +446,7 @@ def main() -> None:
         f"parameters per task ({' / '.join(grid.tasks)}). Wall s / step is a round's wall time over its local "
         f"steps on a machine shared with other jobs (median over the arm's cells): `family_steps` gives the "
         f"families' step times side by side. Plot: {_shown(args.figure)}.\n\n"
-        f"{table(data, grid)}\n\n"
+        f"{table(data, grid, ranks)}\n\n"
         f"Claims (difference: claimed arm minus the other, seed by seed; tests in the grid file):\n\n"
         f"{verdict_table(found, len(seeds))}"
     )

@@ -348,6 +348,9 @@ def verdicts(data: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any]]:
 
 
 def verdict_table(found: list[dict[str, Any]], seeds: int) -> str:
+    """The verdicts as Markdown; ``so far`` marks one judged on fewer seeds than the grid's."""
+    if not found:
+        return "No claim is judged yet: no (task, privacy) block holds both arms of any claim."
     rows = [
         "| claim | task | privacy | difference (paired) | seeds | verdict | also |",
         "|---|---|---|---|---|---|---|",

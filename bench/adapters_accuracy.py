@@ -494,7 +494,6 @@ def main() -> None:
     data = figures(results, ranks)
     found = verdicts(data, grid)
     done_seeds = sorted({d["seed"] for d in data})
-    plot(data, grid, args.figure)
     about = (
         f"The grid {_shown(args.grid)} (overrides {settings(args.overrides)}): cells held {len(data)} of "
         f"{len(todo)}, seeds {done_seeds or 'none'} of {seeds}; the budget is LoRA rank {grid.budget_rank}. One row "
@@ -521,6 +520,7 @@ def main() -> None:
         figures=[_shown(args.figure)],
         tables=[claims, cell_table],
     )
+    plot(data, grid, args.figure)  # after saving: a figure drawn before would mark the result's commit dirty
     record = json.loads(path.read_text())
     shown = f"{about}\n\n{table(record)}\n\n**{claims.title}**\n\n{table(record['tables'][0])}"
     if args.docs is not None:

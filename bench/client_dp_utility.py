@@ -159,7 +159,7 @@ def table(records: list[dict[str, Any]], overrides: list[str]) -> tuple[list[tup
             sigmas[r["clients"], r["epsilon"]] = r["noise_multiplier"]
     sizes = sorted({n for n, _ in cells})
     eps = [e for e in EPSILONS if any((n, e) in cells for n in sizes)]
-    rows = [
+    rows: list[tuple[object, ...]] = [
         (n, e, *spread(cells[n, e]), sigmas[n, e] if e != "inf" else None)
         for n in sizes
         for e in eps

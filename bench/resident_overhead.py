@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.results import save
+from bench.results import Column, save
 from deploy.launcher import Cluster, Layout
 from deploy.pki import make_pki
 from fed.config.sources import resolve
@@ -97,15 +97,35 @@ def deployment(model: str, resident: bool, root: Path, rounds: int, nodes: int) 
     return {"rounds": walls, "nodes": per_node, "load": load}  # each round's own wall time (server/app.py)
 
 
-def _row(model: str, mode: str, result: dict) -> str:
+COLUMNS = (
+    Column("model"),
+    Column("mode"),
+    Column("messages"),
+    Column("first message, per node", "s"),
+    Column("later messages, median", "s", digits=2),
+    Column("later, min", "s", digits=2),
+    Column("later, max", "s", digits=2),
+    Column("round walls", "s"),
+    Column("load before", digits=1),
+    Column("load after", digits=1),
+)
+
+
+def _row(model: str, mode: str, result: dict) -> tuple[object, ...]:
+    """One deployment as a row of COLUMNS: each node's first-message overhead, the later messages' median and
+    range, each round's wall and the 1-minute load average before and after."""
     first = [m[0].overhead_s for m in result["nodes"] if m]
     later = [x.overhead_s for m in result["nodes"] for x in m[1:]]
-    rounds = " / ".join(f"{w:.1f}" for w in result["rounds"])
-    count = sum(len(m) for m in result["nodes"])
-    later_text = f"{statistics.median(later):.2f} ({min(later):.2f}-{max(later):.2f})" if later else "-"
-    first_text = " / ".join(f"{x:.2f}" for x in first)
-    load = " -> ".join(f"{x:.1f}" for x in result["load"])
-    return f"| {model} | {mode} | {count} | {first_text} | {later_text} | {rounds} | {load} |"
+    spread = (statistics.median(later), min(later), max(later)) if later else (None, None, None)
+    return (
+        model,
+        mode,
+        sum(len(m) for m in result["nodes"]),
+        " / ".join(f"{x:.2f}" for x in first),
+        *spread,
+        " / ".join(f"{w:.1f}" for w in result["rounds"]),
+        *result["load"],
+    )
 
 
 def main() -> None:
@@ -120,11 +140,7 @@ def main() -> None:
         parser.error(f"unknown models {sorted(unknown)}; known: {sorted(MODELS)}")
     os.environ["FLWR_LOG_LEVEL"] = "DEBUG"  # timestamps in the nodes' logs (inherited by every Flower process)
     uptime = Path("/proc/loadavg").read_text().strip()
-    rows = [
-        "| model | mode | messages | first message, per node (s) | later messages, median (min-max) (s) "
-        "| round walls (s) | load before -> after |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows: list[tuple[object, ...]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             for resident in (True, False):
@@ -135,16 +151,16 @@ def main() -> None:
                 _save(rows, args, uptime)  # after each deployment: an interrupted bench keeps what it measured
 
 
-def _save(rows: list[str], args: argparse.Namespace, uptime: str) -> None:
-    body = (
+def _save(rows: list[tuple[object, ...]], args: argparse.Namespace, uptime: str) -> None:
+    about = (
         f"Per-message overhead of a deployed SuperNode: delivered to reply sent, minus the training and evaluation "
         f"time its ClientApp logged, over {args.nodes} nodes and {args.rounds} rounds on loopback (TLS, node "
         "authentication), each node on its partition of the preset's data. MiniLM: `quickstart` with FFA-LoRA under "
         "DP (target epsilon 8), train and evaluate messages; SmolLM2-135M: `instruct`. Resident: one process per "
         "node keeps its imports and the run's model (deploy/resident.py); per-message: Flower's fresh "
-        f"`flwr-clientapp` per message. /proc/loadavg at the start: `{uptime}` (2 shared cores).\n\n" + "\n".join(rows)
+        f"`flwr-clientapp` per message. /proc/loadavg at the start: `{uptime}` (2 shared cores)."
     )
-    save("resident_overhead", "Deployed per-message overhead, resident against per-message", body)
+    save("resident_overhead", "Deployed per-message overhead, resident against per-message", about, COLUMNS, rows)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,21 @@ def run_grid(log: Path, runs: Path, grid: list[tuple[dict[str, Any], RunConfig]]
     for i, (labels, cfg) in enumerate(todo, 1):
         name = "-".join(str(v) for v in labels.values()).replace(" ", "_").replace("/", "_")[:60]
         print(f"[{i}/{len(todo)}] {labels}", flush=True)
-        record(log, labels, cfg, run_cell(cfg, runs, name))
+        figures = run_cell(cfg, runs, name)
+        if (why := incomplete(figures)) is not None:  # not booked: the next call runs it again
+            print(f"[{i}/{len(todo)}] not recorded: {why}", flush=True)
+            continue
+        record(log, labels, cfg, figures)
+
+
+def incomplete(figures: dict[str, Any]) -> str | None:
+    """Why a run does not measure its cell, or None: a client's reply lost in some round (a worker killed, a
+    timeout) makes it a run with fewer clients, and a run with no final score has nothing to tabulate."""
+    if figures.get("dropped"):
+        return f"{figures['dropped']} replies dropped (first: {figures.get('first_drop', '?')})"
+    if figures.get("accuracy") is None:
+        return "no final accuracy"
+    return None
 
 
 def held(log: Path, grid: list[tuple[dict[str, Any], RunConfig]]) -> list[dict[str, Any] | None]:
@@ -119,12 +133,13 @@ def run_cell(cfg: RunConfig, runs: Path, name: str) -> dict[str, Any]:
 
 def summarise(run: RunDir) -> dict[str, Any]:
     """A finished run's final accuracy, accuracy curve, largest client epsilon, mean aggregation error,
-    bytes up per client per round and wall time."""
+    bytes up per client per round, wall time and the client replies it lost."""
     lines = run.metrics()
     if not lines:
         raise ValueError(f"{run.path} has no finished round in metrics.jsonl")
     last = lines[-1]
     errors = [line["aggregation_error"] for line in lines if line.get("aggregation_error") is not None]
+    drops = [str(d) for line in lines for d in line.get("dropped", [])]
     return {
         "accuracy": last["eval_accuracy"],
         "epsilon": last["epsilon_max"],
@@ -132,6 +147,8 @@ def summarise(run: RunDir) -> dict[str, Any]:
         "aggregation_error": statistics.fmean(errors) if errors else None,
         "bytes_up": statistics.fmean(line["bytes_up"] / max(line["clients"], 1) for line in lines),
         "wall_s": sum(line.get("wall_s", 0.0) for line in lines),
+        "dropped": len(drops),
+        **({"first_drop": drops[0][:200]} if drops else {}),
         "run": str(run.path),
     }
 

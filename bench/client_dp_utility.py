@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.cells import SPREAD, bench_parser, finished, settings, spread
-from bench.results import Column, save
+from bench.results import Column, Table, save
 from bench.studies.head_replay import head_input, pooled_features, split_rows
 from fed.config import RunConfig
 from fed.config.sources import resolve
@@ -144,17 +144,14 @@ def run(args: Any) -> None:
                 print(line, flush=True)
 
 
-COLUMNS = (
-    Column("clients (= per round)"),
-    Column("epsilon", none="no DP"),
-    *SPREAD,
-    Column("noise multiplier z", digits=2),
-)
+COLUMNS = (Column("clients (= per round)"), Column("epsilon"), *SPREAD, Column("z", digits=2))
+"""One row per client count and epsilon; z: the calibrated noise multiplier (none without DP)."""
+NEEDS = (Column("epsilon"), Column("clients per round within 2 points of no DP"))
 
 
-def table(records: list[dict[str, Any]], overrides: list[str]) -> tuple[list[tuple[object, ...]], str]:
-    """Accuracy (mean, std over seeds) and the calibrated noise multiplier per clients and epsilon, and a
-    sentence saying how many clients per round keep each epsilon within ``GAP`` of no DP."""
+def table(records: list[dict[str, Any]], overrides: list[str]) -> tuple[list[tuple[object, ...]], Table]:
+    """Accuracy (mean ± std over seeds) per clients and epsilon, and, per epsilon, the fewest clients per round
+    whose accuracy is within GAP of no DP at the same count."""
     cells: dict[tuple[int, str], list[float]] = {}
     sigmas: dict[tuple[int, str], float] = {}
     for r in records:
@@ -164,12 +161,12 @@ def table(records: list[dict[str, Any]], overrides: list[str]) -> tuple[list[tup
     sizes = sorted({n for n, _ in cells})
     eps = [e for e in EPSILONS if any((n, e) in cells for n in sizes)]
     rows: list[tuple[object, ...]] = [
-        (n, None if e == "inf" else float(e), *spread(cells[n, e]), None if e == "inf" else sigmas.get((n, e)))
+        (n, e, *spread(cells[n, e]), sigmas[n, e] if e != "inf" else None)
         for n in sizes
         for e in eps
         if (n, e) in cells
     ]
-    needs = []
+    needs: list[tuple[object, ...]] = []
     for e in eps[1:]:
         within = [
             n
@@ -178,8 +175,8 @@ def table(records: list[dict[str, Any]], overrides: list[str]) -> tuple[list[tup
             and (n, "inf") in cells
             and statistics.fmean(cells[n, "inf"]) - statistics.fmean(cells[n, e]) <= GAP
         ]
-        needs.append(f"eps {e}: " + (f"{min(within)} clients per round" if within else f"more than {max(sizes)}"))
-    return rows, "Clients per round to stay within 2 points of no DP: " + "; ".join(needs) + "."
+        needs.append((e, min(within) if within else f"more than {max(sizes)}"))
+    return rows, Table("Clients per round to stay within 2 points of no DP", NEEDS, needs)
 
 
 def main() -> None:
@@ -194,18 +191,19 @@ def main() -> None:
     if not records:
         raise SystemExit(f"no cell in {args.runs}/results.jsonl yet")
     base = cell_config(args.overrides, args.clients[0], 0)
-    rows, needs = table(records, args.overrides)
     about = (
         f"`python -m bench run client_dp_utility` with overrides {settings([*SETTINGS, *args.overrides])} on the "
         f"`private` preset's model and head (block {base.model.layers} mean-pooled, centred, scaled; IID split), "
         f"{base.federation.rounds} rounds x {base.train.local_steps} local steps, every client sampled with "
         f"q = {base.federation.fraction_train:g}, fixed clip {base.dp.client_clip:g}, client-level delta "
-        f"{base.dp.delta:g} (RDP); final accuracy on every held-out row, mean and std over seeds ({len(records)} "
+        f"{base.dp.delta:g} (RDP); final accuracy on every held-out row, mean ± std over seeds ({len(records)} "
         f"cells logged; this call {(time.perf_counter() - start) / 60:.1f} min). z is the calibrated noise "
-        f"multiplier; the noise std on the mean update is z x clip / (clients per round).\n\n{needs}"
+        f"multiplier; the noise std on the mean update is z x clip / (clients per round)."
     )
+    rows, needs = table(records, args.overrides)
     title = "Client-level DP: accuracy against epsilon and clients per round"
-    print(save("client_dp_utility", title, about, COLUMNS, rows, args.results).read_text())
+    save("client_dp_utility", title, about, COLUMNS, rows, args.results, tables=[needs])
+    print(about, *rows, *needs.rows, sep="\n")
 
 
 if __name__ == "__main__":

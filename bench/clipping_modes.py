@@ -21,6 +21,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -59,9 +60,10 @@ def _step_s(
     return (time.perf_counter() - start) / steps
 
 
-def paired(
-    time_round: Callable[[DpSettings | None], float], modes: dict[str, DpSettings | None], repeats: int
-) -> dict[str, list[float]]:
+Mode = TypeVar("Mode")
+
+
+def paired(time_round: Callable[[Mode], float], modes: dict[str, Mode], repeats: int) -> dict[str, list[float]]:
     """Seconds per step of each mode, the modes interleaved within every repeat (in a rotating order, after
     one untimed round each): a slow spell of a shared machine, or a first round's lazy set-up, then hits
     every mode alike, and per-repeat ratios cancel it."""
@@ -75,9 +77,9 @@ def paired(
     return times
 
 
-def ratio(times: dict[str, list[float]], mode: str) -> str:
-    """Median of the per-repeat ratios ``mode`` / plain, with their quartiles."""
-    ratios = sorted(t / p for t, p in zip(times[mode], times["plain"]))
+def ratio(times: dict[str, list[float]], mode: str, against: str = "plain") -> str:
+    """Median of the per-repeat ratios ``mode`` / ``against``, with their quartiles."""
+    ratios = sorted(t / p for t, p in zip(times[mode], times[against]))
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
     return f"{statistics.median(ratios):.2f} [{q1:.2f}-{q3:.2f}]"
 

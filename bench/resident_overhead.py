@@ -106,12 +106,14 @@ COLUMNS = (
     Column("later, min", "s", digits=2),
     Column("later, max", "s", digits=2),
     Column("round walls", "s"),
-    Column("load before -> after"),
+    Column("load before", digits=1),
+    Column("load after", digits=1),
 )
-"""One row per deployment; the per-node and per-round figures joined in one cell each, in order."""
 
 
 def _row(model: str, mode: str, result: dict) -> tuple[object, ...]:
+    """One deployment as a row of COLUMNS: each node's first-message overhead, the later messages' median and
+    range, each round's wall and the 1-minute load average before and after."""
     first = [m[0].overhead_s for m in result["nodes"] if m]
     later = [x.overhead_s for m in result["nodes"] for x in m[1:]]
     spread = (statistics.median(later), min(later), max(later)) if later else (None, None, None)
@@ -122,7 +124,7 @@ def _row(model: str, mode: str, result: dict) -> tuple[object, ...]:
         " / ".join(f"{x:.2f}" for x in first),
         *spread,
         " / ".join(f"{w:.1f}" for w in result["rounds"]),
-        " -> ".join(f"{x:.1f}" for x in result["load"]),
+        *result["load"],
     )
 
 

@@ -27,7 +27,8 @@ RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 README = ROOT / "README.md"
 FIELDS = ("bench", "title", "about", "command", "date", "machine", "commit", "card", "load", "columns", "rows")
-"""What every result holds; ``figures`` (image paths from the repository root) is the one optional field."""
+"""What every result holds. Optional: ``figures`` (image paths from the repository root) and ``tables``
+(further tables below the rows, each a ``Table``: a grid's per-seed cells, its verdicts)."""
 
 
 class Column(NamedTuple):
@@ -75,6 +76,38 @@ def environment() -> dict[str, Any]:
     }
 
 
+class Table(NamedTuple):
+    """A further table of a result, shown below its rows under ``title``: figures that do not share the main
+    table's columns (a grid's per-seed cells, its verdicts)."""
+
+    title: str
+    columns: Sequence[Column]
+    rows: Sequence[Sequence[Any]]
+
+
+def _as_table(columns: Sequence[Column], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """``columns`` and ``rows`` (each a sequence in the columns' order) as a record stores them."""
+    names = [c.name for c in columns]
+    return {"columns": [c._asdict() for c in columns], "rows": [dict(zip(names, row, strict=True)) for row in rows]}
+
+
+def _table_problems(columns: Any, rows: Any, where: str) -> list[str]:
+    """What keeps ``columns`` and ``rows`` from being a table (none: they are one); ``where`` names it."""
+    try:
+        names = [Column(**column).name for column in columns]
+    except TypeError as error:
+        return [f"{where}columns {columns!r} are not {list(Column._fields)} objects ({error})"]
+    found = []
+    if not names or len(set(names)) != len(names):
+        found.append(f"{where}columns {names} are not distinct names")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or list(row) != names:
+            found.append(f"{where}row {i} {row!r} does not hold exactly the columns {names}, in order")
+        elif bad := [k for k, v in row.items() if not (v is None or isinstance(v, str | int | float))]:
+            found.append(f"{where}row {i}: {bad} hold neither a number, a string nor null")
+    return found
+
+
 def problems(record: dict[str, Any]) -> list[str]:
     """What keeps ``record`` from being a bench result (none: it is one)."""
     missing = [field for field in FIELDS if field not in record]
@@ -87,19 +120,16 @@ def problems(record: dict[str, Any]) -> list[str]:
     load = record["load"]
     if not (isinstance(load, list) and len(load) == 3 and all(v is None or isinstance(v, int | float) for v in load)):
         found.append(f"load is {load!r}, not the three load averages [1, 5, 15 min] (null: not recorded)")
-    try:
-        names = [Column(**column).name for column in record["columns"]]
-    except TypeError as error:
-        return [*found, f"columns {record['columns']!r} are not {list(Column._fields)} objects ({error})"]
-    if not names or len(set(names)) != len(names):
-        found.append(f"columns {names} are not distinct names")
-    for i, row in enumerate(record["rows"]):
-        if not isinstance(row, dict) or list(row) != names:
-            found.append(f"row {i} {row!r} does not hold exactly the columns {names}, in order")
-        elif bad := [k for k, v in row.items() if not (v is None or isinstance(v, str | int | float))]:
-            found.append(f"row {i}: {bad} hold neither a number, a string nor null")
+    found += _table_problems(record["columns"], record["rows"], "")
     if not record["rows"]:
         found.append("rows is empty: a result holds at least one measured row")
+    for i, extra in enumerate(record.get("tables", [])):
+        if not isinstance(extra, dict) or sorted(extra) != ["columns", "rows", "title"]:
+            found.append(f"tables[{i}] is {extra!r}, not an object of exactly title, columns and rows")
+        elif not isinstance(extra["title"], str) or not extra["title"]:
+            found.append(f"tables[{i}]: title {extra['title']!r} is not a non-empty string")
+        else:
+            found += _table_problems(extra["columns"], extra["rows"], f"tables[{i}] ({extra['title']}): ")
     return found
 
 
@@ -111,21 +141,24 @@ def save(
     rows: Sequence[Sequence[Any]],
     results: Path = RESULTS,
     figures: Sequence[str] = (),
+    tables: Sequence[Table] = (),
 ) -> Path:
     """Write ``bench``'s result (replacing its last one): its rows (each a sequence in ``columns``' order),
     what they measured, the command that made it (as ``python -m bench run``, with this process's arguments)
-    and the environment. ``figures``: images (paths from the repository root) the bench drew from the rows."""
+    and the environment. ``figures``: images (paths from the repository root) the bench drew from the rows;
+    ``tables``: further tables, shown below the rows."""
     record: dict[str, Any] = {
         "bench": bench,
         "title": title,
         "about": about,
         "command": shlex.join(["python", "-m", "bench", "run", bench, *sys.argv[1:]]),
         **environment(),
-        "columns": [column._asdict() for column in columns],
-        "rows": [dict(zip([c.name for c in columns], row, strict=True)) for row in rows],
+        **_as_table(columns, rows),
     }
     if figures:
         record["figures"] = list(figures)
+    if tables:
+        record["tables"] = [{"title": t.title, **_as_table(t.columns, t.rows)} for t in tables]
     if found := problems(record):
         raise ValueError(f"{bench}: not a bench result: {'; '.join(found)}")
     results.mkdir(parents=True, exist_ok=True)
@@ -156,7 +189,7 @@ def _cell(value: Any, column: Column) -> str:
 
 
 def table(record: dict[str, Any]) -> str:
-    """A result's rows as a Markdown table, each column headed by its name and unit."""
+    """A result's rows (or one of its ``tables``) as a Markdown table, each column headed by its name and unit."""
     columns = [Column(**column) for column in record["columns"]]
     head = [f"{c.name} ({c.unit})" if c.unit else c.name for c in columns]
     lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(columns)]
@@ -191,7 +224,8 @@ def render(records: list[dict[str, Any]]) -> str:
     sections = []
     for r in records:
         images = "".join(f"\n![{r['title']}]({os.path.relpath(ROOT / f, DOC.parent)})\n" for f in r.get("figures", []))
-        sections.append(f"## {r['title']}\n\n{provenance(r)}\n\n{r['about'].strip()}\n\n{table(r)}\n{images}")
+        extra = "".join(f"\n**{t['title']}**\n\n{table(t)}\n" for t in r.get("tables", []))
+        sections.append(f"## {r['title']}\n\n{provenance(r)}\n\n{r['about'].strip()}\n\n{table(r)}\n{extra}{images}")
     return "\n".join([HEADER, *sections]) if sections else HEADER + "\nNo bench has written a result yet.\n"
 
 

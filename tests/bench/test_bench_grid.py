@@ -142,3 +142,30 @@ def test_a_call_for_part_of_the_grid_renders_every_cell_the_log_holds(
         ("ffa-lora", "iid", "8"),
         ("ffa-lora", "dirichlet-0.5", "8"),
     ]
+
+
+def test_a_run_that_lost_a_client_is_not_booked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed mid-run (out of memory) leaves a run with fewer clients or no score: the grid must run
+    that cell again rather than tabulate it."""
+    outcomes = iter(
+        [
+            {"accuracy": None, "dropped": 0},
+            {"accuracy": 0.7, "dropped": 3, "first_drop": "node 1: client error: OutOfMemoryError"},
+            {"accuracy": 0.8, "dropped": 0},
+        ]
+    )
+    monkeypatch.setattr(cells, "run_cell", lambda cfg, runs, name: next(outcomes))
+    log = tmp_path / "results.jsonl"
+    for _ in range(3):
+        cells.run_grid(log, tmp_path, grid([0], ["lora"]))
+    assert [r["accuracy"] for r in cells.finished(log)] == [0.8]
+
+
+def test_summarise_counts_the_replies_a_run_dropped(tmp_path: Path) -> None:
+    run = RunDir.create(tmp_path, resolve("mixed-domains"), name="lost")
+    line = {"eval_accuracy": 0.7, "epsilon_max": None, "bytes_up": 8, "clients": 4, "dropped": []}
+    run.append_metrics({"round": 1, **line})
+    run.append_metrics({"round": 2, **line, "clients": 3, "dropped": ["node 7: client error: OutOfMemoryError"]})
+    summary = cells.summarise(run)
+    assert summary["dropped"] == 1 and "OutOfMemoryError" in summary["first_drop"]
+    assert cells.incomplete(summary) is not None

@@ -69,6 +69,36 @@ def test_a_result_missing_or_mangling_a_field_is_refused(tmp_path, change, says)
         results.load(tmp_path)
 
 
+def test_a_further_table_is_kept_checked_and_shown_below_the_rows(tmp_path):
+    verdicts = results.Table("Verdicts", (results.Column("claim"), results.Column("held")), [("x", "yes")])
+    path = results.save("demo", "A demo", "About.", COLUMNS, [("a", 0.8, 1.0)], tmp_path, tables=[verdicts])
+    assert json.loads(path.read_text())["tables"] == [
+        {
+            "title": "Verdicts",
+            "columns": [_plain("claim"), _plain("held")],
+            "rows": [{"claim": "x", "held": "yes"}],
+        }
+    ]
+    page = results.render(results.load(tmp_path))
+    assert "| a | 0.800 | 1.0 |\n\n**Verdicts**\n\n| claim | held |\n|---|---|\n| x | yes |" in page
+    record = json.loads(path.read_text())
+    for change, says in [
+        (
+            [{"title": "Verdicts", "columns": record["tables"][0]["columns"]}],
+            r"tables\[0\] .* not an object of exactly",
+        ),
+        ([{**record["tables"][0], "title": ""}], r"tables\[0\]: title '' is not"),
+        ([{**record["tables"][0], "rows": [{"claim": "x"}]}], r"tables\[0\] \(Verdicts\): row 0 .* does not hold"),
+    ]:
+        path.write_text(json.dumps({**record, "tables": change}))
+        with pytest.raises(ValueError, match=says):
+            results.load(tmp_path)
+
+
+def _plain(name: str) -> dict[str, object]:
+    return {"name": name, "unit": "", "digits": None, "none": "–"}
+
+
 def test_save_refuses_rows_that_do_not_fit_the_columns(tmp_path):
     with pytest.raises(ValueError, match="zip"):
         results.save("demo", "A demo", "About.", COLUMNS, [("a", 0.8)], tmp_path)

@@ -79,15 +79,7 @@ def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassificat
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-    )
+    config = LlamaConfig(**{k: v for k, v in _DECODER.items() if k != "pad_token_id"})  # no padding row
     return seeded(lambda: LlamaForCausalLM(config), seed)
 
 

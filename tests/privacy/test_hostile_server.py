@@ -280,3 +280,12 @@ def test_the_continuity_token_is_sent_only_when_the_server_binds_and_survives_a_
     assert "continuity-token" not in _send("train", _cfg(), node, 2).content.config_records[NODE_RECORD]
     again = _send("train", _cfg(), node, 3, bind=True).content.config_records[NODE_RECORD]
     assert again["continuity-token"] == token
+
+
+def test_a_client_level_request_does_not_switch_off_the_nodes_example_level_dp():
+    """``dp.level=client`` asks the node to train without DP-SGD: a node that requires DP refuses it."""
+    from fed.config import DPConfig
+
+    for level in ("client", "example", "both"):
+        refused = STRICT.violations(DPConfig(enabled=True, level=level, target_epsilon=4.0))
+        assert bool(refused) == (level == "client"), (level, refused)

@@ -16,7 +16,11 @@ from collections.abc import Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 
 from fed.adapters import Clock
 from fed.adapters.base import restrict_rank
@@ -24,14 +28,33 @@ from fed.config import ConfigError, RunConfig
 from fed.data.node import NodeDataError, run_labels
 from fed.precision import model_device, resolve_precision
 from fed.privacy.client import KNOWN_EVENTS, KNOWN_PIN, NODE_RECORD, Metrics, NodeState, PrivateRound
+from fed.privacy.distributed import secure_grid
 from fed.privacy.planner import RoundPlan
+from fed.privacy.release import public_metrics
 from fed.ranks import client_rank
 from fed.seeding import generator
 from fed.session import ClientSession, client_session
 from fed.train import RoundResult, evaluate, round_lr, train_round
-from fed.wire import config_from_record, from_record, metas, to_sparse_record, usage_metrics
+from fed.wire import (
+    config_from_record,
+    from_legacy_record,
+    from_record,
+    legacy_fitres,
+    metas,
+    to_sparse_record,
+    usage_metrics,
+)
 
-app = ClientApp()
+
+def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's SecAgg+ mod for the messages of its protocol (a train message carrying its configs record), every
+    other message as it is; whether this run must aggregate securely is the train handler's check."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secure_aggregation])
 log = logging.getLogger("flwr")  # Flower's logger: what the SuperNode's operator sees
 gc.freeze()  # what is imported by now (torch, transformers, Flower: ~470k objects) lives as long as the process
 # Frozen, it is skipped by every collection: the one after each reply (below) scans what came later (the
@@ -53,7 +76,8 @@ def _labels(cfg: RunConfig) -> tuple[str, ...] | None:
 
 def _receive(msg: Message, context: Context):
     """Config, the node's state, client id and the validated global adapter loaded into this worker's model."""
-    config = msg.content.config_records["config"]
+    secure = _secure(msg)
+    config = _config(msg)
     cfg = config_from_record(config)
     partition_id = int(context.node_config.get("partition-id", 0))
     data_path = str(context.node_config.get("data-path", "")) or None  # the node's own file, if it has one
@@ -79,7 +103,11 @@ def _receive(msg: Message, context: Context):
         log.error("%s", err)
         state.hold_reply(cfg.dp, msg.metadata.created_at)
         raise ValueError(NODE_CANNOT_ANSWER) from None
-    global_ = from_record(msg.content.array_records["arrays"], metas(session.adapter.sent_state()))
+    expected = metas(session.adapter.sent_state())
+    if secure:
+        global_ = from_legacy_record(msg.content.array_records["fitins.parameters"], expected)
+    else:
+        global_ = from_record(msg.content.array_records["arrays"], expected)
     session.adapter.load(global_)  # client_session handed the cached model back at full rank
     server_round = config["server-round"]
     if not isinstance(server_round, int):  # Flower's strategies send the round number
@@ -131,14 +159,44 @@ def _train_locally(
     )
 
 
-def _delta(cfg: RunConfig, session: ClientSession, global_: dict[str, torch.Tensor], rank: int | None) -> ArrayRecord:
-    """The trained adapter minus the global one, as it travels."""
+def _delta(session: ClientSession, global_: dict[str, torch.Tensor], rank: int | None) -> dict[str, torch.Tensor]:
+    """The trained adapter minus the global one."""
     local = session.adapter.sent_state()
     delta = {name: local[name] - global_[name] for name in global_}
     if rank is not None:  # DP noise (and weight decay) also moved the masked components: never send that
         delta = restrict_rank(delta, session.adapter.structure().rank_axes, rank)
-    # line-sparse tensors (RoseLoRA) travel as their kept entries and masks: post-processing of the update
-    return to_sparse_record(delta, session.adapter.masks(), session.adapter.structure().lines, cfg.wire.dtype)
+    return delta
+
+
+def _secure(msg: Message) -> bool:
+    """Whether ``msg`` is a SecAgg+ round's train message (the mod hands it over with its configs record)."""
+    return RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def _config(msg: Message) -> ConfigRecord:
+    """The run's config as the message carries it (in SecAgg+'s legacy FitIns, its ``fitins.config``)."""
+    return msg.content.config_records["fitins.config" if _secure(msg) else "config"]
+
+
+def _masked_reply(
+    msg: Message, context: Context, cfg: RunConfig, delta: Mapping[str, torch.Tensor], examples: int, public: Metrics
+) -> Message:
+    """The update as ``secaggplus_mod`` masks it: under distributed DP clipped, on the grid and noised with this
+    client's Skellam share (weight 1), else as it is (weight: its example count); checked against the range the
+    server set up, so that nothing is clipped silently. Only ``public`` metrics travel beside it."""
+    grid, share = secure_grid(cfg, sum(t.numel() for t in delta.values()))
+    mod = context.state.config_records[RECORD_KEY_STATE]  # what the server set up for this round
+    if (mod["clipping_range"], mod["target_range"], mod["max_weight"]) != (grid.range, grid.levels, grid.max_weight):
+        raise ValueError(
+            f"the server set up SecAgg+ with range {mod['clipping_range']!r}, levels {mod['target_range']!r}, max "
+            f"weight {mod['max_weight']!r}; this run's config gives {grid.range}, {grid.levels}, {grid.max_weight}"
+        )
+    if share is not None:
+        values, weight = share.privatize(delta), 1
+    else:
+        values, weight = {n: t.detach().double().cpu().numpy() for n, t in delta.items()}, examples
+        grid.check(values, weight)
+    return Message(legacy_fitres(values, weight, {**public, "num-examples": weight}), reply_to=msg)
 
 
 @app.train()
@@ -157,9 +215,17 @@ def train(msg: Message, context: Context) -> Message:
     )
     if rank is not None:
         metrics["rank"] = rank
-    node = state.reply_record(msg.content.config_records["config"])
+    node = state.reply_record(_config(msg))
+    secure = _secure(msg)
+    if secure != cfg.federation.secure_aggregation:  # the run's config and the message's path must agree
+        raise ValueError(
+            f"federation.secure_aggregation={cfg.federation.secure_aggregation}, but this message came "
+            f"{'through' if secure else 'without'} SecAgg+"
+        )
     if (verdict := private.verdict()) is not None:  # refused by the node's policy, or no budget left
         state.hold_reply(cfg.dp, msg.metadata.created_at)
+        if secure:  # an error reply: SecAgg+ counts this client as dropped
+            raise ValueError(private.plan.refused or "declined: no privacy budget left")
         return _reply(msg, private.release(metrics | verdict), reason=private.plan.refused, node=node)
     result = _train_locally(cfg, session, private.plan, round_, pid, rank)
     log.info("trained %d steps in %.3f s", result.steps, result.wall_s)  # this node's log (bench/resident_overhead)
@@ -167,9 +233,14 @@ def train(msg: Message, context: Context) -> Message:
     metrics |= private.trained(
         {"train_loss": result.loss, "train_wall_s": result.wall_s} | usage_metrics(result.usage), result.released_loss
     )
-    arrays = _delta(cfg, session, global_, rank)
+    delta = _delta(session, global_, rank)
     gc.collect()  # Opacus hooks leave reference cycles; collect them so a long run's memory stays flat
     state.hold_reply(cfg.dp, msg.metadata.created_at)
+    if secure:  # behind SecAgg+ only the public fields travel in the clear, with or without DP
+        public = public_metrics({**metrics, "steps": result.steps}, dp=True)
+        return _masked_reply(msg, context, cfg, delta, num_examples, public)
+    # line-sparse tensors (RoseLoRA) travel as their kept entries and masks: post-processing of the update
+    arrays = to_sparse_record(delta, session.adapter.masks(), session.adapter.structure().lines, cfg.wire.dtype)
     return _reply(msg, private.release({**metrics, "steps": result.steps}), arrays=arrays, node=node)
 
 

@@ -213,6 +213,10 @@ def server_preflight(cfg: RunConfig) -> None:
         raise ConfigError(f"this config cannot run: {err}") from err
     if cfg.dp.client_level and (problems := dense_mean_problems(adapter.structure().kinds)):
         raise ConfigError(f"dp.level={cfg.dp.level!r}: {problems[0]}")
+    if cfg.federation.secure_aggregation and (
+        problems := dense_mean_problems(adapter.structure().kinds, "federation.secure_aggregation")
+    ):
+        raise ConfigError(problems[0])
 
 
 def preflight(cfg: RunConfig) -> list[str]:

@@ -13,6 +13,7 @@ The receiver expects exactly that carrier and widens back to float32 before chec
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 import warnings
@@ -22,7 +23,9 @@ from typing import Any, get_args
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters
+from flwr.compat.common import recorddict_compat as compat
 
 from fed.config import RunConfig, WireDtype
 
@@ -251,3 +254,54 @@ def config_from_record(record: ConfigRecord) -> RunConfig:
     """A client's view of the run config; unknown keys (e.g. Flower's ``server-round``) are set aside."""
     known = set(RunConfig().to_flat())
     return RunConfig.from_flat({k: v for k, v in record.items() if k in known})
+
+
+# Flower's legacy records: SecAgg+ (strategies/secure.py, clients/app.py) runs only on its legacy workflow path,
+# whose FitIns / FitRes carry arrays as an ordered list without names, dtypes or shapes.
+
+
+def legacy_parameters(record: ArrayRecord) -> Parameters:
+    """``record``'s arrays, in order, as legacy ``Parameters`` of their raw bytes (what a FitIns carries)."""
+    return Parameters(tensors=[record[name].data for name in record], tensor_type=RAW)
+
+
+def from_legacy_record(
+    record: ArrayRecord, expected: Mapping[str, TensorMeta], wire: str = "float32"
+) -> dict[str, torch.Tensor]:
+    """The tensors of a FitIns's record (keys ``0..n-1`` in ``expected``'s order, dtype and shape dropped): named
+    and typed from ``expected``, then validated like any payload (``from_record``)."""
+    keys = sorted(record.keys(), key=lambda k: int(k) if k.isdigit() else -1)
+    if keys != [str(i) for i in range(len(expected))]:
+        raise PayloadError(
+            f"a legacy record of {len(keys)} arrays ({keys[:3]}...), expected keys 0..{len(expected) - 1}"
+        )
+    named = {}
+    for key, (name, logical) in zip(keys, expected.items(), strict=True):
+        meta, array = _on_wire(logical, wire), record[key]
+        named[name] = Array(dtype=meta.dtype, shape=meta.shape, stype=array.stype, data=array.data)
+    return from_record(ArrayRecord(named), expected, wire)
+
+
+def from_ndarrays(parameters: Parameters, expected: Mapping[str, TensorMeta]) -> dict[str, torch.Tensor]:
+    """The float64 arrays SecAgg+ unmasked (``.npy`` bytes, Flower's own output, read without pickle), named in
+    ``expected``'s order and checked for shape and finite values."""
+    arrays = [np.load(io.BytesIO(data), allow_pickle=False) for data in parameters.tensors]
+    if len(arrays) != len(expected):
+        raise PayloadError(f"the secure sum holds {len(arrays)} arrays, the adapter sends {len(expected)}")
+    tensors = {}
+    for array, (name, meta) in zip(arrays, expected.items(), strict=True):
+        if tuple(array.shape) != meta.shape:
+            raise PayloadError(f"{name}: shape {tuple(array.shape)} in the secure sum, expected {meta.shape}")
+        tensor = torch.from_numpy(np.asarray(array, dtype=np.float64))
+        if not torch.isfinite(tensor).all():
+            raise PayloadError(f"{name}: the secure sum contains NaN or Inf")
+        tensors[name] = tensor
+    return tensors
+
+
+def legacy_fitres(values: Mapping[str, np.ndarray], weight: int, metrics: Mapping[str, int | float]) -> RecordDict:
+    """A train reply as ``secaggplus_mod`` reads one: the update's arrays in order (``.npy`` bytes, handed to the
+    mod in this process and masked before anything leaves it), the weight and the public metrics."""
+    parameters = ndarrays_to_parameters([np.asarray(v, dtype=np.float64) for v in values.values()])
+    fitres = FitRes(Status(Code.OK, ""), parameters, weight, dict(metrics))
+    return compat.fitres_to_recorddict(fitres, keep_input=True)

@@ -92,6 +92,7 @@ def _line(round_: int, log: RoundLog, book: LedgerBook) -> dict[str, Any]:
         "bytes_up": log.bytes_up,
         "bytes_down": log.bytes_down,
         "aggregation_error": log.aggregation_error,
+        "secagg_error": log.secagg_error,
         "clients": len(log.accepted),
         "dropped": log.dropped,
         "capped": log.capped,
@@ -102,9 +103,11 @@ def _line(round_: int, log: RoundLog, book: LedgerBook) -> dict[str, Any]:
     }
 
 
-def new_book(cfg: RunConfig) -> LedgerBook:
-    """The run's privacy book: every client's DP-SGD events and, at the client level, the server's own account."""
-    return LedgerBook(cfg.dp, client=ClientAccount.of(cfg.dp, cfg.federation) if cfg.dp.client_level else None)
+def new_book(cfg: RunConfig, coordinates: int = 0) -> LedgerBook:
+    """The run's privacy book: every client's DP-SGD events and, at the client level, the server's own account
+    (``coordinates``: how many numbers an update holds, which sizes the clients' noise under secure aggregation)."""
+    client = ClientAccount.of(cfg.dp, cfg.federation, coordinates) if cfg.dp.client_level else None
+    return LedgerBook(cfg.dp, client=client)
 
 
 def run_federation(
@@ -117,7 +120,8 @@ def run_federation(
     if resume is not None:  # validated like any payload: a checkpoint of another config must not load
         initial = from_record(to_record(resume.arrays), metas(initial))
     fed = cfg.federation
-    book = new_book(cfg) if resume is None else LedgerBook.from_json(resume.book)
+    coordinates = sum(t.numel() for t in initial.values())
+    book = new_book(cfg, coordinates) if resume is None else LedgerBook.from_json(resume.book)
     strategy = build_strategy(
         cfg,
         adapter,

@@ -11,6 +11,7 @@ from fed.adapters import Adapter
 from fed.config import FederationConfig, RunConfig, StrategyConfig
 from fed.privacy.book import LedgerBook
 from fed.privacy.client_level import dense_mean_problems
+from fed.privacy.distributed import LEVELS, max_clients, min_survivors, secure_grid
 from fed.ranks import planned_ranks
 from fed.wire import TensorMeta, metas
 from strategies.client_dp import ClientLevelDP
@@ -18,6 +19,7 @@ from strategies.core import AdapterStrategy, MergeRule, RoundPlan, ServerUpdate
 from strategies.influence import CappedWeights, NormClip, honest_step_bound
 from strategies.pipeline import AdapterModel, Stage
 from strategies.privacy import PrivacyBookkeeping
+from strategies.secure import DistributedDP, Protocol, SecureAggregation
 from strategies.validation import OneReplyPerNode, ReplyRules, ReplyValidation
 
 
@@ -33,7 +35,9 @@ def build_strategy(
     fed, limits = cfg.federation, cfg.strategy
     model = AdapterModel(metas(adapter.sent_state()), adapter.structure(), adapter.products)
     stages = reply_stages(model, _reply_rules(cfg, adapter), book, on_privacy)
-    if cfg.dp.client_level:
+    if fed.secure_aggregation:
+        stages += secure_stages(cfg, model, book, on_privacy)
+    elif cfg.dp.client_level:
         stages.append(client_level_stage(model, book, on_privacy))
     else:
         stages += influence_stages(limits, honest_ceiling(model.expected, cfg.train.lr, cfg.train.local_steps))
@@ -77,6 +81,29 @@ def client_level_stage(
     return ClientLevelDP.for_book(book, on_privacy)
 
 
+def secure_stages(
+    cfg: RunConfig, model: AdapterModel, book: LedgerBook, on_privacy: Callable[[LedgerBook], None] | None = None
+) -> list[Stage]:
+    """SecAgg+ in place of the influence stages (it hands over one sum: no reply can be clipped or weighed by
+    the server), and under ``dp.level = "client"`` the distributed-DP release: the clients clipped and noised."""
+    if problems := dense_mean_problems(model.structure.kinds, "secure aggregation"):
+        raise ValueError(problems[0])
+    fed = cfg.federation
+    if fed.num_clients > max_clients():
+        raise ValueError(
+            f"federation.num_clients={fed.num_clients}: SecAgg+'s {LEVELS}-level grid sums at most {max_clients()} "
+            "clients below its 2^32 modulus"
+        )
+    grid, share = secure_grid(cfg, sum(math.prod(meta.shape) for meta in model.expected.values()))
+    protocol = Protocol(
+        grid, fed.secure_shares, fed.secure_threshold, min_survivors(fed), fed.round_timeout, summed=share is not None
+    )
+    stages: list[Stage] = [SecureAggregation(protocol, model)]
+    if share is not None:
+        stages.append(DistributedDP.for_book(book, on_privacy))
+    return stages
+
+
 def influence_stages(limits: StrategyConfig, ceiling: float) -> list[Stage]:
     """Bounded influence as ``strategy.*`` asks: counts capped unless trusted (``weighting=examples``),
     deltas clipped unless ``clip=off``; ``ceiling`` is the largest honest step (``honest_ceiling``)."""
@@ -108,6 +135,7 @@ def _reply_rules(cfg: RunConfig, adapter: Adapter) -> ReplyRules:
         max_rank=cfg.adapter.rank if fed.client_ranks else 0,
         ranks=planned_ranks(fed.client_ranks, fed.num_clients, cfg.adapter.rank) or (),
         wire=cfg.wire.dtype,
+        secure=fed.secure_aggregation,
     )
 
 

@@ -44,7 +44,7 @@ class ClientLevelDP(Stage):
 
     def outgoing(self, messages: list[Message]) -> list[Message]:
         """Each node independently with probability q (the CSPRNG's coins); none once the cap is reached."""
-        run_round = _round_of(messages)
+        run_round = round_of(messages)
         if run_round is not None and not self.account.allows(run_round):
             log.warning("client-level DP: %s", self.account.flags[-1])
             return []
@@ -76,7 +76,7 @@ class ClientLevelDP(Stage):
         return noised
 
 
-def _round_of(messages: list[Message]) -> int | None:
+def round_of(messages: list[Message]) -> int | None:
     """The run round the train messages name (their config's ``server-round``), when there are any."""
     for message in messages:
         for config in message.content.config_records.values():

@@ -17,7 +17,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, MetricRecordValues
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from fed.seeding import derive_seed
 from fed.wire import PayloadError, from_record, to_record
@@ -113,6 +113,12 @@ class AdapterStrategy(FedAvg):
         self.round_offset = plan.offset
         self.rounds: dict[int, RoundLog] = {}
         self._global: Tensors = {}
+
+    def start(self, grid: Grid, *args: Any, **kwargs: Any) -> Result:
+        """FedAvg's rounds, on the grid the stages make of ``grid`` (``Stage.transport``)."""
+        for stage in self.stages:
+            grid = stage.transport(grid)
+        return super().start(grid, *args, **kwargs)
 
     def _await_nodes(self, grid: Grid) -> None:
         """Wait for ``min_available_nodes`` before sampling. FedAvg sizes its sample from the nodes connected

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from flwr.app import Message
+from flwr.serverapp import Grid
 
 from fed.adapters import Structure
 from fed.adapters.base import Products
@@ -42,6 +43,9 @@ class RoundLog:
     aggregation_error: float = float("nan")
     """How far the aggregated adapter's weight update is from the mean of the clients'
     (``strategies.kinds.aggregation_error``)."""
+    secagg_error: float | None = None
+    """Secure aggregation: the most SecAgg+'s integer grid can move one coordinate of the round's mean update
+    (each survivor's rounding moves its weighted value by less than one grid step)."""
     evaluate: dict[str, float] = field(default_factory=dict)
 
 
@@ -94,6 +98,11 @@ class Stage:
     The core calls each hook of every stage in stack order; a hook a stage does not override hands its
     input on unchanged, so a new concern is a new stage and the core stays as it is.
     """
+
+    def transport(self, grid: Grid) -> Grid:
+        """The grid the strategy sends the run's messages on (secure aggregation runs each round's train
+        messages through SecAgg+ and hands back their sum)."""
+        return grid
 
     def outgoing(self, messages: list[Message]) -> list[Message]:
         """The round's train messages, before they are sent."""

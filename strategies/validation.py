@@ -44,6 +44,8 @@ class ReplyRules:
     """With client ranks fixed by the config: each partition id's rank (empty: the nodes choose, ``node``)."""
     wire: str = "float32"
     """Transport dtype replies must use (``wire.dtype``); a reply in any other is dropped."""
+    secure: bool = False
+    """Secure aggregation: a reply carries public metrics only (no delta, no loss); SecAgg+ hands over the sum."""
 
 
 def _int_in(metrics: Mapping[str, Any], key: str, low: int, high: int) -> int:
@@ -108,7 +110,7 @@ def check_reply(metrics: Mapping[str, Any], rules: ReplyRules, server_round: int
     _int_in(metrics, "steps", 0, rules.local_steps or 10**9)
     if rules.dp.example_level:
         check_dp_event(metrics, rules, examples)
-    else:
+    elif not rules.secure:  # behind SecAgg+ a client sends only public fields, in the clear
         loss = metrics.get("train_loss")
         if not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss < 0:
             raise PayloadError(f"train_loss={loss!r} must be a finite number >= 0")
@@ -198,6 +200,8 @@ class ReplyValidation(Stage):
     def arrive(self, state: RoundState, reply: Reply) -> None:
         _check_willing(reply)
         reply.weight = check_reply(reply.metrics, self.rules, state.number)
+        if self.rules.secure:  # its update is in the round's secure sum, not in the reply
+            return
         rank = check_rank(reply.metrics, self.rules)
         structure = self.model.structure
         reply.usage = read_usage(reply.metrics, structure.slot_names)

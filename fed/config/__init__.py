@@ -216,6 +216,27 @@ class FederationConfig:
     client_ranks: tuple[str, ...] = ()
     """Heterogeneous ranks (lora, ffa-lora): one rank per client, or ``linear`` or ``node`` (fed/ranks.py);
     empty: every client trains ``adapter.rank``."""
+    secure_aggregation: bool = False
+    """Aggregate each round's updates with Flower's SecAgg+ (docs/secure-aggregation.md): the server learns only
+    the sum of the clients' masked updates, never one client's. With ``dp.level = "client"`` each client clips its
+    update and adds its share of the noise (distributed DP), so the server never holds an un-noised value."""
+    secure_shares: int = 7
+    """SecAgg+: each client's secrets are shared with this many of the round's clients (itself included; all of
+    them when fewer are sampled). Fewer shares cost less server time; each must stay reachable to unmask."""
+    secure_threshold: float = 0.6
+    """SecAgg+: the share of a client's shares needed to rebuild its secrets (at least 2). Below 1, a round
+    survives clients that drop out mid-round."""
+    secure_min_survivors: int = 0
+    """Fewest clients whose masked updates a secure round may unmask (0 = three quarters of the expected sample,
+    at least 2). Under distributed DP each client adds 1/this of the noise, so the sum carries all of it as long
+    as this many survive; a round with fewer is not unmasked at all."""
+    secure_range: float = 0.0
+    """Without DP: the largest absolute value of one (weighted) update coordinate SecAgg+ can carry (0 = four
+    times ``train.lr`` x ``train.local_steps``, rounded up to a power of two). A client whose update exceeds it
+    refuses the round instead of being clipped silently. Under DP the range follows from the clip and the noise."""
+    secure_max_weight: int = 10000
+    """Without DP: the largest example count one client's weight may carry in SecAgg+ (a client with more
+    refuses the round). Under DP every client weighs 1."""
 
     def problems(self) -> list[str]:
         """This section's values out of range, or waits that could never end."""
@@ -229,6 +250,11 @@ class FederationConfig:
             + _at_least("federation.min_replies", self.min_replies, 1)
             + _at_least("federation.min_available", self.min_available, 0)
             + _at_least("federation.round_timeout", self.round_timeout, 1e-3)
+            + _at_least("federation.secure_shares", self.secure_shares, 3)
+            + _in_range("federation.secure_threshold", self.secure_threshold, 0.0, 1.0)
+            + _at_least("federation.secure_min_survivors", self.secure_min_survivors, 0)
+            + _at_least("federation.secure_range", self.secure_range, 0.0)
+            + _at_least("federation.secure_max_weight", self.secure_max_weight, 1)
         )
         for name in ("min_replies", "min_available"):
             if getattr(self, name) > self.num_clients:
@@ -675,6 +701,7 @@ class RunConfig:
             + self._family_problems()
             + self._checkpointing_problems()
             + self._client_level_problems()
+            + self._secure_problems()
             + self._precision_problems()
         )
 
@@ -703,6 +730,40 @@ class RunConfig:
             found.append(
                 f"dp.level={self.dp.level!r} (client level) needs strategy.aggregation='mean' (got "
                 f"{self.strategy.aggregation!r}: product-space averaging re-factorises, not a weighted mean)"
+            )
+        return found
+
+    def _secure_problems(self) -> list[str]:
+        """SecAgg+ returns one weighted mean of dense vectors: whatever must read a single client's update (a
+        robust rule, product averaging, per-reply rank checks, DP-SGD events beside a sum, the adaptive clip's
+        per-client count) cannot run behind it."""
+        fed, dp = self.federation, self.dp
+        if not fed.secure_aggregation:
+            return []
+        found = []
+        if self.strategy.rule != "mean" or self.strategy.aggregation != "mean":
+            found.append(
+                f"federation.secure_aggregation needs strategy.rule='mean' and strategy.aggregation='mean' (got "
+                f"{self.strategy.rule!r}, {self.strategy.aggregation!r}): SecAgg+ yields only the weighted mean"
+            )
+        if dp.enabled and dp.level != "client":
+            found.append(
+                f"federation.secure_aggregation supports dp.level='client' (distributed DP) or dp.enabled=false "
+                f"(got dp.level={dp.level!r}): example-level DP events would travel beside the sum unaccounted"
+            )
+        if dp.client_level and dp.client_clipping != "fixed":
+            found.append(
+                "federation.secure_aggregation needs dp.client_clipping='fixed': the adaptive clip reads each "
+                "client's own clipped-or-not bit, which the secure sum hides"
+            )
+        if fed.client_ranks:
+            found.append(
+                "federation.secure_aggregation cannot check each client's rank padding: leave client_ranks empty"
+            )
+        if fed.secure_min_survivors > fed.num_clients:
+            found.append(
+                f"federation.secure_min_survivors={fed.secure_min_survivors} exceeds federation.num_clients="
+                f"{fed.num_clients}: no round could be unmasked"
             )
         return found
 

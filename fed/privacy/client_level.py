@@ -31,12 +31,20 @@ import torch
 from fed.adapters.base import Aggregation
 from fed.config import DPConfig, FederationConfig
 from fed.privacy import secure_rng
+from fed.privacy.distributed import SkellamShare, min_survivors, skellam_epsilon
 from fed.privacy.ledger import _epsilon
 
 GUARANTEE = (
     "(epsilon, delta)-DP of the sequence of global adapters with respect to adding or removing one whole client "
     "(every example it holds, every round it is sampled), under Poisson client sampling; the server adds the "
     "noise, so this guarantee trusts the server and protects the released adapters from everyone else"
+)
+TRUST = "the server: it clips, samples and adds the noise (clients send clear updates to it)"
+DISTRIBUTED_GUARANTEE = (
+    "(epsilon, delta)-DP of each round's unmasked sum and of the global adapters, with respect to adding or removing "
+    "one whole client, assuming only {m} clients survive each round (the fewest a round may unmask: more survivors "
+    "only add noise); client sampling is not credited. It holds against the server as long as at least {m} clients "
+    "of a round follow the protocol (their noise shares are what the guarantee counts)"
 )
 NOT_COVERED = [
     "the server's own records (metrics.jsonl: clients per round, dropped replies; privacy.json's per-client "
@@ -46,7 +54,7 @@ NOT_COVERED = [
 ]
 
 
-def dense_mean_problems(kinds: Mapping[str, Aggregation]) -> list[str]:
+def dense_mean_problems(kinds: Mapping[str, Aggregation], what: str = "client-level DP") -> list[str]:
     """Why client-level DP cannot bound these tensors' aggregation (empty when every one is a weighted mean).
 
     The sensitivity argument needs the round's update to be a sum of per-client clipped dense tensors;
@@ -58,7 +66,7 @@ def dense_mean_problems(kinds: Mapping[str, Aggregation]) -> list[str]:
         return []
     names = sorted(name for name, kind in kinds.items() if kind != Aggregation.MEAN)
     return [
-        f"client-level DP needs every sent tensor aggregated as a weighted mean of dense tensors; this adapter "
+        f"{what} needs every sent tensor aggregated as a weighted mean of dense tensors; this adapter "
         f"aggregates {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} by {', '.join(others)} (product: "
         "re-factorised; masked: divided per entry by who kept it; usage: weighted by self-reported counts; "
         "allocation: server-owned), so one client's influence is not bounded by the clip. Use adapter.kind "
@@ -83,9 +91,28 @@ class ClientMechanism:
     clip_lr: float = 0.2
     count_noise_multiplier: float = 0.0
     """z_b: the clip count's noise in units of its sensitivity 1/2 (0 with fixed clipping)."""
+    skellam_l1: float = 0.0
+    skellam_l2: float = 0.0
+    skellam_mu: float = 0.0
+    """Distributed DP under secure aggregation (``fed.privacy.distributed``): the sum's L1 / L2 sensitivity and
+    Skellam parameter in grid units, at the worst case of ``min_survivors`` clients (0: the server adds the noise)."""
+    min_survivors: int = 0
 
     @classmethod
-    def of(cls, dp: DPConfig, federation: FederationConfig) -> ClientMechanism:
+    def of(cls, dp: DPConfig, federation: FederationConfig, coordinates: int = 0) -> ClientMechanism:
+        """The run's mechanism; under secure aggregation the clients' Skellam noise on an update of
+        ``coordinates`` numbers (required then)."""
+        distributed: dict[str, Any] = {}
+        if federation.secure_aggregation:
+            share = SkellamShare.plan(
+                dp.client_clip, dp.client_noise_multiplier, min_survivors(federation), coordinates
+            )
+            distributed = {
+                "skellam_l1": share.l1,
+                "skellam_l2": share.l2,
+                "skellam_mu": share.mu,
+                "min_survivors": share.min_survivors,
+            }
         return cls(
             noise_multiplier=dp.client_noise_multiplier,
             sample_rate=federation.fraction_train,
@@ -95,7 +122,20 @@ class ClientMechanism:
             target_quantile=dp.client_target_quantile,
             clip_lr=dp.client_clip_lr,
             count_noise_multiplier=dp.count_noise_multiplier,
+            **distributed,
         )
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the clients add the noise inside a secure sum (Skellam) rather than the server (Gaussian)."""
+        return self.skellam_mu > 0
+
+    def epsilon(self, rounds: int, delta: float, accountant: str) -> float:
+        """Epsilon at ``delta`` after ``rounds`` releases: the sampled Gaussian (Opacus's ``accountant``), or under
+        distributed DP the Skellam sum's RDP composed without crediting client sampling."""
+        if self.distributed:
+            return skellam_epsilon(self.skellam_l1, self.skellam_l2, self.skellam_mu, rounds, delta)
+        return client_epsilon(self.noise_multiplier, self.sample_rate, rounds, delta, accountant)
 
     @property
     def expected_clients(self) -> float:
@@ -179,6 +219,8 @@ class ClientAccount:
 
     def epsilon(self, accountant: str | None = None, extra: int = 0) -> float:
         """Epsilon of the rounds released (plus ``extra`` more at the same settings)."""
+        if self.mechanism.distributed:  # every round at the same Skellam settings
+            return self.mechanism.epsilon(len(self.rounds) + extra, self.delta, "rdp")
         events = [(r.noise_multiplier, r.sample_rate) for r in self.rounds]
         events += [(self.mechanism.noise_multiplier, self.mechanism.sample_rate)] * extra
         return composed_epsilon(events, self.delta, accountant or self.accountant)
@@ -203,21 +245,19 @@ class ClientAccount:
     def report(self, cross_check: bool = False) -> dict[str, Any]:
         """The guarantee as privacy.json states it: unit, adjacency, trust, the events and epsilon by round."""
         m = self.mechanism
-        by_round = [
-            {"round": r.round, "epsilon": composed_epsilon(self._events(i + 1), self.delta, self.accountant)}
-            for i, r in enumerate(self.rounds)
-        ]
+        by_round = [{"round": r.round, "epsilon": self._epsilon_after(i + 1)} for i, r in enumerate(self.rounds)]
         return {
             "unit": "client",
             "adjacency": "add or remove one whole client (all its examples, every round)",
-            "trust": "the server: it clips, samples and adds the noise (clients send clear updates to it)",
-            "guarantee": GUARANTEE,
+            **(_distributed(m) if m.distributed else {"trust": TRUST, "guarantee": GUARANTEE}),
             "not_covered": NOT_COVERED,
-            "accountant": self.accountant,
+            "accountant": "rdp" if m.distributed else self.accountant,  # Skellam: RDP only (Theorem 3.5)
             "delta": self.delta,
             "epsilon": self.epsilon(),
             **{
-                f"epsilon_{acc}": self.epsilon(acc) if cross_check or acc == self.accountant else None
+                f"epsilon_{acc}": self.epsilon(acc)
+                if (cross_check or acc == self.accountant) and not (m.distributed and acc == "prv")
+                else None
                 for acc in ("rdp", "prv")
             },
             "target_epsilon": self.target_epsilon,
@@ -236,8 +276,12 @@ class ClientAccount:
             "flags": list(self.flags),
         }
 
-    def _events(self, upto: int) -> list[tuple[float, float]]:
-        return [(r.noise_multiplier, r.sample_rate) for r in self.rounds[:upto]]
+    def _epsilon_after(self, rounds: int) -> float:
+        """Epsilon once the first ``rounds`` rounds were released."""
+        if self.mechanism.distributed:
+            return self.mechanism.epsilon(rounds, self.delta, "rdp")
+        events = [(r.noise_multiplier, r.sample_rate) for r in self.rounds[:rounds]]
+        return composed_epsilon(events, self.delta, self.accountant)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -265,8 +309,11 @@ class ClientAccount:
         )
 
     @classmethod
-    def of(cls, dp: DPConfig, federation: FederationConfig) -> ClientAccount:
-        return cls(ClientMechanism.of(dp, federation), dp.delta, dp.accountant, dp.client_target_epsilon)
+    def of(cls, dp: DPConfig, federation: FederationConfig, coordinates: int = 0) -> ClientAccount:
+        """The account of a run whose clients send updates of ``coordinates`` numbers (needed under secure
+        aggregation, where the clients' noise is sized to it)."""
+        mechanism = ClientMechanism.of(dp, federation, coordinates)
+        return cls(mechanism, dp.delta, dp.accountant, dp.client_target_epsilon)
 
 
 def composed_epsilon(events: Iterable[tuple[float, float]], delta: float, accountant: str) -> float:
@@ -281,14 +328,30 @@ def composed_epsilon(events: Iterable[tuple[float, float]], delta: float, accoun
     return _epsilon(tuple(history), delta, accountant) if history else 0.0
 
 
-def schedule(dp: DPConfig, federation: FederationConfig) -> list[tuple[int, float, float]]:
-    """``fed plan``'s client-level rows: (round, epsilon RDP, epsilon PRV) after each planned round."""
-    m = ClientMechanism.of(dp, federation)
-    return [
-        (
-            r,
-            client_epsilon(m.noise_multiplier, m.sample_rate, r, dp.delta, "rdp"),
-            client_epsilon(m.noise_multiplier, m.sample_rate, r, dp.delta, "prv"),
-        )
-        for r in range(1, federation.rounds + 1)
-    ]
+def schedule(dp: DPConfig, federation: FederationConfig, coordinates: int = 0) -> list[tuple[int, float, float]]:
+    """``fed plan``'s client-level rows: (round, epsilon RDP, epsilon PRV) after each planned round (under
+    distributed DP the Skellam RDP in both columns: the PRV accountant has no Skellam mechanism)."""
+    m = ClientMechanism.of(dp, federation, coordinates)
+    return [(r, m.epsilon(r, dp.delta, "rdp"), m.epsilon(r, dp.delta, "prv")) for r in range(1, federation.rounds + 1)]
+
+
+def _distributed(m: ClientMechanism) -> dict[str, Any]:
+    """What privacy.json states of distributed DP: who is trusted with what, and the worst case accounted."""
+    return {
+        "trust": (
+            "no one with a single update: each client clips its update and adds its share of Skellam noise; the "
+            "server (honest but curious: it follows the protocol) unmasks only the SecAgg+ sum of at least "
+            f"{m.min_survivors} clients' updates"
+        ),
+        "guarantee": DISTRIBUTED_GUARANTEE.format(m=m.min_survivors),
+        "mechanism": {
+            "name": "distributed Skellam (Agarwal, Kairouz, Liu 2021) inside Flower's SecAgg+",
+            "skellam_l1": m.skellam_l1,
+            "skellam_l2": m.skellam_l2,
+            "skellam_mu": m.skellam_mu,
+            "units": "SecAgg+ grid steps (sensitivities of one client's clipped, rounded update; mu of the sum)",
+            "gaussian_equivalent_noise_multiplier": m.noise_multiplier,
+            "min_survivors": m.min_survivors,
+            "sampling": f"Poisson q={m.sample_rate:g}, not credited (no amplification)",
+        },
+    }

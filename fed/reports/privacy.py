@@ -26,6 +26,7 @@ from rich.table import Table
 
 from fed.config import Accountant
 from fed.privacy.client_level import composed_epsilon
+from fed.privacy.distributed import skellam_epsilon
 from fed.privacy.ledger import DpSgdEvent, epsilon
 from fed.reports.curves import accuracy_against_epsilon, curves_figure
 
@@ -54,7 +55,11 @@ def epsilon_by_round(entry: dict[str, Any], delta: float, accountant: str) -> li
 
 def client_level_checked(level: dict[str, Any]) -> dict[str, Any]:
     """The client-level section with its epsilon by round and both accountants' figures recomputed from its
-    rounds (one sampled-Gaussian step each), whatever the file says."""
+    rounds (one sampled-Gaussian step each; under distributed DP one Skellam release each, RDP only), whatever
+    the file says."""
+    mechanism = level.get("mechanism")
+    if mechanism is not None:
+        return _distributed_checked(level, mechanism)
     events = [(r["noise_multiplier"], r["sample_rate"]) for r in level["rounds"]]
     delta, accountant = level["delta"], level["accountant"]
     return {
@@ -65,6 +70,23 @@ def client_level_checked(level: dict[str, Any]) -> dict[str, Any]:
             {"round": r["round"], "epsilon": composed_epsilon(events[: i + 1], delta, accountant)}
             for i, r in enumerate(level["rounds"])
         ],
+    }
+
+
+def _distributed_checked(level: dict[str, Any], mechanism: dict[str, Any]) -> dict[str, Any]:
+    """Distributed DP's section recomputed from its Skellam parameters and the number of rounds released."""
+
+    def after(rounds: int) -> float:
+        terms = (mechanism["skellam_l1"], mechanism["skellam_l2"], mechanism["skellam_mu"])
+        return skellam_epsilon(*terms, rounds, level["delta"])
+
+    released = level["rounds"]
+    return {
+        **level,
+        "epsilon": after(len(released)),
+        "epsilon_rdp": after(len(released)),
+        "epsilon_prv": None,
+        "epsilon_by_round": [{"round": r["round"], "epsilon": after(i + 1)} for i, r in enumerate(released)],
     }
 
 
@@ -121,10 +143,21 @@ def guarantees(privacy: dict[str, Any]) -> list[dict[str, Any]]:
                 "delta": level["delta"],
                 "noise": level["noise_multiplier"],
                 "sample_rate": level["sample_rate"],
-                "events": f"{len(level['rounds'])} server releases ({level['clipping']} clip, now {level['clip']:.4g})",
+                "events": _client_level_events(level),
             }
         )
     return rows
+
+
+def _client_level_events(level: dict[str, Any]) -> str:
+    """What the client level composes, in words: the server's releases, or the clients' noised secure sums."""
+    mechanism = level.get("mechanism")
+    if mechanism is None:
+        return f"{len(level['rounds'])} server releases ({level['clipping']} clip, now {level['clip']:.4g})"
+    return (
+        f"{len(level['rounds'])} SecAgg+ sums noised by the clients (Skellam; {mechanism['min_survivors']} survivors "
+        "assumed; sampling not credited)"
+    )
 
 
 GUARANTEE_COLUMNS = ("level", "unit", "adjacency", "trust", "epsilon", "RDP", "PRV", "delta", "noise", "q", "events")

@@ -284,7 +284,7 @@ def from_legacy_record(
 
 def from_ndarrays(parameters: Parameters, expected: Mapping[str, TensorMeta]) -> dict[str, torch.Tensor]:
     """The float64 arrays SecAgg+ unmasked (``.npy`` bytes, Flower's own output, read without pickle), named in
-    ``expected``'s order and checked for shape and finite values."""
+    ``expected``'s order, checked for shape and finite values, in ``expected``'s dtypes."""
     arrays = [np.load(io.BytesIO(data), allow_pickle=False) for data in parameters.tensors]
     if len(arrays) != len(expected):
         raise PayloadError(f"the secure sum holds {len(arrays)} arrays, the adapter sends {len(expected)}")
@@ -295,7 +295,7 @@ def from_ndarrays(parameters: Parameters, expected: Mapping[str, TensorMeta]) ->
         tensor = torch.from_numpy(np.asarray(array, dtype=np.float64))
         if not torch.isfinite(tensor).all():
             raise PayloadError(f"{name}: the secure sum contains NaN or Inf")
-        tensors[name] = tensor
+        tensors[name] = tensor.to(getattr(torch, meta.dtype))  # the adapter's own dtype, as every reply's delta
     return tensors
 
 

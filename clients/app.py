@@ -27,7 +27,15 @@ from fed.adapters.base import restrict_rank
 from fed.config import ConfigError, RunConfig
 from fed.data.node import NodeDataError, run_labels
 from fed.precision import model_device, resolve_precision
-from fed.privacy.client import KNOWN_EVENTS, KNOWN_PIN, NODE_RECORD, Metrics, NodeState, PrivateRound
+from fed.privacy.client import (
+    KNOWN_EVENTS,
+    KNOWN_PIN,
+    NODE_RECORD,
+    Metrics,
+    NodeState,
+    PrivateRound,
+    requires_secure_aggregation,
+)
 from fed.privacy.distributed import secure_grid
 from fed.privacy.planner import RoundPlan
 from fed.privacy.release import public_metrics
@@ -217,6 +225,9 @@ def train(msg: Message, context: Context) -> Message:
         metrics["rank"] = rank
     node = state.reply_record(_config(msg))
     secure = _secure(msg)
+    if not secure and requires_secure_aggregation(context.node_config):  # the node's own rule, not the server's
+        state.hold_reply(cfg.dp, msg.metadata.created_at)
+        raise ValueError("this node sends its update only through secure aggregation (require-secure-aggregation)")
     if secure != cfg.federation.secure_aggregation:  # the run's config and the message's path must agree
         raise ValueError(
             f"federation.secure_aggregation={cfg.federation.secure_aggregation}, but this message came "

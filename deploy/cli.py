@@ -71,6 +71,11 @@ def _policy(parser: argparse.ArgumentParser) -> None:
         "--reply-delay", type=float, help="grid in seconds for DP replies (default 30; 0: at once, timing visible)"
     )
     group.add_argument(
+        "--require-secure-aggregation",
+        action="store_true",
+        help="train only in rounds that run through SecAgg+ (the server never sees this node's update alone)",
+    )
+    group.add_argument(
         "--dp-opt-out",
         action="store_true",
         help="accept rounds without DP and any DP settings (logged by the node; never for private data)",
@@ -96,6 +101,8 @@ def policy_config(args: argparse.Namespace) -> dict[str, str | float]:
         pairs["policy-file"] = str(Path(args.policy).resolve())
     if args.allow_evaluation:
         pairs["evaluate"] = "true"
+    if args.require_secure_aggregation:
+        pairs["require-secure-aggregation"] = "true"
     if args.dp_opt_out:
         pairs["dp-opt-out"] = "true"
     return pairs

@@ -66,6 +66,12 @@ def _flag(node_config: Mapping[str, Any], key: str) -> bool:
     return str(node_config.get(key, "false")).lower() == "true"
 
 
+def requires_secure_aggregation(node_config: Mapping[str, Any]) -> bool:
+    """Whether the node's operator set ``require-secure-aggregation``: it trains only for a round that runs through
+    SecAgg+, so a server cannot switch secure aggregation off to read this node's update."""
+    return _flag(node_config, "require-secure-aggregation")
+
+
 def node_policy(node_config: Mapping[str, Any], dp: DPConfig) -> Policy:
     """The node's own policy: ``STRICT`` unless its operator opted out of DP (``dp-opt-out=true``, logged)
     or this is a simulation (the run config is the policy), then its ``policy-file``, then its keys."""

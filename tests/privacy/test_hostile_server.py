@@ -289,3 +289,23 @@ def test_a_client_level_request_does_not_switch_off_the_nodes_example_level_dp()
     for level in ("client", "example", "both"):
         refused = STRICT.violations(DPConfig(enabled=True, level=level, target_epsilon=4.0))
         assert bool(refused) == (level == "client"), (level, refused)
+
+
+def test_a_node_that_requires_secure_aggregation_never_sends_its_update_in_the_clear(
+    node_file, tmp_path, monkeypatch, flower_identity
+):
+    """A server that switches secure aggregation off (in the config it sends, or by skipping SecAgg+) to read one
+    node's update: the node refuses before training, whatever the config says."""
+    monkeypatch.delenv(POLICY_ENV, raising=False)
+    node = {
+        "partition-id": 0,
+        "data-path": str(node_file),
+        "state-dir": str(tmp_path),
+        "dp-opt-out": "true",
+        "require-secure-aggregation": "true",
+    }
+    for cfg in (_cfg("dp.enabled=false"), _cfg("dp.enabled=false", "federation.secure_aggregation=true")):
+        reply = _send("train", cfg, node, 1)
+        assert isinstance(reply, str) and "only through secure aggregation" in reply
+    unguarded = {k: v for k, v in node.items() if k != "require-secure-aggregation"}
+    assert "arrays" in _send("train", _cfg("dp.enabled=false"), unguarded, 1).content.array_records

@@ -15,7 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 GUIDES = [
     ROOT / "README.md",
-    *(ROOT / "docs" / name for name in ("getting-started.md", "concepts.md", "deployment.md")),
+    *(
+        ROOT / "docs" / name
+        for name in (
+            "getting-started.md",
+            "concepts.md",
+            "deployment.md",
+            "privacy.md",
+            "architecture.md",
+            "robustness.md",
+            "families.md",
+        )
+    ),
     *sorted((ROOT / "docs" / "studies").glob("*.md")),
 ]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")

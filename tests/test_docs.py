@@ -25,6 +25,7 @@ GUIDES = [
             "architecture.md",
             "robustness.md",
             "families.md",
+            "secure-aggregation.md",
         )
     ),
     *sorted((ROOT / "docs" / "studies").glob("*.md")),

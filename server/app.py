@@ -67,7 +67,7 @@ class RoundRecorder:
             self.started = time.perf_counter()
             return None
         round_ += self.strategy.round_offset
-        log = self.strategy.rounds.get(round_)
+        log = self.strategy.rounds.pop(round_, None)  # written once: the run keeps no round's log after its line
         if log is None:
             return None
         now = time.perf_counter()
@@ -93,7 +93,7 @@ def _line(round_: int, log: RoundLog, book: LedgerBook) -> dict[str, Any]:
         "bytes_down": log.bytes_down,
         "aggregation_error": log.aggregation_error,
         "secagg_error": log.secagg_error,
-        "clients": len(log.accepted),
+        "clients": log.accepted,
         "dropped": log.dropped,
         "capped": log.capped,
         "clipped": log.clipped,

@@ -207,7 +207,7 @@ class AdapterStrategy(FedAvg):
                 continue
             for stage in self.stages:
                 stage.accepted(state, reply)
-            state.log.accepted.append(reply.metrics)
+            state.log.accepted += 1
             accepted.append(reply)
         return accepted
 

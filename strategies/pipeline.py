@@ -23,10 +23,9 @@ class RoundLog:
 
     bytes_down: int = 0
     bytes_up: int = 0
-    accepted: list[dict[str, Any]] = field(default_factory=list)
-    """Metrics of the replies that were aggregated."""
-    reported: list[dict[str, Any]] = field(default_factory=list)
-    """Metrics of every reply that carried them, aggregated or not (a dropped client still spent budget)."""
+    accepted: int = 0
+    """Replies that were aggregated (a count: a round's log is kept until its line is written, and a cohort of
+    thousands must not keep every reply's metrics that long)."""
     dropped: list[str] = field(default_factory=list)
     asked: list[int] = field(default_factory=list)
     """Node ids that were sent a train message."""

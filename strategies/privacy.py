@@ -70,7 +70,6 @@ class PrivacyBookkeeping(Stage):
     def arrive(self, state: RoundState, reply: Reply) -> None:
         """Narrow the reply to its public metrics; drop it when it names a client bound to another node."""
         reply.metrics = public_metrics(reply.message.content.metric_records["metrics"], self.dp)
-        state.log.reported.append(reply.metrics)
         cid = reply.metrics.get("partition-id")
         if problem := self._claim_problem(reply.node, cid, state.log.connected, _node_record(reply.message)):
             raise PayloadError(problem)

@@ -126,7 +126,7 @@ def test_wrong_round_duplicate_node_and_contradicting_dp_events_are_dropped():
     ]  # no DP event at all in a DP run
     strategy.aggregate_train(1, [good, twice, *bad])
     reasons = " | ".join(strategy.rounds[1].dropped)
-    assert len(strategy.rounds[1].accepted) == 1 and len(strategy.rounds[1].dropped) == 6
+    assert strategy.rounds[1].accepted == 1 and len(strategy.rounds[1].dropped) == 6
     for text in ("second reply", "round 7", "dp-sample-rate", "dp-steps=6", "noise", "without DP"):
         assert text in reasons, text
 

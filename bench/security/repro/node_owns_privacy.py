@@ -181,7 +181,7 @@ def server() -> None:
     s = _strategy(dp, book)
     s.aggregate_train(1, [_reply(1001, 0), _reply(1002, 0)])
     print(
-        f"(3) two nodes claiming partition-id 0: accepted {len(s.rounds[1].accepted)}, dropped "
+        f"(3) two nodes claiming partition-id 0: accepted {s.rounds[1].accepted}, dropped "
         f"{s.rounds[1].dropped} (before: both accepted)"
     )
     book = LedgerBook(dp)
@@ -219,12 +219,12 @@ def server() -> None:
     s.aggregate_train(1, [_bound(_reply(1001, 0), token)])
     s.rounds[2] = RoundLog(connected=[1002, 1003])  # node 1001 left the SuperLink
     s.aggregate_train(2, [_reply(1003, 0, round=2), _bound(_reply(1002, 0, round=2), secrets.token_bytes(32).hex())])
-    spoofers = (len(s.rounds[2].accepted), len(s.rounds[2].dropped))
+    spoofers = (s.rounds[2].accepted, len(s.rounds[2].dropped))
     s.aggregate_train(2, [_bound(_reply(1004, 0, round=2), token)])  # 1001 restarted under a new node id
     print(
         f"    gap 4: partition-id 0's node left; a peer without the token and one with a wrong token: accepted "
         f"{spoofers[0]}, dropped {spoofers[1]} (before: the first claim accepted); the honest node restarted "
-        f"under a new id with its token: accepted {len(s.rounds[2].accepted) - spoofers[0]}"
+        f"under a new id with its token: accepted {s.rounds[2].accepted - spoofers[0]}"
     )
     limit = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, limit[1]))

@@ -166,14 +166,24 @@ def _plan_clients(cfg, console: Console) -> None:
     from fed.privacy.client_level import ClientMechanism, schedule
 
     dp, fed = cfg.dp, cfg.federation
-    m = ClientMechanism.of(dp, fed)
+    coordinates = _update_size(cfg) if fed.secure_aggregation else 0  # sizes the clients' own noise
+    m = ClientMechanism.of(dp, fed, coordinates)
     cap = dp.client_target_epsilon
     table = Table(title=f"client-level epsilon per round at delta {dp.delta:g} (one whole client in or out)")
     for column in ("round", "eps RDP", "eps PRV"):
         table.add_column(column, justify="right")
-    rows = schedule(dp, fed)
+    rows = schedule(dp, fed, coordinates)
     for round_, rdp, prv in rows:
         table.add_row(str(round_), f"{rdp:.3f}", f"{prv:.3f}")
+    if m.distributed:
+        console.print(
+            f"client level, distributed (SecAgg+): each client clips to {dp.client_clip:g} and adds Skellam noise "
+            f"sized so that {m.min_survivors} survivors carry Gaussian-equivalent multiplier "
+            f"[bold]{m.noise_multiplier:g}[/bold]; sampling (q={m.sample_rate:g}) not credited, Skellam RDP in both "
+            "columns"
+        )
+        console.print(table)
+        return
     console.print(
         f"client level: each of {fed.num_clients} clients sampled with q={m.sample_rate:g} per round "
         f"(expected {m.expected_clients:g}, the fixed denominator); updates clipped to {dp.client_clip:g} "
@@ -188,6 +198,14 @@ def _plan_clients(cfg, console: Console) -> None:
         console.print(
             f"[yellow]dp.client_target_epsilon={cap:g} stops the run after round {last} of {fed.rounds}[/yellow]"
         )
+
+
+def _update_size(cfg) -> int:
+    """How many numbers one client's update holds (the adapter's sent tensors)."""
+    from fed.session import adapted_model
+
+    adapter, _ = adapted_model(cfg)
+    return sum(t.numel() for t in adapter.sent_state().values())
 
 
 def _plan_examples(cfg, args: argparse.Namespace, console: Console) -> int:

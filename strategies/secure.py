@@ -284,6 +284,9 @@ class SecureAggregation(Stage):
         summed = self._sums.get(state.number)
         if summed is None:
             return
+        if summed.mean is None:  # nothing to aggregate: ``bound`` will not run for this round
+            del self._sums[state.number]
+            self._accepted.pop(state.number, None)
         state.log.bytes_down, state.log.bytes_up = summed.bytes_down, summed.bytes_up
         for node in summed.missing:
             state.log.dropped.append(f"node {node}: did not complete secure aggregation")
@@ -296,9 +299,9 @@ class SecureAggregation(Stage):
     def bound(self, state: RoundState, batch: Replies) -> Replies:
         """The round's only reply: the survivors' weighted mean at their total weight. A survivor whose public
         metrics were refused is inside the sum all the same, so then the round moves nothing."""
-        summed = self._sums.pop(state.number)
+        summed = self._sums.pop(state.number, None)
         accepted = self._accepted.pop(state.number, 0)
-        if summed.mean is None:
+        if summed is None or summed.mean is None:
             raise PayloadError("secure aggregation unmasked nothing this round")
         mean = summed.mean
         if accepted != summed.survivors:

@@ -160,8 +160,9 @@ def _save(rows: list[tuple[object, ...]], args: argparse.Namespace, uptime: str)
         "authentication), each node on its partition of the preset's data. MiniLM: `quickstart` with FFA-LoRA under "
         "DP (target epsilon 8), train and evaluate messages; SmolLM2-135M: `instruct`. Resident: one process per "
         "node keeps its imports and the run's model (deploy/resident.py); per-message: Flower's fresh "
-        f"`flwr-clientapp` per message. Nodes reply at once (`--reply-delay 0`): the DP reply grid that hides a node's "
-        f"timing is off here, or it would be counted as overhead. /proc/loadavg at the start: `{uptime}` (2 shared cores)."
+        "`flwr-clientapp` per message. Nodes reply at once (`--reply-delay 0`): the DP reply grid that hides a "
+        "node's timing is off here, or it would be counted as overhead. "
+        f"/proc/loadavg at the start: `{uptime}` (2 shared cores)."
     )
     save("resident_overhead", "Deployed per-message overhead, resident against per-message", about, COLUMNS, rows)
 

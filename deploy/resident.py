@@ -33,12 +33,14 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -52,6 +54,8 @@ TESTED_FLOWER = ("1.42.0",)
 RESIDENT_ENV = "FEDLORA_RESIDENT_DIR"
 """The node's resident folder (socket, pid file, lock), set in the SuperNode's environment by the launcher."""
 SHIM = "flwr-clientapp"
+SOCKET_PATH_MAX = 100
+"""Longest Unix socket path used as it is (Linux's sun_path holds 108 bytes, macOS's 104, each with its NUL)."""
 ACK_TIMEOUT = 30.0
 """Seconds a shim waits for the resident to acknowledge a request before replacing it (a stopped or wedged
 process); generous, because the resident's acceptor answers at once even while a task trains."""
@@ -171,7 +175,19 @@ class Home:
 
     @property
     def socket(self) -> Path:
-        return self.root / "resident.sock"
+        """In the resident's folder, unless that path is longer than a Unix socket address may be (about 100
+        bytes): then in a folder of this user's only (0700), named after the resident's folder."""
+        path = self.root / "resident.sock"
+        if len(os.fsencode(path)) < SOCKET_PATH_MAX:
+            return path
+        private = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"fedlora-{os.getuid()}"
+        private.mkdir(mode=0o700, exist_ok=True)
+        if private.stat().st_uid != os.getuid() or private.stat().st_mode & 0o077:
+            raise ResidentError(f"{private} must belong to this user alone (mode 0700) to hold the resident's socket")
+        short = private / f"{hashlib.sha256(os.fsencode(self.root.resolve())).hexdigest()[:24]}.sock"
+        if len(os.fsencode(short)) >= SOCKET_PATH_MAX:
+            raise ResidentError(f"no socket path short enough for {self.root}: set XDG_RUNTIME_DIR to a short folder")
+        return short
 
     @property
     def pid(self) -> Path:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,23 @@ def test_the_benchmark_reads_each_message_from_a_nodes_log():
     found = messages(log)
     assert [m.kind for m in found] == ["train", "evaluate"]
     assert found[0].overhead_s == pytest.approx(9.5 - 4.25) and found[1].overhead_s == pytest.approx(1.3 - 0.4)
+
+
+def test_a_resident_deep_in_the_tree_listens_on_a_short_private_socket(tmp_path, monkeypatch):
+    """A state dir deeper than a Unix socket address allows (OSError: AF_UNIX path too long) still gets a socket:
+    in this user's own 0700 folder, named after the resident's folder, so two nodes never share one."""
+    run = Path(tempfile.mkdtemp(prefix="xdg", dir="/tmp"))  # short, as /run/user/<uid> is
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    shallow = resident.Home(tmp_path / "n")
+    assert shallow.socket == tmp_path / "n" / "resident.sock"
+    deep = [resident.Home(tmp_path / ("d" * 60) / ("e" * 60) / f"node-{i}") for i in (0, 1)]
+    sockets = [home.socket for home in deep]
+    assert sockets[0] != sockets[1] and all(len(os.fsencode(s)) < resident.SOCKET_PATH_MAX for s in sockets)
+    assert sockets[0].parent.stat().st_mode & 0o777 == 0o700
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sockets[0]))  # a path the kernel takes
+    listener.close()
+    os.chmod(sockets[0].parent, 0o755)
+    with pytest.raises(ResidentError, match="0700"):
+        _ = deep[0].socket
+    shutil.rmtree(run)

@@ -54,6 +54,8 @@ TESTED_FLOWER = ("1.42.0",)
 RESIDENT_ENV = "FEDLORA_RESIDENT_DIR"
 """The node's resident folder (socket, pid file, lock), set in the SuperNode's environment by the launcher."""
 SHIM = "flwr-clientapp"
+PULL_TIMEOUT = 60.0
+"""Seconds a task's input (or its end) may take to go through Flower's Runtime API before the task is given up."""
 SOCKET_PATH_MAX = 100
 """Longest Unix socket path used as it is (Linux's sun_path holds 108 bytes, macOS's 104, each with its NUL)."""
 ACK_TIMEOUT = 30.0
@@ -385,6 +387,27 @@ def _accept(listener: socket.socket, tasks: Any) -> None:
         tasks.put(task)
 
 
+def _within(seconds: float, call: Any, *args: Any) -> Any:
+    """``call(*args)``, or ResidentError when it has not returned within ``seconds`` (it is left to finish or
+    fail in its own daemon thread, which holds only its task's client)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call(*args)
+        except BaseException as err:  # handed to the caller as it is
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise ResidentError(f"{getattr(call, '__name__', call)} did not return within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 class Runtime:
     """Runs tasks as ``flwr.supernode.runtime.run_clientapp.run_clientapp`` does, in this process, keeping the
     loaded app (and so its caches) for the tasks of one run of one FAB."""
@@ -409,7 +432,9 @@ class Runtime:
         status, details, code = SubStatus.FAILED, "ClientApp task failed due to unknown reason", 1
         watchdog: threading.Timer | None = None
         try:
-            message, context, run, fab = pull_task_input(client)
+            # A task whose message never arrived (Flower 1.42's SuperNode keeps the task of a message it ignored
+            # because its run had stopped) would hold this process for ever: bounded, the next task runs.
+            message, context, run, fab = _within(PULL_TIMEOUT, pull_task_input, client)
             log(20, "resident: task of run %s (%s)", run.run_id, message.metadata.message_type)
             project = get_project_dir(run.fab_id, run.fab_version, fab.hash_str)
             if self._enter((run.run_id, fab.hash_str), project):  # a new run: install its FAB as Flower does
@@ -442,7 +467,10 @@ class Runtime:
                 except Exception as ex:  # as run_clientapp: the task's end is pushed regardless
                     log(40, "Failed to push reply message", exc_info=ex)
                     code = 1
-            push_task_output(client=client, context=context, sub_status=status, details=details)
+            try:
+                _within(PULL_TIMEOUT, push_task_output, client, context, status, details)
+            except ResidentError as err:
+                log(40, "%s", err)
             task.close()
         return code
 

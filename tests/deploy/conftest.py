@@ -34,6 +34,30 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+def node_file_run(model_dir, *extra: str):
+    """The deployment tests' run: the tiny model, a DP FFA-LoRA run of 2 rounds of 2 steps on 2 nodes, each on
+    its own file (the server's data name does not exist: it must never need client data), plus ``extra``."""
+    from fed.config.sources import resolve
+
+    return resolve(
+        "quickstart",
+        [
+            f"model.name={model_dir}",
+            "model.max_length=16",
+            "data.name=/not/on/the/server.csv",
+            "data.labels=neg,pos",
+            "adapter.kind=ffa-lora",
+            "dp.enabled=true",
+            "federation.num_clients=2",
+            "federation.rounds=2",
+            "federation.fraction_evaluate=0",
+            "train.local_steps=2",
+            "train.batch_size=8",
+            *extra,
+        ],
+    )
+
+
 QUICK_GRID = {"reply-delay": 1.0}
 """A node policy for deployment tests that test something other than the reply grid: DP replies on a 1 s grid
 instead of the default 30 s, so each DP round does not wait half a minute (tests/deploy/test_deploy.py keeps

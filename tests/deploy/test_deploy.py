@@ -13,8 +13,8 @@ import pytest
 
 from deploy.launcher import Cluster, Layout
 from deploy.pki import add_node_key, make_pki
-from fed.config.sources import resolve
 from fed.privacy.ledger import Ledger
+from tests.deploy.conftest import node_file_run
 from tests.helpers import _node_files
 
 pytestmark = pytest.mark.slow
@@ -27,23 +27,7 @@ def deployed(tmp_path_factory, tiny_model_dir):
     layout = Layout(root)
     make_pki(layout.pki.root, ["127.0.0.1", "localhost"], nodes=2)
     stranger = add_node_key(layout.pki, 9)  # a key pair the SuperLink never hears of
-    cfg = resolve(
-        "quickstart",
-        [
-            f"model.name={tiny_model_dir}",
-            "model.max_length=16",
-            "data.name=/not/on/the/server.csv",
-            "data.labels=neg,pos",
-            "adapter.kind=ffa-lora",
-            "dp.enabled=true",
-            "dp.target_epsilon=8",
-            "federation.num_clients=2",
-            "federation.rounds=2",
-            "federation.fraction_evaluate=0",
-            "train.local_steps=2",
-            "train.batch_size=8",
-        ],
-    )
+    cfg = node_file_run(tiny_model_dir, "dp.target_epsilon=8")
     with Cluster(layout) as cluster:
         cluster.start_superlink()
         for node, path in enumerate(files):

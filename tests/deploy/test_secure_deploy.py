@@ -8,33 +8,19 @@ import json
 import pytest
 
 from deploy.launcher import deploy_local
-from fed.config.sources import resolve
-from tests.deploy.conftest import QUICK_GRID
+from tests.deploy.conftest import QUICK_GRID, node_file_run
 from tests.helpers import _node_files
 
 pytestmark = pytest.mark.slow
 
 
 def test_a_distributed_dp_run_finishes_with_every_round_unmasked(tmp_path, tiny_model_dir):
-    cfg = resolve(
-        "quickstart",
-        [
-            f"model.name={tiny_model_dir}",
-            "model.max_length=16",
-            "data.name=/not/on/the/server.csv",
-            "data.labels=neg,pos",
-            "adapter.kind=ffa-lora",
-            "dp.enabled=true",
-            "dp.level=client",
-            "dp.client_noise_multiplier=2",
-            "federation.secure_aggregation=true",
-            "federation.num_clients=2",
-            "federation.rounds=2",
-            "federation.fraction_evaluate=0",
-            "federation.round_timeout=300",
-            "train.local_steps=2",
-            "train.batch_size=8",
-        ],
+    cfg = node_file_run(
+        tiny_model_dir,
+        "dp.level=client",
+        "dp.client_noise_multiplier=2",
+        "federation.secure_aggregation=true",
+        "federation.round_timeout=300",
     )
     # the nodes opt out of their strict default (DP-SGD on every round): here each adds its share of Skellam noise
     policy = {**QUICK_GRID, "dp-opt-out": "true"}

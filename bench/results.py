@@ -41,10 +41,10 @@ class Column(NamedTuple):
     none: str = "–"
 
 
-def _commit() -> str:
-    """The checked-out commit, marked ``-dirty`` when the tree has changes other than results (the figures
-    may then not be its)."""
-    git = ["git", "-C", str(ROOT)]
+def commit(root: Path = ROOT) -> str:
+    """The commit checked out at ``root``, marked ``-dirty`` when the tree has changes other than results (the
+    figures may then not be its)."""
+    git = ["git", "-C", str(root)]
     try:
         head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True)
         outputs = [":!bench/results", ":!docs/benchmarks.md", ":!README.md"]
@@ -70,7 +70,7 @@ def environment() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.node()} ({platform.system()} {platform.release()}, Python {platform.python_version()})",
-        "commit": _commit(),
+        "commit": commit(),
         "card": _card(),
         "load": [round(value, 2) for value in os.getloadavg()],
     }

@@ -26,6 +26,7 @@ from fed.adapters import Clock
 from fed.adapters.base import restrict_rank
 from fed.config import ConfigError, RunConfig
 from fed.data.node import NodeDataError, run_labels
+from fed.heap import release
 from fed.precision import model_device, resolve_precision
 from fed.privacy.client import (
     KNOWN_EVENTS,
@@ -245,7 +246,7 @@ def train(msg: Message, context: Context) -> Message:
         {"train_loss": result.loss, "train_wall_s": result.wall_s} | usage_metrics(result.usage), result.released_loss
     )
     delta = _delta(session, global_, rank)
-    gc.collect()  # Opacus hooks leave reference cycles; collect them so a long run's memory stays flat
+    release()  # this client's cycles and freed pages: an actor that trains client after client stays flat
     state.hold_reply(cfg.dp, msg.metadata.created_at)
     if secure:  # behind SecAgg+ only the public fields travel in the clear, with or without DP
         public = public_metrics({**metrics, "steps": result.steps}, dp=True)
@@ -275,6 +276,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         precision=resolve_precision(cfg.train.precision, model_device(session.adapter.model).type),
     )
     log.info("evaluated in %.3f s", time.perf_counter() - started)  # this node's log (bench/resident_overhead)
+    release()
     metrics: dict[str, MetricRecordValues] = {
         "partition-id": pid,  # the server accepts scores only from the node bound to it
         "num-examples": int(scores.pop("num_examples")),

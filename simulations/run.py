@@ -44,6 +44,10 @@ OFFLINE_ENV = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # oneDNN caches a kernel per input shape, up to 1,024 by default; an actor training client after client
+    # meets a new sequence length with nearly every batch, so its memory grew round after round until the
+    # cache was full. 256 keeps the kernels a client reuses within its own steps (bench/cohorts.py).
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256",
 }
 
 

@@ -10,6 +10,7 @@ gradient. ``fed.privacy.audit.audit`` turns the scores into a lower bound on eps
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from fed.config import RunConfig
 from fed.config.sources import resolve
 from fed.data.datasets import ClientData
 from fed.privacy.audit import AuditResult, audit
+from fed.privacy.client import POLICY_ENV
 from fed.privacy.ledger import DpSgdEvent, epsilon
 from fed.privacy.mechanism import DpSettings
 from fed.session import ClientSession, adapted_model
@@ -100,8 +102,10 @@ class Experiment:
         }
 
     def client_reply(self, data: Dataset) -> Reply:
-        """One fresh client (a new state directory) answering a train message through the real ClientApp."""
-        with tempfile.TemporaryDirectory() as state:
+        """One fresh client (a new state directory) answering a train message through the real ClientApp: a
+        simulated node, whose policy is the run's config (as ``fed simulate`` sets it) and whose fresh ledger
+        needs no operator's confirmation."""
+        with tempfile.TemporaryDirectory() as state, mock.patch.dict(os.environ, {POLICY_ENV: "run-config"}):
             reply = self.ask(data, {"state-dir": state})
         return dict(reply.content.metric_records["metrics"]), from_record(
             reply.content.array_records["arrays"], metas(self.global_)

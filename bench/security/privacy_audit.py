@@ -51,7 +51,8 @@ def main() -> None:
         f"The canary audit with {args.runs} runs per world (Clopper-Pearson, 95%): the epsilon one round's ledger "
         "claims against the lower bound the attack proves, on the foundation's DP reply (update and raw loss) and on "
         "what a DP client sends today (update and public fields). A lower bound above the claim is a broken "
-        "guarantee."
+        "guarantee: the foundation's reply, which released the raw training loss, is the leak the audit was built "
+        "to catch and should read VIOLATED; today's reply must hold."
     )
     columns = (
         Column("sigma", digits=2),

@@ -62,3 +62,15 @@ def test_a_privatised_training_loss_keeps_the_claim():
     assert "dp-train-loss" in metrics and "train_loss" not in metrics
     result = experiment.run(experiment.client_reply, runs=40)
     assert not result.violates(canary.claimed_epsilon()), result
+
+
+def test_the_audited_client_answers_as_a_simulated_node_whatever_the_environment(monkeypatch):
+    """``python -m bench run privacy_audit`` runs outside the test session's run-config policy: the audited
+    client must still train (a refusal reply carries no update to audit)."""
+    from bench.security.canary import Canary, Experiment
+    from fed.privacy.client import POLICY_ENV
+
+    monkeypatch.delenv(POLICY_ENV, raising=False)
+    experiment = Experiment(Canary())
+    metrics, delta = experiment.client_reply(experiment.canary.data(True))
+    assert "refused" not in metrics and set(delta) == set(experiment.global_)

@@ -58,9 +58,10 @@ PULL_TIMEOUT = 60.0
 """Seconds a task's input (or its end) may take to go through Flower's Runtime API before the task is given up."""
 SOCKET_PATH_MAX = 100
 """Longest Unix socket path used as it is (Linux's sun_path holds 108 bytes, macOS's 104, each with its NUL)."""
-ACK_TIMEOUT = 30.0
+ACK_TIMEOUT = 60.0
 """Seconds a shim waits for the resident to acknowledge a request before replacing it (a stopped or wedged
-process); generous, because the resident's acceptor answers at once even while a task trains."""
+process); generous, because the resident's acceptor answers at once even while a task trains or the process
+imports its modules on a loaded machine, and a false alarm would cost that import again."""
 START_TIMEOUT = 300.0
 """Seconds a shim waits for a resident it started to listen."""
 WARM_IMPORTS = ("torch", "transformers", "opacus", "datasets", "peft", "flwr.clientapp")
@@ -248,6 +249,11 @@ def _handed_over(home: Home, request: Request) -> socket.socket:
                 return conn
             if conn is not None:
                 conn.close()
+            print(
+                f"{SHIM} shim: the resident in {home.root} did not acknowledge within {ACK_TIMEOUT:g} s; replacing it",
+                file=sys.stderr,
+                flush=True,
+            )
             _kill(home)
         raise ResidentError(f"no resident process in {home.root} acknowledged the task")
 
@@ -362,8 +368,9 @@ class Task:
 
 
 def _accept(listener: socket.socket, tasks: Any) -> None:
-    """Acknowledge each request at once (the shim's liveness check), start its heartbeat (the worker may be
-    importing or busy with the task before it) and queue it for the worker."""
+    """Acknowledge each request as soon as it is read (the shim's liveness check: nothing before it may wait on
+    the network or on a busy interpreter), start its heartbeat (the worker may be importing or busy with the
+    task before it) and queue it for the worker."""
     from flwr.supercore.heartbeat import HeartbeatSender
 
     while True:
@@ -371,20 +378,14 @@ def _accept(listener: socket.socket, tasks: Any) -> None:
         try:
             with conn.makefile("r") as lines:
                 request = Request.from_json(lines.readline())
+            conn.sendall(b"ack\n")
         except (OSError, ValueError, ResidentError):
             conn.close()
             continue
         client = _client(request)
         heartbeat = HeartbeatSender(_heartbeat_fn(client))
         heartbeat.start()
-        task = Task(conn, request, client, heartbeat)
-        try:
-            conn.sendall(b"ack\n")
-        except OSError:
-            task.close()
-            conn.close()
-            continue
-        tasks.put(task)
+        tasks.put(Task(conn, request, client, heartbeat))
 
 
 def _within(seconds: float, call: Any, *args: Any) -> Any:

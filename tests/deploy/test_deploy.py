@@ -1,5 +1,7 @@
 """Real processes on loopback: a SuperLink and two SuperNodes with TLS and node authentication, each node on
-its own data file, a DP FFA-LoRA run of 2 rounds; a node whose key was never registered is refused.
+its own data file, a DP FFA-LoRA run of 2 rounds; a node whose key was never registered is refused. The nodes
+run Flower's own process per message (``--per-message``); tests/deploy/test_resident.py runs the resident
+runtime, the default.
 
 The server's config names a data file that does not exist: it must never need client data.
 """
@@ -28,7 +30,7 @@ def deployed(tmp_path_factory, tiny_model_dir):
     make_pki(layout.pki.root, ["127.0.0.1", "localhost"], nodes=2)
     stranger = add_node_key(layout.pki, 9)  # a key pair the SuperLink never hears of
     cfg = node_file_run(tiny_model_dir, "dp.target_epsilon=8")
-    with Cluster(layout) as cluster:
+    with Cluster(layout, resident=False) as cluster:
         cluster.start_superlink()
         for node, path in enumerate(files):
             cluster.register(node)

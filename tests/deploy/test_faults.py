@@ -28,7 +28,7 @@ from fed.privacy.ledger import Ledger
 from tests.deploy.conftest import QUICK_GRID
 from tests.helpers import _node_files
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 TIMEOUT = 60.0
 STARTED = "Start `flwr-clientapp` process"
 

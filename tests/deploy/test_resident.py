@@ -1,17 +1,19 @@
 """The resident ClientApp runtime with real processes on loopback, TLS and node authentication: the same
-results as per-message mode and as ``fed simulate``, nothing carried from one run into the next, the same
-ledgers under DP, and a killed resident process that costs one message, not the run.
+results and ledgers as ``fed simulate``, nothing carried from one run into the next, a killed resident process
+that costs one message, not the run, and a hung task bounded by the round timeout.
 
-One federation per mode (a SuperLink and two SuperNodes on partitions of one dataset file), each serving
-the same runs in the same order: ``plain`` (no DP, with evaluation), in resident mode ``again`` (the same
-config on the same warm processes: a cache that carried the trained adapter, its optimizer or the data
-into the next run would change it), then ``dp`` (DP-SGD; the nodes' ledgers are compared).
+One federation (a SuperLink and two SuperNodes on partitions of one dataset file) serves three runs in order:
+``plain`` (no DP, with evaluation), ``again`` (the same config on the same warm processes: a cache that carried
+the trained adapter, its optimizer or the data into the next run would change it), then ``dp`` (DP-SGD; the
+nodes' ledgers are compared with the simulated clients'). Flower's own process-per-message mode is run by
+tests/deploy/test_faults.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -77,49 +79,40 @@ def _events(layout: Layout, node: int) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def federations(tmp_path_factory, tiny_model_dir):
-    """Both modes, each on its own keys and state directories; the runs of each, by name."""
+def federation(tmp_path_factory, tiny_model_dir):
+    """The three runs on one resident federation, by name, and the data file."""
     data = _data(tmp_path_factory.mktemp("data"))
-    out = {}
-    for resident in (True, False):
-        layout = Layout(tmp_path_factory.mktemp("resident" if resident else "per-message"))
-        make_pki(layout.pki.root, ["127.0.0.1", "localhost"], nodes=2)
-        runs = {}
-        with Cluster(layout, resident=resident) as cluster:
-            cluster.start_superlink()
-            for node in (0, 1):
-                cluster.register(node)
-                cluster.start_node(node, None, 2, policy={"dp-opt-out": "true", **QUICK_GRID})
-            runs["plain"] = cluster.run(_cfg(tiny_model_dir, data, *PLAIN), "plain", timeout=600)
-            if resident:
-                runs["again"] = cluster.run(_cfg(tiny_model_dir, data, *PLAIN), "again", timeout=600)
-            runs["dp"] = cluster.run(_cfg(tiny_model_dir, data, *PRIVATE), "dp", timeout=600)
-        out["resident" if resident else "per-message"] = (layout, runs)
-    return out, data
+    layout = Layout(tmp_path_factory.mktemp("resident"))
+    make_pki(layout.pki.root, ["127.0.0.1", "localhost"], nodes=2)
+    runs = {}
+    with Cluster(layout) as cluster:
+        cluster.start_superlink()
+        for node in (0, 1):
+            cluster.register(node)
+            cluster.start_node(node, None, 2, policy={"dp-opt-out": "true", **QUICK_GRID})
+        for name, overrides in (("plain", PLAIN), ("again", PLAIN), ("dp", PRIVATE)):
+            runs[name] = cluster.run(_cfg(tiny_model_dir, data, *overrides), name, timeout=600)
+    return layout, runs, data
 
 
-def test_resident_nodes_served_every_message_from_one_process_each(federations):
-    runs, _ = federations
-    layout, _ = runs["resident"]
+def test_resident_nodes_served_every_message_from_one_process_each(federation):
+    layout, _, _ = federation
     for node in (0, 1):
         log = layout.log(f"node-{node}")
         # plain: 2 rounds x (train + evaluate); again: the same; dp: 2 train messages
         assert _count(log, SERVED) == 10
-        assert _count(log, STARTED) == 1  # one process for all three runs
+        assert len(_residents(log)) == 1, _lines(log, "resident")  # one process for all three runs
         assert _count(log, "Start `flwr-clientapp` process") == 0  # Flower's own command never ran
-    layout_p, _ = runs["per-message"]
-    assert _count(layout_p.log("node-0"), "Start `flwr-clientapp` process") == 6
 
 
-def test_same_metrics_and_adapter_as_per_message_mode_and_simulation(federations, tiny_model_dir, tmp_path):
+def test_same_metrics_and_adapter_as_simulation(federation, tiny_model_dir, tmp_path):
     from simulations.run import simulate
 
-    runs, data = federations
-    resident, per_message = runs["resident"][1], runs["per-message"][1]
+    _, runs, data = federation
     simulated = simulate(_cfg(tiny_model_dir, data, *PLAIN), tmp_path, name="sim").path
     expected = _rounds(simulated)
     assert [r["clients"] for r in expected] == [2, 2] and expected[-1]["eval_accuracy"] is not None
-    for run_dir in (resident["plain"], resident["again"], per_message["plain"]):
+    for run_dir in (runs["plain"], runs["again"]):
         assert _rounds(run_dir) == expected
         tensors, reference = _adapter(run_dir), _adapter(simulated)
         assert tensors.keys() == reference.keys()
@@ -127,17 +120,23 @@ def test_same_metrics_and_adapter_as_per_message_mode_and_simulation(federations
             assert tensors[name].equal(tensor), name
 
 
-def test_same_ledgers_under_dp(federations):
-    runs, _ = federations
-    (layout_r, resident), (layout_p, per_message) = runs["resident"], runs["per-message"]
+def test_same_ledgers_under_dp_as_simulation(federation, tiny_model_dir, tmp_path):
+    """Each node's own ledger books what a simulated client of the same run books, and the server's privacy
+    book gives each client the simulation's epsilon."""
+    from simulations.run import simulate
+
+    layout, runs, data = federation
+    simulated = simulate(_cfg(tiny_model_dir, data, *PRIVATE), tmp_path, name="sim-dp").path
+    book_s = json.loads((simulated / "privacy.json").read_text())["clients"]
+    book_r = json.loads((runs["dp"] / "privacy.json").read_text())["clients"]
     for node in (0, 1):
-        events = _events(layout_r, node)
-        assert [e[0] for e in events][-2:] == [1, 2]
-        assert events == _events(layout_p, node)
-        assert Ledger.from_json((layout_r.node_dir(node) / f"ledger-{node}.json").read_text()).epsilon() > 0
-    book_r = json.loads((resident["dp"] / "privacy.json").read_text())["clients"]
-    book_p = json.loads((per_message["dp"] / "privacy.json").read_text())["clients"]
-    assert {k: v["epsilon"] for k, v in book_r.items()} == {k: v["epsilon"] for k, v in book_p.items()}
+        events = _events(layout, node)
+        simulated_events = book_s[str(node)]["events"]
+        expected = [(e["round"], e["steps"], e["sample_rate"], e["noise_multiplier"]) for e in simulated_events]
+        assert [e[0] for e in expected] == [1, 2]
+        assert events == expected
+        assert Ledger.from_json((layout.node_dir(node) / f"ledger-{node}.json").read_text()).epsilon() > 0
+    assert {k: v["epsilon"] for k, v in book_r.items()} == {k: v["epsilon"] for k, v in book_s.items()}
 
 
 def _wait(condition, what: str, timeout: float = 400.0) -> None:
@@ -148,12 +147,21 @@ def _wait(condition, what: str, timeout: float = 400.0) -> None:
         time.sleep(0.2)
 
 
-def _count(path: Path, text: str) -> int:
+def _lines(path: Path, text: str) -> list[str]:
     """Lines of a node's log holding ``text``, in Flower's format only: importing Opacus adds a handler to the
     root logger that repeats every line in its own format (a date first)."""
     if not path.is_file():
-        return 0
-    return sum(text in line and not line[:1].isdigit() for line in path.read_text(errors="replace").splitlines())
+        return []
+    return [line for line in path.read_text(errors="replace").splitlines() if text in line and not line[:1].isdigit()]
+
+
+def _count(path: Path, text: str) -> int:
+    return len(_lines(path, text))
+
+
+def _residents(path: Path) -> set[str]:
+    """The pids of the resident processes a node's log says started (each logs its pid once, when ready)."""
+    return {m.group(1) for line in _lines(path, STARTED) if (m := re.search(r"process (\d+) ready", line))}
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +200,7 @@ def test_a_killed_resident_costs_one_message_not_the_run(killed):
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert [r["clients"] for r in rounds] == [2, 1, 2]  # round 3: node 1 served again, by a new process
     log = layout.log("node-1")
-    assert _count(log, STARTED) >= 2 and _count(log, SERVED) >= 3  # more where a start outlived a claim
+    assert len(_residents(log)) >= 2 and _count(log, SERVED) >= 3  # more where a start outlived a claim
     assert int(Home(layout.node_dir(1) / "resident").pid.read_text()) != pid
     assert [e.round for e in Ledger.from_json((layout.node_dir(0) / "ledger-0.json").read_text()).events] == [1, 2, 3]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -214,13 +222,14 @@ def hung(tmp_path_factory, tiny_model_dir):
         cluster.start_node(1, None, 2, policy={"reply-delay": 3600.0})
         run_dir = cluster.run(cfg, "hung", timeout=900)
         # node 1's next message (round 2's) finds its resident gone and starts a new one
-        _wait(lambda: _count(layout.log("node-1"), STARTED) >= 2, "node 1's next resident")
+        _wait(lambda: len(_residents(layout.log("node-1"))) >= 2, "node 1's next resident")
     return layout, run_dir
 
 
 HUNG_TIMEOUT = 60
 
 
+@pytest.mark.faults
 def test_a_hung_task_is_bounded_by_the_round_timeout(hung):
     layout, run_dir = hung
     rounds = _rounds(run_dir)
@@ -228,4 +237,4 @@ def test_a_hung_task_is_bounded_by_the_round_timeout(hung):
     assert all(r["clients"] <= 1 for r in rounds)  # node 1 never answered in time
     log = layout.log("node-1")
     # the first task's bound ended it with an error reply and ended its process; the next message got a new one
-    assert _count(log, "ran past the round timeout") >= 1 and _count(log, STARTED) >= 2
+    assert _count(log, "ran past the round timeout") >= 1 and len(_residents(log)) >= 2

@@ -5,7 +5,7 @@ resumed from its checkpoint. Each run finishes; no ledger loses or repeats an ev
 Round 1: both nodes train. Round 2: node 1 is SIGKILLed while its ClientApp runs, so the round closes with
 node 0's reply; node 1 restarts at once on the same state directory. Round 3: node 0 is frozen (SIGSTOP), so the
 round closes at the timeout with node 1's reply, and node 1's ledger continues from its file. The first
-federation runs in per-message mode (Flower's process per message); tests/deploy/test_resident.py has the
+federation runs in per-message mode (Flower's process per message); tests/deploy/test_resident_faults.py has the
 resident runtime's own faults.
 """
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from deploy.launcher import Layout
+from deploy.pki import make_pki
 from fed.models import load_tokenizer
 
 
@@ -75,3 +78,10 @@ def deployed_nodes():
     yield
     if saved is not None:
         os.environ[POLICY_ENV] = saved
+
+
+def tls_layout(root: Path, nodes: int = 2) -> Layout:
+    """A deployment folder under ``root`` with loopback TLS certificates and keys for ``nodes`` nodes."""
+    layout = Layout(root)
+    make_pki(layout.pki.root, ["127.0.0.1", "localhost"], nodes=nodes)
+    return layout

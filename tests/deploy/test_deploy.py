@@ -13,10 +13,10 @@ import subprocess
 
 import pytest
 
-from deploy.launcher import Cluster, Layout
-from deploy.pki import add_node_key, make_pki
+from deploy.launcher import Cluster
+from deploy.pki import add_node_key
 from fed.privacy.ledger import Ledger
-from tests.deploy.conftest import node_file_run
+from tests.deploy.conftest import node_file_run, tls_layout
 from tests.helpers import _node_files
 
 pytestmark = pytest.mark.slow
@@ -26,8 +26,7 @@ pytestmark = pytest.mark.slow
 def deployed(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("deploy")
     files = _node_files(root)
-    layout = Layout(root)
-    make_pki(layout.pki.root, ["127.0.0.1", "localhost"], nodes=2)
+    layout = tls_layout(root)
     stranger = add_node_key(layout.pki, 9)  # a key pair the SuperLink never hears of
     cfg = node_file_run(tiny_model_dir, "dp.target_epsilon=8")
     with Cluster(layout, resident=False) as cluster:

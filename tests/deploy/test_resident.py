@@ -18,9 +18,8 @@ import pytest
 from safetensors.torch import load_file
 
 from deploy.launcher import Cluster, Layout
-from deploy.pki import make_pki
 from fed.privacy.ledger import Ledger
-from tests.deploy.conftest import QUICK_GRID
+from tests.deploy.conftest import QUICK_GRID, tls_layout
 from tests.deploy.residents import (
     PLAIN,
     PRIVATE,
@@ -49,8 +48,7 @@ def _events(layout: Layout, node: int) -> list[tuple]:
 def federation(tmp_path_factory, tiny_model_dir):
     """The three runs on one resident federation, by name, and the data file."""
     data = data_file(tmp_path_factory.mktemp("data"))
-    layout = Layout(tmp_path_factory.mktemp("resident"))
-    make_pki(layout.pki.root, ["127.0.0.1", "localhost"], nodes=2)
+    layout = tls_layout(tmp_path_factory.mktemp("resident"))
     runs = {}
     with Cluster(layout) as cluster:
         cluster.start_superlink()

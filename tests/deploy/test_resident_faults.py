@@ -10,11 +10,10 @@ import signal
 
 import pytest
 
-from deploy.launcher import Cluster, Layout
-from deploy.pki import make_pki
+from deploy.launcher import Cluster
 from deploy.resident import Home
 from fed.privacy.ledger import Ledger
-from tests.deploy.conftest import QUICK_GRID
+from tests.deploy.conftest import QUICK_GRID, tls_layout
 from tests.deploy.residents import (
     PRIVATE,
     SERVED,
@@ -34,8 +33,7 @@ def killed(tmp_path_factory, tiny_model_dir):
     """Three rounds; node 1's resident process is SIGKILLed while it serves its round-2 message."""
     root = tmp_path_factory.mktemp("killed")
     data = data_file(root)
-    layout = Layout(root)
-    make_pki(layout.pki.root, ["127.0.0.1", "localhost"], nodes=2)
+    layout = tls_layout(root)
     cfg = run_config(
         tiny_model_dir,
         data,
@@ -76,8 +74,7 @@ def hung(tmp_path_factory, tiny_model_dir):
     """Two rounds; node 1's tasks never end by themselves (its policy holds every DP reply for an hour)."""
     root = tmp_path_factory.mktemp("hung")
     data = data_file(root)
-    layout = Layout(root)
-    make_pki(layout.pki.root, ["127.0.0.1", "localhost"], nodes=2)
+    layout = tls_layout(root)
     cfg = run_config(
         tiny_model_dir, data, *PRIVATE, "federation.min_replies=1", f"federation.round_timeout={HUNG_TIMEOUT}"
     )
